@@ -1,0 +1,41 @@
+"""mmalign: contrastive alignment of many modalities (CLIP, SigLIP, ImageBind, Symile).
+
+The public API, imported lazily so that ``import mmalign`` stays fast:
+
+    >>> import mmalign
+    >>> sorted(mmalign.__all__)[:3]
+    ['AlignmentModel', 'Config', 'LossOutput']
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "AlignmentModel": "mmalign.model",
+    "Config": "mmalign.config",
+    "load_config": "mmalign.config",
+    "LossOutput": "mmalign.objectives",
+    "build_objective": "mmalign.objectives",
+    "build_tower": "mmalign.towers",
+    "Tower": "mmalign.towers",
+    "register_tower": "mmalign.towers",
+    "make_loader": "mmalign.data",
+    "train": "mmalign.train",
+    "ZeroShotClassifier": "mmalign.eval",
+    "retrieval_metrics": "mmalign.eval",
+    "embedding_diagnostics": "mmalign.eval",
+    "export_embeddings": "mmalign.export",
+    "build_index": "mmalign.export",
+    "search": "mmalign.export",
+}
+
+__all__ = sorted(_EXPORTS)
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'mmalign' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
