@@ -1,0 +1,460 @@
+"""The audio tower (``type: audio``): waveforms to vectors.
+
+Raw samples are ``(waveform, sample_rate)`` tuples (``[T]`` or ``[channels, T]``, mixed to
+mono) or wav/flac paths. ``preprocess`` resamples to the tower's rate
+(``scipy.signal.resample_poly``) and crops every clip to ``clip_seconds`` (a random window
+when augmenting, the centre window otherwise); shorter clips are zero-padded and carry their
+real length, so every item has the same size and a sample's embedding never depends on the
+other clips in its batch.
+
+Encoders (``encoder:``):
+
+- ``transformer``: an AST-style spectrogram transformer. The log-mel spectrogram
+  (:class:`~mmalign.towers.log_mel.LogMel`, computed batched in ``forward`` on the model's
+  device) is standardized per clip over its real frames, cut into ``patch_freq x patch_time``
+  patches with learned positional embeddings; patches made only of padding are masked out of
+  attention and pooling (``pooling: mean`` over real patches, or ``cls``).
+- ``cnn``: strided 3x3 convolutions over the same log-mel, re-masked after every layer, then
+  a masked global mean.
+- ``hf``: a Hugging Face audio encoder from a local directory ``path`` (``AutoModel`` +
+  ``AutoFeatureExtractor``: wav2vec2/HuBERT/WavLM, Whisper's encoder, AST, ...). Its feature
+  extractor runs in ``preprocess`` instead of the log-mel; the hidden states are averaged over
+  the frames the extractor's attention mask marks as real. ``sample_rate`` and the mel fields
+  are then the extractor's own.
+
+Example:
+    >>> import numpy as np
+    >>> from mmalign.towers import build_tower
+    >>> tower = build_tower({"type": "audio", "clip_seconds": 0.5, "width": 32, "heads": 2})
+    >>> item = tower.preprocess((np.zeros(8000, dtype=np.float32), 8000))
+    >>> tower(tower.collate([item, item])).shape
+    torch.Size([2, 32])
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import soundfile
+import torch
+from pydantic import Field, model_validator
+from scipy.signal import resample_poly
+from torch import nn
+
+from mmalign.config import ConfigError
+from mmalign.towers.base import Tower, TowerConfig, register_tower
+from mmalign.towers.log_mel import LogMel
+
+_HF_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+_MAX_CHANNELS = 16
+
+
+class AudioTowerConfig(TowerConfig):
+    """Config of ``type: audio`` (see the module docstring)."""
+
+    encoder: Literal["transformer", "cnn", "hf"] = "transformer"
+    """``transformer`` (spectrogram transformer), ``cnn``, or ``hf`` (a local HF model)."""
+    path: str | None = None
+    """``encoder: hf``: local directory with the model's config, weights and feature extractor."""
+    sample_rate: int = Field(default=16000, gt=0)
+    """Rate (Hz) waveforms are resampled to (``hf``: the feature extractor's rate is used)."""
+    clip_seconds: float = Field(default=2.0, gt=0)
+    """Clips are cropped or zero-padded to this duration."""
+    n_mels: int = Field(default=64, ge=1)
+    n_fft: int = Field(default=400, ge=2)
+    """FFT size in samples (400 = 25 ms at 16 kHz)."""
+    win_length: int | None = Field(default=None, ge=2)
+    """Hann window length in samples (``None``: ``n_fft``)."""
+    hop_length: int = Field(default=160, ge=1)
+    """Frame step in samples (160 = 10 ms at 16 kHz)."""
+    f_min: float = Field(default=0.0, ge=0)
+    f_max: float | None = None
+    """Highest mel frequency in Hz (``None``: ``sample_rate / 2``)."""
+    mel_scale: Literal["htk", "slaney"] = "htk"
+    mel_norm: Literal["none", "slaney"] = "none"
+    """``slaney``: area-normalize the mel filters."""
+    log_floor: float = Field(default=1e-6, gt=0)
+    """Mel energies are clamped to this value before the log."""
+    width: int = Field(default=128, ge=1)
+    """Output size of the ``transformer`` and ``cnn`` encoders."""
+    layers: int = Field(default=2, ge=1)
+    """Transformer blocks."""
+    heads: int = Field(default=4, ge=1)
+    mlp_ratio: float = Field(default=4.0, gt=0)
+    patch_freq: int = Field(default=16, ge=1)
+    """Mel bins per patch (must divide ``n_mels``)."""
+    patch_time: int = Field(default=8, ge=1)
+    """Frames per patch."""
+    pooling: Literal["mean", "cls"] = "mean"
+    """Transformer pooling: masked mean over real patches, or a learned CLS token."""
+    cnn_channels: list[int] = Field(default_factory=lambda: [32, 64])
+    """Channels of the CNN's hidden conv layers; a last conv layer maps to ``width``."""
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> AudioTowerConfig:
+        if self.encoder == "hf" and self.path is None:
+            raise ValueError("encoder 'hf' needs 'path:' (a local Hugging Face model directory)")
+        if self.encoder != "hf" and self.path is not None:
+            raise ValueError("'path' is only used with encoder: hf")
+        if self.f_max is not None and not self.f_min < self.f_max <= self.sample_rate / 2:
+            raise ValueError(
+                f"f_max must lie in (f_min, sample_rate / 2] = ({self.f_min}, "
+                f"{self.sample_rate / 2}], got {self.f_max}"
+            )
+        if (self.win_length or self.n_fft) > self.n_fft:
+            raise ValueError(f"win_length {self.win_length} exceeds n_fft {self.n_fft}")
+        if self.encoder == "transformer":
+            if self.n_mels % self.patch_freq:
+                raise ValueError(f"patch_freq {self.patch_freq} must divide n_mels {self.n_mels}")
+            if self.width % self.heads:
+                raise ValueError(f"width {self.width} must be divisible by heads {self.heads}")
+        return self
+
+
+def _validate(waveform: np.ndarray, sample_rate: Any, source: str) -> tuple[np.ndarray, int]:
+    if isinstance(sample_rate, float | np.floating) and float(sample_rate).is_integer():
+        sample_rate = int(sample_rate)
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, int | np.integer):
+        raise ValueError(
+            f"audio {source}: sample rate must be an integer in Hz, got {sample_rate!r}"
+        )
+    if sample_rate <= 0:
+        raise ValueError(f"audio {source}: sample rate must be positive, got {sample_rate}")
+    if waveform.ndim == 2:
+        if waveform.shape[0] > _MAX_CHANNELS:
+            raise ValueError(
+                f"audio {source}: waveform of shape {waveform.shape} has more than "
+                f"{_MAX_CHANNELS} channels; expected [channels, samples] (transpose a "
+                "soundfile [samples, channels] array)"
+            )
+        waveform = waveform.mean(axis=0)
+    if waveform.ndim != 1:
+        raise ValueError(
+            f"audio {source}: waveform must be [samples] or [channels, samples], "
+            f"got shape {waveform.shape}"
+        )
+    if waveform.size == 0:
+        raise ValueError(f"audio {source}: waveform is empty (0 samples)")
+    finite = np.isfinite(waveform)
+    if not finite.all():
+        first = int(np.argmin(finite))
+        raise ValueError(
+            f"audio {source}: waveform contains NaN or Inf ({int((~finite).sum())} samples, "
+            f"first at index {first}); clean or drop this clip"
+        )
+    return waveform, int(sample_rate)
+
+
+def load_waveform(raw: Any) -> tuple[np.ndarray, int]:
+    """A raw audio sample to a mono float32 waveform and its sample rate, validated.
+
+    ``raw`` is ``(waveform [T] or [channels, T], sample_rate)`` (numpy or torch) or a path to
+    a file soundfile reads (wav, flac, ogg).
+
+    Example:
+        >>> import numpy as np
+        >>> waveform, rate = load_waveform((np.ones((2, 5)), 8000))
+        >>> waveform.shape, rate
+        ((5,), 8000)
+    """
+    if isinstance(raw, str | Path):
+        try:
+            data, sample_rate = soundfile.read(str(raw), dtype="float32", always_2d=True)
+        except Exception as error:  # soundfile raises several types for unreadable files
+            raise ValueError(f"cannot read audio file {raw}: {error}") from error
+        return _validate(data.T, int(sample_rate), f"file {raw}")
+    if not (isinstance(raw, tuple | list) and len(raw) == 2):
+        raise TypeError(
+            "audio sample must be a (waveform, sample_rate) tuple or a wav/flac path, "
+            f"got {type(raw).__name__}"
+        )
+    waveform, sample_rate = raw
+    if isinstance(waveform, torch.Tensor):
+        waveform = waveform.detach().cpu().numpy()
+    try:
+        array = np.asarray(waveform, dtype=np.float32)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"audio waveform must be numeric samples: {error}") from error
+    return _validate(array, sample_rate, "sample")
+
+
+def resample(waveform: np.ndarray, source_rate: int, target_rate: int) -> np.ndarray:
+    """Polyphase resampling (``scipy.signal.resample_poly``) from one integer rate to another.
+
+    Example:
+        >>> import numpy as np
+        >>> resample(np.zeros(441, dtype=np.float32), 44100, 16000).shape
+        (160,)
+    """
+    if source_rate == target_rate:
+        return waveform
+    divisor = math.gcd(source_rate, target_rate)
+    resampled = resample_poly(waveform, target_rate // divisor, source_rate // divisor)
+    return resampled.astype(np.float32)
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values [B, L, D]`` over the positions where ``mask [B, L]`` is True."""
+    weights = mask.to(values.dtype).unsqueeze(-1)
+    return (values * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+def _positions_mask(lengths: torch.Tensor, size: int) -> torch.Tensor:
+    return torch.arange(size, device=lengths.device) < lengths[:, None]
+
+
+def standardize_log_mel(log_mel: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+    """Standardize each clip's ``[B, n_mels, F]`` log-mel with the mean and std of its real
+    frames (``frame_mask [B, F]``); the encoders mask the padding frames out."""
+    weights = frame_mask[:, None, :].to(log_mel.dtype)
+    count = weights.sum((1, 2), keepdim=True) * log_mel.shape[1]
+    mean = (log_mel * weights).sum((1, 2), keepdim=True) / count
+    variance = ((log_mel - mean).square() * weights).sum((1, 2), keepdim=True) / count
+    return (log_mel - mean) / (variance.sqrt() + 1e-5)
+
+
+class SpectrogramTransformer(nn.Module):
+    """AST-style transformer over ``[B, n_mels, frames]`` with a per-clip frame count."""
+
+    def __init__(self, config: AudioTowerConfig, n_frames: int) -> None:
+        super().__init__()
+        self.patch_time = config.patch_time
+        self.time_patches = math.ceil(n_frames / config.patch_time)
+        self.freq_patches = config.n_mels // config.patch_freq
+        patch = (config.patch_freq, config.patch_time)
+        self.embed = nn.Conv2d(1, config.width, kernel_size=patch, stride=patch)
+        self.cls = (
+            nn.Parameter(torch.zeros(1, 1, config.width)) if config.pooling == "cls" else None
+        )
+        tokens = self.time_patches * self.freq_patches + (self.cls is not None)
+        self.position = nn.Parameter(torch.randn(1, tokens, config.width) * 0.02)
+        block = nn.TransformerEncoderLayer(
+            config.width,
+            config.heads,
+            int(config.width * config.mlp_ratio),
+            config.dropout,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
+        self.blocks = nn.TransformerEncoder(block, config.layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(config.width)
+
+    def forward(self, features: torch.Tensor, frame_lengths: torch.Tensor) -> torch.Tensor:
+        features = features * _positions_mask(frame_lengths, features.shape[-1])[:, None, :]
+        padding = self.time_patches * self.patch_time - features.shape[-1]
+        tokens = self.embed(nn.functional.pad(features, (0, padding)).unsqueeze(1))
+        tokens = tokens.flatten(2).transpose(1, 2)  # [B, freq * time patches, width]
+        patch_lengths = torch.div(
+            frame_lengths + self.patch_time - 1, self.patch_time, rounding_mode="floor"
+        )
+        valid = _positions_mask(patch_lengths, self.time_patches).repeat(1, self.freq_patches)
+        if self.cls is not None:
+            tokens = torch.cat([self.cls.expand(len(tokens), -1, -1), tokens], dim=1)
+            valid = nn.functional.pad(valid, (1, 0), value=True)
+        hidden = self.norm(self.blocks(tokens + self.position, src_key_padding_mask=~valid))
+        return hidden[:, 0] if self.cls is not None else _masked_mean(hidden, valid)
+
+
+class SpectrogramCNN(nn.Module):
+    """Stride-2 3x3 convolutions over ``[B, n_mels, frames]``, masked after each layer, then a
+    masked global mean."""
+
+    def __init__(self, config: AudioTowerConfig) -> None:
+        super().__init__()
+        channels = [1, *config.cnn_channels, config.width]
+        self.convs = nn.ModuleList(
+            nn.Conv2d(c_in, c_out, kernel_size=3, stride=2, padding=1)
+            for c_in, c_out in itertools.pairwise(channels)
+        )
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, features: torch.Tensor, frame_lengths: torch.Tensor) -> torch.Tensor:
+        lengths = frame_lengths
+        hidden = _zero_padding_frames(features.unsqueeze(1), lengths)
+        for conv in self.convs:
+            lengths = torch.div(lengths + 1, 2, rounding_mode="floor")  # ceil(length / 2)
+            hidden = _zero_padding_frames(self.dropout(nn.functional.gelu(conv(hidden))), lengths)
+        return hidden.sum((2, 3)) / (lengths[:, None] * hidden.shape[2])
+
+
+def _zero_padding_frames(hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Zero the time steps (last axis of ``[B, C, F, T]``) at or past each sample's length."""
+    return hidden * _positions_mask(lengths, hidden.shape[-1])[:, None, None, :]
+
+
+class HFAudioEncoder(nn.Module):
+    """A Hugging Face audio model (encoder only) pooled by a masked mean over its frames."""
+
+    def __init__(self, model: nn.Module, pass_attention_mask: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.pass_attention_mask = pass_attention_mask
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        mask = inputs.get("attention_mask")
+        arguments = {k: v for k, v in inputs.items() if k != "attention_mask"}
+        if mask is not None and self.pass_attention_mask:
+            arguments["attention_mask"] = mask
+        hidden = self.model(**arguments).last_hidden_state
+        if mask is None:
+            return hidden.mean(1)
+        return _masked_mean(
+            hidden, _positions_mask(self._output_lengths(mask, hidden), hidden.shape[1])
+        )
+
+    def _output_lengths(self, mask: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        lengths = mask.sum(-1)
+        if hasattr(self.model, "_get_feat_extract_output_lengths"):
+            lengths = self.model._get_feat_extract_output_lengths(lengths)
+        else:  # proportional: the encoder keeps time order at a fixed downsampling
+            lengths = torch.ceil(lengths * hidden.shape[1] / mask.shape[-1])
+        return lengths.long().clamp(1, hidden.shape[1])
+
+
+def _has_weights(directory: Path) -> bool:
+    return any((directory / name).is_file() for name in _HF_WEIGHT_FILES)
+
+
+@register_tower("audio")
+class AudioTower(Tower):
+    """Audio tower: ``(waveform, sample_rate)`` or a wav/flac path to ``[B, width]``.
+
+    Items are dicts of fixed-size tensors (``waveform`` + ``length``, or the HF feature
+    extractor's outputs); ``collate`` stacks them.
+
+    Example:
+        >>> import numpy as np
+        >>> from mmalign.towers import build_tower
+        >>> tower = build_tower({"type": "audio", "encoder": "cnn", "clip_seconds": 0.25})
+        >>> tower.preprocess((np.ones(1000), 8000))["length"]
+        tensor(2000)
+    """
+
+    config_class = AudioTowerConfig
+
+    def __init__(
+        self, config: AudioTowerConfig, field: str = "tower", base_dir: Path | None = None
+    ) -> None:
+        super().__init__(config, field, base_dir)
+        if config.encoder == "hf":
+            self._init_hf(config)
+            return
+        self.sample_rate = config.sample_rate
+        self.clip_samples = round(config.clip_seconds * config.sample_rate)
+        if self.clip_samples <= config.n_fft // 2:
+            raise ConfigError(
+                f"{field}.clip_seconds: {config.clip_seconds} s is shorter than half an FFT "
+                f"window (n_fft {config.n_fft}); raise clip_seconds or lower n_fft"
+            )
+        self.log_mel = LogMel(
+            config.sample_rate,
+            n_fft=config.n_fft,
+            hop_length=config.hop_length,
+            n_mels=config.n_mels,
+            win_length=config.win_length,
+            f_min=config.f_min,
+            f_max=config.f_max,
+            mel_scale=config.mel_scale,
+            slaney_norm=config.mel_norm == "slaney",
+            log_floor=config.log_floor,
+        )
+        n_frames = self.clip_samples // config.hop_length + 1
+        if config.encoder == "transformer":
+            self.encoder: nn.Module = SpectrogramTransformer(config, n_frames)
+        else:
+            self.encoder = SpectrogramCNN(config)
+        self.width = config.width
+
+    def _init_hf(self, config: AudioTowerConfig) -> None:
+        from transformers import AutoConfig, AutoFeatureExtractor, AutoModel
+
+        directory = self.resolve_path(str(config.path))
+        if not (directory / "config.json").is_file():
+            raise ConfigError(
+                f"{self.field}.path: {directory} is not a Hugging Face model directory "
+                "(no config.json); save one with model.save_pretrained(dir)"
+            )
+        try:
+            self.feature_extractor = AutoFeatureExtractor.from_pretrained(directory)
+        except (OSError, ValueError) as error:
+            raise ConfigError(
+                f"{self.field}.path: no feature extractor in {directory} "
+                f"(save one with feature_extractor.save_pretrained(dir)): {error}"
+            ) from error
+        if _has_weights(directory):
+            model = AutoModel.from_pretrained(directory, dtype=torch.float32)
+        else:  # a saved mmalign model: weights come from its model.safetensors
+            model = AutoModel.from_config(
+                AutoConfig.from_pretrained(directory), dtype=torch.float32
+            )
+        if getattr(model.config, "is_encoder_decoder", False):
+            model = model.get_encoder()
+        self.encoder = HFAudioEncoder(
+            model, bool(getattr(self.feature_extractor, "return_attention_mask", False))
+        )
+        self.sample_rate = int(self.feature_extractor.sampling_rate)
+        self.clip_samples = round(config.clip_seconds * self.sample_rate)
+        self.width = int(model.config.hidden_size)
+
+    def preprocess(self, raw: Any) -> dict[str, torch.Tensor]:
+        """Load, mix to mono, resample, crop/pad to ``clip_seconds``; ``hf``: run the feature
+        extractor."""
+        waveform, sample_rate = load_waveform(raw)
+        clip = self._crop(resample(waveform, sample_rate, self.sample_rate))
+        if self.config.encoder == "hf":
+            return self._extract(clip)
+        padded = np.zeros(self.clip_samples, dtype=np.float32)
+        padded[: len(clip)] = clip
+        return {"waveform": torch.from_numpy(padded), "length": torch.tensor(len(clip))}
+
+    def _crop(self, waveform: np.ndarray) -> np.ndarray:
+        excess = len(waveform) - self.clip_samples
+        if excess <= 0:
+            return waveform
+        start = int(torch.randint(excess + 1, ())) if self.augment else excess // 2
+        return waveform[start : start + self.clip_samples]
+
+    def _extract(self, clip: np.ndarray) -> dict[str, torch.Tensor]:
+        # Pad every clip to one size (a fixed-window extractor such as Whisper's keeps its own).
+        features = self.feature_extractor(
+            [clip],
+            sampling_rate=self.sample_rate,
+            padding="max_length",
+            max_length=getattr(self.feature_extractor, "n_samples", self.clip_samples),
+            truncation=True,
+            return_attention_mask=True,
+            return_tensors="np",
+        )
+        return {key: torch.from_numpy(np.asarray(value[0])) for key, value in features.items()}
+
+    def collate(self, items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        return {key: torch.stack([item[key] for item in items]) for key in items[0]}
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.config.encoder == "hf":
+            return self.encoder(inputs)
+        frame_lengths = self.log_mel.frame_lengths(inputs["length"])
+        log_mel = self.log_mel(inputs["waveform"])
+        frame_mask = _positions_mask(frame_lengths, log_mel.shape[-1])
+        return self.encoder(standardize_log_mel(log_mel, frame_mask), frame_lengths)
+
+    def save_files(self, directory: Path) -> dict[str, Any]:
+        """``hf``: save the model config and feature extractor (not the weights, which live in
+        the model's safetensors) so the tower rebuilds without the original directory."""
+        if self.config.encoder != "hf":
+            return {}
+        self.encoder.model.config.save_pretrained(directory)
+        self.feature_extractor.save_pretrained(directory)
+        return {"path": "."}

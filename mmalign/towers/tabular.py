@@ -1,0 +1,138 @@
+"""The tabular tower (``type: tabular``): fixed-length float vectors to vectors.
+
+A raw sample is a 1-D sequence of ``in_features`` numbers; NaN (or ``None``) marks a missing
+entry. ``forward`` standardizes with the ``mean`` / ``std`` buffers (saved with the weights;
+set them from training data with :meth:`TabularTower.fit_normalization`), sets missing entries
+to 0 and appends a 0/1 missing indicator per feature, so the MLP (``torchvision.ops.MLP``)
+sees ``2 * in_features`` inputs.
+
+Example:
+    >>> from mmalign.towers import build_tower
+    >>> tower = build_tower({"type": "tabular", "in_features": 3, "hidden": 16})
+    >>> tower(tower.collate([tower.preprocess([1.0, float("nan"), 3.0])])).shape
+    torch.Size([1, 16])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import Field
+from torch import nn
+from torchvision.ops import MLP
+
+from mmalign.towers.base import Tower, TowerConfig, register_tower
+
+
+class TabularTowerConfig(TowerConfig):
+    """Config of ``type: tabular``."""
+
+    in_features: int = Field(ge=1)
+    """Length of every input vector."""
+    hidden: int = Field(default=128, ge=1)
+    """Width of every MLP layer, and of the tower's output."""
+    layers: int = Field(default=2, ge=1)
+    """Linear layers in the MLP (GELU between them)."""
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+
+
+def _as_float_array(raw: Any, where: str) -> np.ndarray:
+    if isinstance(raw, torch.Tensor):
+        raw = raw.detach().cpu().numpy()
+    array = np.asarray(raw)
+    if array.dtype.kind == "O":
+        try:  # e.g. a list mixing numbers and None (None becomes NaN)
+            array = array.astype(np.float64)
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"{where}: entries must be numbers (NaN for missing): {error}"
+            ) from None
+    if array.dtype.kind not in "biuf":
+        raise ValueError(
+            f"{where}: entries must be numbers (NaN for missing), got dtype {array.dtype} "
+            f"(e.g. {array.flat[0]!r} if array.size else 'empty')"
+        )
+    return array.astype(np.float32)
+
+
+@register_tower("tabular")
+class TabularTower(Tower):
+    """MLP over standardized float vectors with missing-value indicators.
+
+    Example:
+        >>> import numpy as np
+        >>> from mmalign.towers import build_tower
+        >>> tower = build_tower({"type": "tabular", "in_features": 2})
+        >>> tower.fit_normalization(np.array([[0.0, 1.0], [2.0, np.nan], [4.0, 3.0]]))
+        >>> tower.mean.tolist(), tower.std.tolist()
+        ([2.0, 2.0], [1.632993221282959, 1.0])
+    """
+
+    config_class = TabularTowerConfig
+
+    def __init__(
+        self, config: TabularTowerConfig, field: str = "tower", base_dir: Path | None = None
+    ) -> None:
+        super().__init__(config, field, base_dir)
+        self.in_features = config.in_features
+        self.width = config.hidden
+        self.register_buffer("mean", torch.zeros(config.in_features))
+        self.register_buffer("std", torch.ones(config.in_features))
+        self.mlp = MLP(
+            2 * config.in_features,
+            [config.hidden] * config.layers,
+            activation_layer=nn.GELU,
+            dropout=config.dropout,
+        )
+
+    def fit_normalization(self, vectors: Any) -> None:
+        """Set ``mean`` / ``std`` from data ``[N, in_features]``, ignoring NaN entries.
+
+        A feature with no observed value keeps mean 0; one with zero spread gets std 1.
+        """
+        array = _as_float_array(vectors, f"{self.field}: fit_normalization data").astype(np.float64)
+        if array.ndim != 2 or array.shape[1] != self.in_features:
+            raise ValueError(
+                f"{self.field}: fit_normalization needs [N, {self.in_features}] vectors, "
+                f"got shape {array.shape}"
+            )
+        observed = ~np.isnan(array)
+        count = observed.sum(0)
+        filled = np.where(observed, array, 0.0)
+        mean = filled.sum(0) / np.maximum(count, 1)
+        variance = (np.where(observed, array - mean, 0.0) ** 2).sum(0) / np.maximum(count, 1)
+        std = np.sqrt(variance)
+        std[~(std > 1e-8)] = 1.0
+        self.mean.copy_(torch.from_numpy(mean))
+        self.std.copy_(torch.from_numpy(std))
+
+    def preprocess(self, raw: Any) -> torch.Tensor:
+        """A 1-D sequence of ``in_features`` numbers (NaN = missing) to a float32 tensor."""
+        where = f"{self.field}: tabular sample"
+        vector = _as_float_array(raw, where)
+        if vector.ndim != 1 or vector.shape[0] != self.in_features:
+            raise ValueError(
+                f"{where} must be a 1-D vector of length {self.in_features} "
+                f"(in_features), got shape {vector.shape}"
+            )
+        if np.isinf(vector).any():
+            positions = np.flatnonzero(np.isinf(vector)).tolist()
+            raise ValueError(
+                f"{where} has infinite values at positions {positions}; use NaN for missing"
+            )
+        if np.isnan(vector).all():
+            raise ValueError(f"{where} has no values (every entry is NaN); drop the sample")
+        return torch.from_numpy(vector)
+
+    def collate(self, items: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(list(items))
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        missing = torch.isnan(inputs)
+        standardized = (inputs - self.mean) / self.std
+        standardized = standardized.masked_fill(missing, 0.0)
+        return self.mlp(torch.cat([standardized, missing.to(standardized.dtype)], dim=-1))
