@@ -1,0 +1,111 @@
+"""Train a SentencePiece tokenizer on the text of shards or of a manifest.
+
+    python -m data_prep.train_tokenizer --shards 'data/digits/train-{000000..000007}.tar' \\
+        --field txt --out data/spm.model --vocab-size 256
+    python -m data_prep.train_tokenizer --manifest pairs.csv --field caption --out spm.model
+
+``--field`` is the record extension (shards) or the column (manifest; cells naming a file
+next to the manifest are read from it). The model reserves ``pad`` = 0, ``unk`` = 1,
+``bos`` = 2 and ``eos`` = 3 (the text tower pools at ``eos``); ``--vocab-size`` is an upper
+bound, so small corpora still train.
+
+Example:
+    >>> main(["--manifest", "pairs.jsonl", "--field", "text", "--out", "m.model"])  # doctest: +SKIP
+    0
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import sentencepiece
+
+from data_prep.from_manifest import read_manifest
+from mmalign.data.records import iterate_records
+
+
+def texts_from_shards(shards: Sequence[str], extension: str) -> Iterator[str]:
+    """The strings stored under ``extension`` in the shards (records without it are skipped)."""
+    for record in iterate_records(list(shards), {"text": extension}, field="--shards"):
+        if isinstance(record["text"], str):
+            yield record["text"]
+
+
+def texts_from_manifest(manifest: Path, column: str) -> Iterator[str]:
+    """The cells of ``column`` (file contents for cells that name a file)."""
+    for row in read_manifest(manifest):
+        value = row.get(column)
+        if value is None or value == "":
+            continue
+        path = manifest.parent / str(value)
+        yield path.read_text(encoding="utf-8") if path.is_file() else str(value)
+
+
+def train_tokenizer(
+    texts: Iterator[str],
+    out: Path,
+    vocab_size: int = 1000,
+    model_type: str = "unigram",
+    character_coverage: float = 1.0,
+) -> int:
+    """Train and write a SentencePiece model; returns the number of training sentences."""
+    count = 0
+
+    def counted() -> Iterator[str]:
+        nonlocal count
+        for text in texts:
+            count += 1
+            yield text.replace("\n", " ")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("wb") as model_file:
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=counted(),
+            model_writer=model_file,
+            vocab_size=vocab_size,
+            hard_vocab_limit=False,
+            model_type=model_type,
+            character_coverage=character_coverage,
+            pad_id=0,
+            unk_id=1,
+            bos_id=2,
+            eos_id=3,
+            minloglevel=2,
+        )
+    return count
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry point (``python -m data_prep.train_tokenizer``)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m data_prep.train_tokenizer",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--shards", nargs="+", help="shard patterns, directories or URLs")
+    source.add_argument("--manifest", type=Path, help="a .csv, .tsv or .jsonl manifest")
+    parser.add_argument("--field", default="txt", help="text extension (shards) or column")
+    parser.add_argument("--out", type=Path, required=True, help="the .model file to write")
+    parser.add_argument("--vocab-size", type=int, default=1000, help="largest vocabulary")
+    parser.add_argument("--model-type", default="unigram", choices=["unigram", "bpe", "char"])
+    parser.add_argument("--character-coverage", type=float, default=1.0)
+    args = parser.parse_args(argv)
+    if args.shards:
+        texts = texts_from_shards(args.shards, args.field)
+    else:
+        texts = texts_from_manifest(args.manifest, args.field)
+    try:
+        count = train_tokenizer(
+            texts, args.out, args.vocab_size, args.model_type, args.character_coverage
+        )
+    except RuntimeError as error:
+        parser.exit(1, f"training the tokenizer failed ({args.field!r} texts): {error}\n")
+    print(f"wrote {args.out} ({count} sentences)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

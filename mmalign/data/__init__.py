@@ -1,0 +1,20 @@
+"""WebDataset pipeline: shards, per-extension decoding, presence masks, batching.
+
+Example:
+    >>> from mmalign.data import make_loader, iterate_records  # doctest: +SKIP
+"""
+
+from mmalign.data.decode import RecordError, decode_value
+from mmalign.data.loader import Loader, loader_from_config, make_loader
+from mmalign.data.records import iterate_records
+from mmalign.data.shards import expand_shards
+
+__all__ = [
+    "Loader",
+    "RecordError",
+    "decode_value",
+    "expand_shards",
+    "iterate_records",
+    "loader_from_config",
+    "make_loader",
+]

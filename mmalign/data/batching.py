@@ -1,0 +1,180 @@
+"""Records to batches: decode, the towers' ``preprocess``, and ``collate`` with presence masks.
+
+Everything here runs inside DataLoader workers. Accounting travels with the data: every
+batch carries ``counters``, the counts of records seen, used, skipped (by reason) and dropped
+since the previous batch of the same worker, so the main process can add them up. A worker's
+last message may be a batch with no rows that only carries counters.
+
+Example:
+    >>> from mmalign.towers import build_tower
+    >>> spec = RecordSpec({"labs": build_tower({"type": "tabular", "in_features": 2})},
+    ...     fields={"labs": ("npy",)})
+    >>> item = spec.towers["labs"].preprocess([1.0, 2.0])
+    >>> collate_samples([Sample("key0", {"labs": item})], spec)["present"]
+    tensor([[True]])
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from mmalign.data.decode import RecordError, decode_fields, decode_value, find_file
+from mmalign.data.records import log_skip
+
+if TYPE_CHECKING:
+    from mmalign.towers.base import Tower
+
+
+@dataclass
+class Sample:
+    """One usable record: preprocessed items of the modalities it has."""
+
+    key: str
+    items: dict[str, Any]
+    label: int = -1
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A record that was read but not used; ``counter`` is e.g. ``skipped/bad_image``."""
+
+    counter: str
+
+
+@dataclass
+class RecordSpec:
+    """What to take from each record: modality fields (tower order), label, metadata."""
+
+    towers: Mapping[str, Tower]
+    fields: dict[str, tuple[str, ...]]
+    label: tuple[str, ...] | None = None
+    metadata: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    augment: bool = False
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.towers)
+
+
+def preprocess_with(tower: Tower, raw: Any, augment: bool) -> Any:
+    """``tower.preprocess(raw)`` with augmentation set as asked, then restored."""
+    if tower.augment == augment:
+        return tower.preprocess(raw)
+    previous = tower.augment
+    tower.set_augment(augment)
+    try:
+        return tower.preprocess(raw)
+    finally:
+        tower.set_augment(previous)
+
+
+def _preprocess_all(values: dict[str, Any], spec: RecordSpec) -> dict[str, Any]:
+    items = {}
+    for modality, value in values.items():
+        try:
+            items[modality] = preprocess_with(spec.towers[modality], value, spec.augment)
+        except ValueError as error:
+            raise RecordError("preprocess", f"tower {modality!r}: {error}") from None
+    return items
+
+
+def _label(raw: Mapping[str, Any], alternatives: tuple[str, ...] | None) -> int:
+    extension = find_file(raw, alternatives) if alternatives else None
+    if extension is None:
+        return -1
+    value = decode_value(extension, raw[extension])
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise RecordError("bad_label", f".{extension} holds {value!r}, not an integer") from None
+
+
+def to_sample(raw: Mapping[str, Any], spec: RecordSpec) -> Sample | Rejected:
+    """Decode and preprocess one raw record; failures are logged and become :class:`Rejected`."""
+    key, url = raw["__key__"], raw["__url__"]
+    try:
+        if "__error__" in raw:
+            raise RecordError(*raw["__error__"])
+        values = decode_fields(raw, spec.fields)
+        if not values:
+            return Rejected("dropped/no_modality")
+        label = _label(raw, spec.label)
+        metadata = decode_fields(raw, spec.metadata)
+        return Sample(key, _preprocess_all(values, spec), label, metadata)
+    except RecordError as error:
+        log_skip(url, key, error.reason, str(error))
+        return Rejected(f"skipped/{error.reason}")
+
+
+def take_samples(entries: Iterable[Sample | Rejected], count: int | None) -> Iterator:
+    """Pass entries through until ``count`` samples went by (all of them when None)."""
+    taken = 0
+    if count is not None and count <= 0:
+        return
+    for entry in entries:
+        yield entry
+        if isinstance(entry, Sample):
+            taken += 1
+            if count is not None and taken >= count:
+                return
+
+
+def collate_samples(samples: list[Sample], spec: RecordSpec) -> dict[str, Any]:
+    """A list of samples to a batch dict with ``present[B, M]`` (M in tower order)."""
+    modalities = spec.modalities
+    present = torch.tensor(
+        [[modality in sample.items for modality in modalities] for sample in samples],
+        dtype=torch.bool,
+    ).reshape(len(samples), len(modalities))
+    inputs = {}
+    for modality in modalities:
+        rows = [sample.items[modality] for sample in samples if modality in sample.items]
+        inputs[modality] = spec.towers[modality].collate(rows) if rows else None
+    batch = {
+        "keys": [sample.key for sample in samples],
+        "modalities": modalities,
+        "inputs": inputs,
+        "present": present,
+        "metadata": {name: [item.metadata.get(name) for item in samples] for name in spec.metadata},
+    }
+    if spec.label is not None:
+        batch["labels"] = torch.tensor([sample.label for sample in samples], dtype=torch.long)
+    return batch
+
+
+def empty_batch(spec: RecordSpec) -> dict[str, Any]:
+    """A batch with no rows (carries only counters)."""
+    return {"keys": [], "modalities": spec.modalities, "inputs": {}, "present": None}
+
+
+def batches(
+    entries: Iterable[Sample | Rejected],
+    spec: RecordSpec,
+    batch_size: int,
+    drop_last: bool = False,
+) -> Iterator[dict[str, Any]]:
+    """Group samples into collated batches that carry their counter deltas."""
+    pending: list[Sample] = []
+    counts: Counter[str] = Counter()
+    for entry in entries:
+        counts["seen"] += 1
+        if isinstance(entry, Rejected):
+            counts[entry.counter] += 1
+            continue
+        pending.append(entry)
+        if len(pending) == batch_size:
+            counts["used"] += len(pending)
+            yield {**collate_samples(pending, spec), "counters": dict(counts)}
+            pending, counts = [], Counter()
+    if pending and not drop_last:
+        counts["used"] += len(pending)
+        yield {**collate_samples(pending, spec), "counters": dict(counts)}
+    elif counts or pending:
+        counts["dropped/last_batch"] += len(pending)
+        yield {**empty_batch(spec), "counters": dict(+counts)}

@@ -1,0 +1,192 @@
+"""Per-extension decoding of record files, with a reason for every failure.
+
+The decoded value is what a tower's ``preprocess`` receives:
+
+==========================  ==================================================  ============
+extension                   value                                               on failure
+==========================  ==================================================  ============
+jpg png webp ... (PIL)      ``PIL.Image`` in RGB                                bad_image
+txt text                    ``str`` (UTF-8)                                     bad_text
+json jsn                    the parsed object                                   bad_json
+graph.json, npz             ``{"x": [N, F] float32, "edge_index": [2, E]        bad_json /
+                            int64, "edge_attr"?: [E, D] float32}``              bad_graph
+wav flac ogg                ``(waveform float32 [T] or [C, T], sample_rate)``   bad_audio
+npy                         ``np.ndarray``                                      bad_array
+cls                         ``int``                                             bad_label
+anything else               the raw ``bytes``
+==========================  ==================================================  ============
+
+A zero-byte file fails as ``empty_file`` whatever its extension.
+
+Example:
+    >>> decode_value("cls", b"7")
+    7
+    >>> decode_value("json", b"{broken")
+    Traceback (most recent call last):
+    ...
+    mmalign.data.decode.RecordError: bad_json: ...
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import soundfile
+from PIL import Image
+from webdataset.autodecode import IMAGE_EXTENSIONS
+
+AUDIO_EXTENSIONS = ("wav", "flac", "ogg")
+TEXT_EXTENSIONS = ("txt", "text")
+JSON_EXTENSIONS = ("json", "jsn")
+LABEL_EXTENSIONS = ("cls",)
+
+
+class RecordError(ValueError):
+    """A record file could not be decoded; ``reason`` is the counter name (``bad_image``)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+
+
+def _image(data: bytes) -> Image.Image:
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        return image.convert("RGB")
+
+
+def _audio(data: bytes) -> tuple[np.ndarray, int]:
+    waveform, sample_rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    if waveform.shape[0] == 0:
+        raise ValueError("the clip has no samples")
+    channels_first = np.ascontiguousarray(waveform.T)
+    return (channels_first[0] if channels_first.shape[0] == 1 else channels_first), sample_rate
+
+
+def graph_from_arrays(arrays: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Validate and convert ``x`` / ``edge_index`` / ``edge_attr`` into a graph dict.
+
+    Example:
+        >>> graph_from_arrays({"x": [[0.0], [1.0]], "edge_index": [[0, 1], [1, 0]]})["x"].shape
+        (2, 1)
+    """
+    if "x" not in arrays or "edge_index" not in arrays:
+        raise RecordError("bad_graph", "a graph needs 'x' ([N, F]) and 'edge_index' ([2, E])")
+    x = np.asarray(arrays["x"], dtype=np.float32)
+    edge_index = np.asarray(arrays["edge_index"], dtype=np.int64).reshape(2, -1)
+    if x.ndim != 2:
+        raise RecordError("bad_graph", f"'x' must be [N, F], got shape {list(x.shape)}")
+    if edge_index.size and (edge_index.min() < 0 or edge_index.max() >= x.shape[0]):
+        raise RecordError("bad_graph", f"'edge_index' refers to nodes outside 0..{x.shape[0] - 1}")
+    graph = {"x": x, "edge_index": edge_index}
+    if arrays.get("edge_attr") is not None:
+        edge_attr = np.asarray(arrays["edge_attr"], dtype=np.float32)
+        if edge_attr.shape[0] != edge_index.shape[1]:
+            raise RecordError("bad_graph", "'edge_attr' needs one row per edge")
+        graph["edge_attr"] = edge_attr.reshape(edge_index.shape[1], -1)
+    return graph
+
+
+def _graph_json(data: bytes) -> dict[str, np.ndarray]:
+    try:
+        parsed = json.loads(data)
+    except ValueError as error:
+        raise RecordError("bad_json", str(error)) from None
+    if not isinstance(parsed, dict):
+        raise RecordError("bad_graph", "graph.json must hold an object with 'x' and 'edge_index'")
+    return graph_from_arrays(parsed)
+
+
+def _graph_npz(data: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+        return graph_from_arrays(dict(arrays))
+
+
+def _npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def _text(data: bytes) -> str:
+    return data.decode("utf-8")
+
+
+def _label(data: bytes) -> int:
+    return int(data.decode("ascii"))
+
+
+_DECODERS: dict[str, tuple[str, Callable[[bytes], Any]]] = {
+    "npz": ("bad_graph", _graph_npz),
+    "npy": ("bad_array", _npy),
+    **{ext: ("bad_text", _text) for ext in TEXT_EXTENSIONS},
+    **{ext: ("bad_json", json.loads) for ext in JSON_EXTENSIONS},
+    **{ext: ("bad_label", _label) for ext in LABEL_EXTENSIONS},
+    **{ext: ("bad_audio", _audio) for ext in AUDIO_EXTENSIONS},
+    **{ext: ("bad_image", _image) for ext in IMAGE_EXTENSIONS},
+}
+
+
+def _decoder(extension: str) -> tuple[str, Callable[[bytes], Any]] | None:
+    """(failure reason, decode function) for an extension, None for raw bytes."""
+    if extension == "graph.json" or extension.endswith(".graph.json"):
+        return "bad_graph", _graph_json
+    return _DECODERS.get(extension.rsplit(".", 1)[-1])
+
+
+def decode_value(extension: str, data: bytes) -> Any:
+    """Decode one record file by its extension; raises :class:`RecordError` with a reason."""
+    if len(data) == 0:
+        raise RecordError("empty_file", f"the .{extension} file is empty (zero bytes)")
+    decoder = _decoder(extension.lower())
+    if decoder is None:
+        return data
+    reason, decode = decoder
+    try:
+        return decode(data)
+    except RecordError:
+        raise
+    except Exception as error:  # every library raises its own error type for bad bytes
+        raise RecordError(reason, f".{extension}: {type(error).__name__}: {error}") from None
+
+
+def parse_alternatives(spec: str) -> tuple[str, ...]:
+    """``"jpg;png"`` -> ``("jpg", "png")`` (lower case, a leading dot removed).
+
+    Example:
+        >>> parse_alternatives("JPG; .png")
+        ('jpg', 'png')
+    """
+    alternatives = tuple(part.strip().lstrip(".").lower() for part in spec.split(";"))
+    if not all(alternatives):
+        raise ValueError(f"extension list {spec!r} has an empty entry; write e.g. 'jpg;png'")
+    return alternatives
+
+
+def find_file(sample: Mapping[str, Any], alternatives: tuple[str, ...]) -> str | None:
+    """The first of ``alternatives`` present in a raw sample, or None."""
+    return next((ext for ext in alternatives if ext in sample), None)
+
+
+def parse_fields(fields: Mapping[str, str]) -> dict[str, tuple[str, ...]]:
+    """Name -> extension spec (``{"image": "jpg;png"}``) to name -> alternatives."""
+    return {name: parse_alternatives(spec) for name, spec in fields.items()}
+
+
+def decode_fields(
+    sample: Mapping[str, Any], fields: Mapping[str, tuple[str, ...]]
+) -> dict[str, Any]:
+    """Decode the configured fields present in a raw sample; absent fields are left out.
+
+    Example:
+        >>> decode_fields({"txt": b"seven", "cls": b"7"}, {"text": ("txt",), "audio": ("flac",)})
+        {'text': 'seven'}
+    """
+    values = {}
+    for name, alternatives in fields.items():
+        extension = find_file(sample, alternatives)
+        if extension is not None:
+            values[name] = decode_value(extension, sample[extension])
+    return values

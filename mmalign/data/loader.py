@@ -1,0 +1,257 @@
+"""The training/evaluation loader: WebDataset shards in, batches with presence masks out.
+
+Per DataLoader worker: shards of this split (rank x worker) -> raw records (webdataset's tar
+reader) -> shuffle buffer -> per-extension decode -> the towers' ``preprocess`` -> batches
+through the towers' ``collate``. The main process adds up the counters each batch carries.
+
+Example:
+    >>> loader = make_loader("data/digits/train-{000000..000007}.tar", towers,
+    ...     {"image": "png", "text": "txt"}, batch_size=64, workers=2)  # doctest: +SKIP
+    >>> batch = next(iter(loader))  # doctest: +SKIP
+    >>> batch["present"].shape, loader.counters["seen"]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from mmalign.config import ConfigError, DataConfig
+from mmalign.data.batching import RecordSpec, batches, take_samples, to_sample
+from mmalign.data.decode import parse_alternatives
+from mmalign.data.records import raw_records
+from mmalign.data.shards import expand_shards
+from mmalign.data.splitting import Split, current_split, resolve_world
+
+if TYPE_CHECKING:
+    from mmalign.towers.base import Tower
+
+
+def _share(total: int | None, split: Split) -> int | None:
+    """This worker's part of a per-rank sample budget."""
+    if total is None:
+        return None
+    return total // split.num_workers + (split.worker < total % split.num_workers)
+
+
+class BatchStream(IterableDataset):
+    """The batches of one rank for one epoch.
+
+    :class:`Loader` sets ``epoch`` and ``world`` (rank and world size: the given ones, else
+    torch.distributed's when it is initialized by then) before each epoch.
+    """
+
+    def __init__(
+        self,
+        urls: list[str],
+        spec: RecordSpec,
+        batch_size: int,
+        *,
+        rank: int | None,
+        world_size: int | None,
+        resampled: bool,
+        shuffle_buffer: int,
+        seed: int,
+        epoch_samples: int | None,
+        drop_last: bool,
+    ) -> None:
+        super().__init__()
+        self.urls = urls
+        self.spec = spec
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.resampled = resampled
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.epoch_samples = epoch_samples
+        self.drop_last = drop_last
+        self.epoch = 0
+        self.world = resolve_world(rank, world_size)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        split = current_split(*self.world)
+        if torch.utils.data.get_worker_info() is not None:  # a worker owns its tower copies
+            for tower in self.spec.towers.values():
+                tower.set_augment(self.spec.augment)
+        records = raw_records(
+            self.urls,
+            split,
+            resampled=self.resampled,
+            shuffle_buffer=self.shuffle_buffer,
+            seed=self.seed,
+            epoch=self.epoch,
+        )
+        entries = (to_sample(raw, self.spec) for raw in records)
+        entries = take_samples(entries, _share(self.epoch_samples, split))
+        return batches(entries, self.spec, self.batch_size, self.drop_last)
+
+
+def _keep(batch: dict[str, Any]) -> dict[str, Any]:
+    return batch
+
+
+class Loader:
+    """Iterate for one epoch of batches; ``counters`` add up what every worker reported.
+
+    A batch is ``{"keys", "modalities", "inputs": {m: collated rows or None}, "present":
+    BoolTensor[B, M], "metadata": {name: list}}`` plus ``"labels"`` when a label field is set.
+    Each ``iter()`` is one epoch with its own shuffle seed; resampled streams without
+    ``epoch_samples`` never end.
+
+    Example:
+        >>> for batch in loader:  # doctest: +SKIP
+        ...     model(batch["inputs"], present=batch["present"])
+        >>> loader.counters  # doctest: +SKIP
+        {'seen': 5032, 'used': 5030, 'skipped/bad_image': 2}
+    """
+
+    def __init__(self, stream: BatchStream, workers: int = 0) -> None:
+        self.stream = stream
+        self.workers = workers
+        self.epoch = 0
+        self._counters: Counter[str] = Counter()
+
+    @property
+    def modalities(self) -> list[str]:
+        return self.stream.spec.modalities
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """Records ``seen``, ``used``, ``skipped/<reason>`` and ``dropped/<reason>`` so far."""
+        return {"seen": 0, "used": 0, **dict(sorted(self._counters.items()))}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The next epoch and the counters (for checkpoints)."""
+        return {"epoch": self.epoch, "counters": dict(self._counters)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.epoch = int(state["epoch"])
+        self._counters = Counter(state.get("counters", {}))
+
+    def _source(self) -> Iterator[dict[str, Any]]:
+        if self.workers == 0:
+            return iter(self.stream)
+        return iter(
+            DataLoader(self.stream, batch_size=None, num_workers=self.workers, collate_fn=_keep)
+        )
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self.stream.epoch = self.epoch
+        self.stream.world = resolve_world(self.stream.rank, self.stream.world_size)
+        self.epoch += 1
+        yielded = 0
+        for batch in self._source():
+            self._counters.update(batch.pop("counters"))
+            if batch["keys"]:
+                yielded += 1
+                yield batch
+        if yielded == 0:
+            raise RuntimeError(
+                f"no batch in epoch {self.stream.epoch} of {len(self.stream.urls)} shards "
+                f"({self.stream.urls[0]}, ...): counters {self.counters}; check the fields "
+                "against the record extensions, and the batch size when drop_last is on"
+            )
+
+
+def _check_fields(towers: Mapping[str, Tower], fields: Mapping[str, str]) -> None:
+    if not list(towers):
+        raise ValueError("make_loader needs at least one tower")
+    for modality in towers:
+        if modality not in fields:
+            raise ConfigError(
+                f"no file extension configured for modality {modality!r}: set "
+                f"data.fields.{modality} (e.g. 'png', 'txt', 'flac', 'graph.json', 'npy')"
+            )
+
+
+def make_loader(
+    shards: str | Sequence[str],
+    towers: Mapping[str, Tower],
+    fields: Mapping[str, str],
+    batch_size: int,
+    *,
+    workers: int = 0,
+    shuffle_buffer: int = 0,
+    resampled: bool = False,
+    seed: int = 0,
+    epoch_samples: int | None = None,
+    label_field: str | None = None,
+    metadata_fields: Sequence[str] = (),
+    rank: int | None = None,
+    world_size: int | None = None,
+    drop_last: bool = False,
+    augment: bool = False,
+    field: str = "shards",
+) -> Loader:
+    """A :class:`Loader` over WebDataset shards for the given towers.
+
+    ``fields`` maps each tower's modality to its file extension(s) (``"jpg;png"``);
+    ``epoch_samples`` caps an epoch per rank (and bounds resampled streams);
+    ``field`` names the shard setting in error messages (``data.train``).
+
+    Example:
+        >>> loader = make_loader("shards/", {"text": text_tower}, {"text": "txt"}, 32,
+        ...     label_field="cls", metadata_fields=["json"])  # doctest: +SKIP
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    _check_fields(towers, fields)
+    spec = RecordSpec(
+        towers=towers,
+        fields={modality: parse_alternatives(fields[modality]) for modality in towers},
+        label=parse_alternatives(label_field) if label_field else None,
+        metadata={name: parse_alternatives(name) for name in metadata_fields},
+        augment=augment,
+    )
+    stream = BatchStream(
+        expand_shards(shards, field),
+        spec,
+        batch_size,
+        rank=rank,
+        world_size=world_size,
+        resampled=resampled,
+        shuffle_buffer=shuffle_buffer,
+        seed=seed,
+        epoch_samples=epoch_samples,
+        drop_last=drop_last,
+    )
+    return Loader(stream, workers)
+
+
+def loader_from_config(
+    data_cfg: DataConfig, towers: Mapping[str, Tower], split: str = "train"
+) -> Loader:
+    """The loader of one split of a :class:`~mmalign.config.DataConfig`.
+
+    ``train`` shuffles, resamples (if ``data.resampled``), augments and drops the last partial
+    batch; ``val`` and ``test`` read every record once, in order, without augmentation.
+
+    Example:
+        >>> loader = loader_from_config(cfg.data, model.towers, "val")  # doctest: +SKIP
+    """
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+    shards = getattr(data_cfg, split)
+    if shards is None:
+        raise ConfigError(f"data.{split} is not set; give it a shard pattern, directory or list")
+    training = split == "train"
+    return make_loader(
+        shards,
+        towers,
+        data_cfg.fields,
+        data_cfg.batch_size,
+        workers=data_cfg.workers,
+        shuffle_buffer=data_cfg.shuffle_buffer if training else 0,
+        resampled=data_cfg.resampled and training,
+        seed=data_cfg.seed,
+        epoch_samples=data_cfg.epoch_samples if training else None,
+        label_field=data_cfg.label_field,
+        drop_last=training,
+        augment=training,
+        field=f"data.{split}",
+    )
