@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+import safetensors.torch
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
@@ -44,7 +45,10 @@ class Tower(nn.Module):
     Subclasses set ``config_class`` (a :class:`TowerConfig` subclass) and ``width`` (the size
     of the vectors ``forward`` returns), and implement ``preprocess``, ``collate`` and
     ``forward``. Towers that keep files beside their weights (tokenizers, SentencePiece
-    models) implement ``save_files`` and ``from_saved``.
+    models, a Hugging Face config) implement ``save_files``: ``save_pretrained`` hands each
+    tower its own directory (``<save dir>/<modality>``), writes the returned config updates
+    into ``config.json`` and, on ``from_pretrained``, builds the tower again with
+    ``base_dir`` set to that directory, then loads all weights from ``model.safetensors``.
     """
 
     config_class: ClassVar[type[TowerConfig]] = TowerConfig
@@ -79,9 +83,63 @@ class Tower(nn.Module):
         self.augment = enabled
 
     def save_files(self, directory: Path) -> dict[str, Any]:
-        """Copy side files (tokenizers, ...) into ``directory``; returns config updates
-        that point at the copies (paths relative to ``directory``)."""
+        """Copy side files (tokenizers, ...) into ``directory`` (it exists); returns config
+        updates that point at the copies (paths relative to ``directory``). Weights are not
+        side files: a saved model stores every tower's weights in ``model.safetensors``, so
+        towers that load a ``checkpoint`` return ``{"checkpoint": None}``."""
         return {}
+
+    def read_checkpoint(self, path: str, key: str = "checkpoint") -> dict[str, torch.Tensor]:
+        """Read a state dict from a local ``.safetensors`` file or a torch file (loaded with
+        ``weights_only=True``; a ``{"state_dict": ...}`` wrapper and DDP's ``module.``
+        prefix are unwrapped). ``key`` is the config field that named the file."""
+        file = self.resolve_path(path)
+        where = f"{self.field}.{key}"
+        if not file.is_file():
+            raise ConfigError(f"{where}: checkpoint file {file} does not exist")
+        try:
+            if file.suffix == ".safetensors":
+                state = safetensors.torch.load_file(str(file))
+            else:
+                state = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as error:  # any reader failure: corrupt file, pickle with code, ...
+            raise ConfigError(f"{where}: cannot read checkpoint {file}: {error}") from error
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict) or not state:
+            raise ConfigError(f"{where}: {file} does not hold a state dict of tensors")
+        return {name.removeprefix("module."): value for name, value in state.items()}
+
+    def load_weights(
+        self, module: nn.Module, state: dict[str, torch.Tensor], key: str = "checkpoint"
+    ) -> None:
+        """Load ``state`` into ``module`` strictly; on any missing or unexpected key or shape
+        mismatch raise a :class:`ConfigError` naming the field and the offending keys."""
+        expected = module.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        mismatched = [
+            f"{name} {tuple(state[name].shape)} vs model {tuple(tensor.shape)}"
+            for name, tensor in expected.items()
+            if name in state and state[name].shape != tensor.shape
+        ]
+        problems = [
+            f"{label} ({len(names)}): {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}"
+            for label, names in (
+                ("missing keys", missing),
+                ("unexpected keys", unexpected),
+                ("shape mismatches", mismatched),
+            )
+            if names
+        ]
+        if problems:
+            raise ConfigError(
+                f"{self.field}.{key}: checkpoint does not match the configured architecture; "
+                + "; ".join(problems)
+                + ". Check that the tower config (model name, sizes) is the one it was "
+                "trained with."
+            )
+        module.load_state_dict(state, strict=True)
 
     def batch_size_of(self, inputs: Any) -> int:
         """Number of samples in a collated batch input."""

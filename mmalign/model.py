@@ -1,0 +1,372 @@
+"""AlignmentModel: one tower per modality, projections into a shared space, a temperature.
+
+Example:
+    >>> from mmalign import AlignmentModel
+    >>> model = AlignmentModel.from_config({"dim": 16, "towers": {
+    ...     "text": {"type": "text", "width": 32, "heads": 2, "layers": 1, "context_length": 8},
+    ...     "labs": {"type": "tabular", "in_features": 3}}})
+    >>> model.encode("text", ["a seven", "a three"]).shape
+    torch.Size([2, 16])
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from pydantic import ValidationError
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from mmalign.config import Config, ConfigError, ModelConfig, load_config
+from mmalign.objectives import LossOutput, build_objective
+from mmalign.towers import Tower, build_tower
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def build_projection(kind: str, width: int, dim: int, field: str) -> nn.Module:
+    """The map from a tower's ``width`` to the shared ``dim``: linear, a 2-layer MLP, or none."""
+    if kind == "linear":
+        return nn.Linear(width, dim, bias=False)
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, dim))
+    if width != dim:
+        raise ConfigError(
+            f"model.projection: 'none' needs every tower's width to equal model.dim ({dim}); "
+            f"{field} has width {width}. Use projection 'linear' or set the tower's width"
+        )
+    return nn.Identity()
+
+
+def _model_config(source: str | Path | Mapping[str, Any] | Config | ModelConfig) -> ModelConfig:
+    if isinstance(source, ModelConfig):
+        return source
+    if isinstance(source, Mapping) and "model" not in source:
+        try:
+            return ModelConfig.model_validate(dict(source))
+        except ValidationError as error:
+            fields = "; ".join(
+                f"model.{'.'.join(str(part) for part in item['loc'])}: {item['msg']}"
+                for item in error.errors()
+            )
+            raise ConfigError(f"invalid model config: {fields}") from None
+    if isinstance(source, Mapping):
+        source = dict(source)
+    return load_config(source).model
+
+
+class AlignmentModel(nn.Module):
+    """Towers + per-modality projections to ``dim`` + a learnable temperature.
+
+    Build it with :meth:`from_config` or :meth:`from_pretrained`. Embeddings are
+    L2-normalized; :meth:`loss` applies the configured objective with the model's
+    ``logit_scale`` (log scale, clamped to ``logit_scale_max`` before ``exp``) and, for the
+    sigmoid objective, ``logit_bias`` (``None`` for the others).
+
+    Example:
+        >>> model = AlignmentModel.from_config({"dim": 8, "towers": {
+        ...     "a": {"type": "tabular", "in_features": 2},
+        ...     "b": {"type": "tabular", "in_features": 3}}})
+        >>> model.modalities
+        ['a', 'b']
+    """
+
+    def __init__(self, config: ModelConfig, base_dirs: Mapping[str, Path] | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.modalities = list(config.towers)
+        self.dim = config.dim
+        base_dirs = base_dirs or {}
+        self.towers = nn.ModuleDict(
+            {name: self._build_tower(name, base_dirs.get(name)) for name in self.modalities}
+        )
+        self.projections = nn.ModuleDict(
+            {
+                name: build_projection(
+                    config.projection, tower.width, config.dim, f"model.towers.{name}"
+                )
+                for name, tower in self.towers.items()
+            }
+        )
+        self.logit_scale = nn.Parameter(
+            torch.tensor(float(config.logit_scale_init)),
+            requires_grad=config.learn_logit_scale,
+        )
+        self.logit_bias = (
+            nn.Parameter(torch.tensor(float(config.logit_bias_init)))
+            if config.objective.name == "sigmoid"
+            else None
+        )
+        self.objective = build_objective(config.objective)
+        self._freeze(config.freeze)
+        self.train()  # one mode everywhere (Hugging Face loads its models in eval mode)
+
+    def _build_tower(self, name: str, base_dir: Path | None) -> Tower:
+        if not name or "." in name:
+            raise ConfigError(f"model.towers: modality name {name!r} must be non-empty, no '.'")
+        return build_tower(self.config.towers[name], f"model.towers.{name}", base_dir)
+
+    def _freeze(self, frozen: list[str]) -> None:
+        unknown = [name for name in frozen if name not in self.towers]
+        if unknown:
+            raise ConfigError(
+                f"model.freeze: unknown modality {', '.join(unknown)}; "
+                f"known: {', '.join(self.modalities)}"
+            )
+        for name in frozen:
+            self.towers[name].requires_grad_(False)
+
+    @classmethod
+    def from_config(
+        cls, config: str | Path | Mapping[str, Any] | Config | ModelConfig
+    ) -> AlignmentModel:
+        """Build from a YAML path, a whole-run config (dict or :class:`Config`) or its
+        ``model`` section (dict or :class:`ModelConfig`).
+
+        Example:
+            >>> model = AlignmentModel.from_config({"model": {"dim": 4, "towers": {
+            ...     "labs": {"type": "tabular", "in_features": 3}}}})
+            >>> model.dim
+            4
+        """
+        if isinstance(config, Config):
+            config = config.model
+        return cls(_model_config(config))
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the model's parameters."""
+        return self.logit_scale.device
+
+    def train(self, mode: bool = True) -> AlignmentModel:
+        """Set train/eval mode; frozen towers always stay in eval mode (locked tuning)."""
+        super().train(mode)
+        for name in self.config.freeze:
+            self.towers[name].eval()
+        return self
+
+    def _tower(self, modality: str) -> Tower:
+        if modality not in self.towers:
+            raise KeyError(
+                f"unknown modality {modality!r}; this model knows {', '.join(self.modalities)}"
+            )
+        return self.towers[modality]
+
+    def embed(self, modality: str, inputs: Any) -> torch.Tensor:
+        """Collated inputs of one modality to L2-normalized ``[B, dim]`` embeddings."""
+        features = self._tower(modality)(inputs)
+        return F.normalize(self.projections[modality](features), dim=-1)
+
+    def forward(
+        self, inputs: Mapping[str, Any], present: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Embed each modality in ``inputs`` (already collated).
+
+        Without ``present`` every ``inputs[m]`` holds the whole batch. With ``present``
+        (bool ``[B, M]``, columns in ``inputs``' key order, as the data loader yields them)
+        ``inputs[m]`` holds only the rows where ``present[:, j]`` is true (``None`` when no
+        row has it); the result has ``B`` rows per modality, zero where absent.
+        """
+        for modality in inputs:
+            self._tower(modality)
+        if present is None:
+            return {modality: self._embed_all(modality, x) for modality, x in inputs.items()}
+        if present.dtype != torch.bool or present.ndim != 2 or present.shape[1] != len(inputs):
+            raise ValueError(
+                f"present must be a bool tensor [B, {len(inputs)}] (one column per modality "
+                f"in inputs: {', '.join(inputs)}); got {present.dtype} {tuple(present.shape)}"
+            )
+        return {
+            modality: self._scatter(modality, x, present[:, column])
+            for column, (modality, x) in enumerate(inputs.items())
+        }
+
+    def _embed_all(self, modality: str, inputs: Any) -> torch.Tensor:
+        if inputs is None:
+            raise ValueError(f"inputs[{modality!r}] is None; pass `present` to mark absent rows")
+        return self.embed(modality, inputs)
+
+    def _scatter(self, modality: str, inputs: Any, rows: torch.Tensor) -> torch.Tensor:
+        index = rows.nonzero().squeeze(1).to(self.device)
+        out = torch.zeros(rows.shape[0], self.dim, device=self.device)
+        if index.numel() == 0:
+            return out
+        if inputs is None:
+            raise ValueError(
+                f"present marks {index.numel()} rows of {modality!r} but inputs has None"
+            )
+        embedded = self.embed(modality, inputs)
+        if embedded.shape[0] != index.numel():
+            raise ValueError(
+                f"inputs[{modality!r}] has {embedded.shape[0]} rows but present marks "
+                f"{index.numel()}; inputs must hold exactly the present rows, in batch order"
+            )
+        return out.to(embedded.dtype).index_copy(0, index, embedded)
+
+    @torch.no_grad()
+    def encode(self, modality: str, raws: Iterable[Any], batch_size: int = 64) -> torch.Tensor:
+        """Raw samples of one modality to normalized ``[N, dim]`` embeddings (eval mode, no
+        augmentation, no grad, in batches of ``batch_size``).
+
+        Example:
+            >>> model = AlignmentModel.from_config({"dim": 4, "towers": {
+            ...     "labs": {"type": "tabular", "in_features": 2}}})
+            >>> model.encode("labs", [[0.0, 1.0], [2.0, 3.0]]).shape
+            torch.Size([2, 4])
+        """
+        tower = self._tower(modality)
+        samples = _as_sample_list(modality, raws)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        was_training, augment = self.training, tower.augment
+        if was_training:
+            self.eval()
+        tower.set_augment(False)
+        try:
+            chunks = [
+                self.embed(modality, self._collate(tower, samples[start : start + batch_size]))
+                for start in range(0, len(samples), batch_size)
+            ]
+        finally:
+            if was_training:
+                self.train()
+            tower.set_augment(augment)
+        return torch.cat(chunks)
+
+    def _collate(self, tower: Tower, samples: list[Any]) -> Any:
+        inputs = tower.collate([tower.preprocess(sample) for sample in samples])
+        return tower.move_to(inputs, self.device)
+
+    def logit_scale_value(self) -> torch.Tensor:
+        """The multiplier passed to the objective: ``exp(min(logit_scale, logit_scale_max))``."""
+        return self.logit_scale.clamp(max=self.config.logit_scale_max).exp()
+
+    def loss(
+        self,
+        embeddings: Mapping[str, torch.Tensor],
+        present: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> LossOutput:
+        """The configured objective on ``embeddings`` (``present`` columns follow its keys)."""
+        return self.objective(
+            dict(embeddings),
+            self.logit_scale_value(),
+            self.logit_bias,
+            present=present,
+            generator=generator,
+        )
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``config.json``, ``model.safetensors`` and each tower's side files
+        (``<directory>/<modality>/``); returns the directory.
+
+        Example:
+            >>> import tempfile
+            >>> model = AlignmentModel.from_config({"dim": 4, "towers": {
+            ...     "labs": {"type": "tabular", "in_features": 2}}})
+            >>> saved = model.save_pretrained(tempfile.mkdtemp())
+            >>> AlignmentModel.from_pretrained(saved).dim
+            4
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        towers = {name: self._save_tower_files(name, directory) for name in self.modalities}
+        config = self.config.model_copy(update={"towers": towers})
+        (directory / CONFIG_FILE).write_text(config.model_dump_json(indent=2) + "\n")
+        save_model(self, str(directory / WEIGHTS_FILE))
+        return directory
+
+    def _save_tower_files(self, name: str, directory: Path) -> dict[str, Any]:
+        tower_dir = directory / name
+        tower_dir.mkdir(exist_ok=True)
+        updates = self.towers[name].save_files(tower_dir)
+        if not any(tower_dir.iterdir()):
+            tower_dir.rmdir()
+        return {**self.config.towers[name], **updates}
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | Path, device: str | torch.device = "cpu"
+    ) -> AlignmentModel:
+        """Load a model written by :meth:`save_pretrained` (in eval mode)."""
+        directory = Path(directory)
+        weights, config_file = directory / WEIGHTS_FILE, directory / CONFIG_FILE
+        for needed in (config_file, weights):
+            if not needed.is_file():
+                raise FileNotFoundError(
+                    f"{directory} is not a saved mmalign model: {needed.name} is missing "
+                    "(AlignmentModel.save_pretrained writes config.json + model.safetensors)"
+                )
+        try:
+            config = ModelConfig.model_validate(json.loads(config_file.read_text()))
+        except (ValueError, ValidationError) as error:
+            raise ConfigError(f"{config_file}: not a valid model config: {error}") from None
+        model = cls(config, base_dirs={name: directory / name for name in config.towers})
+        missing, unexpected = load_model(model, weights, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"{weights} does not match {config_file}: missing {sorted(missing)[:8]}, "
+                f"unexpected {sorted(unexpected)[:8]}"
+            )
+        return model.to(device).eval()
+
+    def parameter_counts(self) -> dict[str, tuple[int, int]]:
+        """``(trainable, total)`` parameters per tower, per projection and in all."""
+        groups: dict[str, nn.Module] = {f"tower/{k}": v for k, v in self.towers.items()}
+        groups.update({f"projection/{k}": v for k, v in self.projections.items()})
+        counts = {name: _count(module.parameters()) for name, module in groups.items()}
+        counts["total"] = _count(self.parameters())
+        return counts
+
+    def summary(self) -> str:
+        """A readable table: each modality's tower type, width and parameter counts."""
+        counts = self.parameter_counts()
+        log_scale = self.logit_scale.item()
+        scale = math.exp(min(log_scale, self.config.logit_scale_max))
+        bias = "" if self.logit_bias is None else f", logit_bias={self.logit_bias.item():.3f}"
+        lines = [
+            f"AlignmentModel(dim={self.dim}, objective={self.config.objective.name}, "
+            f"projection={self.config.projection}, "
+            f"logit_scale=exp({log_scale:.3f})={scale:.2f}{bias})",
+            f"  {'modality':<14}{'type':<9}{'width':>7}{'tower trainable/total':>26}"
+            f"{'projection':>14}",
+        ]
+        for name, tower in self.towers.items():
+            trainable, total = counts[f"tower/{name}"]
+            projection = counts[f"projection/{name}"][1]
+            frozen = "  frozen" if name in self.config.freeze else ""
+            lines.append(
+                f"  {name:<14}{tower.config.type:<9}{tower.width:>7}"
+                f"{f'{trainable:,}/{total:,}':>26}{projection:>14,}{frozen}"
+            )
+        trainable, total = counts["total"]
+        lines.append(f"  parameters: {trainable:,} trainable / {total:,} total")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return self.summary()
+
+
+def _count(parameters: Iterable[nn.Parameter]) -> tuple[int, int]:
+    unique = {id(p): p for p in parameters}.values()
+    return sum(p.numel() for p in unique if p.requires_grad), sum(p.numel() for p in unique)
+
+
+def _as_sample_list(modality: str, raws: Iterable[Any]) -> list[Any]:
+    if isinstance(raws, str | bytes | Mapping | Image.Image) or not isinstance(raws, Iterable):
+        raise TypeError(
+            f"encode({modality!r}, raws): raws must be a list of samples, got a "
+            f"{type(raws).__name__}; wrap one sample in a list"
+        )
+    samples = list(raws)
+    if not samples:
+        raise ValueError(f"encode({modality!r}, raws): raws is empty; pass at least one sample")
+    return samples

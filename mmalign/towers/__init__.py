@@ -1,0 +1,15 @@
+"""Modality towers behind one registry: a config's ``type:`` picks the class.
+
+Built-in types: ``image`` (open_clip vision encoders), ``text`` (Hugging Face or open_clip
+text transformers), ``audio``, ``graph`` (torch_geometric) and ``tabular``.
+
+Example:
+    >>> from mmalign.towers import TOWERS
+    >>> sorted(TOWERS)
+    ['audio', 'graph', 'image', 'tabular', 'text']
+"""
+
+from mmalign.towers import audio, graph, image, tabular, text  # noqa: F401  (fill TOWERS)
+from mmalign.towers.base import TOWERS, Tower, TowerConfig, build_tower, register_tower
+
+__all__ = ["TOWERS", "Tower", "TowerConfig", "build_tower", "register_tower"]
