@@ -1,0 +1,189 @@
+"""The global batch across processes: all-gather with gradient and each rank's row offset.
+
+With ``torch.distributed`` initialized and more than one process, every objective sees the
+embeddings of all processes (gathered with gradient through
+``torch.distributed.nn.functional.all_gather``, whose backward sums the gradients of every
+rank into the owner of the rows) and computes the loss of its *local* rows against that
+global batch. The objectives scale each rank's loss by the world size over the global row
+count, so that DDP's gradient averaging yields exactly the loss and gradients of one process
+holding the whole batch. Ranks may hold different numbers of rows (they are padded for the
+collective and unpadded after).
+
+Example:
+    >>> import torch
+    >>> view = BatchView.gather({"a": torch.zeros(4, 2)}, present=None)
+    >>> view.world_size, view.offset, view.global_embeddings["a"].shape
+    (1, 0, torch.Size([4, 2]))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+from torch import Tensor
+
+
+def world_size() -> int:
+    """The number of processes in the default group (1 without ``torch.distributed``)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def _rank() -> int:
+    return dist.get_rank() if world_size() > 1 else 0
+
+
+def _row_counts(rows: int, device: torch.device) -> list[int]:
+    counts = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world_size())]
+    dist.all_gather(counts, torch.tensor([rows], dtype=torch.long, device=device))
+    return [int(count) for count in counts]
+
+
+def _pad_rows(tensor: Tensor, rows: int) -> Tensor:
+    if tensor.shape[0] == rows:
+        return tensor
+    padding = tensor.new_zeros((rows - tensor.shape[0], *tensor.shape[1:]))
+    return torch.cat([tensor, padding])
+
+
+def all_gather_rows(tensor: Tensor, counts: list[int], with_grad: bool = True) -> Tensor:
+    """Concatenate every rank's rows (rank order). ``with_grad=False`` keeps the gradient only
+    for this rank's own rows, as open_clip does without ``gather_with_grad``."""
+    padded = _pad_rows(tensor, max(counts))
+    if with_grad and tensor.requires_grad:
+        parts = list(dist_fn.all_gather(padded))
+    else:
+        parts = [torch.empty_like(padded) for _ in counts]
+        dist.all_gather(parts, padded.detach().contiguous())
+        parts[_rank()] = padded
+    return torch.cat([part[:count] for part, count in zip(parts, counts)])
+
+
+def broadcast_from_first(tensor: Tensor) -> Tensor:
+    """Rank 0's value of ``tensor`` on every rank (no-op in one process)."""
+    if world_size() > 1:
+        tensor = tensor.contiguous()
+        dist.broadcast(tensor, src=0)
+    return tensor
+
+
+def all_reduce_mean(tensor: Tensor) -> Tensor:
+    """The mean over ranks of a detached tensor (identity in one process)."""
+    if world_size() > 1:
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+        tensor /= world_size()
+    return tensor
+
+
+def all_reduce_sum(tensor: Tensor) -> Tensor:
+    """The sum over ranks of a detached tensor (identity in one process)."""
+    if world_size() > 1:
+        tensor = tensor.clone().contiguous()
+        dist.all_reduce(tensor)
+    return tensor
+
+
+@dataclass
+class BatchView:
+    """This process's rows and the global batch they belong to.
+
+    ``global_embeddings[m][offset : offset + local_rows]`` are this rank's rows;
+    ``present``/``global_present`` are ``[rows, M]`` bool masks in ``modalities`` order.
+    """
+
+    modalities: list[str]
+    embeddings: dict[str, Tensor]
+    global_embeddings: dict[str, Tensor]
+    present: Tensor
+    global_present: Tensor
+    offset: int
+    world_size: int
+
+    @classmethod
+    def gather(
+        cls, embeddings: dict[str, Tensor], present: Tensor | None, with_grad: bool = True
+    ) -> BatchView:
+        """Check shapes, fill ``present`` and all-gather when running distributed."""
+        modalities = list(embeddings)
+        rows = _check_shapes(embeddings)
+        device = next(iter(embeddings.values())).device
+        present = _check_present(present, rows, modalities, device)
+        if world_size() == 1:
+            return cls(modalities, embeddings, embeddings, present, present, 0, 1)
+        counts = _row_counts(rows, device)
+        gathered = {
+            name: all_gather_rows(value, counts, with_grad) for name, value in embeddings.items()
+        }
+        global_present = all_gather_rows(present.to(torch.uint8), counts, False).bool()
+        offset = sum(counts[: _rank()])
+        return cls(modalities, embeddings, gathered, present, global_present, offset, len(counts))
+
+    @property
+    def rows(self) -> int:
+        return self.present.shape[0]
+
+    @property
+    def global_rows(self) -> int:
+        return self.global_present.shape[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.embeddings.values())).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.present.device
+
+    def column(self, name: str, global_batch: bool = False) -> Tensor:
+        """The presence mask of one modality, local or global."""
+        mask = self.global_present if global_batch else self.present
+        return mask[:, self.modalities.index(name)]
+
+    def local_global_index(self) -> Tensor:
+        """The global row index of each local row."""
+        return torch.arange(self.offset, self.offset + self.rows, device=self.device)
+
+    def zero(self) -> Tensor:
+        """A zero scalar attached to the graph of every embedding (zero gradients, no NaN)."""
+        return sum(value.sum() * 0.0 for value in self.embeddings.values())
+
+
+def _check_shapes(embeddings: dict[str, Tensor]) -> int:
+    if not embeddings:
+        raise ValueError("objective got no embeddings; pass {modality: Tensor[B, d]}")
+    shapes = {name: tuple(value.shape) for name, value in embeddings.items()}
+    first = next(iter(embeddings.values()))
+    if (
+        any(value.dim() != 2 for value in embeddings.values())
+        or len({shape for shape in shapes.values()}) != 1
+    ):
+        raise ValueError(
+            f"objective needs embeddings of one shape [B, d] for every modality, got {shapes}; "
+            "absent rows must be present as rows (zeros) with present[:, m] = False"
+        )
+    wrong = {
+        name: str(value.dtype)
+        for name, value in embeddings.items()
+        if not value.is_floating_point()
+    }
+    if wrong:
+        raise ValueError(f"objective needs floating-point embeddings, got {wrong}")
+    return first.shape[0]
+
+
+def _check_present(
+    present: Tensor | None, rows: int, modalities: list[str], device: torch.device
+) -> Tensor:
+    if present is None:
+        return torch.ones(rows, len(modalities), dtype=torch.bool, device=device)
+    if tuple(present.shape) != (rows, len(modalities)):
+        raise ValueError(
+            f"present has shape {tuple(present.shape)} but the batch needs "
+            f"[{rows}, {len(modalities)}] (rows, modalities {modalities})"
+        )
+    return present.to(device=device, dtype=torch.bool)

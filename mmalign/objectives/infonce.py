@@ -1,0 +1,48 @@
+"""Symmetric InfoNCE between two modalities with missing rows: the core of ``clip`` and
+``anchored``.
+
+A row is valid when it has both modalities. Invalid rows are neither positives nor negatives:
+they are skipped as rows and their columns are masked out of the softmax, so the term equals
+open_clip's ``ClipLoss`` on the sub-batch of valid rows. The per-row loss is the mean of the two
+directions' cross-entropies, so the mean over valid rows is ``(CE(a->b) + CE(b->a)) / 2``.
+
+Example:
+    >>> import torch
+    >>> from mmalign.objectives.distributed import BatchView
+    >>> view = BatchView.gather({"a": torch.eye(2), "b": torch.eye(2)}, present=None)
+    >>> term = infonce_term(view, ("a", "b"), torch.tensor(1.0))
+    >>> term.valid_rows, round(term.row_loss_sum.item() / 2, 4)
+    (2, 0.3133)
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from mmalign.objectives.base import TermLoss, pair_name
+from mmalign.objectives.distributed import BatchView
+
+
+def _direction_loss_sum(
+    batch: BatchView, rows_modality: str, columns_modality: str, valid: Tensor, scale: Tensor
+) -> Tensor:
+    """Sum over valid local rows of the cross-entropy of rows against all valid global columns."""
+    queries = batch.embeddings[rows_modality]
+    keys = batch.global_embeddings[columns_modality]
+    labels = batch.local_global_index()
+    if bool(valid.all()):
+        return F.cross_entropy((scale * queries) @ keys.T, labels, reduction="sum")
+    valid_local = valid[batch.offset : batch.offset + batch.rows]
+    logits = (scale * queries[valid_local]) @ keys.T
+    logits = logits.masked_fill(~valid[None, :], float("-inf"))
+    return F.cross_entropy(logits, labels[valid_local], reduction="sum")
+
+
+def infonce_term(batch: BatchView, pair: tuple[str, str], logit_scale: Tensor) -> TermLoss:
+    """The symmetric InfoNCE term of one pair: per-row loss summed over this rank's rows."""
+    first, second = pair
+    valid = batch.column(first, global_batch=True) & batch.column(second, global_batch=True)
+    loss_sum = _direction_loss_sum(batch, first, second, valid, logit_scale)
+    loss_sum = loss_sum + _direction_loss_sum(batch, second, first, valid, logit_scale)
+    return TermLoss(pair_name(pair), loss_sum / 2, int(valid.sum()))

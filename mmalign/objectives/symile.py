@@ -1,0 +1,135 @@
+"""``symile``: Symile for any number M >= 2 of modalities (Saporta et al., 2024).
+
+Each modality in turn is the anchor; a row's loss is the cross-entropy of its positive
+multilinear inner product ``logit_scale * MIP(anchor_i, others_i...)`` against negatives:
+
+* ``negatives: n`` — as the ``symile`` package's ``compute_logits_n``: column ``j`` holds
+  ``MIP(anchor_i, other_1[perm_1[j]], ...)`` with one random permutation of the global batch
+  per (anchor, other modality), drawn in anchor order then modality order from ``generator``
+  (or torch's default generator) and broadcast from rank 0; the positive replaces the diagonal.
+* ``negatives: n2`` — every one of the ``B^(M-1)`` combinations of the other modalities' rows,
+  computed exactly in blocks (:mod:`mmalign.objectives.symile_n2`).
+
+Missing modalities: an absent embedding is replaced by the all-ones vector (the identity of the
+elementwise product) wherever it appears, so MIPs reduce to those of the present modalities.
+An anchor row counts when its anchor and at least one other modality are present; terms are
+per anchor (``loss/<modality>``, weights keyed by modality) and averaged as described in
+:mod:`mmalign.objectives.base`. With M = 2 the loss is CLIP's (``n2``).
+
+Example:
+    >>> import torch
+    >>> from mmalign.objectives import build_objective
+    >>> objective = build_objective({"name": "symile", "negatives": "n2"})
+    >>> batch = {m: torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    ...          for m in ("text", "audio", "image")}
+    >>> sorted(objective(batch, torch.tensor(10.0)).metrics)
+    ['logit_scale', 'loss', 'loss/audio', 'loss/image', 'loss/text']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from mmalign.objectives.base import CONFIG_FIELD, Objective, TermLoss, register_objective
+from mmalign.objectives.distributed import BatchView, broadcast_from_first
+from mmalign.objectives.symile_n2 import symile_logsumexp
+
+
+def _identity_for_absent(embeddings: Tensor, present: Tensor) -> Tensor:
+    return torch.where(present[:, None], embeddings, torch.ones_like(embeddings))
+
+
+def _valid_anchor_rows(present: Tensor) -> Tensor:
+    """``[rows, M]``: the anchor is present and at least one other modality is."""
+    return present & (present.sum(dim=1, keepdim=True) >= 2)
+
+
+def draw_permutations(
+    modalities: int, rows: int, generator: torch.Generator | None, device: torch.device
+) -> Tensor:
+    """``[M, M - 1, rows]`` permutations for ``n`` negatives, identical on every rank."""
+    generator_device = generator.device if generator is not None else "cpu"
+    perms = [
+        torch.randperm(rows, generator=generator, device=generator_device)
+        for _ in range(modalities * (modalities - 1))
+    ]
+    stacked = torch.stack(perms).reshape(modalities, modalities - 1, rows).to(device)
+    return broadcast_from_first(stacked)
+
+
+@register_objective("symile")
+class SymileObjective(Objective):
+    """Symile's multilinear-inner-product cross-entropy, each modality as anchor in turn."""
+
+    is_symile = True
+
+    def term_names(self, modalities: Sequence[str]) -> list[str]:
+        if len(modalities) < 2:
+            raise ValueError(
+                f"{CONFIG_FIELD}.name 'symile' needs at least two modalities, got "
+                f"{list(modalities)}"
+            )
+        return list(modalities)
+
+    def terms(
+        self,
+        batch: BatchView,
+        logit_scale: Tensor,
+        logit_bias: Tensor | None,
+        generator: torch.Generator | None,
+    ) -> list[TermLoss]:
+        local = [
+            _identity_for_absent(batch.embeddings[m], batch.present[:, j])
+            for j, m in enumerate(batch.modalities)
+        ]
+        full = [
+            _identity_for_absent(batch.global_embeddings[m], batch.global_present[:, j])
+            for j, m in enumerate(batch.modalities)
+        ]
+        positives = logit_scale * torch.stack(local).prod(dim=0).sum(dim=-1)
+        if self.config.negatives == "n2":
+            normalizers = self._n2_normalizers(batch, full, logit_scale)
+        else:
+            normalizers = self._n_normalizers(batch, local, full, positives, logit_scale, generator)
+        valid_global = _valid_anchor_rows(batch.global_present)
+        valid_local = valid_global[batch.offset : batch.offset + batch.rows]
+        return [
+            TermLoss(
+                name,
+                torch.where(valid_local[:, a], normalizers[a] - positives, 0.0).sum(),
+                int(valid_global[:, a].sum()),
+            )
+            for a, name in enumerate(batch.modalities)
+        ]
+
+    def _n2_normalizers(
+        self, batch: BatchView, full: list[Tensor], logit_scale: Tensor
+    ) -> list[Tensor]:
+        lse = symile_logsumexp(logit_scale * full[0], full[1:], self.config.block_size)
+        return list(lse[:, batch.offset : batch.offset + batch.rows])
+
+    def _n_normalizers(
+        self,
+        batch: BatchView,
+        local: list[Tensor],
+        full: list[Tensor],
+        positives: Tensor,
+        logit_scale: Tensor,
+        generator: torch.Generator | None,
+    ) -> list[Tensor]:
+        count = len(full)
+        perms = draw_permutations(count, batch.global_rows, generator, batch.device)
+        own_column = batch.local_global_index()[:, None] == torch.arange(
+            batch.global_rows, device=batch.device
+        )
+        normalizers = []
+        for a in range(count):
+            others = [full[m] for m in range(count) if m != a]
+            shuffled = torch.stack([o[p] for o, p in zip(others, perms[a])]).prod(dim=0)
+            logits = (logit_scale * local[a]) @ shuffled.T
+            logits = torch.where(own_column, positives[:, None], logits)
+            normalizers.append(logits.logsumexp(dim=1))
+        return normalizers
