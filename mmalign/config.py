@@ -43,7 +43,7 @@ class ObjectiveConfig(_Section):
     """Anchor modality for ``anchored``."""
     negatives: Literal["n", "n2"] = "n"
     """Symile negatives: ``n`` (shuffled rows, O(N)) or ``n2`` (all B^(M-1) combinations)."""
-    block_size: int = Field(default=2048, ge=1)
+    block_size: int = Field(default=16384, ge=1)
     """Symile ``n2``: rows of the B^(M-1) candidate set processed per block."""
     gather_with_grad: bool = True
     """All-gather embeddings across processes with gradient (exact large-batch semantics)."""
@@ -100,45 +100,79 @@ class DataConfig(_Section):
 
 
 class EvalConfig(_Section):
-    """Periodic validation during training."""
+    """Periodic validation during training (on ``data.val``)."""
 
     every: int = Field(default=0, ge=0)
     """Validate every N optimizer steps (0: only at the end)."""
     max_samples: int = Field(default=2000, ge=1)
+    """Validation samples read per validation (all processes together)."""
     retrieval_pairs: list[tuple[str, str]] | None = None
-    """(query, gallery) modality pairs for recall@k; ``None``: every ordered pair."""
-    zeroshot_modality: str | None = None
-    """Modality classified zero-shot from the class prompts (needs ``data.classes``)."""
+    """(query, gallery) modality pairs for recall@k; ``None``: every ordered pair.
+    Symile models report N-way recall (each modality from the product of the others)."""
+    zeroshot_modality: str | list[str] | None = None
+    """Query modality (or modalities, scored jointly) classified zero-shot from the class
+    prompts of ``data.classes``, with the labels of ``data.label_field``."""
     zeroshot_text: str | None = None
-    """Text modality that encodes the prompts."""
+    """Text modality that encodes the prompts (default: the first text tower)."""
     zeroshot_language: str | None = None
+    """Language of ``data.classes`` to use; ``all`` pools every language's prompts."""
     best_metric: str = "val/loss"
+    """Metric that picks the ``best`` checkpoint, e.g. ``val/R@1/mean``, ``val/zeroshot/top1``."""
     best_mode: Literal["min", "max"] = "min"
+
+    @field_validator("best_metric")
+    @classmethod
+    def _validation_metric(cls, name: str) -> str:
+        if not name.startswith("val/"):
+            raise ValueError(
+                f"'{name}' is not a validation metric; use val/loss, val/R@1/mean, "
+                "val/zeroshot/top1 or another val/... key of metrics.jsonl"
+            )
+        return name
 
 
 class TrainConfig(_Section):
-    """The optimization loop."""
+    """The optimization loop (``mmalign train``)."""
 
     steps: int | None = Field(default=100, ge=1)
+    """Optimizer steps (each of ``data.batch_size x accumulate x processes`` samples)."""
     epochs: int | None = Field(default=None, ge=1)
+    """Instead of ``steps``: passes over ``data.epoch_samples`` samples per process (wins over
+    ``steps``)."""
     lr: float = Field(default=1e-3, gt=0)
+    """Peak learning rate of AdamW."""
     weight_decay: float = Field(default=0.1, ge=0)
+    """Decoupled weight decay of weight matrices (never biases, norms, embeddings, temperature)."""
     betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-6
+    eps: float = Field(default=1e-6, gt=0)
     warmup: int = Field(default=0, ge=0)
+    """Linear warmup steps before the schedule."""
     schedule: Literal["cosine", "constant"] = "cosine"
     accumulate: int = Field(default=1, ge=1)
-    grad_clip: float | None = 1.0
+    """Micro-batches per optimizer step; negatives span all of them (contrastive-exact)."""
+    grad_clip: float | None = Field(default=1.0, gt=0)
+    """Clip the global gradient norm to this value (``null``: no clipping)."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Mixed precision through Accelerate (fp16 uses a gradient scaler)."""
     seed: int = 0
+    """Seed of the model initialization, dropout and the objective's shuffles."""
     output: str = "runs/default"
+    """Run directory: config, logs, checkpoints and the final model."""
     log_every: int = Field(default=10, ge=1)
+    """Write training metrics every N steps."""
     save_every: int = Field(default=0, ge=0)
+    """Save a checkpoint every N steps (0: only at the end and at new best validations)."""
     keep_last: int = Field(default=2, ge=1)
+    """Step checkpoints kept (the ``best`` one is kept apart)."""
     max_nonfinite: int = Field(default=5, ge=1)
     """Consecutive non-finite losses that stop the run."""
     tensorboard: bool = True
     plots: bool = True
+    """Write loss / temperature / validation PNG plots at the end."""
+    profile: bool = False
+    """Synchronize the device around each part of a step to time it exactly (slower)."""
+    find_unused_parameters: bool = True
+    """DDP: allow towers without gradient in a step (a modality absent from a batch)."""
 
 
 class Config(_Section):
@@ -187,7 +221,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if not isinstance(child, dict):
                 raise ConfigError(f"override '{override}': '{part}' is not a section")
             node = child
-        node[parts[-1]] = _parse_value(value)
+        try:
+            node[parts[-1]] = _parse_value(value)
+        except yaml.YAMLError as error:  # also !!python/... tags, which safe_load refuses
+            raise ConfigError(
+                f"override '{override}': the value is not plain YAML: {error}"
+            ) from None
     return data
 
 

@@ -1,0 +1,205 @@
+"""Contrastive-exact gradient accumulation (as open_clip's ``accum_freq`` and GradCache).
+
+Accumulating K micro-batches of B samples must give the gradient of ONE batch of K x B
+samples, where every sample is a negative of every other. Summing K small-batch losses would
+not (each would see only B - 1 negatives). So one optimizer step:
+
+1. encodes every micro-batch without gradient and caches the embeddings (``[K x B, d]``),
+   remembering the RNG state before each micro-batch so dropout can be replayed;
+2. computes the full loss from the cache (its value is logged and checked for NaN/inf);
+3. for each micro-batch j, restores its RNG state, re-encodes it with gradient, splices it
+   into the cached embeddings and backpropagates the full loss through that slice; the
+   temperature (and sigmoid bias) keeps its gradient in the last pass only, since the loss
+   depends on it whole in every pass.
+
+The K backward passes sum to the gradient of the big batch. The objective's random choices
+(Symile's shuffled negatives) come from a generator re-seeded identically for every loss
+evaluation of the step. Under DDP only the last backward pass synchronizes gradients.
+
+Example:
+    >>> import torch
+    >>> cache = FeatureCache.build([{"a": torch.zeros(2, 3)}, {"a": torch.ones(1, 3)}],
+    ...                            [torch.ones(2, 1, dtype=torch.bool),
+    ...                             torch.ones(1, 1, dtype=torch.bool)])
+    >>> cache.splice(1, {"a": torch.full((1, 3), 5.0)})[0]["a"][:, 0].tolist()
+    [0.0, 0.0, 5.0]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mmalign.train.timing import StepTimer
+
+MicroBatch = dict[str, Any]
+
+
+@dataclass
+class FeatureCache:
+    """Embeddings of all micro-batches of a step (no gradient), concatenated."""
+
+    embeddings: dict[str, Tensor]
+    present: Tensor
+    offsets: list[int]
+
+    @classmethod
+    def build(
+        cls, features: Sequence[dict[str, Tensor]], presents: Sequence[Tensor]
+    ) -> FeatureCache:
+        """Concatenate per-micro-batch embeddings and presence masks."""
+        offsets = [0]
+        for present in presents:
+            offsets.append(offsets[-1] + int(present.shape[0]))
+        embeddings = {name: torch.cat([f[name] for f in features]) for name in features[0]}
+        return cls(embeddings, torch.cat(list(presents)), offsets)
+
+    def splice(self, index: int, embeddings: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
+        """The cache with micro-batch ``index`` replaced by ``embeddings`` (with gradient)."""
+        start, end = self.offsets[index], self.offsets[index + 1]
+        spliced = {
+            name: torch.cat([cached[:start], embeddings[name].to(cached.dtype), cached[end:]])
+            for name, cached in self.embeddings.items()
+        }
+        return spliced, self.present
+
+
+class ContrastiveStep(nn.Module):
+    """The model and its objective in one ``forward``, so DDP sees every parameter used
+    (the temperature lives outside the towers), and the loss runs under the same autocast.
+
+    ``forward(inputs, present, cache=None, index=0, generator=None) -> (loss, metrics)``.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.timer: StepTimer | None = None
+
+    def section(self, name: str) -> Any:
+        """Time a part of the step when a timer is attached."""
+        return self.timer.section(name) if self.timer is not None else nullcontext()
+
+    def encode(self, inputs: dict[str, Any], present: Tensor) -> dict[str, Tensor]:
+        """Embeddings of one micro-batch."""
+        with self.section("forward"):
+            return self.model(inputs, present=present)
+
+    def objective(
+        self,
+        embeddings: dict[str, Tensor],
+        present: Tensor,
+        generator: torch.Generator | None,
+        temperature_grad: bool = True,
+    ) -> tuple[Tensor, dict[str, float]]:
+        """The model's loss on ``embeddings``; ``temperature_grad=False`` detaches the
+        temperature and bias (their gradient is taken once per accumulated step)."""
+        with self.section("loss"):
+            if temperature_grad:
+                output = self.model.loss(embeddings, present=present, generator=generator)
+            else:
+                bias = self.model.logit_bias
+                output = self.model.objective(
+                    dict(embeddings),
+                    self.model.logit_scale_value().detach(),
+                    None if bias is None else bias.detach(),
+                    present=present,
+                    generator=generator,
+                )
+        return output.loss, output.metrics
+
+    def forward(
+        self,
+        inputs: dict[str, Any],
+        present: Tensor,
+        cache: FeatureCache | None = None,
+        index: int = 0,
+        generator: torch.Generator | None = None,
+        temperature_grad: bool = True,
+    ) -> tuple[Tensor, dict[str, float]]:
+        embeddings = self.encode(inputs, present)
+        if cache is not None:
+            embeddings, present = cache.splice(index, embeddings)
+        return self.objective(embeddings, present, generator, temperature_grad)
+
+
+@dataclass
+class StepOutcome:
+    """What one optimizer step's forward/backward produced."""
+
+    loss: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    finite: bool = True
+
+
+def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple[Tensor, Tensor | None], device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def _finite_everywhere(accelerator: Any, loss: Tensor) -> bool:
+    """Whether the loss is finite on every process (all ranks must agree to skip a step)."""
+    flag = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
+    if accelerator.num_processes > 1:
+        flag = accelerator.gather(flag.to(accelerator.device)).min()
+    return bool(flag.item() > 0)
+
+
+def accumulated_step(
+    accelerator: Any,
+    step_module: nn.Module,
+    micro_batches: Sequence[MicroBatch],
+    make_generator: Callable[[], torch.Generator | None],
+    timer: StepTimer | None = None,
+) -> StepOutcome:
+    """Forward and backward of one optimizer step over ``micro_batches`` (see module doc).
+
+    ``step_module`` is the (possibly DDP-wrapped) :class:`ContrastiveStep`;
+    ``make_generator`` returns the step's freshly seeded generator for each loss evaluation.
+    Gradients are left in ``.grad``; nothing is backpropagated when the loss is not finite.
+    """
+    inner: ContrastiveStep = accelerator.unwrap_model(step_module)
+    inner.timer = timer
+    if len(micro_batches) == 1:
+        batch = micro_batches[0]
+        loss, metrics = step_module(batch["inputs"], batch["present"], generator=make_generator())
+        finite = _finite_everywhere(accelerator, loss)
+        if finite:
+            with inner.section("backward"):
+                accelerator.backward(loss)
+        return StepOutcome(float(loss.detach()), metrics, finite)
+
+    device = accelerator.device
+    states, features = [], []
+    with torch.no_grad(), accelerator.autocast():
+        for batch in micro_batches:
+            states.append(_rng_state(device))
+            features.append(inner.encode(batch["inputs"], batch["present"]))
+        after = _rng_state(device)
+        cache = FeatureCache.build(features, [batch["present"] for batch in micro_batches])
+        loss, metrics = inner.objective(cache.embeddings, cache.present, make_generator())
+    finite = _finite_everywhere(accelerator, loss)
+    if finite:
+        last = len(micro_batches) - 1
+        for index, batch in enumerate(micro_batches):
+            _set_rng_state(states[index], device)
+            sync = nullcontext() if index == last else accelerator.no_sync(step_module)
+            with sync:
+                sliced_loss, _ = step_module(
+                    batch["inputs"], batch["present"], cache, index, make_generator(), index == last
+                )
+                with inner.section("backward"):
+                    accelerator.backward(sliced_loss)
+    _set_rng_state(after, device)
+    return StepOutcome(float(loss.detach()), metrics, finite)

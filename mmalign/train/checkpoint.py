@@ -1,0 +1,255 @@
+"""Atomic, pickle-free training checkpoints: save, keep the last K and the best, resume.
+
+A checkpoint is a directory ``checkpoints/step-00000100/`` holding
+
+- ``model.safetensors``: the model's weights;
+- ``optimizer.safetensors`` + ``optimizer.json``: the optimizer state, tensors flattened to
+  ``state.<param index>.<name>`` and everything else as JSON;
+- ``trainer.json``: step, scheduler, gradient scaler, data-stream position, best metric;
+- ``rng-rank<r>.safetensors`` + ``rng-rank<r>.json``: the torch, CUDA, numpy and Python RNG
+  states of every process.
+
+It is written into ``.tmp-step-...`` beside its final place, fsynced, then renamed, so a
+directory named ``step-*`` is always complete. ``best/`` is a hard-linked copy of the
+checkpoint with the best validation metric.
+
+Example:
+    >>> from pathlib import Path
+    >>> latest_checkpoint(Path("/nonexistent")) is None
+    True
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
+from torch import nn
+
+from mmalign.train.rundir import RunDirectoryError
+
+_PREFIX = "step-"
+BEST = "best"
+
+
+class CheckpointError(RunDirectoryError):
+    """A checkpoint file cannot be read (corrupt, or not safetensors / JSON)."""
+
+
+def checkpoint_name(step: int) -> str:
+    """The directory name of the checkpoint at optimizer step ``step``."""
+    return f"{_PREFIX}{step:08d}"
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Complete checkpoints under ``directory``, oldest first."""
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir() if p.is_dir() and p.name.startswith(_PREFIX)]
+    return sorted(found, key=lambda path: int(path.name[len(_PREFIX) :]))
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    """The newest complete checkpoint under ``directory`` (``None`` when there is none)."""
+    found = list_checkpoints(directory)
+    return found[-1] if found else None
+
+
+def remove_partial(directory: Path) -> None:
+    """Delete temporary directories left behind by an interrupted save."""
+    if directory.is_dir():
+        for path in directory.iterdir():
+            if path.name.startswith(".tmp-") or path.name.startswith(".old-"):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _fsync_path(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in directory.iterdir():
+        if path.is_file():
+            _fsync_path(path)
+    _fsync_path(directory)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=1))
+
+
+def flatten_optimizer_state(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer ``state_dict`` into safetensors-ready tensors and JSON metadata."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, entry in state_dict["state"].items():
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{index}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(index), {})[name] = value
+    return tensors, {"scalars": scalars, "param_groups": state_dict["param_groups"]}
+
+
+def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict[str, Any]:
+    """Inverse of :func:`flatten_optimizer_state`."""
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        _, index, name = key.split(".", 2)
+        state.setdefault(int(index), {})[name] = value
+    for index, entry in meta["scalars"].items():
+        state.setdefault(int(index), {}).update(entry)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def capture_rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """This process's torch, CUDA, numpy and Python RNG states (tensors, JSON)."""
+    numpy_state = np.random.get_state()
+    tensors = {
+        "torch": torch.get_rng_state(),
+        "numpy": torch.from_numpy(np.asarray(numpy_state[1], dtype=np.uint32).astype(np.int64)),
+    }
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    python_state = random.getstate()
+    meta = {
+        "numpy": [numpy_state[0], int(numpy_state[2]), int(numpy_state[3]), float(numpy_state[4])],
+        "python": [python_state[0], list(python_state[1]), python_state[2]],
+    }
+    return tensors, meta
+
+
+def restore_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(tensors["cuda"]))
+    name, position, has_gauss, cached = meta["numpy"]
+    keys = tensors["numpy"].numpy().astype(np.uint32)
+    np.random.set_state((name, keys, position, has_gauss, cached))
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def save_checkpoint(
+    directory: Path,
+    step: int,
+    accelerator: Any,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+) -> Path:
+    """Write the checkpoint of ``step`` atomically; a collective call on every process.
+
+    ``model`` is the unwrapped model; ``trainer_state`` is JSON data (step, scheduler,
+    scaler, data position, ...). Returns the final checkpoint directory.
+    """
+    final = directory / checkpoint_name(step)
+    temporary = directory / f".tmp-{final.name}"
+    if accelerator.is_main_process:
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    rank = accelerator.process_index
+    rng_tensors, rng_meta = capture_rng_state()
+    save_file(rng_tensors, temporary / f"rng-rank{rank}.safetensors")
+    _write_json(temporary / f"rng-rank{rank}.json", rng_meta)
+    if accelerator.is_main_process:
+        save_model(model, str(temporary / "model.safetensors"))
+        optimizer_tensors, optimizer_meta = flatten_optimizer_state(optimizer.state_dict())
+        save_file(optimizer_tensors, temporary / "optimizer.safetensors")
+        _write_json(temporary / "optimizer.json", optimizer_meta)
+        _write_json(temporary / "trainer.json", trainer_state)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _fsync_tree(temporary)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(temporary, final)
+        _fsync_path(directory)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(
+    path: Path, rank: int, model: nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
+    """Load weights, optimizer and this rank's RNG from ``path``; returns ``trainer.json``.
+
+    A rank without its own RNG file (the run was resumed with more processes) keeps its
+    seeded RNG.
+    """
+    _read(path / "model.safetensors", lambda file: load_model(model, str(file)))
+    meta = _read(path / "optimizer.json", _read_json)
+    tensors = _read(path / "optimizer.safetensors", load_file)
+    optimizer.load_state_dict(unflatten_optimizer_state(tensors, meta))
+    rng_file = path / f"rng-rank{rank}.safetensors"
+    if rng_file.is_file():
+        rng_meta = _read(path / f"rng-rank{rank}.json", _read_json)
+        restore_rng_state(_read(rng_file, load_file), rng_meta)
+    return read_trainer_state(path)
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def _read(path: Path, reader: Callable[[Path], Any]) -> Any:
+    """``reader(path)``; any failure becomes a :class:`CheckpointError` naming the file."""
+    try:
+        return reader(path)
+    except Exception as error:  # safetensors, JSON, shape and OS errors alike
+        raise CheckpointError(
+            f"cannot read checkpoint file {path}: {error}. Checkpoints hold only safetensors "
+            f"and JSON (pickles are never loaded); delete {path.parent} to resume from the "
+            "checkpoint before it"
+        ) from None
+
+
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    """The ``trainer.json`` of the checkpoint ``path`` (step, scheduler, data position, ...)."""
+    return _read(path / "trainer.json", _read_json)
+
+
+def _link_or_copy(source: str, destination: str) -> None:
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)
+
+
+def mark_best(checkpoint: Path) -> Path:
+    """Make ``best/`` beside ``checkpoint`` a (hard-linked) copy of it; main process only."""
+    directory = checkpoint.parent
+    best = directory / BEST
+    temporary = directory / f".tmp-{BEST}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    shutil.copytree(checkpoint, temporary, copy_function=_link_or_copy)
+    _fsync_tree(temporary)
+    previous = directory / f".old-{BEST}"
+    if best.exists():
+        os.replace(best, previous)
+    os.replace(temporary, best)
+    shutil.rmtree(previous, ignore_errors=True)
+    _fsync_path(directory)
+    return best
+
+
+def prune_checkpoints(directory: Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` step checkpoints; returns the deleted ones."""
+    removed = list_checkpoints(directory)[:-keep_last]
+    for path in removed:
+        shutil.rmtree(path)
+    return removed

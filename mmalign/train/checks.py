@@ -1,0 +1,119 @@
+"""Checks of a run config that need more than types: files exist, sections agree.
+
+Example:
+    >>> from mmalign.config import load_config
+    >>> config = load_config({"model": {"towers": {"labs": {"type": "tabular",
+    ...     "in_features": 2}}}})
+    >>> try:
+    ...     check_run_config(config)
+    ... except ConfigError as error:
+    ...     print(str(error).splitlines()[1])
+      data.train: no training shards; set it to a shard pattern, directory or list
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from mmalign.config import Config, ConfigError
+from mmalign.data.shards import expand_shards
+
+
+def _shard_problems(config: Config) -> list[str]:
+    problems = []
+    if config.data.train is None:
+        problems.append(
+            "data.train: no training shards; set it to a shard pattern, directory or list"
+        )
+    for split in ("train", "val"):
+        spec = getattr(config.data, split)
+        if spec is not None:
+            try:
+                expand_shards(spec, f"data.{split}")
+            except (FileNotFoundError, ValueError) as error:
+                problems.append(str(error))
+    return problems
+
+
+def _modality_problems(config: Config) -> list[str]:
+    modalities = list(config.model.towers)
+    problems = [
+        f"data.fields: modality '{name}' has no record extension; add e.g. '{name}: <ext>'"
+        for name in modalities
+        if name not in config.data.fields
+    ]
+    problems += [
+        f"data.fields.{name}: not a modality of model.towers ({', '.join(modalities)})"
+        for name in config.data.fields
+        if name not in modalities
+    ]
+    for query, gallery in config.eval.retrieval_pairs or []:
+        problems += [
+            f"eval.retrieval_pairs: unknown modality '{name}' (known: {', '.join(modalities)})"
+            for name in (query, gallery)
+            if name not in modalities
+        ]
+    return problems
+
+
+def _zeroshot_problems(config: Config) -> list[str]:
+    query = config.eval.zeroshot_modality
+    if query is None:
+        return []
+    modalities = list(config.model.towers)
+    queries = [query] if isinstance(query, str) else query
+    problems = [
+        f"eval.zeroshot_modality: unknown modality '{name}' (known: {', '.join(modalities)})"
+        for name in queries
+        if name not in modalities
+    ]
+    text = config.eval.zeroshot_text
+    texts = [name for name, tower in config.model.towers.items() if tower["type"] == "text"]
+    if text is not None and text not in modalities:
+        problems.append(f"eval.zeroshot_text: unknown modality '{text}'")
+    if text is None and not texts:
+        problems.append("eval.zeroshot_text: the model has no text tower to encode class prompts")
+    if config.data.classes is None:
+        problems.append("data.classes: eval.zeroshot_modality needs a classes.json file")
+    elif not Path(config.data.classes).is_file():
+        problems.append(f"data.classes: file {config.data.classes} does not exist")
+    if config.data.label_field is None:
+        problems.append("data.label_field: zero-shot validation needs labels (e.g. 'cls')")
+    return problems
+
+
+def _schedule_problems(config: Config) -> list[str]:
+    problems = []
+    if config.train.epochs is not None and config.data.epoch_samples is None:
+        problems.append("train.epochs: needs data.epoch_samples (samples per epoch)")
+    if config.train.epochs is None and config.train.steps is None:
+        problems.append("train.steps: set train.steps or train.epochs")
+    if config.eval.every and config.data.val is None:
+        problems.append("eval.every: periodic validation needs data.val shards")
+    if config.data.classes is not None and not Path(config.data.classes).is_file():
+        problems.append(f"data.classes: file {config.data.classes} does not exist")
+    return problems
+
+
+def check_run_config(config: Config) -> None:
+    """Raise one :class:`ConfigError` listing every problem of a training config."""
+    problems = (
+        _shard_problems(config)
+        + _modality_problems(config)
+        + _zeroshot_problems(config)
+        + _schedule_problems(config)
+    )
+    if problems:
+        unique = list(dict.fromkeys(problems))
+        raise ConfigError("invalid training config:\n" + "\n".join(f"  {p}" for p in unique))
+
+
+def total_steps(config: Config) -> int:
+    """Optimizer steps of the run: ``train.steps``, or ``train.epochs`` passes over
+    ``data.epoch_samples`` (samples per process and epoch, as the loader counts them) at
+    ``batch_size x accumulate`` samples per process and step."""
+    if config.train.epochs is None:
+        return int(config.train.steps)
+    per_step = config.data.batch_size * config.train.accumulate
+    return max(1, math.ceil(config.train.epochs * config.data.epoch_samples / per_step))

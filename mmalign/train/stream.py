@@ -1,0 +1,89 @@
+"""The training batch stream: epochs of a loader with a resumable position.
+
+Each epoch is a fresh loader seeded from ``(data.seed, epoch)``; a finite loader that runs
+out starts the next epoch. The position is ``(epoch, batches consumed in that epoch)``, so a
+resumed run rebuilds the epoch's loader and skips the consumed batches: the same stream as
+an uninterrupted run, as long as the loader is deterministic for a seed.
+
+Example:
+    >>> stream = BatchStream(lambda seed: ["a", "b"], position={"epoch": 0, "batches": 1})
+    >>> next(stream), next(stream), stream.position()
+    ('b', 'a', {'epoch': 1, 'batches': 1})
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import numpy as np
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A 32-bit seed for ``epoch`` of a stream seeded with ``seed``."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+class BatchStream:
+    """Endless batches from ``make_loader(seed)``, one loader per epoch (see module doc)."""
+
+    def __init__(
+        self,
+        make_loader: Callable[[int], Iterable[Any]],
+        seed: int = 0,
+        position: dict[str, int] | None = None,
+    ) -> None:
+        self.make_loader = make_loader
+        self.seed = seed
+        self.epoch = (position or {}).get("epoch", 0)
+        self.batches = (position or {}).get("batches", 0)
+        self._loader: Iterable[Any] | None = None
+        self._iterator: Iterator[Any] | None = None
+        self._finished_counters: Counter[str] = Counter()
+
+    def _open(self) -> None:
+        self._loader = self.make_loader(epoch_seed(self.seed, self.epoch))
+        self._iterator = iter(self._loader)
+        for skipped in range(self.batches):
+            if next(self._iterator, None) is None:
+                raise RuntimeError(
+                    f"cannot resume the data stream: epoch {self.epoch} ended after {skipped} "
+                    f"batches but the checkpoint had consumed {self.batches}; were the shards "
+                    "or data settings changed?"
+                )
+
+    def prime(self) -> None:
+        """Open the current epoch's loader now (and skip consumed batches)."""
+        if self._iterator is None:
+            self._open()
+
+    def __iter__(self) -> BatchStream:
+        return self
+
+    def __next__(self) -> Any:
+        self.prime()
+        batch = next(self._iterator, None)
+        if batch is None:
+            if self.batches == 0:
+                raise RuntimeError(
+                    "the training data yielded no batch; check data.train, data.fields and "
+                    "that data.batch_size is not larger than the data (drop_last is on)"
+                )
+            self._finished_counters.update(self._current_counters())
+            self.epoch, self.batches = self.epoch + 1, 0
+            self._open()
+            return next(self)
+        self.batches += 1
+        return batch
+
+    def _current_counters(self) -> dict[str, int]:
+        return dict(getattr(self._loader, "counters", {}) or {})
+
+    def position(self) -> dict[str, int]:
+        """The resumable position: epoch and batches consumed in it."""
+        return {"epoch": self.epoch, "batches": self.batches}
+
+    def counters(self) -> dict[str, int]:
+        """The loader's record counters summed over the epochs of this process."""
+        return dict(self._finished_counters + Counter(self._current_counters()))
