@@ -46,6 +46,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mmalign.eval.loading import EmbeddedBatch, EmbeddingStream, load_model, model_directory
+from mmalign.train.rundir import LOCK_NAME, RunLock
 
 FORMAT = "mmalign-embeddings/1"
 MANIFEST = "manifest.json"
@@ -143,6 +144,12 @@ def _chunk_name(process: _Process, index: int) -> str:
 
 def _progress_file(out_dir: Path, process: _Process) -> Path:
     return out_dir / (MANIFEST if process.world_size == 1 else f"manifest-r{process.rank}.json")
+
+
+def _export_lock(out_dir: Path, process: _Process) -> RunLock:
+    """This process's lock on ``out_dir``: a second export there refuses, naming the first."""
+    name = LOCK_NAME if process.world_size == 1 else f"{LOCK_NAME}-r{process.rank}"
+    return RunLock(out_dir, name, user="export", advice="export into another directory")
 
 
 def _arrow_column(values: list[Any]) -> pa.Array:
@@ -279,13 +286,12 @@ def export_embeddings(
     }
     settings = _settings(model, model_path, shards, modalities, options)
     progress_file = _progress_file(out_dir, process)
-    state = _read_json(progress_file)
-    if state is not None:
+    with _export_lock(out_dir, process):
+        fresh = {"settings": settings, "complete": False, "chunks": [], "rows": 0, "counters": {}}
+        state = _read_json(progress_file) or fresh
         _check_settings(progress_file, state["settings"], settings)
-    else:
-        state = {"settings": settings, "complete": False, "chunks": [], "rows": 0, "counters": {}}
-    if not state["complete"]:
-        _run_export(model, shards, modalities, out_dir, state, process, progress, model_path)
+        if not state["complete"]:
+            _run_export(model, shards, modalities, out_dir, state, process, progress, model_path)
     if process.world_size == 1:
         return state
     if process.barrier is not None:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from pydantic import ValidationError
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
@@ -178,7 +179,14 @@ class AlignmentModel(nn.Module):
         for modality in inputs:
             self._tower(modality)
         if present is None:
-            return {modality: self._embed_all(modality, x) for modality, x in inputs.items()}
+            embedded = {modality: self._embed_all(modality, x) for modality, x in inputs.items()}
+            rows = {modality: value.shape[0] for modality, value in embedded.items()}
+            if len(set(rows.values())) > 1:
+                raise ValueError(
+                    f"inputs hold different batch sizes per modality {rows}; without `present` "
+                    "every modality needs one row per sample (pass `present` for absent rows)"
+                )
+            return embedded
         if present.dtype != torch.bool or present.ndim != 2 or present.shape[1] != len(inputs):
             raise ValueError(
                 f"present must be a bool tensor [B, {len(inputs)}] (one column per modality "
@@ -304,13 +312,21 @@ class AlignmentModel(nn.Module):
                 raise FileNotFoundError(
                     f"{directory} is not a saved mmalign model: {needed.name} is missing "
                     "(AlignmentModel.save_pretrained writes config.json + model.safetensors)"
+                    + _pickle_note(directory)
                 )
         try:
             config = ModelConfig.model_validate(json.loads(config_file.read_text()))
         except (ValueError, ValidationError) as error:
             raise ConfigError(f"{config_file}: not a valid model config: {error}") from None
         model = cls(config, base_dirs={name: directory / name for name in config.towers})
-        missing, unexpected = load_model(model, weights, strict=False)
+        try:
+            missing, unexpected = load_model(model, weights, strict=False)
+        except (SafetensorError, RuntimeError) as error:  # not safetensors, or shapes differ
+            raise ValueError(
+                f"cannot load {weights} into the model of {config_file}: "
+                f"{str(error).rstrip('.')}. The weights "
+                "must be a safetensors file written for this config (save_pretrained)"
+            ) from None
         if missing or unexpected:
             raise ValueError(
                 f"{weights} does not match {config_file}: missing {sorted(missing)[:8]}, "
@@ -353,6 +369,21 @@ class AlignmentModel(nn.Module):
 
     def __repr__(self) -> str:
         return self.summary()
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def _pickle_note(directory: Path) -> str:
+    """A hint when ``directory`` holds pickled checkpoints, which are never loaded."""
+    found = sorted(p.name for p in directory.glob("*") if p.suffix in PICKLE_SUFFIXES)
+    if not found:
+        return ""
+    return (
+        f"; found {', '.join(found)}, which mmalign does not load: pickled checkpoints can run "
+        "code when opened. Load trusted tower weights through the tower's `checkpoint:` field "
+        "(read with weights_only=True), then save_pretrained"
+    )
 
 
 def _count(parameters: Iterable[nn.Parameter]) -> tuple[int, int]:

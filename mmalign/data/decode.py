@@ -16,7 +16,9 @@ cls                         ``int``                                             
 anything else               the raw ``bytes``
 ==========================  ==================================================  ============
 
-A zero-byte file fails as ``empty_file`` whatever its extension.
+A zero-byte file fails as ``empty_file`` whatever its extension. Images larger than
+``PIL.Image.MAX_IMAGE_PIXELS`` (decompression bombs; raise that limit to accept bigger ones)
+or with a zero side fail as ``bad_image``.
 
 Example:
     >>> decode_value("cls", b"7")
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -54,9 +57,13 @@ class RecordError(ValueError):
 
 
 def _image(data: bytes) -> Image.Image:
-    with Image.open(io.BytesIO(data)) as image:
-        image.load()
-        return image.convert("RGB")
+    with warnings.catch_warnings():  # PIL only warns between 1x and 2x the pixel limit
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(io.BytesIO(data)) as image:
+            if min(image.size) < 1:
+                raise ValueError(f"the image is {image.width}x{image.height} pixels")
+            image.load()
+            return image.convert("RGB")
 
 
 def _audio(data: bytes) -> tuple[np.ndarray, int]:

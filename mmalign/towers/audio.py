@@ -57,6 +57,9 @@ _HF_WEIGHT_FILES = (
     "pytorch_model.bin.index.json",
 )
 _MAX_CHANNELS = 16
+MAX_UPSAMPLING = 32
+"""A clip whose rate is this many times below the tower's has a wrong header (a 1 Hz rate
+would also blow a short clip up to hours of samples); ``preprocess`` rejects it."""
 
 
 class AudioTowerConfig(TowerConfig):
@@ -412,6 +415,12 @@ class AudioTower(Tower):
         """Load, mix to mono, resample, crop/pad to ``clip_seconds``; ``hf``: run the feature
         extractor."""
         waveform, sample_rate = load_waveform(raw)
+        if sample_rate * MAX_UPSAMPLING < self.sample_rate:
+            raise ValueError(
+                f"{self.field}: sample rate {sample_rate} Hz is implausibly low for a tower at "
+                f"{self.sample_rate} Hz (over {MAX_UPSAMPLING}x upsampling); check the clip's "
+                "rate or the tower's sample_rate"
+            )
         clip = self._crop(resample(waveform, sample_rate, self.sample_rate))
         if self.config.encoder == "hf":
             return self._extract(clip)

@@ -1,0 +1,213 @@
+"""Loading reads safetensors and JSON only: planted pickles are refused and never executed
+(each payload would create a marker file; a positive control shows it really would), tower
+checkpoints are read with ``weights_only=True``, and configs cannot name Python objects."""
+
+from __future__ import annotations
+
+import ast
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+import yaml
+from conftest import REPO, plant_pickle, plant_raw_pickle, tiny_config, write_config
+
+from mmalign.config import ConfigError, load_config
+from mmalign.model import AlignmentModel
+from mmalign.train import train
+from mmalign.train.checkpoint import latest_checkpoint
+
+VISION = {"image_size": 16, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16}
+EVIL_YAML = "model: !!python/object/apply:builtins.open [{marker}, w]\n"  # creates marker
+
+
+def tiny_model() -> AlignmentModel:
+    return AlignmentModel.from_config(
+        {"dim": 4, "towers": {"labs": {"type": "tabular", "in_features": 3, "hidden": 8}}}
+    )
+
+
+def test_the_payloads_would_run_code_if_unpickled(tmp_path: Path) -> None:
+    marker = tmp_path / "marker"
+    pickle.loads(plant_raw_pickle(tmp_path / "raw.pkl", marker).read_bytes())
+    assert marker.exists()
+    marker.unlink()
+    torch.load(plant_pickle(tmp_path / "evil.pt", marker), weights_only=False)
+    assert marker.exists()
+    marker.unlink()
+    yaml.unsafe_load(EVIL_YAML.format(marker=marker))
+    assert marker.exists()
+
+
+def test_from_pretrained_refuses_pickles(tmp_path: Path) -> None:
+    saved = tiny_model().save_pretrained(tmp_path / "model")
+    marker = tmp_path / "marker"
+    (saved / "model.safetensors").rename(tmp_path / "good.safetensors")
+    plant_pickle(saved / "pytorch_model.bin", marker)
+    with pytest.raises(
+        FileNotFoundError, match=r"found pytorch_model\.bin, which mmalign does not"
+    ):
+        AlignmentModel.from_pretrained(saved)
+    plant_pickle(saved / "model.safetensors", marker)  # a pickle under the safetensors name
+    with pytest.raises(ValueError, match="must be a safetensors file"):
+        AlignmentModel.from_pretrained(saved)
+    assert not marker.exists()
+
+
+def test_resume_refuses_pickled_checkpoint_files(tmp_path: Path, shards: str) -> None:
+    run, marker = tmp_path / "run", tmp_path / "marker"
+    config_path = write_config(
+        tmp_path / "run.yaml", tiny_config(run, shards, train={"steps": 3, "save_every": 3})
+    )
+    train(config_path)
+    latest = latest_checkpoint(run / "checkpoints")
+    plant_pickle(latest / "pytorch_model.bin", marker)  # extra pickles are never opened
+    plant_pickle(latest / "optimizer.pt", marker)
+    assert train(config_path, ["train.steps=4"], resume=True).steps == 4
+    newest = latest_checkpoint(run / "checkpoints")
+    for name in ("model.safetensors", "optimizer.safetensors", "rng-rank0.safetensors"):
+        backup = tmp_path / name
+        shutil.copy(newest / name, backup)
+        plant_pickle(newest / name, marker)
+        with pytest.raises(Exception, match=name.replace(".", r"\.")) as caught:
+            train(config_path, ["train.steps=5"], resume=True)
+        assert "safetensors" in str(caught.value)
+        shutil.copy(backup, newest / name)
+    plant_raw_pickle(newest / "trainer.json", marker)
+    with pytest.raises(Exception, match=r"trainer\.json"):
+        train(config_path, ["train.steps=5"], resume=True)
+    assert not marker.exists()
+
+
+def test_tower_checkpoints_are_read_with_weights_only(tmp_path: Path) -> None:
+    marker = tmp_path / "marker"
+    tower = {"type": "image", "embed_dim": 8, "vision_cfg": VISION}
+    source = AlignmentModel.from_config({"dim": 4, "towers": {"image": tower}})
+    trusted = tmp_path / "visual.pt"
+    torch.save(source.towers["image"].visual.state_dict(), trusted)  # plain tensors: accepted
+    loaded = AlignmentModel.from_config(
+        {"dim": 4, "towers": {"image": {**tower, "checkpoint": str(trusted)}}}
+    )
+    for name, value in source.towers["image"].state_dict().items():
+        assert torch.equal(loaded.towers["image"].state_dict()[name], value), name
+    evil = plant_pickle(tmp_path / "evil.pt", marker)
+    with pytest.raises(ConfigError, match=r"model.towers.image.checkpoint: cannot read"):
+        AlignmentModel.from_config(
+            {"dim": 4, "towers": {"image": {**tower, "checkpoint": str(evil)}}}
+        )
+    assert not marker.exists()
+
+
+def test_hf_text_tower_never_unpickles(tmp_path: Path) -> None:
+    directory, marker = tmp_path / "bert", tmp_path / "marker"
+    config = transformers.BertConfig(
+        vocab_size=40,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+    )
+    transformers.BertModel(config).save_pretrained(directory)
+    (directory / "model.safetensors").unlink()
+    plant_pickle(directory / "pytorch_model.bin", marker)
+    with pytest.raises(Exception, match="Weights only load failed"):
+        AlignmentModel.from_config(
+            {
+                "dim": 4,
+                "towers": {"text": {"type": "text", "backend": "hf", "path": str(directory)}},
+            }
+        )
+    assert not marker.exists()
+
+
+def test_yaml_python_tags_are_refused(tmp_path: Path) -> None:
+    marker = tmp_path / "marker"
+    path = tmp_path / "evil.yaml"
+    path.write_text(EVIL_YAML.format(marker=marker))
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(path)
+    good = {"model": {"towers": {"labs": {"type": "tabular", "in_features": 2}}}}
+    with pytest.raises(ConfigError, match=r"override 'train\.lr=!!python"):
+        load_config(good, [f"train.lr=!!python/object/apply:builtins.open [{marker}, w]"])
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"towers": {"labs": {"type": "os.system"}}}, "unknown tower type 'os.system'"),
+        (
+            {
+                "towers": {"labs": {"type": "tabular", "in_features": 2}},
+                "objective": {"name": "builtins.eval"},
+            },
+            "objective.name",
+        ),
+        ({"towers": {"image": {"type": "image", "model": "os:system"}}}, "model.towers.image"),
+    ],
+)
+def test_config_cannot_name_python_objects(section: dict, message: str) -> None:
+    with pytest.raises((ConfigError, ValueError), match=message):
+        AlignmentModel.from_config({"dim": 4, **section})
+
+
+UNSAFE_MODULES = {"pickle", "dill", "cloudpickle", "marshal", "shelve"}
+
+
+def _imported(tree: ast.AST) -> set[str]:
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def _calls(tree: ast.AST) -> list[tuple[str, ast.Call]]:
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            found.append((ast.unparse(node.func), node))
+    return found
+
+
+def test_no_code_path_unpickles_or_imports_by_name() -> None:
+    """A static guard over the package: every torch.load passes weights_only=True; no pickle,
+    no yaml.load / unsafe_load, no allow_pickle=True, no trust_remote_code=True, no
+    eval/exec; modules are imported by name only from fixed tables (the lazy public API and
+    the ``prep`` tools)."""
+    problems = []
+    for path in sorted((REPO / "mmalign").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        where = path.relative_to(REPO)
+        problems += [f"{where}: imports {module}" for module in _imported(tree) & UNSAFE_MODULES]
+        for name, call in _calls(tree):
+            keywords = {k.arg: ast.unparse(k.value) for k in call.keywords}
+            if name == "torch.load" and keywords.get("weights_only") != "True":
+                problems.append(f"{where}:{call.lineno}: torch.load without weights_only=True")
+            if name in (
+                "yaml.load",
+                "yaml.unsafe_load",
+                "eval",
+                "exec",
+                "__import__",
+                "pickle.load",
+                "pickle.loads",
+                "pydoc.locate",
+            ):
+                problems.append(f"{where}:{call.lineno}: {name}")
+            if (
+                keywords.get("allow_pickle") == "True"
+                or keywords.get("trust_remote_code") == "True"
+            ):
+                problems.append(f"{where}:{call.lineno}: {ast.unparse(call)}")
+            if name.endswith("import_module") and str(where) not in (
+                "mmalign/__init__.py",
+                "mmalign/cli.py",
+            ):
+                problems.append(f"{where}:{call.lineno}: imports a module by name")
+    assert not problems, problems
