@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: test lint format install
+.PHONY: test lint format install demo
 
 install: $(INSTALLED)
 
@@ -18,6 +18,10 @@ $(INSTALLED): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(INSTALLED)
+
+# The main job: demo data, three trainings, evaluation, index + search, runs/demo/REPORT.md.
+demo: $(INSTALLED)
+	$(BIN)/mmalign demo
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check .
