@@ -17,9 +17,15 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 from collections.abc import Callable
 
 from mmalign.config import ConfigError
+
+# A dependency scripts a module at import time; torch 2.14 warns about it on every command.
+warnings.filterwarnings(
+    "ignore", message="`torch.jit.script` is deprecated", category=FutureWarning
+)
 
 PREP_TOOLS = {
     "make-demo": "data_prep.make_demo",
