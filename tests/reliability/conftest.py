@@ -258,3 +258,26 @@ def plant_raw_pickle(path: Path, marker: Path) -> Path:
 def shards(tmp_path: Path) -> str:
     """Three shards of 48 good records under ``tmp_path/shards``."""
     return write_shards(tmp_path / "shards")
+
+
+EXPORT_CHUNK = 8
+"""Rows per export chunk in the fault tests (48 records -> 6 chunks)."""
+
+
+def export_arguments(run: Path, shards: str, out: Path, chunk: int = EXPORT_CHUNK) -> list[str]:
+    """The ``mmalign export`` command line the export fault tests kill and restart."""
+    return [
+        "export",
+        str(run),
+        "--data",
+        shards,
+        "--out",
+        str(out),
+        "--chunk-size",
+        str(chunk),
+        "--dtype",
+        "float32",
+        "--metadata",
+        "cls",
+        "--no-progress",
+    ]

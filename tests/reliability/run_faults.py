@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import (
     INJECT,
     REPO,
+    export_arguments,
     final_weights,
     subprocess_env,
     tiny_config,
@@ -247,21 +248,7 @@ def export_campaign(root: Path, shards: str, repeats: int, seed: int) -> dict[st
         rng = random.Random(f"{seed}-{name}")
         for repeat in range(repeats):
             out = root / f"export-{number}-{repeat}"
-            arguments = [
-                "export",
-                str(model_run),
-                "--data",
-                shards,
-                "--out",
-                str(out),
-                "--chunk-size",
-                str(CHUNK),
-                "--dtype",
-                "float32",
-                "--metadata",
-                "cls",
-                "--no-progress",
-            ]
+            arguments = export_arguments(model_run, shards, out, CHUNK)
             spec = template.format(call=rng.randint(1, calls))
             status = run_with_fault(arguments, spec, out, rng, 0.0)
             tally.injected += 1

@@ -7,30 +7,12 @@ import signal
 from pathlib import Path
 
 import pytest
-from conftest import fork_mmalign, tiny_config
+from conftest import EXPORT_CHUNK, export_arguments, fork_mmalign, tiny_config
 
 from mmalign.export import ExportError, load_embeddings, read_manifest, run_export
 from mmalign.train import train
 
-CHUNK = 8  # 48 records -> 6 chunks
-
-
-def export_arguments(run: Path, shards: str, out: Path) -> list[str]:
-    return [
-        "export",
-        str(run),
-        "--data",
-        shards,
-        "--out",
-        str(out),
-        "--chunk-size",
-        str(CHUNK),
-        "--dtype",
-        "float32",
-        "--metadata",
-        "cls",
-        "--no-progress",
-    ]
+CHUNK = EXPORT_CHUNK
 
 
 def export_files(out: Path) -> dict[str, bytes]:
