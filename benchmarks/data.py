@@ -162,7 +162,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         shards = args.shards
         if shards is None:
-            from data_prep.make_demo import make_demo
+            from mmalign.demo.data import make_demo
 
             make_demo(Path(scratch), variants=1)
             shards = str(Path(scratch) / "digits" / "train-{000000..000007}.tar")

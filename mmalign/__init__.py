@@ -22,13 +22,13 @@ _EXPORTS = {
     "Tower": "mmalign.towers",
     "register_tower": "mmalign.towers",
     "make_loader": "mmalign.data",
-    "train": "mmalign.train",
+    "train": "mmalign.training",
     "ZeroShotClassifier": "mmalign.eval",
     "retrieval_metrics": "mmalign.eval",
     "embedding_diagnostics": "mmalign.eval",
-    "export_embeddings": "mmalign.export",
-    "build_index": "mmalign.export",
-    "search": "mmalign.export",
+    "export_embeddings": "mmalign.export.writer",
+    "build_index": "mmalign.export.writer",
+    "search": "mmalign.export.writer",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -16,37 +16,109 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from mmalign.errors import ConfigError, config_error
+from mmalign.registry import OBJECTIVES
 
-class ConfigError(ValueError):
-    """A configuration is invalid; the message names the field and the fix."""
+__all__ = ["Config", "ConfigError", "ObjectiveConfig", "load_config"]
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class ObjectiveConfig(_Section):
-    """The contrastive objective (see ``mmalign.objectives``)."""
+def field_error(title: str, field: str, message: str, value: Any = None) -> ValidationError:
+    """A pydantic ``ValidationError`` of one field; raised inside a validator, pydantic puts
+    it under the enclosing field's location (``model.objective.<field>``)."""
+    error = PydanticCustomError("invalid_value", message)  # type: ignore[arg-type]
+    return ValidationError.from_exception_data(
+        title, [InitErrorDetails(type=error, loc=(field,), input=value)]
+    )
 
-    name: Literal["clip", "anchored", "sigmoid", "symile"] = "clip"
-    pairs: list[tuple[str, str]] | None = None
-    """Pairs of modalities for the pairwise objectives; ``None`` means every pair."""
+
+class ObjectiveConfig(_Section):
+    """Base of every objective's own config; ``name`` picks the objective.
+
+    Each objective (``mmalign.objectives``) subclasses this with its own fields and sets it
+    as its ``config_class``. When the config is loaded, :meth:`check_modalities` checks the
+    fields that name modalities against the model's towers.
+    """
+
+    name: str = "clip"
+    """A registered objective: ``clip``, ``anchored``, ``sigmoid``, ``symile`` or your own."""
     weights: dict[str, float] | None = None
-    """Weight per pair, keyed ``"a-b"`` (pairwise) or per anchor modality (symile)."""
-    anchor: str | None = None
-    """Anchor modality for ``anchored``."""
-    negatives: Literal["n", "n2"] = "n"
-    """Symile negatives: ``n`` (shuffled rows, O(N)) or ``n2`` (all B^(M-1) combinations)."""
-    block_size: int = Field(default=16384, ge=1)
-    """Symile ``n2``: rows of the B^(M-1) candidate set processed per block."""
+    """Weight per term, keyed ``"a-b"`` (pairwise terms) or by anchor modality (symile)."""
     gather_with_grad: bool = True
     """All-gather embeddings across processes with gradient (exact large-batch semantics)."""
+
+    def term_names(self, modalities: Sequence[str]) -> list[str]:
+        """Names of the loss terms for these modalities (the keys of ``weights``)."""
+        raise NotImplementedError
+
+    def check_modalities(self, modalities: Sequence[str]) -> None:
+        """Raise ``field_error`` for a field that does not fit the model's ``modalities``."""
+        names = self.term_names(modalities)
+        unknown = sorted(set(self.weights or {}) - set(names))
+        if unknown:
+            raise field_error(
+                type(self).__name__,
+                "weights",
+                f"keys {unknown} name no term of '{self.name}' for modalities "
+                f"{list(modalities)}; use keys from {names}",
+                self.weights,
+            )
+        negative = sorted(key for key, weight in (self.weights or {}).items() if weight < 0)
+        if negative:
+            raise field_error(
+                type(self).__name__, "weights", f"{negative} are negative; use >= 0", self.weights
+            )
+
+    @model_validator(mode="after")
+    def _fits_the_towers(self, info: ValidationInfo) -> ObjectiveConfig:
+        modalities = (info.context or {}).get("modalities")
+        if modalities is not None:
+            self.check_modalities(modalities)
+        return self
+
+
+def objective_config(value: Any, modalities: Sequence[str] | None = None) -> ObjectiveConfig:
+    """Validate an objective section with the config class of the objective it names.
+
+    Example:
+        >>> objective_config({"name": "symile", "negatives": "n2"}).negatives
+        'n2'
+    """
+    if isinstance(value, ObjectiveConfig):
+        value = value.model_dump()
+    if not isinstance(value, dict):
+        raise field_error("objective", "name", "must be a mapping with a 'name:'", value)
+    name = value.get("name", "clip")
+    if not isinstance(name, str) or name not in OBJECTIVES:
+        raise field_error(
+            "objective",
+            "name",
+            f"unknown objective {name!r}; registered: {', '.join(OBJECTIVES.names())}",
+            name,
+        )
+    config_class = OBJECTIVES.get(name).config_class
+    context = None if modalities is None else {"modalities": list(modalities)}
+    return config_class.model_validate({**value, "name": name}, context=context)
 
 
 class ModelConfig(_Section):
@@ -55,7 +127,10 @@ class ModelConfig(_Section):
     dim: int = Field(default=128, ge=1)
     towers: dict[str, dict[str, Any]]
     """Modality name -> tower config; ``type`` picks the tower, the rest is the tower's own."""
-    objective: ObjectiveConfig = ObjectiveConfig()
+    objective: SerializeAsAny[ObjectiveConfig] = Field(
+        default_factory=lambda: {"name": "clip"}, validate_default=True
+    )
+    """The objective: ``name`` picks it, the other keys are its own (``mmalign.objectives``)."""
     projection: Literal["linear", "mlp", "none"] = "linear"
     logit_scale_init: float = math.log(1 / 0.07)
     logit_scale_max: float = math.log(100.0)
@@ -75,6 +150,11 @@ class ModelConfig(_Section):
                     f"tower '{name}' needs a 'type:' (image, text, audio, graph, tabular)"
                 )
         return towers
+
+    @field_validator("objective", mode="before")
+    @classmethod
+    def _objective_by_name(cls, value: Any, info: ValidationInfo) -> ObjectiveConfig:
+        return objective_config(value, list(info.data.get("towers") or {}) or None)
 
 
 class DataConfig(_Section):
@@ -188,17 +268,6 @@ class Config(_Section):
         return json.loads(self.model_dump_json())
 
 
-def _format_errors(error: ValidationError, source: str) -> str:
-    lines = [f"invalid config ({source}):"]
-    for item in error.errors():
-        field = ".".join(str(part) for part in item["loc"]) or "<root>"
-        message = item["msg"]
-        if item["type"] == "extra_forbidden":
-            message = "unknown key; check the spelling against the documented fields"
-        lines.append(f"  {field}: {message}")
-    return "\n".join(lines)
-
-
 def _parse_value(text: str) -> Any:
     return yaml.safe_load(text) if text != "" else ""
 
@@ -259,4 +328,4 @@ def load_config(
     try:
         return Config.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(_format_errors(error, name)) from None
+        raise config_error(error, "", f"config ({name})") from None

@@ -25,7 +25,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from mmalign.batch import Batch
 from mmalign.config import Config, ConfigError, ModelConfig, load_config
+from mmalign.errors import config_error
 from mmalign.objectives import LossOutput, build_objective
 from mmalign.towers import Tower, build_tower
 
@@ -54,11 +56,7 @@ def _model_config(source: str | Path | Mapping[str, Any] | Config | ModelConfig)
         try:
             return ModelConfig.model_validate(dict(source))
         except ValidationError as error:
-            fields = "; ".join(
-                f"model.{'.'.join(str(part) for part in item['loc'])}: {item['msg']}"
-                for item in error.errors()
-            )
-            raise ConfigError(f"invalid model config: {fields}") from None
+            raise config_error(error, "model", "model config") from None
     if isinstance(source, Mapping):
         source = dict(source)
     return load_config(source).model
@@ -101,12 +99,12 @@ class AlignmentModel(nn.Module):
             torch.tensor(float(config.logit_scale_init)),
             requires_grad=config.learn_logit_scale,
         )
+        self.objective = build_objective(config.objective)
         self.logit_bias = (
             nn.Parameter(torch.tensor(float(config.logit_bias_init)))
-            if config.objective.name == "sigmoid"
+            if self.objective.learns_bias
             else None
         )
-        self.objective = build_objective(config.objective)
         self._freeze(config.freeze)
         self.train()  # one mode everywhere (Hugging Face loads its models in eval mode)
 
@@ -167,15 +165,20 @@ class AlignmentModel(nn.Module):
         return F.normalize(self.projections[modality](features), dim=-1)
 
     def forward(
-        self, inputs: Mapping[str, Any], present: torch.Tensor | None = None
+        self, inputs: Mapping[str, Any] | Batch, present: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
-        """Embed each modality in ``inputs`` (already collated).
+        """Embed each modality in ``inputs`` (already collated), or every modality of a
+        :class:`~mmalign.batch.Batch` (on the model's device).
 
         Without ``present`` every ``inputs[m]`` holds the whole batch. With ``present``
-        (bool ``[B, M]``, columns in ``inputs``' key order, as the data loader yields them)
-        ``inputs[m]`` holds only the rows where ``present[:, j]`` is true (``None`` when no
-        row has it); the result has ``B`` rows per modality, zero where absent.
+        (bool ``[B, M]``, columns in ``inputs``' key order) ``inputs[m]`` holds only the rows
+        where ``present[:, j]`` is true (``None`` when no row has it); the result has ``B``
+        rows per modality, zero where absent.
         """
+        if isinstance(inputs, Batch):
+            if present is not None:
+                raise ValueError("a Batch carries its own present mask; do not pass `present`")
+            inputs, present = inputs.inputs, inputs.present_for(list(inputs.inputs))
         for modality in inputs:
             self._tower(modality)
         if present is None:
@@ -260,10 +263,14 @@ class AlignmentModel(nn.Module):
     def loss(
         self,
         embeddings: Mapping[str, torch.Tensor],
-        present: torch.Tensor | None = None,
+        present: torch.Tensor | Batch | None = None,
         generator: torch.Generator | None = None,
     ) -> LossOutput:
-        """The configured objective on ``embeddings`` (``present`` columns follow its keys)."""
+        """The configured objective on ``embeddings``; ``present`` is a bool ``[B, M]`` whose
+        columns follow ``embeddings``' keys, or the :class:`~mmalign.batch.Batch` they came
+        from (its mask is taken by modality name)."""
+        if isinstance(present, Batch):
+            present = present.present_for(list(embeddings))
         return self.objective(
             dict(embeddings),
             self.logit_scale_value(),

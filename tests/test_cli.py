@@ -9,8 +9,8 @@ import pytest
 import yaml
 from test_train_support import tiny_config, write_shards
 
-import data_prep.make_demo
-from mmalign.cli import main
+import mmalign.demo.data
+from mmalign.cli.main import main
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_prep_forwards_arguments_to_the_tool(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = []
-    monkeypatch.setattr(data_prep.make_demo, "make_demo", lambda out, **kw: calls.append((out, kw)))
+    monkeypatch.setattr(mmalign.demo.data, "make_demo", lambda out, **kw: calls.append((out, kw)))
     assert main(["prep", "make-demo", "--out", str(tmp_path), "--limit", "10"]) == 0
     assert calls == [(tmp_path, {"seed": 0, "variants": 4, "limit": 10, "force": False})]
     with pytest.raises(SystemExit) as exited:

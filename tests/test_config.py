@@ -10,8 +10,8 @@ from test_train_support import tiny_config, write_shards
 
 from mmalign.config import ConfigError, load_config
 from mmalign.model import AlignmentModel
-from mmalign.train import train
-from mmalign.train.checks import check_run_config, total_steps
+from mmalign.training import train
+from mmalign.training.checks import check_run_config, total_steps
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,8 @@ def test_epochs_set_the_number_of_steps(tmp_path: Path, pattern: str) -> None:
     assert total_steps(config) == 19
 
 
-CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+ROOT = Path(__file__).parents[1]
+CONFIGS = sorted([*(ROOT / "configs").glob("*.yaml"), *(ROOT / "mmalign/demo/configs").glob("*.yaml")])
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[path.stem for path in CONFIGS])

@@ -16,8 +16,9 @@ from scipy.stats import chi2_contingency
 from sklearn.datasets import load_digits
 from test_data_loader import EchoTower
 
-from data_prep import from_manifest, make_demo, train_tokenizer
-from data_prep.digits import DIGIT_WORDS, TEMPLATES, dtmf_clip
+from mmalign.demo import data as make_demo
+from mmalign.prep import from_manifest, train_tokenizer
+from mmalign.demo.digits import DIGIT_WORDS, TEMPLATES, dtmf_clip
 from mmalign.data import iterate_records, make_loader
 from mmalign.towers import build_tower
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmalign.demo import (
+from mmalign.demo.pipeline import (
     PRETRAINED_TOWERS,
     QUICK_OVERRIDES,
     reference_images,

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import webdataset as wds
 
 from mmalign.eval import ZeroShotClassifier, nway_retrieval_metrics, run_eval, run_zeroshot
-from mmalign.eval.zeroshot import zeroshot_scores
+from mmalign.objectives import build_objective
 from mmalign.model import AlignmentModel
 
 TEXT = {"type": "text", "width": 16, "heads": 2, "layers": 1, "context_length": 16}
@@ -50,8 +50,8 @@ def test_mip_and_pairwise_rules_give_different_answers():
     # product = [0.36, -0.64] picks class 1 (MIP); sum = [1.2, 0] picks class 0 (pairwise)
     queries = {"a": torch.tensor([[0.6, 0.8]]), "b": torch.tensor([[0.6, -0.8]])}
     classes = torch.tensor([[1.0, 0.0], [0.0, -1.0]])
-    symile = zeroshot_scores(queries, classes, symile=True)
-    pairwise = zeroshot_scores(queries, classes, symile=False)
+    symile = build_objective({"name": "symile"}).score(queries, classes)
+    pairwise = build_objective({"name": "clip"}).score(queries, classes)
     torch.testing.assert_close(symile, torch.tensor([[0.36, 0.64]]))
     torch.testing.assert_close(pairwise, torch.tensor([[1.2, 0.0]]))
     assert symile.argmax().item() == 1 and pairwise.argmax().item() == 0

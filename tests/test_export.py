@@ -18,13 +18,13 @@ import torch
 from test_eval_zeroshot import TEXT, tabular, tiny_model, vectors, write_shards
 
 import mmalign.export as export
-from mmalign.eval.commands import (
+from mmalign.cli.commands import (
     add_export_arguments,
     add_search_arguments,
     export_command,
     search_command,
 )
-from mmalign.export import (
+from mmalign.export.writer import (
     ExportError,
     build_index,
     export_embeddings,
@@ -169,7 +169,7 @@ def test_interrupted_export_resumes_to_identical_files(
 KILL_SCRIPT = """
 import sys, time
 from mmalign.eval.loading import load_model
-from mmalign.export import export_embeddings
+from mmalign.export.writer import export_embeddings
 model = load_model(sys.argv[1])
 model.register_forward_hook(lambda *args: time.sleep(0.15))
 export_embeddings(sys.argv[1], sys.argv[2:4], ["x", "y", "text"], sys.argv[4], batch_size=4,

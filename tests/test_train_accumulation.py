@@ -7,7 +7,7 @@ import torch
 from accelerate import Accelerator
 
 from mmalign.model import AlignmentModel
-from mmalign.train.accumulation import ContrastiveStep, accumulated_step
+from mmalign.training.accumulation import ContrastiveStep, accumulated_step
 
 MODALITIES = ("a", "b", "c")
 

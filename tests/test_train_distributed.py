@@ -17,7 +17,7 @@ from accelerate.utils import set_seed
 from test_train_support import model_weights, tiny_config, write_shards
 
 from mmalign.model import AlignmentModel
-from mmalign.train import train
+from mmalign.training import train
 
 
 def _free_port() -> int:

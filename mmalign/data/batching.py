@@ -10,7 +10,7 @@ Example:
     >>> spec = RecordSpec({"labs": build_tower({"type": "tabular", "in_features": 2})},
     ...     fields={"labs": ("npy",)})
     >>> item = spec.towers["labs"].preprocess([1.0, 2.0])
-    >>> collate_samples([Sample("key0", {"labs": item})], spec)["present"]
+    >>> collate_samples([Sample("key0", {"labs": item})], spec).present
     tensor([[True]])
 """
 
@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mmalign.batch import Batch
 from mmalign.data.decode import RecordError, decode_fields, decode_value, find_file
 from mmalign.data.records import log_skip
 
@@ -125,8 +126,8 @@ def take_samples(entries: Iterable[Sample | Rejected], count: int | None) -> Ite
                 return
 
 
-def collate_samples(samples: list[Sample], spec: RecordSpec) -> dict[str, Any]:
-    """A list of samples to a batch dict with ``present[B, M]`` (M in tower order)."""
+def collate_samples(samples: list[Sample], spec: RecordSpec) -> Batch:
+    """A list of samples to a :class:`~mmalign.batch.Batch` (modalities in tower order)."""
     modalities = spec.modalities
     present = torch.tensor(
         [[modality in sample.items for modality in modalities] for sample in samples],
@@ -136,21 +137,17 @@ def collate_samples(samples: list[Sample], spec: RecordSpec) -> dict[str, Any]:
     for modality in modalities:
         rows = [sample.items[modality] for sample in samples if modality in sample.items]
         inputs[modality] = spec.towers[modality].collate(rows) if rows else None
-    batch = {
-        "keys": [sample.key for sample in samples],
-        "modalities": modalities,
-        "inputs": inputs,
-        "present": present,
-        "metadata": {name: [item.metadata.get(name) for item in samples] for name in spec.metadata},
-    }
+    labels = None
     if spec.label is not None:
-        batch["labels"] = torch.tensor([sample.label for sample in samples], dtype=torch.long)
-    return batch
-
-
-def empty_batch(spec: RecordSpec) -> dict[str, Any]:
-    """A batch with no rows (carries only counters)."""
-    return {"keys": [], "modalities": spec.modalities, "inputs": {}, "present": None}
+        labels = torch.tensor([sample.label for sample in samples], dtype=torch.long)
+    return Batch(
+        keys=[sample.key for sample in samples],
+        modalities=modalities,
+        inputs=inputs,
+        present=present,
+        labels=labels,
+        metadata={name: [item.metadata.get(name) for item in samples] for name in spec.metadata},
+    )
 
 
 def batches(
@@ -158,7 +155,7 @@ def batches(
     spec: RecordSpec,
     batch_size: int,
     drop_last: bool = False,
-) -> Iterator[dict[str, Any]]:
+) -> Iterator[Batch]:
     """Group samples into collated batches that carry their counter deltas."""
     pending: list[Sample] = []
     counts: Counter[str] = Counter()
@@ -170,11 +167,15 @@ def batches(
         pending.append(entry)
         if len(pending) == batch_size:
             counts["used"] += len(pending)
-            yield {**collate_samples(pending, spec), "counters": dict(counts)}
+            batch = collate_samples(pending, spec)
+            batch.counters = dict(counts)
+            yield batch
             pending, counts = [], Counter()
     if pending and not drop_last:
         counts["used"] += len(pending)
-        yield {**collate_samples(pending, spec), "counters": dict(counts)}
+        batch = collate_samples(pending, spec)
+        batch.counters = dict(counts)
+        yield batch
     elif counts or pending:
         counts["dropped/last_batch"] += len(pending)
-        yield {**empty_batch(spec), "counters": dict(+counts)}
+        yield Batch.empty(spec.modalities, dict(+counts))

@@ -8,7 +8,7 @@ Example:
     >>> loader = make_loader("data/digits/train-{000000..000007}.tar", towers,
     ...     {"image": "png", "text": "txt"}, batch_size=64, workers=2)  # doctest: +SKIP
     >>> batch = next(iter(loader))  # doctest: +SKIP
-    >>> batch["present"].shape, loader.counters["seen"]  # doctest: +SKIP
+    >>> batch.present.shape, loader.counters["seen"]  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -20,12 +20,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from mmalign.batch import Batch
 from mmalign.config import ConfigError, DataConfig
 from mmalign.data.batching import RecordSpec, batches, take_samples, to_sample
 from mmalign.data.decode import parse_alternatives
 from mmalign.data.records import raw_records
 from mmalign.data.shards import expand_shards
-from mmalign.data.splitting import Split, current_split, resolve_world
+from mmalign.data.splitting import Split, current_split
+from mmalign.dist import resolve_world
 
 if TYPE_CHECKING:
     from mmalign.towers.base import Tower
@@ -38,7 +40,7 @@ def _share(total: int | None, split: Split) -> int | None:
     return total // split.num_workers + (split.worker < total % split.num_workers)
 
 
-class BatchStream(IterableDataset):
+class ShardBatches(IterableDataset):
     """The batches of one rank for one epoch.
 
     :class:`Loader` sets ``epoch`` and ``world`` (rank and world size: the given ones, else
@@ -73,7 +75,7 @@ class BatchStream(IterableDataset):
         self.epoch = 0
         self.world = resolve_world(rank, world_size)
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[Batch]:
         split = current_split(*self.world)
         if torch.utils.data.get_worker_info() is not None:  # a worker owns its tower copies
             for tower in self.spec.towers.values():
@@ -91,26 +93,25 @@ class BatchStream(IterableDataset):
         return batches(entries, self.spec, self.batch_size, self.drop_last)
 
 
-def _keep(batch: dict[str, Any]) -> dict[str, Any]:
+def _keep(batch: Batch) -> Batch:
     return batch
 
 
 class Loader:
     """Iterate for one epoch of batches; ``counters`` add up what every worker reported.
 
-    A batch is ``{"keys", "modalities", "inputs": {m: collated rows or None}, "present":
-    BoolTensor[B, M], "metadata": {name: list}}`` plus ``"labels"`` when a label field is set.
+    Yields :class:`~mmalign.batch.Batch` objects (``labels`` set when a label field is).
     Each ``iter()`` is one epoch with its own shuffle seed; resampled streams without
     ``epoch_samples`` never end.
 
     Example:
         >>> for batch in loader:  # doctest: +SKIP
-        ...     model(batch["inputs"], present=batch["present"])
+        ...     model(batch.inputs, present=batch.present)
         >>> loader.counters  # doctest: +SKIP
         {'seen': 5032, 'used': 5030, 'skipped/bad_image': 2}
     """
 
-    def __init__(self, stream: BatchStream, workers: int = 0) -> None:
+    def __init__(self, stream: ShardBatches, workers: int = 0) -> None:
         self.stream = stream
         self.workers = workers
         self.epoch = 0
@@ -133,21 +134,22 @@ class Loader:
         self.epoch = int(state["epoch"])
         self._counters = Counter(state.get("counters", {}))
 
-    def _source(self) -> Iterator[dict[str, Any]]:
+    def _source(self) -> Iterator[Batch]:
         if self.workers == 0:
             return iter(self.stream)
         return iter(
             DataLoader(self.stream, batch_size=None, num_workers=self.workers, collate_fn=_keep)
         )
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[Batch]:
         self.stream.epoch = self.epoch
         self.stream.world = resolve_world(self.stream.rank, self.stream.world_size)
         self.epoch += 1
         yielded = 0
         for batch in self._source():
-            self._counters.update(batch.pop("counters"))
-            if batch["keys"]:
+            self._counters.update(batch.counters)
+            batch.counters = {}
+            if batch.keys:
                 yielded += 1
                 yield batch
         if yielded == 0:
@@ -208,7 +210,7 @@ def make_loader(
         metadata={name: parse_alternatives(name) for name in metadata_fields},
         augment=augment,
     )
-    stream = BatchStream(
+    stream = ShardBatches(
         expand_shards(shards, field),
         spec,
         batch_size,

@@ -29,7 +29,8 @@ from webdataset.utils import make_seed
 
 from mmalign.data.decode import RecordError, decode_fields, parse_fields
 from mmalign.data.shards import expand_shards
-from mmalign.data.splitting import Split, plan_split, resolve_world
+from mmalign.data.splitting import Split, plan_split
+from mmalign.dist import resolve_world
 
 logger = logging.getLogger("mmalign.data")
 _logged: set[tuple[str, str, str]] = set()

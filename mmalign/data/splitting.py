@@ -48,19 +48,6 @@ class SplitPlan:
     offset: int
 
 
-def resolve_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    """Explicit rank/world size, else torch.distributed's when initialized, else (0, 1)."""
-    if rank is None or world_size is None:
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        default_rank = torch.distributed.get_rank() if distributed else 0
-        default_world = torch.distributed.get_world_size() if distributed else 1
-        rank = default_rank if rank is None else rank
-        world_size = default_world if world_size is None else world_size
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in 0..world_size-1 (world_size={world_size})")
-    return rank, world_size
-
-
 def current_split(rank: int, world_size: int) -> Split:
     """The split of the calling process: the given rank and this DataLoader worker."""
     info = torch.utils.data.get_worker_info()

@@ -20,6 +20,8 @@ import torch
 import yaml
 from torch import Tensor, nn
 
+from mmalign.batch import Batch
+
 DEFAULT_EXTENSIONS = {
     "image": "png;jpg;jpeg;webp",
     "text": "txt",
@@ -126,22 +128,15 @@ class EmbeddedBatch:
 
 
 @torch.no_grad()
-def embed_batch(model: Any, batch: Mapping[str, Any], modalities: Sequence[str]) -> EmbeddedBatch:
-    """Embeddings of one loader batch (``make_loader`` format) for ``modalities``."""
-    present = batch["present"].bool().cpu()
-    inputs = {
-        name: None if value is None else model.towers[name].move_to(value, model.device)
-        for name, value in batch["inputs"].items()
-    }
-    outputs = model(inputs, present=present.to(model.device))
-    columns = {name: j for j, name in enumerate(batch["modalities"])}
-    labels = batch.get("labels")
+def embed_batch(model: Any, batch: Batch, modalities: Sequence[str]) -> EmbeddedBatch:
+    """Embeddings of one loader :class:`~mmalign.batch.Batch` for ``modalities``."""
+    outputs = model(batch.to(model.device))
     return EmbeddedBatch(
-        keys=list(batch["keys"]),
+        keys=list(batch.keys),
         embeddings={name: outputs[name].detach().float().cpu() for name in modalities},
-        present={name: present[:, columns[name]] for name in modalities},
-        labels=labels.cpu() if labels is not None else None,
-        metadata=dict(batch.get("metadata") or {}),
+        present={name: batch.present_of(name).cpu() for name in modalities},
+        labels=batch.labels.cpu() if batch.labels is not None else None,
+        metadata=dict(batch.metadata),
     )
 
 
@@ -212,7 +207,7 @@ class EmbeddingStream:
         self.model.eval()
         position = 0
         for batch in self.loader:
-            size = len(batch["keys"])
+            size = len(batch)
             start, position = position, position + size
             if position <= self.skip_rows:
                 continue

@@ -38,7 +38,6 @@ from mmalign.eval.retrieval import nway_retrieval_metrics, recall_curve, retriev
 from mmalign.eval.zeroshot import (
     ZeroShotClassifier,
     evaluate_zeroshot,
-    is_symile_model,
     load_classes,
 )
 
@@ -247,7 +246,7 @@ def run_eval(
     )
     pairs = list(retrieval_pairs or itertools.combinations(modalities, 2))
     metrics, curves = retrieval_report(collected, pairs, ks)
-    if is_symile_model(model):
+    if model.objective.scores_jointly:
         metrics.update(nway_report(collected, ks))
     metrics.update(embedding_diagnostics(collected.embeddings, present=collected.present))
     zeroshot: dict[str, dict[str, Any]] = {}

@@ -2,7 +2,8 @@
 
 Each class gets one embedding: the candidates of the class (prompt templates filled with the
 class name, or raw samples) are encoded, averaged and renormalized, as CLIP does. A query is
-one or more modalities of one sample; its score for class c follows the model's objective:
+one or more modalities of one sample; its score for class c is the model objective's
+:meth:`~mmalign.objectives.Objective.score`:
 
 - Symile models: the multilinear inner product (MIP) of the class embedding with the
   elementwise product of the query embeddings, ``sum_d c_d * prod_m q_{m,d}``.
@@ -34,52 +35,6 @@ from torch import Tensor
 
 from mmalign.eval.classification import classification_metrics, confusion_matrix
 from mmalign.eval.loading import CollectedEmbeddings, collect_embeddings, load_model
-
-
-def is_symile_model(model: Any) -> bool:
-    """Whether the model was trained with the Symile objective (MIP scoring)."""
-    return model.config.objective.name == "symile"
-
-
-def zeroshot_scores(
-    query_embeddings: Mapping[str, Tensor],
-    class_embeddings: Tensor,
-    symile: bool,
-    present: Mapping[str, Tensor] | None = None,
-) -> Tensor:
-    """Scores ``[N, C]`` of queries (modality -> ``[N, d]``) against class embeddings ``[C, d]``.
-
-    ``present`` maps modality -> ``BoolTensor[N]`` (default: all present); rows of absent
-    entries are ignored whatever they hold.
-
-    Example:
-        >>> q = {"a": torch.tensor([[1.0, -1.0]]), "b": torch.tensor([[1.0, -1.0]])}
-        >>> zeroshot_scores(q, torch.tensor([[1.0, 0.0], [0.0, 1.0]]), symile=True).tolist()
-        [[1.0, 1.0]]
-        >>> zeroshot_scores(q, torch.tensor([[1.0, 0.0], [0.0, 1.0]]), symile=False).tolist()
-        [[2.0, -2.0]]
-    """
-    if not query_embeddings:
-        raise ValueError("zero-shot scoring needs at least one query modality")
-    classes = class_embeddings.detach().float().cpu()
-    rows = next(iter(query_embeddings.values())).shape[0]
-    any_present = torch.zeros(rows, dtype=torch.bool)
-    combined = torch.ones(rows, classes.shape[1]) if symile else torch.zeros(rows, classes.shape[1])
-    for name, embedding in query_embeddings.items():
-        embedding = embedding.detach().float().cpu()
-        mask = torch.ones(rows, dtype=torch.bool) if present is None else present[name].cpu()
-        any_present |= mask
-        if symile:
-            combined = combined * torch.where(mask[:, None], embedding, 1.0)
-        else:
-            combined = combined + torch.where(mask[:, None], embedding, 0.0)
-    if not any_present.all():
-        row = int((~any_present).nonzero()[0])
-        raise ValueError(
-            f"query row {row} has no modality (every entry is None); give at least one of "
-            f"{sorted(query_embeddings)} for each query"
-        )
-    return combined @ classes.T
 
 
 def _candidate_samples(candidate: Any, index: int) -> list[Any]:
@@ -196,11 +151,6 @@ class ZeroShotClassifier:
         return cls(model, prompts, text_modality, classnames=classnames, batch_size=batch_size)
 
     @property
-    def symile(self) -> bool:
-        """Whether scores use the Symile MIP rule (else the pairwise sum)."""
-        return is_symile_model(self.model)
-
-    @property
     def logit_scale(self) -> float:
         """The model's temperature multiplier (exp of its log scale, clamped as in training)."""
         return float(self.model.logit_scale_value().detach())
@@ -209,7 +159,7 @@ class ZeroShotClassifier:
         self, embeddings: Mapping[str, Tensor], present: Mapping[str, Tensor] | None = None
     ) -> Tensor:
         """Scores ``[N, C]`` for already-encoded queries (modality -> ``[N, d]``)."""
-        return zeroshot_scores(embeddings, self.class_embeddings, self.symile, present)
+        return self.model.objective.score(embeddings, self.class_embeddings, present)
 
     def scores(self, queries: Mapping[str, Sequence[Any]]) -> Tensor:
         """Scores ``[N, C]`` of raw queries (modality -> list of samples, ``None`` = absent)."""

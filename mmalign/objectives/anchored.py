@@ -15,19 +15,38 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from mmalign.objectives.base import CONFIG_FIELD, register_objective
+from mmalign.config import ObjectiveConfig, field_error
+from mmalign.objectives.base import pair_name, register_objective
 from mmalign.objectives.clip import ClipObjective
+
+
+class AnchoredConfig(ObjectiveConfig):
+    """``anchored``: every other modality is paired with ``anchor``."""
+
+    anchor: str
+    """The modality every other one is aligned to (ImageBind's image)."""
+
+    def resolve_pairs(self, modalities: Sequence[str]) -> list[tuple[str, str]]:
+        """``(anchor, other)`` for every other modality."""
+        return [(self.anchor, other) for other in modalities if other != self.anchor]
+
+    def term_names(self, modalities: Sequence[str]) -> list[str]:
+        return [pair_name(pair) for pair in self.resolve_pairs(modalities)]
+
+    def check_modalities(self, modalities: Sequence[str]) -> None:
+        if self.anchor not in modalities or len(modalities) < 2:
+            raise field_error(
+                type(self).__name__,
+                "anchor",
+                f"{self.anchor!r} is not one of the modalities {list(modalities)}; the "
+                "'anchored' objective needs one of them (and at least two modalities)",
+                self.anchor,
+            )
+        super().check_modalities(modalities)
 
 
 @register_objective("anchored")
 class AnchoredObjective(ClipObjective):
     """Symmetric InfoNCE of the anchor modality with every other modality."""
 
-    def pairs(self, modalities: Sequence[str]) -> list[tuple[str, str]]:
-        anchor = self.config.anchor
-        if anchor not in modalities or len(modalities) < 2:
-            raise ValueError(
-                f"{CONFIG_FIELD}.anchor is {anchor!r}; the 'anchored' objective needs it set to "
-                f"one of the batch's modalities {list(modalities)} (and at least two modalities)"
-            )
-        return [(anchor, other) for other in modalities if other != anchor]
+    config_class = AnchoredConfig

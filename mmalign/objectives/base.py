@@ -27,15 +27,18 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from pydantic import ValidationError
 from torch import Tensor, nn
 
-from mmalign.config import ObjectiveConfig
+from mmalign.config import ObjectiveConfig, field_error, objective_config
+from mmalign.errors import config_error
 from mmalign.objectives.distributed import BatchView, all_reduce_mean
+from mmalign.registry import OBJECTIVES
 
 CONFIG_FIELD = "model.objective"
 
@@ -60,14 +63,42 @@ class TermLoss:
 class Objective(nn.Module):
     """Base class: gathers the batch, asks the subclass for its terms, averages them.
 
-    Subclasses set ``is_symile`` and implement :meth:`terms`.
+    Subclasses set ``config_class`` (their :class:`~mmalign.config.ObjectiveConfig`) and
+    implement :meth:`terms`; one whose similarity is not the pairwise sum (Symile's
+    multilinear product) overrides :meth:`score`.
     """
 
-    is_symile: bool = False
+    config_class: ClassVar[type[ObjectiveConfig]] = ObjectiveConfig
+    learns_bias: ClassVar[bool] = False
+    """Whether the model keeps a learned ``logit_bias`` for this objective (SigLIP)."""
+    scores_jointly: ClassVar[bool] = False
+    """Whether :meth:`score` combines the query modalities jointly (Symile's product), so
+    retrieval is reported N-way (each modality from all the others) instead of per pair."""
 
     def __init__(self, config: ObjectiveConfig) -> None:
         super().__init__()
         self.config = config
+
+    def score(
+        self,
+        query_embeddings: Mapping[str, Tensor],
+        candidate_embeddings: Tensor,
+        present: Mapping[str, Tensor] | None = None,
+    ) -> Tensor:
+        """Scores ``[N, C]`` of queries (modality -> ``[N, d]``, one or several modalities of
+        each query) against candidates ``[C, d]``: the similarity this objective trains.
+
+        Pairwise objectives sum the query modalities' dot products with the candidate (the
+        Symile paper's zero-shot rule for CLIP); ``present`` (modality -> ``BoolTensor[N]``)
+        drops absent entries. Zero-shot classification, validation and search call this.
+
+        Example:
+            >>> q = {"a": torch.tensor([[1.0, -1.0]]), "b": torch.tensor([[1.0, -1.0]])}
+            >>> build_objective({"name": "clip"}).score(q, torch.eye(2)).tolist()
+            [[2.0, -2.0]]
+        """
+        combined, _ = combine_queries(query_embeddings, present, identity=0.0)
+        return combined.sum(dim=0) @ candidate_embeddings.detach().float().cpu().T
 
     def terms(
         self,
@@ -80,7 +111,7 @@ class Objective(nn.Module):
 
     def term_names(self, modalities: Sequence[str]) -> list[str]:
         """Names of the terms this objective computes for these modalities (weights' keys)."""
-        raise NotImplementedError
+        return self.config.term_names(modalities)
 
     def forward(
         self,
@@ -99,18 +130,38 @@ class Objective(nn.Module):
         return _combine(terms, weights, batch, logit_scale, logit_bias)
 
     def _weights(self, modalities: list[str]) -> dict[str, float]:
-        names = self.term_names(modalities)
+        try:
+            self.config.check_modalities(modalities)
+        except ValidationError as error:
+            raise config_error(error, CONFIG_FIELD, "objective for this batch") from None
         given = self.config.weights or {}
-        unknown = sorted(set(given) - set(names))
-        if unknown:
-            raise ValueError(
-                f"{CONFIG_FIELD}.weights has keys {unknown} that name no term of "
-                f"'{self.config.name}' for modalities {modalities}; use keys from {names}"
-            )
-        negative = sorted(name for name, weight in given.items() if weight < 0)
-        if negative:
-            raise ValueError(f"{CONFIG_FIELD}.weights for {negative} are negative; use >= 0")
-        return {name: float(given.get(name, 1.0)) for name in names}
+        return {name: float(given.get(name, 1.0)) for name in self.term_names(modalities)}
+
+
+def combine_queries(
+    query_embeddings: Mapping[str, Tensor],
+    present: Mapping[str, Tensor] | None,
+    identity: float,
+) -> tuple[Tensor, Tensor]:
+    """Query embeddings stacked ``[Q, N, d]`` (CPU, float) with absent entries replaced by
+    ``identity``, and which rows have any modality; an empty query row is an error."""
+    if not query_embeddings:
+        raise ValueError("scoring needs at least one query modality")
+    stacked, masks = [], []
+    for name, embedding in query_embeddings.items():
+        embedding = embedding.detach().float().cpu()
+        rows = embedding.shape[0]
+        mask = torch.ones(rows, dtype=torch.bool) if present is None else present[name].cpu()
+        stacked.append(torch.where(mask[:, None], embedding, identity))
+        masks.append(mask)
+    any_present = torch.stack(masks).any(dim=0)
+    if not any_present.all():
+        row = int((~any_present).nonzero()[0])
+        raise ValueError(
+            f"query row {row} has no modality (every entry is absent); give at least one of "
+            f"{sorted(query_embeddings)} for each query"
+        )
+    return torch.stack(stacked), any_present
 
 
 def _combine(
@@ -138,34 +189,45 @@ def _combine(
     return LossOutput(loss=loss, metrics=metrics)
 
 
+class PairwiseConfig(ObjectiveConfig):
+    """Config of an objective with one term per pair of modalities."""
+
+    pairs: list[tuple[str, str]] | None = None
+    """Pairs of modalities to train; ``None`` means every pair."""
+
+    def resolve_pairs(self, modalities: Sequence[str]) -> list[tuple[str, str]]:
+        """The configured pairs, or every pair of ``modalities``."""
+        if self.pairs is None:
+            return [
+                (first, second)
+                for index, first in enumerate(modalities)
+                for second in modalities[index + 1 :]
+            ]
+        return [tuple(pair) for pair in self.pairs]
+
+    def term_names(self, modalities: Sequence[str]) -> list[str]:
+        return [pair_name(pair) for pair in self.resolve_pairs(modalities)]
+
+    def check_modalities(self, modalities: Sequence[str]) -> None:
+        for pair in self.pairs or []:
+            if pair[0] == pair[1] or any(name not in modalities for name in pair):
+                raise field_error(
+                    type(self).__name__,
+                    "pairs",
+                    f"{list(pair)} needs two different modalities among {list(modalities)}; "
+                    "fix the pair or the model's towers",
+                    self.pairs,
+                )
+        super().check_modalities(modalities)
+
+
 class PairwiseObjective(Objective):
     """An objective with one term per pair of modalities: the configured ``pairs`` or all."""
 
+    config_class = PairwiseConfig
+
     def pairs(self, modalities: Sequence[str]) -> list[tuple[str, str]]:
-        return resolve_pairs(self.config.pairs, modalities)
-
-    def term_names(self, modalities: Sequence[str]) -> list[str]:
-        return [pair_name(pair) for pair in self.pairs(modalities)]
-
-
-def resolve_pairs(
-    pairs: Sequence[tuple[str, str]] | None, modalities: Sequence[str]
-) -> list[tuple[str, str]]:
-    """The configured pairs checked against the batch's modalities, or every pair."""
-    if pairs is None:
-        return [
-            (first, second)
-            for index, first in enumerate(modalities)
-            for second in modalities[index + 1 :]
-        ]
-    for pair in pairs:
-        missing = [name for name in pair if name not in modalities]
-        if missing or pair[0] == pair[1]:
-            raise ValueError(
-                f"{CONFIG_FIELD}.pairs has {list(pair)}, which needs two different modalities "
-                f"among {list(modalities)}; fix the pair or the model's towers"
-            )
-    return [tuple(pair) for pair in pairs]
+        return self.config.resolve_pairs(modalities)
 
 
 def pair_name(pair: tuple[str, str]) -> str:
@@ -173,43 +235,35 @@ def pair_name(pair: tuple[str, str]) -> str:
     return f"{pair[0]}-{pair[1]}"
 
 
-_REGISTRY: dict[str, type[Objective]] = {}
-
-
 def register_objective(name: str) -> Callable[[type[Objective]], type[Objective]]:
-    """Class decorator that makes an objective available to ``build_objective`` by name.
+    """Class decorator that makes an objective nameable in configs (``name: <name>``).
+
+    The class's ``config_class`` validates its section of the config when the config loads.
 
     Example:
-        >>> @register_objective("my_loss")  # doctest: +SKIP
-        ... class MyLoss(Objective): ...
+        >>> class MarginConfig(ObjectiveConfig):
+        ...     margin: float = 0.2
+        >>> @register_objective("margin_demo")
+        ... class MarginObjective(PairwiseObjective):
+        ...     config_class = MarginConfig
+        >>> build_objective({"name": "margin_demo", "margin": 0.5}).config.margin
+        0.5
     """
-
-    def decorate(cls: type[Objective]) -> type[Objective]:
-        _REGISTRY[name] = cls
-        return cls
-
-    return decorate
+    return OBJECTIVES.register(name)
 
 
-def build_objective(config: ObjectiveConfig | dict) -> Objective:
-    """Build the objective that ``config`` (or the same dict) names.
+def build_objective(
+    config: ObjectiveConfig | Mapping[str, Any], modalities: Sequence[str] | None = None
+) -> Objective:
+    """Build the objective that ``config`` (or the same dict) names; with ``modalities``
+    its fields are checked against them.
 
     Example:
-        >>> build_objective({"name": "symile", "negatives": "n2"}).is_symile
-        True
+        >>> type(build_objective({"name": "symile", "negatives": "n2"})).__name__
+        'SymileObjective'
     """
-    if not isinstance(config, ObjectiveConfig):
-        try:
-            config = ObjectiveConfig.model_validate(config)
-        except ValidationError as error:
-            problems = "; ".join(
-                f"{CONFIG_FIELD}.{'.'.join(map(str, item['loc']))}: {item['msg']}"
-                for item in error.errors()
-            )
-            raise ValueError(f"invalid objective config: {problems}") from None
-    if config.name not in _REGISTRY:
-        raise ValueError(
-            f"{CONFIG_FIELD}.name '{config.name}' is not a registered objective; "
-            f"choose one of {sorted(_REGISTRY)}"
-        )
-    return _REGISTRY[config.name](config)
+    try:
+        config = objective_config(config, modalities)
+    except ValidationError as error:
+        raise config_error(error, CONFIG_FIELD, "objective config") from None
+    return OBJECTIVES.get(config.name)(config)

@@ -25,16 +25,7 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 from torch import Tensor
 
-
-def world_size() -> int:
-    """The number of processes in the default group (1 without ``torch.distributed``)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
-
-
-def _rank() -> int:
-    return dist.get_rank() if world_size() > 1 else 0
+from mmalign.dist import rank, world_size
 
 
 def _row_counts(rows: int, device: torch.device) -> list[int]:
@@ -59,7 +50,7 @@ def all_gather_rows(tensor: Tensor, counts: list[int], with_grad: bool = True) -
     else:
         parts = [torch.empty_like(padded) for _ in counts]
         dist.all_gather(parts, padded.detach().contiguous())
-        parts[_rank()] = padded
+        parts[rank()] = padded
     return torch.cat([part[:count] for part, count in zip(parts, counts)])
 
 
@@ -120,7 +111,7 @@ class BatchView:
             name: all_gather_rows(value, counts, with_grad) for name, value in embeddings.items()
         }
         global_present = all_gather_rows(present.to(torch.uint8), counts, False).bool()
-        offset = sum(counts[: _rank()])
+        offset = sum(counts[: rank()])
         return cls(modalities, embeddings, gathered, present, global_present, offset, len(counts))
 
     @property

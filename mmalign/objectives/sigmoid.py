@@ -58,6 +58,8 @@ def sigmoid_term(
 class SigmoidObjective(PairwiseObjective):
     """SigLIP's sigmoid loss averaged over pairs of modalities."""
 
+    learns_bias = True
+
     def terms(
         self,
         batch: BatchView,

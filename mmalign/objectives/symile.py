@@ -28,12 +28,21 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Literal
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
-from mmalign.objectives.base import CONFIG_FIELD, Objective, TermLoss, register_objective
+from mmalign.config import ObjectiveConfig
+from mmalign.objectives.base import (
+    CONFIG_FIELD,
+    Objective,
+    TermLoss,
+    combine_queries,
+    register_objective,
+)
 from mmalign.objectives.distributed import BatchView, broadcast_from_first
 from mmalign.objectives.symile_n2 import symile_logsumexp
 
@@ -60,11 +69,13 @@ def draw_permutations(
     return broadcast_from_first(stacked)
 
 
-@register_objective("symile")
-class SymileObjective(Objective):
-    """Symile's multilinear-inner-product cross-entropy, each modality as anchor in turn."""
+class SymileConfig(ObjectiveConfig):
+    """``symile``: which negatives, and the block size of the exact ``n2`` computation."""
 
-    is_symile = True
+    negatives: Literal["n", "n2"] = "n"
+    """``n`` (shuffled rows, O(N)) or ``n2`` (all B^(M-1) combinations, exact, blockwise)."""
+    block_size: int = Field(default=16384, ge=1)
+    """``n2``: rows of the B^(M-1) candidate set processed per block."""
 
     def term_names(self, modalities: Sequence[str]) -> list[str]:
         if len(modalities) < 2:
@@ -73,6 +84,31 @@ class SymileObjective(Objective):
                 f"{list(modalities)}"
             )
         return list(modalities)
+
+
+@register_objective("symile")
+class SymileObjective(Objective):
+    """Symile's multilinear-inner-product cross-entropy, each modality as anchor in turn."""
+
+    config_class = SymileConfig
+    scores_jointly = True
+
+    def score(
+        self,
+        query_embeddings: Mapping[str, Tensor],
+        candidate_embeddings: Tensor,
+        present: Mapping[str, Tensor] | None = None,
+    ) -> Tensor:
+        """The multilinear inner product of each candidate with the elementwise product of
+        the query modalities, ``sum_d c_d * prod_m q_{m,d}`` (absent entries: all ones).
+
+        Example:
+            >>> q = {"a": torch.tensor([[1.0, -1.0]]), "b": torch.tensor([[1.0, -1.0]])}
+            >>> SymileObjective(SymileConfig(name="symile")).score(q, torch.eye(2)).tolist()
+            [[1.0, 1.0]]
+        """
+        combined, _ = combine_queries(query_embeddings, present, identity=1.0)
+        return combined.prod(dim=0) @ candidate_embeddings.detach().float().cpu().T
 
     def terms(
         self,

@@ -45,7 +45,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from mmalign.objectives.distributed import all_reduce_sum, world_size
+from mmalign.dist import world_size
+from mmalign.objectives.distributed import all_reduce_sum
 
 
 @dataclass

@@ -10,6 +10,7 @@ Example:
 """
 
 from mmalign.towers import audio, graph, image, tabular, text  # noqa: F401  (fill TOWERS)
-from mmalign.towers.base import TOWERS, Tower, TowerConfig, build_tower, register_tower
+from mmalign.registry import TOWERS
+from mmalign.towers.base import Tower, TowerConfig, build_tower, register_tower
 
 __all__ = ["TOWERS", "Tower", "TowerConfig", "build_tower", "register_tower"]

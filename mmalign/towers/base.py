@@ -29,7 +29,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
-from mmalign.config import ConfigError
+from mmalign.batch import move_to
+from mmalign.errors import ConfigError, config_error
+from mmalign.registry import TOWERS
 
 
 class TowerConfig(BaseModel):
@@ -151,25 +153,18 @@ class Tower(nn.Module):
         return int(getattr(inputs, "num_graphs", len(inputs)))
 
     def move_to(self, inputs: Any, device: torch.device) -> Any:
-        """Move a collated batch input to ``device``."""
-        if isinstance(inputs, torch.Tensor | nn.Module) or hasattr(inputs, "to"):
-            return inputs.to(device)
-        if isinstance(inputs, dict):
-            return {key: self.move_to(value, device) for key, value in inputs.items()}
-        return inputs
-
-
-TOWERS: dict[str, type[Tower]] = {}
+        """Move a collated batch input to ``device`` (override for inputs without ``.to``)."""
+        return move_to(inputs, device)
 
 
 def register_tower(name: str) -> Callable[[type[Tower]], type[Tower]]:
-    """Class decorator: make a tower available as ``type: name`` in configs."""
+    """Class decorator: make a tower available as ``type: name`` in configs.
 
-    def decorate(cls: type[Tower]) -> type[Tower]:
-        TOWERS[name] = cls
-        return cls
-
-    return decorate
+    Example:
+        >>> @register_tower("constant_demo")  # doctest: +SKIP
+        ... class ConstantTower(Tower): ...
+    """
+    return TOWERS.register(name)
 
 
 def build_tower(
@@ -180,20 +175,9 @@ def build_tower(
     ``field`` is the dotted config location used in error messages;
     ``base_dir`` resolves relative file paths (a saved model's directory).
     """
-    from mmalign import towers as _  # noqa: F401  (registers the built-in towers)
-
-    kind = config.get("type")
-    if kind not in TOWERS:
-        known = ", ".join(sorted(TOWERS))
-        raise ConfigError(f"{field}.type: unknown tower type {kind!r}; known types: {known}")
-    cls = TOWERS[kind]
+    cls = TOWERS.get(config.get("type"), f"{field}.type")
     try:
         parsed = cls.config_class.model_validate(config)
     except ValidationError as error:
-        problems = "; ".join(
-            f"{field}.{'.'.join(str(p) for p in item['loc'])}: "
-            + ("unknown key" if item["type"] == "extra_forbidden" else item["msg"])
-            for item in error.errors()
-        )
-        raise ConfigError(f"invalid tower config: {problems}") from None
+        raise config_error(error, field, "tower config") from None
     return cls(parsed, field=field, base_dir=Path(base_dir) if base_dir is not None else None)

@@ -184,7 +184,7 @@ def start_forked(
     ``inject.py`` kill/pause points; returns its PID."""
     from inject import install
 
-    from mmalign.cli import main
+    from mmalign.cli.main import main
 
     pid = os.fork()
     if pid == 0:  # the child: never returns into pytest

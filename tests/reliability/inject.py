@@ -2,7 +2,7 @@
 
 Usage::
 
-    python tests/reliability/inject.py --kill 'mmalign.train.checkpoint:save_model:2:before' \
+    python tests/reliability/inject.py --kill 'mmalign.training.checkpoint:save_model:2:before' \
         -- train run.yaml --resume
 
 A kill spec is ``module:attribute.path:call:mode``: on the ``call``-th call (1-based) of that
@@ -14,8 +14,8 @@ Mode ``pause`` does not kill: before the call it creates ``$MMALIGN_FAULT_DIR/pa
 waits until ``$MMALIGN_FAULT_DIR/release`` exists (to hold a run in the middle of its work).
 
 Example:
-    >>> parse_spec("mmalign.train.checkpoint:save_file:3:truncate")
-    ('mmalign.train.checkpoint', 'save_file', 3, 'truncate')
+    >>> parse_spec("mmalign.training.checkpoint:save_file:3:truncate")
+    ('mmalign.training.checkpoint', 'save_file', 3, 'truncate')
 """
 
 from __future__ import annotations

@@ -46,30 +46,30 @@ from conftest import (
 )
 
 from mmalign.config import load_config
-from mmalign.export import ExportError, read_manifest, run_export
+from mmalign.export.writer import ExportError, read_manifest, run_export
 from mmalign.model import AlignmentModel
-from mmalign.train import checkpoint, train
-from mmalign.train.optim import build_optimizer
+from mmalign.training import checkpoint, train
+from mmalign.training.optim import build_optimizer
 
 STEPS, SAVE_EVERY, CHUNK, SAMPLES = 14, 3, 8, 48
 SAVES = STEPS // SAVE_EVERY + 1  # periodic saves + the final one
 TRAIN_FAULTS: dict[str, tuple[str, int]] = {
     # fault: (inject.py kill spec with {call}, highest call number drawn)
-    "between optimizer steps": ("mmalign.train.loop:Trainer._train_step:{call}:before", STEPS),
+    "between optimizer steps": ("mmalign.training.loop:Trainer._train_step:{call}:before", STEPS),
     "torn file in a temporary checkpoint": (
-        "mmalign.train.checkpoint:save_file:{call}:truncate",
+        "mmalign.training.checkpoint:save_file:{call}:truncate",
         2 * SAVES,
     ),
     "model written, rest of checkpoint missing": (
-        "mmalign.train.checkpoint:save_model:{call}:after",
+        "mmalign.training.checkpoint:save_model:{call}:after",
         SAVES,
     ),
     "checkpoint complete, before fsync + rename": (
-        "mmalign.train.checkpoint:_fsync_tree:{call}:before",
+        "mmalign.training.checkpoint:_fsync_tree:{call}:before",
         SAVES,
     ),
     "checkpoint renamed, before pruning old ones": (
-        "mmalign.train.checkpoint:prune_checkpoints:{call}:before",
+        "mmalign.training.checkpoint:prune_checkpoints:{call}:before",
         SAVES,
     ),
     "final model written, before its rename": (

@@ -19,7 +19,7 @@ from PIL import Image
 
 from mmalign.data import make_loader
 from mmalign.towers import build_tower
-from mmalign.train import train
+from mmalign.training import train
 
 VISION = {"image_size": 16, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16}
 AUDIO = {"type": "audio", "clip_seconds": 0.25, "n_mels": 16, "width": 16, "heads": 2, "layers": 1}

@@ -16,10 +16,10 @@ from conftest import (
     write_config,
 )
 
-from mmalign.cli import main
-from mmalign.export import run_export
-from mmalign.train import train
-from mmalign.train.rundir import RunDirectoryError
+from mmalign.cli.main import main
+from mmalign.export.writer import run_export
+from mmalign.training import train
+from mmalign.files import LockError
 
 
 def test_second_training_run_on_a_busy_directory_refuses(
@@ -30,13 +30,13 @@ def test_second_training_run_on_a_busy_directory_refuses(
     faults.mkdir()
     config_path = write_config(tmp_path / "run.yaml", tiny_config(run, shards))
     first = start_forked(
-        ["train", str(config_path)], ["mmalign.train.loop:Trainer._train_step:5:pause"], faults
+        ["train", str(config_path)], ["mmalign.training.loop:Trainer._train_step:5:pause"], faults
     )
     try:
         wait_for_file(faults / "paused", first)
-        with pytest.raises(RunDirectoryError, match=f"used by another training run \\(PID {first}"):
+        with pytest.raises(LockError, match=f"used by another training run \\(PID {first}"):
             train(config_path, resume=True)
-        with pytest.raises(RunDirectoryError, match="already holds a training run"):
+        with pytest.raises(LockError, match="already holds a training run"):
             train(config_path)
         assert main(["train", str(config_path), "--resume"]) == 2
         assert "another training run" in capsys.readouterr().err
@@ -72,9 +72,9 @@ def test_second_export_into_a_busy_directory_refuses(
     first = start_forked(arguments, ["mmalign.export:_write_chunk:3:pause"], faults)
     try:
         wait_for_file(faults / "paused", first)
-        with pytest.raises(RunDirectoryError, match=f"used by another export \\(PID {first}"):
+        with pytest.raises(LockError, match=f"used by another export \\(PID {first}"):
             run_export(str(trained), shards, None, out, **options)
-        with pytest.raises(RunDirectoryError, match="export into another directory"):
+        with pytest.raises(LockError, match="export into another directory"):
             run_export(str(trained), shards, None, out, **{**options, "chunk_size": 4})
         assert main(arguments) == 2
         assert f"used by another export (PID {first}" in capsys.readouterr().err

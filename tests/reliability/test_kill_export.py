@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import EXPORT_CHUNK, export_arguments, fork_mmalign, tiny_config
 
-from mmalign.export import ExportError, load_embeddings, read_manifest, run_export
-from mmalign.train import train
+from mmalign.export.writer import ExportError, load_embeddings, read_manifest, run_export
+from mmalign.training import train
 
 CHUNK = EXPORT_CHUNK
 

@@ -28,8 +28,8 @@ from safetensors.torch import load_file
 
 from mmalign.config import load_config
 from mmalign.model import AlignmentModel
-from mmalign.train import checkpoint, train
-from mmalign.train.optim import build_optimizer
+from mmalign.training import checkpoint, train
+from mmalign.training.optim import build_optimizer
 
 STEPS, SAVE_EVERY = 14, 3
 FILES = {
@@ -47,11 +47,11 @@ def kill_plan(seed: int) -> list[tuple[str, int]]:
     temporary checkpoint (or a kill between steps) in the resumed run; seeded."""
     rng = random.Random(seed)
     torn_checkpoint = rng.choice([1, 2])  # save_file: 2 calls per checkpoint (rng, optimizer)
-    torn = f"mmalign.train.checkpoint:save_file:{2 * torn_checkpoint}:truncate"
+    torn = f"mmalign.training.checkpoint:save_file:{2 * torn_checkpoint}:truncate"
     second = rng.choice(
         [
-            f"mmalign.train.checkpoint:_fsync_tree:{rng.choice([1, 2])}:before",
-            f"mmalign.train.loop:Trainer._train_step:{rng.randint(2, 5)}:before",
+            f"mmalign.training.checkpoint:_fsync_tree:{rng.choice([1, 2])}:before",
+            f"mmalign.training.loop:Trainer._train_step:{rng.randint(2, 5)}:before",
         ]
     )
     return [(torn, torn_checkpoint * SAVE_EVERY), (second, 0)]

@@ -12,9 +12,9 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from mmalign.train import TrainingStopped, train
-from mmalign.train.accumulation import ContrastiveStep
-from mmalign.train.loop import Trainer
+from mmalign.training import TrainingStopped, train
+from mmalign.training.accumulation import ContrastiveStep
+from mmalign.training.loop import Trainer
 
 STEPS = 8
 

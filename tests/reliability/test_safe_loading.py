@@ -17,8 +17,8 @@ from conftest import REPO, plant_pickle, plant_raw_pickle, tiny_config, write_co
 
 from mmalign.config import ConfigError, load_config
 from mmalign.model import AlignmentModel
-from mmalign.train import train
-from mmalign.train.checkpoint import latest_checkpoint
+from mmalign.training import train
+from mmalign.training.checkpoint import latest_checkpoint
 
 VISION = {"image_size": 16, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16}
 EVIL_YAML = "model: !!python/object/apply:builtins.open [{marker}, w]\n"  # creates marker
@@ -207,7 +207,7 @@ def test_no_code_path_unpickles_or_imports_by_name() -> None:
                 problems.append(f"{where}:{call.lineno}: {ast.unparse(call)}")
             if name.endswith("import_module") and str(where) not in (
                 "mmalign/__init__.py",
-                "mmalign/cli.py",
+                "mmalign/cli/main.py",
             ):
                 problems.append(f"{where}:{call.lineno}: imports a module by name")
     assert not problems, problems

@@ -2,14 +2,14 @@
 
 ``run_demo`` (``mmalign demo``; ``make demo`` installs first) does, in order:
 
-1. builds the ``digits`` and ``digits-sum`` shards with :mod:`data_prep.make_demo` (skipped
+1. builds the ``digits`` and ``digits-sum`` shards with :mod:`mmalign.demo.data` (skipped
    when they are already there);
 2. trains a four-modality model (image, text, audio, graph) on ``digits`` with
-   ``configs/demo_digits.yaml``;
+   ``mmalign/demo/configs/demo_digits.yaml``;
 3. evaluates it: zero-shot image classification from the class prompts of every language of
    ``classes.json``, class-level audio->image and graph->text retrieval (a hit is any item of
    the query's class), a confusion matrix and an image-text similarity matrix;
-4. trains ``digits-sum`` with Symile and with CLIP (``configs/demo_digits_sum_*.yaml``) and
+4. trains ``digits-sum`` with Symile and with CLIP (``demo_digits_sum_*.yaml``) and
    classifies the image's digit zero-shot from caption + tone, with reference training images
    as the class candidates: Symile scores by the multilinear inner product, CLIP by the sum
    of pairwise similarities;
@@ -45,14 +45,14 @@ import safetensors.torch
 import soundfile
 import torch
 
-from data_prep.make_demo import make_demo
+from mmalign.demo.data import make_demo
 from mmalign.config import Config, ConfigError, load_config
 from mmalign.data.records import iterate_records
 from mmalign.eval.loading import CollectedEmbeddings, collect_embeddings
 from mmalign.eval.plots import plot_confusion, plot_similarity
 from mmalign.eval.retrieval import retrieval_metrics
 from mmalign.eval.zeroshot import ZeroShotClassifier, evaluate_zeroshot, load_classes
-from mmalign.export import build_index, export_embeddings, search
+from mmalign.export.writer import build_index, export_embeddings, search
 from mmalign.model import AlignmentModel
 
 CONFIGS = {
@@ -92,8 +92,8 @@ QUICK_OVERRIDES = {
 
 
 def default_configs_dir() -> Path:
-    """The repository's ``configs/`` next to the package (editable installs, checkouts)."""
-    return Path(__file__).resolve().parent.parent / "configs"
+    """The demo configs shipped inside the package (``mmalign/demo/configs/``)."""
+    return Path(__file__).resolve().parent / "configs"
 
 
 def _cpu_seconds() -> float:
@@ -181,7 +181,7 @@ def train_run(
     name: str, configs_dir: Path, dataset_dir: Path, out_dir: Path, quick: bool, reuse: bool
 ) -> Run:
     """Train one demo model (replacing an earlier run unless ``reuse``)."""
-    from mmalign.train import train
+    from mmalign.training import train
 
     config = run_config(name, configs_dir, dataset_dir, out_dir, quick)
     directory = out_dir / name
@@ -300,7 +300,9 @@ def sum_zeroshot(run: Run) -> dict[str, Any]:
     classifier = ZeroShotClassifier(run.model, references, "image")
     collected = embed_test_split(run, ["text", "audio"])
     result = evaluate_zeroshot(classifier, collected, ["text", "audio"], ks=(1, 5))
-    result["rule"] = "MIP (Symile)" if classifier.symile else "sum of pairwise similarities"
+    result["rule"] = (
+        "MIP (Symile)" if run.model.objective.scores_jointly else "sum of pairwise similarities"
+    )
     return result
 
 

@@ -46,7 +46,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mmalign.eval.loading import EmbeddedBatch, EmbeddingStream, load_model, model_directory
-from mmalign.train.rundir import LOCK_NAME, RunLock
+from mmalign.files import LOCK_NAME, DirectoryLock
 
 FORMAT = "mmalign-embeddings/1"
 MANIFEST = "manifest.json"
@@ -146,10 +146,10 @@ def _progress_file(out_dir: Path, process: _Process) -> Path:
     return out_dir / (MANIFEST if process.world_size == 1 else f"manifest-r{process.rank}.json")
 
 
-def _export_lock(out_dir: Path, process: _Process) -> RunLock:
+def _export_lock(out_dir: Path, process: _Process) -> DirectoryLock:
     """This process's lock on ``out_dir``: a second export there refuses, naming the first."""
     name = LOCK_NAME if process.world_size == 1 else f"{LOCK_NAME}-r{process.rank}"
-    return RunLock(out_dir, name, user="export", advice="export into another directory")
+    return DirectoryLock(out_dir, name, user="export", advice="export into another directory")
 
 
 def _arrow_column(values: list[Any]) -> pa.Array:

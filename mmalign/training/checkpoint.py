@@ -34,13 +34,13 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
-from mmalign.train.rundir import RunDirectoryError
+from mmalign.files import LockError
 
 _PREFIX = "step-"
 BEST = "best"
 
 
-class CheckpointError(RunDirectoryError):
+class CheckpointError(LockError):
     """A checkpoint file cannot be read (corrupt, or not safetensors / JSON)."""
 
 

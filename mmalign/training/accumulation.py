@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mmalign.train.timing import StepTimer
+from mmalign.training.timing import StepTimer
 
 MicroBatch = dict[str, Any]
 

@@ -2,12 +2,12 @@
 ``prep``, ``demo``.
 
 Each subcommand is a thin layer over the library: ``train`` calls
-:func:`mmalign.train.train`; ``eval|zeroshot|export|search`` use the handlers of
-:mod:`mmalign.eval.commands`; ``prep TOOL ...`` forwards its arguments to
+:func:`mmalign.training.train`; ``eval|zeroshot|export|search`` use the handlers of
+:mod:`mmalign.cli.commands`; ``prep TOOL ...`` forwards its arguments to
 ``data_prep.<tool>.main``. Several processes: ``accelerate launch -m mmalign train CONFIG``.
 
 Example:
-    >>> main(["train", "configs/demo_digits.yaml", "--set", "train.steps=20"])  # doctest: +SKIP
+    >>> main(["train", "mmalign/demo/configs/demo_digits.yaml", "--set", "train.steps=20"])  # doctest: +SKIP
     0
 """
 
@@ -28,15 +28,15 @@ warnings.filterwarnings(
 )
 
 PREP_TOOLS = {
-    "make-demo": "data_prep.make_demo",
-    "from-manifest": "data_prep.from_manifest",
-    "train-tokenizer": "data_prep.train_tokenizer",
+    "make-demo": "mmalign.demo.data",
+    "from-manifest": "mmalign.prep.from_manifest",
+    "train-tokenizer": "mmalign.prep.train_tokenizer",
 }
 """``mmalign prep`` tools and the module whose ``main(argv)`` each runs."""
 
 
 def _train_command(args: argparse.Namespace) -> int:
-    from mmalign.train import train
+    from mmalign.training import train
 
     result = train(args.config, overrides=args.set, resume=args.resume)
     if os.environ.get("RANK", "0") != "0":  # one summary from a multi-process launch
@@ -50,7 +50,7 @@ def _train_command(args: argparse.Namespace) -> int:
 
 
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="run config (YAML), e.g. configs/demo_digits.yaml")
+    parser.add_argument("config", help="run config (YAML), e.g. mmalign/demo/configs/demo_digits.yaml")
     parser.add_argument(
         "--set",
         action="append",
@@ -78,7 +78,7 @@ def _add_prep_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _demo_command(args: argparse.Namespace) -> int:
-    from mmalign.demo import run_demo
+    from mmalign.demo.pipeline import run_demo
 
     run_demo(
         args.data,
@@ -109,7 +109,7 @@ def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _eval_subcommands() -> dict[str, tuple[str, Callable, Callable]]:
-    from mmalign.eval import commands
+    from mmalign.cli import commands
 
     return {
         "eval": (
@@ -167,14 +167,14 @@ def main(argv: list[str] | None = None) -> int:
     Configuration and input errors end with a one-paragraph message (status 2), not a
     traceback; a run stopped by non-finite losses ends with status 1.
     """
-    from mmalign.train import TrainingStopped
-    from mmalign.train.rundir import RunDirectoryError
+    from mmalign.training import TrainingStopped
+    from mmalign.files import LockError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
-    except (ConfigError, RunDirectoryError, FileNotFoundError) as error:
+    except (ConfigError, LockError, FileNotFoundError) as error:
         print(f"mmalign {args.command}: error: {error}", file=sys.stderr)
         return 2
     except TrainingStopped as error:

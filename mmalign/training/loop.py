@@ -1,8 +1,8 @@
 """The training loop: Accelerate, contrastive-exact accumulation, validation, checkpoints.
 
 Example:
-    >>> from mmalign.train import train
-    >>> result = train("configs/demo_digits.yaml", ["train.steps=50"])  # doctest: +SKIP
+    >>> from mmalign.training import train
+    >>> result = train("mmalign/demo/configs/demo_digits.yaml", ["train.steps=50"])  # doctest: +SKIP
     >>> result.model_dir  # doctest: +SKIP
     PosixPath('runs/demo_digits/model')
 """
@@ -28,15 +28,16 @@ from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_lis
 from mmalign.config import Config, ConfigError, load_config
 from mmalign.data import make_loader
 from mmalign.model import AlignmentModel
-from mmalign.train import checkpoint
-from mmalign.train.accumulation import ContrastiveStep, accumulated_step
-from mmalign.train.checks import check_run_config, total_steps
-from mmalign.train.logging import RunLogger, read_metrics, truncate_metrics
-from mmalign.train.optim import build_optimizer, build_scheduler
-from mmalign.train.rundir import RunLock, check_fresh_or_resume
-from mmalign.train.stream import BatchStream, epoch_seed
-from mmalign.train.timing import StepTimer
-from mmalign.train.validation import Validator
+from mmalign.training import checkpoint
+from mmalign.training.accumulation import ContrastiveStep, accumulated_step
+from mmalign.training.checks import check_run_config, total_steps
+from mmalign.training.logging import RunLogger, read_metrics, truncate_metrics
+from mmalign.training.optim import build_optimizer, build_scheduler
+from mmalign.files import DirectoryLock
+from mmalign.training.rundir import check_fresh_or_resume
+from mmalign.training.stream import BatchStream, epoch_seed
+from mmalign.training.timing import StepTimer
+from mmalign.training.validation import Validator
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 RUN_INFO = "run.json"
@@ -69,7 +70,7 @@ def _broadcast(accelerator: Accelerator, value: Any) -> Any:
     return shared[0]
 
 
-def _prepare_directory(config: Config, accelerator: Accelerator, resume: bool) -> RunLock | None:
+def _prepare_directory(config: Config, accelerator: Accelerator, resume: bool) -> DirectoryLock | None:
     """Main process: refuse a busy or finished run dir, take the lock; every rank learns of
     an error so none waits forever."""
     output = Path(config.train.output)
@@ -77,7 +78,7 @@ def _prepare_directory(config: Config, accelerator: Accelerator, resume: bool) -
     if accelerator.is_main_process:
         try:
             check_fresh_or_resume(output, resume)
-            lock = RunLock(output)
+            lock = DirectoryLock(output)
             lock.acquire()
             _check_same_model(output, config)
         except (RuntimeError, ConfigError) as caught:
@@ -520,7 +521,7 @@ def train(
     processes with ``accelerate launch -m mmalign train CONFIG``.
 
     Example:
-        >>> result = train("configs/demo_digits.yaml", ["train.steps=20"])  # doctest: +SKIP
+        >>> result = train("mmalign/demo/configs/demo_digits.yaml", ["train.steps=20"])  # doctest: +SKIP
         >>> AlignmentModel.from_pretrained(result.model_dir)  # doctest: +SKIP
     """
     config = load_config(config, overrides)

@@ -142,7 +142,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
 
 def export_command(args: argparse.Namespace) -> int:
     """Run :func:`~mmalign.export.run_export` and print a summary."""
-    from mmalign.export import run_export
+    from mmalign.export.writer import run_export
 
     manifest = run_export(
         args.model,
@@ -209,7 +209,7 @@ def format_results(rows: Sequence[dict[str, Any]]) -> str:
 
 def search_command(args: argparse.Namespace) -> int:
     """Run :func:`~mmalign.export.run_search` and print the table (or JSON lines)."""
-    from mmalign.export import run_search
+    from mmalign.export.writer import run_search
 
     if args.query is not None:
         if "=" not in args.query:

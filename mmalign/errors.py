@@ -1,0 +1,57 @@
+"""The error a user can fix by editing a config, and the one way mmalign words such errors.
+
+This module imports nothing heavy, so the command line can catch :class:`ConfigError` before
+torch or pydantic load.
+
+Example:
+    >>> str(ConfigError("data.batch_size: must be >= 1"))
+    'data.batch_size: must be >= 1'
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration is invalid; the message names the field and the fix."""
+
+
+def validation_problems(error: Any, prefix: str = "") -> list[str]:
+    """``field: message`` lines of a pydantic ``ValidationError``, fields under ``prefix``.
+
+    Example:
+        >>> from pydantic import BaseModel, ConfigDict, ValidationError
+        >>> class Section(BaseModel):
+        ...     model_config = ConfigDict(extra="forbid")
+        ...     steps: int = 1
+        >>> try:
+        ...     Section.model_validate({"stepz": 2})
+        ... except ValidationError as error:
+        ...     validation_problems(error, "train")
+        ['train.stepz: unknown key; check the spelling against the documented fields']
+    """
+    lines = []
+    for item in error.errors():
+        parts = [prefix] if prefix else []
+        parts += [str(part) for part in item["loc"]]
+        field = ".".join(parts) or "<root>"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key; check the spelling against the documented fields"
+        elif message.startswith("Value error, "):
+            message = message.removeprefix("Value error, ")
+        lines.append(f"{field}: {message}")
+    return lines
+
+
+def config_error(error: Any, prefix: str, what: str) -> ConfigError:
+    """A :class:`ConfigError` listing every problem of a pydantic ``ValidationError``.
+
+    One problem stays on one line (``invalid <what>: field: message``); several are listed
+    one per line under ``invalid <what>:``.
+    """
+    problems = validation_problems(error, prefix)
+    if len(problems) == 1:
+        return ConfigError(f"invalid {what}: {problems[0]}")
+    return ConfigError("\n  ".join([f"invalid {what}:", *problems]))

@@ -1,0 +1,180 @@
+"""Files that are either whole or absent, and one job per directory.
+
+- :func:`atomic_write` / :func:`write_json`: a temporary file, flushed, fsynced, renamed
+  over the target, then the folder fsynced: a crash leaves the old file or the new one.
+- :func:`replace_directory`: the same for a whole directory (checkpoints, saved models).
+- :class:`DirectoryLock`: an exclusive lock file holding the PID and host of the job that
+  uses a directory (a training run, an export); a lock left by a dead process on the same
+  host is taken over.
+
+Example:
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     write_json(Path(tmp) / "a.json", {"x": 1})
+    ...     read_json(Path(tmp) / "a.json")
+    {'x': 1}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+LOCK_NAME = ".lock"
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file or a directory entry list to disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def fsync_tree(directory: Path) -> None:
+    """fsync every file of ``directory`` (recursively), then the directories themselves."""
+    for path in sorted(directory.rglob("*"), reverse=True):
+        if path.is_file() or path.is_dir():
+            fsync_path(path)
+    fsync_path(directory)
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None], tag: str = "") -> None:
+    """Write ``path`` through a temporary file: write, flush, fsync, rename, fsync the folder.
+
+    ``tag`` makes the temporary name unique per writer (processes writing the same file).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp{tag}")
+    with open(temporary, "wb") as handle:
+        write(handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    fsync_path(path.parent)
+
+
+def write_json(path: Path, data: Mapping[str, Any] | list[Any], tag: str = "") -> None:
+    """Atomically write ``data`` as indented JSON (keys sorted)."""
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    atomic_write(path, lambda handle: handle.write(text.encode()), tag)
+
+
+def read_json(path: Path) -> Any:
+    """The JSON content of ``path``, or ``None`` when the file does not exist."""
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def replace_directory(temporary: Path, final: Path) -> Path:
+    """Move the finished directory ``temporary`` to ``final``, replacing what was there.
+
+    The new tree is fsynced first; an old ``final`` is renamed aside (``.old-<name>``) and
+    removed only after the rename, so a crash leaves either the old or the new directory
+    (plus a leftover ``.old-``/``.tmp-`` directory that the next writer removes).
+    """
+    fsync_tree(temporary)
+    previous = final.with_name(f".old-{final.name}")
+    shutil.rmtree(previous, ignore_errors=True)
+    if final.exists():
+        os.replace(final, previous)
+    os.replace(temporary, final)
+    shutil.rmtree(previous, ignore_errors=True)
+    fsync_path(final.parent)
+    return final
+
+
+class LockError(RuntimeError):
+    """A directory is in use by another job, or holds work that would be overwritten."""
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class DirectoryLock:
+    """An exclusive lock file ``DIRECTORY/<name>`` holding the PID and host of its holder.
+
+    ``user`` and ``advice`` word the error (``DirectoryLock(out, user="export",
+    advice="export into another directory")``).
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as tmp, DirectoryLock(Path(tmp)) as lock:
+        ...     lock.path.name
+        '.lock'
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        name: str = LOCK_NAME,
+        user: str = "training run",
+        advice: str = "set train.output to another directory",
+    ) -> None:
+        self.path = Path(directory) / name
+        self.user = user
+        self.advice = advice
+        self.held = False
+
+    def _owner(self) -> tuple[str, int] | None:
+        try:
+            host, pid = self.path.read_text().split()
+            return host, int(pid)
+        except (OSError, ValueError):
+            return None
+
+    def acquire(self) -> None:
+        """Take the lock or raise :class:`LockError` naming the holder."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                owner = self._owner()
+                if owner is not None and (
+                    owner[0] != socket.gethostname() or _process_alive(owner[1])
+                ):
+                    raise LockError(
+                        f"{self.path.parent} is used by another {self.user} (PID {owner[1]} on "
+                        f"{owner[0]}); wait for it to finish or {self.advice} (delete "
+                        f"{self.path} if that {self.user} is gone)"
+                    ) from None
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(descriptor, "w") as handle:
+                handle.write(f"{socket.gethostname()} {os.getpid()}\n")
+            self.held = True
+            return
+        raise LockError(f"could not take the lock {self.path}; another job raced for it")
+
+    def release(self) -> None:
+        """Remove the lock file if this process holds it."""
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def __enter__(self) -> DirectoryLock:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.release()
