@@ -1,7 +1,9 @@
-"""The error a user can fix by editing a config, and the one way mmalign words such errors.
+"""Errors a user can fix, and the one way mmalign words config errors.
 
-This module imports nothing heavy, so the command line can catch :class:`ConfigError` before
-torch or pydantic load.
+Every error whose message tells the user what to change (a config field, a busy directory, an
+unreadable checkpoint or export) derives from :class:`UserError`; the command line prints
+those as one line instead of a traceback. This module imports nothing heavy, so the command
+line can catch them before torch or pydantic load.
 
 Example:
     >>> str(ConfigError("data.batch_size: must be >= 1"))
@@ -13,7 +15,11 @@ from __future__ import annotations
 from typing import Any
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """An error the user can fix; its message says what was wrong, where, and what to do."""
+
+
+class ConfigError(UserError, ValueError):
     """A configuration is invalid; the message names the field and the fix."""
 
 

@@ -27,6 +27,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
+from mmalign.errors import UserError
+
 LOCK_NAME = ".lock"
 
 
@@ -91,7 +93,7 @@ def replace_directory(temporary: Path, final: Path) -> Path:
     return final
 
 
-class LockError(RuntimeError):
+class LockError(UserError, RuntimeError):
     """A directory is in use by another job, or holds work that would be overwritten."""
 
 
