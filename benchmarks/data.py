@@ -102,7 +102,7 @@ def keep(batch: dict[str, Any]) -> dict[str, Any]:
 
 
 def count_mmalign(batches: Iterable[dict[str, Any]]) -> int:
-    return sum(len(batch["keys"]) for batch in batches)
+    return sum(len(batch.keys) for batch in batches)
 
 
 def count_bare(batches: Iterable[dict[str, Any]]) -> int:

@@ -4,7 +4,7 @@ The public API, imported lazily so that ``import mmalign`` stays fast:
 
     >>> import mmalign
     >>> sorted(mmalign.__all__)[:3]
-    ['AlignmentModel', 'Config', 'LossOutput']
+    ['AlignmentModel', 'Batch', 'Config']
 """
 
 from __future__ import annotations
@@ -14,10 +14,15 @@ from typing import Any
 
 _EXPORTS = {
     "AlignmentModel": "mmalign.model",
+    "Batch": "mmalign.batch",
     "Config": "mmalign.config",
+    "ConfigError": "mmalign.errors",
+    "ObjectiveConfig": "mmalign.config",
     "load_config": "mmalign.config",
     "LossOutput": "mmalign.objectives",
+    "Objective": "mmalign.objectives",
     "build_objective": "mmalign.objectives",
+    "register_objective": "mmalign.objectives",
     "build_tower": "mmalign.towers",
     "Tower": "mmalign.towers",
     "register_tower": "mmalign.towers",
@@ -26,9 +31,9 @@ _EXPORTS = {
     "ZeroShotClassifier": "mmalign.eval",
     "retrieval_metrics": "mmalign.eval",
     "embedding_diagnostics": "mmalign.eval",
-    "export_embeddings": "mmalign.export.writer",
-    "build_index": "mmalign.export.writer",
-    "search": "mmalign.export.writer",
+    "export_embeddings": "mmalign.export",
+    "build_index": "mmalign.export",
+    "search": "mmalign.export",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -86,7 +86,7 @@ def truncate_last_file(path: Path) -> None:
 
 
 def keys_of(loader: Any) -> list[str]:
-    return [key for batch in loader for key in batch["keys"]]
+    return [key for batch in loader for key in batch.keys]
 
 
 def make_numbered_shards(directory: Path, shards: int, per_shard: int) -> list[str]:
@@ -164,17 +164,17 @@ def test_decoded_values_reach_the_towers(tmp_path: Path) -> None:
     url = write_shard(tmp_path / "v-000000.tar", records)
     loader = make_loader(url, echo_towers(), FIELDS, batch_size=8, label_field="cls")
     (batch,) = list(loader)
-    assert batch["keys"] == ["good00", "good01", "good02"]
-    assert batch["labels"].tolist() == [0, 1, 2]
+    assert batch.keys == ["good00", "good01", "good02"]
+    assert batch.labels.tolist() == [0, 1, 2]
     for row, index in enumerate(range(3)):
-        image, augmented = batch["inputs"]["image"][row]
+        image, augmented = batch.inputs["image"][row]
         assert image.mode == "RGB" and not augmented
         assert np.array_equal(np.asarray(image), np.full((4, 5, 3), index * 10, np.uint8))
-        assert batch["inputs"]["text"][row][0] == f"caption {index}"
-        waveform, sample_rate = batch["inputs"]["audio"][row][0]
+        assert batch.inputs["text"][row][0] == f"caption {index}"
+        waveform, sample_rate = batch.inputs["audio"][row][0]
         assert sample_rate == 16000 and waveform.dtype == np.float32
         assert np.array_equal(waveform, flac(index)[1])
-        graph = batch["inputs"]["graph"][row][0]
+        graph = batch.inputs["graph"][row][0]
         assert graph["x"].dtype == np.float32 and graph["x"].tolist() == [[index], [1.0]]
         assert graph["edge_index"].dtype == np.int64 and graph["edge_index"].shape == (2, 2)
 
@@ -191,19 +191,19 @@ def test_presence_mask_follows_the_tower_order(tmp_path: Path) -> None:
     towers = echo_towers(["text", "audio", "image"])
     loader = make_loader(url, towers, FIELDS, batch_size=8, metadata_fields=["json"])
     (batch,) = list(loader)
-    assert batch["modalities"] == ["text", "audio", "image"]
-    assert batch["keys"] == ["img_txt", "txt_only", "img_only"]
-    assert batch["present"].dtype == torch.bool
-    assert batch["present"].tolist() == [
+    assert batch.modalities == ["text", "audio", "image"]
+    assert batch.keys == ["img_txt", "txt_only", "img_only"]
+    assert batch.present.dtype == torch.bool
+    assert batch.present.tolist() == [
         [True, False, True],
         [True, False, False],
         [False] * 2 + [True],
     ]
-    assert [text for text, _ in batch["inputs"]["text"]] == ["a", "b"]
-    assert len(batch["inputs"]["image"]) == 2
-    assert batch["inputs"]["audio"] is None
-    assert batch["metadata"] == {"json": [None, None, None]}
-    assert "labels" not in batch
+    assert [text for text, _ in batch.inputs["text"]] == ["a", "b"]
+    assert len(batch.inputs["image"]) == 2
+    assert batch.inputs["audio"] is None
+    assert batch.metadata == {"json": [None, None, None]}
+    assert batch.labels is None and batch.groups is None
     assert loader.counters == {"seen": 4, "used": 3, "dropped/no_modality": 1}
 
 
@@ -219,9 +219,9 @@ def test_alternative_extensions_and_metadata(tmp_path: Path) -> None:
         url, echo_towers(["image"]), {"image": "jpg;png"}, 4, metadata_fields=["json"]
     )
     (batch,) = list(loader)
-    assert batch["present"].all()
-    assert batch["metadata"]["json"] == [{"id": 1}, {"id": 2}]
-    assert np.asarray(batch["inputs"]["image"][0][0])[1, 1, 0] > 150
+    assert batch.present.all()
+    assert batch.metadata["json"] == [{"id": 1}, {"id": 2}]
+    assert np.asarray(batch.inputs["image"][0][0])[1, 1, 0] > 150
 
 
 @pytest.mark.parametrize("shards", [6, 1])
@@ -286,7 +286,7 @@ def test_resampled_streams_are_seeded_infinite_and_bounded_by_epoch_samples(
         loader(6, epoch_samples=23, workers=2, rank=1, world_size=2, shuffle_buffer=4)
     )
     endless = itertools.islice(iter(loader(5)), 20)  # 80 samples from 15 records
-    drawn = [key for batch in endless for key in batch["keys"]]
+    drawn = [key for batch in endless for key in batch.keys]
     assert len(drawn) == 80 and len(set(drawn)) <= 15
 
 
@@ -295,7 +295,7 @@ def test_augment_is_applied_in_the_loader_only(tmp_path: Path) -> None:
     towers = echo_towers(["text"])
     for workers in (0, 2):
         loader = make_loader(url, towers, FIELDS, 2, workers=workers, augment=True)
-        flags = [augmented for batch in loader for _, augmented in batch["inputs"]["text"]]
+        flags = [augmented for batch in loader for _, augmented in batch.inputs["text"]]
         assert flags == [True] * 4
         assert towers["text"].augment is False
 
@@ -331,15 +331,15 @@ def test_loader_from_config_reads_validation_in_order(tmp_path: Path) -> None:
     config = DataConfig(train=url, val=url, fields=FIELDS, batch_size=2, shuffle_buffer=100)
     val = loader_from_config(config, echo_towers(), "val")
     batches = list(val)
-    assert [b["keys"] for b in batches] == [["good00", "good01"], ["good02", "good03"], ["good04"]]
-    assert torch.cat([b["labels"] for b in batches]).tolist() == [0, 1, 2, 3, 4]
-    assert not any(flag for b in batches for _, flag in b["inputs"]["text"])
+    assert [b.keys for b in batches] == [["good00", "good01"], ["good02", "good03"], ["good04"]]
+    assert torch.cat([b.labels for b in batches]).tolist() == [0, 1, 2, 3, 4]
+    assert not any(flag for b in batches for _, flag in b.inputs["text"])
     train = loader_from_config(
         config.model_copy(update={"epoch_samples": 4}), echo_towers(), "train"
     )
     train_batches = list(train)
-    assert all(len(b["keys"]) == 2 for b in train_batches) and len(train_batches) == 2
-    assert all(flag for b in train_batches for _, flag in b["inputs"]["text"])
+    assert all(len(b.keys) == 2 for b in train_batches) and len(train_batches) == 2
+    assert all(flag for b in train_batches for _, flag in b.inputs["text"])
 
 
 def test_iterate_records_gives_raw_values_and_skips_bad_ones(corrupt_shards: tuple) -> None:

@@ -263,17 +263,19 @@ def test_symile_n_with_missing_equals_formula_by_hand():
 
 def test_errors_name_the_field_and_the_fix():
     emb, scale = _embeddings(["a", "b"]), _scale()
-    with pytest.raises(ValueError, match=r"model\.objective\.weights has keys \['a-c'\]"):
+    with pytest.raises(ValueError, match=r"model\.objective\.weights: keys \['a-c'\]"):
         build_objective({"name": "clip", "weights": {"a-c": 1.0}})(emb, scale)
-    with pytest.raises(ValueError, match=r"model\.objective\.weights for \['a-b'\] are negative"):
+    with pytest.raises(ValueError, match=r"model\.objective\.weights: \['a-b'\] are negative"):
         build_objective({"name": "clip", "weights": {"a-b": -1.0}})(emb, scale)
     with pytest.raises(ValueError, match=r"model\.objective\.pairs"):
         build_objective({"name": "clip", "pairs": [["a", "c"]]})(emb, scale)
-    with pytest.raises(ValueError, match=r"model\.objective\.anchor is None"):
-        build_objective({"name": "anchored"})(emb, scale)
+    with pytest.raises(ValueError, match=r"model\.objective\.anchor: Field required"):
+        build_objective({"name": "anchored"})
+    with pytest.raises(ValueError, match=r"model\.objective\.anchor: 'c' is not one of"):
+        build_objective({"name": "anchored", "anchor": "c"})(emb, scale)
     with pytest.raises(ValueError, match="needs a logit_bias"):
         build_objective({"name": "sigmoid"})(emb, scale)
     with pytest.raises(ValueError, match=r"present has shape \(6, 3\)"):
         build_objective({"name": "clip"})(emb, scale, present=torch.ones(6, 3, dtype=torch.bool))
-    with pytest.raises(ValueError, match=r"model\.objective\.name: Input should be 'clip'"):
+    with pytest.raises(ValueError, match=r"model\.objective\.name: unknown objective 'nope'"):
         build_objective({"name": "nope"})

@@ -17,9 +17,9 @@ Example:
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
@@ -27,8 +27,17 @@ from mmalign.batch import Batch
 from mmalign.data.decode import RecordError, decode_fields, decode_value, find_file
 from mmalign.data.records import log_skip
 
-if TYPE_CHECKING:
-    from mmalign.towers.base import Tower
+
+class Tower(Protocol):
+    """What the data pipeline needs of a tower (:class:`mmalign.towers.Tower` has it)."""
+
+    augment: bool
+
+    def preprocess(self, raw: Any) -> Any: ...
+
+    def collate(self, items: Sequence[Any]) -> Any: ...
+
+    def set_augment(self, augment: bool) -> None: ...
 
 
 @dataclass
