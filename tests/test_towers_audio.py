@@ -15,8 +15,9 @@ from transformers.audio_utils import mel_filter_bank, spectrogram, window_functi
 from mmalign.config import ConfigError
 from mmalign.model import AlignmentModel
 from mmalign.towers import build_tower
-from mmalign.towers.audio import SpectrogramCNN, SpectrogramTransformer, resample
+from mmalign.towers.audio import SpectrogramCNN, SpectrogramTransformer
 from mmalign.towers.log_mel import LogMel, mel_filterbank
+from mmalign.towers.waveform import resample
 
 SMALL = {"type": "audio", "clip_seconds": 0.5, "n_mels": 32, "width": 32, "heads": 2}
 SMALL_CONFIGS = {

@@ -9,8 +9,8 @@ Example:
     ['audio', 'graph', 'image', 'tabular', 'text']
 """
 
-from mmalign.towers import audio, graph, image, tabular, text  # noqa: F401  (fill TOWERS)
 from mmalign.registry import TOWERS
+from mmalign.towers import audio, graph, image, tabular, text  # noqa: F401  (fill TOWERS)
 from mmalign.towers.base import Tower, TowerConfig, build_tower, register_tower
 
 __all__ = ["TOWERS", "Tower", "TowerConfig", "build_tower", "register_tower"]
