@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import torch
 import webdataset as wds
 
-from mmalign.export.writer import build_index, export_embeddings, load_index
+from mmalign.export import build_index, export_embeddings, load_index
 from mmalign.model import AlignmentModel
 
 TEXT_MODEL = {

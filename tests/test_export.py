@@ -12,25 +12,25 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 from test_eval_zeroshot import TEXT, tabular, tiny_model, vectors, write_shards
 
-import mmalign.export as export
-from mmalign.cli.commands import (
-    add_export_arguments,
-    add_search_arguments,
-    export_command,
-    search_command,
-)
-from mmalign.export.writer import (
+from mmalign.cli.export import add_arguments as add_export_arguments
+from mmalign.cli.export import run as export_command
+from mmalign.cli.search import add_arguments as add_search_arguments
+from mmalign.cli.search import run as search_command
+from mmalign.errors import UserError
+from mmalign.export import (
     ExportError,
     build_index,
     export_embeddings,
     load_embeddings,
     load_index,
     search,
+    writer,
 )
 
 FIELDS = {"x": "x.npy", "y": "y.npy", "text": "txt"}
@@ -117,9 +117,9 @@ class Crash(RuntimeError):
 
 
 def crash_on_call(monkeypatch, target: str, call: int, partial_temp: bool = False) -> None:
-    """Make ``mmalign.export.<target>`` raise on its ``call``-th call (1-based); with
+    """Make ``mmalign.export.writer.<target>`` raise on its ``call``-th call (1-based); with
     ``partial_temp`` leave a half-written temporary file behind, as a killed writer would."""
-    original = getattr(export, target)
+    original = getattr(writer, target)
     calls = {"n": 0}
 
     def wrapper(*args, **kwargs):
@@ -132,14 +132,16 @@ def crash_on_call(monkeypatch, target: str, call: int, partial_temp: bool = Fals
             raise Crash(f"simulated crash in {target}")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(export, target, wrapper)
+    monkeypatch.setattr(writer, target, wrapper)
 
 
 @pytest.mark.parametrize(
     ("target", "call", "partial_temp", "done_chunks"),
     [
         ("_write_chunk", 3, False, 2),  # crash after 2 whole chunks
-        ("atomic_write", 13, True, 2),  # mid-chunk 2: x, y written, text half-written
+        # the chunk files (x, y, text, meta) go through writer.atomic_write, the manifest
+        # through write_json: mid-chunk 2, x and y written, text half-written
+        ("atomic_write", 11, True, 2),
     ],
 )
 def test_interrupted_export_resumes_to_identical_files(
@@ -169,7 +171,7 @@ def test_interrupted_export_resumes_to_identical_files(
 KILL_SCRIPT = """
 import sys, time
 from mmalign.eval.loading import load_model
-from mmalign.export.writer import export_embeddings
+from mmalign.export import export_embeddings
 model = load_model(sys.argv[1])
 model.register_forward_hook(lambda *args: time.sleep(0.15))
 export_embeddings(sys.argv[1], sys.argv[2:4], ["x", "y", "text"], sys.argv[4], batch_size=4,
@@ -235,7 +237,7 @@ def test_flat_and_full_probe_ivf_indexes_equal_brute_force(tmp_path):
     np.save(out / "v" / "chunk-000000.npy", data)
     (out / "meta").mkdir()
     table = {"key": [f"v{i}" for i in range(400)], "present_v": [True] * 400}
-    pq.write_table(export.pa.table(table), out / "meta" / "chunk-000000.parquet")
+    pq.write_table(pa.table(table), out / "meta" / "chunk-000000.parquet")
     chunk = {
         "name": "chunk-000000",
         "rows": 400,
@@ -322,3 +324,18 @@ def test_cli_helpers_export_index_and_search(tmp_path, model, capsys):
     rank, score, key = lines[1].split()[:3]
     assert (rank, key) == ("1", "k0003") and float(score) > 0.999  # float16 export
     assert len(lines) == 3
+    # the same query at the Python level: an already parsed sample of a real modality
+    rows = search(out, None, raw["x"][3].tolist(), "x", k=2, target="x")
+    assert rows[0]["key"] == "k0003" and len(rows) == 2
+
+
+def test_search_refuses_what_it_cannot_encode(tmp_path, model):
+    shards, raw = make_data(tmp_path)
+    out = tmp_path / "out"
+    export_embeddings(model, shards, ["x"], out, **export_options())
+    build_index(out, "x")
+    with pytest.raises(ValueError, match="no modality 'tabular'"):
+        search(out, model, raw["x"][0], "tabular")  # a tower type, not a modality
+    with pytest.raises(ValueError, match="in-memory model"):
+        search(out, None, raw["x"][0], "x")
+    assert isinstance(ExportError("x"), UserError) and isinstance(ExportError("x"), RuntimeError)

@@ -46,7 +46,7 @@ from conftest import (
 )
 
 from mmalign.config import load_config
-from mmalign.export.writer import ExportError, read_manifest, run_export
+from mmalign.export import ExportError, read_manifest, run_export
 from mmalign.model import AlignmentModel
 from mmalign.training import checkpoint, train
 from mmalign.training.optim import build_optimizer
@@ -80,14 +80,12 @@ TRAIN_FAULTS: dict[str, tuple[str, int]] = {
     "external SIGKILL when .tmp-step-* appears": ("external:tmp-dir", 1),
 }
 CHUNKS = SAMPLES // CHUNK
+WRITER = "mmalign.export.writer"
 EXPORT_FAULTS: dict[str, tuple[str, int]] = {
-    "chunk files written, manifest not updated": (
-        "mmalign.export:_write_chunk:{call}:after",
-        CHUNKS,
-    ),
-    "empty temporary metadata file": ("mmalign.export:pq.write_table:{call}:before", CHUNKS),
-    "between the files of a chunk": ("mmalign.export:atomic_write:{call}:before", 2 * CHUNKS),
-    "before a manifest update": ("mmalign.export:_write_json:{call}:before", CHUNKS),
+    "chunk files written, manifest not updated": (f"{WRITER}:_write_chunk:{{call}}:after", CHUNKS),
+    "empty temporary metadata file": (f"{WRITER}:pq.write_table:{{call}}:before", CHUNKS),
+    "between the files of a chunk": (f"{WRITER}:atomic_write:{{call}}:before", 2 * CHUNKS),
+    "before a manifest update": (f"{WRITER}:write_json:{{call}}:before", CHUNKS),
 }
 
 

@@ -17,9 +17,9 @@ from conftest import (
 )
 
 from mmalign.cli.main import main
-from mmalign.export.writer import run_export
-from mmalign.training import train
+from mmalign.export import run_export
 from mmalign.files import LockError
+from mmalign.training import train
 
 
 def test_second_training_run_on_a_busy_directory_refuses(
@@ -69,7 +69,7 @@ def test_second_export_into_a_busy_directory_refuses(
         "float32",
         "--no-progress",
     ]
-    first = start_forked(arguments, ["mmalign.export:_write_chunk:3:pause"], faults)
+    first = start_forked(arguments, ["mmalign.export.writer:_write_chunk:3:pause"], faults)
     try:
         wait_for_file(faults / "paused", first)
         with pytest.raises(LockError, match=f"used by another export \\(PID {first}"):

@@ -3,16 +3,19 @@ restarted export ends with files byte-identical to an uninterrupted export."""
 
 from __future__ import annotations
 
+import json
 import signal
 from pathlib import Path
 
 import pytest
 from conftest import EXPORT_CHUNK, export_arguments, fork_mmalign, tiny_config
 
-from mmalign.export.writer import ExportError, load_embeddings, read_manifest, run_export
+from mmalign.export import ExportError, load_embeddings, read_manifest, run_export
 from mmalign.training import train
 
 CHUNK = EXPORT_CHUNK
+WRITER = "mmalign.export.writer"
+"""The module whose functions the kill points wrap."""
 
 
 def export_files(out: Path) -> dict[str, bytes]:
@@ -26,8 +29,6 @@ def assert_listed_chunks_complete(out: Path, expected: dict[str, bytes]) -> int:
         read_manifest(out)
     with pytest.raises(ExportError):
         load_embeddings(out, "labs")
-    import json
-
     state = (
         json.loads((out / "manifest.json").read_text())
         if (out / "manifest.json").exists()
@@ -65,11 +66,11 @@ def test_killed_export_resumes_to_identical_files(
     out = tmp_path / "killed"
     arguments = export_arguments(trained_run, shards, out)
     # 1: chunk 3's files are in place but the manifest does not list it yet
-    assert fork_mmalign(arguments, ["mmalign.export:_write_chunk:3:after"]) == -signal.SIGKILL
+    assert fork_mmalign(arguments, [f"{WRITER}:_write_chunk:3:after"]) == -signal.SIGKILL
     assert (out / "labs" / "chunk-000002.npy").is_file()
     assert assert_listed_chunks_complete(out, expected) == 2
     # 2: resumed, killed with a half-written temporary file of chunk 5's metadata
-    assert fork_mmalign(arguments, ["mmalign.export:pq.write_table:3:before"]) == -signal.SIGKILL
+    assert fork_mmalign(arguments, [f"{WRITER}:pq.write_table:3:before"]) == -signal.SIGKILL
     assert list(out.glob("meta/.chunk-000004.parquet.tmp*")), "the kill missed the write"
     assert not (out / "meta" / "chunk-000004.parquet").exists()
     assert assert_listed_chunks_complete(out, expected) == 4
