@@ -34,3 +34,8 @@ format: $(INSTALLED)
 
 test: lint
 	$(BIN)/pytest
+
+# The installed wheel runs its own demo outside the checkout (also part of `make test`).
+.PHONY: wheel-check
+wheel-check: $(INSTALLED)
+	$(BIN)/pytest -q tests/test_wheel.py

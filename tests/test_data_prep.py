@@ -1,4 +1,4 @@
-"""data_prep: the demo datasets, manifest conversion and tokenizer training."""
+"""mmalign.demo.data and mmalign.prep: the demo datasets, manifest conversion, tokenizers."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from scipy.stats import chi2_contingency
 from sklearn.datasets import load_digits
 from test_data_loader import EchoTower
 
-from mmalign.demo import data as make_demo
-from mmalign.prep import from_manifest, train_tokenizer
-from mmalign.demo.digits import DIGIT_WORDS, TEMPLATES, dtmf_clip
 from mmalign.data import iterate_records, make_loader
+from mmalign.demo import data as make_demo
+from mmalign.demo.digits import DIGIT_WORDS, TEMPLATES, dtmf_clip
+from mmalign.prep import from_manifest, train_tokenizer
 from mmalign.towers import build_tower
 
 ROW_FREQUENCIES = [697, 770, 852, 941]
@@ -222,12 +222,12 @@ def test_demo_batches_through_real_towers(demo: Path, tmp_path: Path) -> None:
         shards, towers, ALL_FIELDS, 16, label_field="cls", metadata_fields=["json"]
     )
     batch = next(iter(loader))
-    assert batch["present"].shape == (16, 4) and batch["present"].all()
-    assert batch["inputs"]["image"].shape == (16, 3, 32, 32)
-    assert batch["inputs"]["graph"].num_graphs == 16
-    assert batch["labels"].tolist() == [meta["digit"] for meta in batch["metadata"]["json"]]
+    assert batch.present.shape == (16, 4) and batch.present.all()
+    assert batch.inputs["image"].shape == (16, 3, 32, 32)
+    assert batch.inputs["graph"].num_graphs == 16
+    assert batch.labels.tolist() == [meta["digit"] for meta in batch.metadata["json"]]
     for name, tower in towers.items():
-        assert tower(batch["inputs"][name]).shape[0] == 16
+        assert tower(batch.inputs[name]).shape[0] == 16
 
 
 def write_manifest_files(directory: Path) -> list[dict[str, Any]]:
@@ -329,17 +329,15 @@ def test_manifest_to_shards_to_batches_gives_back_the_manifest(tmp_path: Path, s
     towers = {name: EchoTower() for name in names}
     loader = make_loader(str(out), towers, extensions, batch_size=2, label_field="cls")
     batches = list(loader)
-    keys = [key for batch in batches for key in batch["keys"]]
+    keys = [key for batch in batches for key in batch.keys]
     assert keys == [f"item{i}" for i in range(5)]
     values: dict[str, dict[str, Any]] = {}
     for batch in batches:
         for name in names:
-            present_keys = [
-                k for k, p in zip(batch["keys"], batch["present"][:, names.index(name)]) if p
-            ]
-            for key, (value, _) in zip(present_keys, batch["inputs"][name] or []):
+            present_keys = [k for k, p in zip(batch.keys, batch.present_of(name)) if p]
+            for key, (value, _) in zip(present_keys, batch.inputs[name] or []):
                 values.setdefault(key, {})[name] = value
-        for key, label in zip(batch["keys"], batch["labels"].tolist()):
+        for key, label in zip(batch.keys, batch.labels.tolist()):
             values[key]["label"] = label
     for row in rows[:5]:
         got = values[row["key"]]

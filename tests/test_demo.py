@@ -6,13 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmalign.demo.pipeline import (
-    PRETRAINED_TOWERS,
-    QUICK_OVERRIDES,
-    reference_images,
-    run_demo,
-    similarity_rows,
-)
+from mmalign.demo.pipeline import PRETRAINED_TOWERS, QUICK_OVERRIDES, run_demo
+from mmalign.demo.results import reference_images, similarity_rows
 
 NUMBER = re.compile(r"^-?\d+(\.\d+)?%?$")
 

@@ -1,6 +1,6 @@
 """Write the demo datasets ``digits`` and ``digits-sum`` as WebDataset shards.
 
-    python -m mmalign.demo.data --out data [--seed 0] [--variants 4] [--limit N] [--force]
+    mmalign prep make-demo --out data [--seed 0] [--variants 4] [--limit N] [--force]
 
 writes ``data/digits/{train,val,test}-%06d.tar`` and ``data/digits-sum/...`` (8 train
 shards, 1 val, 1 test), with ``classes.json``, a dataset card ``README.md`` and a
@@ -176,7 +176,7 @@ def dataset_card(name: str, summary: dict[str, Any]) -> str:
 
 {what}
 
-Made by `python -m mmalign.demo.data --out DIR --seed {params["seed"]} --variants \
+Made by `mmalign prep make-demo --out DIR --seed {params["seed"]} --variants \
 {params["variants"]}{f" --limit {params['limit']}" if params["limit"] else ""}` from
 scikit-learn's bundled copy of the UCI "Optical Recognition of Handwritten Digits" data
 (1,797 images, CC BY 4.0). No download. Source images are split 70/10/20 (stratified, seed
@@ -269,9 +269,9 @@ def make_demo(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line entry point (``python -m mmalign.demo.data``)."""
+    """Command line entry point (``mmalign prep make-demo ...``); returns the exit status."""
     parser = argparse.ArgumentParser(
-        prog="python -m mmalign.demo.data",
+        prog="mmalign prep make-demo",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

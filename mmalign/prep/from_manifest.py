@@ -1,6 +1,6 @@
 """Turn a CSV or JSONL manifest into WebDataset shards.
 
-    python -m mmalign.prep.from_manifest pairs.csv --out shards/ \\
+    mmalign prep from-manifest pairs.csv --out shards/ \\
         --fields image=png,caption=txt,audio=flac,labs=npy,label=cls [--maxcount 10000] \\
         [--maxsize 1e9] [--key-column key] [--name data]
 
@@ -218,9 +218,9 @@ def _report(summary: dict[str, Any], out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line entry point (``python -m mmalign.prep.from_manifest``)."""
+    """Command line entry point (``mmalign prep from-manifest ...``); returns the exit status."""
     parser = argparse.ArgumentParser(
-        prog="python -m mmalign.prep.from_manifest",
+        prog="mmalign prep from-manifest",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

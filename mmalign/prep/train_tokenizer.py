@@ -1,8 +1,8 @@
 """Train a SentencePiece tokenizer on the text of shards or of a manifest.
 
-    python -m mmalign.prep.train_tokenizer --shards 'data/digits/train-{000000..000007}.tar' \\
+    mmalign prep train-tokenizer --shards 'data/digits/train-{000000..000007}.tar' \\
         --field txt --out data/spm.model --vocab-size 256
-    python -m mmalign.prep.train_tokenizer --manifest pairs.csv --field caption --out spm.model
+    mmalign prep train-tokenizer --manifest pairs.csv --field caption --out spm.model
 
 ``--field`` is the record extension (shards) or the column (manifest; cells naming a file
 next to the manifest are read from it). The model reserves ``pad`` = 0, ``unk`` = 1,
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import sentencepiece
 
-from mmalign.prep.from_manifest import read_manifest
 from mmalign.data.records import iterate_records
+from mmalign.prep.from_manifest import read_manifest
 
 
 def texts_from_shards(shards: Sequence[str], extension: str) -> Iterator[str]:
@@ -78,9 +78,9 @@ def train_tokenizer(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line entry point (``python -m mmalign.prep.train_tokenizer``)."""
+    """Command line entry point (``mmalign prep train-tokenizer ...``); returns the exit status."""
     parser = argparse.ArgumentParser(
-        prog="python -m mmalign.prep.train_tokenizer",
+        prog="mmalign prep train-tokenizer",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

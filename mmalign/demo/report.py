@@ -1,0 +1,273 @@
+"""``REPORT.md`` of the demo: the targets, the trainings, every measurement, the timings.
+
+:func:`write_report` assembles one markdown section per part of the demo from the runs
+(:class:`mmalign.demo.pipeline.Run`), the results of :mod:`mmalign.demo.results` and the
+step timings. Links to figures and files are relative to the report's directory.
+
+Example:
+    >>> write_report(Path("runs/demo"), runs, results, timings, context)  # doctest: +SKIP
+    PosixPath('runs/demo/REPORT.md')
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mmalign.demo.results import REFERENCES_PER_CLASS
+
+if TYPE_CHECKING:
+    from mmalign.demo.pipeline import Run, Timings
+
+TARGETS = {
+    "zero-shot image accuracy, English prompts (digits)": ("zeroshot_en", ">=", 0.90),
+    "audio->image class-level R@1 (digits)": ("audio_image_r1", ">=", 0.90),
+    "Symile zero-shot accuracy, caption + tone -> image (digits-sum)": ("symile", ">=", 0.60),
+    "CLIP zero-shot accuracy, caption + tone -> image (digits-sum)": ("clip", "<=", 0.15),
+}
+"""Target label -> (key of :func:`measured_targets`, sense, threshold)."""
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    # mmalign.eval.report has a private twin that formats floats to 4 places; the demo's
+    # cells are formatted by the caller.
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return [*lines, ""]
+
+
+def _link(out_dir: Path, path: Path, text: str, image: bool = False) -> str:
+    """A markdown link relative to ``out_dir`` (``path`` must exist)."""
+    relative = os.path.relpath(path, out_dir)
+    return f"{'!' if image else ''}[{text}]({relative})"
+
+
+def measured_targets(results: dict[str, Any]) -> dict[str, float]:
+    """The figures the demo's :data:`TARGETS` are about.
+
+    Example:
+        >>> measured_targets(results)["symile"]  # doctest: +SKIP
+        0.998
+    """
+    digits = results["digits"]
+    return {
+        "zeroshot_en": digits["zeroshot"]["en"]["metrics"]["top1"],
+        "audio_image_r1": digits["retrieval"]["audio->image"]["R@1"],
+        "symile": results["digits-sum-symile"]["metrics"]["top1"],
+        "clip": results["digits-sum-clip"]["metrics"]["top1"],
+    }
+
+
+def _targets_section(results: dict[str, Any], quick: bool) -> list[str]:
+    """``## Targets``: each target's measured figure, threshold and verdict."""
+    measured = measured_targets(results)
+    rows = []
+    for label, (key, sense, threshold) in TARGETS.items():
+        met = measured[key] >= threshold if sense == ">=" else measured[key] <= threshold
+        verdict = "yes" if met else "no"
+        rows.append([label, _percent(measured[key]), f"{sense} {_percent(threshold)}", verdict])
+    note = (
+        [
+            "_Quick mode (a smoke test on tiny data): the figures are not meant to meet the "
+            "targets._",
+            "",
+        ]
+        if quick
+        else []
+    )
+    return ["## Targets", "", *note, *_table(["check", "measured", "target", "met"], rows)]
+
+
+def _training_section(out_dir: Path, runs: dict[str, Run], timings: Timings) -> list[str]:
+    """``## Training``: one row per run, with its times and links to its curves."""
+    rows = []
+    for name, run in runs.items():
+        wall, cpu = timings.steps[f"train {name}"]
+        loss = "-" if run.final_loss is None else f"{run.final_loss:.3f}"
+        curves = [
+            _link(out_dir, run.directory / png, png.removesuffix(".png"))
+            for png in ("loss.png", "temperature.png", "validation.png")
+            if (run.directory / png).is_file()
+        ]
+        rows.append(
+            [
+                name,
+                f"`{run.config_file}`",
+                run.config.model.objective.name,
+                run.steps,
+                run.config.data.batch_size,
+                loss,
+                f"{wall:.0f}",
+                f"{cpu:.0f}",
+                ", ".join(curves) or "-",
+            ]
+        )
+    header = [
+        "run",
+        "config",
+        "objective",
+        "steps",
+        "batch",
+        "final loss",
+        "wall s",
+        "CPU s",
+        "training curves",
+    ]
+    return ["## Training", "", *_table(header, rows)]
+
+
+def _digits_section(out_dir: Path, digits: dict[str, Any]) -> list[str]:
+    """``## digits``: zero-shot by language, class-level retrieval, the two figures."""
+    zeroshot_rows = [
+        [
+            language,
+            _percent(result["metrics"]["top1"]),
+            _percent(result["metrics"]["top5"]),
+            _percent(result["metrics"]["balanced_accuracy"]),
+        ]
+        for language, result in digits["zeroshot"].items()
+    ]
+    retrieval_rows = [
+        [pair, _percent(m["R@1"]), _percent(m["R@5"]), _percent(m["R@10"]), f"{m['mAP']:.3f}"]
+        for pair, m in digits["retrieval"].items()
+    ]
+    figures = digits["figures"]
+    return [
+        f"## digits: image, text, audio, graph ({digits['samples']} test samples)",
+        "",
+        "Zero-shot image classification from the class prompts of each language "
+        "(`classes.json`; the prompts of one language averaged per class):",
+        "",
+        *_table(["language", "top-1", "top-5", "balanced accuracy"], zeroshot_rows),
+        "Class-level retrieval on the test split (a hit is any gallery item of the query's class):",
+        "",
+        *_table(["query -> gallery", "R@1", "R@5", "R@10", "mAP"], retrieval_rows),
+        _link(out_dir, figures["confusion"], "confusion matrix (English prompts)", image=True),
+        _link(out_dir, figures["similarity"], "image-text similarity matrix", image=True),
+        "",
+    ]
+
+
+def _pretrained_note(out_dir: Path, run: Run) -> str:
+    """Which towers of a run started from a checkpoint (the digits model's)."""
+    towers = run.config.model.towers
+    loaded = {
+        name: tower["checkpoint"] for name, tower in towers.items() if tower.get("checkpoint")
+    }
+    if not loaded:
+        return "All towers start from random weights."
+    checkpoint = os.path.relpath(next(iter(loaded.values())), out_dir)
+    fresh = [name for name in towers if name not in loaded]
+    return (
+        f"Both models start their {' and '.join(loaded)} towers from the digits model "
+        f"(`{checkpoint}`), the {' and '.join(fresh) or 'other'} tower(s) "
+        "from random weights; only the objective differs."
+    )
+
+
+def _sum_section(out_dir: Path, results: dict[str, Any], runs: dict[str, Run]) -> list[str]:
+    """``## digits-sum``: Symile against CLIP on caption + tone -> image."""
+    rows = [
+        [
+            name.rsplit("-", 1)[1],
+            results[name]["rule"],
+            results[name]["samples"],
+            _percent(results[name]["metrics"]["top1"]),
+            _percent(results[name]["metrics"]["top5"]),
+            "10.0%",
+        ]
+        for name in ("digits-sum-symile", "digits-sum-clip")
+    ]
+    return [
+        "## digits-sum: Symile vs CLIP",
+        "",
+        "The caption names a, the tone keys b, the image shows (a + b) mod 10: every pair of "
+        "modalities is independent, only the three together carry information. Each model "
+        f"classifies the image's digit from caption + tone; the class candidates are "
+        f"{REFERENCES_PER_CLASS} training images per digit, embeddings averaged. "
+        + _pretrained_note(out_dir, runs["digits-sum-symile"]),
+        "",
+        *_table(["objective", "scoring rule", "test samples", "top-1", "top-5", "chance"], rows),
+    ]
+
+
+def _search_section(out_dir: Path, found: dict[str, Any]) -> list[str]:
+    """``## Embedding export and search``: the index and the hits of each query."""
+    lines = [
+        "## Embedding export and search",
+        "",
+        f"{found['rows']} test images exported and indexed "
+        f"({_link(out_dir, found['index'], found['index'].name)}, exact inner product). "
+        f"Queries for the digit {found['digit']}: a caption, and a test tone saved as "
+        f"{_link(out_dir, found['wav'], found['wav'].name)}.",
+        "",
+    ]
+    for modality, search_result in found["searches"].items():
+        hits = search_result["hits"]
+        precision = sum(hit["cls"] == found["digit"] for hit in hits) / max(len(hits), 1)
+        rows = [[hit["rank"], f"`{hit['key']}`", hit["cls"], f"{hit['score']:.3f}"] for hit in hits]
+        lines += [
+            f"{modality} query `{search_result['query']}`: precision@{len(hits)} "
+            f"{_percent(precision)}",
+            "",
+            *_table(["rank", "key", "class", "score"], rows),
+        ]
+    return lines
+
+
+def _timings_section(timings: Timings, context: dict[str, Any]) -> list[str]:
+    """``## Timings``: wall and CPU seconds of every step and their total."""
+    rows = [[name, f"{wall:.1f}", f"{cpu:.1f}"] for name, (wall, cpu) in timings.steps.items()]
+    wall, cpu = timings.total()
+    rows.append(["**total (without install)**", f"{wall:.1f}", f"{cpu:.1f}"])
+    return [
+        "## Timings",
+        "",
+        f"{context['platform']}; torch threads {context['threads']}. CPU time adds this "
+        "process and its finished child processes (data workers, dataset builders).",
+        "",
+        *_table(["step", "wall s", "CPU s"], rows),
+    ]
+
+
+def write_report(
+    out_dir: Path,
+    runs: dict[str, Run],
+    results: dict[str, Any],
+    timings: Timings,
+    context: dict[str, Any],
+) -> Path:
+    """Write ``out_dir/REPORT.md`` from the demo's results; returns its path.
+
+    ``results`` holds ``digits``, ``digits-sum-symile``, ``digits-sum-clip`` and ``search``
+    (from :mod:`mmalign.demo.results`); ``context`` the ``date``, ``data_dir``,
+    ``configs_dir``, ``quick``, ``reuse``, ``threads`` and ``platform`` of the run.
+
+    Example:
+        >>> write_report(Path("runs/demo"), runs, results, timings, context)  # doctest: +SKIP
+        PosixPath('runs/demo/REPORT.md')
+    """
+    lines = [
+        "# mmalign demo report",
+        "",
+        f"Made by `mmalign demo` on {context['date']} from the data in `{context['data_dir']}` "
+        f"and the configs in `{context['configs_dir']}`"
+        f"{' (quick mode)' if context['quick'] else ''}"
+        f"{'; finished runs reused' if context['reuse'] else ''}.",
+        "",
+        *_targets_section(results, context["quick"]),
+        *_training_section(out_dir, runs, timings),
+        *_digits_section(out_dir, results["digits"]),
+        *_sum_section(out_dir, results, runs),
+        *_search_section(out_dir, results["search"]),
+        *_timings_section(timings, context),
+    ]
+    path = out_dir / "REPORT.md"
+    path.write_text("\n".join(lines).rstrip() + "\n")
+    return path
