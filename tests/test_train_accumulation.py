@@ -6,6 +6,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
+from mmalign.batch import Batch
 from mmalign.model import AlignmentModel
 from mmalign.training.accumulation import ContrastiveStep, accumulated_step
 
@@ -21,10 +22,11 @@ def _model(objective: dict, dropout: float = 0.0) -> AlignmentModel:
     return AlignmentModel.from_config({"dim": 6, "towers": towers, "objective": objective}).double()
 
 
-def _batch(raw: dict[str, torch.Tensor], present: torch.Tensor) -> dict:
+def _batch(raw: dict[str, torch.Tensor], present: torch.Tensor) -> Batch:
     """A loader-style batch: inputs hold only the present rows of each modality."""
     inputs = {name: raw[name][present[:, j]] for j, name in enumerate(MODALITIES)}
-    return {"inputs": inputs, "present": present}
+    keys = [str(row) for row in range(present.shape[0])]
+    return Batch(keys=keys, modalities=list(MODALITIES), inputs=inputs, present=present)
 
 
 def _data(rows: int, missing: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -60,7 +62,7 @@ def test_accumulated_gradients_equal_big_batch(objective: dict, missing: bool) -
 
     reference = _model(objective)
     big = _batch(raw, present)
-    output = reference.loss(reference(big["inputs"], present=present), present, _seeded())
+    output = reference.loss(reference(big), big, _seeded())
     output.loss.backward()
     expected = _grads(reference)
 
@@ -98,7 +100,7 @@ def test_dropout_masks_are_replayed() -> None:
 
     reference = _model({"name": "clip"}, dropout=0.5)
     torch.manual_seed(7)
-    embedded = [reference(part["inputs"], present=part["present"]) for part in parts]
+    embedded = [reference(part) for part in parts]
     joined = {name: torch.cat([e[name] for e in embedded]) for name in MODALITIES}
     reference.loss(joined, present).loss.backward()
     rng_after_reference = torch.get_rng_state()

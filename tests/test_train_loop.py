@@ -16,11 +16,11 @@ import yaml
 from safetensors.torch import load_file
 from test_train_support import metrics, model_weights, tiny_config, write_shards
 
+from mmalign.files import LockError
 from mmalign.model import AlignmentModel
 from mmalign.objectives import LossOutput
 from mmalign.training import TrainingStopped, train
-from mmalign.training.loop import Trainer
-from mmalign.files import LockError
+from mmalign.training.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -209,11 +209,9 @@ def test_skipped_records_are_counted_in_the_log(tmp_path: Path) -> None:
     assert "records skipped so far" in (out / "train.log").read_text()
 
 
-def test_mmalign_train_is_the_training_function(
-    tmp_path: Path, shards: dict[str, str]
-) -> None:
+def test_mmalign_train_is_the_training_function(tmp_path: Path, shards: dict[str, str]) -> None:
     import mmalign
 
-    assert callable(mmalign.train) and mmalign.train.__module__ == "mmalign.training.loop"
+    assert callable(mmalign.train) and mmalign.train.__module__ == "mmalign.training.run"
     result = mmalign.train(tiny_config(tmp_path / "run", shards["train"], train={"steps": 1}))
     assert result.steps == 1 and (tmp_path / "run" / "model" / "config.json").is_file()

@@ -15,22 +15,20 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from types import EllipsisType
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from mmalign.batch import Batch
 from mmalign.config import ConfigError, DataConfig
-from mmalign.data.batching import RecordSpec, batches, take_samples, to_sample
+from mmalign.data.batching import RecordSpec, Tower, batches, take_samples, to_sample
 from mmalign.data.decode import parse_alternatives
 from mmalign.data.records import raw_records
 from mmalign.data.shards import expand_shards
 from mmalign.data.splitting import Split, current_split
 from mmalign.dist import resolve_world
-
-if TYPE_CHECKING:
-    from mmalign.towers.base import Tower
 
 
 def _share(total: int | None, split: Split) -> int | None:
@@ -226,15 +224,29 @@ def make_loader(
 
 
 def loader_from_config(
-    data_cfg: DataConfig, towers: Mapping[str, Tower], split: str = "train"
+    data_cfg: DataConfig,
+    towers: Mapping[str, Tower],
+    split: str = "train",
+    *,
+    rank: int | None = None,
+    world_size: int | None = None,
+    seed: int | None = None,
+    label_field: str | EllipsisType | None = ...,
 ) -> Loader:
-    """The loader of one split of a :class:`~mmalign.config.DataConfig`.
+    """The loader of one split of a :class:`~mmalign.config.DataConfig`: the one mapping of
+    the data settings to a loader (training, validation, evaluation).
 
-    ``train`` shuffles, resamples (if ``data.resampled``), augments and drops the last partial
-    batch; ``val`` and ``test`` read every record once, in order, without augmentation.
+    ``train`` shuffles (``data.shuffle_buffer``), resamples (if ``data.resampled``), caps
+    epochs at ``data.epoch_samples``, augments and drops the last partial batch; ``val`` and
+    ``test`` read every record once, in order, without augmentation, and drop the last
+    partial batch only with several processes (so every rank has the same number of full
+    batches). ``rank`` / ``world_size`` default to torch.distributed's, ``seed`` to
+    ``data.seed`` and ``label_field`` to ``data.label_field`` (``None``: no labels).
 
     Example:
         >>> loader = loader_from_config(cfg.data, model.towers, "val")  # doctest: +SKIP
+        >>> loader = loader_from_config(cfg.data, model.towers, "train", seed=7,
+        ...     label_field=None, rank=0, world_size=2)  # doctest: +SKIP
     """
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
@@ -242,6 +254,7 @@ def loader_from_config(
     if shards is None:
         raise ConfigError(f"data.{split} is not set; give it a shard pattern, directory or list")
     training = split == "train"
+    _, processes = resolve_world(rank, world_size)
     return make_loader(
         shards,
         towers,
@@ -250,10 +263,12 @@ def loader_from_config(
         workers=data_cfg.workers,
         shuffle_buffer=data_cfg.shuffle_buffer if training else 0,
         resampled=data_cfg.resampled and training,
-        seed=data_cfg.seed,
+        seed=data_cfg.seed if seed is None else seed,
         epoch_samples=data_cfg.epoch_samples if training else None,
-        label_field=data_cfg.label_field,
-        drop_last=training,
+        label_field=data_cfg.label_field if label_field is ... else label_field,
+        rank=rank,
+        world_size=world_size,
+        drop_last=training or processes > 1,
         augment=training,
         field=f"data.{split}",
     )

@@ -34,7 +34,7 @@ from torch import Tensor
 from mmalign.eval.diagnostics import embedding_diagnostics
 from mmalign.eval.loading import CollectedEmbeddings, collect_embeddings, load_model
 from mmalign.eval.plots import plot_confusion, plot_recall_curves, plot_similarity
-from mmalign.eval.retrieval import nway_retrieval_metrics, recall_curve, retrieval_metrics
+from mmalign.eval.retrieval import nway_recall, pairwise_recall, recall_curve
 from mmalign.eval.zeroshot import (
     ZeroShotClassifier,
     evaluate_zeroshot,
@@ -55,17 +55,19 @@ def retrieval_report(
     ks: Sequence[int],
 ) -> tuple[dict[str, float], dict[str, Tensor]]:
     """Metrics of every pair in both directions, and the recall@k curve of each direction."""
-    metrics: dict[str, float] = {}
+    both_ways = [way for a, b in pairs for way in ((a, b), (b, a))]
+    results = pairwise_recall(collected.embeddings, collected.present, both_ways, ks)
+    metrics = {
+        f"retrieval/{query}->{gallery}/{metric}": value
+        for (query, gallery), result in results.items()
+        for metric, value in result.items()
+    }
     curves: dict[str, Tensor] = {}
     for first, second in pairs:
-        rows = _both_present(collected, (first, second))
-        if rows.sum() < 2:
+        if (first, second) not in results:
             continue
+        rows = _both_present(collected, (first, second))
         x, y = collected.embeddings[first][rows], collected.embeddings[second][rows]
-        for name, value in retrieval_metrics(x, y, ks=ks).items():
-            direction, metric = name.split("/", 1)
-            query, gallery = (first, second) if direction == "q2g" else (second, first)
-            metrics[f"retrieval/{query}->{gallery}/{metric}"] = value
         max_k = min(CURVE_MAX_K, x.shape[0])
         curves[f"{first}->{second}"] = recall_curve(x, y, max_k)
         curves[f"{second}->{first}"] = recall_curve(y, x, max_k)
@@ -74,15 +76,12 @@ def retrieval_report(
 
 def nway_report(collected: CollectedEmbeddings, ks: Sequence[int]) -> dict[str, float]:
     """Each modality retrieved from the product of all others, over fully present samples."""
-    names = list(collected.embeddings)
-    rows = _both_present(collected, names)
-    if len(names) < 3 or rows.sum() < 2:
+    if len(collected.embeddings) < 3:
         return {}
-    embeddings = {name: collected.embeddings[name][rows] for name in names}
     return {
         f"nway/{target}/{metric}": value
-        for target in names
-        for metric, value in nway_retrieval_metrics(embeddings, target, ks=ks).items()
+        for (_, target), result in nway_recall(collected.embeddings, collected.present, ks).items()
+        for metric, value in result.items()
     }
 
 

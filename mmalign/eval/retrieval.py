@@ -196,6 +196,71 @@ def nway_retrieval_metrics(
     return _one_direction(queries, gallery, query_codes, gallery_codes, ks, chunk_size)
 
 
+NWAY_QUERY = "*"
+"""The query name of N-way results (``("*", target)``: the target from all the others)."""
+
+
+def pairwise_recall(
+    embeddings: Mapping[str, Tensor],
+    present: Mapping[str, Tensor],
+    pairs: Sequence[tuple[str, str]],
+    ks: Sequence[int] = DEFAULT_KS,
+    chunk_size: int | None = None,
+) -> dict[tuple[str, str], dict[str, float]]:
+    """Retrieval of ``gallery`` from ``query`` for each ``(query, gallery)`` of ``pairs``,
+    over the rows that have both modalities (row ``i`` of one matches row ``i`` of the other).
+
+    ``present`` maps each modality to ``BoolTensor[N]``. Returns ``{(query, gallery):
+    {R@k, median_rank, mAP, queries}}``; pairs with fewer than two such rows are left out.
+
+    Example:
+        >>> e = {"a": torch.eye(3), "b": torch.eye(3)}
+        >>> p = {"a": torch.tensor([True, True, False]), "b": torch.ones(3, dtype=torch.bool)}
+        >>> pairwise_recall(e, p, [("a", "b")], ks=(1,))[("a", "b")]["queries"]
+        2
+    """
+    results = {}
+    for query, gallery in pairs:
+        rows = present[query] & present[gallery]
+        if int(rows.sum()) < 2:
+            continue
+        queries, candidates = _check_embeddings(embeddings[query][rows], embeddings[gallery][rows])
+        codes = _shared_codes(None, None, queries.shape[0], candidates.shape[0])
+        results[(query, gallery)] = _one_direction(queries, candidates, *codes, ks, chunk_size)
+    return results
+
+
+def nway_recall(
+    embeddings: Mapping[str, Tensor],
+    present: Mapping[str, Tensor],
+    ks: Sequence[int] = DEFAULT_KS,
+    chunk_size: int | None = None,
+) -> dict[tuple[str, str], dict[str, float]]:
+    """Each modality retrieved from the product of all the others
+    (:func:`nway_retrieval_metrics`), over the rows that have every modality.
+
+    Returns ``{("*", target): {R@k, median_rank, mAP, queries}}``; empty with fewer than two
+    modalities or fewer than two complete rows.
+
+    Example:
+        >>> e = {m: torch.nn.functional.normalize(torch.randn(4, 8), dim=-1) for m in "abc"}
+        >>> p = {m: torch.ones(4, dtype=torch.bool) for m in "abc"}
+        >>> sorted(nway_recall(e, p, ks=(1,)))
+        [('*', 'a'), ('*', 'b'), ('*', 'c')]
+    """
+    names = list(embeddings)
+    if len(names) < 2:
+        return {}
+    complete = torch.stack([present[name] for name in names]).all(dim=0)
+    if int(complete.sum()) < 2:
+        return {}
+    rows = {name: embeddings[name][complete] for name in names}
+    return {
+        (NWAY_QUERY, target): nway_retrieval_metrics(rows, target, ks=ks, chunk_size=chunk_size)
+        for target in names
+    }
+
+
 def recall_curve(
     query_emb: Tensor, gallery_emb: Tensor, max_k: int = 50, chunk_size: int | None = None
 ) -> Tensor:

@@ -1,5 +1,11 @@
 """Training: :func:`train` runs the Accelerate loop; ``mmalign.train`` is the same function.
 
+- :mod:`mmalign.training.run`: :func:`train` and the run directory (lock, resume, result);
+- :mod:`mmalign.training.trainer`: the step loop (:class:`~.trainer.Trainer`);
+- :mod:`mmalign.training.accumulation`, :mod:`~.stream`, :mod:`~.validation`,
+  :mod:`~.checkpoint`, :mod:`~.logging`, :mod:`~.optim`, :mod:`~.checks`, :mod:`~.timing`:
+  its parts.
+
 Example:
     >>> from mmalign.training import train
     >>> result = train("run.yaml", ["train.steps=20"])  # doctest: +SKIP
@@ -7,6 +13,7 @@ Example:
     20
 """
 
-from mmalign.training.loop import TrainingStopped, TrainResult, train
+from mmalign.training.run import TrainResult, train
+from mmalign.training.trainer import TrainingStopped
 
 __all__ = ["TrainResult", "TrainingStopped", "train"]

@@ -16,6 +16,9 @@ The K backward passes sum to the gradient of the big batch. The objective's rand
 (Symile's shuffled negatives) come from a generator re-seeded identically for every loss
 evaluation of the step. Under DDP only the last backward pass synchronizes gradients.
 
+Micro-batches are :class:`~mmalign.batch.Batch` objects already on the device; presence
+masks are taken by modality name (:meth:`~mmalign.batch.Batch.present_for`).
+
 Example:
     >>> import torch
     >>> cache = FeatureCache.build([{"a": torch.zeros(2, 3)}, {"a": torch.ones(1, 3)}],
@@ -35,9 +38,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mmalign.batch import Batch
 from mmalign.training.timing import StepTimer
-
-MicroBatch = dict[str, Any]
 
 
 @dataclass
@@ -73,7 +75,7 @@ class ContrastiveStep(nn.Module):
     """The model and its objective in one ``forward``, so DDP sees every parameter used
     (the temperature lives outside the towers), and the loss runs under the same autocast.
 
-    ``forward(inputs, present, cache=None, index=0, generator=None) -> (loss, metrics)``.
+    ``forward(batch, cache=None, index=0, generator=None) -> (loss, metrics)``.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -85,10 +87,10 @@ class ContrastiveStep(nn.Module):
         """Time a part of the step when a timer is attached."""
         return self.timer.section(name) if self.timer is not None else nullcontext()
 
-    def encode(self, inputs: dict[str, Any], present: Tensor) -> dict[str, Tensor]:
+    def encode(self, batch: Batch) -> dict[str, Tensor]:
         """Embeddings of one micro-batch."""
         with self.section("forward"):
-            return self.model(inputs, present=present)
+            return self.model(batch)
 
     def objective(
         self,
@@ -97,8 +99,9 @@ class ContrastiveStep(nn.Module):
         generator: torch.Generator | None,
         temperature_grad: bool = True,
     ) -> tuple[Tensor, dict[str, float]]:
-        """The model's loss on ``embeddings``; ``temperature_grad=False`` detaches the
-        temperature and bias (their gradient is taken once per accumulated step)."""
+        """The model's loss on ``embeddings`` (``present``: ``[B, M]``, columns in the order
+        of ``embeddings``); ``temperature_grad=False`` detaches the temperature and bias
+        (their gradient is taken once per accumulated step)."""
         with self.section("loss"):
             if temperature_grad:
                 output = self.model.loss(embeddings, present=present, generator=generator)
@@ -115,14 +118,14 @@ class ContrastiveStep(nn.Module):
 
     def forward(
         self,
-        inputs: dict[str, Any],
-        present: Tensor,
+        batch: Batch,
         cache: FeatureCache | None = None,
         index: int = 0,
         generator: torch.Generator | None = None,
         temperature_grad: bool = True,
     ) -> tuple[Tensor, dict[str, float]]:
-        embeddings = self.encode(inputs, present)
+        embeddings = self.encode(batch)
+        present = batch.present_for(list(embeddings))
         if cache is not None:
             embeddings, present = cache.splice(index, embeddings)
         return self.objective(embeddings, present, generator, temperature_grad)
@@ -159,7 +162,7 @@ def _finite_everywhere(accelerator: Any, loss: Tensor) -> bool:
 def accumulated_step(
     accelerator: Any,
     step_module: nn.Module,
-    micro_batches: Sequence[MicroBatch],
+    micro_batches: Sequence[Batch],
     make_generator: Callable[[], torch.Generator | None],
     timer: StepTimer | None = None,
 ) -> StepOutcome:
@@ -172,8 +175,7 @@ def accumulated_step(
     inner: ContrastiveStep = accelerator.unwrap_model(step_module)
     inner.timer = timer
     if len(micro_batches) == 1:
-        batch = micro_batches[0]
-        loss, metrics = step_module(batch["inputs"], batch["present"], generator=make_generator())
+        loss, metrics = step_module(micro_batches[0], generator=make_generator())
         finite = _finite_everywhere(accelerator, loss)
         if finite:
             with inner.section("backward"):
@@ -185,9 +187,10 @@ def accumulated_step(
     with torch.no_grad(), accelerator.autocast():
         for batch in micro_batches:
             states.append(_rng_state(device))
-            features.append(inner.encode(batch["inputs"], batch["present"]))
+            features.append(inner.encode(batch))
         after = _rng_state(device)
-        cache = FeatureCache.build(features, [batch["present"] for batch in micro_batches])
+        names = list(features[0])
+        cache = FeatureCache.build(features, [batch.present_for(names) for batch in micro_batches])
         loss, metrics = inner.objective(cache.embeddings, cache.present, make_generator())
     finite = _finite_everywhere(accelerator, loss)
     if finite:
@@ -196,9 +199,7 @@ def accumulated_step(
             _set_rng_state(states[index], device)
             sync = nullcontext() if index == last else accelerator.no_sync(step_module)
             with sync:
-                sliced_loss, _ = step_module(
-                    batch["inputs"], batch["present"], cache, index, make_generator(), index == last
-                )
+                sliced_loss, _ = step_module(batch, cache, index, make_generator(), index == last)
                 with inner.section("backward"):
                     accelerator.backward(sliced_loss)
     _set_rng_state(after, device)

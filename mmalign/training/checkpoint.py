@@ -9,9 +9,9 @@ A checkpoint is a directory ``checkpoints/step-00000100/`` holding
 - ``rng-rank<r>.safetensors`` + ``rng-rank<r>.json``: the torch, CUDA, numpy and Python RNG
   states of every process.
 
-It is written into ``.tmp-step-...`` beside its final place, fsynced, then renamed, so a
-directory named ``step-*`` is always complete. ``best/`` is a hard-linked copy of the
-checkpoint with the best validation metric.
+It is written into ``.tmp-step-...`` beside its final place, fsynced, then renamed
+(:func:`mmalign.files.replace_directory`), so a directory named ``step-*`` is always
+complete. ``best/`` is a hard-linked copy of the checkpoint with the best validation metric.
 
 Example:
     >>> from pathlib import Path
@@ -21,7 +21,7 @@ Example:
 
 from __future__ import annotations
 
-import json
+import errno
 import os
 import random
 import shutil
@@ -34,13 +34,14 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
-from mmalign.files import LockError
+from mmalign.errors import UserError
+from mmalign.files import read_json, replace_directory, write_json
 
 _PREFIX = "step-"
 BEST = "best"
 
 
-class CheckpointError(LockError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint file cannot be read (corrupt, or not safetensors / JSON)."""
 
 
@@ -69,25 +70,6 @@ def remove_partial(directory: Path) -> None:
         for path in directory.iterdir():
             if path.name.startswith(".tmp-") or path.name.startswith(".old-"):
                 shutil.rmtree(path, ignore_errors=True)
-
-
-def _fsync_path(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def _fsync_tree(directory: Path) -> None:
-    for path in directory.iterdir():
-        if path.is_file():
-            _fsync_path(path)
-    _fsync_path(directory)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=1))
 
 
 def flatten_optimizer_state(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict]:
@@ -165,20 +147,16 @@ def save_checkpoint(
     rank = accelerator.process_index
     rng_tensors, rng_meta = capture_rng_state()
     save_file(rng_tensors, temporary / f"rng-rank{rank}.safetensors")
-    _write_json(temporary / f"rng-rank{rank}.json", rng_meta)
+    write_json(temporary / f"rng-rank{rank}.json", rng_meta)
     if accelerator.is_main_process:
         save_model(model, str(temporary / "model.safetensors"))
         optimizer_tensors, optimizer_meta = flatten_optimizer_state(optimizer.state_dict())
         save_file(optimizer_tensors, temporary / "optimizer.safetensors")
-        _write_json(temporary / "optimizer.json", optimizer_meta)
-        _write_json(temporary / "trainer.json", trainer_state)
+        write_json(temporary / "optimizer.json", optimizer_meta)
+        write_json(temporary / "trainer.json", trainer_state)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _fsync_tree(temporary)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(temporary, final)
-        _fsync_path(directory)
+        replace_directory(temporary, final)
     accelerator.wait_for_everyone()
     return final
 
@@ -203,7 +181,11 @@ def load_checkpoint(
 
 
 def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text())
+    """:func:`mmalign.files.read_json`, with a missing file an error."""
+    data = read_json(path)
+    if data is None:
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path))
+    return data
 
 
 def _read(path: Path, reader: Callable[[Path], Any]) -> Any:
@@ -237,14 +219,7 @@ def mark_best(checkpoint: Path) -> Path:
     temporary = directory / f".tmp-{BEST}"
     shutil.rmtree(temporary, ignore_errors=True)
     shutil.copytree(checkpoint, temporary, copy_function=_link_or_copy)
-    _fsync_tree(temporary)
-    previous = directory / f".old-{BEST}"
-    if best.exists():
-        os.replace(best, previous)
-    os.replace(temporary, best)
-    shutil.rmtree(previous, ignore_errors=True)
-    _fsync_path(directory)
-    return best
+    return replace_directory(temporary, best)
 
 
 def prune_checkpoints(directory: Path, keep_last: int) -> list[Path]:

@@ -1,4 +1,4 @@
-"""The training batch stream: epochs of a loader with a resumable position.
+"""The training data stream: epochs of a loader with a resumable position.
 
 Each epoch is a fresh loader seeded from ``(data.seed, epoch)``; a finite loader that runs
 out starts the next epoch. The position is ``(epoch, batches consumed in that epoch)``, so a
@@ -6,7 +6,7 @@ resumed run rebuilds the epoch's loader and skips the consumed batches: the same
 an uninterrupted run, as long as the loader is deterministic for a seed.
 
 Example:
-    >>> stream = BatchStream(lambda seed: ["a", "b"], position={"epoch": 0, "batches": 1})
+    >>> stream = EpochStream(lambda seed: ["a", "b"], position={"epoch": 0, "batches": 1})
     >>> next(stream), next(stream), stream.position()
     ('b', 'a', {'epoch': 1, 'batches': 1})
 """
@@ -25,7 +25,7 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 
-class BatchStream:
+class EpochStream:
     """Endless batches from ``make_loader(seed)``, one loader per epoch (see module doc)."""
 
     def __init__(
@@ -58,7 +58,7 @@ class BatchStream:
         if self._iterator is None:
             self._open()
 
-    def __iter__(self) -> BatchStream:
+    def __iter__(self) -> EpochStream:
         return self
 
     def __next__(self) -> Any:

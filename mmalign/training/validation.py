@@ -1,14 +1,16 @@
 """Periodic validation: loss, retrieval recall@1/5 and zero-shot accuracy on ``data.val``.
 
-Every process reads its own part of the validation shards (the same number of full batches
-on every rank, so the objective's all-gather sees the same global batches as in training);
-embeddings are gathered and the main process computes
+Every process reads its own part of the validation shards
+(:func:`mmalign.data.loader_from_config`: the same number of full batches on every rank, so
+the objective's all-gather sees the same global batches as in training); embeddings are
+gathered and the main process computes
 
 - ``val/loss``: the objective on each validation batch, averaged;
-- retrieval between modalities with :func:`mmalign.eval.retrieval_metrics`
-  (``val/R@1/image->text``, ...) for pairwise objectives, or Symile's N-way retrieval of each
-  modality from the product of the others (``val/R@1/*->image``) for Symile models, and
-  ``val/R@1/mean``, ``val/R@5/mean`` over all directions;
+- retrieval between modalities with :func:`mmalign.eval.retrieval.pairwise_recall`
+  (``val/R@1/image->text``, ...), or, for objectives that score modalities jointly
+  (``objective.scores_jointly``: Symile), :func:`mmalign.eval.retrieval.nway_recall`, each
+  modality from the product of the others (``val/R@1/*->image``); and ``val/R@1/mean``,
+  ``val/R@5/mean`` over all directions;
 - zero-shot accuracy from ``data.classes`` (``val/zeroshot/top1``, ``.../top5``,
   ``.../balanced_accuracy``) when ``eval.zeroshot_modality`` is set.
 
@@ -23,16 +25,18 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from accelerate.utils import broadcast_object_list
 from torch import Tensor
 
+from mmalign.batch import Batch
 from mmalign.config import Config
+from mmalign.data import loader_from_config
 from mmalign.eval.classification import classification_metrics
-from mmalign.eval.retrieval import nway_retrieval_metrics, retrieval_metrics
+from mmalign.eval.retrieval import nway_recall, pairwise_recall
 from mmalign.eval.zeroshot import ZeroShotClassifier, load_classes
 
 KS = (1, 5)
@@ -47,33 +51,38 @@ def directions(
     return list(itertools.permutations(list(modalities), 2))
 
 
-def _pairwise_recall(
-    embeddings: dict[str, Tensor], present: Tensor, names: list[str], pairs: list[tuple[str, str]]
+def recall_metrics(
+    model: Any,
+    embeddings: Mapping[str, Tensor],
+    present: Mapping[str, Tensor],
+    pairs: Sequence[tuple[str, str]] | None = None,
 ) -> dict[str, float]:
-    metrics = {}
-    for query, gallery in pairs:
-        both = present[:, names.index(query)] & present[:, names.index(gallery)]
-        if both.sum() < 2:
-            continue
-        result = retrieval_metrics(embeddings[query][both], embeddings[gallery][both], ks=KS)
-        for k in KS:
-            metrics[f"val/R@{k}/{query}->{gallery}"] = result[f"q2g/R@{k}"]
-    return metrics
+    """``val/R@k/<query>->gallery`` of every direction and their ``val/R@k/mean``: N-way
+    (``*->m``) when ``model.objective.scores_jointly``, else the ``pairs`` (or every ordered
+    pair of modalities).
 
-
-def _nway_recall(
-    embeddings: dict[str, Tensor], present: Tensor, names: list[str]
-) -> dict[str, float]:
-    complete = present.all(dim=1)
-    if complete.sum() < 2 or len(names) < 2:
-        return {}
-    rows = {name: embeddings[name][complete] for name in names}
-    metrics = {}
-    for target in names:
-        result = nway_retrieval_metrics(rows, target, ks=KS)
-        for k in KS:
-            metrics[f"val/R@{k}/*->{target}"] = result[f"R@{k}"]
-    return metrics
+    Example:
+        >>> from mmalign.model import AlignmentModel
+        >>> model = AlignmentModel.from_config({"dim": 4, "towers": {
+        ...     "a": {"type": "tabular", "in_features": 2},
+        ...     "b": {"type": "tabular", "in_features": 2}}})
+        >>> every = torch.ones(3, dtype=torch.bool)
+        >>> metrics = recall_metrics(model, {"a": torch.eye(3), "b": torch.eye(3)},
+        ...                          {"a": every, "b": every})
+        >>> metrics["val/R@1/a->b"], metrics["val/R@1/mean"]
+        (1.0, 1.0)
+    """
+    names = list(embeddings)
+    if model.objective.scores_jointly:
+        results = nway_recall(embeddings, present, ks=KS)
+    else:
+        results = pairwise_recall(embeddings, present, directions(names, pairs), ks=KS)
+    metrics = {
+        f"val/R@{k}/{query}->{gallery}": result[f"R@{k}"]
+        for (query, gallery), result in results.items()
+        for k in KS
+    }
+    return _with_means(metrics)
 
 
 def _with_means(metrics: dict[str, float]) -> dict[str, float]:
@@ -85,14 +94,16 @@ def _with_means(metrics: dict[str, float]) -> dict[str, float]:
 
 
 class Validator:
-    """Validation of a training run (see the module docstring).
+    """Validation of a training run on ``data.val`` (see the module docstring).
 
-    ``make_loader(split, label_field)`` returns this rank's loader of ``data.<split>``.
+    Example:
+        >>> validator = Validator(config)  # doctest: +SKIP
+        >>> validator(accelerator, model, make_generator)["val/R@1/mean"]  # doctest: +SKIP
+        0.41
     """
 
-    def __init__(self, config: Config, make_loader: Callable[..., Any]) -> None:
+    def __init__(self, config: Config) -> None:
         self.config = config
-        self.make_loader = make_loader
         query = config.eval.zeroshot_modality
         self.zeroshot_queries = [query] if isinstance(query, str) else list(query or [])
         self.classes = (
@@ -101,49 +112,58 @@ class Validator:
             else None
         )
 
-    def _batches(self, accelerator: Any) -> list[dict[str, Any]]:
+    def _batches(self, accelerator: Any, model: Any) -> list[Batch]:
         """This rank's batches, cut to the count every rank has (collectives stay aligned)."""
         per_batch = self.config.data.batch_size * accelerator.num_processes
         wanted = math.ceil(self.config.eval.max_samples / per_batch)
-        label_field = self.config.data.label_field if self.classes is not None else None
-        batches = list(itertools.islice(self.make_loader("val", label_field), wanted))
+        loader = loader_from_config(
+            self.config.data,
+            model.towers,
+            "val",
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+            label_field=self.config.data.label_field if self.classes is not None else None,
+        )
+        batches = list(itertools.islice(loader, wanted))
         count = torch.tensor([len(batches)], device=accelerator.device)
         if accelerator.num_processes > 1:
             count = accelerator.gather(count).min()
         return batches[: int(count)]
 
+    @staticmethod
+    def _gathered(accelerator: Any, chunks: list[Tensor]) -> Tensor:
+        return accelerator.gather(torch.cat(chunks)).cpu()
+
     @torch.no_grad()
     def _embed(
-        self, accelerator: Any, model: Any, batches: list[dict[str, Any]], generator: Any
-    ) -> tuple[dict[str, Tensor], Tensor, Tensor | None, float]:
-        """Gathered embeddings, presence, labels and the mean loss of the batches."""
-        device = accelerator.device
-        parts: dict[str, list[Tensor]] = {name: [] for name in model.modalities}
+        self, accelerator: Any, model: Any, batches: list[Batch], generator: Any
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor | None, float]:
+        """Gathered embeddings and presence (by modality), labels and the mean loss."""
+        names = list(model.modalities)
+        parts: dict[str, list[Tensor]] = {name: [] for name in names}
         masks, labels, losses = [], [], []
         for batch in batches:
-            inputs = {
-                name: model.towers[name].move_to(value, device)
-                for name, value in batch["inputs"].items()
-            }
-            present = batch["present"].to(device)
+            batch = batch.to(accelerator.device)
             with accelerator.autocast():
-                embeddings = model(inputs, present=present)
-                losses.append(model.loss(embeddings, present=present, generator=generator()).loss)
-            for name in model.modalities:
+                embeddings = model(batch)
+                losses.append(model.loss(embeddings, present=batch, generator=generator()).loss)
+            for name in names:
                 parts[name].append(embeddings[name].float())
-            masks.append(present)
-            if batch.get("labels") is not None:
-                labels.append(batch["labels"].to(device))
-        gathered = {
-            name: accelerator.gather(torch.cat(chunks)).cpu() for name, chunks in parts.items()
-        }
-        present = accelerator.gather(torch.cat(masks)).cpu()
-        label_tensor = accelerator.gather(torch.cat(labels)).cpu() if labels else None
+            masks.append(batch.present_for(names))
+            if batch.labels is not None:
+                labels.append(batch.labels)
+        gathered = {name: self._gathered(accelerator, parts[name]) for name in names}
+        present = dict(zip(names, self._gathered(accelerator, masks).unbind(1), strict=True))
+        label_tensor = self._gathered(accelerator, labels) if labels else None
         loss = accelerator.gather(torch.stack(losses).float().mean().reshape(1)).mean()
         return gathered, present, label_tensor, float(loss)
 
     def _zeroshot(
-        self, model: Any, embeddings: dict[str, Tensor], present: Tensor, labels: Tensor | None
+        self,
+        model: Any,
+        embeddings: dict[str, Tensor],
+        present: dict[str, Tensor],
+        labels: Tensor | None,
     ) -> dict[str, float]:
         if self.classes is None or labels is None:
             return {}
@@ -152,8 +172,7 @@ class Validator:
             name for name, tower in self.config.model.towers.items() if tower["type"] == "text"
         )
         classifier = ZeroShotClassifier(model, prompts, text, classnames=classnames)
-        names = list(model.modalities)
-        columns = {name: present[:, names.index(name)] for name in self.zeroshot_queries}
+        columns = {name: present[name] for name in self.zeroshot_queries}
         usable = (labels >= 0) & torch.stack(list(columns.values())).any(dim=0)
         if not usable.any():
             return {}
@@ -171,7 +190,7 @@ class Validator:
         """Validate ``model`` (unwrapped); a collective call. Returns the metrics (all ranks)."""
         model.eval()
         try:
-            batches = self._batches(accelerator)
+            batches = self._batches(accelerator, model)
             metrics: dict[str, float] = {}
             if batches:
                 embeddings, present, labels, loss = self._embed(
@@ -190,16 +209,12 @@ class Validator:
         self,
         model: Any,
         embeddings: dict[str, Tensor],
-        present: Tensor,
+        present: dict[str, Tensor],
         labels: Tensor | None,
         loss: float,
     ) -> dict[str, float]:
-        names = list(model.modalities)
-        if model.config.objective.name == "symile":
-            recall = _nway_recall(embeddings, present, names)
-        else:
-            pairs = directions(names, self.config.eval.retrieval_pairs)
-            recall = _pairwise_recall(embeddings, present, names, pairs)
-        metrics = {"val/loss": loss, "val/samples": float(present.shape[0]), **_with_means(recall)}
+        recall = recall_metrics(model, embeddings, present, self.config.eval.retrieval_pairs)
+        samples = float(next(iter(present.values())).shape[0])
+        metrics = {"val/loss": loss, "val/samples": samples, **recall}
         metrics.update(self._zeroshot(model, embeddings, present, labels))
         return metrics

@@ -97,7 +97,7 @@ def test_bad_images_and_audio_are_counted(tmp_path: Path, monkeypatch: pytest.Mo
         "audio": build_tower(AUDIO),
     }
     loader = make_loader(str(shard), towers, {"image": "png", "audio": "wav"}, batch_size=2)
-    keys = [key for batch in loader for key in batch["keys"]]
+    keys = [key for batch in loader for key in batch.keys]
     assert keys == ["good0", "good1", "resampled44k"]
     counters = loader.counters
     assert counters["seen"] == 12 and counters["used"] == 3
@@ -143,7 +143,7 @@ def test_loader_and_training_log_counts_add_up(tmp_path: Path) -> None:
     config = tiny_config(tmp_path / "run", str(shards), train={"steps": 8, "save_every": 0})
     model_towers = {name: build_tower(tower) for name, tower in config["model"]["towers"].items()}
     loader = make_loader(str(shards), model_towers, config["data"]["fields"], batch_size=8)
-    assert sum(len(batch["keys"]) for batch in loader) == 29
+    assert sum(len(batch.keys) for batch in loader) == 29
     assert loader.counters == {"seen": 37, "used": 29, **PER_EPOCH}
 
     train(config)

@@ -50,8 +50,8 @@ def kill_plan(seed: int) -> list[tuple[str, int]]:
     torn = f"mmalign.training.checkpoint:save_file:{2 * torn_checkpoint}:truncate"
     second = rng.choice(
         [
-            f"mmalign.training.checkpoint:_fsync_tree:{rng.choice([1, 2])}:before",
-            f"mmalign.training.loop:Trainer._train_step:{rng.randint(2, 5)}:before",
+            f"mmalign.training.checkpoint:replace_directory:{rng.choice([1, 2])}:before",
+            f"mmalign.training.trainer:Trainer._train_step:{rng.randint(2, 5)}:before",
         ]
     )
     return [(torn, torn_checkpoint * SAVE_EVERY), (second, 0)]

@@ -12,9 +12,10 @@ import pytest
 import torch
 from conftest import tiny_config
 
+from mmalign.batch import Batch
 from mmalign.training import TrainingStopped, train
 from mmalign.training.accumulation import ContrastiveStep
-from mmalign.training.loop import Trainer
+from mmalign.training.trainer import Trainer
 
 STEPS = 8
 
@@ -56,12 +57,12 @@ def poison_inputs(monkeypatch: pytest.MonkeyPatch, calls: set[int], value: float
     """Put ``value`` into the tabular inputs of the micro-batches numbered ``calls``."""
     original, count = Trainer._micro_batch, [0]
 
-    def poisoned(trainer: Trainer) -> dict[str, Any]:
+    def poisoned(trainer: Trainer) -> Batch:
         batch = original(trainer)
         count[0] += 1
         if count[0] in calls:
-            batch["inputs"]["labs"] = batch["inputs"]["labs"].clone()
-            batch["inputs"]["labs"][0, 1] = value
+            batch.inputs["labs"] = batch.inputs["labs"].clone()
+            batch.inputs["labs"][0, 1] = value
         return batch
 
     monkeypatch.setattr(Trainer, "_micro_batch", poisoned)

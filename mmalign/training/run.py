@@ -1,0 +1,267 @@
+"""The entry point :func:`train` and the run directory's lifecycle.
+
+Layout of ``train.output``::
+
+    .lock              the PID and host of the run using the directory
+    config.yaml        the resolved config of the run
+    run.json           world size, precision, device, versions
+    metrics.jsonl      one JSON record per log / validation step
+    train.log          the messages of the run
+    events.out.tfevents.*   TensorBoard
+    *.png              plots of loss, temperature, validation metrics
+    checkpoints/       step-XXXXXXXX/ (last K) and best/
+    model/             the final model (``AlignmentModel.from_pretrained``)
+
+A run never silently overwrites another: the directory is locked
+(:class:`mmalign.files.DirectoryLock`), a directory holding a run is only continued with
+``resume``, and only with the same ``model`` section. Resuming a finished run returns its
+result without training.
+
+Example:
+    >>> from mmalign.training import train
+    >>> demo = "mmalign/demo/configs/demo_digits.yaml"
+    >>> result = train(demo, ["train.steps=50"])  # doctest: +SKIP
+    >>> result.model_dir  # doctest: +SKIP
+    PosixPath('runs/demo_digits/model')
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import accelerate
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list
+
+from mmalign.config import Config, ConfigError, load_config
+from mmalign.files import DirectoryLock, LockError, atomic_write, replace_directory, write_json
+from mmalign.model import AlignmentModel
+from mmalign.training import checkpoint
+from mmalign.training.checks import check_run_config, total_steps
+from mmalign.training.logging import METRICS_FILE, read_metrics
+from mmalign.training.trainer import Trainer
+
+MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+CONFIG_FILE = "config.yaml"
+RUN_INFO = "run.json"
+MODEL_DIR = "model"
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced.
+
+    Example:
+        >>> result = TrainResult(Path("runs/a"), Path("runs/a/model"), 10, 1, 0.5)
+        >>> result.steps, result.metrics, result.best_checkpoint
+        (10, {}, None)
+    """
+
+    output_dir: Path
+    model_dir: Path
+    steps: int
+    world_size: int
+    final_loss: float | None
+    metrics: dict[str, float] = field(default_factory=dict)
+    """The last validation metrics (empty without ``data.val``)."""
+    best_metric: float | None = None
+    best_checkpoint: Path | None = None
+    nonfinite_steps: int = 0
+
+
+def _result(
+    output: Path,
+    state: Mapping[str, Any],
+    world_size: int,
+    final_loss: float | None,
+    metrics: dict[str, float],
+) -> TrainResult:
+    """The result of the run in ``output`` whose trainer state (``trainer.json``) is
+    ``state``."""
+    best = state.get("best")
+    best_dir = output / CHECKPOINTS / checkpoint.BEST
+    return TrainResult(
+        output_dir=output,
+        model_dir=output / MODEL_DIR,
+        steps=state["step"],
+        world_size=world_size,
+        final_loss=final_loss,
+        metrics=metrics,
+        best_metric=None if best is None else best["value"],
+        best_checkpoint=best_dir if best is not None and best_dir.exists() else None,
+        nonfinite_steps=state.get("nonfinite_total", 0),
+    )
+
+
+def _check_fresh_or_resume(directory: Path, resume: bool) -> None:
+    """Refuse to start a new run over an existing one unless resuming."""
+    if resume or not directory.is_dir():
+        return
+    markers = [
+        name for name in (CONFIG_FILE, CHECKPOINTS, MODEL_DIR) if (directory / name).exists()
+    ]
+    if markers:
+        raise LockError(
+            f"{directory} already holds a training run ({', '.join(markers)}); pass --resume "
+            f"(resume=True) to continue it, or set train.output to a new directory"
+        )
+
+
+def _check_same_model(output: Path, config: Config) -> None:
+    saved = output / CONFIG_FILE
+    if not saved.is_file():
+        return
+    previous = (yaml.safe_load(saved.read_text()) or {}).get("model")
+    if previous != config.to_dict()["model"]:
+        raise ConfigError(
+            f"model: differs from the model section of {saved}; a resumed run needs the same "
+            "model config (set train.output to a new directory for a new model)"
+        )
+
+
+def _prepare_directory(
+    config: Config, accelerator: Accelerator, resume: bool
+) -> DirectoryLock | None:
+    """Main process: refuse a busy or finished run dir, take the lock; every rank learns of
+    an error so none waits forever."""
+    output = Path(config.train.output)
+    lock, error = None, None
+    if accelerator.is_main_process:
+        try:
+            _check_fresh_or_resume(output, resume)
+            lock = DirectoryLock(output)
+            lock.acquire()
+            _check_same_model(output, config)
+        except Exception as caught:  # every rank must hear of it, whatever it is
+            if lock is not None:
+                lock.release()
+            error = caught
+    shared = [None if error is None else str(error)]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(shared, from_process=0)
+    if error is not None:
+        raise error
+    if shared[0] is not None:
+        raise RuntimeError(shared[0])
+    return lock
+
+
+def _write_run_files(config: Config, accelerator: Accelerator, steps: int) -> None:
+    output = Path(config.train.output)
+    text = yaml.safe_dump(config.to_dict(), sort_keys=False)
+    atomic_write(output / CONFIG_FILE, lambda handle: handle.write(text.encode()))
+    info = {
+        "world_size": accelerator.num_processes,
+        "distributed_type": str(accelerator.distributed_type),
+        "device": str(accelerator.device),
+        "mixed_precision": accelerator.mixed_precision,
+        "total_steps": steps,
+        "global_batch": config.data.batch_size
+        * config.train.accumulate
+        * accelerator.num_processes,
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "accelerate": accelerate.__version__,
+        },
+    }
+    write_json(output / RUN_INFO, info)
+
+
+def _save_model(model: AlignmentModel, final: Path) -> Path:
+    """``model.save_pretrained`` into ``final``, atomically (main process)."""
+    temporary = final.with_name(f".tmp-{final.name}")
+    shutil.rmtree(temporary, ignore_errors=True)
+    model.save_pretrained(temporary)
+    return replace_directory(temporary, final)
+
+
+def _finished_result(config: Config, accelerator: Accelerator) -> TrainResult | None:
+    """The result of a run that already reached its last step (resume with nothing to do)."""
+    output = Path(config.train.output)
+    latest = checkpoint.latest_checkpoint(output / CHECKPOINTS)
+    if latest is None or not (output / MODEL_DIR).is_dir():
+        return None
+    state = checkpoint.read_trainer_state(latest)
+    if state["step"] < total_steps(config):
+        return None
+    records = [r for r in read_metrics(output / METRICS_FILE) if "val/loss" in r]
+    metrics = {k: v for k, v in (records[-1] if records else {}).items() if k != "step"}
+    return _result(output, state, accelerator.num_processes, None, metrics)
+
+
+def _train(config: Config, accelerator: Accelerator, resume: bool) -> TrainResult:
+    """Train in the prepared (locked) run directory; the result."""
+    trainer = Trainer(config, accelerator, resume)
+    if accelerator.is_main_process:
+        checkpoint.remove_partial(trainer.checkpoints)
+        _write_run_files(config, accelerator, trainer.total)
+    accelerator.wait_for_everyone()
+    with trainer.logs():
+        trainer.run()
+        if accelerator.is_main_process:
+            model_dir = _save_model(trainer.model, trainer.output / MODEL_DIR)
+            trainer.message(f"done: {trainer.step} steps; final model in {model_dir}")
+        accelerator.wait_for_everyone()
+    return _result(
+        trainer.output,
+        trainer.state(),
+        accelerator.num_processes,
+        trainer.last_loss,
+        trainer.last_metrics,
+    )
+
+
+def _accelerator(config: Config) -> Accelerator:
+    return Accelerator(
+        # without a GPU, several launched processes still form a (gloo) group
+        cpu=not torch.accelerator.is_available(),
+        mixed_precision=MIXED_PRECISION[config.train.precision],
+        gradient_accumulation_steps=1,
+        kwargs_handlers=[
+            DistributedDataParallelKwargs(
+                find_unused_parameters=config.train.find_unused_parameters
+            )
+        ],
+    )
+
+
+def train(
+    config: str | Path | dict[str, Any] | Config,
+    overrides: list[str] | None = None,
+    resume: bool = False,
+) -> TrainResult:
+    """Train an :class:`~mmalign.AlignmentModel` as ``config`` says; returns the run's result.
+
+    ``config`` is a YAML path, a dict or a :class:`~mmalign.config.Config`; ``overrides`` are
+    ``key.sub=value`` strings (``train.steps=10``). With ``resume`` the run continues from the
+    newest checkpoint in ``train.output`` (or starts fresh when there is none). Run several
+    processes with ``accelerate launch -m mmalign train CONFIG``. Raises
+    :class:`~mmalign.training.TrainingStopped` after ``train.max_nonfinite`` non-finite
+    steps in a row.
+
+    Example:
+        >>> demo = "mmalign/demo/configs/demo_digits.yaml"
+        >>> result = train(demo, ["train.steps=20"])  # doctest: +SKIP
+        >>> AlignmentModel.from_pretrained(result.model_dir)  # doctest: +SKIP
+    """
+    config = load_config(config, overrides)
+    check_run_config(config)
+    accelerator = _accelerator(config)
+    lock = None
+    try:
+        lock = _prepare_directory(config, accelerator, resume)
+        finished = _finished_result(config, accelerator) if resume else None
+        return finished if finished is not None else _train(config, accelerator, resume)
+    finally:
+        if lock is not None:
+            lock.release()
+        accelerator.end_training()
