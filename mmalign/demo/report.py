@@ -12,11 +12,11 @@ Example:
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mmalign.demo.results import REFERENCES_PER_CLASS
+from mmalign.eval.report import markdown_table
 
 if TYPE_CHECKING:
     from mmalign.demo.pipeline import Run, Timings
@@ -32,14 +32,6 @@ TARGETS = {
 
 def _percent(value: float) -> str:
     return f"{100 * value:.1f}%"
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
-    # mmalign.eval.report has a private twin that formats floats to 4 places; the demo's
-    # cells are formatted by the caller.
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return [*lines, ""]
 
 
 def _link(out_dir: Path, path: Path, text: str, image: bool = False) -> str:
@@ -81,7 +73,7 @@ def _targets_section(results: dict[str, Any], quick: bool) -> list[str]:
         if quick
         else []
     )
-    return ["## Targets", "", *note, *_table(["check", "measured", "target", "met"], rows)]
+    return ["## Targets", "", *note, *markdown_table(["check", "measured", "target", "met"], rows)]
 
 
 def _training_section(out_dir: Path, runs: dict[str, Run], timings: Timings) -> list[str]:
@@ -119,7 +111,7 @@ def _training_section(out_dir: Path, runs: dict[str, Run], timings: Timings) -> 
         "CPU s",
         "training curves",
     ]
-    return ["## Training", "", *_table(header, rows)]
+    return ["## Training", "", *markdown_table(header, rows)]
 
 
 def _digits_section(out_dir: Path, digits: dict[str, Any]) -> list[str]:
@@ -144,10 +136,10 @@ def _digits_section(out_dir: Path, digits: dict[str, Any]) -> list[str]:
         "Zero-shot image classification from the class prompts of each language "
         "(`classes.json`; the prompts of one language averaged per class):",
         "",
-        *_table(["language", "top-1", "top-5", "balanced accuracy"], zeroshot_rows),
+        *markdown_table(["language", "top-1", "top-5", "balanced accuracy"], zeroshot_rows),
         "Class-level retrieval on the test split (a hit is any gallery item of the query's class):",
         "",
-        *_table(["query -> gallery", "R@1", "R@5", "R@10", "mAP"], retrieval_rows),
+        *markdown_table(["query -> gallery", "R@1", "R@5", "R@10", "mAP"], retrieval_rows),
         _link(out_dir, figures["confusion"], "confusion matrix (English prompts)", image=True),
         _link(out_dir, figures["similarity"], "image-text similarity matrix", image=True),
         "",
@@ -193,7 +185,9 @@ def _sum_section(out_dir: Path, results: dict[str, Any], runs: dict[str, Run]) -
         f"{REFERENCES_PER_CLASS} training images per digit, embeddings averaged. "
         + _pretrained_note(out_dir, runs["digits-sum-symile"]),
         "",
-        *_table(["objective", "scoring rule", "test samples", "top-1", "top-5", "chance"], rows),
+        *markdown_table(
+            ["objective", "scoring rule", "test samples", "top-1", "top-5", "chance"], rows
+        ),
     ]
 
 
@@ -216,7 +210,7 @@ def _search_section(out_dir: Path, found: dict[str, Any]) -> list[str]:
             f"{modality} query `{search_result['query']}`: precision@{len(hits)} "
             f"{_percent(precision)}",
             "",
-            *_table(["rank", "key", "class", "score"], rows),
+            *markdown_table(["rank", "key", "class", "score"], rows),
         ]
     return lines
 
@@ -232,7 +226,7 @@ def _timings_section(timings: Timings, context: dict[str, Any]) -> list[str]:
         f"{context['platform']}; torch threads {context['threads']}. CPU time adds this "
         "process and its finished child processes (data workers, dataset builders).",
         "",
-        *_table(["step", "wall s", "CPU s"], rows),
+        *markdown_table(["step", "wall s", "CPU s"], rows),
     ]
 
 

@@ -110,7 +110,14 @@ def zeroshot_report(
     return results
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    """Lines of a markdown table (floats to 4 decimals), followed by an empty line.
+
+    Example:
+        >>> markdown_table(["metric", "value"], [["R@1", 0.5]])
+        ['| metric | value |', '|---|---|', '| R@1 | 0.5000 |', '']
+    """
+
     def cell(value: Any) -> str:
         return f"{value:.4f}" if isinstance(value, float) else str(value)
 
@@ -148,7 +155,7 @@ def markdown_report(report: Mapping[str, Any], ks: Sequence[int]) -> str:
         groups = _grouped(metrics, prefix)
         if groups:
             rows = [[group, *(values[c] for c in columns)] for group, values in groups.items()]
-            lines += [f"## {title}", "", *_table([first, *header], rows)]
+            lines += [f"## {title}", "", *markdown_table([first, *header], rows)]
     if report["zeroshot"]:
         zk = [k for k in (1, 5) if f"top{k}" in next(iter(report["zeroshot"].values()))["metrics"]]
         rows = [
@@ -161,13 +168,13 @@ def markdown_report(report: Mapping[str, Any], ks: Sequence[int]) -> str:
             for queries, r in report["zeroshot"].items()
         ]
         header = ["queries", *(f"top-{k}" for k in zk), "balanced accuracy", "samples"]
-        lines += ["## Zero-shot classification", "", *_table(header, rows)]
+        lines += ["## Zero-shot classification", "", *markdown_table(header, rows)]
     diagnostics = [
         [name, value]
         for name, value in metrics.items()
         if name.split("/")[0] in {"alignment", "uniformity", "rank", "gap"}
     ]
-    lines += ["## Embedding diagnostics", "", *_table(["metric", "value"], diagnostics)]
+    lines += ["## Embedding diagnostics", "", *markdown_table(["metric", "value"], diagnostics)]
     if report["figures"]:
         lines += ["## Figures", "", *(f"![{Path(f).stem}]({f})" for f in report["figures"]), ""]
     return "\n".join(lines)
