@@ -1,16 +1,26 @@
-"""The ``mmalign`` command line: train with overrides, clean errors, prep forwarding."""
+"""The ``mmalign`` command line: train with overrides, clean errors, prep forwarding, search
+query parsing, and a parser that imports nothing heavy."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
 from test_train_support import tiny_config, write_shards
 
 import mmalign.demo.data
-from mmalign.cli.main import main
+import mmalign.training
+from mmalign.cli.main import SUBCOMMANDS, main, one_line
+from mmalign.cli.search import parse_raw, resolve_query_modality
+from mmalign.errors import ConfigError, UserError
+from mmalign.training import TrainingStopped
+
+HEAVY = ["torch", "numpy", "pydantic", "yaml", "transformers", "open_clip", "accelerate", "faiss"]
 
 
 @pytest.fixture(scope="module")
@@ -65,3 +75,96 @@ def test_prep_forwards_arguments_to_the_tool(
     with pytest.raises(SystemExit) as exited:
         main(["prep", "no-such-tool"])
     assert exited.value.code == 2
+
+
+def test_help_imports_nothing_heavy() -> None:
+    """``mmalign --help`` and ``mmalign SUB --help`` load only mmalign.cli and mmalign.errors."""
+    script = f"""
+import contextlib, io, json, sys
+from mmalign.cli.main import build_parser, main
+build_parser()
+for argv in [["--help"]] + [[name, "--help"] for name in {sorted(SUBCOMMANDS)!r}]:
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            main(argv)
+        except SystemExit as exited:
+            assert exited.code == 0, (argv, exited.code)
+print(json.dumps(sorted(sys.modules)))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    )
+    modules = json.loads(done.stdout)
+    assert [m for m in modules if m.split(".")[0] in HEAVY] == []
+    allowed = {"mmalign.errors", "mmalign.cli", "mmalign.cli.main", "mmalign.cli.common"}
+    allowed |= {f"mmalign.cli.{name}" for name in SUBCOMMANDS}
+    assert {m for m in modules if m.startswith("mmalign.")} <= allowed
+
+
+def test_config_error_is_one_line_before_the_run_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "run"
+    config = {
+        "model": {
+            "towers": {
+                "a": {"type": "tabular", "in_features": 2},
+                "b": {"type": "tabular", "in_features": 2},
+            },
+            "objective": {"name": "anchored", "anchor": "nope"},
+        },
+        "data": {"train": str(tmp_path / "nowhere-{000000..000001}.tar")},
+        "train": {"output": str(out)},
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["train", str(path)]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mmalign train: error: ")
+    assert "model.objective.anchor" in lines[0]
+    assert not out.exists()  # validated at load, before the run directory is written
+    for argv in (["--debug", "train", str(path)], ["train", str(path), "--debug"]):
+        with pytest.raises(ConfigError, match=r"model\.objective\.anchor"):
+            main(argv)
+
+
+def test_missing_files_and_stopped_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    assert main(["train", str(tmp_path / "missing.yaml")]) == 2
+    assert capsys.readouterr().err.startswith("mmalign train: error: ")
+
+    def stopped(*args: object, **kwargs: object) -> None:
+        raise TrainingStopped("non-finite loss at step 3\nlower train.lr")
+
+    monkeypatch.setattr(mmalign.training, "train", stopped)
+    assert main(["train", "run.yaml"]) == 1
+    assert capsys.readouterr().err == "mmalign train: non-finite loss at step 3; lower train.lr\n"
+    with pytest.raises(TrainingStopped):
+        main(["--debug", "train", "run.yaml"])
+
+
+def test_one_line_joins_a_multi_line_message() -> None:
+    assert (
+        one_line("invalid config:\n  a.b: bad\n\n  c: worse")
+        == "invalid config: a.b: bad; c: worse"
+    )
+    assert one_line("plain") == "plain"
+
+
+def test_search_query_strings_are_parsed_by_the_cli(tmp_path: Path) -> None:
+    towers = {"x": {"type": "tabular"}, "caption": {"type": "text"}, "g": {"type": "graph"}}
+    model = SimpleNamespace(modalities=list(towers), config=SimpleNamespace(towers=towers))
+    assert resolve_query_modality(model, "text") == "caption"
+    assert resolve_query_modality(model, "x") == "x"
+    with pytest.raises(UserError, match="no modality or tower type 'image'"):
+        resolve_query_modality(model, "image")
+    assert parse_raw(model, "x", "[1, 2.5]") == [1, 2.5]
+    with pytest.raises(UserError, match="JSON list"):
+        parse_raw(model, "x", "1,2")
+    assert parse_raw(model, "caption", "[not json]") == "[not json]"
+    graph = tmp_path / "g.json"
+    graph.write_text('{"nodes": [[0.0]], "edges": []}')
+    assert parse_raw(model, "g", str(graph)) == {"nodes": [[0.0]], "edges": []}
+    with pytest.raises(SystemExit):  # a --query without '=' is a usage error
+        main(["search", "emb", "--query", "nope"])

@@ -1,182 +1,112 @@
-"""The ``mmalign`` command line: ``train``, ``eval``, ``zeroshot``, ``export``, ``search``,
-``prep``, ``demo``.
+"""The ``mmalign`` command: parser assembly, dispatch to a subcommand, and error handling.
 
-Each subcommand is a thin layer over the library: ``train`` calls
-:func:`mmalign.training.train`; ``eval|zeroshot|export|search`` use the handlers of
-:mod:`mmalign.cli.commands`; ``prep TOOL ...`` forwards its arguments to
-``data_prep.<tool>.main``. Several processes: ``accelerate launch -m mmalign train CONFIG``.
+Subcommands (one module each in :mod:`mmalign.cli`): ``train``, ``eval``, ``zeroshot``,
+``export``, ``search``, ``prep``, ``demo``. Building the parser imports only
+:mod:`mmalign.cli` and :mod:`mmalign.errors`, so ``mmalign --help`` answers without loading
+torch. Errors the user can fix (:class:`~mmalign.errors.UserError`, a missing file) end in one
+line on stderr and status 2; a training run stopped by non-finite losses ends with status 1;
+``mmalign --debug ...`` shows the traceback instead. Several processes:
+``accelerate launch -m mmalign train CONFIG``.
 
 Example:
-    >>> main(["train", "mmalign/demo/configs/demo_digits.yaml", "--set", "train.steps=20"])  # doctest: +SKIP
+    >>> main(["train", "run.yaml", "--set", "train.steps=20"])  # doctest: +SKIP
     0
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import os
 import sys
 import warnings
-from collections.abc import Callable
+from types import ModuleType
 
-from mmalign.config import ConfigError
+from mmalign.cli import demo, export, prep, search, train, zeroshot
+from mmalign.cli import eval as eval_
+from mmalign.errors import UserError
 
 # A dependency scripts a module at import time; torch 2.14 warns about it on every command.
 warnings.filterwarnings(
     "ignore", message="`torch.jit.script` is deprecated", category=FutureWarning
 )
 
-PREP_TOOLS = {
-    "make-demo": "mmalign.demo.data",
-    "from-manifest": "mmalign.prep.from_manifest",
-    "train-tokenizer": "mmalign.prep.train_tokenizer",
+SUBCOMMANDS: dict[str, ModuleType] = {
+    "train": train,
+    "eval": eval_,
+    "zeroshot": zeroshot,
+    "export": export,
+    "search": search,
+    "prep": prep,
+    "demo": demo,
 }
-"""``mmalign prep`` tools and the module whose ``main(argv)`` each runs."""
-
-
-def _train_command(args: argparse.Namespace) -> int:
-    from mmalign.training import train
-
-    result = train(args.config, overrides=args.set, resume=args.resume)
-    if os.environ.get("RANK", "0") != "0":  # one summary from a multi-process launch
-        return 0
-    processes = f"{result.world_size} process(es)"
-    print(f"trained {result.steps} steps on {processes}; model: {result.model_dir}")
-    if result.metrics:
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items() if "/mean" in k)
-        print(f"validation: val/loss {result.metrics.get('val/loss', float('nan')):.4g}, {shown}")
-    return 0
-
-
-def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="run config (YAML), e.g. mmalign/demo/configs/demo_digits.yaml")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field (YAML value), e.g. --set train.steps=200; repeatable",
-    )
-    parser.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue from the newest checkpoint in train.output (fresh start when none)",
-    )
-
-
-def _prep_command(args: argparse.Namespace) -> int:
-    module = importlib.import_module(PREP_TOOLS[args.tool])
-    return int(module.main(list(args.arguments)) or 0)
-
-
-def _add_prep_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("tool", choices=sorted(PREP_TOOLS), help="the data preparation tool")
-    parser.add_argument(
-        "arguments", nargs=argparse.REMAINDER, help="the tool's own arguments (see TOOL --help)"
-    )
-
-
-def _demo_command(args: argparse.Namespace) -> int:
-    from mmalign.demo.pipeline import run_demo
-
-    run_demo(
-        args.data,
-        args.out,
-        quick=args.quick,
-        configs_dir=args.configs,
-        reuse=args.reuse,
-        threads=args.threads,
-    )
-    return 0
-
-
-def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", default="data/demo", help="demo shards (built when missing)")
-    parser.add_argument("--out", default="runs/demo", help="runs, figures and REPORT.md")
-    parser.add_argument(
-        "--quick", action="store_true", help="tiny data and a few steps (a smoke test)"
-    )
-    parser.add_argument(
-        "--configs", default=None, help="directory of the demo_*.yaml configs (default: configs/)"
-    )
-    parser.add_argument(
-        "--reuse", action="store_true", help="keep finished runs in --out instead of retraining"
-    )
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch threads (default: cores - data workers)"
-    )
-
-
-def _eval_subcommands() -> dict[str, tuple[str, Callable, Callable]]:
-    from mmalign.cli import commands
-
-    return {
-        "eval": (
-            "retrieval, zero-shot and diagnostics report of a trained model",
-            commands.add_eval_arguments,
-            commands.eval_command,
-        ),
-        "zeroshot": (
-            "zero-shot classification accuracy from class prompts",
-            commands.add_zeroshot_arguments,
-            commands.zeroshot_command,
-        ),
-        "export": (
-            "embeddings of shards to files, plus a nearest-neighbour index",
-            commands.add_export_arguments,
-            commands.export_command,
-        ),
-        "search": (
-            "query an exported index",
-            commands.add_search_arguments,
-            commands.search_command,
-        ),
-    }
+"""Each subcommand and its module (``HELP``, ``add_arguments(parser)``, ``run(args)``)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``mmalign`` argument parser with every subcommand."""
+    """The ``mmalign`` argument parser with every subcommand.
+
+    Example:
+        >>> build_parser().parse_args(["search", "emb", "--text", "a seven"]).command
+        'search'
+    """
     parser = argparse.ArgumentParser(
         prog="mmalign", description="Contrastive alignment of many modalities."
     )
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an error instead of one line"
+    )
     subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    train_parser = subcommands.add_parser("train", help="train a model from a config")
-    _add_train_arguments(train_parser)
-    train_parser.set_defaults(handler=_train_command)
-    for name, (summary, add_arguments, handler) in _eval_subcommands().items():
-        command = subcommands.add_parser(name, help=summary)
-        add_arguments(command)
-        command.set_defaults(handler=handler)
-    prep_parser = subcommands.add_parser(
-        "prep", help="write WebDataset shards (demo data, manifests) or train a tokenizer"
-    )
-    _add_prep_arguments(prep_parser)
-    prep_parser.set_defaults(handler=_prep_command)
-    demo_parser = subcommands.add_parser(
-        "demo", help="build the digit data, train, evaluate, index and write REPORT.md"
-    )
-    _add_demo_arguments(demo_parser)
-    demo_parser.set_defaults(handler=_demo_command)
+    for name, module in SUBCOMMANDS.items():
+        command = subcommands.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(command)
+        # `mmalign train CONFIG --debug` too; SUPPRESS keeps a top-level --debug when absent
+        command.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+        )
+        command.set_defaults(run=module.run)
     return parser
+
+
+def one_line(message: str) -> str:
+    """``message`` on one line: its lines joined by ``"; "`` (by a space after a ``:``).
+
+    Example:
+        >>> one_line("invalid config:\\n  a: bad\\n  b: worse")
+        'invalid config: a: bad; b: worse'
+    """
+    text = ""
+    for line in (line.strip() for line in message.splitlines()):
+        if not line:
+            continue
+        separator = "" if not text else " " if text.endswith(":") else "; "
+        text += separator + line
+    return text
+
+
+def _training_stopped(error: BaseException) -> bool:
+    """Whether ``error`` is :class:`mmalign.training.TrainingStopped` (only a loaded training
+    package can have raised one, so nothing is imported here)."""
+    training = sys.modules.get("mmalign.training")
+    stopped = getattr(training, "TrainingStopped", None)
+    return stopped is not None and isinstance(error, stopped)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``mmalign`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status.
 
-    Configuration and input errors end with a one-paragraph message (status 2), not a
-    traceback; a run stopped by non-finite losses ends with status 1.
+    Status 2 and one line ``mmalign COMMAND: error: MESSAGE`` on stderr for a
+    :class:`~mmalign.errors.UserError` or a missing file; status 1 for a stopped training
+    run; with ``--debug`` those errors propagate with their traceback.
     """
-    from mmalign.training import TrainingStopped
-    from mmalign.files import LockError
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
-        return args.handler(args)
-    except (ConfigError, LockError, FileNotFoundError) as error:
-        print(f"mmalign {args.command}: error: {error}", file=sys.stderr)
+        return args.run(args)
+    except (UserError, FileNotFoundError) as error:
+        if args.debug:
+            raise
+        print(f"mmalign {args.command}: error: {one_line(str(error))}", file=sys.stderr)
         return 2
-    except TrainingStopped as error:
-        print(f"mmalign {args.command}: {error}", file=sys.stderr)
+    except Exception as error:
+        if args.debug or not _training_stopped(error):
+            raise
+        print(f"mmalign {args.command}: {one_line(str(error))}", file=sys.stderr)
         return 1

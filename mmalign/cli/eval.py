@@ -1,0 +1,57 @@
+"""``mmalign eval MODEL --data SHARDS [--classes FILE] [--out DIR]``: retrieval, zero-shot and
+diagnostics report of a trained model (:func:`mmalign.eval.run_eval`).
+
+Example:
+    >>> from mmalign.cli.main import main
+    >>> main(["eval", "runs/digits", "--data", "data/digits/test-000000.tar",
+    ...       "--classes", "data/digits/classes.json"])  # doctest: +SKIP
+    0
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from mmalign.cli.common import add_classes_arguments, add_data_arguments, csv_list, fields
+
+HELP = "retrieval, zero-shot and diagnostics report of a trained model"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Data arguments, then the report's output, modalities and zero-shot options."""
+    add_data_arguments(parser, batch_size=64)
+    parser.add_argument("--out", help="report directory (default: MODEL/eval)")
+    parser.add_argument("--modalities", type=csv_list, help="comma-separated (default: all)")
+    parser.add_argument("--classes", help="classes.json for zero-shot classification")
+    parser.add_argument("--zeroshot-modalities", type=csv_list, help="queries (default: non-text)")
+    parser.add_argument("--text-modality", help="encodes the class prompts (default: first text)")
+    add_classes_arguments(parser)
+    parser.add_argument("--no-plots", action="store_true", help="skip the figures")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Write the report and print the markdown, then the paths written."""
+    from pathlib import Path
+
+    from mmalign.eval.report import run_eval
+
+    out = Path(args.out) if args.out else Path(args.model) / "eval"
+    report = run_eval(
+        args.model,
+        args.data,
+        out,
+        modalities=args.modalities,
+        fields=fields(args.field),
+        classes=args.classes,
+        zeroshot_modalities=args.zeroshot_modalities,
+        text_modality=args.text_modality,
+        language=args.language,
+        label_field=args.label_field,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        max_samples=args.max_samples,
+        plots=not args.no_plots,
+    )
+    print((out / "eval.md").read_text())
+    print(f"wrote {out / 'eval.json'}, {out / 'eval.md'} and {len(report['figures'])} figures")
+    return 0

@@ -1,0 +1,66 @@
+"""``mmalign export MODEL --data SHARDS --out DIR [--index flat|ivf|hnsw]``: embeddings of
+shards to files (resumable), plus a nearest-neighbour index (:func:`mmalign.export.run_export`).
+
+Example:
+    >>> from mmalign.cli.main import main
+    >>> main(["export", "runs/digits", "--data", "data/digits/test-000000.tar",
+    ...       "--out", "emb", "--index", "hnsw", "--metadata", "cls"])  # doctest: +SKIP
+    0
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from mmalign.cli.common import add_data_arguments, csv_list, fields
+
+HELP = "embeddings of shards to files, plus a nearest-neighbour index"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Data arguments, the output and chunking, then the index options."""
+    add_data_arguments(parser, batch_size=256)
+    parser.add_argument("--out", required=True, help="export directory (resumes if unfinished)")
+    parser.add_argument("--modalities", type=csv_list, help="comma-separated (default: all)")
+    parser.add_argument("--chunk-size", type=int, default=4096, help="rows per Parquet chunk")
+    parser.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    parser.add_argument("--metadata", type=csv_list, default=[], help="record extensions to keep")
+    parser.add_argument("--index", choices=["flat", "ivf", "hnsw"], help="also build an index")
+    parser.add_argument("--nlist", type=int, help="IVF lists (default about 4 sqrt(N))")
+    parser.add_argument("--nprobe", type=int, default=16, help="IVF lists searched")
+    parser.add_argument("--m", type=int, default=32, help="HNSW links per node")
+    parser.add_argument("--ef-search", type=int, default=64, help="HNSW search beam")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Export (or resume), index, and print the rows, chunks, record counters and indexes."""
+    from mmalign.export import run_export
+
+    manifest = run_export(
+        args.model,
+        args.data,
+        args.modalities,
+        args.out,
+        index=args.index,
+        index_options={
+            "nlist": args.nlist,
+            "nprobe": args.nprobe,
+            "m": args.m,
+            "ef_search": args.ef_search,
+        },
+        batch_size=args.batch_size,
+        chunk_size=args.chunk_size,
+        dtype=args.dtype,
+        metadata_fields=args.metadata,
+        fields=fields(args.field),
+        workers=args.workers,
+        progress=not args.no_progress,
+    )
+    print(
+        f"exported {manifest['rows']} samples in {len(manifest['chunks'])} chunks to {args.out}"
+        f" (records: {manifest['counters']})"
+    )
+    for index in manifest["indexes"]:
+        print(f"index: {index}")
+    return 0

@@ -1,0 +1,148 @@
+"""``mmalign search INDEX_DIR --text "..." | --image PATH | --audio PATH | --query M=VALUE``:
+query an exported index (:func:`mmalign.export.search`) and print the nearest rows.
+
+The command line owns the parsing of query strings: ``--text``, ``--image`` and ``--audio``
+(and ``--query NAME=VALUE``) name a modality or a tower type (the model's first modality of
+that type, see :func:`resolve_query_modality`); a tabular tower's value is a JSON list and a
+graph tower's a ``.json`` file (see :func:`parse_raw`).
+
+Example:
+    >>> from mmalign.cli.main import main
+    >>> main(["search", "emb", "--text", "a handwritten seven", "--k", "3"])  # doctest: +SKIP
+    rank  score   key         cls
+    1     0.8312  test-000017 7
+    ...
+    0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mmalign.cli.common import key_value
+from mmalign.errors import UserError
+
+HELP = "query an exported index"
+QUERY_KINDS = ("text", "image", "audio")
+"""The shorthand query options; each names a modality or a tower type."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The index directory, exactly one query, then ``--k``, ``--target``, ``--model``."""
+    parser.add_argument("index", help="an export directory with a built index")
+    query = parser.add_mutually_exclusive_group(required=True)
+    query.add_argument("--text", help="a text query")
+    query.add_argument("--image", help="an image file")
+    query.add_argument("--audio", help="a wav/flac file")
+    query.add_argument(
+        "--query",
+        type=key_value,
+        metavar="MODALITY=VALUE",
+        help="any modality: text, a path, a JSON list (tabular) or a .json file (graph)",
+    )
+    parser.add_argument("--k", type=int, default=10, help="results to return")
+    parser.add_argument("--target", help="indexed modality to search (default: the only one)")
+    parser.add_argument("--model", help="model or run directory (default: the exported one)")
+    parser.add_argument("--json", action="store_true", help="print JSON lines")
+
+
+def resolve_query_modality(model: Any, name: str) -> str:
+    """A modality name, or a tower type (``text``, ``image``, ...) naming the model's first
+    modality of that type.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> towers = {"caption": {"type": "text"}, "photo": {"type": "image"}}
+        >>> model = SimpleNamespace(modalities=list(towers), config=SimpleNamespace(towers=towers))
+        >>> resolve_query_modality(model, "image"), resolve_query_modality(model, "caption")
+        ('photo', 'caption')
+    """
+    if name in model.modalities:
+        return name
+    for modality in model.modalities:
+        if model.config.towers[modality]["type"] == name:
+            return modality
+    raise UserError(
+        f"the model has no modality or tower type {name!r}; modalities: {list(model.modalities)}"
+    )
+
+
+def parse_raw(model: Any, modality: str, raw: str) -> Any:
+    """The raw sample a command-line value stands for: a JSON list for tabular towers, the
+    content of a ``.json`` file for graph towers, else the string (text, or a path the tower
+    reads).
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> model = SimpleNamespace(config=SimpleNamespace(towers={"x": {"type": "tabular"}}))
+        >>> parse_raw(model, "x", "[0.5, 1]")
+        [0.5, 1]
+    """
+    kind = model.config.towers[modality]["type"]
+    if kind == "tabular":
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError as error:
+            raise UserError(
+                f"the query of tabular modality {modality!r} must be a JSON list of numbers, "
+                f"e.g. [0.1, 2.5]; got {raw!r} ({error})"
+            ) from error
+    if kind == "graph" and raw.endswith(".json"):
+        try:
+            return json.loads(Path(raw).read_text())
+        except json.JSONDecodeError as error:
+            raise UserError(f"the graph query {raw} is not valid JSON: {error}") from error
+    return raw
+
+
+def format_results(rows: Sequence[dict[str, Any]]) -> str:
+    """Search results as an aligned text table: rank, score, key, then the metadata.
+
+    Example:
+        >>> print(format_results([{"rank": 1, "score": 0.5, "key": "a", "cls": 7}]))
+        rank  score   key  cls
+        1     0.5000  a    7
+    """
+    if not rows:
+        return "no results"
+    columns = list(rows[0])
+    cells = [
+        [f"{row[c]:.4f}" if isinstance(row[c], float) else str(row[c]) for c in columns]
+        for row in rows
+    ]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = [columns, *cells]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in lines)
+
+
+def query_of(args: argparse.Namespace) -> tuple[str, str]:
+    """``(modality or tower type, value)`` of the one query option given."""
+    if args.query is not None:
+        return args.query
+    return next(
+        (kind, getattr(args, kind)) for kind in QUERY_KINDS if getattr(args, kind) is not None
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the model (``--model`` or the exported one), encode the query, print the rows."""
+    from mmalign.eval.loading import load_model
+    from mmalign.export import read_manifest, search
+
+    model_path = args.model or read_manifest(args.index)["settings"].get("model_path")
+    if model_path is None:
+        raise UserError(f"{args.index} was exported from an in-memory model; pass --model DIR")
+    model = load_model(model_path)
+    name, value = query_of(args)
+    modality = resolve_query_modality(model, name)
+    raw = parse_raw(model, modality, value)
+    rows = search(args.index, model, raw, modality, args.k, target=args.target)
+    if args.json:
+        print("\n".join(json.dumps(row, default=str) for row in rows))
+    else:
+        print(format_results(rows))
+    return 0
