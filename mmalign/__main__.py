@@ -1,4 +1,8 @@
-"""``python -m mmalign ...`` and ``accelerate launch -m mmalign train CONFIG``."""
+"""``python -m mmalign ...`` and ``accelerate launch -m mmalign train CONFIG``.
+
+Example:
+    $ python -m mmalign train run.yaml --set train.steps=20
+"""
 
 from mmalign.cli.main import main
 
