@@ -91,7 +91,9 @@ def test_epochs_set_the_number_of_steps(tmp_path: Path, pattern: str) -> None:
 
 
 ROOT = Path(__file__).parents[1]
-CONFIGS = sorted([*(ROOT / "configs").glob("*.yaml"), *(ROOT / "mmalign/demo/configs").glob("*.yaml")])
+CONFIGS = sorted(
+    [*(ROOT / "configs").glob("*.yaml"), *(ROOT / "mmalign/demo/configs").glob("*.yaml")]
+)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[path.stem for path in CONFIGS])

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 import webdataset as wds
 
 from mmalign.eval import ZeroShotClassifier, nway_retrieval_metrics, run_eval, run_zeroshot
-from mmalign.objectives import build_objective
 from mmalign.model import AlignmentModel
+from mmalign.objectives import build_objective
 
 TEXT = {"type": "text", "width": 16, "heads": 2, "layers": 1, "context_length": 16}
 

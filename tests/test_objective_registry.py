@@ -14,9 +14,9 @@ import mmalign
 from mmalign.config import load_config
 from mmalign.errors import ConfigError
 from mmalign.objectives import PairwiseConfig, build_objective, register_objective
+from mmalign.objectives.base import TermLoss
 from mmalign.objectives.clip import ClipObjective
 from mmalign.objectives.distributed import BatchView
-from mmalign.objectives.base import TermLoss
 from mmalign.registry import OBJECTIVES
 
 
@@ -64,7 +64,9 @@ def test_a_registered_objective_trains_from_a_yaml_config(tmp_path: Path) -> Non
     path.write_text(yaml.safe_dump(config))
     result = mmalign.train(path)
     assert result.steps == 6
-    losses = [record["train/loss"] for record in metrics(tmp_path / "run") if "train/loss" in record]
+    losses = [
+        record["train/loss"] for record in metrics(tmp_path / "run") if "train/loss" in record
+    ]
     assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["model"]["objective"]["factor"] == 2.0
@@ -77,7 +79,9 @@ def test_an_objective_fault_fails_at_load_and_writes_nothing(tmp_path: Path) -> 
     config["model"]["objective"] = {"name": "anchored", "anchor": "nope"}
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
-    with pytest.raises(ConfigError, match=r"model\.objective\.anchor: 'nope' is not one of") as error:
+    with pytest.raises(
+        ConfigError, match=r"model\.objective\.anchor: 'nope' is not one of"
+    ) as error:
         mmalign.train(path)
     assert "\n" not in str(error.value)
     assert not (tmp_path / "run").exists()
@@ -93,7 +97,9 @@ def test_an_objective_fault_fails_at_load_and_writes_nothing(tmp_path: Path) -> 
         ({"name": "anchored"}, r"model\.objective\.anchor: Field required"),
     ],
 )
-def test_objective_config_errors_name_the_field(tmp_path: Path, objective: dict, field: str) -> None:
+def test_objective_config_errors_name_the_field(
+    tmp_path: Path, objective: dict, field: str
+) -> None:
     config = tiny_config(tmp_path / "run", "unused.tar")
     config["model"]["objective"] = objective
     with pytest.raises(ConfigError, match=field):

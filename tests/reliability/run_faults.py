@@ -55,7 +55,10 @@ STEPS, SAVE_EVERY, CHUNK, SAMPLES = 14, 3, 8, 48
 SAVES = STEPS // SAVE_EVERY + 1  # periodic saves + the final one
 TRAIN_FAULTS: dict[str, tuple[str, int]] = {
     # fault: (inject.py kill spec with {call}, highest call number drawn)
-    "between optimizer steps": ("mmalign.training.trainer:Trainer._train_step:{call}:before", STEPS),
+    "between optimizer steps": (
+        "mmalign.training.trainer:Trainer._train_step:{call}:before",
+        STEPS,
+    ),
     "torn file in a temporary checkpoint": (
         "mmalign.training.checkpoint:save_file:{call}:truncate",
         2 * SAVES,

@@ -30,7 +30,9 @@ def test_second_training_run_on_a_busy_directory_refuses(
     faults.mkdir()
     config_path = write_config(tmp_path / "run.yaml", tiny_config(run, shards))
     first = start_forked(
-        ["train", str(config_path)], ["mmalign.training.trainer:Trainer._train_step:5:pause"], faults
+        ["train", str(config_path)],
+        ["mmalign.training.trainer:Trainer._train_step:5:pause"],
+        faults,
     )
     try:
         wait_for_file(faults / "paused", first)
