@@ -45,7 +45,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from mmalign.dist import world_size
+from mmalign.dist import rank, world_size
 from mmalign.objectives.distributed import all_reduce_sum
 
 
@@ -137,9 +137,8 @@ def _block_logsumexps(logits: Tensor, anchor: Tensor, products: Tensor) -> tuple
 
 
 def _rank_range(total: int) -> tuple[int, int]:
-    size = world_size()
-    rank = dist.get_rank() if size > 1 else 0
-    return rank * total // size, (rank + 1) * total // size
+    size, index = world_size(), rank()
+    return index * total // size, (index + 1) * total // size
 
 
 def _combine_ranks(partial: Tensor) -> Tensor:
