@@ -120,7 +120,7 @@ def test_config_error_is_one_line_before_the_run_directory(
     path.write_text(yaml.safe_dump(config))
     assert main(["train", str(path)]) == 2
     lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("mmalign train: error: ")
+    assert len(lines) == 1 and lines[0].startswith("mmalign: error: ")
     assert "model.objective.anchor" in lines[0]
     assert not out.exists()  # validated at load, before the run directory is written
     for argv in (["--debug", "train", str(path)], ["train", str(path), "--debug"]):
@@ -132,7 +132,7 @@ def test_missing_files_and_stopped_runs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     assert main(["train", str(tmp_path / "missing.yaml")]) == 2
-    assert capsys.readouterr().err.startswith("mmalign train: error: ")
+    assert capsys.readouterr().err.startswith("mmalign: error: ")
 
     def stopped(*args: object, **kwargs: object) -> None:
         raise TrainingStopped("non-finite loss at step 3\nlower train.lr")

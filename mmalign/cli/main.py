@@ -4,8 +4,8 @@ Subcommands (one module each in :mod:`mmalign.cli`): ``train``, ``eval``, ``zero
 ``export``, ``search``, ``prep``, ``demo``. Building the parser imports only
 :mod:`mmalign.cli` and :mod:`mmalign.errors`, so ``mmalign --help`` answers without loading
 torch. Errors the user can fix (:class:`~mmalign.errors.UserError`, a missing file) end in one
-line on stderr and status 2; a training run stopped by non-finite losses ends with status 1;
-``mmalign --debug ...`` shows the traceback instead. Several processes:
+line on stderr (``mmalign: error: ...``) and status 2; a training run stopped by non-finite
+losses ends with status 1; ``mmalign --debug ...`` shows the traceback instead. Several processes:
 ``accelerate launch -m mmalign train CONFIG``.
 
 Example:
@@ -93,7 +93,7 @@ def _training_stopped(error: BaseException) -> bool:
 def main(argv: list[str] | None = None) -> int:
     """Run ``mmalign`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status.
 
-    Status 2 and one line ``mmalign COMMAND: error: MESSAGE`` on stderr for a
+    Status 2 and one line ``mmalign: error: MESSAGE`` on stderr for a
     :class:`~mmalign.errors.UserError` or a missing file; status 1 for a stopped training
     run; with ``--debug`` those errors propagate with their traceback.
     """
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, FileNotFoundError) as error:
         if args.debug:
             raise
-        print(f"mmalign {args.command}: error: {one_line(str(error))}", file=sys.stderr)
+        print(f"mmalign: error: {one_line(str(error))}", file=sys.stderr)
         return 2
     except Exception as error:
         if args.debug or not _training_stopped(error):
