@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from mmalign.batch import Batch
+from mmalign.batch import Batch, move_to
 from mmalign.config import Config, ConfigError, ModelConfig, load_config
 from mmalign.errors import config_error
 from mmalign.objectives import LossOutput, build_objective
@@ -254,7 +254,7 @@ class AlignmentModel(nn.Module):
 
     def _collate(self, tower: Tower, samples: list[Any]) -> Any:
         inputs = tower.collate([tower.preprocess(sample) for sample in samples])
-        return tower.move_to(inputs, self.device)
+        return move_to(inputs, self.device)
 
     def logit_scale_value(self) -> torch.Tensor:
         """The multiplier passed to the objective: ``exp(min(logit_scale, logit_scale_max))``."""

@@ -29,7 +29,6 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
-from mmalign.batch import move_to
 from mmalign.errors import ConfigError, config_error
 from mmalign.registry import TOWERS
 
@@ -151,10 +150,6 @@ class Tower(nn.Module):
             first = next(iter(inputs.values()))
             return int(first.shape[0])
         return int(getattr(inputs, "num_graphs", len(inputs)))
-
-    def move_to(self, inputs: Any, device: torch.device) -> Any:
-        """Move a collated batch input to ``device`` (override for inputs without ``.to``)."""
-        return move_to(inputs, device)
 
 
 def register_tower(name: str) -> Callable[[type[Tower]], type[Tower]]:
