@@ -177,6 +177,26 @@ class DataConfig(_Section):
     resampled: bool = True
     epoch_samples: int | None = None
     seed: int = 0
+    max_member_bytes: int = Field(default=64 * 2**20, ge=1)
+    """Per-record limit: largest file read out of a tar shard (checked from its tar header,
+    before reading; a GNU-sparse member counts its expanded size). Larger: skipped as
+    ``member_too_large``."""
+    max_decoded_bytes: int = Field(default=128 * 2**20, ge=1)
+    """Per-record limit: largest decoded audio clip (float32), image (pixels x bands) or npz
+    (array bytes), checked from the file's header before decoding; larger: ``too_large``."""
+    audio_sample_rates: tuple[int, int] = (1000, 384_000)
+    """Per-record limit: lowest and highest audio sample rate in Hz (from the header, before
+    decoding); outside: ``bad_sample_rate``."""
+    max_audio_seconds: float = Field(default=600.0, gt=0)
+    """Per-record limit: longest audio clip (from the header, before decoding); longer:
+    ``too_long``."""
+
+    @field_validator("audio_sample_rates")
+    @classmethod
+    def _rate_range(cls, rates: tuple[int, int]) -> tuple[int, int]:
+        if not 0 < rates[0] <= rates[1]:
+            raise ValueError(f"must be [lowest, highest] Hz, 0 < lowest <= highest; got {rates}")
+        return rates
 
 
 class EvalConfig(_Section):

@@ -5,12 +5,13 @@ Example:
 """
 
 from mmalign.data.decode import RecordError, decode_value
-from mmalign.data.loader import Loader, loader_from_config, make_loader
+from mmalign.data.loader import Loader, NoUsableData, loader_from_config, make_loader
 from mmalign.data.records import iterate_records
 from mmalign.data.shards import expand_shards
 
 __all__ = [
     "Loader",
+    "NoUsableData",
     "RecordError",
     "decode_value",
     "expand_shards",

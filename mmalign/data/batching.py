@@ -2,8 +2,10 @@
 
 Everything here runs inside DataLoader workers. Accounting travels with the data: every
 batch carries ``counters``, the counts of records seen, used, skipped (by reason) and dropped
-since the previous batch of the same worker, so the main process can add them up. A worker's
-last message may be a batch with no rows that only carries counters.
+since the previous batch of the same worker, so the main process can add them up; beside
+each batch, :func:`batches` hands on the skipped records (shard, key, reason, message) so the
+main process can log them where the run's log is. A worker's last message may be a batch
+with no rows that only carries counters.
 
 Example:
     >>> from mmalign.towers import build_tower
@@ -25,7 +27,7 @@ import torch
 
 from mmalign.batch import Batch
 from mmalign.data.decode import RecordError, decode_fields, decode_value, find_file
-from mmalign.data.records import log_skip
+from mmalign.data.limits import DEFAULT_LIMITS, RecordLimits
 
 
 class Tower(Protocol):
@@ -52,9 +54,13 @@ class Sample:
 
 @dataclass(frozen=True)
 class Rejected:
-    """A record that was read but not used; ``counter`` is e.g. ``skipped/bad_image``."""
+    """A record that was read but not used; ``counter`` is e.g. ``skipped/bad_image``;
+    skipped records also say where they were (``url``, ``key``) and what went wrong."""
 
     counter: str
+    url: str = ""
+    key: str = ""
+    message: str = ""
 
 
 @dataclass
@@ -66,6 +72,7 @@ class RecordSpec:
     label: tuple[str, ...] | None = None
     metadata: dict[str, tuple[str, ...]] = field(default_factory=dict)
     augment: bool = False
+    limits: RecordLimits = DEFAULT_LIMITS
 
     @property
     def modalities(self) -> list[str]:
@@ -89,16 +96,18 @@ def _preprocess_all(values: dict[str, Any], spec: RecordSpec) -> dict[str, Any]:
     for modality, value in values.items():
         try:
             items[modality] = preprocess_with(spec.towers[modality], value, spec.augment)
-        except ValueError as error:
-            raise RecordError("preprocess", f"tower {modality!r}: {error}") from None
+        except Exception as error:  # one record never takes the run down
+            raise RecordError(
+                "preprocess", f"tower {modality!r}: {type(error).__name__}: {error}"
+            ) from None
     return items
 
 
-def _label(raw: Mapping[str, Any], alternatives: tuple[str, ...] | None) -> int:
-    extension = find_file(raw, alternatives) if alternatives else None
+def _label(raw: Mapping[str, Any], spec: RecordSpec) -> int:
+    extension = find_file(raw, spec.label) if spec.label else None
     if extension is None:
         return -1
-    value = decode_value(extension, raw[extension])
+    value = decode_value(extension, raw[extension], spec.limits)
     try:
         return int(value)
     except (TypeError, ValueError):
@@ -106,20 +115,20 @@ def _label(raw: Mapping[str, Any], alternatives: tuple[str, ...] | None) -> int:
 
 
 def to_sample(raw: Mapping[str, Any], spec: RecordSpec) -> Sample | Rejected:
-    """Decode and preprocess one raw record; failures are logged and become :class:`Rejected`."""
+    """Decode and preprocess one raw record; a failure becomes :class:`Rejected` with its
+    reason, shard and key."""
     key, url = raw["__key__"], raw["__url__"]
     try:
         if "__error__" in raw:
             raise RecordError(*raw["__error__"])
-        values = decode_fields(raw, spec.fields)
+        values = decode_fields(raw, spec.fields, spec.limits)
         if not values:
             return Rejected("dropped/no_modality")
-        label = _label(raw, spec.label)
-        metadata = decode_fields(raw, spec.metadata)
+        label = _label(raw, spec)
+        metadata = decode_fields(raw, spec.metadata, spec.limits)
         return Sample(key, _preprocess_all(values, spec), label, metadata)
     except RecordError as error:
-        log_skip(url, key, error.reason, str(error))
-        return Rejected(f"skipped/{error.reason}")
+        return Rejected(f"skipped/{error.reason}", url, key, error.detail)
 
 
 def take_samples(entries: Iterable[Sample | Rejected], count: int | None) -> Iterator:
@@ -164,27 +173,34 @@ def batches(
     spec: RecordSpec,
     batch_size: int,
     drop_last: bool = False,
-) -> Iterator[Batch]:
-    """Group samples into collated batches that carry their counter deltas."""
+) -> Iterator[tuple[Batch, list[Rejected]]]:
+    """Group samples into collated batches that carry their counter deltas; each comes with
+    the records skipped since the previous one (each record once per epoch)."""
     pending: list[Sample] = []
     counts: Counter[str] = Counter()
+    skipped: list[Rejected] = []
+    reported: set[tuple[str, str, str]] = set()
     for entry in entries:
         counts["seen"] += 1
         if isinstance(entry, Rejected):
             counts[entry.counter] += 1
+            where = (entry.url, entry.key, entry.counter)
+            if entry.key and where not in reported:
+                reported.add(where)
+                skipped.append(entry)
             continue
         pending.append(entry)
         if len(pending) == batch_size:
             counts["used"] += len(pending)
             batch = collate_samples(pending, spec)
             batch.counters = dict(counts)
-            yield batch
-            pending, counts = [], Counter()
+            yield batch, skipped
+            pending, counts, skipped = [], Counter(), []
     if pending and not drop_last:
         counts["used"] += len(pending)
         batch = collate_samples(pending, spec)
         batch.counters = dict(counts)
-        yield batch
+        yield batch, skipped
     elif counts or pending:
         counts["dropped/last_batch"] += len(pending)
-        yield Batch.empty(spec.modalities, dict(+counts))
+        yield Batch.empty(spec.modalities, dict(+counts)), skipped

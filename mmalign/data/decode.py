@@ -18,7 +18,9 @@ anything else               the raw ``bytes``
 
 A zero-byte file fails as ``empty_file`` whatever its extension. Images larger than
 ``PIL.Image.MAX_IMAGE_PIXELS`` (decompression bombs; raise that limit to accept bigger ones)
-or with a zero side fail as ``bad_image``.
+or with a zero side fail as ``bad_image``. Audio, images and npz files are first checked
+against the per-record limits (:mod:`mmalign.data.limits`) from their headers, before
+decoding: ``bad_sample_rate``, ``too_long``, ``too_large``.
 
 Example:
     >>> decode_value("cls", b"7")
@@ -42,6 +44,8 @@ import soundfile
 from PIL import Image
 from webdataset.autodecode import IMAGE_EXTENSIONS
 
+from mmalign.data.limits import DEFAULT_LIMITS, RecordLimits
+
 AUDIO_EXTENSIONS = ("wav", "flac", "ogg")
 TEXT_EXTENSIONS = ("txt", "text")
 JSON_EXTENSIONS = ("json", "jsn")
@@ -54,19 +58,61 @@ class RecordError(ValueError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(f"{reason}: {message}")
         self.reason = reason
+        self.detail = message
 
 
-def _image(data: bytes) -> Image.Image:
+def _check_size(decoded_bytes: int, what: str, limits: RecordLimits) -> None:
+    if decoded_bytes > limits.max_decoded_bytes:
+        raise RecordError(
+            "too_large",
+            f"{what} would decode to {decoded_bytes / 2**20:.1f} MiB, over "
+            f"data.max_decoded_bytes ({limits.max_decoded_bytes / 2**20:.1f} MiB)",
+        )
+
+
+def _image(data: bytes, limits: RecordLimits) -> Image.Image:
     with warnings.catch_warnings():  # PIL only warns between 1x and 2x the pixel limit
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data)) as image:  # reads the header only
             if min(image.size) < 1:
                 raise ValueError(f"the image is {image.width}x{image.height} pixels")
+            bands = max(len(image.getbands()), 3)  # converted to RGB
+            _check_size(image.width * image.height * bands, "the image", limits)
             image.load()
             return image.convert("RGB")
 
 
-def _audio(data: bytes) -> tuple[np.ndarray, int]:
+def check_audio_header(info: Any, limits: RecordLimits) -> None:
+    """Raise :class:`RecordError` when a ``soundfile.info`` header is over a limit: sample
+    rate (``bad_sample_rate``), duration (``too_long``), float32 size (``too_large``).
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> header = SimpleNamespace(samplerate=2147483647, frames=800, channels=1)
+        >>> check_audio_header(header, DEFAULT_LIMITS)
+        Traceback (most recent call last):
+        ...
+        mmalign.data.decode.RecordError: bad_sample_rate: ...
+    """
+    lowest, highest = limits.audio_sample_rates
+    if not lowest <= info.samplerate <= highest:
+        raise RecordError(
+            "bad_sample_rate",
+            f"the header says {info.samplerate} Hz, outside data.audio_sample_rates "
+            f"[{lowest}, {highest}]",
+        )
+    seconds = info.frames / info.samplerate
+    if seconds > limits.max_audio_seconds:
+        raise RecordError(
+            "too_long",
+            f"the header says {seconds:.1f} s ({info.frames} frames at {info.samplerate} Hz), "
+            f"over data.max_audio_seconds ({limits.max_audio_seconds:g} s)",
+        )
+    _check_size(info.frames * info.channels * 4, "the clip", limits)
+
+
+def _audio(data: bytes, limits: RecordLimits) -> tuple[np.ndarray, int]:
+    check_audio_header(soundfile.info(io.BytesIO(data)), limits)
     waveform, sample_rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
     if waveform.shape[0] == 0:
         raise ValueError("the clip has no samples")
@@ -98,7 +144,7 @@ def graph_from_arrays(arrays: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return graph
 
 
-def _graph_json(data: bytes) -> dict[str, np.ndarray]:
+def _graph_json(data: bytes, limits: RecordLimits) -> dict[str, np.ndarray]:
     try:
         parsed = json.loads(data)
     except ValueError as error:
@@ -108,43 +154,49 @@ def _graph_json(data: bytes) -> dict[str, np.ndarray]:
     return graph_from_arrays(parsed)
 
 
-def _graph_npz(data: bytes) -> dict[str, np.ndarray]:
-    with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+def _graph_npz(data: bytes, limits: RecordLimits) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(data), allow_pickle=False) as arrays:  # reads the zip directory
+        _check_size(sum(item.file_size for item in arrays.zip.infolist()), "the npz", limits)
         return graph_from_arrays(dict(arrays))
 
 
-def _npy(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
+def _npy(data: bytes, limits: RecordLimits) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)  # stored raw: the tar limit bounds it
 
 
-def _text(data: bytes) -> str:
+def _text(data: bytes, limits: RecordLimits) -> str:
     return data.decode("utf-8")
 
 
-def _label(data: bytes) -> int:
+def _json(data: bytes, limits: RecordLimits) -> Any:
+    return json.loads(data)
+
+
+def _label(data: bytes, limits: RecordLimits) -> int:
     return int(data.decode("ascii"))
 
 
-_DECODERS: dict[str, tuple[str, Callable[[bytes], Any]]] = {
+_DECODERS: dict[str, tuple[str, Callable[[bytes, RecordLimits], Any]]] = {
     "npz": ("bad_graph", _graph_npz),
     "npy": ("bad_array", _npy),
     **{ext: ("bad_text", _text) for ext in TEXT_EXTENSIONS},
-    **{ext: ("bad_json", json.loads) for ext in JSON_EXTENSIONS},
+    **{ext: ("bad_json", _json) for ext in JSON_EXTENSIONS},
     **{ext: ("bad_label", _label) for ext in LABEL_EXTENSIONS},
     **{ext: ("bad_audio", _audio) for ext in AUDIO_EXTENSIONS},
     **{ext: ("bad_image", _image) for ext in IMAGE_EXTENSIONS},
 }
 
 
-def _decoder(extension: str) -> tuple[str, Callable[[bytes], Any]] | None:
+def _decoder(extension: str) -> tuple[str, Callable[[bytes, RecordLimits], Any]] | None:
     """(failure reason, decode function) for an extension, None for raw bytes."""
     if extension == "graph.json" or extension.endswith(".graph.json"):
         return "bad_graph", _graph_json
     return _DECODERS.get(extension.rsplit(".", 1)[-1])
 
 
-def decode_value(extension: str, data: bytes) -> Any:
-    """Decode one record file by its extension; raises :class:`RecordError` with a reason."""
+def decode_value(extension: str, data: bytes, limits: RecordLimits = DEFAULT_LIMITS) -> Any:
+    """Decode one record file by its extension; raises :class:`RecordError` with a reason
+    (also when a header is over one of ``limits``)."""
     if len(data) == 0:
         raise RecordError("empty_file", f"the .{extension} file is empty (zero bytes)")
     decoder = _decoder(extension.lower())
@@ -152,7 +204,7 @@ def decode_value(extension: str, data: bytes) -> Any:
         return data
     reason, decode = decoder
     try:
-        return decode(data)
+        return decode(data, limits)
     except RecordError:
         raise
     except Exception as error:  # every library raises its own error type for bad bytes
@@ -183,7 +235,9 @@ def parse_fields(fields: Mapping[str, str]) -> dict[str, tuple[str, ...]]:
 
 
 def decode_fields(
-    sample: Mapping[str, Any], fields: Mapping[str, tuple[str, ...]]
+    sample: Mapping[str, Any],
+    fields: Mapping[str, tuple[str, ...]],
+    limits: RecordLimits = DEFAULT_LIMITS,
 ) -> dict[str, Any]:
     """Decode the configured fields present in a raw sample; absent fields are left out.
 
@@ -195,5 +249,5 @@ def decode_fields(
     for name, alternatives in fields.items():
         extension = find_file(sample, alternatives)
         if extension is not None:
-            values[name] = decode_value(extension, sample[extension])
+            values[name] = decode_value(extension, sample[extension], limits)
     return values

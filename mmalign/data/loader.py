@@ -1,8 +1,15 @@
 """The training/evaluation loader: WebDataset shards in, batches with presence masks out.
 
-Per DataLoader worker: shards of this split (rank x worker) -> raw records (webdataset's tar
-reader) -> shuffle buffer -> per-extension decode -> the towers' ``preprocess`` -> batches
-through the towers' ``collate``. The main process adds up the counters each batch carries.
+Per DataLoader worker: shards of this split (rank x worker) -> raw records (tar members up to
+``data.max_member_bytes``) -> shuffle buffer -> per-extension decode (within the per-record
+limits) -> the towers' ``preprocess`` -> batches through the towers' ``collate``. The main
+process adds up the counters each batch carries and logs each skipped record with its shard
+and key (logger ``mmalign.data``; a training run writes it to ``train.log``).
+
+An epoch that yields no batch raises :class:`NoUsableData` naming the shards and the
+counters. A resampled stream (endless) raises it too, instead of spinning, once a worker has
+read each shard through without a usable record, or without a file of some modality's
+extension (:mod:`mmalign.data.survey`).
 
 Example:
     >>> loader = make_loader("data/digits/train-{000000..000007}.tar", towers,
@@ -14,7 +21,8 @@ Example:
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from types import EllipsisType
 from typing import Any
 
@@ -23,12 +31,27 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from mmalign.batch import Batch
 from mmalign.config import ConfigError, DataConfig
-from mmalign.data.batching import RecordSpec, Tower, batches, take_samples, to_sample
+from mmalign.data.batching import (
+    Rejected,
+    RecordSpec,
+    Sample,
+    Tower,
+    batches,
+    take_samples,
+    to_sample,
+)
 from mmalign.data.decode import parse_alternatives
-from mmalign.data.records import raw_records
+from mmalign.data.limits import DEFAULT_LIMITS, RecordLimits
+from mmalign.data.records import log_skip, raw_records
 from mmalign.data.shards import expand_shards
 from mmalign.data.splitting import Split, current_split
+from mmalign.data.survey import ShardSurvey
 from mmalign.dist import resolve_world
+from mmalign.errors import UserError
+
+
+class NoUsableData(UserError):
+    """An epoch of a loader gave no batch: no record was usable (the message says why)."""
 
 
 def _share(total: int | None, split: Split) -> int | None:
@@ -73,11 +96,12 @@ class ShardBatches(IterableDataset):
         self.epoch = 0
         self.world = resolve_world(rank, world_size)
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[Delivery]:
         split = current_split(*self.world)
         if torch.utils.data.get_worker_info() is not None:  # a worker owns its tower copies
             for tower in self.spec.towers.values():
                 tower.set_augment(self.spec.augment)
+        survey = ShardSurvey(self.urls, self.spec.fields) if self.resampled else None
         records = raw_records(
             self.urls,
             split,
@@ -85,14 +109,45 @@ class ShardBatches(IterableDataset):
             shuffle_buffer=self.shuffle_buffer,
             seed=self.seed,
             epoch=self.epoch,
+            limits=self.spec.limits,
+            survey=survey,
         )
-        entries = (to_sample(raw, self.spec) for raw in records)
+        entries = _settled(records, self.spec, survey)
         entries = take_samples(entries, _share(self.epoch_samples, split))
-        return batches(entries, self.spec, self.batch_size, self.drop_last)
+        for batch, skipped in batches(entries, self.spec, self.batch_size, self.drop_last):
+            yield Delivery(batch, skipped)
+        if survey is not None and survey.verdict is not None:
+            yield Delivery(Batch.empty(self.spec.modalities, {}), [], survey.verdict)
 
 
-def _keep(batch: Batch) -> Batch:
-    return batch
+@dataclass
+class Delivery:
+    """What a worker sends: a batch, the records skipped since the previous one, and why the
+    stream stopped when it cannot give what is asked (``verdict``)."""
+
+    batch: Batch
+    skipped: list[Rejected]
+    verdict: str | None = None
+
+
+def _settled(
+    records: Iterable[dict[str, Any]], spec: RecordSpec, survey: ShardSurvey | None
+) -> Iterator[Sample | Rejected]:
+    """``to_sample`` of each record, reported to ``survey`` (used or not)."""
+    for raw in records:
+        entry = to_sample(raw, spec)
+        if survey is not None:
+            survey.settle(raw, isinstance(entry, Sample))
+        yield entry
+
+
+def _keep(delivery: Delivery) -> Delivery:
+    return delivery
+
+
+def _listed(urls: list[str], shown: int = 3) -> str:
+    more = f", +{len(urls) - shown} more" if len(urls) > shown else ""
+    return ", ".join(urls[:shown]) + more
 
 
 class Loader:
@@ -109,11 +164,13 @@ class Loader:
         {'seen': 5032, 'used': 5030, 'skipped/bad_image': 2}
     """
 
-    def __init__(self, stream: ShardBatches, workers: int = 0) -> None:
+    def __init__(self, stream: ShardBatches, workers: int = 0, field: str = "shards") -> None:
         self.stream = stream
         self.workers = workers
+        self.field = field
         self.epoch = 0
         self._counters: Counter[str] = Counter()
+        self._first_skip: Rejected | None = None
 
     @property
     def modalities(self) -> list[str]:
@@ -132,7 +189,7 @@ class Loader:
         self.epoch = int(state["epoch"])
         self._counters = Counter(state.get("counters", {}))
 
-    def _source(self) -> Iterator[Batch]:
+    def _source(self) -> Iterator[Delivery]:
         if self.workers == 0:
             return iter(self.stream)
         return iter(
@@ -144,18 +201,45 @@ class Loader:
         self.stream.world = resolve_world(self.stream.rank, self.stream.world_size)
         self.epoch += 1
         yielded = 0
-        for batch in self._source():
+        for delivery in self._source():
+            batch = delivery.batch
             self._counters.update(batch.counters)
             batch.counters = {}
+            for skip in delivery.skipped:
+                log_skip(skip.url, skip.key, skip.counter.removeprefix("skipped/"), skip.message)
+            self._first_skip = self._first_skip or next(iter(delivery.skipped), None)
+            if delivery.verdict is not None:
+                raise self._no_batch(delivery.verdict)
             if batch.keys:
                 yielded += 1
                 yield batch
         if yielded == 0:
-            raise RuntimeError(
-                f"no batch in epoch {self.stream.epoch} of {len(self.stream.urls)} shards "
-                f"({self.stream.urls[0]}, ...): counters {self.counters}; check the fields "
-                "against the record extensions, and the batch size when drop_last is on"
+            raise self._no_batch()
+
+    def _no_batch(self, verdict: str | None = None) -> NoUsableData:
+        stream, counters = self.stream, self.counters
+        shown = ", ".join(f"{key} {value}" for key, value in counters.items())
+        if verdict is not None:
+            hint = "check the shards and data.fields"
+        elif counters["used"]:
+            hint = (
+                f"{counters['used']} usable records are fewer than data.batch_size "
+                f"{stream.batch_size} (the last partial batch is dropped)"
             )
+        elif counters.get("dropped/no_modality"):
+            fields = ", ".join(f"{m}: {';'.join(e)}" for m, e in stream.spec.fields.items())
+            hint = f"no record has a file with the extensions of data.fields ({fields})"
+        else:
+            hint = "check the shards and data.fields"
+        first = self._first_skip
+        example = (
+            f"; first skipped: {first.key!r} in {first.url} ({first.message})" if first else ""
+        )
+        what = f"cannot train on {self.field}: {verdict}" if verdict else "no batch"
+        return NoUsableData(
+            f"{what} ({len(stream.urls)} shards: {_listed(stream.urls)}; records {shown})"
+            f"{example}; {hint}"
+        )
 
 
 def _check_fields(towers: Mapping[str, Tower], fields: Mapping[str, str]) -> None:
@@ -187,12 +271,14 @@ def make_loader(
     drop_last: bool = False,
     augment: bool = False,
     field: str = "shards",
+    limits: RecordLimits = DEFAULT_LIMITS,
 ) -> Loader:
     """A :class:`Loader` over WebDataset shards for the given towers.
 
     ``fields`` maps each tower's modality to its file extension(s) (``"jpg;png"``);
     ``epoch_samples`` caps an epoch per rank (and bounds resampled streams);
-    ``field`` names the shard setting in error messages (``data.train``).
+    ``field`` names the shard setting in error messages (``data.train``); ``limits`` are the
+    per-record limits (default: those of a default ``DataConfig``).
 
     Example:
         >>> loader = make_loader("shards/", {"text": text_tower}, {"text": "txt"}, 32,
@@ -207,6 +293,7 @@ def make_loader(
         label=parse_alternatives(label_field) if label_field else None,
         metadata={name: parse_alternatives(name) for name in metadata_fields},
         augment=augment,
+        limits=limits,
     )
     stream = ShardBatches(
         expand_shards(shards, field),
@@ -220,7 +307,7 @@ def make_loader(
         epoch_samples=epoch_samples,
         drop_last=drop_last,
     )
-    return Loader(stream, workers)
+    return Loader(stream, workers, field)
 
 
 def loader_from_config(
@@ -271,4 +358,5 @@ def loader_from_config(
         drop_last=training or processes > 1,
         augment=training,
         field=f"data.{split}",
+        limits=RecordLimits.from_config(data_cfg),
     )

@@ -1,13 +1,15 @@
 """Raw records out of tar shards, and decoded records for code that needs raw values.
 
 Shards are opened with webdataset's ``gopen`` (local files, ``pipe:``, ``http(s)://`` and the
-other schemes webdataset knows) and read with its tar iterator. Files are grouped into
-records by key here rather than by ``tarfile_to_samples`` so that a shard that ends in the
-middle of a record turns that record into an error marker (reason ``truncated_tar``) instead
-of a silently incomplete record.
+other schemes webdataset knows) and read member by member with ``tarfile`` in stream mode.
+Files are grouped into records by key here rather than by ``tarfile_to_samples`` so that a
+shard that ends in the middle of a record turns that record into an error marker (reason
+``truncated_tar``) instead of a silently incomplete record, and so that a member's size is
+checked from its tar header before it is read: a member over ``max_member_bytes`` (a GNU-sparse
+member counts its expanded size) is not read, and its record is marked ``member_too_large``.
 
 A raw record is ``{"__key__": str, "__url__": str, "<ext>": bytes, ...}``; an error marker
-carries ``"__error__": (reason, message)`` instead of files.
+carries ``"__error__": (reason, message)`` (its files, if any, are not used).
 
 Example:
     >>> for record in iterate_records("data/digits/val-000000.tar", {"image": "png"}):
@@ -17,19 +19,23 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import re
 import tarfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from itertools import islice
 from typing import Any
 
 import webdataset as wds
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
+from webdataset.tariterators import base_plus_ext
 from webdataset.utils import make_seed
 
 from mmalign.data.decode import RecordError, decode_fields, parse_fields
+from mmalign.data.limits import DEFAULT_LIMITS, RecordLimits
 from mmalign.data.shards import expand_shards
 from mmalign.data.splitting import Split, plan_split
+from mmalign.data.survey import ShardSurvey
 from mmalign.dist import resolve_world
 
 logger = logging.getLogger("mmalign.data")
@@ -49,7 +55,32 @@ def _close_quietly(stream: Any) -> None:
         stream.close()
 
 
-def read_shard(url: str) -> Iterator[dict[str, Any]]:
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, skipped as it does
+
+
+def _members(stream: Any, limits: RecordLimits) -> Iterator[tuple[str, bytes | RecordError]]:
+    """(name, contents) of the regular files of a tar stream; a :class:`RecordError` instead
+    of the contents when the header's size is over ``limits.max_member_bytes`` (not read)."""
+    with tarfile.open(fileobj=stream, mode="r|*") as archive:
+        for info in archive:
+            if not info.isreg() or _META.match(info.name):
+                continue
+            if info.size > limits.max_member_bytes:
+                sparse = " (GNU sparse: its expanded size)" if info.issparse() else ""
+                yield (
+                    info.name,
+                    RecordError(
+                        "member_too_large",
+                        f"{info.name} is {info.size / 2**20:.1f} MiB{sparse}, over "
+                        f"data.max_member_bytes ({limits.max_member_bytes / 2**20:.1f} MiB)",
+                    ),
+                )
+            else:
+                yield info.name, archive.extractfile(info).read()
+            archive.members = []  # stream mode: keep no member list
+
+
+def read_shard(url: str, limits: RecordLimits = DEFAULT_LIMITS) -> Iterator[dict[str, Any]]:
     """Raw records of one shard; a read error ends the shard with one error marker
     (``truncated_tar`` after some records, ``unreadable_shard`` before any)."""
     current: dict[str, Any] | None = None
@@ -57,8 +88,8 @@ def read_shard(url: str) -> Iterator[dict[str, Any]]:
     stream = None
     try:
         stream = wds.gopen(url)
-        for entry in tar_file_iterator(stream):
-            key, extension = base_plus_ext(entry["fname"])
+        for name, data in _members(stream, limits):
+            key, extension = base_plus_ext(name)
             if key is None:
                 continue
             if current is not None and key != current["__key__"]:
@@ -66,10 +97,13 @@ def read_shard(url: str) -> Iterator[dict[str, Any]]:
                 yield current
                 current = None
             current = current or {"__key__": key, "__url__": url}
-            current[extension.lower()] = entry["data"]
+            if isinstance(data, RecordError):
+                current.setdefault("__error__", (data.reason, data.detail))
+            else:
+                current[extension.lower()] = data
     except (tarfile.TarError, OSError, EOFError) as error:
         started = current is not None or last_key is not None
-        key = current["__key__"] if current else f"<after {last_key!r}>"
+        key = current["__key__"] if current else f"<after {last_key!r}>" if started else "<shard>"
         reason = "truncated_tar" if started else "unreadable_shard"
         current = None
         yield {"__key__": key, "__url__": url, "__error__": (reason, str(error))}
@@ -80,10 +114,12 @@ def read_shard(url: str) -> Iterator[dict[str, Any]]:
         yield current
 
 
-def read_shards(sources: Iterable[Mapping[str, str]]) -> Iterator[dict[str, Any]]:
+def read_shards(
+    sources: Iterable[Mapping[str, str]], limits: RecordLimits = DEFAULT_LIMITS
+) -> Iterator[dict[str, Any]]:
     """Raw records of a stream of ``{"url": ...}`` shard entries, one shard after another."""
     for source in sources:
-        yield from read_shard(source["url"])
+        yield from read_shard(source["url"], limits)
 
 
 def raw_records(
@@ -94,11 +130,19 @@ def raw_records(
     shuffle_buffer: int = 0,
     seed: int = 0,
     epoch: int = 0,
+    limits: RecordLimits = DEFAULT_LIMITS,
+    survey: ShardSurvey | None = None,
 ) -> wds.DataPipeline:
     """The raw records (and error markers) one split reads in one epoch, shuffled if asked.
 
-    Resampled streams draw shards with replacement, seeded per split and epoch, forever.
+    Resampled streams draw shards with replacement, seeded per split and epoch, forever, or
+    until ``survey`` has a verdict (the caller settles each record with it).
     """
+    reader = functools.partial(read_shards, limits=limits)
+    if survey is not None:
+        reader = functools.partial(
+            survey.read, read_shard=functools.partial(read_shard, limits=limits)
+        )
     stride, offset = 1, 0
     if resampled:
         shard_source = wds.ResampledShards(
@@ -113,7 +157,7 @@ def raw_records(
         stride, offset = plan.stride, plan.offset
     return wds.DataPipeline(
         shard_source,
-        read_shards,
+        reader,
         (lambda records: islice(records, offset, None, stride)) if stride > 1 else None,
         wds.shuffle(
             shuffle_buffer,
@@ -132,6 +176,7 @@ def iterate_records(
     rank: int | None = None,
     world_size: int | None = None,
     field: str = "shards",
+    limits: RecordLimits = DEFAULT_LIMITS,
 ) -> Iterator[dict[str, Any]]:
     """Decoded records with their keys, without towers (for export and zero-shot code).
 
@@ -148,12 +193,12 @@ def iterate_records(
     urls = expand_shards(shards, field)
     rank, world_size = resolve_world(rank, world_size)
     parsed = parse_fields(fields)
-    for raw in raw_records(urls, Split(rank, world_size)):
+    for raw in raw_records(urls, Split(rank, world_size), limits=limits):
         key, url = raw["__key__"], raw["__url__"]
         try:
             if "__error__" in raw:
                 raise RecordError(*raw["__error__"])
-            values = decode_fields(raw, parsed)
+            values = decode_fields(raw, parsed, limits)
         except RecordError as error:
             log_skip(url, key, error.reason, str(error))
             continue

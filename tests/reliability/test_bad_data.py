@@ -102,7 +102,8 @@ def test_bad_images_and_audio_are_counted(tmp_path: Path, monkeypatch: pytest.Mo
     counters = loader.counters
     assert counters["seen"] == 12 and counters["used"] == 3
     assert counters["skipped/bad_image"] == 4  # 0x0, bomb header, over the pixel limit, junk
-    assert counters["skipped/preprocess"] == 2  # NaN waveform, 100 Hz (160x upsampling)
+    assert counters["skipped/preprocess"] == 1  # NaN waveform
+    assert counters["skipped/bad_sample_rate"] == 1  # 100 Hz: under data.audio_sample_rates
     assert counters["skipped/bad_audio"] == 1  # a wav cut inside its header
     assert counters["skipped/empty_file"] == 1
     assert counters["dropped/no_modality"] == 1  # .jpeg/.mp3 are not the configured fields
