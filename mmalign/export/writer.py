@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
+from mmalign.data.shards import normalize_shards
 from mmalign.dist import barrier, join_launched_group, resolve_world
 from mmalign.eval.loading import EmbeddedBatch, EmbeddingStream, load_model, model_directory
 from mmalign.export.index import IndexKind, build_index
@@ -149,7 +150,7 @@ def _settings(
         "format": FORMAT,
         "modalities": list(modalities),
         "dim": int(model.dim),
-        "shards": shards if isinstance(shards, str) else [str(s) for s in shards],
+        "shards": normalize_shards(shards),
         "model_fingerprint": model_fingerprint(model),
         "model_path": model_path,
         **options,

@@ -19,6 +19,10 @@ import torch
 from scipy.signal import resample_poly
 
 _MAX_CHANNELS = 16
+MAX_RESAMPLING_FACTOR = 2**18
+"""Largest up or down factor of the reduced rate ratio :func:`resample` accepts: the
+polyphase filter has ``20 x`` that many taps (2**18: 42 MB), so a header claiming
+1,000,003 Hz or 2147483647 Hz fails at once instead of asking for gigabytes."""
 
 
 def _validate(waveform: np.ndarray, sample_rate: Any, source: str) -> tuple[np.ndarray, int]:
@@ -99,5 +103,12 @@ def resample(waveform: np.ndarray, source_rate: int, target_rate: int) -> np.nda
     if source_rate == target_rate:
         return waveform
     divisor = math.gcd(source_rate, target_rate)
-    resampled = resample_poly(waveform, target_rate // divisor, source_rate // divisor)
+    up, down = target_rate // divisor, source_rate // divisor
+    if max(up, down) > MAX_RESAMPLING_FACTOR:
+        raise ValueError(
+            f"resampling {source_rate} Hz to {target_rate} Hz needs a polyphase filter of "
+            f"factors {up}/{down}, over {MAX_RESAMPLING_FACTOR}; is the clip's sample rate "
+            "header wrong?"
+        )
+    resampled = resample_poly(waveform, up, down)
     return resampled.astype(np.float32)

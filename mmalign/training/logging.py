@@ -2,7 +2,8 @@
 
 Only the main process writes. On a terminal a tqdm bar shows loss, temperature and samples/s;
 elsewhere (CI, files) a plain line is printed every ``train.log_every`` steps. Messages also
-go to ``train.log`` in the run directory.
+go to ``train.log`` in the run directory, and so do the data loader's warnings (logger
+``mmalign.data``: each skipped record with its shard, key and reason).
 
 Example:
     >>> import tempfile
@@ -18,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 from pathlib import Path
@@ -90,6 +92,17 @@ def plot_metrics(records: list[dict[str, Any]], directory: Path) -> list[Path]:
     return written
 
 
+class _ToRunLog(logging.Handler):
+    """Sends log records (the data loader's skipped records) to :meth:`RunLogger.message`."""
+
+    def __init__(self, run_logger: RunLogger) -> None:
+        super().__init__(logging.INFO)
+        self.run_logger = run_logger
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.run_logger.message(record.getMessage())
+
+
 class RunLogger:
     """Writes metrics and messages of the main process (see the module docstring)."""
 
@@ -110,6 +123,8 @@ class RunLogger:
         self.metrics_path = directory / METRICS_FILE
         self._metrics = self.metrics_path.open("a")
         self._messages = (directory / LOG_FILE).open("a")
+        self._data_log = _ToRunLog(self)
+        logging.getLogger("mmalign.data").addHandler(self._data_log)
         self._writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -152,6 +167,7 @@ class RunLogger:
 
     def close(self, plots: bool = True) -> list[Path]:
         """Close files and the bar; write the PNG plots when ``plots``. Returns the PNGs."""
+        logging.getLogger("mmalign.data").removeHandler(self._data_log)
         if self._bar is not None:
             self._bar.close()
         if self._writer is not None:
