@@ -182,7 +182,8 @@ def test_sparse_and_oversized_tar_members_are_not_read(tmp_path: Path) -> None:
     with tarfile.open(shard) as archive:  # what a plain reader would do
         sizes = {member.name: member.size for member in archive.getmembers()}
     assert sizes["sparse.npy"] == 512 * MIB
-    towers = {name: build_tower(cfg) for name, cfg in tiny_config(tmp_path, "")["model"]["towers"].items()}  # fmt: skip
+    model = tiny_config(tmp_path, "")["model"]["towers"]
+    towers = {name: build_tower(config) for name, config in model.items()}
     fields = {"labs": "npy", "graph": "graph.json"}
     tracemalloc.start()
     loader = make_loader(str(shard), towers, fields, batch_size=8)

@@ -1,0 +1,135 @@
+"""A resampled stream with no usable record ends in an error naming the shards and the
+counters (exit status 2 from the CLI) instead of spinning forever; a stream that can yield,
+however rarely, never stops. Shard paths: globs, directories, relative vs absolute."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import good_record, tiny_config, write_config, write_shard, write_shards
+
+from mmalign.cli.main import main
+from mmalign.data import NoUsableData, expand_shards, make_loader
+from mmalign.data.shards import normalize_shards
+from mmalign.towers import build_tower
+
+LIMIT_S = 120
+
+
+@pytest.fixture
+def alarm() -> Iterator[None]:
+    """Fail (instead of hanging) when a test runs past ``LIMIT_S`` seconds."""
+
+    def expired(*_: Any) -> None:
+        raise TimeoutError(f"still running after {LIMIT_S} s: the stream hangs")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(LIMIT_S)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def towers(tmp_path: Path) -> dict[str, Any]:
+    model = tiny_config(tmp_path, "")["model"]["towers"]
+    return {name: build_tower(config) for name, config in model.items()}
+
+
+def run_cli(config: Path, *overrides: str) -> int:
+    arguments = ["train", str(config)]
+    for override in overrides:
+        arguments += ["--set", override]
+    return main(arguments)
+
+
+@pytest.mark.usefixtures("alarm")
+def test_cli_stops_on_a_non_tar_shard(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    not_tar = tmp_path / "nottar.tar"
+    not_tar.write_text("not a tar archive\n" * 20)
+    config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path / "run", str(not_tar)))
+    status = run_cli(config, "data.resampled=true", f"data.train={not_tar}")
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert status == 2
+    assert error.startswith("mmalign: error: cannot train on data.train: no record of the 1 ")
+    assert str(not_tar) in error and "skipped/unreadable_shard" in error
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert f"skipping record '<shard>' in shard {not_tar} (unreadable_shard)" in log
+
+
+@pytest.mark.usefixtures("alarm")
+def test_cli_stops_on_a_fields_typo(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    shards = write_shards(tmp_path / "shards", samples=24)
+    config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path / "run", shards))
+    status = run_cli(config, "data.resampled=true", "data.fields.labs=npz", "train.steps=1000")
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert status == 2
+    assert "no record of the 3 shards has a file for data.fields.labs: npz" in error
+    assert "(extensions in the records: cls, graph.json, npy)" in error
+    assert "train-000000.tar" in error and "records seen" in error
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.usefixtures("alarm")
+def test_all_records_bad_or_empty_shards_end_the_stream(tmp_path: Path, workers: int) -> None:
+    bad = [{**good_record(i), "graph.json": b"{broken", "npy": b""} for i in range(5)]
+    write_shard(tmp_path / "s" / "bad.tar", bad)
+    write_shard(tmp_path / "s" / "empty.tar", [])
+    loader = make_loader(
+        str(tmp_path / "s"),
+        towers(tmp_path),
+        {"labs": "npy", "graph": "graph.json"},
+        batch_size=2,
+        resampled=True,
+        shuffle_buffer=4,
+        workers=workers,
+        field="data.train",
+    )
+    with pytest.raises(NoUsableData, match="no record of the 2 shards is usable") as error:
+        next(iter(loader))
+    assert "skipped/empty_file" in str(error.value) and "empty.tar" in str(error.value)
+    assert loader.counters["seen"] <= 5 * 20 * max(workers, 1)  # a bounded number of passes
+
+
+@pytest.mark.usefixtures("alarm")
+def test_one_usable_record_keeps_a_resampled_stream_going(tmp_path: Path) -> None:
+    bad = [{**good_record(i), "npy": b""} for i in range(6)]
+    write_shard(tmp_path / "s" / "a.tar", bad)
+    write_shard(tmp_path / "s" / "b.tar", [*bad[:5], good_record(99)])  # usable: the last one
+    loader = make_loader(
+        str(tmp_path / "s"),
+        towers(tmp_path),
+        {"labs": "npy", "graph": "graph.json"},
+        batch_size=2,
+        resampled=True,
+        shuffle_buffer=3,
+    )
+    stream = iter(loader)
+    keys = {key for _ in range(20) for key in next(stream).keys}
+    assert keys == {"sample00099"}
+
+
+def test_globs_directories_and_missing_paths(tmp_path: Path, monkeypatch) -> None:
+    write_shards(tmp_path / "d" / "x", samples=4, shards=2)
+    write_shards(tmp_path / "d" / "y", samples=2, shards=1)
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path)
+    x = ["d/x/train-000000.tar", "d/x/train-000001.tar"]
+    assert expand_shards("d/x/*.tar") == x
+    assert expand_shards("d/*/train-00000[0].tar") == [x[0], "d/y/train-000000.tar"]
+    assert expand_shards("d/**/*.tar") == [*x, "d/y/train-000000.tar"]
+    assert expand_shards("d/{x,y}") == [*x, "d/y/train-000000.tar"]  # directories in braces
+    assert expand_shards("d/*") == [*x, "d/y/train-000000.tar"]  # a glob matching directories
+    with pytest.raises(FileNotFoundError, match=r"data.train: the glob 'd/\*.tgz' matches no"):
+        expand_shards("d/*.tgz", "data.train")
+    with pytest.raises(FileNotFoundError, match=r"data\.train: directory nowhere/ does not exist"):
+        expand_shards("nowhere/", "data.train")
+    with pytest.raises(FileNotFoundError, match="directory empty holds no"):
+        expand_shards("empty", "data.train")
+    assert normalize_shards("d/x/../x/*.tar") == f"{tmp_path}/d/x/*.tar"
+    assert normalize_shards(["d/x", "pipe:cat a.tar"]) == [f"{tmp_path}/d/x", "pipe:cat a.tar"]
+    assert normalize_shards(x) == normalize_shards([os.path.abspath(p) for p in x])
