@@ -44,6 +44,7 @@ from conftest import (
     write_config,
     write_shards,
 )
+from data_faults import data_campaign, data_failures, data_table
 
 from mmalign.config import load_config
 from mmalign.export import ExportError, read_manifest, run_export
@@ -320,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
             ),
             flush=True,
         )
+        data = data_campaign(root, options.repeats, options.seed)
+        print("\n" + data_table(data), flush=True)
     finally:
         if not options.keep:
             shutil.rmtree(root, ignore_errors=True)
@@ -328,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         t.injected - t.resumed_identical + t.injected - t.state_ok
         for t in [*training.values(), *exports.values()]
     )
-    return 1 if failures else 0
+    return 1 if failures + data_failures(data) else 0
 
 
 if __name__ == "__main__":
