@@ -8,8 +8,10 @@ and key (logger ``mmalign.data``; a training run writes it to ``train.log``).
 
 An epoch that yields no batch raises :class:`NoUsableData` naming the shards and the
 counters. A resampled stream (endless) raises it too, instead of spinning, once a worker has
-read each shard through without a usable record, or without a file of some modality's
-extension (:mod:`mmalign.data.survey`).
+read each shard through without a usable record (:mod:`mmalign.data.survey`). With
+``require_modalities`` (training), a modality that no usable record has (a ``data.fields``
+typo) raises it as well: in a resampled stream once each shard was read through, otherwise at
+the end of a whole epoch of a single process.
 
 Example:
     >>> loader = make_loader("data/digits/train-{000000..000007}.tar", towers,
@@ -45,7 +47,7 @@ from mmalign.data.limits import DEFAULT_LIMITS, RecordLimits
 from mmalign.data.records import log_skip, raw_records
 from mmalign.data.shards import expand_shards
 from mmalign.data.splitting import Split, current_split
-from mmalign.data.survey import ShardSurvey
+from mmalign.data.survey import ShardSurvey, missing_modalities
 from mmalign.dist import resolve_world
 from mmalign.errors import UserError
 
@@ -81,6 +83,7 @@ class ShardBatches(IterableDataset):
         seed: int,
         epoch_samples: int | None,
         drop_last: bool,
+        require_modalities: bool = False,
     ) -> None:
         super().__init__()
         self.urls = urls
@@ -93,6 +96,7 @@ class ShardBatches(IterableDataset):
         self.seed = seed
         self.epoch_samples = epoch_samples
         self.drop_last = drop_last
+        self.require_modalities = require_modalities
         self.epoch = 0
         self.world = resolve_world(rank, world_size)
 
@@ -101,7 +105,9 @@ class ShardBatches(IterableDataset):
         if torch.utils.data.get_worker_info() is not None:  # a worker owns its tower copies
             for tower in self.spec.towers.values():
                 tower.set_augment(self.spec.augment)
-        survey = ShardSurvey(self.urls, self.spec.fields) if self.resampled else None
+        survey = None
+        if self.resampled:
+            survey = ShardSurvey(self.urls, self.spec.fields if self.require_modalities else {})
         records = raw_records(
             self.urls,
             split,
@@ -137,7 +143,7 @@ def _settled(
     for raw in records:
         entry = to_sample(raw, spec)
         if survey is not None:
-            survey.settle(raw, isinstance(entry, Sample))
+            survey.settle(raw, list(entry.items) if isinstance(entry, Sample) else None)
         yield entry
 
 
@@ -201,6 +207,7 @@ class Loader:
         self.stream.world = resolve_world(self.stream.rank, self.stream.world_size)
         self.epoch += 1
         yielded = 0
+        present = torch.zeros(len(self.modalities), dtype=torch.bool)
         for delivery in self._source():
             batch = delivery.batch
             self._counters.update(batch.counters)
@@ -212,9 +219,20 @@ class Loader:
                 raise self._no_batch(delivery.verdict)
             if batch.keys:
                 yielded += 1
+                present |= batch.present.any(0)
                 yield batch
         if yielded == 0:
             raise self._no_batch()
+        if self._whole_epoch_checked() and not present.all():
+            missing = [m for m, found in zip(self.modalities, present.tolist()) if not found]
+            fields = self.stream.spec.fields
+            raise self._no_batch(missing_modalities(len(self.stream.urls), missing, fields))
+
+    def _whole_epoch_checked(self) -> bool:
+        """Whether this finished epoch read every record and modalities are required."""
+        stream = self.stream
+        whole = not stream.resampled and stream.epoch_samples is None
+        return stream.require_modalities and whole and stream.world[1] == 1
 
     def _no_batch(self, verdict: str | None = None) -> NoUsableData:
         stream, counters = self.stream, self.counters
@@ -272,13 +290,16 @@ def make_loader(
     augment: bool = False,
     field: str = "shards",
     limits: RecordLimits = DEFAULT_LIMITS,
+    require_modalities: bool = False,
 ) -> Loader:
     """A :class:`Loader` over WebDataset shards for the given towers.
 
     ``fields`` maps each tower's modality to its file extension(s) (``"jpg;png"``);
     ``epoch_samples`` caps an epoch per rank (and bounds resampled streams);
     ``field`` names the shard setting in error messages (``data.train``); ``limits`` are the
-    per-record limits (default: those of a default ``DataConfig``).
+    per-record limits (default: those of a default ``DataConfig``); ``require_modalities``
+    raises :class:`NoUsableData` when no usable record has some modality (see the module
+    docstring).
 
     Example:
         >>> loader = make_loader("shards/", {"text": text_tower}, {"text": "txt"}, 32,
@@ -306,6 +327,7 @@ def make_loader(
         seed=seed,
         epoch_samples=epoch_samples,
         drop_last=drop_last,
+        require_modalities=require_modalities,
     )
     return Loader(stream, workers, field)
 
@@ -324,7 +346,8 @@ def loader_from_config(
     the data settings to a loader (training, validation, evaluation).
 
     ``train`` shuffles (``data.shuffle_buffer``), resamples (if ``data.resampled``), caps
-    epochs at ``data.epoch_samples``, augments and drops the last partial batch; ``val`` and
+    epochs at ``data.epoch_samples``, augments, drops the last partial batch and
+    requires every modality in some usable record (``require_modalities``); ``val`` and
     ``test`` read every record once, in order, without augmentation, and drop the last
     partial batch only with several processes (so every rank has the same number of full
     batches). ``rank`` / ``world_size`` default to torch.distributed's, ``seed`` to
@@ -359,4 +382,5 @@ def loader_from_config(
         augment=training,
         field=f"data.{split}",
         limits=RecordLimits.from_config(data_cfg),
+        require_modalities=training,
     )

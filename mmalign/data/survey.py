@@ -2,31 +2,31 @@
 
 A resampled stream draws shards with replacement without end. When no record of any shard is
 usable (an unreadable shard, every record failing to decode) it would read forever without
-filling a batch; when no record has a file of a modality's extension (``data.fields`` typo,
-``labs: npz`` for ``.npy`` files) it would train that modality on nothing. A
+filling a batch; when no usable record has a modality (a ``data.fields`` typo, ``labs: npz``
+for ``.npy`` files, or every file of it bad) it would train that modality on nothing. A
 :class:`ShardSurvey` follows each shard *draw* through the pipeline (shuffle buffer
 included): a draw is settled once the shard was read to its end and each of its records
 was decoded and preprocessed. It gives a :attr:`~ShardSurvey.verdict`, and stops drawing, when
 
 - every shard's latest settled draw gave no usable record, or
-- every shard has been read through and some modality's extension was in no record.
+- every shard has been read through and some modality of ``fields`` was in no usable record.
 
 Both rules are exact for what one reader sees (a shard with a usable record never counts as
-barren; a modality found once is never missing) and bounded: with ``n`` shards, about
+barren; a modality used once is never missing) and bounded: with ``n`` shards, about
 ``n * ln(n)`` draws, each shard drawn once; a few draws for one shard.
 
 Example:
     >>> survey = ShardSurvey(["a.tar"], {"labs": ("npz",)})
     >>> shard = lambda url: iter([{"__key__": "k", "npy": b"..."}])
     >>> for raw in survey.read(iter([{"url": "a.tar"}] * 3), shard):
-    ...     survey.settle(raw, usable=False)
+    ...     survey.settle(raw, used=None)
     >>> survey.verdict
     'no record of the 1 shards is usable (each was read through)'
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,12 +63,7 @@ class ShardSurvey:
             return f"no record of the {len(self.urls)} shards is usable (each was read through)"
         missing = [name for name in self.fields if name not in self.found]
         if self.read_through >= self.urls and missing:
-            wanted = ", ".join(f"data.fields.{m}: {';'.join(self.fields[m])}" for m in missing)
-            seen = ", ".join(sorted(self.extensions)[:_SHOWN_EXTENSIONS]) or "none"
-            return (
-                f"no record of the {len(self.urls)} shards has a file for {wanted} "
-                f"(extensions in the records: {seen})"
-            )
+            return missing_modalities(len(self.urls), missing, self.fields, self.extensions)
         return None
 
     def read(
@@ -90,16 +85,16 @@ class ShardSurvey:
             state.finished = True
             self._settle(draw)
 
-    def settle(self, raw: Mapping[str, Any], usable: bool) -> None:
-        """Record that ``raw`` (a record :meth:`read` gave) was used or not."""
-        files = {name for name in raw if not name.startswith("__")}
+    def settle(self, raw: Mapping[str, Any], used: Collection[str] | None) -> None:
+        """Record that ``raw`` (a record :meth:`read` gave) was used with the modalities
+        ``used``, or not used (``None``)."""
         if len(self.extensions) < _SHOWN_EXTENSIONS:
-            self.extensions |= files
-        self.found |= {m for m, exts in self.fields.items() if not files.isdisjoint(exts)}
+            self.extensions |= {name for name in raw if not name.startswith("__")}
+        self.found |= set(used or ())
         draw = raw[DRAW_KEY]
         state = self._draws[draw]
         state.pending -= 1
-        state.usable |= usable
+        state.usable |= used is not None
         self._settle(draw)
 
     def _settle(self, draw: int) -> None:
@@ -111,3 +106,21 @@ class ShardSurvey:
                 self.barren.discard(state.url)
             else:
                 self.barren.add(state.url)
+
+
+def missing_modalities(
+    shards: int,
+    missing: Iterable[str],
+    fields: Mapping[str, tuple[str, ...]],
+    extensions: Iterable[str] = (),
+) -> str:
+    """Why a stream cannot train ``missing`` modalities (for :class:`NoUsableData`).
+
+    Example:
+        >>> missing_modalities(3, ["labs"], {"labs": ("npz",)})
+        'no usable record of the 3 shards has data.fields.labs: npz'
+    """
+    wanted = ", ".join(f"data.fields.{m}: {';'.join(fields[m])}" for m in missing)
+    seen = sorted(extensions)[:_SHOWN_EXTENSIONS]
+    shown = f" (extensions in the records: {', '.join(seen)})" if seen else ""
+    return f"no usable record of the {shards} shards has {wanted}{shown}"

@@ -79,9 +79,11 @@ def _stream_case(fields: dict[str, str], not_tar: bool) -> Callable[[Path, int],
             shard.write_bytes(b"not a tar\n" * (position + 1))
         else:
             write_shard(shard, [good_record(i) for i in range(GOOD)])
+        towers = _tabular_towers(root)
         loader = make_loader(
-            str(shard), _tabular_towers(root), fields, 4, resampled=True, shuffle_buffer=8
-        )
+            str(shard), towers, fields, 4, resampled=True, shuffle_buffer=8,
+            require_modalities=True,
+        )  # fmt: skip
         return loader, ""
 
     return case

@@ -59,16 +59,25 @@ def test_cli_stops_on_a_non_tar_shard(tmp_path: Path, capsys: pytest.CaptureFixt
     assert f"skipping record '<shard>' in shard {not_tar} (unreadable_shard)" in log
 
 
+@pytest.mark.parametrize("resampled", [True, False])
 @pytest.mark.usefixtures("alarm")
-def test_cli_stops_on_a_fields_typo(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_cli_stops_on_a_fields_typo(
+    tmp_path: Path, capsys: pytest.CaptureFixture, resampled: bool
+) -> None:
     shards = write_shards(tmp_path / "shards", samples=24)
     config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path / "run", shards))
-    status = run_cli(config, "data.resampled=true", "data.fields.labs=npz", "train.steps=1000")
+    status = run_cli(
+        config, f"data.resampled={resampled}", "data.fields.labs=npz", "train.steps=1000"
+    )
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert status == 2
-    assert "no record of the 3 shards has a file for data.fields.labs: npz" in error
-    assert "(extensions in the records: cls, graph.json, npy)" in error
-    assert "train-000000.tar" in error and "records seen" in error
+    assert "no usable record of the 3 shards has data.fields.labs: npz" in error
+    assert "train-000000.tar" in error
+    if resampled:  # the survey saw the records' files, within a bounded number of passes
+        assert "(extensions in the records: cls, graph.json, npy)" in error
+        assert "records seen" in error
+    else:  # one whole epoch
+        assert "records seen 24, used 24" in error
 
 
 @pytest.mark.parametrize("workers", [0, 2])
