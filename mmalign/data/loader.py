@@ -254,10 +254,7 @@ class Loader:
             f"; first skipped: {first.key!r} in {first.url} ({first.message})" if first else ""
         )
         what = f"cannot train on {self.field}: {verdict}" if verdict else "no batch"
-        return NoUsableData(
-            f"{what} ({len(stream.urls)} shards: {_listed(stream.urls)}; records {shown})"
-            f"{example}; {hint}"
-        )
+        return NoUsableData(f"{what} ({_listed(stream.urls)}; records {shown}){example}; {hint}")
 
 
 def _check_fields(towers: Mapping[str, Tower], fields: Mapping[str, str]) -> None:

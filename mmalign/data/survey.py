@@ -21,7 +21,7 @@ Example:
     >>> for raw in survey.read(iter([{"url": "a.tar"}] * 3), shard):
     ...     survey.settle(raw, used=None)
     >>> survey.verdict
-    'no record of the 1 shards is usable (each was read through)'
+    'no record of the 1 shard is usable (each read through)'
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class ShardSurvey:
     def verdict(self) -> str | None:
         """Why the stream cannot give what is asked, or None while it can."""
         if self.barren >= self.urls:
-            return f"no record of the {len(self.urls)} shards is usable (each was read through)"
+            return f"no record of the {_shards(len(self.urls))} is usable (each read through)"
         missing = [name for name in self.fields if name not in self.found]
         if self.read_through >= self.urls and missing:
             return missing_modalities(len(self.urls), missing, self.fields, self.extensions)
@@ -123,4 +123,8 @@ def missing_modalities(
     wanted = ", ".join(f"data.fields.{m}: {';'.join(fields[m])}" for m in missing)
     seen = sorted(extensions)[:_SHOWN_EXTENSIONS]
     shown = f" (extensions in the records: {', '.join(seen)})" if seen else ""
-    return f"no usable record of the {shards} shards has {wanted}{shown}"
+    return f"no usable record of the {_shards(shards)} has {wanted}{shown}"
+
+
+def _shards(count: int) -> str:
+    return "1 shard" if count == 1 else f"{count} shards"
