@@ -17,9 +17,10 @@ numeric columns into one float vector (an empty cell is NaN, a missing value). A
 leaves that modality out of the record. Rows with missing or unreadable files, bad inline
 values or duplicate keys are reported and left out.
 
-Shards are named ``NAME-000000.tar``, ...; with ``--val-fraction F`` about a fraction F of the
+Shards are ``DIR/NAME-000000.tar``, ...; with ``--val-fraction F`` about a fraction F of the
 rows (chosen by a hash of the key, so a row keeps its split when rows are added) go to
-``val-*.tar`` and the others to ``train-*.tar``. ``DIR/summary.json`` records what was written.
+``DIR/val/`` and the others to ``DIR/train/`` (point ``data.train`` / ``data.val`` at those
+directories). ``DIR/summary.json`` records what was written.
 
 Example:
     >>> main(["pairs.jsonl", "--out", "shards", "--fields", "image=png,text=txt"])  # doctest: +SKIP
@@ -224,19 +225,20 @@ def convert(
     if fields is None:
         fields, file_columns = infer_fields(rows, key_column, skip=packed)
     _check_columns(rows, fields, manifest, "--fields")
-    names = ["train", "val"] if val_fraction > 0 else [name]
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in (path for split in names for path in out.glob(f"{split}-*.tar")):
-        stale.unlink()
+    directories = {"train": out / "train", "val": out / "val"} if val_fraction > 0 else {"": out}
+    for directory in directories.values():
+        directory.mkdir(parents=True, exist_ok=True)
+        for stale in directory.glob(f"{name}-*.tar"):
+            stale.unlink()
     per_modality: Counter[str] = Counter()
     per_split: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
     examples, seen_keys = [], set()
     writers = {
         split: wds.ShardWriter(
-            str(out / f"{split}-%06d.tar"), maxcount=maxcount, maxsize=maxsize, verbose=0
+            str(directory / f"{name}-%06d.tar"), maxcount=maxcount, maxsize=maxsize, verbose=0
         )
-        for split in names
+        for split, directory in directories.items()
     }
     try:
         for index, row in enumerate(tqdm(rows, desc=f"{manifest.name} -> {out}", unit="row")):
@@ -252,7 +254,7 @@ def convert(
                     examples.append({**example, "error": str(error)})
                 continue
             seen_keys.add(key)
-            split = split_of(key, val_fraction) if val_fraction > 0 else name
+            split = split_of(key, val_fraction) if val_fraction > 0 else ""
             writers[split].write(record)
             per_split[split] += 1
             per_modality.update(column for column, ext in fields.items() if ext in record)
@@ -267,8 +269,12 @@ def convert(
         "file_columns": sorted(file_columns),
         "vectors": vectors,
         "records": len(seen_keys),
-        "splits": {split: per_split[split] for split in names},
-        "shards": sorted(path.name for split in names for path in out.glob(f"{split}-*.tar")),
+        "splits": {split or name: per_split[split] for split in directories},
+        "shards": sorted(
+            str(path.relative_to(out))
+            for directory in directories.values()
+            for path in directory.glob(f"{name}-*.tar")
+        ),
         "per_modality": {column: per_modality[column] for column in [*fields, *vectors]},
         "skipped": {"rows": sum(reasons.values()), "reasons": dict(reasons), "examples": examples},
     }
