@@ -237,8 +237,8 @@ class TrainConfig(_Section):
     steps: int | None = Field(default=100, ge=1)
     """Optimizer steps (each of ``data.batch_size x accumulate x processes`` samples)."""
     epochs: int | None = Field(default=None, ge=1)
-    """Instead of ``steps``: passes over ``data.epoch_samples`` samples per process (wins over
-    ``steps``)."""
+    """Instead of ``steps``: passes over ``data.epoch_samples`` samples per process. Set one
+    of the two; a ``--set`` override of either replaces the other one of the file."""
     lr: float = Field(default=1e-3, gt=0)
     """Peak learning rate of AdamW."""
     weight_decay: float = Field(default=0.1, ge=0)
@@ -274,6 +274,19 @@ class TrainConfig(_Section):
     find_unused_parameters: bool = True
     """DDP: allow towers without gradient in a step (a modality absent from a batch)."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _steps_or_epochs(cls, data: Any) -> Any:
+        """``epochs`` set: ``steps`` must be unset (it becomes null); both set is an error."""
+        if not isinstance(data, dict) or data.get("epochs") is None:
+            return data
+        if data.get("steps") is not None:
+            raise ValueError(
+                f"steps ({data['steps']}) and epochs ({data['epochs']}) are both set; keep one "
+                "and set the other to null (a --set of one replaces the other)"
+            )
+        return {**data, "steps": None}
+
 
 class Config(_Section):
     """A whole run: ``model``, ``data``, ``train``, ``eval``."""
@@ -290,6 +303,21 @@ class Config(_Section):
 
 def _parse_value(text: str) -> Any:
     return yaml.safe_load(text) if text != "" else ""
+
+
+SCHEDULE_KEYS = ("train.steps", "train.epochs")
+"""Two ways to give the length of a run; an override of one replaces the other."""
+
+
+def _override_schedule(data: dict[str, Any], overrides: list[str]) -> None:
+    """``--set train.steps=N`` drops the file's ``train.epochs`` (and the other way round),
+    so the override is what runs."""
+    keys = {override.split("=", 1)[0].strip() for override in overrides}
+    train = data.get("train")
+    for given, other in (SCHEDULE_KEYS, SCHEDULE_KEYS[::-1]):
+        name = other.split(".")[1]
+        if given in keys and other not in keys and isinstance(train, dict) and name in train:
+            train[name] = None
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -344,6 +372,7 @@ def load_config(
         name = "dict"
     if not isinstance(data, dict):
         raise ConfigError(f"config {name} must be a mapping with model/data/train/eval sections")
+    _override_schedule(data, overrides or [])
     apply_overrides(data, overrides or [])
     try:
         return Config.model_validate(data)

@@ -59,7 +59,7 @@ def test_missing_tokenizer_names_the_tower_field(tmp_path: Path, pattern: str) -
 
 
 def test_sections_must_agree(tmp_path: Path, pattern: str) -> None:
-    config = tiny_config(tmp_path, pattern, train={"epochs": 2})
+    config = tiny_config(tmp_path, pattern, train={"epochs": 2, "steps": None})
     config["data"]["fields"]["z"] = "z.npy"
     del config["data"]["fields"]["y"]
     message = _error(config)
@@ -83,7 +83,10 @@ def test_overrides_apply_to_a_yaml_file(tmp_path: Path, pattern: str) -> None:
 def test_epochs_set_the_number_of_steps(tmp_path: Path, pattern: str) -> None:
     config = load_config(
         tiny_config(
-            tmp_path, pattern, train={"epochs": 3, "accumulate": 2}, data={"epoch_samples": 100}
+            tmp_path,
+            pattern,
+            train={"epochs": 3, "steps": None, "accumulate": 2},
+            data={"epoch_samples": 100},
         )
     )
     # per process: 100 samples an epoch, 8 x 2 samples a step -> 3 * 100 / 16 = 18.75 -> 19

@@ -7,11 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import webdataset as wds
 from safetensors.torch import load_file
+from test_train_support import tiny_config
 
 from mmalign.config import ConfigError
 from mmalign.model import AlignmentModel
 from mmalign.towers import build_tower
+from mmalign.training import train
 
 LABS = {"type": "tabular", "in_features": 4, "hidden": 16, "layers": 2}
 
@@ -103,3 +106,38 @@ def test_statistics_are_saved_with_the_weights(tmp_path: Path) -> None:
     loaded = AlignmentModel.from_pretrained(saved)
     torch.testing.assert_close(loaded.towers["labs"].std, model.towers["labs"].std)
     torch.testing.assert_close(loaded.encode("labs", raws), embeddings)
+
+
+def test_normalize_fit_in_the_config_fits_the_first_records_and_is_kept(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    values = rng.normal([5.0, -2.0, 100.0, 0.0], [2.0, 0.5, 30.0, 1.0], size=(40, 4))
+    values[rng.random(values.shape) < 0.25] = np.nan  # missing entries
+    values[7] = np.nan  # a record without labs at all: not counted
+    for shard in range(2):
+        with wds.TarWriter(str(tmp_path / f"train-{shard:06d}.tar")) as writer:
+            for index in range(20 * shard, 20 * shard + 20):
+                record = {"__key__": f"r{index:03d}", "x.npy": values[index].astype(np.float32)}
+                if not np.isnan(values[index]).all():
+                    record["labs.npy"] = values[index].astype(np.float32)
+                writer.write(record)
+    config = tiny_config(tmp_path / "run", str(tmp_path / "train-{000000..000001}.tar"))
+    config["model"]["towers"] = {
+        "labs": {**LABS, "normalize": "fit", "normalize_records": 25},
+        "x": {**LABS, "hidden": 8},
+    }
+    config["data"]["fields"] = {"labs": "labs.npy", "x": "x.npy"}
+    result = train(config, ["train.steps=2"])
+    first = values[[i for i in range(40) if not np.isnan(values[i]).all()][:25]]
+    assert len(first) == 25  # 26 records read, one of them without labs
+    model = AlignmentModel.from_pretrained(result.model_dir)
+    labs = model.towers["labs"]
+    np.testing.assert_allclose(labs.mean.numpy(), np.nanmean(first, axis=0), rtol=1e-6)
+    np.testing.assert_allclose(labs.std.numpy(), np.nanstd(first, axis=0), rtol=1e-6)
+    assert labs.mean.abs().max() > 1.0  # not the defaults
+    torch.testing.assert_close(model.towers["x"].mean, torch.zeros(4))  # not asked: untouched
+    torch.testing.assert_close(model.towers["x"].std, torch.ones(4))
+    log = (result.output_dir / "train.log").read_text()
+    assert "labs: normalization statistics fit over 25 records" in log
+    # resuming the finished run keeps the statistics (no refit)
+    again = AlignmentModel.from_pretrained(train(config, ["train.steps=2"], resume=True).model_dir)
+    torch.testing.assert_close(again.towers["labs"].mean, labs.mean)

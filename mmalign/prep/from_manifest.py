@@ -1,17 +1,26 @@
 """Turn a CSV or JSONL manifest into WebDataset shards.
 
     mmalign prep from-manifest pairs.csv --out shards/ \\
-        --fields image=png,caption=txt,audio=flac,labs=npy,label=cls [--maxcount 10000] \\
+        [--fields image=png,caption=txt,audio=flac,labs=npy,label=cls] [--maxcount 10000] \\
+        [--vector labs.npy=age,glucose] [--val-fraction 0.1] \\
         [--maxsize 1e9] [--key-column key] [--name data]
 
-Each manifest row becomes one record ``{key}.{extension}`` per column listed in ``--fields``
-(default: every column but the key, named by its extension). A cell is either a file path,
+Each manifest row becomes one record ``{key}.{extension}`` per column listed in ``--fields``.
+Without ``--fields``, every column but the key is taken and its extension inferred from its
+values (:mod:`mmalign.prep.columns`: file suffixes, integers as ``cls``, lists as ``npy``,
+else ``txt``); a column whose cells name files is a file column. A cell is either a file path,
 relative to the manifest (its bytes are stored as they are, after checking that they decode),
 or an inline value: text for ``txt``, an integer for ``cls``, a JSON object (or its text in a
 CSV) for ``json``/``graph.json``, a list of numbers for ``npy``. Images, audio and ``npz``
-must be files. An empty cell leaves that modality out of the record. Rows with missing or
-unreadable files, bad inline values or duplicate keys are reported and left out.
-``DIR/summary.json`` records what was written.
+(and every cell of an inferred file column) must be files. ``--vector EXT=col,col,...`` packs
+numeric columns into one float vector (an empty cell is NaN, a missing value). An empty cell
+leaves that modality out of the record. Rows with missing or unreadable files, bad inline
+values or duplicate keys are reported and left out.
+
+Shards are ``DIR/NAME-000000.tar``, ...; with ``--val-fraction F`` about a fraction F of the
+rows (chosen by a hash of the key, so a row keeps its split when rows are added) go to
+``DIR/val/`` and the others to ``DIR/train/`` (point ``data.train`` / ``data.val`` at those
+directories). ``DIR/summary.json`` records what was written.
 
 Example:
     >>> main(["pairs.jsonl", "--out", "shards", "--fields", "image=png,text=txt"])  # doctest: +SKIP
@@ -23,8 +32,9 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import zlib
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +45,7 @@ from webdataset.autodecode import IMAGE_EXTENSIONS
 from webdataset.writer import default_handlers, encode_based_on_extension1
 
 from mmalign.data.decode import AUDIO_EXTENSIONS, RecordError, decode_value
+from mmalign.prep.columns import infer_fields, pack_vector, parse_vector
 
 FILE_ONLY = {*IMAGE_EXTENSIONS, *AUDIO_EXTENSIONS, "npz"}
 MAX_EXAMPLES = 10
@@ -108,8 +119,13 @@ def _existing_file(base_dir: Path, value: Any) -> Path | None:
         return None
 
 
-def encode_cell(value: Any, extension: str, base_dir: Path) -> bytes | None:
-    """One manifest cell as record content (None: modality absent); raises :class:`RowError`."""
+def encode_cell(
+    value: Any, extension: str, base_dir: Path, must_be_file: bool = False
+) -> bytes | None:
+    """One manifest cell as record content (None: modality absent); raises :class:`RowError`.
+
+    ``must_be_file``: the cell names a file whatever the extension (an inferred file column).
+    """
     if value is None or value == "":
         return None
     path = _existing_file(base_dir, value)
@@ -120,7 +136,7 @@ def encode_cell(value: Any, extension: str, base_dir: Path) -> bytes | None:
         except RecordError as error:
             raise RowError(f"unreadable_file/{error.reason}", f"{value}: {error}") from None
         return data
-    if extension in FILE_ONLY:
+    if must_be_file or extension in FILE_ONLY:
         raise RowError("missing_file", f"{value}: no such file (relative to {base_dir})")
     try:
         content = _inline(value, extension)
@@ -132,29 +148,54 @@ def encode_cell(value: Any, extension: str, base_dir: Path) -> bytes | None:
 
 
 def row_to_record(
-    row: Mapping[str, Any], key: str, fields: Mapping[str, str], base_dir: Path
+    row: Mapping[str, Any],
+    key: str,
+    fields: Mapping[str, str],
+    base_dir: Path,
+    file_columns: Collection[str] = (),
+    vectors: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, Any]:
-    """A manifest row as a record ``{"__key__": key, extension: bytes, ...}``."""
+    """A manifest row as a record ``{"__key__": key, extension: bytes, ...}``; ``vectors``
+    maps an extension to the numeric columns packed into it."""
     if "." in key or "/" in key or not key:
         raise RowError("bad_key", f"key {key!r} must be non-empty without '.' or '/'")
     record: dict[str, Any] = {"__key__": key}
     for column, extension in fields.items():
-        content = encode_cell(row.get(column), extension, base_dir)
+        content = encode_cell(row.get(column), extension, base_dir, column in file_columns)
         if content is not None:
             record[extension] = content
+    for extension, columns in (vectors or {}).items():
+        try:
+            vector = pack_vector(row, columns)
+        except ValueError as error:
+            raise RowError(f"bad_value/{extension}", str(error)) from None
+        if vector is not None:
+            record[extension] = encode_cell(vector, extension, base_dir)
     if len(record) == 1:
         raise RowError("empty_row", "no value in any of the --fields columns")
     return record
 
 
-def _check_columns(rows: list[dict[str, Any]], fields: Mapping[str, str], path: Path) -> None:
+def _check_columns(
+    rows: list[dict[str, Any]], wanted: Collection[str], path: Path, option: str
+) -> None:
     columns = {column for row in rows for column in row}
-    missing = [column for column in fields if column not in columns]
+    missing = [column for column in wanted if column not in columns]
     if missing:
         raise ValueError(
-            f"{path}: columns {missing} (from --fields) are not in the manifest; "
+            f"{path}: columns {missing} (from {option}) are not in the manifest; "
             f"its columns are {sorted(columns)}"
         )
+
+
+def split_of(key: str, val_fraction: float) -> str:
+    """``"val"`` for about ``val_fraction`` of the keys (by a CRC32 hash), else ``"train"``.
+
+    Example:
+        >>> split_of("0001", 0.0), split_of("0001", 1.0)
+        ('train', 'val')
+    """
+    return "val" if zlib.crc32(key.encode()) % 10_000 < val_fraction * 10_000 else "train"
 
 
 def convert(
@@ -166,26 +207,46 @@ def convert(
     name: str = "data",
     maxcount: int = 10000,
     maxsize: float = 1e9,
+    vectors: Mapping[str, Sequence[str]] | None = None,
+    val_fraction: float = 0.0,
 ) -> dict[str, Any]:
-    """Write the shards of a manifest and ``out/summary.json``; returns the summary."""
+    """Write the shards of a manifest and ``out/summary.json``; returns the summary.
+
+    ``fields=None`` infers every other column's extension from its values; ``vectors``
+    packs numeric columns into one ``npy`` vector per extension; ``val_fraction > 0`` writes
+    ``train-*`` and ``val-*`` shards instead of ``NAME-*``.
+    """
     rows = read_manifest(manifest)
+    vectors = dict(vectors or {})
+    packed = [column for columns in vectors.values() for column in columns]
+    _check_columns(rows, packed, manifest, "--vector")
+    inferred = fields is None
+    file_columns: set[str] = set()
     if fields is None:
-        fields = {column: column.lower() for row in rows for column in row if column != key_column}
-    _check_columns(rows, fields, manifest)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(f"{name}-*.tar"):
-        stale.unlink()
+        fields, file_columns = infer_fields(rows, key_column, skip=packed)
+    _check_columns(rows, fields, manifest, "--fields")
+    directories = {"train": out / "train", "val": out / "val"} if val_fraction > 0 else {"": out}
+    for directory in directories.values():
+        directory.mkdir(parents=True, exist_ok=True)
+        for stale in directory.glob(f"{name}-*.tar"):
+            stale.unlink()
     per_modality: Counter[str] = Counter()
+    per_split: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
     examples, seen_keys = [], set()
-    pattern = str(out / f"{name}-%06d.tar")
-    with wds.ShardWriter(pattern, maxcount=maxcount, maxsize=maxsize, verbose=0) as writer:
+    writers = {
+        split: wds.ShardWriter(
+            str(directory / f"{name}-%06d.tar"), maxcount=maxcount, maxsize=maxsize, verbose=0
+        )
+        for split, directory in directories.items()
+    }
+    try:
         for index, row in enumerate(tqdm(rows, desc=f"{manifest.name} -> {out}", unit="row")):
             key = str(row.get(key_column) or f"{index:09d}")
             try:
                 if key in seen_keys:
                     raise RowError("duplicate_key", f"key {key!r} appeared in an earlier row")
-                record = row_to_record(row, key, fields, manifest.parent)
+                record = row_to_record(row, key, fields, manifest.parent, file_columns, vectors)
             except RowError as error:
                 reasons[error.reason] += 1
                 if len(examples) < MAX_EXAMPLES:
@@ -193,14 +254,28 @@ def convert(
                     examples.append({**example, "error": str(error)})
                 continue
             seen_keys.add(key)
-            writer.write(record)
+            split = split_of(key, val_fraction) if val_fraction > 0 else ""
+            writers[split].write(record)
+            per_split[split] += 1
             per_modality.update(column for column, ext in fields.items() if ext in record)
+            per_modality.update(ext for ext in vectors if ext in record)
+    finally:
+        for writer in writers.values():
+            writer.close()
     summary = {
         "manifest": str(manifest),
         "fields": dict(fields),
+        "fields_inferred": inferred,
+        "file_columns": sorted(file_columns),
+        "vectors": vectors,
         "records": len(seen_keys),
-        "shards": sorted(path.name for path in out.glob(f"{name}-*.tar")),
-        "per_modality": {column: per_modality[column] for column in fields},
+        "splits": {split or name: per_split[split] for split in directories},
+        "shards": sorted(
+            str(path.relative_to(out))
+            for directory in directories.values()
+            for path in directory.glob(f"{name}-*.tar")
+        ),
+        "per_modality": {column: per_modality[column] for column in [*fields, *vectors]},
         "skipped": {"rows": sum(reasons.values()), "reasons": dict(reasons), "examples": examples},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -208,7 +283,16 @@ def convert(
 
 
 def _report(summary: dict[str, Any], out: Path) -> None:
-    print(f"wrote {summary['records']} records in {len(summary['shards'])} shards to {out}")
+    if summary["fields_inferred"]:
+        shown = ", ".join(
+            f"{column}={extension}" + (" (files)" if column in summary["file_columns"] else "")
+            for column, extension in summary["fields"].items()
+        )
+        print(f"fields inferred from the values: {shown}; pass --fields to choose")
+    splits = ", ".join(f"{split} {count}" for split, count in summary["splits"].items())
+    print(
+        f"wrote {summary['records']} records ({splits}) in {len(summary['shards'])} shards to {out}"
+    )
     skipped = summary["skipped"]
     if skipped["rows"]:
         reasons = ", ".join(f"{reason}: {count}" for reason, count in skipped["reasons"].items())
@@ -226,12 +310,33 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("manifest", type=Path, help="a .csv, .tsv or .jsonl file")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
-    parser.add_argument("--fields", type=parse_field_map, default=None, help="column=extension,...")
+    parser.add_argument(
+        "--fields",
+        type=parse_field_map,
+        default=None,
+        help="column=extension,... (default: every column, inferred from its values)",
+    )
     parser.add_argument("--maxcount", type=int, default=10000, help="records per shard at most")
     parser.add_argument("--maxsize", type=float, default=1e9, help="bytes per shard at most")
     parser.add_argument("--key-column", default="key", help="column with record keys")
     parser.add_argument("--name", default="data", help="shard names: NAME-000000.tar, ...")
+    parser.add_argument(
+        "--vector",
+        action="append",
+        type=parse_vector,
+        default=[],
+        metavar="EXT=COL,COL,...",
+        help="pack numeric columns into one vector (empty cell: NaN); repeatable",
+    )
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.0,
+        help="hold out about this fraction of rows as val-*.tar (the rest: train-*.tar)",
+    )
     args = parser.parse_args(argv)
+    if not 0.0 <= args.val_fraction < 1.0:
+        parser.error(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     summary = convert(
         args.manifest,
         args.out,
@@ -240,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
         name=args.name,
         maxcount=args.maxcount,
         maxsize=args.maxsize,
+        vectors=dict(args.vector),
+        val_fraction=args.val_fraction,
     )
     _report(summary, args.out)
     return 0 if summary["records"] else 1

@@ -1,10 +1,13 @@
 """The tabular tower (``type: tabular``): fixed-length float vectors to vectors.
 
 A raw sample is a 1-D sequence of ``in_features`` numbers; NaN (or ``None``) marks a missing
-entry. ``forward`` standardizes with the ``mean`` / ``std`` buffers (saved with the weights;
-set them from training data with :meth:`TabularTower.fit_normalization`), sets missing entries
-to 0 and appends a 0/1 missing indicator per feature, so the MLP (``torchvision.ops.MLP``)
-sees ``2 * in_features`` inputs.
+entry. ``forward`` standardizes with the ``mean`` / ``std`` buffers (saved with the weights,
+so training, evaluation and export apply the same statistics), sets missing entries to 0 and
+appends a 0/1 missing indicator per feature, so the MLP (``torchvision.ops.MLP``) sees
+``2 * in_features`` inputs. With ``normalize: fit`` in the config, ``mmalign train`` sets the
+buffers from the first ``normalize_records`` training records before the first step
+(:func:`mmalign.training.normalization.fit_normalizers`); in Python, call
+:meth:`TabularTower.fit_normalization` on training vectors.
 
 Example:
     >>> from mmalign.towers import build_tower
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -38,6 +41,12 @@ class TabularTowerConfig(TowerConfig):
     layers: int = Field(default=2, ge=1)
     """Linear layers in the MLP (GELU between them)."""
     dropout: float = Field(default=0.0, ge=0, lt=1)
+    normalize: Literal["none", "fit"] = "none"
+    """``fit``: ``mmalign train`` standardizes with the mean and std of each feature over
+    the first ``normalize_records`` training records (NaN entries ignored); ``none``: the
+    buffers stay as they are (0 and 1, or as loaded)."""
+    normalize_records: int = Field(default=1000, ge=1)
+    """Training records read (in shard order) to fit the statistics."""
 
 
 def _as_float_array(raw: Any, where: str) -> np.ndarray:

@@ -46,6 +46,8 @@ from mmalign.model import AlignmentModel
 from mmalign.training import checkpoint
 from mmalign.training.checks import check_run_config, total_steps
 from mmalign.training.logging import METRICS_FILE, read_metrics
+from mmalign.training.normalization import fit_normalizers
+from mmalign.training.plan import check_precision, describe_plan
 from mmalign.training.trainer import Trainer
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -206,6 +208,9 @@ def _train(config: Config, accelerator: Accelerator, resume: bool) -> TrainResul
         _write_run_files(config, accelerator, trainer.total)
     accelerator.wait_for_everyone()
     with trainer.logs():
+        if trainer.step == 0:  # a resumed run keeps the statistics of its checkpoint
+            for modality, count in fit_normalizers(trainer.model, config.data).items():
+                trainer.message(f"{modality}: normalization statistics fit over {count} records")
         trainer.run()
         if accelerator.is_main_process:
             model_dir = _save_model(trainer.model, trainer.output / MODEL_DIR)
@@ -218,6 +223,13 @@ def _train(config: Config, accelerator: Accelerator, resume: bool) -> TrainResul
         trainer.last_loss,
         trainer.last_metrics,
     )
+
+
+def _training_device() -> torch.device:
+    """The device :func:`_accelerator` trains on: the accelerator when there is one."""
+    if torch.accelerator.is_available():
+        return torch.accelerator.current_accelerator()
+    return torch.device("cpu")
 
 
 def _accelerator(config: Config) -> Accelerator:
@@ -255,12 +267,17 @@ def train(
     """
     config = load_config(config, overrides)
     check_run_config(config)
+    check_precision(config, _training_device())
     accelerator = _accelerator(config)
     lock = None
     try:
         lock = _prepare_directory(config, accelerator, resume)
         finished = _finished_result(config, accelerator) if resume else None
-        return finished if finished is not None else _train(config, accelerator, resume)
+        if finished is not None:
+            return finished
+        if accelerator.is_main_process:
+            print(describe_plan(config, accelerator.num_processes, accelerator.device), flush=True)
+        return _train(config, accelerator, resume)
     finally:
         if lock is not None:
             lock.release()
