@@ -30,6 +30,7 @@ from mmalign.config import Config, ConfigError, ModelConfig, load_config
 from mmalign.errors import config_error
 from mmalign.objectives import LossOutput, build_objective
 from mmalign.towers import Tower, build_tower
+from mmalign.towers.pretrained import initial_logit_scale
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -95,9 +96,10 @@ class AlignmentModel(nn.Module):
                 for name, tower in self.towers.items()
             }
         )
+        logit_scale = initial_logit_scale(config.logit_scale_init, self.towers)
+        self.config = config = config.model_copy(update={"logit_scale_init": logit_scale})
         self.logit_scale = nn.Parameter(
-            torch.tensor(float(config.logit_scale_init)),
-            requires_grad=config.learn_logit_scale,
+            torch.tensor(logit_scale), requires_grad=config.learn_logit_scale
         )
         self.objective = build_objective(config.objective)
         self.logit_bias = (
