@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from mmalign import convert
 from mmalign.batch import Batch, move_to
 from mmalign.config import Config, ConfigError, ModelConfig, load_config
 from mmalign.errors import config_error
@@ -342,6 +343,21 @@ class AlignmentModel(nn.Module):
                 f"unexpected {sorted(unexpected)[:8]}"
             )
         return model.to(device).eval()
+
+    def to_open_clip(self, directory: str | Path, **towers: str) -> Path:
+        """Write the image and text towers as an open_clip folder (``image=``/``text=`` pick
+        them); see :func:`mmalign.convert.to_open_clip`."""
+        return convert.to_open_clip(self, directory, **towers)
+
+    def to_hf(self, directory: str | Path) -> Path:
+        """Write each Hugging Face tower for ``AutoModel`` + its projection; see
+        :func:`mmalign.convert.to_hf`."""
+        return convert.to_hf(self, directory)
+
+    def to_onnx(self, directory: str | Path, modalities: list[str] | None = None) -> Path:
+        """Write each tower (or ``modalities``) with its projection as ONNX; see
+        :func:`mmalign.convert.to_onnx`."""
+        return convert.to_onnx(self, directory, modalities)
 
     def parameter_counts(self) -> dict[str, tuple[int, int]]:
         """``(trainable, total)`` parameters per tower, per projection and in all."""

@@ -98,3 +98,35 @@ def open_clip_reference(
         "proba": torch.softmax(model.logit_scale.exp() * features @ classifier, dim=-1),
         "logit_scale": model.logit_scale.detach().clone(),
     }
+
+
+def class_image(label: int, rng: np.random.Generator, size: int = 36) -> Image.Image:
+    """A noisy image whose bright quadrant is ``label`` (0-3)."""
+    array = rng.integers(0, 80, (size, size, 3), dtype=np.uint8)
+    half = size // 2
+    row, column = divmod(label % 4, 2)
+    array[row * half : (row + 1) * half, column * half : (column + 1) * half] += 150
+    return Image.fromarray(array)
+
+
+def write_image_text_shards(path: Path, count: int, seed: int = 0) -> list[dict[str, Any]]:
+    """One WebDataset tar of ``count`` records (``png`` image, ``txt`` caption, ``cls``);
+    returns the records (with the PIL image under ``image``)."""
+    import io
+
+    import webdataset as wds
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    records = []
+    with wds.TarWriter(str(path)) as writer:
+        for index in range(count):
+            label = index % len(CLASSNAMES)
+            image = class_image(label, rng)
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            caption = f"a photo of a {CLASSNAMES[label]}"
+            key = f"sample{index:05d}"
+            writer.write({"__key__": key, "png": buffer.getvalue(), "txt": caption, "cls": label})
+            records.append({"key": key, "image": image, "text": caption, "label": label})
+    return records

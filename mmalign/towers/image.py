@@ -58,6 +58,7 @@ from mmalign.towers.base import Tower, TowerConfig, register_tower
 from mmalign.towers.pretrained import (
     PretrainedSource,
     checkpoint_logit_scale,
+    compact_config,
     named_or_pretrained_config,
 )
 
@@ -235,10 +236,10 @@ class ImageTower(Tower):
             "model": None,
             "pretrained": None,
             "image_size": None,
-            "vision_cfg": dataclasses.asdict(self.vision_cfg),
+            "vision_cfg": compact_config(self.vision_cfg),
             "embed_dim": self.width,
             "quick_gelu": self.quick_gelu,
-            "preprocess": dataclasses.asdict(self.preprocess_cfg),
+            "preprocess": compact_config(self.preprocess_cfg),
         }
 
 

@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Mapping
@@ -132,6 +133,23 @@ def checkpoint_logit_scale(state: dict[str, torch.Tensor], source: str) -> tuple
     if value is None or value.numel() != 1:
         return None
     return source, float(value.reshape(()))
+
+
+def compact_config(cfg: Any) -> dict[str, Any]:
+    """The fields of an open_clip config dataclass that differ from its defaults (the form
+    of open_clip's own model configs).
+
+    Example:
+        >>> from open_clip.model import CLIPTextCfg
+        >>> compact_config(CLIPTextCfg(width=64, layers=2))
+        {'width': 64, 'layers': 2}
+    """
+    default = type(cfg)()
+    return {
+        item.name: getattr(cfg, item.name)
+        for item in dataclasses.fields(cfg)
+        if getattr(cfg, item.name) != getattr(default, item.name)
+    }
 
 
 def initial_logit_scale(setting: float | str | None, towers: Mapping[str, Tower]) -> float:

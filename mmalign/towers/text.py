@@ -30,7 +30,6 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -46,7 +45,11 @@ from torch import nn
 from mmalign.config import ConfigError
 from mmalign.towers.base import Tower, TowerConfig, register_tower
 from mmalign.towers.image import dataclass_from_dict
-from mmalign.towers.pretrained import checkpoint_logit_scale, named_or_pretrained_config
+from mmalign.towers.pretrained import (
+    checkpoint_logit_scale,
+    compact_config,
+    named_or_pretrained_config,
+)
 
 HF_ONLY = ("path", "pooling")
 OPEN_CLIP_ONLY = (
@@ -328,7 +331,7 @@ class OpenCLIPText(nn.Module):
         return {
             "model": None,
             "pretrained": True,
-            "text_cfg": dataclasses.asdict(self.text_cfg),
+            "text_cfg": compact_config(self.text_cfg),
             "embed_dim": None if self.module.text_projection is None else self.width,
             "quick_gelu": self.quick_gelu,
             **dict.fromkeys(shorthands),
