@@ -125,7 +125,12 @@ def to_onnx(model: Any, directory: str | Path, modalities: list[str] | None = No
         >>> to_onnx(model, "exported/onnx", ["image", "text"])  # doctest: +SKIP
         PosixPath('exported/onnx')
     """
-    import onnx
+    try:
+        import onnx
+    except ImportError:
+        raise UserError(
+            "the onnx package is not installed (--to onnx); pip install 'mmalign[onnx]'"
+        ) from None
 
     names = modalities or list(model.modalities)
     unknown = [name for name in names if name not in model.modalities]
