@@ -55,7 +55,6 @@ CHECKPOINT_NAMES = (
 class PretrainedSource:
     """A resolved open_clip folder: its model and preprocessing configs and its checkpoint."""
 
-    name: str
     directory: Path
     model_cfg: dict[str, Any]
     preprocess_cfg: dict[str, Any] = field(default_factory=dict)
@@ -96,7 +95,6 @@ def resolve_pretrained(
         (directory / name for name in CHECKPOINT_NAMES if (directory / name).is_file()), None
     )
     return PretrainedSource(
-        name=spec,
         directory=directory,
         model_cfg=config["model_cfg"],
         preprocess_cfg=dict(config.get("preprocess_cfg") or {}),
