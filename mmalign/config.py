@@ -132,7 +132,10 @@ class ModelConfig(_Section):
     )
     """The objective: ``name`` picks it, the other keys are its own (``mmalign.objectives``)."""
     projection: Literal["linear", "mlp", "none"] = "linear"
-    logit_scale_init: float = math.log(1 / 0.07)
+    logit_scale_init: float | Literal["from_checkpoint"] | None = None
+    """Initial log temperature; ``from_checkpoint``: the ``logit_scale`` of the towers' CLIP
+    checkpoint; ``None``: that one when two towers load one CLIP checkpoint holding it, else
+    ``log(1/0.07)``. A saved model's config holds the resolved number."""
     logit_scale_max: float = math.log(100.0)
     learn_logit_scale: bool = True
     logit_bias_init: float = -10.0

@@ -25,11 +25,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from mmalign import convert
 from mmalign.batch import Batch, move_to
 from mmalign.config import Config, ConfigError, ModelConfig, load_config
 from mmalign.errors import config_error
 from mmalign.objectives import LossOutput, build_objective
 from mmalign.towers import Tower, build_tower
+from mmalign.towers.pretrained import initial_logit_scale
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -95,9 +97,10 @@ class AlignmentModel(nn.Module):
                 for name, tower in self.towers.items()
             }
         )
+        logit_scale = initial_logit_scale(config.logit_scale_init, self.towers)
+        self.config = config = config.model_copy(update={"logit_scale_init": logit_scale})
         self.logit_scale = nn.Parameter(
-            torch.tensor(float(config.logit_scale_init)),
-            requires_grad=config.learn_logit_scale,
+            torch.tensor(logit_scale), requires_grad=config.learn_logit_scale
         )
         self.objective = build_objective(config.objective)
         self.logit_bias = (
@@ -340,6 +343,21 @@ class AlignmentModel(nn.Module):
                 f"unexpected {sorted(unexpected)[:8]}"
             )
         return model.to(device).eval()
+
+    def to_open_clip(self, directory: str | Path, **towers: str) -> Path:
+        """Write the image and text towers as an open_clip folder (``image=``/``text=`` pick
+        them); see :func:`mmalign.convert.to_open_clip`."""
+        return convert.to_open_clip(self, directory, **towers)
+
+    def to_hf(self, directory: str | Path) -> Path:
+        """Write each Hugging Face tower for ``AutoModel`` + its projection; see
+        :func:`mmalign.convert.to_hf`."""
+        return convert.to_hf(self, directory)
+
+    def to_onnx(self, directory: str | Path, modalities: list[str] | None = None) -> Path:
+        """Write each tower (or ``modalities``) with its projection as ONNX; see
+        :func:`mmalign.convert.to_onnx`."""
+        return convert.to_onnx(self, directory, modalities)
 
     def parameter_counts(self) -> dict[str, tuple[int, int]]:
         """``(trainable, total)`` parameters per tower, per projection and in all."""

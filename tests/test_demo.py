@@ -38,7 +38,7 @@ def test_report_is_written_in_out_dir(demo: tuple[Path, Path, str]) -> None:
         assert (root / "data" / dataset / "classes.json").is_file()
     for run in ("digits", "digits-sum-symile", "digits-sum-clip"):
         assert (root / "out" / run / "model" / "model.safetensors").is_file()
-    assert (root / "out" / "digits" / PRETRAINED_TOWERS).is_file()
+    assert (root / "out" / "digits" / PRETRAINED_TOWERS / "open_clip_config.json").is_file()
     assert "start their image and text towers from the digits model" in demo[2]
 
 

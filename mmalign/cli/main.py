@@ -1,7 +1,7 @@
 """The ``mmalign`` command: parser assembly, dispatch to a subcommand, and error handling.
 
 Subcommands (one module each in :mod:`mmalign.cli`): ``train``, ``eval``, ``zeroshot``,
-``export``, ``search``, ``prep``, ``demo``. Building the parser imports only
+``export``, ``search``, ``convert``, ``prep``, ``demo``. Building the parser imports only
 :mod:`mmalign.cli` and :mod:`mmalign.errors`, so ``mmalign --help`` answers without loading
 torch. Errors the user can fix (:class:`~mmalign.errors.UserError`, a missing file) end in one
 line on stderr (``mmalign: error: ...``) and status 2; a training run stopped by non-finite
@@ -20,7 +20,7 @@ import sys
 import warnings
 from types import ModuleType
 
-from mmalign.cli import demo, export, prep, search, train, zeroshot
+from mmalign.cli import convert, demo, export, prep, search, train, zeroshot
 from mmalign.cli import eval as eval_
 from mmalign.errors import UserError
 
@@ -35,6 +35,7 @@ SUBCOMMANDS: dict[str, ModuleType] = {
     "zeroshot": zeroshot,
     "export": export,
     "search": search,
+    "convert": convert,
     "prep": prep,
     "demo": demo,
 }

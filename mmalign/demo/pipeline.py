@@ -46,7 +46,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import safetensors.torch
 import torch
 
 from mmalign.config import Config, ConfigError, load_config
@@ -62,9 +61,10 @@ CONFIGS = {
 }
 """Run name (its directory in ``out_dir``) -> config file in the configs directory."""
 DATASET = {"digits": "digits", "digits-sum-symile": "digits-sum", "digits-sum-clip": "digits-sum"}
-PRETRAINED_TOWERS = "open_clip_image_text.safetensors"
-"""The digits model's image and text towers as an open_clip checkpoint, written into the
-digits run directory; the digits-sum configs' tower ``checkpoint:`` fields load it."""
+PRETRAINED_TOWERS = "open_clip"
+"""The digits model's image and text towers as an open_clip folder (``mmalign convert --to
+open_clip``), written into the digits run directory; the digits-sum configs' towers load it
+with ``pretrained: local-dir:...``."""
 QUICK_DATA = {"limit": 30, "variants": 2}
 """``quick=True``: at most 30 source images per split, two records each."""
 QUICK_OVERRIDES = {
@@ -187,8 +187,8 @@ def run_config(
     data["classes"] = str(dataset_dir / "classes.json")
     config["train"]["output"] = str(out_dir / name)
     for tower in config["model"]["towers"].values():
-        if tower.get("checkpoint"):
-            tower["checkpoint"] = str(out_dir / "digits" / PRETRAINED_TOWERS)
+        if tower.get("pretrained"):
+            tower["pretrained"] = f"local-dir:{out_dir / 'digits' / PRETRAINED_TOWERS}"
     if quick:
         for key, value in QUICK_OVERRIDES.items():
             section, option = key.split(".")
@@ -225,22 +225,6 @@ def train_run(
         result.final_loss,
         model,
     )
-
-
-def export_open_clip_towers(model: AlignmentModel, path: Path) -> Path:
-    """Write the image and text towers as one open_clip-style checkpoint: the image tower's
-    ``visual.*`` weights and the text transformer's weights (as in open_clip's CLIP), which
-    the ``checkpoint:`` of an image or a text tower of the same architecture loads.
-
-    Example:
-        >>> export_open_clip_towers(run.model, Path("towers.safetensors"))  # doctest: +SKIP
-        PosixPath('towers.safetensors')
-    """
-    state = dict(model.towers["image"].state_dict())
-    text = model.towers["text"].state_dict()
-    state.update({name.removeprefix("encoder.module."): value for name, value in text.items()})
-    safetensors.torch.save_file({name: value.contiguous() for name, value in state.items()}, path)
-    return path
 
 
 def _threads(requested: int | None, workers: int) -> int:
@@ -290,7 +274,7 @@ def run_demo(
             runs["digits"] = train_run(
                 "digits", configs_dir, datasets["digits"], out_dir, quick, reuse
             )
-            export_open_clip_towers(runs["digits"].model, out_dir / "digits" / PRETRAINED_TOWERS)
+            runs["digits"].model.to_open_clip(out_dir / "digits" / PRETRAINED_TOWERS)
         _say("[3/6] evaluating digits on the test split")
         with timings.measure("evaluate digits"):
             results["digits"] = evaluate_digits(runs["digits"], out_dir)

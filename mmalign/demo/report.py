@@ -147,10 +147,13 @@ def _digits_section(out_dir: Path, digits: dict[str, Any]) -> list[str]:
 
 
 def _pretrained_note(out_dir: Path, run: Run) -> str:
-    """Which towers of a run started from a checkpoint (the digits model's)."""
+    """Which towers of a run started from pretrained weights (the digits model's open_clip
+    folder, ``pretrained: local-dir:...``, or a ``checkpoint:`` file)."""
     towers = run.config.model.towers
     loaded = {
-        name: tower["checkpoint"] for name, tower in towers.items() if tower.get("checkpoint")
+        name: str(tower.get("pretrained") or tower["checkpoint"]).removeprefix("local-dir:")
+        for name, tower in towers.items()
+        if tower.get("pretrained") or tower.get("checkpoint")
     }
     if not loaded:
         return "All towers start from random weights."

@@ -54,6 +54,9 @@ class Tower(nn.Module):
 
     config_class: ClassVar[type[TowerConfig]] = TowerConfig
     width: int
+    pretrained_logit_scale: tuple[str, float] | None = None
+    """``(checkpoint file, logit_scale)`` when the tower's weights came from a CLIP checkpoint
+    holding a temperature (``model.logit_scale_init`` may carry it over)."""
 
     def __init__(
         self, config: TowerConfig, field: str = "tower", base_dir: Path | None = None

@@ -13,6 +13,10 @@ Config (``type: image``):
   model's. Required when ``model`` is omitted.
 - ``checkpoint``: a local open_clip checkpoint (full CLIP or visual-only state dict,
   ``.safetensors`` or a torch file read with ``weights_only=True``).
+- ``pretrained``: a whole open_clip model, ``local-dir:DIR`` or ``hf-hub:ORG/NAME`` from the
+  local Hugging Face cache (:mod:`mmalign.towers.pretrained`): architecture, preprocessing and
+  weights come from its ``open_clip_config.json`` and checkpoint (``vision_cfg``,
+  ``preprocess`` and ``checkpoint`` still override them).
 - ``preprocess``: open_clip ``PreprocessCfg`` fields (``mean``, ``std``, ``interpolation``,
   ``resize_mode``, ``fill_color``); ``augmentation``: open_clip ``AugmentationCfg`` fields used
   by the train-time transform (``set_augment(True)``).
@@ -38,15 +42,25 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import open_clip
 import torch
 from open_clip.model import CLIPVisionCfg, _build_vision_tower
-from open_clip.transform import AugmentationCfg, PreprocessCfg, image_transform_v2
+from open_clip.transform import (
+    AugmentationCfg,
+    PreprocessCfg,
+    image_transform_v2,
+    merge_preprocess_dict,
+)
 from PIL import Image, UnidentifiedImageError
 from pydantic import Field
 
 from mmalign.config import ConfigError
 from mmalign.towers.base import Tower, TowerConfig, register_tower
+from mmalign.towers.pretrained import (
+    PretrainedSource,
+    checkpoint_logit_scale,
+    compact_config,
+    named_or_pretrained_config,
+)
 
 
 class ImageTowerConfig(TowerConfig):
@@ -59,20 +73,9 @@ class ImageTowerConfig(TowerConfig):
     embed_dim: int | None = None
     quick_gelu: bool | None = None
     checkpoint: str | None = None
+    pretrained: str | None = None
     preprocess: dict[str, Any] = Field(default_factory=dict)
     augmentation: dict[str, Any] = Field(default_factory=dict)
-
-
-def named_model_config(name: str, field: str) -> dict[str, Any]:
-    """The built-in open_clip config of ``name`` (no hub or remote schemas: nothing downloads)."""
-    config = None if ":" in name else open_clip.get_model_config(name)
-    if config is None:
-        raise ConfigError(
-            f"{field}.model: {name!r} is not a built-in open_clip model config; "
-            "pick one of open_clip.list_models() (e.g. ViT-B-32) or give the architecture "
-            "as a config dict, with weights from a local checkpoint"
-        )
-    return config
 
 
 def dataclass_from_dict(cls: type, values: dict[str, Any], where: str) -> Any:
@@ -143,16 +146,31 @@ class ImageTower(Tower):
         self, config: ImageTowerConfig, field: str = "tower", base_dir: Path | None = None
     ) -> None:
         super().__init__(config, field, base_dir)
-        named = named_model_config(config.model, field) if config.model else {}
-        vision = self._vision_cfg(named.get("vision_cfg", {}))
+        named, source = named_or_pretrained_config(config.model, config.pretrained, field, base_dir)
+        self.vision_cfg = self._vision_cfg(named.get("vision_cfg", {}))
         self.width = self._embed_dim(named)
-        quick_gelu = (
+        self.quick_gelu = bool(
             named.get("quick_gelu", False) if config.quick_gelu is None else config.quick_gelu
         )
-        self.visual = _build_vision_tower(self.width, vision, quick_gelu=quick_gelu)
-        self.eval_transform, self.train_transform = self._transforms(vision.image_size)
-        if config.checkpoint:
-            self.load_weights(self.visual, self._visual_state(config.checkpoint))
+        self.visual = _build_vision_tower(self.width, self.vision_cfg, quick_gelu=self.quick_gelu)
+        self.preprocess_cfg = self._preprocess_cfg(source)
+        self.eval_transform, self.train_transform = self._transforms(self.preprocess_cfg)
+        self._load_checkpoint(source)
+
+    def _load_checkpoint(self, source: PretrainedSource | None) -> None:
+        key, path = "checkpoint", self.config.checkpoint
+        if path is None and source is not None:
+            key, path = "pretrained", str(source.checkpoint or "")
+            if source.checkpoint is None:
+                raise ConfigError(
+                    f"{self.field}.pretrained: {source.directory} holds no open_clip checkpoint "
+                    "(open_clip_model.safetensors, open_clip_pytorch_model.bin, ...)"
+                )
+        if path:
+            state = self.read_checkpoint(path, key)
+            file = str(self.resolve_path(path).resolve())
+            self.pretrained_logit_scale = checkpoint_logit_scale(state, file)
+            self.load_weights(self.visual, visual_state(state), key)
 
     def _vision_cfg(self, base: dict[str, Any]) -> CLIPVisionCfg:
         values = {**base, **self.config.vision_cfg}
@@ -175,9 +193,15 @@ class ImageTower(Tower):
             )
         return int(embed_dim)
 
-    def _transforms(self, image_size: Any) -> tuple[Callable, Callable]:
-        values = {"size": image_size, **self.config.preprocess}
-        preprocess = dataclass_from_dict(PreprocessCfg, values, f"{self.field}.preprocess")
+    def _preprocess_cfg(self, source: PretrainedSource | None) -> PreprocessCfg:
+        values = {"size": self.vision_cfg.image_size}
+        if source is not None:
+            values = merge_preprocess_dict(values, source.preprocess_cfg)
+            values["size"] = self.vision_cfg.image_size
+        values.update(self.config.preprocess)
+        return dataclass_from_dict(PreprocessCfg, values, f"{self.field}.preprocess")
+
+    def _transforms(self, preprocess: PreprocessCfg) -> tuple[Callable, Callable]:
         augmentation = dataclass_from_dict(
             AugmentationCfg, self.config.augmentation, f"{self.field}.augmentation"
         )
@@ -185,16 +209,6 @@ class ImageTower(Tower):
             image_transform_v2(preprocess, is_train=False),
             image_transform_v2(preprocess, is_train=True, aug_cfg=augmentation),
         )
-
-    def _visual_state(self, path: str) -> dict[str, torch.Tensor]:
-        state = self.read_checkpoint(path)
-        if any(name.startswith("visual.") for name in state):
-            state = {
-                name.removeprefix("visual."): value
-                for name, value in state.items()
-                if name.startswith("visual.")
-            }
-        return state
 
     def preprocess(self, raw: Any) -> torch.Tensor:
         """One raw image to a normalized ``[3, H, W]`` tensor (augmented when enabled)."""
@@ -212,5 +226,29 @@ class ImageTower(Tower):
         return self.visual(inputs)
 
     def save_files(self, directory: Path) -> dict[str, Any]:
-        """No side files; the weights travel in the model's safetensors file."""
-        return {"checkpoint": None}
+        """No side files; the weights travel in the model's safetensors file. A tower built
+        from a model name or a ``pretrained:`` folder saves the resolved architecture and
+        preprocessing, so the saved model loads without the folder or a registered name."""
+        if not (self.config.model or self.config.pretrained):
+            return {"checkpoint": None}
+        return {
+            "checkpoint": None,
+            "model": None,
+            "pretrained": None,
+            "image_size": None,
+            "vision_cfg": compact_config(self.vision_cfg),
+            "embed_dim": self.width,
+            "quick_gelu": self.quick_gelu,
+            "preprocess": compact_config(self.preprocess_cfg),
+        }
+
+
+def visual_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The vision encoder's weights of a full CLIP (``visual.*``) or a visual-only state dict."""
+    if any(name.startswith("visual.") for name in state):
+        return {
+            name.removeprefix("visual."): value
+            for name, value in state.items()
+            if name.startswith("visual.")
+        }
+    return state

@@ -14,7 +14,9 @@ Config (``type: text``):
   ``.model`` file whose vocabulary sizes the embedding table (multilingual captions; pooling
   at its end-of-sentence token). ``embed_dim`` is the output width (default: the named
   model's; none: the transformer width, without open_clip's text projection). ``checkpoint``
-  loads a local open_clip checkpoint's text weights.
+  loads a local open_clip checkpoint's text weights; ``pretrained: local-dir:DIR`` or
+  ``hf-hub:ORG/NAME`` (from the local Hugging Face cache) takes architecture and weights of a
+  whole open_clip model (:mod:`mmalign.towers.pretrained`).
 - ``context_length``: tokens per caption (longer ones are truncated); default: the open_clip
   config's (77), or the Hugging Face tokenizer's maximum.
 
@@ -42,10 +44,24 @@ from torch import nn
 
 from mmalign.config import ConfigError
 from mmalign.towers.base import Tower, TowerConfig, register_tower
-from mmalign.towers.image import dataclass_from_dict, named_model_config
+from mmalign.towers.image import dataclass_from_dict
+from mmalign.towers.pretrained import (
+    checkpoint_logit_scale,
+    compact_config,
+    named_or_pretrained_config,
+)
 
-HF_ONLY = ("path", "pretrained", "pooling")
-OPEN_CLIP_ONLY = ("model", "text_cfg", "tokenizer", "width", "heads", "layers", "embed_dim")
+HF_ONLY = ("path", "pooling")
+OPEN_CLIP_ONLY = (
+    "model",
+    "text_cfg",
+    "tokenizer",
+    "width",
+    "heads",
+    "layers",
+    "embed_dim",
+    "quick_gelu",
+)
 
 
 class TextTowerConfig(TowerConfig):
@@ -56,7 +72,9 @@ class TextTowerConfig(TowerConfig):
     context_length: int | None = None
     checkpoint: str | None = None
     path: str | None = None
-    pretrained: bool = True
+    pretrained: bool | str = True
+    """backend hf: load the folder's weights (false: random init); backend open_clip:
+    ``local-dir:DIR`` or ``hf-hub:ORG/NAME``."""
     pooling: Literal["cls", "mean", "eos"] = "cls"
     model: str | None = None
     text_cfg: dict[str, Any] = Field(default_factory=dict)
@@ -65,6 +83,7 @@ class TextTowerConfig(TowerConfig):
     heads: int | None = None
     layers: int | None = None
     embed_dim: int | None = None
+    quick_gelu: bool | None = None
 
     @model_validator(mode="after")
     def _keys_match_backend(self) -> TextTowerConfig:
@@ -72,6 +91,10 @@ class TextTowerConfig(TowerConfig):
         wrong = sorted(key for key in other if key in self.model_fields_set)
         if wrong:
             raise ValueError(f"key(s) {', '.join(wrong)} do not apply to backend {self.backend}")
+        if self.backend == "hf" and isinstance(self.pretrained, str):
+            raise ValueError("backend hf: `pretrained` is true or false; `path:` names the folder")
+        if self.backend == "open_clip" and self.pretrained is False:
+            raise ValueError("backend open_clip: `pretrained` is local-dir:DIR or hf-hub:ORG/NAME")
         if self.backend == "hf" and not self.path:
             raise ValueError("backend hf needs `path:` (a local Hugging Face model directory)")
         return self
@@ -91,9 +114,14 @@ class TextTower(Tower):
         backend = HFText if config.backend == "hf" else OpenCLIPText
         self.encoder = backend(self)
         self.width = self.encoder.width
-        if config.checkpoint:
-            state = self.encoder.checkpoint_state(self.read_checkpoint(config.checkpoint))
-            self.load_weights(self.encoder.module, state)
+        key, path = "checkpoint", config.checkpoint
+        if path is None and self.encoder.pretrained_checkpoint is not None:
+            key, path = "pretrained", self.encoder.pretrained_checkpoint
+        if path:
+            state = self.read_checkpoint(path, key)
+            file = str(self.resolve_path(path).resolve())
+            self.pretrained_logit_scale = checkpoint_logit_scale(state, file)
+            self.load_weights(self.encoder.module, self.encoder.checkpoint_state(state), key)
 
     def preprocess(self, raw: Any) -> Any:
         """One caption (``str``) to token ids, truncated to ``context_length``."""
@@ -138,6 +166,7 @@ class HFText(nn.Module):
         except (OSError, ValueError) as error:
             raise ConfigError(f"{tower.field}.path: cannot load {path}: {error}") from error
         self.pooling = config.pooling
+        self.pretrained_checkpoint = None
         self.width = int(self.module.config.hidden_size)
         self.context_length = config.context_length or self._max_length()
 
@@ -186,7 +215,18 @@ class OpenCLIPText(nn.Module):
         super().__init__()
         config = tower.config
         self.field = tower.field
-        named = named_model_config(config.model, tower.field) if config.model else {}
+        pretrained = config.pretrained if isinstance(config.pretrained, str) else None
+        named, source = named_or_pretrained_config(
+            config.model, pretrained, tower.field, tower.base_dir
+        )
+        self.pretrained_checkpoint = None
+        if source is not None:
+            if source.checkpoint is None:
+                raise ConfigError(
+                    f"{tower.field}.pretrained: {source.directory} holds no open_clip checkpoint "
+                    "(open_clip_model.safetensors, open_clip_pytorch_model.bin, ...)"
+                )
+            self.pretrained_checkpoint = str(source.checkpoint)
         values = {**named.get("text_cfg", {}), **config.text_cfg}
         shorthands = {"width": config.width, "heads": config.heads, "layers": config.layers}
         values.update({key: value for key, value in shorthands.items() if value is not None})
@@ -205,10 +245,15 @@ class OpenCLIPText(nn.Module):
             None if self.sentencepiece else SimpleTokenizer(context_length=self.context_length)
         )
         self._check(text_cfg)
+        self.text_cfg = text_cfg
+        self.quick_gelu = bool(
+            named.get("quick_gelu", False) if config.quick_gelu is None else config.quick_gelu
+        )
         self.module = _build_text_tower(
-            embed_dim or text_cfg.width, text_cfg, quick_gelu=named.get("quick_gelu", False)
+            embed_dim or text_cfg.width, text_cfg, quick_gelu=self.quick_gelu
         )
         self.width = text_cfg.width if self.module.text_projection is None else int(embed_dim)
+        self.resolve_on_save = bool(config.model or pretrained)
 
     def _load_sentencepiece(self, path: Path) -> sentencepiece.SentencePieceProcessor:
         if not path.is_file():
@@ -273,7 +318,21 @@ class OpenCLIPText(nn.Module):
         return self.module(inputs)
 
     def save_files(self, directory: Path) -> dict[str, Any]:
+        updates = self._resolved_config() if self.resolve_on_save else {}
         if self.sentencepiece is None:
-            return {}
+            return updates
         (directory / "tokenizer.model").write_bytes(self.sentencepiece.serialized_model_proto())
-        return {"tokenizer": "tokenizer.model"}
+        return {**updates, "tokenizer": "tokenizer.model"}
+
+    def _resolved_config(self) -> dict[str, Any]:
+        """The architecture a model name or ``pretrained:`` folder resolved to, so a saved
+        model loads without the folder or a registered open_clip name."""
+        shorthands = ("width", "heads", "layers", "context_length")
+        return {
+            "model": None,
+            "pretrained": True,
+            "text_cfg": compact_config(self.text_cfg),
+            "embed_dim": None if self.module.text_projection is None else self.width,
+            "quick_gelu": self.quick_gelu,
+            **dict.fromkeys(shorthands),
+        }

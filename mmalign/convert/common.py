@@ -1,0 +1,81 @@
+"""What every converter needs: picking towers by type, a projection as a matrix, and writing
+the output folder whole or not at all.
+
+Example:
+    >>> import torch
+    >>> projection_matrix(torch.nn.Identity(), "model.projection") is None
+    True
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmalign.errors import UserError
+from mmalign.files import replace_directory
+
+
+def towers_of_type(model: Any, tower_type: str) -> list[str]:
+    """The modalities of ``model`` whose tower config has ``type: tower_type``, in order."""
+    return [name for name in model.modalities if model.config.towers[name]["type"] == tower_type]
+
+
+def pick_tower(model: Any, tower_type: str, name: str | None, flag: str, target: str) -> str:
+    """The one tower of ``tower_type`` (or ``name``, checked); errors name ``flag``."""
+    if name is not None:
+        if name not in model.modalities:
+            raise UserError(
+                f"the model has no modality {name!r} ({flag}); pick one of "
+                f"{', '.join(model.modalities)}"
+            )
+        if model.config.towers[name]["type"] != tower_type:
+            raise UserError(
+                f"modality {name!r} is a {model.config.towers[name]['type']} tower, not "
+                f"{tower_type} ({flag}); name the {tower_type} tower"
+            )
+        return name
+    found = towers_of_type(model, tower_type)
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise UserError(
+            f"the model has no {tower_type} tower ({flag}); {target} needs an image and a "
+            f"text tower (this model has {', '.join(model.modalities)})"
+        )
+    raise UserError(
+        f"the model has several {tower_type} towers: {', '.join(found)} ({flag}); name one"
+    )
+
+
+def projection_matrix(projection: nn.Module, field: str) -> torch.Tensor | None:
+    """The ``[dim, width]`` weight of a linear projection, ``None`` for ``projection: none``;
+    an MLP is refused (no single matrix holds it)."""
+    if isinstance(projection, nn.Identity):
+        return None
+    if isinstance(projection, nn.Linear) and projection.bias is None:
+        return projection.weight.detach()
+    raise UserError(
+        f"the projection is an MLP, which no single matrix of the target holds ({field}: mlp); "
+        "export it with --to onnx, or train with projection: linear"
+    )
+
+
+@contextmanager
+def output_directory(directory: str | Path) -> Iterator[Path]:
+    """A temporary folder beside ``directory`` that replaces it when the block succeeds."""
+    final = Path(directory)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    try:
+        yield staging
+        replace_directory(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,109 @@
+"""mmalign -> Hugging Face: each tower that came from ``transformers`` as a folder that
+``AutoModel.from_pretrained`` loads, plus its projection and a README on applying it.
+
+For a text tower with ``backend: hf`` and an audio tower with ``encoder: hf``,
+``<directory>/<modality>/`` holds the encoder's ``save_pretrained`` output (config + weights),
+its tokenizer or feature extractor, and ``projection.safetensors``: ``weight`` ``[dim, width]``
+(the identity for ``projection: none``), with the pooling in the file's metadata. mmalign's
+embedding of a sample is ``normalize(pool(last_hidden_state) @ weight.T)``; ``README.md``
+spells the pooling out per tower. Towers of other kinds are not written (``--to onnx`` or
+``--to open_clip`` carries those).
+
+Example:
+    >>> to_hf(model, "exported/hf")  # doctest: +SKIP
+    >>> import transformers
+    >>> bert = transformers.AutoModel.from_pretrained("exported/hf/text")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from mmalign.convert.common import output_directory, projection_matrix
+from mmalign.errors import UserError
+
+PROJECTION = "projection.safetensors"
+POOLING = {
+    "cls": "the first token's hidden state: `hidden[:, 0]`",
+    "mean": "the mean over real tokens: `(hidden * mask[..., None]).sum(1) / mask.sum(1)`",
+    "eos": "the last real token's hidden state (the last 1 of `attention_mask`)",
+    "frames": "the mean over the frames the feature extractor's `attention_mask` marks as real "
+    "(mapped to encoder frames with `_get_feat_extract_output_lengths`)",
+}
+
+
+def hf_towers(model: Any) -> dict[str, tuple[torch.nn.Module, Any, str]]:
+    """Modality -> (transformers model, tokenizer or feature extractor, pooling) of every tower
+    that came from ``transformers``."""
+    found = {}
+    for name, tower in model.towers.items():
+        config = tower.config
+        if config.type == "text" and getattr(config, "backend", None) == "hf":
+            encoder = tower.encoder
+            found[name] = (encoder.module, encoder.tokenizer, encoder.pooling)
+        elif config.type == "audio" and getattr(config, "encoder", None) == "hf":
+            found[name] = (tower.encoder.model, tower.feature_extractor, "frames")
+    return found
+
+
+def to_hf(model: Any, directory: str | Path) -> Path:
+    """Write every ``transformers`` tower of ``model`` under ``directory`` (see the module
+    docstring); returns ``directory``.
+
+    Example:
+        >>> to_hf(model, "exported/hf")  # doctest: +SKIP
+        PosixPath('exported/hf')
+    """
+    towers = hf_towers(model)
+    if not towers:
+        kinds = ", ".join(f"{name}: {model.config.towers[name]['type']}" for name in model.towers)
+        raise UserError(
+            f"no tower of this model came from transformers ({kinds}) "
+            "(model.towers.<modality>.backend / encoder: hf); use --to open_clip or --to onnx"
+        )
+    rows = []
+    with output_directory(directory) as staging:
+        for name, (module, processor, pooling) in towers.items():
+            folder = staging / name
+            module.save_pretrained(folder)
+            processor.save_pretrained(folder)
+            weight = projection_matrix(model.projections[name], "model.projection")
+            if weight is None:
+                weight = torch.eye(model.towers[name].width)
+            metadata = {"pooling": pooling, "normalize": "l2", "modality": name}
+            tensors = {"weight": weight.detach().float().contiguous().cpu()}
+            save_file(tensors, folder / PROJECTION, metadata)
+            rows.append((name, type(module).__name__, type(processor).__name__, pooling, weight))
+        (staging / "README.md").write_text(_readme(rows))
+    return Path(directory)
+
+
+def _readme(rows: list[tuple[str, str, str, str, torch.Tensor]]) -> str:
+    lines = [
+        "# mmalign towers for transformers",
+        "",
+        "Written by `mmalign convert MODEL --to hf`. Each folder loads with",
+        "`transformers.AutoModel.from_pretrained(folder)` and its `AutoTokenizer` /",
+        "`AutoFeatureExtractor` (an encoder taken from an encoder-decoder model, such as",
+        "Whisper's, loads with its own class, named below). mmalign's embedding of a sample:",
+        "",
+        "```python",
+        "import torch, torch.nn.functional as F",
+        "from safetensors.torch import load_file",
+        "hidden = model(**inputs).last_hidden_state       # [B, T, width]",
+        "pooled = ...                                     # the folder's pooling, below",
+        'weight = load_file(f"{folder}/projection.safetensors")["weight"]  # [dim, width]',
+        "embedding = F.normalize(pooled @ weight.T, dim=-1)",
+        "```",
+        "",
+        "| folder | class | preprocessing | pooling | width -> dim |",
+        "|---|---|---|---|---|",
+    ]
+    for name, cls, processor, pooling, weight in rows:
+        size = f"{weight.shape[1]} -> {weight.shape[0]}"
+        lines.append(f"| `{name}/` | `{cls}` | `{processor}` | {POOLING[pooling]} | {size} |")
+    return "\n".join(lines) + "\n"
