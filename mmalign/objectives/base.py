@@ -209,6 +209,18 @@ class PairwiseConfig(ObjectiveConfig):
         return [pair_name(pair) for pair in self.resolve_pairs(modalities)]
 
     def check_modalities(self, modalities: Sequence[str]) -> None:
+        if self.pairs is None and len(modalities) < 2:
+            raise field_error(
+                type(self).__name__,
+                "name",
+                f"'{self.name}' aligns pairs of modalities but the model has only "
+                f"{list(modalities)}; add a tower to model.towers",
+                self.name,
+            )
+        if self.pairs is not None and not self.pairs:
+            raise field_error(
+                type(self).__name__, "pairs", "is empty; list at least one pair or omit it", []
+            )
         for pair in self.pairs or []:
             if pair[0] == pair[1] or any(name not in modalities for name in pair):
                 raise field_error(
