@@ -122,9 +122,8 @@ class Objective(nn.Module):
         generator: torch.Generator | None = None,
     ) -> LossOutput:
         """The loss of a batch of embeddings ``{modality: [B, d]}``; see the module docstring."""
-        modalities = list(embeddings)
-        weights = self._weights(modalities)
         batch = BatchView.gather(embeddings, present, with_grad=self.config.gather_with_grad)
+        weights = self._weights(list(embeddings))
         logit_scale = torch.as_tensor(logit_scale, dtype=batch.dtype, device=batch.device)
         terms = self.terms(batch, logit_scale, logit_bias, generator)
         return _combine(terms, weights, batch, logit_scale, logit_bias)
@@ -209,18 +208,6 @@ class PairwiseConfig(ObjectiveConfig):
         return [pair_name(pair) for pair in self.resolve_pairs(modalities)]
 
     def check_modalities(self, modalities: Sequence[str]) -> None:
-        if self.pairs is None and len(modalities) < 2:
-            raise field_error(
-                type(self).__name__,
-                "name",
-                f"'{self.name}' aligns pairs of modalities but the model has only "
-                f"{list(modalities)}; add a tower to model.towers",
-                self.name,
-            )
-        if self.pairs is not None and not self.pairs:
-            raise field_error(
-                type(self).__name__, "pairs", "is empty; list at least one pair or omit it", []
-            )
         for pair in self.pairs or []:
             if pair[0] == pair[1] or any(name not in modalities for name in pair):
                 raise field_error(

@@ -99,6 +99,19 @@ def _schedule_problems(config: Config) -> list[str]:
     return problems
 
 
+def _objective_problems(config: Config) -> list[str]:
+    """A training objective needs at least one loss term for the model's towers."""
+    objective, modalities = config.model.objective, list(config.model.towers)
+    if objective.term_names(modalities):
+        return []
+    field = "pairs" if getattr(objective, "pairs", None) is not None else "name"
+    return [
+        f"model.objective.{field}: '{objective.name}' has no loss term for the modalities "
+        f"{modalities}, so training would learn nothing; it aligns pairs: add a tower to "
+        "model.towers (or list a pair)"
+    ]
+
+
 def memory_bytes() -> int:
     """Memory of the device training runs on: the first GPU's, else the machine's RAM."""
     if torch.cuda.is_available():
@@ -132,6 +145,7 @@ def check_run_config(config: Config) -> None:
         + _modality_problems(config)
         + _zeroshot_problems(config)
         + _schedule_problems(config)
+        + _objective_problems(config)
         + _memory_problems(config)
     )
     if problems:

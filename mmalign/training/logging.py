@@ -157,9 +157,11 @@ class RunLogger:
             tqdm(total=total_steps, initial=start_step, dynamic_ncols=True) if use_bar else None
         )
 
-    def message(self, text: str) -> None:
-        """Print a message (above the bar) and append it to ``train.log``."""
-        tqdm.write(text, file=sys.stderr)
+    def message(self, text: str, echo: bool = True) -> None:
+        """Print a message (above the bar, unless ``echo`` is false) and append it to
+        ``train.log``."""
+        if echo:
+            tqdm.write(text, file=sys.stderr)
         self._messages.write(text + "\n")
         self._messages.flush()
 

@@ -177,6 +177,13 @@ class Trainer:
         if self.logger is not None:
             self.logger.message(text)
 
+    def _stop(self, text: str) -> TrainingStopped:
+        """:class:`TrainingStopped` with ``text``, which also goes to ``train.log`` (the
+        command line prints it)."""
+        if self.logger is not None:
+            self.logger.message(text, echo=False)
+        return TrainingStopped(text)
+
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> None:
         """Train to the last step, then validate (with ``data.val``) and save the last
@@ -278,7 +285,7 @@ class Trainer:
         last = checkpoint.latest_checkpoint(self.checkpoints)
         kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved"
         suggested = min(train.lr / 10, 1e-3)
-        raise TrainingStopped(
+        raise self._stop(
             f"training diverged at step {self.step + 1}: {what} reached {value:.3g} "
             f"(train.max_abs_weight={train.max_abs_weight:g}); this state is not saved and "
             f"{kept}. Lower train.lr (it is {train.lr:g}) and continue: --resume --set "
@@ -305,7 +312,7 @@ class Trainer:
         if self.nonfinite_in_row >= limit:
             last = checkpoint.latest_checkpoint(self.checkpoints)
             kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved"
-            raise TrainingStopped(
+            raise self._stop(
                 f"training stopped at step {self.step}: {self.nonfinite_in_row} non-finite "
                 f"losses/gradients in a row (train.max_nonfinite={limit}); {kept}. Lower "
                 f"train.lr (--resume --set train.lr={min(self.config.train.lr / 10, 1e-3):g}), "
