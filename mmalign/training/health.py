@@ -18,9 +18,12 @@ Example:
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
+
+from mmalign.config import TrainConfig
 
 
 def _largest(tensors: list[torch.Tensor]) -> float:
@@ -53,3 +56,29 @@ def unhealthy_tensor(model: nn.Module, max_abs: float) -> tuple[str, float] | No
         if not math.isfinite(value):
             return name, value
     return None
+
+
+def suggested_lr(lr: float) -> float:
+    """The learning rate a stopped run suggests: ten times lower, at most 1e-3.
+
+    Example:
+        >>> suggested_lr(1e308), f"{suggested_lr(3e-3):g}"
+        (0.001, '0.0003')
+    """
+    return min(lr / 10, 1e-3)
+
+
+def divergence_message(
+    step: int, name: str, value: float, train: TrainConfig, last: Path | None
+) -> str:
+    """What a run that diverged at ``step`` (``name`` reached ``value``) says: nothing of it
+    is saved, the last good checkpoint, and a ``--resume`` command that works."""
+    what = "the temperature (logit_scale)" if name == "logit_scale" else f"'{name}'"
+    kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved"
+    return (
+        f"training diverged at step {step}: {what} reached {value:.3g} "
+        f"(train.max_abs_weight={train.max_abs_weight:g}); this state is not saved and "
+        f"{kept}. Lower train.lr (it is {train.lr:g}) and continue: --resume --set "
+        f"train.lr={suggested_lr(train.lr):g} (or raise train.warmup, or use precision "
+        "fp32/bf16)"
+    )

@@ -42,7 +42,7 @@ from mmalign.model import AlignmentModel
 from mmalign.training import checkpoint
 from mmalign.training.accumulation import ContrastiveStep, accumulated_step
 from mmalign.training.checks import total_steps
-from mmalign.training.health import unhealthy_tensor
+from mmalign.training.health import divergence_message, suggested_lr, unhealthy_tensor
 from mmalign.training.logging import RunLogger, truncate_metrics
 from mmalign.training.optim import build_optimizer, build_scheduler
 from mmalign.training.resume import apply_optimizer_settings
@@ -276,21 +276,15 @@ class Trainer:
     def _check_health(self) -> None:
         """Stop as diverged when a parameter, the temperature or a normalization statistic
         is non-finite or beyond ``train.max_abs_weight`` (nothing of this state is saved)."""
-        train = self.config.train
+        train, accelerator = self.config.train, self.accelerator
         found = unhealthy_tensor(self.model, train.max_abs_weight)
-        if found is None:
-            return
-        name, value = found
-        what = "the temperature (logit_scale)" if name == "logit_scale" else f"'{name}'"
-        last = checkpoint.latest_checkpoint(self.checkpoints)
-        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved"
-        suggested = min(train.lr / 10, 1e-3)
-        raise self._stop(
-            f"training diverged at step {self.step + 1}: {what} reached {value:.3g} "
-            f"(train.max_abs_weight={train.max_abs_weight:g}); this state is not saved and "
-            f"{kept}. Lower train.lr (it is {train.lr:g}) and continue: --resume --set "
-            f"train.lr={suggested:g} (or raise train.warmup, or use precision fp32/bf16)"
-        )
+        if accelerator.num_processes > 1:  # every rank stops (statistics may differ per rank)
+            flag = torch.tensor([float(found is not None)], device=accelerator.device)
+            if float(accelerator.reduce(flag, "max")) and found is None:
+                found = ("(on another process)", math.nan)
+        if found is not None:
+            last = checkpoint.latest_checkpoint(self.checkpoints)
+            raise self._stop(divergence_message(self.step + 1, *found, train, last))
 
     def _clip_gradients(self) -> float:
         """Clip to ``train.grad_clip``; the gradient norm (0 where the backend hides it)."""
@@ -315,7 +309,7 @@ class Trainer:
             raise self._stop(
                 f"training stopped at step {self.step}: {self.nonfinite_in_row} non-finite "
                 f"losses/gradients in a row (train.max_nonfinite={limit}); {kept}. Lower "
-                f"train.lr (--resume --set train.lr={min(self.config.train.lr / 10, 1e-3):g}), "
+                f"train.lr (--resume --set train.lr={suggested_lr(self.config.train.lr):g}), "
                 "raise train.warmup, use precision fp32/bf16 or check the data, then continue "
                 "with --resume"
             )

@@ -70,7 +70,7 @@ def config_faults(root: Path, shards: str) -> list[Row]:
 
 def _all_finite(run: Path) -> bool:
     return all(
-        bool(torch.isfinite(tensor).all()) and float(tensor.abs().max(initial=0)) <= 1e4
+        bool(torch.isfinite(tensor).all()) and float(tensor.abs().max()) <= 1e4
         for path in run.rglob("*.safetensors")
         if "optimizer" not in path.name
         for tensor in load_file(path).values()

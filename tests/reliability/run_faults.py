@@ -96,8 +96,8 @@ TRAIN_FAULTS: dict[str, tuple[str, int]] = {
         PRUNED_FILES,
     ),
     WITH_VALIDATION: ("os:replace:{call}:after:.old-best", BEST_UPDATES),
-    "external SIGTERM at a random time (scheduler pre-emption)": ("external:SIGTERM", 1),
-    "external SIGINT at a random time (Ctrl-C)": ("external:SIGINT", 1),
+    "external SIGTERM at a random step (scheduler pre-emption)": ("external:SIGTERM", 1),
+    "external SIGINT at a random step (Ctrl-C)": ("external:SIGINT", 1),
 }
 CHUNKS = SAMPLES // CHUNK
 WRITER = "mmalign.export.writer"
@@ -150,15 +150,19 @@ def run_with_fault(
     ``external:random`` kills at a uniform time of the training proper (``duration``
     seconds after ``train.log`` appears in an uninterrupted run); ``external:tmp-dir`` kills
     as soon as the k-th temporary checkpoint directory appears (k drawn from ``rng``);
-    ``external:SIGTERM`` / ``external:SIGINT`` send that signal once at a uniform time of the
-    first 80% of the training and wait for the run to end.
+    ``external:SIGTERM`` / ``external:SIGINT`` send that signal once as soon as the k-th
+    step is logged (k uniform in 1..STEPS - 2) and wait for the run to end.
     """
     if not spec.startswith("external:"):
         return start(arguments, [spec]).wait(timeout=600)
     process = start(arguments, [])
     started = wait_for_start(process, run / "train.log")
     if spec in SIGNALLED:
-        time.sleep(rng.uniform(0.0, 0.8 * duration))
+        wanted, metrics = rng.randint(1, STEPS - 2), run / "metrics.jsonl"
+        while process.poll() is None and (
+            not metrics.exists() or len(metrics.read_text().splitlines()) < wanted
+        ):
+            time.sleep(0.0005)
         if process.poll() is None:
             process.send_signal(getattr(signal, spec.removeprefix("external:")))
         return process.wait(timeout=600)
@@ -253,7 +257,7 @@ def training_campaign(root: Path, shards: str, repeats: int, seed: int) -> dict[
             tally.killed += status == SIGNALLED.get(spec, -signal.SIGKILL)
             state_ok = checkpoints_ok(run, config_path)
             tally.state_ok += state_ok and (spec not in SIGNALLED or signal_state_ok(run))
-            tally.partial_left += bool(list(run.glob("**/.tmp-*")))
+            tally.partial_left += bool(list(run.glob("**/.tmp-*")) + list(run.glob("*/.[op]*")))
             newest = checkpoint.latest_checkpoint(run / "checkpoints")
             tally.progress.append(int(newest.name.split("-")[1]) if newest else 0)
             train(config_path, resume=True)
