@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import signal
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 from conftest import fork_mmalign, tiny_config, write_config
 
 from mmalign.config import ConfigError
+from mmalign.eval.loading import run_fields
 from mmalign.training import train
 from mmalign.training.logging import MetricsError, read_metrics
 
@@ -98,3 +100,19 @@ def test_kill_while_resume_rewrites_metrics_keeps_every_line(tmp_path: Path, sha
     assert (run / "metrics.jsonl").read_text() == before  # untouched, not cut
     train(config, ["train.steps=9"], resume=True)
     assert [r["step"] for r in records(run)] == list(range(1, 10))
+
+
+def test_a_yaml_tag_in_a_runs_config_is_an_error_naming_the_file(
+    tmp_path: Path, shards: str
+) -> None:
+    run = tmp_path / "run"
+    config = tiny_config(run, shards, train={"steps": 3})
+    train(config)
+    marker = tmp_path / "executed"
+    saved = run / "config.yaml"
+    saved.write_text(f"model: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(saved))} is not plain YAML"):
+        train(config, ["train.steps=5"], resume=True)
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(saved))} is not plain YAML"):
+        run_fields(run)
+    assert not marker.exists()
