@@ -213,7 +213,8 @@ class Trainer:
             f"{name}: stopped after step {self.step} of {self.total}; checkpoint {saved}; "
             "continue with --resume"
         )
-        self.message(message)
+        if self.logger is not None:
+            self.logger.message(message, echo=False)  # the command line prints it
         raise TrainingInterrupted(received, message)
 
     def _start_message(self) -> str:
