@@ -71,6 +71,14 @@ class ObjectiveConfig(_Section):
         """Names of the loss terms for these modalities (the keys of ``weights``)."""
         raise NotImplementedError
 
+    @field_validator("weights")
+    @classmethod
+    def _finite_weights(cls, weights: dict[str, float] | None) -> dict[str, float] | None:
+        bad = sorted(key for key, weight in (weights or {}).items() if not math.isfinite(weight))
+        if bad:
+            raise ValueError(f"{bad} are NaN or infinite; use finite weights >= 0")
+        return weights
+
     def check_modalities(self, modalities: Sequence[str]) -> None:
         """Raise ``field_error`` for a field that does not fit the model's ``modalities``."""
         names = self.term_names(modalities)
@@ -87,6 +95,14 @@ class ObjectiveConfig(_Section):
         if negative:
             raise field_error(
                 type(self).__name__, "weights", f"{negative} are negative; use >= 0", self.weights
+            )
+        if names and all((self.weights or {}).get(name, 1.0) == 0 for name in names):
+            raise field_error(
+                type(self).__name__,
+                "weights",
+                f"every term ({', '.join(names)}) has weight 0, so nothing would be learned; "
+                "give at least one term a positive weight",
+                self.weights,
             )
 
     @model_validator(mode="after")
@@ -136,11 +152,18 @@ class ModelConfig(_Section):
     """Initial log temperature; ``from_checkpoint``: the ``logit_scale`` of the towers' CLIP
     checkpoint; ``None``: that one when two towers load one CLIP checkpoint holding it, else
     ``log(1/0.07)``. A saved model's config holds the resolved number."""
-    logit_scale_max: float = math.log(100.0)
+    logit_scale_max: float = Field(default=math.log(100.0), allow_inf_nan=False)
     learn_logit_scale: bool = True
-    logit_bias_init: float = -10.0
+    logit_bias_init: float = Field(default=-10.0, allow_inf_nan=False)
     freeze: list[str] = []
     """Modalities whose tower weights are frozen (locked-image tuning); projections still train."""
+
+    @field_validator("logit_scale_init")
+    @classmethod
+    def _finite_logit_scale(cls, value: float | str | None) -> float | str | None:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{value} is not a finite number; e.g. {math.log(1 / 0.07):.4f}")
+        return value
 
     @field_validator("towers")
     @classmethod
@@ -178,7 +201,7 @@ class DataConfig(_Section):
     workers: int = Field(default=0, ge=0)
     shuffle_buffer: int = Field(default=1000, ge=0)
     resampled: bool = True
-    epoch_samples: int | None = None
+    epoch_samples: int | None = Field(default=None, ge=1)
     seed: int = 0
     max_member_bytes: int = Field(default=64 * 2**20, ge=1)
     """Per-record limit: largest file read out of a tar shard (checked from its tar header,
@@ -242,18 +265,19 @@ class TrainConfig(_Section):
     epochs: int | None = Field(default=None, ge=1)
     """Instead of ``steps``: passes over ``data.epoch_samples`` samples per process. Set one
     of the two; a ``--set`` override of either replaces the other one of the file."""
-    lr: float = Field(default=1e-3, gt=0)
+    lr: float = Field(default=1e-3, gt=0, allow_inf_nan=False)
     """Peak learning rate of AdamW."""
-    weight_decay: float = Field(default=0.1, ge=0)
+    weight_decay: float = Field(default=0.1, ge=0, allow_inf_nan=False)
     """Decoupled weight decay of weight matrices (never biases, norms, embeddings, temperature)."""
     betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = Field(default=1e-6, gt=0)
+    """AdamW's moment decay rates, each in [0, 1)."""
+    eps: float = Field(default=1e-6, gt=0, allow_inf_nan=False)
     warmup: int = Field(default=0, ge=0)
     """Linear warmup steps before the schedule."""
     schedule: Literal["cosine", "constant"] = "cosine"
     accumulate: int = Field(default=1, ge=1)
     """Micro-batches per optimizer step; negatives span all of them (contrastive-exact)."""
-    grad_clip: float | None = Field(default=1.0, gt=0)
+    grad_clip: float | None = Field(default=1.0, gt=0, allow_inf_nan=False)
     """Clip the global gradient norm to this value (``null``: no clipping)."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Mixed precision through Accelerate (fp16 uses a gradient scaler)."""
@@ -269,6 +293,9 @@ class TrainConfig(_Section):
     """Step checkpoints kept (the ``best`` one is kept apart)."""
     max_nonfinite: int = Field(default=5, ge=1)
     """Consecutive non-finite losses that stop the run."""
+    max_abs_weight: float = Field(default=1e4, gt=0, allow_inf_nan=False)
+    """Largest magnitude a parameter may reach: an optimizer step that leaves any parameter
+    (or the temperature) non-finite or beyond it stops the run as diverged, unsaved."""
     tensorboard: bool = True
     plots: bool = True
     """Write loss / temperature / validation PNG plots at the end."""
@@ -289,6 +316,13 @@ class TrainConfig(_Section):
                 "and set the other to null (a --set of one replaces the other)"
             )
         return {**data, "steps": None}
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= beta < 1 for beta in betas):
+            raise ValueError(f"{list(betas)}: each must be in [0, 1), e.g. [0.9, 0.98]")
+        return betas
 
 
 class Config(_Section):

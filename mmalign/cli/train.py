@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 HELP = "train a model from a config"
 
@@ -38,10 +39,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Train, then print the steps, processes, model directory and validation metrics."""
-    from mmalign.training import train
+    """Train, then print the steps, processes, model directory and validation metrics.
 
-    result = train(args.config, overrides=args.set, resume=args.resume)
+    Status ``128 + signal`` (143, 130) when SIGTERM/SIGINT stopped the run after saving."""
+    from mmalign.training import TrainingInterrupted, train
+
+    try:
+        result = train(args.config, overrides=args.set, resume=args.resume)
+    except TrainingInterrupted as interrupted:
+        print(f"mmalign train: {interrupted}", file=sys.stderr)
+        return interrupted.exit_status
     if os.environ.get("RANK", "0") != "0":  # one summary from a multi-process launch
         return 0
     print(

@@ -21,6 +21,7 @@ import yaml
 from torch import Tensor, nn
 
 from mmalign.batch import Batch
+from mmalign.errors import ConfigError
 
 DEFAULT_EXTENSIONS = {
     "image": "png;jpg;jpeg;webp",
@@ -64,7 +65,13 @@ def run_fields(source: str | Path | None) -> dict[str, str]:
         candidates.append(source.parent / "config.yaml")
     for candidate in candidates:
         if candidate.is_file():
-            data = yaml.safe_load(candidate.read_text()) or {}
+            try:
+                data = yaml.safe_load(candidate.read_text()) or {}
+            except yaml.YAMLError as error:
+                raise ConfigError(
+                    f"{candidate} is not plain YAML ({str(error).splitlines()[0]}); restore "
+                    "the run's config.yaml or pass the fields with --field MODALITY=EXT"
+                ) from None
             return dict((data.get("data") or {}).get("fields") or {})
     return {}
 

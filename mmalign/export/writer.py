@@ -15,6 +15,12 @@ without recomputing the finished ones (records are still read to find the positi
 ``chunk-r{rank}-000000`` and its own ``manifest-r{rank}.json``; the final ``manifest.json``
 lists the chunks of every rank. ``run_export`` (``mmalign export``) adds the indexes.
 
+A model with a non-finite weight is refused before anything is written. A row whose
+embedding still comes out non-finite is written as absent (NaN, ``present_*`` false) and
+counted under ``nonfinite_embeddings/<modality>`` in the manifest's counters, so a NaN row
+is never marked present. A full disk is an :class:`ExportError`: the listed chunks are
+whole and running the same export again continues.
+
 Example:
     >>> export_embeddings(model, "data/digits/test-000000.tar", ["image"], "emb")  # doctest: +SKIP
     >>> run_export("runs/digits", "data/digits/test-000000.tar", None, "emb",
@@ -24,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -103,6 +110,28 @@ def _arrow_column(values: list[Any]) -> pa.Array:
         return pa.array(values)
     except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError):
         return pa.array([json.dumps(value, default=str) for value in values])
+
+
+def _check_finite_weights(model: torch.nn.Module, source: str | None) -> None:
+    """Refuse a model with a NaN/Inf weight (a diverged run): its embeddings are garbage."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ExportError(
+                f"the model{f' in {source}' if source else ''} has non-finite values in "
+                f"'{name}' (its training diverged); export a model from a healthy checkpoint "
+                "or retrain with a lower train.lr"
+            )
+
+
+def _drop_nonfinite_rows(chunk: EmbeddedBatch, counts: dict[str, int]) -> None:
+    """Mark rows whose embedding is not finite as absent, counting them per modality."""
+    for modality, embedding in chunk.embeddings.items():
+        present = chunk.present[modality]
+        bad = present & ~torch.isfinite(embedding).all(dim=1)
+        if bool(bad.any()):
+            chunk.present[modality] = present & ~bad
+            key = f"nonfinite_embeddings/{modality}"
+            counts[key] = counts.get(key, 0) + int(bad.sum())
 
 
 def _write_chunk(
@@ -216,11 +245,14 @@ def export_embeddings(
         180
     """
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
-    if chunk_size < 1 or batch_size < 1:
-        raise ValueError("chunk_size and batch_size must be positive")
+        raise ExportError(f"dtype (--dtype) must be one of {sorted(DTYPES)}, not {dtype!r}")
+    for name, value in (("chunk_size", chunk_size), ("batch_size", batch_size)):
+        if value < 1:
+            flag = "--" + name.replace("_", "-")
+            raise ExportError(f"{name} ({flag}) must be >= 1, got {value}; pass a positive size")
     model_path = None if isinstance(model, torch.nn.Module) else str(model_directory(model))
     model = load_model(model)
+    _check_finite_weights(model, model_path)
     launched = rank is None and world_size is None
     rank, world_size = join_launched_group() if launched else resolve_world(rank, world_size)
     share = _Share(Path(out_dir), rank, world_size)
@@ -239,7 +271,16 @@ def export_embeddings(
         state = read_json(share.progress_file) or fresh
         _check_settings(share.progress_file, state["settings"], settings)
         if not state["complete"]:
-            _run_export(model, shards, modalities, share, state, progress, model_path)
+            try:
+                _run_export(model, shards, modalities, share, state, progress, model_path)
+            except OSError as error:
+                if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                raise ExportError(
+                    f"no space left on the device of {share.out_dir} (writing "
+                    f"{error.filename or 'a chunk'}); the {len(state['chunks'])} chunks listed "
+                    "are whole: free space and run the same export again to continue"
+                ) from None
     if world_size == 1:
         return state
     if launched:
@@ -285,12 +326,13 @@ def _run_export(
 
     def flush(chunk: EmbeddedBatch, final: bool) -> None:
         name = share.chunk_name(len(state["chunks"]))
+        _drop_nonfinite_rows(chunk, state.setdefault("nonfinite", {}))
         state["chunks"].append(
             _write_chunk(share.out_dir, name, chunk, settings["dtype"], share.tag)
         )
         state["rows"] += len(chunk)
         if final:
-            state["counters"] = dict(loader.counters)
+            state["counters"] = {**loader.counters, **state["nonfinite"]}
             state["complete"] = True
         write_json(share.progress_file, state, share.tag)
 
@@ -307,7 +349,7 @@ def _run_export(
     if pending_rows:
         flush(EmbeddedBatch.concatenate(pending), final=True)
     else:
-        state["counters"] = dict(loader.counters)
+        state["counters"] = {**loader.counters, **state.get("nonfinite", {})}
         state["complete"] = True
         write_json(share.progress_file, state, share.tag)
 

@@ -122,9 +122,8 @@ class Objective(nn.Module):
         generator: torch.Generator | None = None,
     ) -> LossOutput:
         """The loss of a batch of embeddings ``{modality: [B, d]}``; see the module docstring."""
-        modalities = list(embeddings)
-        weights = self._weights(modalities)
         batch = BatchView.gather(embeddings, present, with_grad=self.config.gather_with_grad)
+        weights = self._weights(list(embeddings))
         logit_scale = torch.as_tensor(logit_scale, dtype=batch.dtype, device=batch.device)
         terms = self.terms(batch, logit_scale, logit_bias, generator)
         return _combine(terms, weights, batch, logit_scale, logit_bias)

@@ -35,9 +35,8 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from mmalign.config import ObjectiveConfig
+from mmalign.config import ObjectiveConfig, field_error
 from mmalign.objectives.base import (
-    CONFIG_FIELD,
     Objective,
     TermLoss,
     combine_queries,
@@ -78,12 +77,18 @@ class SymileConfig(ObjectiveConfig):
     """``n2``: rows of the B^(M-1) candidate set processed per block."""
 
     def term_names(self, modalities: Sequence[str]) -> list[str]:
-        if len(modalities) < 2:
-            raise ValueError(
-                f"{CONFIG_FIELD}.name 'symile' needs at least two modalities, got "
-                f"{list(modalities)}"
-            )
         return list(modalities)
+
+    def check_modalities(self, modalities: Sequence[str]) -> None:
+        if len(modalities) < 2:
+            raise field_error(
+                type(self).__name__,
+                "name",
+                f"'symile' needs at least two modalities, the model has {list(modalities)}; "
+                "add a tower to model.towers",
+                self.name,
+            )
+        super().check_modalities(modalities)
 
 
 @register_objective("symile")

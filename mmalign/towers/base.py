@@ -20,7 +20,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -153,6 +154,33 @@ class Tower(nn.Module):
             first = next(iter(inputs.values()))
             return int(first.shape[0])
         return int(getattr(inputs, "num_graphs", len(inputs)))
+
+
+@contextmanager
+def running_batch_norm(module: nn.Module, when: bool) -> Iterator[None]:
+    """Inside the block (only ``when`` true), the training BatchNorm layers of ``module``
+    normalize with their running statistics and leave them unchanged: for a training
+    sub-batch with one value per channel (one image, one single-node graph), whose batch
+    statistics do not exist.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+        >>> with running_batch_norm(net, when=True):
+        ...     net(torch.ones(1, 2)).shape
+        torch.Size([1, 2])
+    """
+    layers = [
+        layer
+        for layer in module.modules()
+        if when and isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.training
+    ]
+    for layer in layers:
+        layer.eval()
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.train()
 
 
 def register_tower(name: str) -> Callable[[type[Tower]], type[Tower]]:

@@ -55,7 +55,7 @@ from torch_geometric.nn.models import GAT, GCN, GIN, MLP
 from torch_geometric.nn.models.basic_gnn import BasicGNN
 from torch_geometric.utils import negative_sampling, subgraph
 
-from mmalign.towers.base import Tower, TowerConfig, register_tower
+from mmalign.towers.base import Tower, TowerConfig, register_tower, running_batch_norm
 
 _POOLS = {"mean": global_mean_pool, "add": global_add_pool, "max": global_max_pool}
 
@@ -314,11 +314,16 @@ class GraphTower(Tower):
 
     def forward(self, inputs: Batch) -> torch.Tensor:
         edge_attr = inputs.edge_attr if self.config.edge_features is not None else None
-        if self.config.encoder == "gcn":
-            weight = edge_attr.view(-1) if edge_attr is not None else None
-            nodes = self.gnn(inputs.x, inputs.edge_index, edge_weight=weight, batch=inputs.batch)
-        else:
-            nodes = self.gnn(inputs.x, inputs.edge_index, edge_attr=edge_attr, batch=inputs.batch)
+        with running_batch_norm(self.gnn, when=inputs.num_nodes <= 1):
+            if self.config.encoder == "gcn":
+                weight = edge_attr.view(-1) if edge_attr is not None else None
+                nodes = self.gnn(
+                    inputs.x, inputs.edge_index, edge_weight=weight, batch=inputs.batch
+                )
+            else:
+                nodes = self.gnn(
+                    inputs.x, inputs.edge_index, edge_attr=edge_attr, batch=inputs.batch
+                )
         if self.attention_pool is not None:
             return self.attention_pool(nodes, inputs.batch, dim_size=inputs.num_graphs)
         return _POOLS[self.config.pooling](nodes, inputs.batch, size=inputs.num_graphs)

@@ -54,7 +54,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import Field
 
 from mmalign.config import ConfigError
-from mmalign.towers.base import Tower, TowerConfig, register_tower
+from mmalign.towers.base import Tower, TowerConfig, register_tower, running_batch_norm
 from mmalign.towers.pretrained import (
     PretrainedSource,
     checkpoint_logit_scale,
@@ -222,8 +222,10 @@ class ImageTower(Tower):
         return torch.stack(list(items))
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        """``[B, 3, H, W]`` images to ``[B, width]`` features."""
-        return self.visual(inputs)
+        """``[B, 3, H, W]`` images to ``[B, width]`` features (one image in training:
+        BatchNorm with running statistics)."""
+        with running_batch_norm(self.visual, when=inputs.shape[0] == 1):
+            return self.visual(inputs)
 
     def save_files(self, directory: Path) -> dict[str, Any]:
         """No side files; the weights travel in the model's safetensors file. A tower built

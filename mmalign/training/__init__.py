@@ -3,8 +3,9 @@
 - :mod:`mmalign.training.run`: :func:`train` and the run directory (lock, resume, result);
 - :mod:`mmalign.training.trainer`: the step loop (:class:`~.trainer.Trainer`);
 - :mod:`mmalign.training.accumulation`, :mod:`~.stream`, :mod:`~.validation`,
-  :mod:`~.checkpoint`, :mod:`~.logging`, :mod:`~.optim`, :mod:`~.checks`, :mod:`~.timing`:
-  its parts.
+  :mod:`~.checkpoint`, :mod:`~.logging`, :mod:`~.optim`, :mod:`~.checks`, :mod:`~.timing`,
+  :mod:`~.health` (diverged weights), :mod:`~.resume` (what may change on resume),
+  :mod:`~.signals` (SIGTERM/SIGINT): its parts.
 
 Example:
     >>> from mmalign.training import train
@@ -14,6 +15,7 @@ Example:
 """
 
 from mmalign.training.run import TrainResult, train
+from mmalign.training.signals import TrainingInterrupted
 from mmalign.training.trainer import TrainingStopped
 
-__all__ = ["TrainResult", "TrainingStopped", "train"]
+__all__ = ["TrainResult", "TrainingInterrupted", "TrainingStopped", "train"]

@@ -11,7 +11,12 @@ A checkpoint is a directory ``checkpoints/step-00000100/`` holding
 
 It is written into ``.tmp-step-...`` beside its final place, fsynced, then renamed
 (:func:`mmalign.files.replace_directory`), so a directory named ``step-*`` is always
-complete. ``best/`` is a hard-linked copy of the checkpoint with the best validation metric.
+complete. ``best/`` is a hard-linked copy of the checkpoint with the best validation metric,
+replaced the same way (the old one renamed to ``.old-best`` first). Old checkpoints are
+pruned by renaming them to ``.pruned-step-...`` and then deleting them, so a kill while
+pruning never leaves a half-deleted ``step-*``. :func:`recover` (run before a run or resume
+reads the directory) deletes leftover temporary, old and pruned directories and brings
+``best/`` back when a kill fell between its two renames.
 
 Example:
     >>> from pathlib import Path
@@ -38,6 +43,7 @@ from mmalign.errors import UserError
 from mmalign.files import read_json, replace_directory, write_json
 
 _PREFIX = "step-"
+_PRUNED = ".pruned-"
 BEST = "best"
 
 
@@ -64,12 +70,22 @@ def latest_checkpoint(directory: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def remove_partial(directory: Path) -> None:
-    """Delete temporary directories left behind by an interrupted save."""
-    if directory.is_dir():
-        for path in directory.iterdir():
-            if path.name.startswith(".tmp-") or path.name.startswith(".old-"):
-                shutil.rmtree(path, ignore_errors=True)
+def recover(directory: Path) -> None:
+    """Undo what a kill left in the checkpoint directory (main process, lock held).
+
+    ``best/`` missing beside ``.old-best`` means the kill came between the two renames of
+    :func:`mmalign.files.replace_directory`: the fsynced ``.tmp-best`` becomes ``best/`` (or,
+    without one, ``.old-best`` goes back). Then every ``.tmp-*``, ``.old-*`` and
+    ``.pruned-*`` directory is deleted.
+    """
+    if not directory.is_dir():
+        return
+    best, old_best, new_best = (directory / name for name in (BEST, f".old-{BEST}", f".tmp-{BEST}"))
+    if not best.exists() and old_best.is_dir():
+        os.replace(new_best if new_best.is_dir() else old_best, best)
+    for path in directory.iterdir():
+        if path.name.startswith((".tmp-", ".old-", _PRUNED)):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def flatten_optimizer_state(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict]:
@@ -223,8 +239,11 @@ def mark_best(checkpoint: Path) -> Path:
 
 
 def prune_checkpoints(directory: Path, keep_last: int) -> list[Path]:
-    """Delete all but the newest ``keep_last`` step checkpoints; returns the deleted ones."""
+    """Delete all but the newest ``keep_last`` step checkpoints, each renamed out of the
+    ``step-*`` names first; returns the deleted ones."""
     removed = list_checkpoints(directory)[:-keep_last]
     for path in removed:
-        shutil.rmtree(path)
+        retired = path.with_name(f"{_PRUNED}{path.name}")
+        os.replace(path, retired)
+        shutil.rmtree(retired)
     return removed

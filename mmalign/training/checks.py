@@ -14,7 +14,10 @@ Example:
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
+
+import torch
 
 from mmalign.config import Config, ConfigError
 from mmalign.data.shards import expand_shards
@@ -96,6 +99,45 @@ def _schedule_problems(config: Config) -> list[str]:
     return problems
 
 
+def _objective_problems(config: Config) -> list[str]:
+    """A training objective needs at least one loss term for the model's towers."""
+    objective, modalities = config.model.objective, list(config.model.towers)
+    if objective.term_names(modalities):
+        return []
+    field = "pairs" if getattr(objective, "pairs", None) is not None else "name"
+    return [
+        f"model.objective.{field}: '{objective.name}' has no loss term for the modalities "
+        f"{modalities}, so training would learn nothing; it aligns pairs: add a tower to "
+        "model.towers (or list a pair)"
+    ]
+
+
+def memory_bytes() -> int:
+    """Memory of the device training runs on: the first GPU's, else the machine's RAM."""
+    if torch.cuda.is_available():
+        return int(torch.cuda.get_device_properties(0).total_memory)
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _memory_problems(config: Config) -> list[str]:
+    """The blockwise objective's reused buffers (``n2`` Symile: products ``[block, dim]`` and
+    logits ``[rows, block]`` twice) must fit in memory."""
+    objective = config.model.objective
+    block_size = getattr(objective, "block_size", None)
+    if block_size is None or getattr(objective, "negatives", "n2") != "n2":
+        return []
+    rows = config.data.batch_size * config.train.accumulate
+    needed = 4 * block_size * (config.model.dim + 2 * rows)
+    available = memory_bytes()
+    if needed <= available:
+        return []
+    return [
+        f"model.objective.block_size: {block_size} needs about {needed / 2**30:.3g} GiB of "
+        f"block buffers at {rows} rows per step, more than the {available / 2**30:.3g} GiB "
+        "of this machine; lower it (the default 16384 is enough for most batches)"
+    ]
+
+
 def check_run_config(config: Config) -> None:
     """Raise one :class:`ConfigError` listing every problem of a training config."""
     problems = (
@@ -103,6 +145,8 @@ def check_run_config(config: Config) -> None:
         + _modality_problems(config)
         + _zeroshot_problems(config)
         + _schedule_problems(config)
+        + _objective_problems(config)
+        + _memory_problems(config)
     )
     if problems:
         unique = list(dict.fromkeys(problems))

@@ -22,10 +22,14 @@ import json
 import logging
 import math
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
+
+from mmalign.errors import UserError
+from mmalign.files import atomic_write
 
 METRICS_FILE = "metrics.jsonl"
 LOG_FILE = "train.log"
@@ -47,17 +51,50 @@ _PLOTS = {
 }
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl`` file (empty when it does not exist)."""
+class MetricsError(UserError, ValueError):
+    """A ``metrics.jsonl`` line other than the last is not JSON (the file was edited)."""
+
+
+def _parse_metrics(path: Path) -> tuple[list[dict[str, Any]], str | None]:
+    """The records of ``path`` and a note when its last line is torn (dropped)."""
     if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [], None
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records, torn = [], None
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if number < len(lines):
+                raise MetricsError(
+                    f"{path}:{number} is not a JSON record ({error}); fix or delete that line"
+                ) from None
+            torn = (
+                f"{path}: the last line ({number}) was cut off (the run was killed while "
+                "writing it); it is dropped"
+            )
+    return records, torn
 
 
-def truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop records after ``last_step`` (a resumed run rewrites them)."""
-    kept = [record for record in read_metrics(path) if record["step"] <= last_step]
-    path.write_text("".join(json.dumps(record) + "\n" for record in kept))
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` file (empty when it does not exist); a torn last
+    line (a write cut by a kill) is dropped with a warning naming the file."""
+    records, torn = _parse_metrics(path)
+    if torn:
+        warnings.warn(torn, stacklevel=2)
+    return records
+
+
+def truncate_metrics(path: Path, last_step: int) -> str | None:
+    """Atomically rewrite ``path`` without the records after ``last_step`` (a resumed run
+    writes them again) and without a torn last line; returns a note naming the file when
+    a torn line was dropped."""
+    if not path.is_file():
+        return None
+    records, torn = _parse_metrics(path)
+    text = "".join(json.dumps(r) + "\n" for r in records if r["step"] <= last_step)
+    atomic_write(path, lambda handle: handle.write(text.encode()))
+    return torn
 
 
 def _format_value(value: float) -> str:
@@ -135,9 +172,11 @@ class RunLogger:
             tqdm(total=total_steps, initial=start_step, dynamic_ncols=True) if use_bar else None
         )
 
-    def message(self, text: str) -> None:
-        """Print a message (above the bar) and append it to ``train.log``."""
-        tqdm.write(text, file=sys.stderr)
+    def message(self, text: str, echo: bool = True) -> None:
+        """Print a message (above the bar, unless ``echo`` is false) and append it to
+        ``train.log``."""
+        if echo:
+            tqdm.write(text, file=sys.stderr)
         self._messages.write(text + "\n")
         self._messages.flush()
 

@@ -14,8 +14,11 @@ Layout of ``train.output``::
 
 A run never silently overwrites another: the directory is locked
 (:class:`mmalign.files.DirectoryLock`), a directory holding a run is only continued with
-``resume``, and only with the same ``model`` section. Resuming a finished run returns its
-result without training.
+``resume``, and only with changes :mod:`mmalign.training.resume` allows (checked against the
+run's ``config.yaml`` when a checkpoint exists). Resuming a finished run returns its result
+without training. SIGTERM/SIGINT save the current step and raise
+:class:`~mmalign.training.signals.TrainingInterrupted`; a full disk is a
+:class:`~mmalign.errors.UserError` naming the newest complete checkpoint.
 
 Example:
     >>> from mmalign.training import train
@@ -27,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import platform
 import shutil
 from collections.abc import Mapping
@@ -40,7 +44,8 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list
 
-from mmalign.config import Config, ConfigError, load_config
+from mmalign.config import Config, load_config
+from mmalign.errors import UserError
 from mmalign.files import DirectoryLock, LockError, atomic_write, replace_directory, write_json
 from mmalign.model import AlignmentModel
 from mmalign.training import checkpoint
@@ -48,6 +53,8 @@ from mmalign.training.checks import check_run_config, total_steps
 from mmalign.training.logging import METRICS_FILE, read_metrics
 from mmalign.training.normalization import fit_normalizers
 from mmalign.training.plan import check_precision, describe_plan
+from mmalign.training.resume import check_resume_changes
+from mmalign.training.signals import StopSignals
 from mmalign.training.trainer import Trainer
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -117,16 +124,12 @@ def _check_fresh_or_resume(directory: Path, resume: bool) -> None:
         )
 
 
-def _check_same_model(output: Path, config: Config) -> None:
+def _check_resumable(output: Path, config: Config) -> None:
+    """With a checkpoint to resume from, ``config`` may change only what
+    :mod:`mmalign.training.resume` allows; without one the run starts afresh."""
     saved = output / CONFIG_FILE
-    if not saved.is_file():
-        return
-    previous = (yaml.safe_load(saved.read_text()) or {}).get("model")
-    if previous != config.to_dict()["model"]:
-        raise ConfigError(
-            f"model: differs from the model section of {saved}; a resumed run needs the same "
-            "model config (set train.output to a new directory for a new model)"
-        )
+    if saved.is_file() and checkpoint.latest_checkpoint(output / CHECKPOINTS) is not None:
+        check_resume_changes(saved, config)
 
 
 def _prepare_directory(
@@ -141,7 +144,8 @@ def _prepare_directory(
             _check_fresh_or_resume(output, resume)
             lock = DirectoryLock(output)
             lock.acquire()
-            _check_same_model(output, config)
+            checkpoint.recover(output / CHECKPOINTS)
+            _check_resumable(output, config)
         except Exception as caught:  # every rank must hear of it, whatever it is
             if lock is not None:
                 lock.release()
@@ -200,11 +204,12 @@ def _finished_result(config: Config, accelerator: Accelerator) -> TrainResult | 
     return _result(output, state, accelerator.num_processes, None, metrics)
 
 
-def _train(config: Config, accelerator: Accelerator, resume: bool) -> TrainResult:
+def _train(
+    config: Config, accelerator: Accelerator, resume: bool, signals: StopSignals
+) -> TrainResult:
     """Train in the prepared (locked) run directory; the result."""
-    trainer = Trainer(config, accelerator, resume)
+    trainer = Trainer(config, accelerator, resume, signals)
     if accelerator.is_main_process:
-        checkpoint.remove_partial(trainer.checkpoints)
         _write_run_files(config, accelerator, trainer.total)
     accelerator.wait_for_everyone()
     with trainer.logs():
@@ -230,6 +235,15 @@ def _training_device() -> torch.device:
     if torch.accelerator.is_available():
         return torch.accelerator.current_accelerator()
     return torch.device("cpu")
+
+
+def _disk_full(output: Path, error: OSError) -> UserError:
+    latest = checkpoint.latest_checkpoint(output / CHECKPOINTS)
+    kept = f"the newest complete checkpoint is {latest}" if latest else "no checkpoint is saved"
+    return UserError(
+        f"no space left on the device of {output} (writing {error.filename or 'a file'}); "
+        f"{kept}; free space (or lower train.keep_last) and continue with --resume"
+    )
 
 
 def _accelerator(config: Config) -> Accelerator:
@@ -271,13 +285,21 @@ def train(
     accelerator = _accelerator(config)
     lock = None
     try:
-        lock = _prepare_directory(config, accelerator, resume)
-        finished = _finished_result(config, accelerator) if resume else None
-        if finished is not None:
-            return finished
-        if accelerator.is_main_process:
-            print(describe_plan(config, accelerator.num_processes, accelerator.device), flush=True)
-        return _train(config, accelerator, resume)
+        with StopSignals() as signals:
+            lock = _prepare_directory(config, accelerator, resume)
+            finished = _finished_result(config, accelerator) if resume else None
+            if finished is not None:
+                return finished
+            if accelerator.is_main_process:
+                print(
+                    describe_plan(config, accelerator.num_processes, accelerator.device),
+                    flush=True,
+                )
+            return _train(config, accelerator, resume, signals)
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise _disk_full(Path(config.train.output), error) from None
     finally:
         if lock is not None:
             lock.release()

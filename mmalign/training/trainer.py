@@ -4,7 +4,12 @@ checkpoints. :func:`mmalign.training.train` builds a :class:`Trainer` and runs i
 One optimizer step reads ``train.accumulate`` micro-batches from the :class:`EpochStream`,
 moves them to the device, and runs :func:`accumulated_step`; a step whose loss or gradient
 is not finite is skipped (no update, counted), and ``train.max_nonfinite`` skips in a row
-stop the run with :class:`TrainingStopped`. Every ``train.log_every`` steps the training
+stop the run with :class:`TrainingStopped`. After every step the parameters, the
+temperature and the normalization statistics are checked (:mod:`mmalign.training.health`):
+a step that leaves any of them non-finite or beyond ``train.max_abs_weight`` stops the run
+as diverged, before anything of it is saved. On SIGTERM/SIGINT (see
+:mod:`mmalign.training.signals`) the current step is finished and saved, then
+:class:`TrainingInterrupted` is raised. Every ``train.log_every`` steps the training
 metrics are logged, every ``eval.every`` steps the model is validated, every
 ``train.save_every`` steps (and at each new best validation metric) a checkpoint is saved.
 
@@ -19,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import math
+import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,15 +42,18 @@ from mmalign.model import AlignmentModel
 from mmalign.training import checkpoint
 from mmalign.training.accumulation import ContrastiveStep, accumulated_step
 from mmalign.training.checks import total_steps
+from mmalign.training.health import divergence_message, suggested_lr, unhealthy_tensor
 from mmalign.training.logging import RunLogger, truncate_metrics
 from mmalign.training.optim import build_optimizer, build_scheduler
+from mmalign.training.resume import apply_optimizer_settings
+from mmalign.training.signals import StopSignals, TrainingInterrupted
 from mmalign.training.stream import EpochStream, epoch_seed
 from mmalign.training.timing import StepTimer
 from mmalign.training.validation import Validator
 
 
 class TrainingStopped(RuntimeError):
-    """Training stopped early (too many non-finite losses in a row).
+    """Training stopped early: too many non-finite losses in a row, or diverged weights.
 
     Example:
         >>> isinstance(TrainingStopped("stopped at step 3"), RuntimeError)
@@ -60,9 +69,16 @@ class Trainer:
     :meth:`logs` for the main process's logs); :meth:`state` is what checkpoints store.
     """
 
-    def __init__(self, config: Config, accelerator: Accelerator, resume: bool) -> None:
+    def __init__(
+        self,
+        config: Config,
+        accelerator: Accelerator,
+        resume: bool,
+        signals: StopSignals | None = None,
+    ) -> None:
         self.config = config
         self.accelerator = accelerator
+        self.signals = signals
         self.output = Path(config.train.output)
         self.checkpoints = self.output / "checkpoints"
         self.total = total_steps(config)
@@ -125,6 +141,7 @@ class Trainer:
             latest, self.accelerator.process_index, self.model, self.optimizer
         )
         self.scheduler.load_state_dict(state["scheduler"])
+        apply_optimizer_settings(self.optimizer, self.scheduler, self.config.train)
         if self.accelerator.scaler is not None and state.get("scaler"):
             self.accelerator.scaler.load_state_dict(state["scaler"])
         self.step = self.last_saved = state["step"]
@@ -136,9 +153,9 @@ class Trainer:
     def logs(self) -> Iterator[None]:
         """The main process's logs for the ``with`` block (records after a resumed step are
         dropped first); closed after it, with the plots when ``train.plots``."""
+        torn = None
         if self.accelerator.is_main_process:
-            if self.step > 0:
-                truncate_metrics(self.output / "metrics.jsonl", self.step)
+            torn = truncate_metrics(self.output / "metrics.jsonl", self.step)
             self.logger = RunLogger(
                 self.output,
                 self.total,
@@ -146,6 +163,8 @@ class Trainer:
                 log_every=self.config.train.log_every,
                 tensorboard=self.config.train.tensorboard,
             )
+            if torn:
+                self.message(torn)
         try:
             yield
         finally:
@@ -158,17 +177,45 @@ class Trainer:
         if self.logger is not None:
             self.logger.message(text)
 
+    def _stop(self, text: str) -> TrainingStopped:
+        """:class:`TrainingStopped` with ``text``, which also goes to ``train.log`` (the
+        command line prints it)."""
+        if self.logger is not None:
+            self.logger.message(text, echo=False)
+        return TrainingStopped(text)
+
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> None:
         """Train to the last step, then validate (with ``data.val``) and save the last
         checkpoint; a collective call."""
         self.message(self._start_message())
         while self.step < self.total:
+            self._stop_if_signalled()
             if self._train_step():
                 self._after_step()
+        self._stop_if_signalled()
         if self.validator is not None:
             self._validate()
         self._save()
+
+    def _stop_if_signalled(self) -> None:
+        """After SIGTERM/SIGINT (on any process): save this step's checkpoint and raise
+        :class:`TrainingInterrupted`."""
+        received = self.signals.received if self.signals is not None else None
+        if self.accelerator.num_processes > 1:
+            flag = torch.tensor([received or 0], device=self.accelerator.device)
+            received = int(self.accelerator.reduce(flag, "max")) or None
+        if received is None:
+            return
+        saved = self._save()
+        name = signal.Signals(received).name
+        message = (
+            f"{name}: stopped after step {self.step} of {self.total}; checkpoint {saved}; "
+            "continue with --resume"
+        )
+        if self.logger is not None:
+            self.logger.message(message, echo=False)  # the command line prints it
+        raise TrainingInterrupted(received, message)
 
     def _start_message(self) -> str:
         config, accelerator = self.config, self.accelerator
@@ -212,6 +259,7 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
         else:
             self.optimizer.zero_grad(set_to_none=True)
+        self._check_health()
         if not finite:
             self._skip(outcome.loss, grad_norm)
             return False
@@ -225,6 +273,19 @@ class Trainer:
         if self.logger is not None:
             self.logger.advance()
         return True
+
+    def _check_health(self) -> None:
+        """Stop as diverged when a parameter, the temperature or a normalization statistic
+        is non-finite or beyond ``train.max_abs_weight`` (nothing of this state is saved)."""
+        train, accelerator = self.config.train, self.accelerator
+        found = unhealthy_tensor(self.model, train.max_abs_weight)
+        if accelerator.num_processes > 1:  # every rank stops (statistics may differ per rank)
+            flag = torch.tensor([float(found is not None)], device=accelerator.device)
+            if float(accelerator.reduce(flag, "max")) and found is None:
+                found = ("(on another process)", math.nan)
+        if found is not None:
+            last = checkpoint.latest_checkpoint(self.checkpoints)
+            raise self._stop(divergence_message(self.step + 1, *found, train, last))
 
     def _clip_gradients(self) -> float:
         """Clip to ``train.grad_clip``; the gradient norm (0 where the backend hides it)."""
@@ -246,11 +307,12 @@ class Trainer:
         if self.nonfinite_in_row >= limit:
             last = checkpoint.latest_checkpoint(self.checkpoints)
             kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved"
-            raise TrainingStopped(
+            raise self._stop(
                 f"training stopped at step {self.step}: {self.nonfinite_in_row} non-finite "
                 f"losses/gradients in a row (train.max_nonfinite={limit}); {kept}. Lower "
-                "train.lr, raise train.warmup, use precision fp32/bf16 or check the data, "
-                "then continue with --resume"
+                f"train.lr (--resume --set train.lr={suggested_lr(self.config.train.lr):g}), "
+                "raise train.warmup, use precision fp32/bf16 or check the data, then continue "
+                "with --resume"
             )
 
     def _after_step(self) -> None:

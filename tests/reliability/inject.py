@@ -5,8 +5,10 @@ Usage::
     python tests/reliability/inject.py --kill 'mmalign.training.checkpoint:save_model:2:before' \
         -- train run.yaml --resume
 
-A kill spec is ``module:attribute.path:call:mode``: on the ``call``-th call (1-based) of that
-function the process sends itself SIGKILL, ``before`` the call, ``after`` it returns, or
+A kill spec is ``module:attribute.path:call:mode[:match]``: on the ``call``-th call (1-based)
+of that function (with ``match``: the ``call``-th call whose positional arguments, as text,
+contain ``match``, as ``os:replace:1:after:.old-best``) the process sends itself SIGKILL,
+``before`` the call, ``after`` it returns, or
 ``truncate``: after it returns, cut the file it wrote (its second positional argument, as in
 ``save_file(tensors, path)``) to half its size first (a write torn by the kill). Nothing runs
 after SIGKILL (no ``finally``, no atexit), exactly as when a scheduler kills the job.
@@ -15,7 +17,9 @@ waits until ``$MMALIGN_FAULT_DIR/release`` exists (to hold a run in the middle o
 
 Example:
     >>> parse_spec("mmalign.training.checkpoint:save_file:3:truncate")
-    ('mmalign.training.checkpoint', 'save_file', 3, 'truncate')
+    ('mmalign.training.checkpoint', 'save_file', 3, 'truncate', '')
+    >>> parse_spec("os:unlink:2:after:safetensors")[-1]
+    'safetensors'
 """
 
 from __future__ import annotations
@@ -36,12 +40,12 @@ MODES = ("before", "after", "truncate", "pause")
 POLL_SECONDS = 0.02
 
 
-def parse_spec(spec: str) -> tuple[str, str, int, str]:
-    """``module:attr.path:call:mode`` to its four parts (validated)."""
-    module, attribute, call, mode = spec.split(":")
+def parse_spec(spec: str) -> tuple[str, str, int, str, str]:
+    """``module:attr.path:call:mode[:match]`` to its five parts (validated)."""
+    module, attribute, call, mode, *match = spec.split(":", 4)
     if mode not in MODES or int(call) < 1:
         raise ValueError(f"bad kill spec {spec!r}: call must be >= 1 and mode one of {MODES}")
-    return module, attribute, int(call), mode
+    return module, attribute, int(call), mode, match[0] if match else ""
 
 
 def die() -> None:
@@ -64,12 +68,14 @@ def _truncate(path: Any) -> None:
             handle.truncate(file.stat().st_size // 2)
 
 
-def _wrap(function: Callable[..., Any], call: int, mode: str) -> Callable[..., Any]:
+def _wrap(function: Callable[..., Any], call: int, mode: str, match: str) -> Callable[..., Any]:
     calls = 0
 
     @functools.wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         nonlocal calls
+        if match and match not in " ".join(map(str, args)):
+            return function(*args, **kwargs)
         calls += 1
         if calls == call and mode == "pause":
             pause()
@@ -87,12 +93,12 @@ def _wrap(function: Callable[..., Any], call: int, mode: str) -> Callable[..., A
 
 def install(spec: str) -> None:
     """Replace the named function by one that kills the process at the given call."""
-    module_name, attribute, call, mode = parse_spec(spec)
+    module_name, attribute, call, mode, match = parse_spec(spec)
     owner: Any = importlib.import_module(module_name)
     *parents, name = attribute.split(".")
     for parent in parents:
         owner = getattr(owner, parent)
-    setattr(owner, name, _wrap(getattr(owner, name), call, mode))
+    setattr(owner, name, _wrap(getattr(owner, name), call, mode, match))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,11 +1,14 @@
 """Fault-injection campaign behind the table of ``docs/RELIABILITY.md``.
 
 More kill points and repetitions than the quick tests. Every faulty run is a real
-``python -m mmalign train|export`` process (through ``inject.py``, or killed from outside
-with SIGKILL at a random time / as soon as a temporary checkpoint directory appears). After
-each kill the script checks what a crash must leave behind (complete, loadable checkpoints;
-no export chunk listed unless whole), then resumes in this process and compares the result
-with an uninterrupted run (bit-identical weights; byte-identical export files).
+``python -m mmalign train|export`` process (through ``inject.py``, or signalled from outside:
+SIGKILL at a random time / as soon as a temporary checkpoint directory appears, SIGTERM or
+SIGINT at a random time). After each kill the script checks what a crash must leave behind
+(complete, loadable checkpoints; after SIGTERM/SIGINT exit status 143/130, a checkpoint of
+the step the run was on and no lock; no export chunk listed unless whole), then resumes in
+this process and compares the result with an uninterrupted run (bit-identical weights;
+byte-identical export files). Then the refusals of :mod:`campaign_refusals`: config faults,
+diverging learning rates, settings changed on resume, torn ``metrics.jsonl``.
 
 Usage::
 
@@ -22,6 +25,7 @@ import argparse
 import json
 import math
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -34,6 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from campaign_refusals import config_faults, diverging_runs, resume_changes, torn_metrics
 from conftest import (
     INJECT,
     REPO,
@@ -54,8 +59,13 @@ from mmalign.training.optim import build_optimizer
 
 STEPS, SAVE_EVERY, CHUNK, SAMPLES = 14, 3, 8, 48
 SAVES = STEPS // SAVE_EVERY + 1  # periodic saves + the final one
+PRUNED_FILES = 3 * (SAVES - 2)  # safetensors files of the pruned checkpoints (keep_last 2)
+BEST_UPDATES = 5  # replacements of an existing best/ drawn from (validation every 2 steps)
+SIGNALLED = {"external:SIGTERM": 143, "external:SIGINT": 130}
+WITH_VALIDATION = "between the two renames that replace best/"
 TRAIN_FAULTS: dict[str, tuple[str, int]] = {
-    # fault: (inject.py kill spec with {call}, highest call number drawn)
+    # fault: (inject.py kill spec with {call}, highest call number drawn); the run validates
+    # every 2 steps (and so keeps a best/) only for WITH_VALIDATION
     "between optimizer steps": (
         "mmalign.training.trainer:Trainer._train_step:{call}:before",
         STEPS,
@@ -82,6 +92,13 @@ TRAIN_FAULTS: dict[str, tuple[str, int]] = {
     ),
     "external SIGKILL at a random time": ("external:random", 1),
     "external SIGKILL when .tmp-step-* appears": ("external:tmp-dir", 1),
+    "while pruning: step-* renamed, deletion half done": (
+        "os:unlink:{call}:after:safetensors",
+        PRUNED_FILES,
+    ),
+    WITH_VALIDATION: ("os:replace:{call}:after:.old-best", BEST_UPDATES),
+    "external SIGTERM at a random step (scheduler pre-emption)": ("external:SIGTERM", 1),
+    "external SIGINT at a random step (Ctrl-C)": ("external:SIGINT", 1),
 }
 CHUNKS = SAMPLES // CHUNK
 WRITER = "mmalign.export.writer"
@@ -133,12 +150,23 @@ def run_with_fault(
 
     ``external:random`` kills at a uniform time of the training proper (``duration``
     seconds after ``train.log`` appears in an uninterrupted run); ``external:tmp-dir`` kills
-    as soon as the k-th temporary checkpoint directory appears (k drawn from ``rng``).
+    as soon as the k-th temporary checkpoint directory appears (k drawn from ``rng``);
+    ``external:SIGTERM`` / ``external:SIGINT`` send that signal once as soon as the k-th
+    step is logged (k uniform in 1..STEPS - 2) and wait for the run to end.
     """
     if not spec.startswith("external:"):
         return start(arguments, [spec]).wait(timeout=600)
     process = start(arguments, [])
     started = wait_for_start(process, run / "train.log")
+    if spec in SIGNALLED:
+        wanted, metrics = rng.randint(1, STEPS - 2), run / "metrics.jsonl"
+        while process.poll() is None and (
+            not metrics.exists() or len(metrics.read_text().splitlines()) < wanted
+        ):
+            time.sleep(0.0005)
+        if process.poll() is None:
+            process.send_signal(getattr(signal, spec.removeprefix("external:")))
+        return process.wait(timeout=600)
     deadline = started + rng.uniform(0.0, duration) if spec == "external:random" else math.inf
     wanted, seen = rng.randint(1, SAVES), set()
     while process.poll() is None and time.monotonic() < deadline:
@@ -180,10 +208,33 @@ def same_weights(found: dict[str, torch.Tensor], expected: dict[str, torch.Tenso
     )
 
 
-def training_campaign(root: Path, shards: str, repeats: int, seed: int) -> dict[str, Tally]:
-    expected = final_weights(
-        train(tiny_config(root / "reference", shards, train={"steps": STEPS})).output_dir
+def signal_state_ok(run: Path) -> bool:
+    """After SIGTERM/SIGINT: no lock, and the newest checkpoint is the step the run says it
+    stopped after."""
+    found = re.search(r"stopped after step (\d+) of", (run / "train.log").read_text())
+    newest = checkpoint.latest_checkpoint(run / "checkpoints")
+    step = int(newest.name.split("-")[1]) if newest else -1
+    return found is not None and int(found.group(1)) == step and not (run / ".lock").exists()
+
+
+def campaign_config(run: Path, shards: str, validation: bool) -> dict:
+    """The campaign's run: 14 steps, a checkpoint every 3; with ``validation`` also every 2
+    steps on the last shard (a new best/ at most of them)."""
+    if not validation:
+        return tiny_config(run, shards, train={"steps": STEPS})
+    val = shards.replace("{000000..000002}", "000002")
+    return tiny_config(
+        run, shards, train={"steps": STEPS}, data={"val": val}, eval={"every": 2, "max_samples": 16}
     )
+
+
+def training_campaign(root: Path, shards: str, repeats: int, seed: int) -> dict[str, Tally]:
+    expected = {
+        validation: final_weights(
+            train(campaign_config(root / f"reference-{validation}", shards, validation)).output_dir
+        )
+        for validation in (False, True)
+    }
     timing = write_config(
         root / "timing.yaml", tiny_config(root / "timing", shards, train={"steps": STEPS})
     )
@@ -197,20 +248,22 @@ def training_campaign(root: Path, shards: str, repeats: int, seed: int) -> dict[
         rng = random.Random(f"{seed}-{name}")
         for repeat in range(repeats):
             run = root / f"train-{number}-{repeat}"
+            validation = name == WITH_VALIDATION
             config_path = write_config(
-                run.with_suffix(".yaml"), tiny_config(run, shards, train={"steps": STEPS})
+                run.with_suffix(".yaml"), campaign_config(run, shards, validation)
             )
             spec = template.format(call=rng.randint(1, calls))
             status = run_with_fault(["train", str(config_path)], spec, run, rng, duration)
             tally.injected += 1
-            tally.killed += status == -signal.SIGKILL
-            tally.state_ok += checkpoints_ok(run, config_path)
-            tally.partial_left += bool(list(run.glob("**/.tmp-*")))
+            tally.killed += status == SIGNALLED.get(spec, -signal.SIGKILL)
+            state_ok = checkpoints_ok(run, config_path)
+            tally.state_ok += state_ok and (spec not in SIGNALLED or signal_state_ok(run))
+            tally.partial_left += bool(list(run.glob("**/.tmp-*")) + list(run.glob("*/.[op]*")))
             newest = checkpoint.latest_checkpoint(run / "checkpoints")
             tally.progress.append(int(newest.name.split("-")[1]) if newest else 0)
             train(config_path, resume=True)
-            identical = same_weights(final_weights(run), expected) and not list(
-                (run / "checkpoints").glob(".tmp-*")
+            identical = same_weights(final_weights(run), expected[validation]) and not list(
+                (run / "checkpoints").glob(".*")
             )
             tally.resumed_identical += identical
             if not identical:
@@ -272,8 +325,8 @@ def table(title: str, tallies: dict[str, Tally], progress: str, state: str, resu
     lines = [
         f"### {title}",
         "",
-        f"| fault injected | runs | SIGKILLed | partial files left | {progress} | {state} | "
-        f"{resumed} |",
+        f"| fault injected | runs | SIGKILLed (SIGTERM: exit 143, SIGINT: 130) | partial files "
+        f"left | {progress} | {state} | {resumed} |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, tally in tallies.items():
@@ -284,6 +337,20 @@ def table(title: str, tallies: dict[str, Tally], progress: str, state: str, resu
             f"{tally.resumed_identical}/{runs} |"
         )
         lines += [f"|  failed: `{note}` | | | | | | |" for note in tally.notes]
+    return "\n".join(lines)
+
+
+def refusal_table(rows: list[tuple[str, int, int, str]]) -> str:
+    lines = [
+        "### Refused or survived without a kill (config, divergence, resume, metrics)",
+        "",
+        "| fault | cases | as required | required |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {fault} | {cases} | {passed}/{cases} | {needed} |"
+        for fault, cases, passed, needed in rows
+    ]
     return "\n".join(lines)
 
 
@@ -323,6 +390,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         data = data_campaign(root, options.repeats, options.seed)
         print("\n" + data_table(data), flush=True)
+        refusals = [
+            *config_faults(root, shards),
+            *diverging_runs(root, shards, options.repeats, options.seed),
+            *resume_changes(root, shards),
+            *torn_metrics(root, shards),
+        ]
+        print("\n" + refusal_table(refusals), flush=True)
     finally:
         if not options.keep:
             shutil.rmtree(root, ignore_errors=True)
@@ -330,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     failures = sum(
         t.injected - t.resumed_identical + t.injected - t.state_ok
         for t in [*training.values(), *exports.values()]
-    )
+    ) + sum(cases - passed for _, cases, passed, _ in refusals)
     return 1 if failures + data_failures(data) else 0
 
 

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mmalign.config import ConfigError
+from mmalign.export import ExportError, export_embeddings
 from mmalign.model import AlignmentModel
 from mmalign.objectives import build_objective
 
@@ -214,3 +215,14 @@ def test_objectives_are_finite_for_any_presence(
         column = list(leaves).index(name)
         if leaf.grad is not None:
             assert torch.all(leaf.grad[~present[:, column]] == 0)
+
+
+@pytest.mark.parametrize(
+    ("option", "flag"), [("chunk_size", "--chunk-size"), ("batch_size", "--batch-size")]
+)
+def test_export_settings_out_of_range_name_the_flag(
+    tmp_path: Path, model: AlignmentModel, option: str, flag: str
+) -> None:
+    with pytest.raises(ExportError, match=rf"^{option} \({flag}\) must be >= 1, got 0"):
+        export_embeddings(model, "unused.tar", ["labs"], tmp_path / "out", **{option: 0})
+    assert not (tmp_path / "out").exists()

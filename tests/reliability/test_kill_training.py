@@ -109,3 +109,58 @@ def test_sigkill_at_seeded_points_then_resume_matches_uninterrupted(
     assert not list((run / "checkpoints").glob(".tmp-*")), "partial checkpoints were left"
     logged = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert logged == list(range(1, STEPS + 1)), "each step must be logged exactly once"
+
+
+def test_sigkill_while_pruning_leaves_no_half_deleted_step(tmp_path: Path, shards: str) -> None:
+    """Killed after the first file of a pruned checkpoint was deleted: the checkpoint had
+    been renamed out of the ``step-*`` names first, so every ``step-*`` stays whole."""
+    expected = final_weights(
+        train(tiny_config(tmp_path / "reference", shards, train={"steps": STEPS})).output_dir
+    )
+    run = tmp_path / "killed"
+    config_path = write_config(
+        tmp_path / "killed.yaml", tiny_config(run, shards, train={"steps": STEPS})
+    )
+    pruned = random.Random(1).randint(1, 3)  # which pruned checkpoint (3 files each)
+    kill = f"os:unlink:{3 * pruned - 2}:after:safetensors"
+    assert fork_mmalign(["train", str(config_path)], kills=[kill]) == -signal.SIGKILL
+    assert len(list((run / "checkpoints").glob(".pruned-step-*"))) == 1
+    assert_latest_loadable(run, config_path)
+
+    train(config_path, resume=True)
+    assert_same_tensors(final_weights(run), expected)
+    assert not list((run / "checkpoints").glob(".*")), "leftovers of the pruning were kept"
+
+
+def test_sigkill_between_the_renames_of_best_recovers_it(tmp_path: Path, shards: str) -> None:
+    """Killed after ``best/`` was renamed to ``.old-best`` and before the new one took its
+    place: the resume brings ``best/`` back (the new, fsynced one) before reading anything."""
+    sections = {
+        "train": {"steps": STEPS},
+        "data": {"val": shards.replace("{000000..000002}", "000002")},
+        "eval": {"every": 2, "max_samples": 16},
+    }
+    expected = final_weights(
+        train(tiny_config(tmp_path / "reference", shards, **sections)).output_dir
+    )
+    run = tmp_path / "killed"
+    config_path = write_config(tmp_path / "killed.yaml", tiny_config(run, shards, **sections))
+    replaced = random.Random(2).randint(1, 5)  # which update of an existing best/
+    kill = f"os:replace:{replaced}:after:.old-best"
+    assert fork_mmalign(["train", str(config_path)], kills=[kill]) == -signal.SIGKILL
+    directory = run / "checkpoints"
+    assert not (directory / "best").exists() and (directory / ".old-best").is_dir()
+
+    # a resume killed at its first step has already recovered best/
+    first_step = "mmalign.training.trainer:Trainer._train_step:1:before"
+    assert (
+        fork_mmalign(["train", str(config_path), "--resume"], kills=[first_step]) == -signal.SIGKILL
+    )
+    assert {p.name for p in (directory / "best").iterdir()} == FILES
+    newest = checkpoint.read_trainer_state(checkpoint.latest_checkpoint(directory))
+    assert checkpoint.read_trainer_state(directory / "best")["step"] == newest["best"]["step"]
+    assert not list(directory.glob(".*"))
+
+    result = train(config_path, resume=True)
+    assert_same_tensors(final_weights(run), expected)
+    assert result.best_checkpoint == directory / "best"

@@ -1,0 +1,78 @@
+"""SIGTERM / SIGINT to a training process (real signals, sent with ``os.kill``): the step it
+was on is finished and checkpointed, the lock released, the exit status is 143 / 130, and
+``--resume`` ends with the weights of an uninterrupted run. A second signal exits at once.
+
+The child is ``mmalign train`` forked from this process and held by ``inject.py``'s ``pause``
+point at the start of step 5 (as a scheduler's signal finds a job in the middle of a step);
+the signal arrives while it is held, then the step is released.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from conftest import (
+    assert_same_tensors,
+    final_weights,
+    start_forked,
+    tiny_config,
+    wait_for_file,
+    wait_forked,
+    write_config,
+)
+
+from mmalign.training import checkpoint, train
+
+STEPS, PAUSED_STEP = 8, 5
+
+
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_saves_the_current_step_and_resume_matches(
+    tmp_path: Path, shards: str, signum: int, status: int
+) -> None:
+    expected = final_weights(
+        train(tiny_config(tmp_path / "reference", shards, train={"steps": STEPS})).output_dir
+    )
+    run = tmp_path / "run"
+    config = write_config(tmp_path / "run.yaml", tiny_config(run, shards, train={"steps": STEPS}))
+    fault_dir = tmp_path / "fault"
+    fault_dir.mkdir()
+    pause = f"mmalign.training.trainer:Trainer._train_step:{PAUSED_STEP}:pause"
+    pid = start_forked(["train", str(config)], [pause], fault_dir)
+    wait_for_file(fault_dir / "paused", pid)
+    os.kill(pid, signum)
+    (fault_dir / "release").touch()
+    assert wait_forked(pid) == status
+
+    newest = checkpoint.latest_checkpoint(run / "checkpoints")
+    assert newest is not None and newest.name == checkpoint.checkpoint_name(PAUSED_STEP)
+    assert checkpoint.read_trainer_state(newest)["step"] == PAUSED_STEP
+    assert not (run / ".lock").exists()
+    assert not (run / "model").exists()
+    name = signal.Signals(signum).name
+    assert f"{name}: stopped after step {PAUSED_STEP} of {STEPS}" in (run / "train.log").read_text()
+
+    result = train(config, resume=True)
+    assert result.steps == STEPS
+    assert_same_tensors(final_weights(run), expected)
+
+
+def test_second_signal_exits_at_once(tmp_path: Path, shards: str) -> None:
+    run = tmp_path / "run"
+    config = write_config(tmp_path / "run.yaml", tiny_config(run, shards, train={"steps": STEPS}))
+    fault_dir = tmp_path / "fault"
+    fault_dir.mkdir()
+    pause = f"mmalign.training.trainer:Trainer._train_step:{PAUSED_STEP}:pause"
+    pid = start_forked(["train", str(config)], [pause], fault_dir)
+    wait_for_file(fault_dir / "paused", pid)
+    os.kill(pid, signal.SIGTERM)
+    time.sleep(1.0)  # two signals before the handler runs would be delivered as one
+    os.kill(pid, signal.SIGTERM)
+    # never released: only the second signal can end it
+    assert wait_forked(pid, timeout=30) == -signal.SIGTERM
+    newest = checkpoint.latest_checkpoint(run / "checkpoints")
+    assert newest is None or newest.name != checkpoint.checkpoint_name(PAUSED_STEP)
