@@ -234,6 +234,8 @@ def train_run(
     result = train(config, resume=reuse)
     gc.collect()  # reaps the run's data-loader workers, so their CPU time is counted
     model = AlignmentModel.from_pretrained(result.model_dir).eval()
+    if result.already_finished:
+        print(f"{name}: reusing the finished run in {directory} ({result.steps} steps)")
     final_loss = result.final_loss
     if final_loss is None:  # a reused run: its last logged training loss
         losses = [

@@ -276,7 +276,9 @@ def _write_figures(
         if rows.numel() >= 2:
             x, y = collected.embeddings[first][rows], collected.embeddings[second][rows]
             path = out_dir / f"similarity_{first}-{second}.png"
-            figures.append(plot_similarity(x, y, path, f"{first} (rows) vs {second} (columns)"))
+            figures.append(
+                plot_similarity(x, y, path, f"{first} vs {second}: pairs on the diagonal")
+            )
     for queries, result in zeroshot.items():
         path = out_dir / f"confusion_{queries}.png"
         confusion = torch.tensor(result["confusion"])

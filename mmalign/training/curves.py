@@ -28,6 +28,7 @@ from typing import Any
 
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from mmalign.eval.plots import LEVEL_STYLES, PALETTE, save_figure, series_colours
 
@@ -71,12 +72,12 @@ def _draw_losses(axes: Axes, series: Series) -> None:
         steps, values = series["val/loss"]
         axes.plot(steps, values, color="black", linestyle=":", marker="o", label="validation")
     axes.set_ylabel("loss (objective value, nats)")
-    axes.set_title("loss")
+    axes.set_title("training and validation loss")
 
 
 def _draw_temperature(axes: Axes, series: Series) -> None:
     steps, values = series["train/temperature"]
-    axes.plot(steps, values, color=PALETTE[0], label="temperature tau")
+    axes.plot(steps, values, color=PALETTE[0])
     axes.set_ylabel("temperature tau (unitless)", color=PALETTE[0])
     axes.set_title("learned temperature tau and logit scale 1/tau")
     if "train/logit_scale" in series:
@@ -132,9 +133,10 @@ def plot_metrics(records: Sequence[dict[str, Any]], directory: Path) -> list[Pat
         axes = figure.add_subplot()
         draw(axes, series)
         axes.set_xlabel("optimizer step")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.grid(alpha=0.3)
         handles, _ = axes.get_legend_handles_labels()
         if handles:
-            axes.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.12, 0.5))
+            axes.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.02, 0.5))
         written.append(save_figure(figure, directory / filename))
     return written
