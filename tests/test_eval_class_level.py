@@ -132,5 +132,5 @@ def test_validation_names_both_levels_and_best_metric_may_be_either() -> None:
     base = {"model": {"towers": towers}}
     for name in ("val/class/R@1/mean", "val/instance/mAP/a->b"):
         assert load_config({**base, "eval": {"best_metric": name}}).eval.best_metric == name
-    with pytest.raises(ConfigError, match="val/instance/R@1/mean .* or val/class/R@1/mean"):
+    with pytest.raises(ConfigError, match=r"val/instance/R@1/mean .* or val/class/R@1/mean"):
         load_config({**base, "eval": {"best_metric": "val/R@1/mean"}})
