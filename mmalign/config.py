@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -34,7 +35,7 @@ from pydantic import (
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from mmalign.errors import ConfigError, config_error
-from mmalign.registry import OBJECTIVES
+from mmalign.registry import OBJECTIVES, TOWERS
 
 __all__ = ["Config", "ConfigError", "ObjectiveConfig", "load_config"]
 
@@ -243,7 +244,9 @@ class EvalConfig(_Section):
     zeroshot_language: str | None = None
     """Language of ``data.classes`` to use; ``all`` pools every language's prompts."""
     best_metric: str = "val/loss"
-    """Metric that picks the ``best`` checkpoint, e.g. ``val/R@1/mean``, ``val/zeroshot/top1``."""
+    """Metric that picks the ``best`` checkpoint, e.g. ``val/instance/R@1/mean`` (a hit is the
+    paired item), ``val/class/R@1/mean`` (any item of the class; needs labels),
+    ``val/zeroshot/top1``."""
     best_mode: Literal["min", "max"] = "min"
 
     @field_validator("best_metric")
@@ -251,8 +254,15 @@ class EvalConfig(_Section):
     def _validation_metric(cls, name: str) -> str:
         if not name.startswith("val/"):
             raise ValueError(
-                f"'{name}' is not a validation metric; use val/loss, val/R@1/mean, "
-                "val/zeroshot/top1 or another val/... key of metrics.jsonl"
+                f"'{name}' is not a validation metric; use val/loss, val/instance/R@1/mean, "
+                "val/class/R@1/mean, val/zeroshot/top1 or another val/... key of metrics.jsonl"
+            )
+        unnamed_level = re.fullmatch(r"val/((?:R@\d+|mAP)/.+)", name)
+        if unnamed_level:
+            rest = unnamed_level.group(1)
+            raise ValueError(
+                f"'{name}' does not say its level; use val/instance/{rest} (a hit is the "
+                f"paired item) or val/class/{rest} (any item of the class)"
             )
         return name
 
@@ -397,8 +407,10 @@ def load_config(
         source = source.to_dict()
     if isinstance(source, str | Path):
         path = Path(source)
+        if path.is_dir():
+            raise ConfigError(f"the config is a directory ({path}); pass the YAML file itself")
         if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+            raise ConfigError(f"the config file does not exist ({path}); check the path")
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as error:
@@ -412,6 +424,33 @@ def load_config(
     _override_schedule(data, overrides or [])
     apply_overrides(data, overrides or [])
     try:
-        return Config.model_validate(data)
+        config = Config.model_validate(data)
     except ValidationError as error:
-        raise config_error(error, "", f"config ({name})") from None
+        raise config_error(error, "", f"config ({_source(error, name, overrides)})") from None
+    for modality, tower in config.model.towers.items():
+        try:
+            TOWERS.get(tower["type"], f"model.towers.{modality}.type").config_class.model_validate(
+                tower
+            )
+        except ValidationError as error:
+            where = _source(error, name, overrides, f"model.towers.{modality}")
+            raise config_error(error, f"model.towers.{modality}", f"config ({where})") from None
+    return config
+
+
+def _source(
+    error: ValidationError, name: str, overrides: list[str] | None, prefix: str = ""
+) -> str:
+    """Where the fields of ``error`` were set: the ``--set`` overrides that set them (a typo
+    there is not the file's), else the file ``name``."""
+    fields = [".".join(filter(None, [prefix, *map(str, item["loc"])])) for item in error.errors()]
+    keys = {override: override.split("=", 1)[0].strip() for override in overrides or []}
+    setting = [
+        override
+        for override, key in keys.items()
+        if any(
+            f"{field}.".startswith(f"{key}.") or f"{key}.".startswith(f"{field}.")
+            for field in fields
+        )
+    ]
+    return ", ".join(f"--set {override}" for override in setting) or name

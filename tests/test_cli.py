@@ -157,7 +157,7 @@ def test_search_query_strings_are_parsed_by_the_cli(tmp_path: Path) -> None:
     model = SimpleNamespace(modalities=list(towers), config=SimpleNamespace(towers=towers))
     assert resolve_query_modality(model, "text") == "caption"
     assert resolve_query_modality(model, "x") == "x"
-    with pytest.raises(UserError, match="no modality or tower type 'image'"):
+    with pytest.raises(UserError, match="no modality or tower type 'image' \\(--query\\)"):
         resolve_query_modality(model, "image")
     assert parse_raw(model, "x", "[1, 2.5]") == [1, 2.5]
     with pytest.raises(UserError, match="JSON list"):

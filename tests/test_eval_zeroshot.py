@@ -189,16 +189,16 @@ def test_run_eval_report_with_hand_computed_recall(tmp_path):
         zeroshot_modalities=["text"],
     )
     metrics = report["metrics"]
-    assert metrics["retrieval/x->y/R@1"] == pytest.approx(4 / 6)
-    assert metrics["retrieval/y->x/R@1"] == pytest.approx(4 / 6)
-    assert metrics["retrieval/x->y/queries"] == 6
+    assert metrics["instance/R@1/x->y"] == pytest.approx(4 / 6)
+    assert metrics["instance/R@1/y->x"] == pytest.approx(4 / 6)
+    assert metrics["instance/queries/x->y"] == 6
     assert metrics["zeroshot/text/top1"] == 1.0
     assert metrics["rank/x"] >= 1.0 and "gap/x-y" in metrics and "uniformity/text" in metrics
-    assert not any(name.startswith("nway/") for name in metrics)  # pairwise model
+    assert not any("/*->" in name for name in metrics)  # pairwise model
     saved = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert saved["metrics"] == pytest.approx(metrics)
     markdown = (tmp_path / "eval" / "eval.md").read_text()
-    assert "| x->y | 0.6667 |" in markdown
+    assert "| x->y | instance | 0.6667 |" in markdown
     for figure in ("recall_curves.png", "similarity_x-y.png", "confusion_text.png"):
         assert (tmp_path / "eval" / figure).read_bytes()[:4] == b"\x89PNG"
 
@@ -214,4 +214,4 @@ def test_run_eval_nway_for_symile_models(tmp_path):
     embeddings = {m: model.encode(m, data[m]) for m in data}
     expected = nway_retrieval_metrics(embeddings, "y")
     for metric, value in expected.items():
-        assert report["metrics"][f"nway/y/{metric}"] == pytest.approx(value)
+        assert report["metrics"][f"instance/{metric}/*->y"] == pytest.approx(value)

@@ -42,7 +42,7 @@ def test_run_directory_holds_config_logs_plots_and_loadable_model(
         shards["val"],
         data={"resampled": True, "shuffle_buffer": 16},
         train={"steps": 24, "accumulate": 2, "log_every": 4, "tensorboard": True, "plots": True},
-        eval={"every": 12, "best_metric": "val/R@1/mean", "best_mode": "max"},
+        eval={"every": 12, "best_metric": "val/instance/R@1/mean", "best_mode": "max"},
     )
     result = train(config)
 
@@ -56,8 +56,12 @@ def test_run_directory_holds_config_logs_plots_and_loadable_model(
     assert losses[-1] < 0.8 * losses[0]  # it learns
     validations = [r for r in records if "val/loss" in r]
     assert [r["step"] for r in validations] == [12, 24]
-    assert {"val/R@1/x->y", "val/R@5/y->x", "val/R@1/mean"} <= validations[-1].keys()
-    assert validations[-1]["val/R@5/x->y"] > 5 / 24  # better than chance on 24 pairs
+    assert {
+        "val/instance/R@1/x->y",
+        "val/instance/R@5/y->x",
+        "val/instance/R@1/mean",
+    } <= validations[-1].keys()
+    assert validations[-1]["val/instance/R@5/x->y"] > 5 / 24  # better than chance on 24 pairs
     last_train = [r for r in records if "train/loss" in r][-1]
     assert last_train["data/used"] >= 24 * 2 * 8  # loader counters are logged
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(out))
@@ -68,7 +72,7 @@ def test_run_directory_holds_config_logs_plots_and_loadable_model(
     final = load_file(out / "checkpoints" / "step-00000024" / "model.safetensors")
     for name, value in model.state_dict().items():
         assert torch.equal(value, final[name]), name
-    best_step = max(validations, key=lambda r: r["val/R@1/mean"])["step"]
+    best_step = max(validations, key=lambda r: r["val/instance/R@1/mean"])["step"]
     best = json.loads((out / "checkpoints" / "best" / "trainer.json").read_text())
     assert best["step"] == best_step and result.best_metric == best["best"]["value"]
     assert not (out / ".lock").exists()

@@ -1,5 +1,6 @@
 """Arguments several subcommands share: the model, ``--data``, ``--field``, ``--batch-size``,
-``--workers``, and the parsing of comma lists and ``MODALITY=VALUE`` pairs.
+``--workers``, the parsing of comma lists, counts and ``MODALITY=VALUE`` pairs, and the checks
+of path arguments (:func:`check_path`) that name the flag in the error.
 
 Standard library only, so building the parser stays fast.
 
@@ -16,6 +17,9 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from pathlib import Path
+
+from mmalign.errors import UserError
 
 
 def csv_list(text: str) -> list[str]:
@@ -26,6 +30,44 @@ def csv_list(text: str) -> list[str]:
         ['image', 'text']
     """
     return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (an argparse ``type``: anything else is a usage error).
+
+    Example:
+        >>> positive_int("3")
+        3
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return value
+
+
+def check_path(path: str | Path, flag: str, kind: str = "file") -> Path:
+    """``path`` as a :class:`Path` when it exists and is a ``kind`` (``"file"`` or
+    ``"directory"``); else a :class:`~mmalign.errors.UserError` naming ``flag``.
+
+    Example:
+        >>> check_path("/", "--out", kind="directory")
+        PosixPath('/')
+        >>> check_path("/", "--classes")
+        Traceback (most recent call last):
+        ...
+        mmalign.errors.UserError: / is a directory, not a file (--classes); pass the file itself
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path} does not exist ({flag}); check the path")
+    if kind == "file" and path.is_dir():
+        raise UserError(f"{path} is a directory, not a file ({flag}); pass the file itself")
+    if kind == "directory" and not path.is_dir():
+        raise UserError(f"{path} is a file, not a directory ({flag}); pass its directory")
+    return path
 
 
 def key_value(text: str, what: str = "MODALITY=VALUE") -> tuple[str, str]:
@@ -63,12 +105,16 @@ def add_data_arguments(parser: argparse.ArgumentParser, batch_size: int) -> None
         metavar="MODALITY=EXT",
         help="record extension of a modality (default: the run's data.fields, else by type)",
     )
-    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--batch-size", type=positive_int, default=batch_size)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
 
 
 def add_classes_arguments(parser: argparse.ArgumentParser) -> None:
     """``--language``, ``--label-field`` and ``--max-samples`` of ``eval`` and ``zeroshot``."""
     parser.add_argument("--language", help="language of classes.json ('all' pools them)")
-    parser.add_argument("--label-field", default="cls", help="record extension of the label")
-    parser.add_argument("--max-samples", type=int, help="stop after this many samples")
+    parser.add_argument(
+        "--label-field",
+        default="cls",
+        help="record extension of the integer class label (class-level retrieval, zero-shot)",
+    )
+    parser.add_argument("--max-samples", type=positive_int, help="stop after this many samples")

@@ -1,4 +1,5 @@
-"""``mmalign eval MODEL --data SHARDS [--classes FILE] [--out DIR]``: retrieval, zero-shot and
+"""``mmalign eval MODEL --data SHARDS [--label-field cls] [--classes FILE] [--out DIR]``:
+retrieval (instance level, and class level from the records' labels), zero-shot and
 diagnostics report of a trained model (:func:`mmalign.eval.run_eval`).
 
 Example:
@@ -12,9 +13,15 @@ from __future__ import annotations
 
 import argparse
 
-from mmalign.cli.common import add_classes_arguments, add_data_arguments, csv_list, fields
+from mmalign.cli.common import (
+    add_classes_arguments,
+    add_data_arguments,
+    check_path,
+    csv_list,
+    fields,
+)
 
-HELP = "retrieval, zero-shot and diagnostics report of a trained model"
+HELP = "retrieval (instance and class level), zero-shot and diagnostics of a trained model"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +42,9 @@ def run(args: argparse.Namespace) -> int:
 
     from mmalign.eval.report import run_eval
 
+    check_path(args.model, "MODEL", kind="directory")
+    if args.classes is not None:
+        check_path(args.classes, "--classes")
     out = Path(args.out) if args.out else Path(args.model) / "eval"
     report = run_eval(
         args.model,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from mmalign.cli.common import add_data_arguments, csv_list, fields
+from mmalign.cli.common import add_data_arguments, check_path, csv_list, fields, positive_int
 
 HELP = "embeddings of shards to files, plus a nearest-neighbour index"
 
@@ -22,9 +22,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_data_arguments(parser, batch_size=256)
     parser.add_argument("--out", required=True, help="export directory (resumes if unfinished)")
     parser.add_argument("--modalities", type=csv_list, help="comma-separated (default: all)")
-    parser.add_argument("--chunk-size", type=int, default=4096, help="rows per Parquet chunk")
+    parser.add_argument(
+        "--chunk-size", type=positive_int, default=4096, help="rows per Parquet chunk"
+    )
     parser.add_argument("--dtype", choices=["float16", "float32"], default="float16")
-    parser.add_argument("--metadata", type=csv_list, default=[], help="record extensions to keep")
+    parser.add_argument(
+        "--metadata",
+        type=csv_list,
+        action="extend",
+        default=[],
+        help="record extensions to keep (comma-separated; repeatable)",
+    )
     parser.add_argument("--index", choices=["flat", "ivf", "hnsw"], help="also build an index")
     parser.add_argument("--nlist", type=int, help="IVF lists (default about 4 sqrt(N))")
     parser.add_argument("--nprobe", type=int, default=16, help="IVF lists searched")
@@ -37,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     """Export (or resume), index, and print the rows, chunks, record counters and indexes."""
     from mmalign.export import run_export
 
+    check_path(args.model, "MODEL", kind="directory")
     manifest = run_export(
         args.model,
         args.data,

@@ -3,9 +3,12 @@
 Subcommands (one module each in :mod:`mmalign.cli`): ``train``, ``eval``, ``zeroshot``,
 ``export``, ``search``, ``convert``, ``prep``, ``demo``. Building the parser imports only
 :mod:`mmalign.cli` and :mod:`mmalign.errors`, so ``mmalign --help`` answers without loading
-torch. Errors the user can fix (:class:`~mmalign.errors.UserError`, a missing file) end in one
-line on stderr (``mmalign: error: ...``) and status 2; a training run stopped by non-finite
-losses ends with status 1; ``mmalign --debug ...`` shows the traceback instead. Several processes:
+torch. Errors the user can fix end in one line on stderr and status 2:
+``mmalign: error: <what> (<flag, config field or file:key>); <what to do>``. That holds for
+usage errors (argparse's, see :class:`OneLineParser`), a :class:`~mmalign.errors.UserError`
+and a path that is missing, a directory where a file belongs (or the other way round) or not
+readable (:func:`path_problem`). A training run stopped by non-finite losses ends with status
+1; ``mmalign --debug ...`` shows the traceback instead. Several processes:
 ``accelerate launch -m mmalign train CONFIG``.
 
 Example:
@@ -16,18 +19,20 @@ Example:
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import warnings
 from types import ModuleType
+from typing import NoReturn
 
 from mmalign.cli import convert, demo, export, prep, search, train, zeroshot
 from mmalign.cli import eval as eval_
 from mmalign.errors import UserError
 
-# A dependency scripts a module at import time; torch 2.14 warns about it on every command.
-warnings.filterwarnings(
-    "ignore", message="`torch.jit.script` is deprecated", category=FutureWarning
-)
+# Deprecations users cannot act on: a dependency scripts a module at import time (torch
+# warns on every command) and Accelerate still passes DDP's `broadcast_buffers`.
+for _message in ("`torch.jit.script` is deprecated", "`broadcast_buffers` is deprecated"):
+    warnings.filterwarnings("ignore", message=_message, category=FutureWarning)
 
 SUBCOMMANDS: dict[str, ModuleType] = {
     "train": train,
@@ -42,6 +47,52 @@ SUBCOMMANDS: dict[str, ModuleType] = {
 """Each subcommand and its module (``HELP``, ``add_arguments(parser)``, ``run(args)``)."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line in the ``mmalign: error:`` shape
+    (argparse prints the whole usage first), naming the argument and pointing at ``--help``.
+
+    Example:
+        >>> import contextlib, io
+        >>> parser = OneLineParser(prog="mmalign search")
+        >>> _ = parser.add_argument("--k", type=int)
+        >>> with contextlib.redirect_stderr(io.StringIO()) as err:
+        ...     try:
+        ...         parser.parse_args(["--k", "x"])
+        ...     except SystemExit as exited:
+        ...         print(exited.code)
+        2
+        >>> err.getvalue()
+        "mmalign: error: invalid int value: 'x' (--k); see mmalign search --help\\n"
+    """
+
+    def error(self, message: str) -> NoReturn:
+        """Print ``message`` as one line and exit with status 2."""
+        found = re.fullmatch(r"argument ([^:]+): (.*)", message, flags=re.DOTALL)
+        what, where = (found.group(2), found.group(1)) if found else (message, None)
+        where = f" ({where})" if where else ""
+        self.exit(2, f"mmalign: error: {one_line(what)}{where}; see {self.prog} --help\n")
+
+
+def path_problem(error: OSError) -> str:
+    """The one-line message of an error opening a path: what is wrong with which path and
+    what to do.
+
+    Example:
+        >>> path_problem(IsADirectoryError(21, "Is a directory", "data/classes"))
+        'data/classes is a directory, not a file (data/classes); pass the file itself'
+    """
+    path = error.filename
+    if isinstance(error, IsADirectoryError):
+        return f"{path} is a directory, not a file ({path}); pass the file itself"
+    if isinstance(error, NotADirectoryError):
+        return f"a part of {path} is a file, not a directory ({path}); check the path"
+    if isinstance(error, PermissionError):
+        return f"{path} cannot be read: permission denied ({path}); check its permissions"
+    if isinstance(error, FileNotFoundError) and path is not None:
+        return f"{path} does not exist ({path}); check the path"
+    return one_line(str(error))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``mmalign`` argument parser with every subcommand.
 
@@ -49,9 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         >>> build_parser().parse_args(["search", "emb", "--text", "a seven"]).command
         'search'
     """
-    parser = argparse.ArgumentParser(
-        prog="mmalign", description="Contrastive alignment of many modalities."
-    )
+    parser = OneLineParser(prog="mmalign", description="Contrastive alignment of many modalities.")
     parser.add_argument(
         "--debug", action="store_true", help="show the traceback of an error instead of one line"
     )
@@ -94,17 +143,22 @@ def _training_stopped(error: BaseException) -> bool:
 def main(argv: list[str] | None = None) -> int:
     """Run ``mmalign`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status.
 
-    Status 2 and one line ``mmalign: error: MESSAGE`` on stderr for a
-    :class:`~mmalign.errors.UserError` or a missing file; status 1 for a stopped training
-    run; with ``--debug`` those errors propagate with their traceback.
+    Status 2 and one line ``mmalign: error: MESSAGE`` on stderr for a usage error, a
+    :class:`~mmalign.errors.UserError` or a path that cannot be opened; status 1 for a
+    stopped training run; with ``--debug`` those errors propagate with their traceback.
     """
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (UserError, FileNotFoundError) as error:
+    except UserError as error:
         if args.debug:
             raise
         print(f"mmalign: error: {one_line(str(error))}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as error:
+        if args.debug:
+            raise
+        print(f"mmalign: error: {path_problem(error)}", file=sys.stderr)
         return 2
     except Exception as error:
         if args.debug or not _training_stopped(error):

@@ -23,12 +23,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mmalign.cli.common import key_value
+from mmalign.cli.common import check_path, key_value, positive_int
 from mmalign.errors import UserError
 
 HELP = "query an exported index"
 QUERY_KINDS = ("text", "image", "audio")
 """The shorthand query options; each names a modality or a tower type."""
+FILE_QUERIES = ("image", "audio")
+"""Tower types whose query value is a file path."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,15 +46,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="MODALITY=VALUE",
         help="any modality: text, a path, a JSON list (tabular) or a .json file (graph)",
     )
-    parser.add_argument("--k", type=int, default=10, help="results to return")
+    parser.add_argument("--k", type=positive_int, default=10, help="results to return (>= 1)")
     parser.add_argument("--target", help="indexed modality to search (default: the only one)")
     parser.add_argument("--model", help="model or run directory (default: the exported one)")
     parser.add_argument("--json", action="store_true", help="print JSON lines")
 
 
-def resolve_query_modality(model: Any, name: str) -> str:
+def resolve_query_modality(model: Any, name: str, flag: str = "--query") -> str:
     """A modality name, or a tower type (``text``, ``image``, ...) naming the model's first
-    modality of that type.
+    modality of that type; else a :class:`~mmalign.errors.UserError` naming ``flag``.
 
     Example:
         >>> from types import SimpleNamespace
@@ -66,9 +68,32 @@ def resolve_query_modality(model: Any, name: str) -> str:
     for modality in model.modalities:
         if model.config.towers[modality]["type"] == name:
             return modality
+    types = sorted({model.config.towers[modality]["type"] for modality in model.modalities})
     raise UserError(
-        f"the model has no modality or tower type {name!r}; modalities: {list(model.modalities)}"
+        f"the model has no modality or tower type {name!r} ({flag}); use one of its "
+        f"modalities: {', '.join(model.modalities)} (or a tower type: {', '.join(types)})"
     )
+
+
+def check_readable(path: str, kind: str, flag: str) -> None:
+    """A :class:`~mmalign.errors.UserError` naming ``flag`` unless ``path`` is a file that
+    opens as an ``image`` (Pillow) or ``audio`` (soundfile)."""
+    check_path(path, flag)
+    try:
+        if kind == "image":
+            from PIL import Image
+
+            with Image.open(path) as image:
+                image.verify()
+        else:
+            import soundfile
+
+            soundfile.info(path)
+    except (OSError, ValueError, RuntimeError, SyntaxError) as error:  # Pillow, soundfile
+        raise UserError(
+            f"{path} cannot be read as {kind}: {error} ({flag}); pass a "
+            f"{'PNG/JPEG/WebP image' if kind == 'image' else 'WAV/FLAC file'}"
+        ) from None
 
 
 def parse_raw(model: Any, modality: str, raw: str) -> Any:
@@ -83,6 +108,8 @@ def parse_raw(model: Any, modality: str, raw: str) -> Any:
         [0.5, 1]
     """
     kind = model.config.towers[modality]["type"]
+    if kind in FILE_QUERIES:
+        check_readable(raw, kind, f"--query {modality}=...")
     if kind == "tabular":
         try:
             return json.loads(raw)
@@ -93,9 +120,12 @@ def parse_raw(model: Any, modality: str, raw: str) -> Any:
             ) from error
     if kind == "graph" and raw.endswith(".json"):
         try:
-            return json.loads(Path(raw).read_text())
-        except json.JSONDecodeError as error:
-            raise UserError(f"the graph query {raw} is not valid JSON: {error}") from error
+            return json.loads(Path(check_path(raw, f"--query {modality}=...")).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise UserError(
+                f"the graph query is not valid JSON: {error} ({raw}); pass a graph .json file "
+                'such as {"nodes": [[0.0]], "edges": []}'
+            ) from None
     return raw
 
 
@@ -132,13 +162,27 @@ def run(args: argparse.Namespace) -> int:
     """Load the model (``--model`` or the exported one), encode the query, print the rows."""
     from mmalign.eval.loading import load_model
     from mmalign.export import read_manifest, search
+    from mmalign.export.index import indexed_modalities
 
-    model_path = args.model or read_manifest(args.index)["settings"].get("model_path")
+    check_path(args.index, "INDEX", kind="directory")
+    for kind in FILE_QUERIES:
+        if getattr(args, kind) is not None:
+            check_readable(getattr(args, kind), kind, f"--{kind}")
+    manifest = read_manifest(args.index)
+    built = indexed_modalities(args.index)
+    if (args.target is None and len(built) != 1) or args.target not in (None, *built):
+        what = f"indexes for {', '.join(built)}" if built else "no index"
+        asked = f"no index for {args.target!r}: " if args.target else ""
+        raise UserError(
+            f"{asked}{args.index} has {what} (--target); pass --target with an indexed "
+            "modality, or build an index with mmalign export --index flat"
+        )
+    model_path = args.model or manifest["settings"].get("model_path")
     if model_path is None:
         raise UserError(f"{args.index} was exported from an in-memory model; pass --model DIR")
     model = load_model(model_path)
     name, value = query_of(args)
-    modality = resolve_query_modality(model, name)
+    modality = resolve_query_modality(model, name, "--query" if args.query else f"--{name}")
     raw = parse_raw(model, modality, value)
     rows = search(args.index, model, raw, modality, args.k, target=args.target)
     if args.json:

@@ -51,6 +51,13 @@ def run(args: argparse.Namespace) -> int:
         return interrupted.exit_status
     if os.environ.get("RANK", "0") != "0":  # one summary from a multi-process launch
         return 0
+    if result.already_finished:
+        print(
+            f"nothing to do: {result.output_dir} already finished its {result.steps} steps; "
+            f"model: {result.model_dir} (raise train.steps to train on, or set train.output "
+            "to a new directory)"
+        )
+        return 0
     print(
         f"trained {result.steps} steps on {result.world_size} process(es); "
         f"model: {result.model_dir}"

@@ -23,7 +23,9 @@ Nothing is read from a checkout: the configs are package files, the data is buil
 scikit-learn's bundled digits, so an installed wheel runs the demo from any directory.
 
 Each call retrains from scratch (the demo's own run directories in ``out_dir`` are replaced)
-unless ``reuse=True``, which keeps finished runs and resumes interrupted ones.
+unless ``reuse=True``, which keeps finished runs and resumes interrupted ones; a reused run
+keeps the training time recorded in ``out_dir/timings.json`` and the final loss of its
+``metrics.jsonl``.
 
 Example:
     >>> run_demo("data/demo", "runs/demo", quick=True)  # doctest: +SKIP
@@ -65,6 +67,8 @@ PRETRAINED_TOWERS = "open_clip"
 """The digits model's image and text towers as an open_clip folder (``mmalign convert --to
 open_clip``), written into the digits run directory; the digits-sum configs' towers load it
 with ``pretrained: local-dir:...``."""
+TIMINGS_FILE = "timings.json"
+"""Wall and CPU seconds of each step of the last demo in ``out_dir`` (kept for ``reuse``)."""
 QUICK_DATA = {"limit": 30, "variants": 2}
 """``quick=True``: at most 30 source images per split, two records each."""
 QUICK_OVERRIDES = {
@@ -120,6 +124,17 @@ class Timings:
         finally:
             self.steps[name] = (time.perf_counter() - wall, _cpu_seconds() - cpu)
 
+    def save(self, path: Path) -> None:
+        """Write the steps as JSON (``{name: [wall, cpu]}``)."""
+        path.write_text(json.dumps(self.steps, indent=1) + "\n")
+
+    @classmethod
+    def read(cls, path: Path) -> Timings:
+        """The timings :meth:`save` wrote (empty when there is no such file)."""
+        if not path.is_file():
+            return cls()
+        return cls({name: tuple(pair) for name, pair in json.loads(path.read_text()).items()})
+
     def total(self) -> tuple[float, float]:
         """``(wall, cpu)`` seconds of all steps together."""
         walls, cpus = zip(*self.steps.values()) if self.steps else ((0.0,), (0.0,))
@@ -138,6 +153,8 @@ class Run:
     steps: int
     final_loss: float | None
     model: AlignmentModel
+    reused: bool = False
+    """Trained by an earlier ``mmalign demo`` (``--reuse``): nothing was trained now."""
 
 
 def _say(text: str) -> None:
@@ -208,6 +225,7 @@ def train_run(
         2
     """
     from mmalign.training import train
+    from mmalign.training.logging import METRICS_FILE, read_metrics
 
     config = run_config(name, configs_dir, dataset_dir, out_dir, quick)
     directory = out_dir / name
@@ -216,14 +234,23 @@ def train_run(
     result = train(config, resume=reuse)
     gc.collect()  # reaps the run's data-loader workers, so their CPU time is counted
     model = AlignmentModel.from_pretrained(result.model_dir).eval()
+    if result.already_finished:
+        print(f"{name}: reusing the finished run in {directory} ({result.steps} steps)")
+    final_loss = result.final_loss
+    if final_loss is None:  # a reused run: its last logged training loss
+        losses = [
+            r["train/loss"] for r in read_metrics(directory / METRICS_FILE) if "train/loss" in r
+        ]
+        final_loss = losses[-1] if losses else None
     return Run(
         name,
         directory,
         CONFIGS[name],
         load_config(config),
         result.steps,
-        result.final_loss,
+        final_loss,
         model,
+        reused=result.already_finished,
     )
 
 
@@ -260,6 +287,7 @@ def run_demo(
     configs_dir = Path(configs_dir) if configs_dir is not None else default_configs_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     timings = Timings()
+    earlier = Timings.read(out_dir / TIMINGS_FILE) if reuse else Timings()
     previous_threads = torch.get_num_threads()
     workers = 0 if quick else load_config(configs_dir / CONFIGS["digits"]).data.workers
     torch.set_num_threads(_threads(threads, workers))
@@ -278,9 +306,9 @@ def run_demo(
         _say("[3/6] evaluating digits on the test split")
         with timings.measure("evaluate digits"):
             results["digits"] = evaluate_digits(runs["digits"], out_dir)
-        for name in ("digits-sum-symile", "digits-sum-clip"):
+        for part, name in enumerate(("digits-sum-symile", "digits-sum-clip"), start=1):
             objective = name.rsplit("-", 1)[1]
-            _say(f"[4/6] training digits-sum with {objective} and classifying zero-shot")
+            _say(f"[4/6] ({part}/2) training digits-sum with {objective}, classifying zero-shot")
             with timings.measure(f"train {name}"):
                 runs[name] = train_run(
                     name, configs_dir, datasets[DATASET[name]], out_dir, quick, reuse
@@ -304,6 +332,10 @@ def run_demo(
             f"torch {torch.__version__}",
             "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
         }
+        for name, run in runs.items():  # a reused run keeps the time of its training
+            if run.reused and f"train {name}" in earlier.steps:
+                timings.steps[f"train {name}"] = earlier.steps[f"train {name}"]
+        timings.save(out_dir / TIMINGS_FILE)
         report = write_report(out_dir, runs, results, timings, context)
     finally:
         torch.set_num_threads(previous_threads)

@@ -28,6 +28,8 @@ TARGETS = {
     "CLIP zero-shot accuracy, caption + tone -> image (digits-sum)": ("clip", "<=", 0.15),
 }
 """Target label -> (key of :func:`measured_targets`, sense, threshold)."""
+TRAINING_PLOTS = ("loss.png", "temperature.png", "validation.png")
+"""The curves each run directory holds (:mod:`mmalign.training.curves`)."""
 
 
 def _percent(value: float) -> str:
@@ -77,16 +79,18 @@ def _targets_section(results: dict[str, Any], quick: bool) -> list[str]:
 
 
 def _training_section(out_dir: Path, runs: dict[str, Run], timings: Timings) -> list[str]:
-    """``## Training``: one row per run, with its times and links to its curves."""
-    rows = []
+    """``## Training``: one row per run with its times, then each run's curves (embedded)."""
+    rows, figures = [], []
     for name, run in runs.items():
         wall, cpu = timings.steps[f"train {name}"]
         loss = "-" if run.final_loss is None else f"{run.final_loss:.3f}"
-        curves = [
-            _link(out_dir, run.directory / png, png.removesuffix(".png"))
-            for png in ("loss.png", "temperature.png", "validation.png")
-            if (run.directory / png).is_file()
+        pngs = [png for png in TRAINING_PLOTS if (run.directory / png).is_file()]
+        curves = [_link(out_dir, run.directory / png, png.removesuffix(".png")) for png in pngs]
+        figures += [
+            _link(out_dir, run.directory / png, f"{name}: {png.removesuffix('.png')}", image=True)
+            for png in pngs
         ]
+        reused = " (earlier run, reused)" if run.reused else ""
         rows.append(
             [
                 name,
@@ -95,7 +99,7 @@ def _training_section(out_dir: Path, runs: dict[str, Run], timings: Timings) -> 
                 run.steps,
                 run.config.data.batch_size,
                 loss,
-                f"{wall:.0f}",
+                f"{wall:.0f}{reused}",
                 f"{cpu:.0f}",
                 ", ".join(curves) or "-",
             ]
@@ -111,7 +115,7 @@ def _training_section(out_dir: Path, runs: dict[str, Run], timings: Timings) -> 
         "CPU s",
         "training curves",
     ]
-    return ["## Training", "", *markdown_table(header, rows)]
+    return ["## Training", "", *markdown_table(header, rows), *figures, ""]
 
 
 def _digits_section(out_dir: Path, digits: dict[str, Any]) -> list[str]:

@@ -26,7 +26,7 @@ import torch
 from mmalign.data.records import iterate_records
 from mmalign.eval.loading import CollectedEmbeddings, collect_embeddings
 from mmalign.eval.plots import plot_confusion, plot_similarity
-from mmalign.eval.retrieval import retrieval_metrics
+from mmalign.eval.retrieval import pairwise_recall
 from mmalign.eval.zeroshot import ZeroShotClassifier, evaluate_zeroshot, load_classes
 from mmalign.export import build_index, export_embeddings, search
 
@@ -80,22 +80,14 @@ def class_retrieval(collected: CollectedEmbeddings) -> dict[str, dict[str, float
         >>> class_retrieval(collected)["audio->image"]["R@1"]  # doctest: +SKIP
         1.0
     """
-    labels = collected.labels
-    results = {}
-    for query, gallery in RETRIEVAL_PAIRS:
-        metrics = retrieval_metrics(
-            collected.embeddings[query],
-            collected.embeddings[gallery],
-            labels,
-            labels,
-            ks=(1, 5, 10),
-        )
-        results[f"{query}->{gallery}"] = {
-            name.removeprefix("q2g/"): value
-            for name, value in metrics.items()
-            if name.startswith("q2g/")
-        }
-    return results
+    results = pairwise_recall(
+        collected.embeddings,
+        collected.present,
+        RETRIEVAL_PAIRS,
+        (1, 5, 10),
+        labels=collected.labels,
+    )
+    return {f"{query}->{gallery}": metrics for (query, gallery), metrics in results.items()}
 
 
 def similarity_rows(labels: torch.Tensor, per_class: int = 4) -> torch.Tensor:

@@ -45,6 +45,26 @@ def model_directory(path: str | Path) -> Path:
     )
 
 
+def check_modalities(model: Any, names: Sequence[str], where: str = "--modalities") -> None:
+    """Raise a :class:`~mmalign.errors.ConfigError` naming ``where`` (the flag or argument
+    that gave ``names``) and listing the model's modalities when one of ``names`` is not one.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> check_modalities(SimpleNamespace(modalities=["image", "text"]), ["imgae"], "--query")
+        Traceback (most recent call last):
+        ...
+        mmalign.errors.ConfigError: unknown modality 'imgae' (--query); use one of ...
+    """
+    unknown = [name for name in names if name not in model.modalities]
+    if unknown:
+        listed = ", ".join(repr(name) for name in unknown)
+        raise ConfigError(
+            f"unknown modality {listed} ({where}); use one of the model's modalities: "
+            f"{', '.join(model.modalities)}"
+        )
+
+
 def load_model(model_or_dir: Any) -> Any:
     """An :class:`~mmalign.AlignmentModel` as given, or loaded from a model or run directory."""
     if isinstance(model_or_dir, nn.Module):
@@ -164,6 +184,7 @@ def make_eval_loader(
     """A deterministic loader (sequential, unshuffled, not resampled) over ``shards``."""
     from mmalign.data import make_loader
 
+    check_modalities(model, modalities)
     towers = {name: model.towers[name] for name in modalities}
     for tower in towers.values():
         tower.set_augment(False)

@@ -1,23 +1,26 @@
-"""``mmalign eval``: retrieval, N-way retrieval, zero-shot and diagnostics in one report.
+"""``mmalign eval``: retrieval (instance and class level), zero-shot and diagnostics.
 
 ``run_eval`` embeds the shards once and writes into ``out_dir``:
 
 - ``eval.json``: every metric (flat ``name -> value``), sample counts, confusion matrices;
 - ``eval.md``: the same as markdown tables;
-- ``recall_curves.png`` (recall@k for k = 1..50, every retrieval direction),
-  ``similarity_{a}-{b}.png`` (cosine similarities of the first 32 paired samples) and
-  ``confusion_{queries}.png`` (zero-shot, when classes are given).
+- ``recall_curves.png`` (recall@k for k = 1..50, every retrieval direction, instance level
+  solid, class level dashed in the same colour), ``similarity_{a}-{b}.png`` (cosine
+  similarities of the first 32 paired samples) and ``confusion_{queries}.png`` (zero-shot,
+  when classes are given).
 
-Metric names: ``retrieval/{query}->{gallery}/{R@k|median_rank|mAP|queries}`` (pairs matched
-by sample), ``nway/{target}/...`` (Symile models with three or more modalities: the target
-retrieved from the product of the others), ``zeroshot/{queries}/{top1|...}``, and the
+Metric names: ``{level}/{metric}/{query}->{gallery}`` with level ``instance`` (a hit is the
+query's own paired item) or ``class`` (a hit is any item of the query's class, when the
+records have labels: ``label_field``), metric ``R@k``, ``median_rank``, ``mAP`` or
+``queries``; query ``*`` for N-way retrieval (Symile models with three or more modalities: the
+target from the product of the others). Then ``zeroshot/{queries}/{top1|...}`` and the
 diagnostics ``alignment/*``, ``uniformity/*``, ``rank/*``, ``gap/*``.
 
 Example:
     >>> report = run_eval("runs/digits", "data/digits/test-000000.tar", "runs/digits/eval",
     ...                   classes="data/digits/classes.json")  # doctest: +SKIP
-    >>> report["metrics"]["retrieval/image->text/R@1"]  # doctest: +SKIP
-    0.41
+    >>> report["metrics"]["class/R@1/image->text"]  # doctest: +SKIP
+    0.99
 """
 
 from __future__ import annotations
@@ -31,16 +34,25 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mmalign.errors import ConfigError
 from mmalign.eval.diagnostics import embedding_diagnostics
-from mmalign.eval.loading import CollectedEmbeddings, collect_embeddings, load_model
+from mmalign.eval.loading import (
+    CollectedEmbeddings,
+    check_modalities,
+    collect_embeddings,
+    load_model,
+)
 from mmalign.eval.plots import plot_confusion, plot_recall_curves, plot_similarity
 from mmalign.eval.retrieval import nway_recall, pairwise_recall, recall_curve
 from mmalign.eval.zeroshot import (
     ZeroShotClassifier,
+    check_text_modality,
     evaluate_zeroshot,
     load_classes,
 )
 
+LEVELS = ("instance", "class")
+"""Retrieval levels: a hit is the paired item (instance) or any item of the class (class)."""
 CURVE_MAX_K = 50
 SIMILARITY_ROWS = 32
 
@@ -49,40 +61,100 @@ def _both_present(collected: CollectedEmbeddings, names: Sequence[str]) -> Tenso
     return torch.stack([collected.present[name] for name in names]).all(dim=0)
 
 
+def _labels_or_none(collected: CollectedEmbeddings) -> Tensor | None:
+    """The labels when some record has one (class-level retrieval), else ``None``."""
+    return collected.labels if bool((collected.labels >= 0).any()) else None
+
+
 def retrieval_report(
     collected: CollectedEmbeddings,
     pairs: Sequence[tuple[str, str]],
     ks: Sequence[int],
-) -> tuple[dict[str, float], dict[str, Tensor]]:
-    """Metrics of every pair in both directions, and the recall@k curve of each direction."""
+) -> dict[str, float]:
+    """``{level}/{metric}/{query}->{gallery}`` of every pair in both directions: instance
+    level, and class level when the records have labels.
+
+    Example:
+        >>> collected = CollectedEmbeddings(["a", "b"], {"x": torch.eye(2), "y": torch.eye(2)},
+        ...     {"x": torch.ones(2, dtype=torch.bool), "y": torch.ones(2, dtype=torch.bool)},
+        ...     torch.tensor([3, 3]))
+        >>> retrieval_report(collected, [("x", "y")], ks=(1,))["class/R@1/y->x"]
+        1.0
+    """
     both_ways = [way for a, b in pairs for way in ((a, b), (b, a))]
-    results = pairwise_recall(collected.embeddings, collected.present, both_ways, ks)
-    metrics = {
-        f"retrieval/{query}->{gallery}/{metric}": value
-        for (query, gallery), result in results.items()
-        for metric, value in result.items()
-    }
-    curves: dict[str, Tensor] = {}
-    for first, second in pairs:
-        if (first, second) not in results:
+    labels = _labels_or_none(collected)
+    metrics = {}
+    for level in LEVELS:
+        if level == "class" and labels is None:
             continue
-        rows = _both_present(collected, (first, second))
-        x, y = collected.embeddings[first][rows], collected.embeddings[second][rows]
-        max_k = min(CURVE_MAX_K, x.shape[0])
-        curves[f"{first}->{second}"] = recall_curve(x, y, max_k)
-        curves[f"{second}->{first}"] = recall_curve(y, x, max_k)
-    return metrics, curves
+        results = pairwise_recall(
+            collected.embeddings,
+            collected.present,
+            both_ways,
+            ks,
+            labels=labels if level == "class" else None,
+        )
+        metrics.update(
+            {
+                f"{level}/{metric}/{query}->{gallery}": value
+                for (query, gallery), result in results.items()
+                for metric, value in result.items()
+            }
+        )
+    return metrics
+
+
+def recall_curves(
+    collected: CollectedEmbeddings, pairs: Sequence[tuple[str, str]]
+) -> dict[str, dict[str, Tensor]]:
+    """Recall@k curves, ``{level: {"query->gallery": curve}}`` (class level with labels)."""
+    labels = _labels_or_none(collected)
+    curves: dict[str, dict[str, Tensor]] = {level: {} for level in LEVELS}
+    for first, second in pairs:
+        for query, gallery in ((first, second), (second, first)):
+            rows = _both_present(collected, (query, gallery))
+            if int(rows.sum()) < 2:
+                continue
+            x, y = collected.embeddings[query][rows], collected.embeddings[gallery][rows]
+            max_k = min(CURVE_MAX_K, x.shape[0])
+            curves["instance"][f"{query}->{gallery}"] = recall_curve(x, y, max_k)
+            labelled = rows & (labels >= 0) if labels is not None else None
+            if labelled is not None and int(labelled.sum()) >= 2:
+                ids = labels[labelled]
+                curves["class"][f"{query}->{gallery}"] = recall_curve(
+                    collected.embeddings[query][labelled],
+                    collected.embeddings[gallery][labelled],
+                    min(CURVE_MAX_K, int(labelled.sum())),
+                    query_ids=ids,
+                    gallery_ids=ids,
+                )
+    return {level: found for level, found in curves.items() if found}
 
 
 def nway_report(collected: CollectedEmbeddings, ks: Sequence[int]) -> dict[str, float]:
-    """Each modality retrieved from the product of all others, over fully present samples."""
+    """Each modality retrieved from the product of all others, over fully present samples,
+    at instance level and (with labels) class level: ``{level}/{metric}/*->{target}``."""
     if len(collected.embeddings) < 3:
         return {}
-    return {
-        f"nway/{target}/{metric}": value
-        for (_, target), result in nway_recall(collected.embeddings, collected.present, ks).items()
-        for metric, value in result.items()
-    }
+    labels = _labels_or_none(collected)
+    metrics = {}
+    for level in LEVELS:
+        if level == "class" and labels is None:
+            continue
+        results = nway_recall(
+            collected.embeddings,
+            collected.present,
+            ks,
+            labels=labels if level == "class" else None,
+        )
+        metrics.update(
+            {
+                f"{level}/{metric}/{query}->{target}": value
+                for (query, target), result in results.items()
+                for metric, value in result.items()
+            }
+        )
+    return metrics
 
 
 def _default_text_modality(model: Any) -> str | None:
@@ -126,17 +198,24 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list
     return [*lines, ""]
 
 
-def _grouped(metrics: Mapping[str, float], prefix: str) -> dict[str, dict[str, float]]:
-    groups: dict[str, dict[str, float]] = {}
+def _retrieval_rows(metrics: Mapping[str, float], columns: Sequence[str]) -> list[list[Any]]:
+    """Table rows ``[direction, level, *columns]`` of the retrieval metrics, each direction's
+    instance row followed by its class row."""
+    found: dict[tuple[str, str], dict[str, float]] = {}
     for name, value in metrics.items():
-        if name.startswith(prefix):
-            group, metric = name[len(prefix) :].rsplit("/", 1)
-            groups.setdefault(group, {})[metric] = value
-    return groups
+        level, _, rest = name.partition("/")
+        if level in LEVELS:
+            metric, _, direction = rest.partition("/")
+            found.setdefault((direction, level), {})[metric] = value
+    order = sorted(found, key=lambda key: (key[0].startswith("*"), key[0], LEVELS.index(key[1])))
+    return [
+        [direction, level, *(found[direction, level][c] for c in columns)]
+        for direction, level in order
+    ]
 
 
 def markdown_report(report: Mapping[str, Any], ks: Sequence[int]) -> str:
-    """The report as markdown tables (retrieval, N-way, zero-shot, diagnostics, figures)."""
+    """The report as markdown tables (retrieval, zero-shot, diagnostics, figures)."""
     metrics = report["metrics"]
     lines = [
         "# Evaluation",
@@ -146,16 +225,18 @@ def markdown_report(report: Mapping[str, Any], ks: Sequence[int]) -> str:
         f"- samples: {report['samples']}",
         "",
     ]
-    header = [*(f"R@{k}" for k in ks), "median rank", "mAP", "queries"]
     columns = [*(f"R@{k}" for k in ks), "median_rank", "mAP", "queries"]
-    for title, prefix, first in (
-        ("Retrieval (pairs of modalities)", "retrieval/", "query -> gallery"),
-        ("N-way retrieval (target from the product of the others)", "nway/", "target"),
-    ):
-        groups = _grouped(metrics, prefix)
-        if groups:
-            rows = [[group, *(values[c] for c in columns)] for group, values in groups.items()]
-            lines += [f"## {title}", "", *markdown_table([first, *header], rows)]
+    rows = _retrieval_rows(metrics, columns)
+    if rows:
+        header = ["query -> gallery", "level", *(f"R@{k}" for k in ks), "median rank", "mAP"]
+        lines += [
+            "## Retrieval",
+            "",
+            "instance: a hit is the query's own paired item; class: any item of the query's "
+            "class. `*` is the product of the other modalities (N-way).",
+            "",
+            *markdown_table([*header, "queries"], rows),
+        ]
     if report["zeroshot"]:
         zk = [k for k in (1, 5) if f"top{k}" in next(iter(report["zeroshot"].values()))["metrics"]]
         rows = [
@@ -184,7 +265,7 @@ def _write_figures(
     out_dir: Path,
     collected: CollectedEmbeddings,
     pairs: Sequence[tuple[str, str]],
-    curves: Mapping[str, Tensor],
+    curves: Mapping[str, Mapping[str, Tensor]],
     zeroshot: Mapping[str, Mapping[str, Any]],
 ) -> list[str]:
     figures = []
@@ -195,7 +276,9 @@ def _write_figures(
         if rows.numel() >= 2:
             x, y = collected.embeddings[first][rows], collected.embeddings[second][rows]
             path = out_dir / f"similarity_{first}-{second}.png"
-            figures.append(plot_similarity(x, y, path, f"{first} (rows) vs {second} (columns)"))
+            figures.append(
+                plot_similarity(x, y, path, f"{first} vs {second}: pairs on the diagonal")
+            )
     for queries, result in zeroshot.items():
         path = out_dir / f"confusion_{queries}.png"
         confusion = torch.tensor(result["confusion"])
@@ -239,6 +322,7 @@ def run_eval(
     model_source = None if isinstance(model_or_run_dir, torch.nn.Module) else model_or_run_dir
     model = load_model(model_or_run_dir)
     modalities = list(modalities or model.modalities)
+    check_modalities(model, modalities, "--modalities")
     collected = collect_embeddings(
         model,
         shards,
@@ -247,21 +331,21 @@ def run_eval(
         run_dir=model_source,
         batch_size=batch_size,
         workers=workers,
-        label_field=label_field if classes is not None else None,
+        label_field=label_field,
         max_samples=max_samples,
     )
     pairs = list(retrieval_pairs or itertools.combinations(modalities, 2))
-    metrics, curves = retrieval_report(collected, pairs, ks)
+    metrics = retrieval_report(collected, pairs, ks)
     if model.objective.scores_jointly:
         metrics.update(nway_report(collected, ks))
     metrics.update(embedding_diagnostics(collected.embeddings, present=collected.present))
     zeroshot: dict[str, dict[str, Any]] = {}
     if classes is not None:
-        text = text_modality or _default_text_modality(model)
-        if text is None or text not in modalities:
-            raise ValueError(
-                f"zero-shot needs a text modality among {modalities} to encode the class "
-                "prompts; pass text_modality (--text-modality)"
+        text = check_text_modality(model, text_modality or _default_text_modality(model))
+        if text not in modalities:
+            raise ConfigError(
+                f"zero-shot encodes the class prompts with {text!r}, which is not among the "
+                f"evaluated modalities (--modalities); add it: {','.join([*modalities, text])}"
             )
         queries = list(zeroshot_modalities or [m for m in modalities if m != text])
         query_sets = [[m] for m in queries] + ([queries] if len(queries) > 1 else [])
@@ -276,7 +360,11 @@ def run_eval(
         "samples": len(collected.keys),
         "metrics": metrics,
         "zeroshot": zeroshot,
-        "figures": _write_figures(out_dir, collected, pairs, curves, zeroshot) if plots else [],
+        "figures": (
+            _write_figures(out_dir, collected, pairs, recall_curves(collected, pairs), zeroshot)
+            if plots
+            else []
+        ),
     }
     (out_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
     (out_dir / "eval.md").write_text(markdown_report(report, ks))

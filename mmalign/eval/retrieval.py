@@ -206,26 +206,46 @@ def pairwise_recall(
     pairs: Sequence[tuple[str, str]],
     ks: Sequence[int] = DEFAULT_KS,
     chunk_size: int | None = None,
+    labels: Tensor | None = None,
 ) -> dict[tuple[str, str], dict[str, float]]:
-    """Retrieval of ``gallery`` from ``query`` for each ``(query, gallery)`` of ``pairs``,
-    over the rows that have both modalities (row ``i`` of one matches row ``i`` of the other).
+    """Retrieval of ``gallery`` from ``query`` for each ``(query, gallery)`` of ``pairs``.
 
-    ``present`` maps each modality to ``BoolTensor[N]``. Returns ``{(query, gallery):
-    {R@k, median_rank, mAP, queries}}``; pairs with fewer than two such rows are left out.
+    Instance level (``labels`` is ``None``): over the rows that have both modalities, row
+    ``i`` of one matches row ``i`` of the other. Class level (``labels``, ``LongTensor[N]``
+    with -1 for no label): the queries are the labelled rows with the query modality, the
+    gallery the labelled rows with the gallery modality, and a hit is any gallery item of the
+    query's class. ``present`` maps each modality to ``BoolTensor[N]``. Returns
+    ``{(query, gallery): {R@k, median_rank, mAP, queries}}``; pairs with fewer than two
+    usable rows (or, at class level, no class on both sides) are left out.
 
     Example:
         >>> e = {"a": torch.eye(3), "b": torch.eye(3)}
         >>> p = {"a": torch.tensor([True, True, False]), "b": torch.ones(3, dtype=torch.bool)}
         >>> pairwise_recall(e, p, [("a", "b")], ks=(1,))[("a", "b")]["queries"]
         2
+        >>> by_class = pairwise_recall(e, p, [("a", "b")], ks=(1,), labels=torch.tensor([0, 0, 1]))
+        >>> by_class[("a", "b")]["R@1"], by_class[("a", "b")]["queries"]
+        (1.0, 2)
     """
     results = {}
     for query, gallery in pairs:
-        rows = present[query] & present[gallery]
-        if int(rows.sum()) < 2:
+        if labels is None:
+            query_rows = gallery_rows = present[query] & present[gallery]
+            query_ids = gallery_ids = None
+        else:
+            query_rows, gallery_rows = (
+                present[query] & (labels >= 0),
+                present[gallery] & (labels >= 0),
+            )
+            query_ids, gallery_ids = labels[query_rows], labels[gallery_rows]
+            if not set(query_ids.tolist()) & set(gallery_ids.tolist()):
+                continue
+        if int(query_rows.sum()) < 2 or int(gallery_rows.sum()) < 2:
             continue
-        queries, candidates = _check_embeddings(embeddings[query][rows], embeddings[gallery][rows])
-        codes = _shared_codes(None, None, queries.shape[0], candidates.shape[0])
+        queries, candidates = _check_embeddings(
+            embeddings[query][query_rows], embeddings[gallery][gallery_rows]
+        )
+        codes = _shared_codes(query_ids, gallery_ids, queries.shape[0], candidates.shape[0])
         results[(query, gallery)] = _one_direction(queries, candidates, *codes, ks, chunk_size)
     return results
 
@@ -235,12 +255,14 @@ def nway_recall(
     present: Mapping[str, Tensor],
     ks: Sequence[int] = DEFAULT_KS,
     chunk_size: int | None = None,
+    labels: Tensor | None = None,
 ) -> dict[tuple[str, str], dict[str, float]]:
     """Each modality retrieved from the product of all the others
-    (:func:`nway_retrieval_metrics`), over the rows that have every modality.
+    (:func:`nway_retrieval_metrics`), over the rows that have every modality; with
+    ``labels`` (-1: none) at class level, over those rows that have a label too.
 
     Returns ``{("*", target): {R@k, median_rank, mAP, queries}}``; empty with fewer than two
-    modalities or fewer than two complete rows.
+    modalities or fewer than two usable rows.
 
     Example:
         >>> e = {m: torch.nn.functional.normalize(torch.randn(4, 8), dim=-1) for m in "abc"}
@@ -252,19 +274,30 @@ def nway_recall(
     if len(names) < 2:
         return {}
     complete = torch.stack([present[name] for name in names]).all(dim=0)
+    if labels is not None:
+        complete &= labels >= 0
     if int(complete.sum()) < 2:
         return {}
     rows = {name: embeddings[name][complete] for name in names}
+    ids = None if labels is None else labels[complete]
     return {
-        (NWAY_QUERY, target): nway_retrieval_metrics(rows, target, ks=ks, chunk_size=chunk_size)
+        (NWAY_QUERY, target): nway_retrieval_metrics(
+            rows, target, ids=ids, ks=ks, chunk_size=chunk_size
+        )
         for target in names
     }
 
 
 def recall_curve(
-    query_emb: Tensor, gallery_emb: Tensor, max_k: int = 50, chunk_size: int | None = None
+    query_emb: Tensor,
+    gallery_emb: Tensor,
+    max_k: int = 50,
+    chunk_size: int | None = None,
+    query_ids: Sequence[Any] | Tensor | None = None,
+    gallery_ids: Sequence[Any] | Tensor | None = None,
 ) -> Tensor:
-    """Recall@k for k = 1..max_k, row i of the queries matching row i of the gallery.
+    """Recall@k for k = 1..max_k; row i of the queries matches row i of the gallery, or,
+    with ids, the gallery items of equal id (class level).
 
     Example:
         >>> import torch
@@ -272,7 +305,7 @@ def recall_curve(
         [1.0, 1.0]
     """
     queries, gallery = _check_embeddings(query_emb, gallery_emb)
-    codes = _shared_codes(None, None, queries.shape[0], gallery.shape[0])
+    codes = _shared_codes(query_ids, gallery_ids, queries.shape[0], gallery.shape[0])
     ranks, _ = _rank_statistics(queries, gallery, *codes, chunk_size)
     ks = torch.arange(1, max_k + 1, dtype=torch.float64)
     return (ranks[None, :] <= ks[:, None]).to(torch.float64).mean(dim=1)

@@ -33,8 +33,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmalign.errors import ConfigError
 from mmalign.eval.classification import classification_metrics, confusion_matrix
-from mmalign.eval.loading import CollectedEmbeddings, collect_embeddings, load_model
+from mmalign.eval.loading import (
+    CollectedEmbeddings,
+    check_modalities,
+    collect_embeddings,
+    load_model,
+)
 
 
 def _candidate_samples(candidate: Any, index: int) -> list[Any]:
@@ -61,10 +67,15 @@ def fill_templates(classnames: Sequence[str], templates: str | Sequence[str]) ->
     """
     templates = [templates] if isinstance(templates, str) else list(templates)
     if not templates:
-        raise ValueError("templates is empty; give at least one, e.g. ['a photo of a {}']")
+        raise ConfigError(
+            "no prompt template (templates); give at least one, e.g. ['a photo of a {}']"
+        )
     for template in templates:
         if "{}" not in template:
-            raise ValueError(f"template {template!r} has no '{{}}' where the class name goes")
+            raise ConfigError(
+                f"template {template!r} has no '{{}}' where the class name goes (templates); "
+                "write one, e.g. 'a photo of a {}'"
+            )
     return [[template.replace("{}", name) for template in templates] for name in classnames]
 
 
@@ -175,6 +186,61 @@ class ZeroShotClassifier:
         return self.scores(queries).argmax(dim=-1)
 
 
+def check_text_modality(model: Any, name: str | None) -> str:
+    """``name`` when it is a text tower of ``model`` (it encodes the class prompts), else a
+    :class:`~mmalign.errors.ConfigError` naming ``--text-modality`` and the text towers.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> towers = {"photo": {"type": "image"}, "caption": {"type": "text"}}
+        >>> model = SimpleNamespace(modalities=list(towers), config=SimpleNamespace(towers=towers))
+        >>> check_text_modality(model, "caption")
+        'caption'
+    """
+    texts = [m for m in model.modalities if model.config.towers[m]["type"] == "text"]
+    if name in texts:
+        return name
+    if not texts:
+        raise ConfigError(
+            "the model has no text tower to encode the class prompts (--text-modality); "
+            "zero-shot from prompts needs one (--candidate-modality takes raw candidates)"
+        )
+    what = "is not a modality" if name not in model.modalities else "is not a text tower"
+    raise ConfigError(
+        f"{name!r} {what} (--text-modality); class prompts are encoded by a text tower: "
+        f"{', '.join(texts)}"
+    )
+
+
+def read_classes_file(path: Path) -> Any:
+    """The JSON content of a classes file; a missing file, a directory or invalid JSON is a
+    :class:`~mmalign.errors.ConfigError` naming the file (and the line) and ``--classes``.
+
+    Example:
+        >>> read_classes_file(Path("/"))
+        Traceback (most recent call last):
+        ...
+        mmalign.errors.ConfigError: classes file / is a directory (--classes); pass ...
+    """
+    if not path.exists():
+        raise ConfigError(
+            f"classes file {path} does not exist (--classes); pass a classes.json "
+            "(as mmalign prep make-demo writes one)"
+        )
+    if path.is_dir():
+        raise ConfigError(
+            f"classes file {path} is a directory (--classes); pass the classes.json file itself"
+        )
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        line = f":{error.lineno}" if isinstance(error, json.JSONDecodeError) else ""
+        raise ConfigError(
+            f"classes file is not valid JSON: {error} ({path}{line}); fix it, e.g. "
+            '{"classnames": ["cat", "dog"], "templates": ["a photo of a {}"]}'
+        ) from None
+
+
 def load_classes(
     path: str | Path | Mapping[str, Any], language: str | None = None
 ) -> tuple[list[str], list[list[str]]]:
@@ -189,9 +255,12 @@ def load_classes(
         (['cat'], [['a cat']])
     """
     where = "classes" if isinstance(path, Mapping) else str(path)
-    data = dict(path) if isinstance(path, Mapping) else json.loads(Path(path).read_text())
-    if "classnames" not in data:
-        raise ValueError(f"{where}: no 'classnames' entry ({{'classnames': {{lang: [...]}}}})")
+    data = dict(path) if isinstance(path, Mapping) else read_classes_file(Path(path))
+    if not isinstance(data, Mapping) or "classnames" not in data:
+        raise ConfigError(
+            f"no class names ({where}:classnames); add a 'classnames' entry: "
+            "{'classnames': {lang: [...]}, 'templates': {lang: ['a photo of a {}']}}"
+        )
     names = data["classnames"]
     templates = data.get("templates", "{}")
     if not isinstance(names, Mapping):
@@ -201,9 +270,9 @@ def load_classes(
     languages = list(names) if language == "all" else [language or next(iter(names))]
     for lang in languages:
         if lang not in names or lang not in templates:
-            raise ValueError(
-                f"{where}: language {lang!r} missing from classnames or templates; "
-                f"languages: {sorted(names)}"
+            raise ConfigError(
+                f"language {lang!r} is missing from classnames or templates "
+                f"({where}:classnames.{lang}); use one of {sorted(names)} or 'all' (--language)"
             )
     prompts = [fill_templates(names[lang], templates[lang]) for lang in languages]
     pooled = [
@@ -242,7 +311,12 @@ def run_zeroshot(
     """
     model_source = model
     model = load_model(model)
+    check_modalities(model, query_modalities, "--query")
     classnames, prompts = load_classes(classes, language)
+    if candidate_modality is None:
+        check_text_modality(model, text_modality)
+    else:
+        check_modalities(model, [candidate_modality], "--candidate-modality")
     classifier = ZeroShotClassifier(
         model, prompts, candidate_modality or text_modality, classnames=classnames
     )

@@ -45,6 +45,7 @@ from webdataset.autodecode import IMAGE_EXTENSIONS
 from webdataset.writer import default_handlers, encode_based_on_extension1
 
 from mmalign.data.decode import AUDIO_EXTENSIONS, RecordError, decode_value
+from mmalign.errors import ConfigError
 from mmalign.prep.columns import infer_fields, pack_vector, parse_vector
 
 FILE_ONLY = {*IMAGE_EXTENSIONS, *AUDIO_EXTENSIONS, "npz"}
@@ -60,10 +61,15 @@ class RowError(ValueError):
 
 
 def read_manifest(path: Path) -> list[dict[str, Any]]:
-    """Rows of a ``.csv``/``.tsv`` (header line) or ``.jsonl`` (one object per line) manifest."""
+    """Rows of a ``.csv``/``.tsv`` (header line) or ``.jsonl`` (one object per line) manifest;
+    a directory, an unknown format, a bad line or a manifest without rows is a
+    :class:`~mmalign.errors.ConfigError` naming the file."""
+    if path.is_dir():
+        raise ConfigError(f"manifest {path} is a directory (MANIFEST); pass the manifest file")
     if not path.is_file():
         raise FileNotFoundError(f"manifest {path} does not exist")
-    if path.suffix.lower() in (".jsonl", ".ndjson"):
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
         lines = path.read_text(encoding="utf-8").splitlines()
         rows = []
         for number, line in enumerate(lines, start=1):
@@ -71,13 +77,20 @@ def read_manifest(path: Path) -> list[dict[str, Any]]:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}:{number}: not a JSON object: {error}") from None
-        return rows
-    if path.suffix.lower() in (".csv", ".tsv"):
-        delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+                    raise ConfigError(
+                        f"not a JSON object: {error} ({path}:{number}); fix or delete the line"
+                    ) from None
+    elif suffix in (".csv", ".tsv"):
         with path.open(newline="", encoding="utf-8") as handle:
-            return list(csv.DictReader(handle, delimiter=delimiter))
-    raise ValueError(f"manifest {path}: unknown format; use .csv, .tsv or .jsonl")
+            rows = list(csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ","))
+    else:
+        raise ConfigError(f"manifest {path}: unknown format (MANIFEST); use .csv, .tsv or .jsonl")
+    if not rows:
+        raise ConfigError(
+            f"manifest has no rows ({path}); write a header line, then one row per record "
+            "(e.g. key,image,caption)"
+        )
+    return rows
 
 
 def parse_field_map(text: str) -> dict[str, str]:

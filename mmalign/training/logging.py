@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import sys
 import warnings
 from pathlib import Path
@@ -30,25 +29,18 @@ from tqdm.auto import tqdm
 
 from mmalign.errors import UserError
 from mmalign.files import atomic_write
+from mmalign.training.curves import plot_metrics
 
 METRICS_FILE = "metrics.jsonl"
 LOG_FILE = "train.log"
 _BAR_KEYS = {"train/loss": "loss", "train/temperature": "temp", "train/samples_per_s": "samples/s"}
 _VALIDATION_SUMMARY = (
     "val/loss",
-    "val/R@1/mean",
-    "val/R@5/mean",
+    "val/instance/R@1/mean",
+    "val/class/R@1/mean",
     "val/zeroshot/top1",
     "val/zeroshot/balanced_accuracy",
 )
-_PLOTS = {
-    "loss.png": ("loss", lambda key: key.endswith("loss")),
-    "temperature.png": ("temperature (logit scale)", lambda key: key == "train/temperature"),
-    "validation.png": (
-        "validation metrics",
-        lambda key: key.startswith("val/") and ("/mean" in key or "zeroshot/top1" in key),
-    ),
-}
 
 
 class MetricsError(UserError, ValueError):
@@ -99,34 +91,6 @@ def truncate_metrics(path: Path, last_step: int) -> str | None:
 
 def _format_value(value: float) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def plot_metrics(records: list[dict[str, Any]], directory: Path) -> list[Path]:
-    """Write ``loss.png``, ``temperature.png`` and ``validation.png`` from metric records."""
-    from matplotlib.figure import Figure
-
-    written = []
-    for filename, (title, wanted) in _PLOTS.items():
-        series: dict[str, tuple[list[int], list[float]]] = {}
-        for record in records:
-            for key, value in record.items():
-                number = isinstance(value, int | float) and math.isfinite(value)
-                if key != "step" and wanted(key) and number:
-                    steps, values = series.setdefault(key, ([], []))
-                    steps.append(record["step"])
-                    values.append(value)
-        if not series:
-            continue
-        figure = Figure(figsize=(6, 4), tight_layout=True)
-        axes = figure.add_subplot()
-        for key, (steps, values) in sorted(series.items()):
-            axes.plot(steps, values, marker="o" if len(steps) < 30 else None, label=key)
-        axes.set_xlabel("optimizer step")
-        axes.set_title(title)
-        axes.legend(fontsize="small")
-        figure.savefig(directory / filename, dpi=100)
-        written.append(directory / filename)
-    return written
 
 
 class _ToRunLog(logging.Handler):

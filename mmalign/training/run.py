@@ -34,7 +34,7 @@ import errno
 import platform
 import shutil
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +84,8 @@ class TrainResult:
     best_metric: float | None = None
     best_checkpoint: Path | None = None
     nonfinite_steps: int = 0
+    already_finished: bool = False
+    """A resumed run that had already reached its last step: nothing was trained."""
 
 
 def _result(
@@ -201,7 +203,8 @@ def _finished_result(config: Config, accelerator: Accelerator) -> TrainResult | 
         return None
     records = [r for r in read_metrics(output / METRICS_FILE) if "val/loss" in r]
     metrics = {k: v for k, v in (records[-1] if records else {}).items() if k != "step"}
-    return _result(output, state, accelerator.num_processes, None, metrics)
+    result = _result(output, state, accelerator.num_processes, None, metrics)
+    return replace(result, already_finished=True)
 
 
 def _train(

@@ -344,7 +344,7 @@ class Trainer:
         record = {
             "train/loss": float(totals[0] / steps),
             "train/grad_norm": float(totals[1] / steps),
-            "train/temperature": float(self.model.logit_scale_value().detach()),
+            "train/temperature": 1.0 / float(self.model.logit_scale_value().detach()),
             "train/lr": float(self.scheduler.get_last_lr()[0]),
             "train/samples_per_s": steps * self._samples_per_step() / max(elapsed, 1e-9),
             "train/nonfinite_skipped": self.nonfinite_total,

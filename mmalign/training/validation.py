@@ -1,4 +1,5 @@
-"""Periodic validation: loss, retrieval recall@1/5 and zero-shot accuracy on ``data.val``.
+"""Periodic validation: loss, retrieval recall@1/5/10 and mAP (instance and class level) and
+zero-shot accuracy on ``data.val``.
 
 Every process reads its own part of the validation shards
 (:func:`mmalign.data.loader_from_config`: the same number of full batches on every rank, so
@@ -7,10 +8,14 @@ gathered and the main process computes
 
 - ``val/loss``: the objective on each validation batch, averaged;
 - retrieval between modalities with :func:`mmalign.eval.retrieval.pairwise_recall`
-  (``val/R@1/image->text``, ...), or, for objectives that score modalities jointly
+  (``val/instance/R@1/image->text``, ...), or, for objectives that score modalities jointly
   (``objective.scores_jointly``: Symile), :func:`mmalign.eval.retrieval.nway_recall`, each
-  modality from the product of the others (``val/R@1/*->image``); and ``val/R@1/mean``,
-  ``val/R@5/mean`` over all directions;
+  modality from the product of the others (``val/instance/R@1/*->image``); ``R@1``, ``R@5``,
+  ``R@10`` and ``mAP`` of each direction and their ``.../mean`` over all directions
+  (``val/instance/R@1/mean``). ``instance``: a hit is the query's own paired item; when the
+  validation records have labels (``data.label_field``), the same at ``class`` level, where a
+  hit is any item of the query's class (``val/class/R@1/image->text``,
+  ``val/class/R@1/mean``). ``eval.best_metric`` may name any of them;
 - zero-shot accuracy from ``data.classes`` (``val/zeroshot/top1``, ``.../top5``,
   ``.../balanced_accuracy``) when ``eval.zeroshot_modality`` is set.
 
@@ -39,7 +44,10 @@ from mmalign.eval.classification import classification_metrics
 from mmalign.eval.retrieval import nway_recall, pairwise_recall
 from mmalign.eval.zeroshot import ZeroShotClassifier, load_classes
 
-KS = (1, 5)
+KS = (1, 5, 10)
+RETRIEVAL_METRICS = (*(f"R@{k}" for k in KS), "mAP")
+"""What validation reports of each retrieval direction (and averages over directions)."""
+ZEROSHOT_KS = (1, 5)
 
 
 def directions(
@@ -56,10 +64,12 @@ def recall_metrics(
     embeddings: Mapping[str, Tensor],
     present: Mapping[str, Tensor],
     pairs: Sequence[tuple[str, str]] | None = None,
+    labels: Tensor | None = None,
 ) -> dict[str, float]:
-    """``val/R@k/<query>->gallery`` of every direction and their ``val/R@k/mean``: N-way
-    (``*->m``) when ``model.objective.scores_jointly``, else the ``pairs`` (or every ordered
-    pair of modalities).
+    """``val/{level}/{metric}/{query}->{gallery}`` of every direction and their
+    ``val/{level}/{metric}/mean``: N-way (``*->m``) when ``model.objective.scores_jointly``,
+    else the ``pairs`` (or every ordered pair of modalities). Level ``instance`` always,
+    ``class`` when some of ``labels`` (-1: none) are set.
 
     Example:
         >>> from mmalign.model import AlignmentModel
@@ -68,28 +78,28 @@ def recall_metrics(
         ...     "b": {"type": "tabular", "in_features": 2}}})
         >>> every = torch.ones(3, dtype=torch.bool)
         >>> metrics = recall_metrics(model, {"a": torch.eye(3), "b": torch.eye(3)},
-        ...                          {"a": every, "b": every})
-        >>> metrics["val/R@1/a->b"], metrics["val/R@1/mean"]
+        ...                          {"a": every, "b": every}, labels=torch.tensor([0, 0, 1]))
+        >>> metrics["val/instance/R@1/a->b"], metrics["val/class/R@1/mean"]
         (1.0, 1.0)
     """
     names = list(embeddings)
-    if model.objective.scores_jointly:
-        results = nway_recall(embeddings, present, ks=KS)
-    else:
-        results = pairwise_recall(embeddings, present, directions(names, pairs), ks=KS)
-    metrics = {
-        f"val/R@{k}/{query}->{gallery}": result[f"R@{k}"]
-        for (query, gallery), result in results.items()
-        for k in KS
-    }
-    return _with_means(metrics)
-
-
-def _with_means(metrics: dict[str, float]) -> dict[str, float]:
-    for k in KS:
-        values = [v for key, v in metrics.items() if key.startswith(f"val/R@{k}/")]
-        if values:
-            metrics[f"val/R@{k}/mean"] = sum(values) / len(values)
+    has_labels = labels is not None and bool((labels >= 0).any())
+    metrics = {}
+    for level in ("instance", "class") if has_labels else ("instance",):
+        level_labels = labels if level == "class" else None
+        if model.objective.scores_jointly:
+            results = nway_recall(embeddings, present, ks=KS, labels=level_labels)
+        else:
+            ways = directions(names, pairs)
+            results = pairwise_recall(embeddings, present, ways, ks=KS, labels=level_labels)
+        for metric in RETRIEVAL_METRICS:
+            values = {
+                f"val/{level}/{metric}/{query}->{gallery}": result[metric]
+                for (query, gallery), result in results.items()
+            }
+            if values:
+                values[f"val/{level}/{metric}/mean"] = sum(values.values()) / len(values)
+            metrics.update(values)
     return metrics
 
 
@@ -98,7 +108,7 @@ class Validator:
 
     Example:
         >>> validator = Validator(config)  # doctest: +SKIP
-        >>> validator(accelerator, model, make_generator)["val/R@1/mean"]  # doctest: +SKIP
+        >>> validator(accelerator, model, make_generator)["val/instance/R@1/mean"]  # doctest: +SKIP
         0.41
     """
 
@@ -122,7 +132,7 @@ class Validator:
             "val",
             rank=accelerator.process_index,
             world_size=accelerator.num_processes,
-            label_field=self.config.data.label_field if self.classes is not None else None,
+            label_field=self.config.data.label_field,
         )
         batches = list(itertools.islice(loader, wanted))
         count = torch.tensor([len(batches)], device=accelerator.device)
@@ -180,8 +190,8 @@ class Validator:
             {name: embeddings[name][usable] for name in self.zeroshot_queries},
             {name: mask[usable] for name, mask in columns.items()},
         )
-        result = classification_metrics(scores, labels[usable], classnames, KS)
-        keys = [f"top{k}" for k in KS if k <= len(classnames)] + ["balanced_accuracy"]
+        result = classification_metrics(scores, labels[usable], classnames, ZEROSHOT_KS)
+        keys = [f"top{k}" for k in ZEROSHOT_KS if k <= len(classnames)] + ["balanced_accuracy"]
         return {f"val/zeroshot/{key}": result[key] for key in keys if key in result}
 
     def __call__(
@@ -213,7 +223,8 @@ class Validator:
         labels: Tensor | None,
         loss: float,
     ) -> dict[str, float]:
-        recall = recall_metrics(model, embeddings, present, self.config.eval.retrieval_pairs)
+        pairs = self.config.eval.retrieval_pairs
+        recall = recall_metrics(model, embeddings, present, pairs, labels)
         samples = float(next(iter(present.values())).shape[0])
         metrics = {"val/loss": loss, "val/samples": samples, **recall}
         metrics.update(self._zeroshot(model, embeddings, present, labels))
