@@ -7,14 +7,20 @@
 * CLIP: open_clip's ``ClipLoss`` vs mmalign's ``clip`` at B = 1024 and 4096, d = 512.
 
 Each row reports the median wall-clock and CPU time (all threads) of one forward + backward
-pass and the peak resident memory of its process (and the peak minus the RSS just before the
-first pass). A second table, the roofline, puts each mmalign Symile time next to what the
-machine can do, measured in the same process, alternating with the timed passes: a bare
-matmul pass (the ``B^M * d`` multiply-adds as ``(B x d) @ (d x block)`` matmuls in the
-block precision) and an exponential pass (``exp_`` over ``B^M`` entries). The floor is four
-matmul passes (forward, recompute, two gradient matmuls) plus two exponential passes (one
-each way); share = floor / mmalign time. ``--errors`` prints instead the error of bf16 blocks
-against fp32 ones. Every table is preceded and followed by ``os.getloadavg()``.
+pass after one untimed warm-up pass (none with ``--quick`` or at B = 2048), and the peak
+resident memory of its process (and the peak minus the RSS just before the first pass). The
+warm-up keeps one-time costs (thread pools, first touch of fresh memory, library set-up)
+out of single-pass timings, one reason why a lone pass in a fresh process and the same pass
+timed among others in one long-running process differ. A process per configuration is kept
+for the memory figures: peak RSS is per process.
+
+A second table, the roofline, puts each mmalign Symile time next to what the machine can do,
+measured in the same process, alternating with the timed passes: a bare matmul pass (the
+``B^M * d`` multiply-adds as ``(B x d) @ (d x block)`` matmuls in the block precision) and an
+exponential pass (``exp`` over ``B^M`` entries). The floor is four matmul passes (forward,
+recompute, two gradient matmuls) plus two exponential passes (one each way); share = floor /
+mmalign time. ``--errors`` prints instead the error of bf16 blocks against fp32 ones. Every
+table is preceded and followed by ``os.getloadavg()``.
 
 Usage:
     python benchmarks/objectives.py            # full run (many minutes on 2 cores)
@@ -142,6 +148,10 @@ def run_case(case: dict) -> dict:
     roofline = case["objective"] == "symile" and case["impl"] == "mmalign"
     passes = _roofline_passes(case) if roofline else None
     baseline = _current_rss_mib()
+    for _ in range(case.get("warmup", 0)):
+        loss_of(tensors).backward()
+        if passes:
+            passes[0]()
     times, cpu_times, matmul, exp = [], [], [], []
     for _ in range(case["repeats"]):
         start, cpu_start = time.perf_counter(), time.process_time()
@@ -182,7 +192,8 @@ def _symile_rows(args: argparse.Namespace) -> list[tuple[str, list[dict], dict |
             continue
         base = {"objective": "symile", "modalities": modalities, "batch": batch, "dim": 256}
         base.update(threads=args.threads, repeats=1 if args.quick or batch >= 512 else 3)
-        precisions = ["fp32"] if batch == LARGE_BATCH else ["fp32", "bf16"]
+        base["warmup"] = 0 if args.quick or batch == LARGE_BATCH else 1
+        precisions = ["fp32"] if batch == LARGE_BATCH else args.precisions
         ours = [{**base, "impl": "mmalign", "precision": p} for p in precisions]
         reference = None if batch == LARGE_BATCH else {**base, "impl": "reference"}
         rows.append((f"symile n2, M={modalities}, B={batch}, d=256", ours, reference))
@@ -193,7 +204,7 @@ def _clip_rows(args: argparse.Namespace) -> list[tuple[str, list[dict], dict]]:
     rows = []
     for batch in CLIP_BATCHES:
         base = {"objective": "clip", "modalities": 2, "batch": batch, "dim": 512}
-        base.update(threads=args.threads, repeats=3 if args.quick else 10)
+        base.update(threads=args.threads, repeats=3 if args.quick else 10, warmup=1)
         rows.append(
             (
                 f"clip, M=2, B={batch}, d=512",
@@ -289,16 +300,18 @@ def _relative_errors(batch: int, scale: float, seed: int, threads: int | None):
 def errors(args: argparse.Namespace) -> None:
     print(_load(), flush=True)
     print()
-    print(f"bf16 vs fp32 blocks, M = 3, d = 256, {ERROR_SEEDS} seeds (median and max):")
+    print(f"bf16 vs fp32 blocks, M = 3, d = 256, {args.error_seeds} seeds (median and max):")
     print()
     print(
         "| B | logit scale | loss rel. error median | loss rel. error max | "
         "gradient rel. error median | gradient rel. error max |"
     )
     print("|---|---|---|---|---|---|")
-    for batch in ERROR_BATCHES:
+    for batch in args.error_batches:
         for scale in ERROR_SCALES:
-            pairs = [_relative_errors(batch, scale, s, args.threads) for s in range(ERROR_SEEDS)]
+            pairs = [
+                _relative_errors(batch, scale, s, args.threads) for s in range(args.error_seeds)
+            ]
             loss, grad = zip(*pairs)
             print(
                 f"| {batch} | {scale:g} | {statistics.median(loss):.1e} | {max(loss):.1e} "
@@ -316,6 +329,17 @@ def main() -> None:
     parser.add_argument("--only-symile", action="store_true", help="skip the CLIP rows")
     parser.add_argument("--cases", nargs="+", help="Symile cases as MxB, e.g. 3x512 4x64")
     parser.add_argument("--errors", action="store_true", help="bf16 vs fp32 error table")
+    parser.add_argument(
+        "--precisions",
+        nargs="+",
+        default=["fp32", "bf16"],
+        choices=["fp32", "bf16"],
+        help="block precisions of the mmalign Symile rows",
+    )
+    parser.add_argument(
+        "--error-batches", type=int, nargs="+", default=ERROR_BATCHES, help="B of --errors"
+    )
+    parser.add_argument("--error-seeds", type=int, default=ERROR_SEEDS, help="seeds of --errors")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
