@@ -21,7 +21,9 @@ exponential pass (``exp`` over ``B^M`` entries). The floor is four matmul passes
 recompute, two gradient matmuls) plus two exponential passes (one each way); share = floor /
 mmalign time (wall clock; the last column is the same in CPU seconds of this process,
 steadier on a loaded machine with one thread). ``--errors`` prints instead the error of
-bf16 blocks against fp32 ones. Every table is preceded and followed by ``os.getloadavg()``.
+bf16 blocks against fp32 ones; ``--digits-sum`` trains the demo's digits-sum Symile config
+with ``n2`` negatives in each block precision and prints the final loss and the zero-shot
+accuracy of ``mmalign demo``. Every table is preceded and followed by ``os.getloadavg()``.
 
 Usage:
     python benchmarks/objectives.py            # full run (many minutes on 2 cores)
@@ -29,6 +31,8 @@ Usage:
     python benchmarks/objectives.py --threads 1  # robust on a machine shared with other jobs
     python benchmarks/objectives.py --only-symile --cases 3x512  # the B = 512 rows only
     python benchmarks/objectives.py --errors   # bf16 vs fp32 error table (B = 128, 512)
+    python benchmarks/objectives.py --digits-sum data/demo/digits-sum \
+        --towers runs/demo/digits/open_clip_image_text.safetensors   # training, fp32 vs bf16
 """
 
 from __future__ import annotations
@@ -41,7 +45,9 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 SYMILE_CASES = [(3, 128), (3, 256), (3, 512), (4, 64)]
 CLIP_BATCHES = [1024, 4096]
@@ -325,6 +331,49 @@ def errors(args: argparse.Namespace) -> None:
     print(_load(), flush=True)
 
 
+def _train_digits_sum(args: argparse.Namespace, precision: str, out: Path) -> str:
+    """Train the demo's digits-sum Symile config with ``n2`` negatives; one table row."""
+    import torch
+
+    from mmalign.config import load_config
+    from mmalign.demo.pipeline import Run, default_configs_dir, run_config
+    from mmalign.demo.results import sum_zeroshot
+    from mmalign.model import AlignmentModel
+    from mmalign.training import train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    name = "digits-sum-symile"
+    config = run_config(name, default_configs_dir(), args.digits_sum, out, quick=False)
+    for tower in config["model"]["towers"].values():
+        if tower.get("checkpoint"):
+            tower["checkpoint"] = str(args.towers)
+    config["model"]["objective"].update(negatives="n2", block_precision=precision)
+    config["train"].update(steps=args.steps, output=str(out / precision))
+    cpu_start = time.process_time()
+    result = train(config, resume=False)
+    cpu_seconds = time.process_time() - cpu_start
+    model = AlignmentModel.from_pretrained(result.model_dir).eval()
+    run = Run(name, out / precision, "", load_config(config), result.steps, None, model)
+    top1 = sum_zeroshot(run)["metrics"]["top1"]
+    return (
+        f"| {precision} | {result.steps} | {result.final_loss:.4f} | {top1:.1%} | "
+        f"{cpu_seconds:.0f} |"
+    )
+
+
+def digits_sum(args: argparse.Namespace) -> None:
+    print(_load(), flush=True)
+    print()
+    print("| block precision | steps | final loss | zero-shot top-1 | train CPU s (main process) |")
+    print("|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as out:
+        for precision in args.precisions:
+            print(_train_digits_sum(args, precision, Path(out)), flush=True)
+    print()
+    print(_load(), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="one pass per case, skip B=2048")
@@ -343,12 +392,21 @@ def main() -> None:
         "--error-batches", type=int, nargs="+", default=ERROR_BATCHES, help="B of --errors"
     )
     parser.add_argument("--error-seeds", type=int, default=ERROR_SEEDS, help="seeds of --errors")
+    parser.add_argument(
+        "--digits-sum", type=Path, help="train digits-sum (this dataset dir) with each precision"
+    )
+    parser.add_argument(
+        "--towers", type=Path, help="--digits-sum: the digits model's open_clip_image_text file"
+    )
+    parser.add_argument("--steps", type=int, default=100, help="--digits-sum: training steps")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(run_case(json.loads(args.worker))))
     elif args.errors:
         errors(args)
+    elif args.digits_sum:
+        digits_sum(args)
     else:
         compare(args)
 
