@@ -80,6 +80,14 @@ class ObjectiveConfig(_Section):
             raise ValueError(f"{bad} are NaN or infinite; use finite weights >= 0")
         return weights
 
+    def follow_training(self, precision: str) -> None:
+        """Fill the fields whose default follows ``train.precision`` (none here; ``symile``'s
+        ``block_precision`` does). :class:`Config` calls it once the run config is valid.
+
+        Example:
+            >>> ObjectiveConfig().follow_training("bf16")
+        """
+
     def check_modalities(self, modalities: Sequence[str]) -> None:
         """Raise ``field_error`` for a field that does not fit the model's ``modalities``."""
         names = self.term_names(modalities)
@@ -342,6 +350,11 @@ class Config(_Section):
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _objective_follows_training(self) -> Config:
+        self.model.objective.follow_training(self.train.precision)
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain JSON-compatible data."""

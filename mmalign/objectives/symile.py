@@ -8,7 +8,8 @@ multilinear inner product ``logit_scale * MIP(anchor_i, others_i...)`` against n
   per (anchor, other modality), drawn in anchor order then modality order from ``generator``
   (or torch's default generator) and broadcast from rank 0; the positive replaces the diagonal.
 * ``negatives: n2`` — every one of the ``B^(M-1)`` combinations of the other modalities' rows,
-  computed exactly in blocks (:mod:`mmalign.objectives.symile_n2`).
+  computed exactly in blocks (:mod:`mmalign.objectives.symile_n2`); ``block_precision: bf16``
+  runs the block matmuls in bfloat16 (the default when ``train.precision`` is ``bf16``).
 
 Missing modalities: an absent embedding is replaced by the all-ones vector (the identity of the
 elementwise product) wherever it appears, so MIPs reduce to those of the present modalities.
@@ -75,6 +76,22 @@ class SymileConfig(ObjectiveConfig):
     """``n`` (shuffled rows, O(N)) or ``n2`` (all B^(M-1) combinations, exact, blockwise)."""
     block_size: int = Field(default=16384, ge=1)
     """``n2``: rows of the B^(M-1) candidate set processed per block."""
+    block_precision: Literal["fp32", "bf16"] | None = None
+    """``n2``: dtype of the block matmuls (log-sum-exps and reductions stay float32). Unset:
+    ``bf16`` when ``train.precision`` is ``bf16``, else ``fp32`` (see :meth:`follow_training`)."""
+
+    def follow_training(self, precision: str) -> None:
+        """An unset ``block_precision`` becomes ``bf16`` under ``train.precision: bf16``, else
+        ``fp32``; a set one stays.
+
+        Example:
+            >>> config = SymileConfig(name="symile", negatives="n2")
+            >>> config.follow_training("bf16")
+            >>> config.block_precision
+            'bf16'
+        """
+        if self.block_precision is None:
+            self.block_precision = "bf16" if precision == "bf16" else "fp32"
 
     def term_names(self, modalities: Sequence[str]) -> list[str]:
         return list(modalities)
@@ -149,7 +166,12 @@ class SymileObjective(Objective):
     def _n2_normalizers(
         self, batch: BatchView, full: list[Tensor], logit_scale: Tensor
     ) -> list[Tensor]:
-        lse = symile_logsumexp(logit_scale * full[0], full[1:], self.config.block_size)
+        lse = symile_logsumexp(
+            logit_scale * full[0],
+            full[1:],
+            self.config.block_size,
+            self.config.block_precision or "fp32",
+        )
         return list(lse[:, batch.offset : batch.offset + batch.rows])
 
     def _n_normalizers(

@@ -15,11 +15,22 @@ gather) and the logits ``L = E_0 @ P^T`` (one BLAS matmul, ``[B, q * B]``) and f
   into the bins ``i_m`` of the block's prefixes.
 
 The backward pass recomputes each block and forms ``dT = g_0[i] softmax_0 + sum_m g_m[i_m]
-softmax_m`` with one exponential per entry, ``exp(L - colmax[c])``, times a rank-one-plus-row
-factor (see ``_logit_gradient``) that neither overflows nor underflows. Then ``dE_0 = dT @ P``
-and ``dP = dT^T @ E_0``, scattered into the other modalities.
+softmax_m`` with one exponential per entry, ``exp(L - r[c])`` with ``r[c] = min_m lse_m[i_m]``
+(known from the forward pass, at least the column's largest logit, and carried into the
+recomputing matmul as an extra inner dimension, so no max or subtraction pass), times a
+rank-one-plus-row factor (see ``_logit_gradient``) that neither overflows nor underflows.
+Then ``dE_0 = dT @ P`` and ``dP = dT^T @ E_0``, scattered into the other modalities.
 Memory is ``O(B * d + B * block_size)`` (block buffers are reused, not reallocated); time is
-four ``B^M * d`` matmul-equivalents.
+four ``B^M * d`` matmul-equivalents plus two exponentials per entry and a few memory passes
+over each block (the forward's column max and subtraction, the two sums as matrix-vector
+products, the backward's factor and product).
+
+``block_precision="bf16"`` runs the block matmuls (forward, recompute, both gradient
+matmuls) in bfloat16: the backends accumulate in float32 and round each result entry to
+bfloat16 once; maxima, shifts, exponentials, log-sum-exps and every reduction stay in the
+inputs' precision. It pays where the hardware multiplies bf16 faster than float32 (GPUs,
+CPUs with AVX512-BF16 or AMX); on CPUs without bf16 instructions (AVX2 only) torch's bf16
+matmul is several times slower than float32.
 
 With ``torch.distributed`` running, each rank takes an equal share of the prefixes
 (``B^M / world_size`` work), the partial log-sum-exps are combined across ranks, and the
@@ -48,6 +59,9 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 from mmalign.dist import rank, world_size
 from mmalign.objectives.distributed import all_reduce_sum
 
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+"""``block_precision`` -> dtype of the block matmuls (``None``: the inputs' own dtype)."""
+
 
 @dataclass
 class _Block:
@@ -58,21 +72,47 @@ class _Block:
     prefix: Tensor
     """``[q, d]`` products of the prefix modalities (ones when M = 2)."""
     products: Tensor
-    """``[q * B, d]`` candidate products, candidate ``p * B + k``."""
+    """``[q * B, d]`` candidate products, candidate ``p * B + k``, in the matmul dtype."""
+    shift_column: Tensor | None
+    """Full precision: the spare column beside ``products`` that carries ``-shift`` into the
+    matmul (``None`` for bf16 matmuls, which subtract the shift in full precision)."""
 
 
 class _Workspace:
-    """Buffers reused by every block (no per-block allocations of ``B x block`` tensors)."""
+    """Buffers reused by every block (no per-block allocations of ``B x block`` tensors).
+
+    Full precision: ``products`` lives in a ``[block, d + 1]`` buffer whose last column and
+    the anchor's extra column of ones let one matmul return ``logits - shift`` (no separate
+    subtraction pass). bf16 (``low``): the products and the anchor are bf16, each matmul
+    writes a bf16 buffer (the backend accumulates in float32) and everything after it reads
+    it in full precision.
+    """
 
     def __init__(
-        self, anchor: Tensor, others: list[Tensor], prefixes_per_block: int, backward: bool = False
+        self,
+        anchor: Tensor,
+        others: list[Tensor],
+        prefixes_per_block: int,
+        low: torch.dtype | None,
+        backward: bool = False,
     ) -> None:
         rows, dim = anchor.shape
-        self.anchor, self.others, self.rows = anchor, others, rows
+        self.anchor, self.others, self.rows, self.low = anchor, others, rows, low
         self.prefixes_per_block = prefixes_per_block
-        self.products = anchor.new_empty(prefixes_per_block * rows, dim)
-        self.logits = anchor.new_empty(rows, prefixes_per_block * rows)
-        self.factor = torch.empty_like(self.logits) if backward else None
+        candidates = prefixes_per_block * rows
+        self.logits = anchor.new_empty(rows, candidates)
+        if backward:
+            self.factor = torch.empty_like(self.logits)
+            self.grad_products = anchor.new_empty(candidates, dim)
+        if low is None:
+            self.matmul_anchor = torch.cat([anchor, anchor.new_ones(rows, 1)], dim=1)
+            self.augmented = anchor.new_empty(candidates, dim + 1)
+            self.products = self.augmented[:, :dim]
+        else:
+            self.matmul_anchor = anchor.to(low)
+            self.products = anchor.new_empty(candidates, dim, dtype=low)
+            self.low_logits = anchor.new_empty(rows, candidates, dtype=low)
+            self.low_products = torch.empty_like(self.products) if backward else None
 
     def blocks(self) -> Iterator[_Block]:
         """This rank's blocks, each with its products filled in."""
@@ -81,18 +121,56 @@ class _Workspace:
             end = min(begin + self.prefixes_per_block, stop)
             indices = _prefix_indices(begin, end, self.rows, len(self.others) - 1, self.anchor)
             prefix = _prefix_products(self.others[:-1], indices, end - begin, self.anchor)
-            products = self.products[: (end - begin) * self.rows]
+            candidates = (end - begin) * self.rows
+            products = self.products[:candidates]
             torch.mul(
                 prefix[:, None, :],
                 self.others[-1][None, :, :],
                 out=products.view(end - begin, self.rows, -1),
             )
-            yield _Block(indices, prefix, products)
+            shift = None if self.low is not None else self.augmented[:candidates, -1]
+            yield _Block(indices, prefix, products, shift)
 
-    def logits_of(self, block: _Block) -> Tensor:
-        """``anchor @ products.T`` written into the reused logits buffer."""
-        logits = self.logits[:, : block.products.shape[0]]
-        return torch.mm(self.anchor, block.products.T, out=logits)
+    def column_shifted_logits(self, block: _Block) -> tuple[Tensor, Tensor]:
+        """``logits - colmax`` in the full-precision logits buffer, and ``colmax``."""
+        candidates = block.products.shape[0]
+        logits = self.logits[:, :candidates]
+        if self.low is None:
+            torch.mm(self.anchor, block.products.T, out=logits)
+            column_max = logits.amax(dim=0)
+            return logits.sub_(column_max), column_max
+        low = torch.mm(self.matmul_anchor, block.products.T, out=self.low_logits[:, :candidates])
+        column_max = low.amax(dim=0).to(logits.dtype)
+        return torch.sub(low, column_max, out=logits), column_max
+
+    def shifted_logits(self, block: _Block, shift: Tensor) -> Tensor:
+        """``logits - shift[c]`` for a shift known before the matmul, in the logits buffer."""
+        candidates = block.products.shape[0]
+        logits = self.logits[:, :candidates]
+        if block.shift_column is None:
+            low = self.low_logits[:, :candidates]
+            torch.mm(self.matmul_anchor, block.products.T, out=low)
+            return torch.sub(low, shift, out=logits)
+        torch.neg(shift, out=block.shift_column)
+        return torch.mm(self.matmul_anchor, self.augmented[:candidates].T, out=logits)
+
+    def row_logits(self, rows: Tensor, block: _Block) -> Tensor:
+        """Full-precision logits of the selected anchor ``rows`` (the exact fallbacks)."""
+        anchor = self.anchor if self.low is None else self.matmul_anchor
+        return (anchor[rows] @ block.products.T).to(self.anchor.dtype)
+
+    def gradient_matmuls(self, grad_logits: Tensor, block: _Block, grad_anchor: Tensor) -> Tensor:
+        """Add ``grad_logits @ products`` to ``grad_anchor``; return ``grad_logits.T @ anchor``
+        (``[q * B, d]``, full precision, in a reused buffer)."""
+        candidates = grad_logits.shape[1]
+        grad_products = self.grad_products[:candidates]
+        if self.low is None:
+            grad_anchor.addmm_(grad_logits, block.products)
+            return torch.mm(grad_logits.T, self.anchor, out=grad_products)
+        low = self.low_logits[:, :candidates].copy_(grad_logits)
+        grad_anchor += low @ block.products
+        low_products = torch.mm(low.T, self.matmul_anchor, out=self.low_products[:candidates])
+        return grad_products.copy_(low_products)
 
 
 def _prefix_indices(start: int, stop: int, rows: int, count: int, like: Tensor) -> list[Tensor]:
@@ -117,22 +195,23 @@ def _scatter_logsumexp(values: Tensor, index: Tensor, bins: int) -> Tensor:
     return top + sums.log()
 
 
-def _block_logsumexps(logits: Tensor, anchor: Tensor, products: Tensor) -> tuple[Tensor, Tensor]:
-    """Row and column log-sum-exps of ``logits`` (consumed) with one exponential per entry.
+def _block_logsumexps(workspace: _Workspace, block: _Block, ones: Tensor) -> tuple[Tensor, Tensor]:
+    """Row and column log-sum-exps of the block's logits with one exponential per entry.
 
     ``E = exp(L - colmax)`` gives the columns directly; rows are ``log(E @ exp(colmax - top))
-    + top``. A row whose sum falls under ``sqrt(tiny)`` (its logits lie far below the block's
-    largest) lost precision to underflow and is recomputed exactly.
+    + top``. Both sums are matrix-vector products (faster than a reduction over rows). A row
+    whose sum falls under ``sqrt(tiny)`` (its logits lie far below the block's largest) lost
+    precision to underflow and is recomputed exactly.
     """
-    column_max = logits.amax(dim=0)
+    scaled, column_max = workspace.column_shifted_logits(block)
     top = column_max.max()
-    scaled = logits.sub_(column_max).exp_()
-    columns = scaled.sum(dim=0).log_().add_(column_max)
-    row_sums = scaled @ (column_max - top).exp()
+    scaled.exp_()
+    columns = torch.mv(scaled.T, ones).log_().add_(column_max)
+    row_sums = torch.mv(scaled, (column_max - top).exp())
     inexact = row_sums < torch.finfo(row_sums.dtype).tiny ** 0.5
     rows = row_sums.log_().add_(top)
     if inexact.any():
-        rows[inexact] = (anchor[inexact] @ products.T).logsumexp(dim=1)
+        rows[inexact] = workspace.row_logits(inexact, block).logsumexp(dim=1)
     return rows, columns
 
 
@@ -152,9 +231,9 @@ def _combine_ranks(partial: Tensor) -> Tensor:
 def _forward_pass(workspace: _Workspace) -> Tensor:
     rows, count = workspace.rows, len(workspace.others) + 1
     lse = workspace.anchor.new_full((count, rows), float("-inf"))
+    ones = workspace.anchor.new_ones(rows)
     for block in workspace.blocks():
-        logits = workspace.logits_of(block)
-        rows_lse, columns_lse = _block_logsumexps(logits, workspace.anchor, block.products)
+        rows_lse, columns_lse = _block_logsumexps(workspace, block, ones)
         lse[0] = torch.logaddexp(lse[0], rows_lse)
         columns_lse = columns_lse.view(-1, rows)
         lse[-1] = torch.logaddexp(lse[-1], columns_lse.logsumexp(dim=0))
@@ -170,19 +249,29 @@ def _safe_gap(dtype: torch.dtype) -> float:
     return -0.7 * math.log(torch.finfo(dtype).tiny)
 
 
+def _column_shift(block: _Block, lse: Tensor, rows: int) -> Tensor:
+    """``r[c] = min over the non-anchor-0 anchors m of lse_m[i_m(c)]``: known before the
+    matmul and at least the column's largest logit (each ``lse_m`` sums over the column)."""
+    shift = lse[-1].expand(block.prefix.shape[0], rows)
+    for m, index in enumerate(block.indices, start=1):
+        shift = torch.minimum(shift, lse[m][index, None])
+    return shift.reshape(-1)
+
+
 def _logit_gradient(workspace: _Workspace, block: _Block, lse: Tensor, grad_lse: Tensor) -> Tensor:
     """``d loss / d logits`` of one block, written over the logits buffer.
 
     ``dL = g_0[i] exp(L - lse_0[i]) + sum_m g_m[i_m] exp(L - lse_m[i_m])
-    = exp(L - colmax[c]) * (a[i] w[c] + h[c])`` with ``w = exp(colmax - top)``,
-    ``a = g_0 exp(top - lse_0)`` and ``h = sum_m g_m exp(colmax - lse_m) <= |g|``: one
-    exponential per entry. Rows whose ``a`` would overflow are added exactly.
+    = exp(L - r[c]) * (a[i] w[c] + h[c])`` with the column shift ``r`` of
+    :func:`_column_shift` (so ``exp(L - r) <= 1``), ``w = exp(r - top)``,
+    ``a = g_0 exp(top - lse_0)`` and ``h = sum_m g_m exp(r - lse_m) <= |g|``: one exponential
+    per entry, and ``r`` rides in the matmul. Rows whose ``a`` would overflow are added exactly.
     """
-    logits = workspace.logits_of(block)
-    rows = logits.shape[0]
-    column_max = logits.amax(dim=0)
-    top = column_max.max()
-    grid = column_max.view(-1, rows)
+    rows = workspace.rows
+    shift = _column_shift(block, lse, rows)
+    logits = workspace.shifted_logits(block, shift)
+    top = shift.max()
+    grid = shift.view(-1, rows)
     column_factor = grad_lse[-1] * (grid - lse[-1]).exp()
     for m, index in enumerate(block.indices, start=1):
         column_factor += grad_lse[m][index, None] * (grid - lse[m][index, None]).exp()
@@ -190,10 +279,10 @@ def _logit_gradient(workspace: _Workspace, block: _Block, lse: Tensor, grad_lse:
     exact = gap > _safe_gap(logits.dtype)
     row_factor = torch.where(exact, 0.0, grad_lse[0] * gap.clamp(max=_safe_gap(logits.dtype)).exp())
     factor = workspace.factor[:, : logits.shape[1]]
-    torch.addr(column_factor.view(1, -1), row_factor, (column_max - top).exp(), out=factor)
-    grad = logits.sub_(column_max).exp_().mul_(factor)
+    torch.addr(column_factor.view(1, -1), row_factor, (shift - top).exp(), out=factor)
+    grad = logits.exp_().mul_(factor)
     if exact.any():
-        exact_logits = workspace.anchor[exact] @ block.products.T
+        exact_logits = workspace.row_logits(exact, block)
         grad[exact] += grad_lse[0][exact, None] * (exact_logits - lse[0][exact, None]).exp()
     return grad
 
@@ -201,13 +290,10 @@ def _logit_gradient(workspace: _Workspace, block: _Block, lse: Tensor, grad_lse:
 def _backward_pass(workspace: _Workspace, lse: Tensor, grad_lse: Tensor) -> list[Tensor]:
     anchor, others, rows = workspace.anchor, workspace.others, workspace.rows
     grads = [torch.zeros_like(anchor), *(torch.zeros_like(other) for other in others)]
-    grad_products = torch.empty_like(workspace.products)
     for block in workspace.blocks():
         prefixes = block.prefix.shape[0]
         grad_logits = _logit_gradient(workspace, block, lse, grad_lse)
-        grads[0].addmm_(grad_logits, block.products)
-        grid = torch.mm(grad_logits.T, anchor, out=grad_products[: prefixes * rows])
-        grid = grid.view(prefixes, rows, -1)
+        grid = workspace.gradient_matmuls(grad_logits, block, grads[0]).view(prefixes, rows, -1)
         grad_prefix = (grid * others[-1][None, :, :]).sum(dim=1)
         grads[-1] += grid.mul_(block.prefix[:, None, :]).sum(dim=0)
         for m, index in enumerate(block.indices):
@@ -218,10 +304,12 @@ def _backward_pass(workspace: _Workspace, lse: Tensor, grad_lse: Tensor) -> list
 
 class _SymileLogSumExp(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: FunctionCtx, block_size: int, anchor: Tensor, *others: Tensor) -> Tensor:
+    def forward(
+        ctx: FunctionCtx, block_size: int, low: torch.dtype | None, anchor: Tensor, *others: Tensor
+    ) -> Tensor:
         prefixes_per_block = max(1, block_size // anchor.shape[0])
-        lse = _forward_pass(_Workspace(anchor, list(others), prefixes_per_block))
-        ctx.prefixes_per_block = prefixes_per_block
+        lse = _forward_pass(_Workspace(anchor, list(others), prefixes_per_block, low))
+        ctx.prefixes_per_block, ctx.low = prefixes_per_block, low
         ctx.save_for_backward(lse, anchor, *others)
         return lse
 
@@ -229,11 +317,13 @@ class _SymileLogSumExp(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: FunctionCtx, grad_lse: Tensor) -> tuple[Tensor | None, ...]:
         lse, anchor, *others = ctx.saved_tensors
-        workspace = _Workspace(anchor, others, ctx.prefixes_per_block, backward=True)
-        return None, *_backward_pass(workspace, lse, all_reduce_sum(grad_lse))
+        workspace = _Workspace(anchor, others, ctx.prefixes_per_block, ctx.low, backward=True)
+        return None, None, *_backward_pass(workspace, lse, all_reduce_sum(grad_lse))
 
 
-def symile_logsumexp(anchor: Tensor, others: list[Tensor], block_size: int = 16384) -> Tensor:
+def symile_logsumexp(
+    anchor: Tensor, others: list[Tensor], block_size: int = 16384, block_precision: str = "fp32"
+) -> Tensor:
     """Every anchor's Symile ``n2`` log-sum-exp, ``[M, B]``, computed in blocks.
 
     ``out[0, i] = logsumexp over all (j, k, ...) of MIP(anchor[i], others[0][j], others[1][k],
@@ -241,9 +331,20 @@ def symile_logsumexp(anchor: Tensor, others: list[Tensor], block_size: int = 163
     ``anchor`` carries the logit scale; half precision is computed in float32. A block holds
     ``max(1, block_size // B)`` prefixes, that is at least ``B`` candidates. Differentiable in
     every input.
+
+    ``block_precision``: ``"fp32"`` runs the block matmuls in the inputs' precision (float32,
+    or float64 for float64 inputs); ``"bf16"`` runs them in bfloat16 (the backends accumulate
+    in float32; each logit and logit gradient is rounded to bfloat16 once), while the
+    log-sum-exps, running maxima, shifts and all reductions stay in the inputs' precision.
     """
     if block_size < 1:
         raise ValueError(f"model.objective.block_size must be >= 1, got {block_size}")
+    if block_precision not in PRECISIONS:
+        raise ValueError(
+            f"model.objective.block_precision must be one of {sorted(PRECISIONS)}, "
+            f"got {block_precision!r}"
+        )
     if anchor.dtype in (torch.float16, torch.bfloat16):  # sums of B^(M-1) exps need float32
         anchor, others = anchor.float(), [other.float() for other in others]
-    return _SymileLogSumExp.apply(block_size, anchor, *others)
+    with torch.autocast(anchor.device.type, enabled=False):
+        return _SymileLogSumExp.apply(block_size, PRECISIONS[block_precision], anchor, *others)
