@@ -265,11 +265,13 @@ class AlignmentModel(nn.Module):
         embeddings: Mapping[str, torch.Tensor],
         present: torch.Tensor | Batch | None = None,
         generator: torch.Generator | None = None,
+        groups: torch.Tensor | None = None,
     ) -> LossOutput:
         """The configured objective on ``embeddings``; ``present`` is a bool ``[B, M]`` whose
         columns follow ``embeddings``' keys, or the :class:`~mmalign.batch.Batch` they came
-        from (its mask is taken by modality name)."""
+        from (its mask is taken by modality name and its ``groups`` are used)."""
         if isinstance(present, Batch):
+            groups = present.groups if groups is None else groups
             present = present.present_for(list(embeddings))
         return self.objective(
             dict(embeddings),
@@ -277,6 +279,7 @@ class AlignmentModel(nn.Module):
             self.logit_bias,
             present=present,
             generator=generator,
+            groups=groups,
         )
 
     def save_pretrained(self, directory: str | Path) -> Path:

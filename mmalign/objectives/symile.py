@@ -16,6 +16,12 @@ An anchor row counts when its anchor and at least one other modality are present
 per anchor (``loss/<modality>``, weights keyed by modality) and averaged as described in
 :mod:`mmalign.objectives.base`. With M = 2 the loss is CLIP's (``n2``).
 
+Groups (``positives``, :mod:`mmalign.objectives.positives`), ``negatives: n``: a candidate
+column is a positive of anchor row ``i`` when every row of its tuple is in ``i``'s group (the
+own column always is). A shuffled column that happens to rebuild ``i``'s own tuple is thus a
+positive under ``multi``/``exclude`` while ``instance`` (and the ``symile`` package) counts it
+as a negative; without ``Batch.groups`` the own column is the only positive.
+
 Example:
     >>> import torch
     >>> from mmalign.objectives import build_objective
@@ -32,10 +38,10 @@ from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor
 
-from mmalign.config import ObjectiveConfig
+from mmalign.config import field_error
 from mmalign.objectives.base import (
     CONFIG_FIELD,
     Objective,
@@ -44,6 +50,7 @@ from mmalign.objectives.base import (
     register_objective,
 )
 from mmalign.objectives.distributed import BatchView, broadcast_from_first
+from mmalign.objectives.positives import PositivesConfig, row_losses
 from mmalign.objectives.symile_n2 import symile_logsumexp
 
 
@@ -69,13 +76,25 @@ def draw_permutations(
     return broadcast_from_first(stacked)
 
 
-class SymileConfig(ObjectiveConfig):
+class SymileConfig(PositivesConfig):
     """``symile``: which negatives, and the block size of the exact ``n2`` computation."""
 
     negatives: Literal["n", "n2"] = "n"
     """``n`` (shuffled rows, O(N)) or ``n2`` (all B^(M-1) combinations, exact, blockwise)."""
     block_size: int = Field(default=16384, ge=1)
     """``n2``: rows of the B^(M-1) candidate set processed per block."""
+
+    @model_validator(mode="after")
+    def _n2_has_instance_positives(self) -> SymileConfig:
+        if self.negatives == "n2" and self.positives != "instance":
+            raise field_error(
+                type(self).__name__,
+                "positives",
+                f"'{self.positives}' is not implemented for negatives 'n2' yet; use "
+                "negatives: n, or positives: instance",
+                self.positives,
+            )
+        return self
 
     def term_names(self, modalities: Sequence[str]) -> list[str]:
         if len(modalities) < 2:
@@ -128,14 +147,15 @@ class SymileObjective(Objective):
         positives = logit_scale * torch.stack(local).prod(dim=0).sum(dim=-1)
         if self.config.negatives == "n2":
             normalizers = self._n2_normalizers(batch, full, logit_scale)
+            losses = [normalizer - positives for normalizer in normalizers]
         else:
-            normalizers = self._n_normalizers(batch, local, full, positives, logit_scale, generator)
+            losses = self._n_row_losses(batch, local, full, positives, logit_scale, generator)
         valid_global = _valid_anchor_rows(batch.global_present)
         valid_local = valid_global[batch.offset : batch.offset + batch.rows]
         return [
             TermLoss(
                 name,
-                torch.where(valid_local[:, a], normalizers[a] - positives, 0.0).sum(),
+                torch.where(valid_local[:, a], losses[a], 0.0).sum(),
                 int(valid_global[:, a].sum()),
             )
             for a, name in enumerate(batch.modalities)
@@ -147,7 +167,7 @@ class SymileObjective(Objective):
         lse = symile_logsumexp(logit_scale * full[0], full[1:], self.config.block_size)
         return list(lse[:, batch.offset : batch.offset + batch.rows])
 
-    def _n_normalizers(
+    def _n_row_losses(
         self,
         batch: BatchView,
         local: list[Tensor],
@@ -158,14 +178,22 @@ class SymileObjective(Objective):
     ) -> list[Tensor]:
         count = len(full)
         perms = draw_permutations(count, batch.global_rows, generator, batch.device)
-        own_column = batch.local_global_index()[:, None] == torch.arange(
-            batch.global_rows, device=batch.device
-        )
-        normalizers = []
+        own = batch.local_global_index()
+        own_column = own[:, None] == torch.arange(batch.global_rows, device=batch.device)
+        mode = self.config.positives
+        losses = []
         for a in range(count):
             others = [full[m] for m in range(count) if m != a]
             shuffled = torch.stack([o[p] for o, p in zip(others, perms[a])]).prod(dim=0)
             logits = (logit_scale * local[a]) @ shuffled.T
             logits = torch.where(own_column, positives[:, None], logits)
-            normalizers.append(logits.logsumexp(dim=1))
-        return normalizers
+            if mode == "instance":
+                losses.append(logits.logsumexp(dim=1) - positives)
+                continue
+            positive = own_column
+            if batch.groups is not None:
+                same = batch.same_group()
+                positive = own_column | torch.stack([same[:, p] for p in perms[a]]).all(dim=0)
+            tau_plus = self.config.tau_plus
+            losses.append(row_losses(logits, own, positive, mode, tau_plus, logit_scale))
+        return losses
