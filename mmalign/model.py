@@ -178,7 +178,10 @@ class AlignmentModel(nn.Module):
         if isinstance(inputs, Batch):
             if present is not None:
                 raise ValueError("a Batch carries its own present mask; do not pass `present`")
+            item_index = inputs.item_index
             inputs, present = inputs.inputs, inputs.present_for(list(inputs.inputs))
+        else:
+            item_index = {}
         for modality in inputs:
             self._tower(modality)
         if present is None:
@@ -196,7 +199,7 @@ class AlignmentModel(nn.Module):
                 f"in inputs: {', '.join(inputs)}); got {present.dtype} {tuple(present.shape)}"
             )
         return {
-            modality: self._scatter(modality, x, present[:, column])
+            modality: self._scatter(modality, x, present[:, column], item_index.get(modality))
             for column, (modality, x) in enumerate(inputs.items())
         }
 
@@ -205,7 +208,9 @@ class AlignmentModel(nn.Module):
             raise ValueError(f"inputs[{modality!r}] is None; pass `present` to mark absent rows")
         return self.embed(modality, inputs)
 
-    def _scatter(self, modality: str, inputs: Any, rows: torch.Tensor) -> torch.Tensor:
+    def _scatter(
+        self, modality: str, inputs: Any, rows: torch.Tensor, item_index: torch.Tensor | None
+    ) -> torch.Tensor:
         index = rows.nonzero().squeeze(1).to(self.device)
         out = torch.zeros(rows.shape[0], self.dim, device=self.device)
         if index.numel() == 0:
@@ -215,6 +220,8 @@ class AlignmentModel(nn.Module):
                 f"present marks {index.numel()} rows of {modality!r} but inputs has None"
             )
         embedded = self.embed(modality, inputs)
+        if item_index is not None:  # rows of one record share one encoded item
+            embedded = embedded[item_index.to(self.device)]
         if embedded.shape[0] != index.numel():
             raise ValueError(
                 f"inputs[{modality!r}] has {embedded.shape[0]} rows but present marks "

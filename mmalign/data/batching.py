@@ -26,6 +26,7 @@ import torch
 from mmalign.batch import Batch
 from mmalign.data.decode import RecordError, decode_fields, decode_value, find_file
 from mmalign.data.records import log_skip
+from mmalign.data.views import Views, collate_expanded, decode_views, sample_group
 
 
 class Tower(Protocol):
@@ -48,6 +49,7 @@ class Sample:
     items: dict[str, Any]
     label: int = -1
     metadata: dict[str, Any] = field(default_factory=dict)
+    group: int | None = None
 
 
 @dataclass(frozen=True)
@@ -59,13 +61,18 @@ class Rejected:
 
 @dataclass
 class RecordSpec:
-    """What to take from each record: modality fields (tower order), label, metadata."""
+    """What to take from each record: modality fields (tower order), label, metadata, and
+    the group and views of :mod:`mmalign.data.views` (``epoch`` is set per pass)."""
 
     towers: Mapping[str, Tower]
     fields: dict[str, tuple[str, ...]]
     label: tuple[str, ...] | None = None
     metadata: dict[str, tuple[str, ...]] = field(default_factory=dict)
     augment: bool = False
+    group: tuple[tuple[str, ...], str | None] | None = None
+    views: dict[str, str] = field(default_factory=dict)
+    seed: int = 0
+    epoch: int = 0
 
     @property
     def modalities(self) -> list[str]:
@@ -87,8 +94,12 @@ def preprocess_with(tower: Tower, raw: Any, augment: bool) -> Any:
 def _preprocess_all(values: dict[str, Any], spec: RecordSpec) -> dict[str, Any]:
     items = {}
     for modality, value in values.items():
+        tower = spec.towers[modality]
         try:
-            items[modality] = preprocess_with(spec.towers[modality], value, spec.augment)
+            if isinstance(value, Views):
+                items[modality] = Views([preprocess_with(tower, v, spec.augment) for v in value.items])
+                continue
+            items[modality] = preprocess_with(tower, value, spec.augment)
         except ValueError as error:
             raise RecordError("preprocess", f"tower {modality!r}: {error}") from None
     return items
@@ -111,12 +122,14 @@ def to_sample(raw: Mapping[str, Any], spec: RecordSpec) -> Sample | Rejected:
     try:
         if "__error__" in raw:
             raise RecordError(*raw["__error__"])
-        values = decode_fields(raw, spec.fields)
+        plain = {name: alts for name, alts in spec.fields.items() if name not in spec.views}
+        values = {**decode_fields(raw, plain), **decode_views(raw, spec)}
         if not values:
             return Rejected("dropped/no_modality")
         label = _label(raw, spec.label)
         metadata = decode_fields(raw, spec.metadata)
-        return Sample(key, _preprocess_all(values, spec), label, metadata)
+        group = sample_group(raw, spec)
+        return Sample(key, _preprocess_all(values, spec), label, metadata, group)
     except RecordError as error:
         log_skip(url, key, error.reason, str(error))
         return Rejected(f"skipped/{error.reason}")
@@ -137,6 +150,8 @@ def take_samples(entries: Iterable[Sample | Rejected], count: int | None) -> Ite
 
 def collate_samples(samples: list[Sample], spec: RecordSpec) -> Batch:
     """A list of samples to a :class:`~mmalign.batch.Batch` (modalities in tower order)."""
+    if "expand" in spec.views.values():
+        return collate_expanded(samples, spec)
     modalities = spec.modalities
     present = torch.tensor(
         [[modality in sample.items for modality in modalities] for sample in samples],
@@ -155,6 +170,9 @@ def collate_samples(samples: list[Sample], spec: RecordSpec) -> Batch:
         inputs=inputs,
         present=present,
         labels=labels,
+        groups=None
+        if spec.group is None
+        else torch.tensor([sample.group for sample in samples], dtype=torch.long),
         metadata={name: [item.metadata.get(name) for item in samples] for name in spec.metadata},
     )
 

@@ -28,6 +28,7 @@ from mmalign.data.decode import parse_alternatives
 from mmalign.data.records import raw_records
 from mmalign.data.shards import expand_shards
 from mmalign.data.splitting import Split, current_split
+from mmalign.data.views import check_views, parse_group_field
 from mmalign.dist import resolve_world
 
 
@@ -75,6 +76,7 @@ class ShardBatches(IterableDataset):
 
     def __iter__(self) -> Iterator[Batch]:
         split = current_split(*self.world)
+        self.spec.epoch = self.epoch  # data.views: sample picks per pass
         if torch.utils.data.get_worker_info() is not None:  # a worker owns its tower copies
             for tower in self.spec.towers.values():
                 tower.set_augment(self.spec.augment)
@@ -182,6 +184,8 @@ def make_loader(
     epoch_samples: int | None = None,
     label_field: str | None = None,
     metadata_fields: Sequence[str] = (),
+    group_field: str | None = None,
+    views: Mapping[str, str] | None = None,
     rank: int | None = None,
     world_size: int | None = None,
     drop_last: bool = False,
@@ -192,7 +196,8 @@ def make_loader(
 
     ``fields`` maps each tower's modality to its file extension(s) (``"jpg;png"``);
     ``epoch_samples`` caps an epoch per rank (and bounds resampled streams);
-    ``field`` names the shard setting in error messages (``data.train``).
+    ``field`` names the shard setting in error messages (``data.train``); ``group_field``
+    and ``views`` are described in :mod:`mmalign.data.views`.
 
     Example:
         >>> loader = make_loader("shards/", {"text": text_tower}, {"text": "txt"}, 32,
@@ -207,6 +212,9 @@ def make_loader(
         label=parse_alternatives(label_field) if label_field else None,
         metadata={name: parse_alternatives(name) for name in metadata_fields},
         augment=augment,
+        group=parse_group_field(group_field) if group_field else None,
+        views=check_views(views or {}, towers),
+        seed=seed,
     )
     stream = ShardBatches(
         expand_shards(shards, field),
@@ -266,6 +274,8 @@ def loader_from_config(
         seed=data_cfg.seed if seed is None else seed,
         epoch_samples=data_cfg.epoch_samples if training else None,
         label_field=data_cfg.label_field if label_field is ... else label_field,
+        group_field=data_cfg.group_field,
+        views=data_cfg.views if training else dict.fromkeys(data_cfg.views, "first"),
         rank=rank,
         world_size=world_size,
         drop_last=training or processes > 1,
