@@ -130,6 +130,26 @@ def _reference_symile_n(emb, scale, present, groups, mode, names, perms):
     return sum(terms) / len(terms)
 
 
+def _reference_symile_n2_multi(emb, scale, present, groups, names):
+    """Dense: the full ``B^M`` logit tensor, each anchor's axis moved first."""
+    count, rows = len(names), len(groups)
+    filled = [torch.where(present[:, j, None], emb[m], 1.0) for j, m in enumerate(names)]
+    letters = "ijkl"[:count]
+    full = scale * torch.einsum(",".join(f"{x}d" for x in letters) + "->" + letters, *filled)
+    same = (groups[:, None] == groups[None, :]).to(full.dtype)
+    terms = []
+    for a in range(count):
+        logits = full.movedim(a, 0).reshape(rows, -1)
+        mask = same
+        for _ in range(count - 2):
+            mask = (mask[:, :, None] * same[:, None, :]).reshape(rows, -1)
+        mean_positive = (logits * mask).sum(dim=1) / mask.sum(dim=1)
+        row_loss = logits.logsumexp(dim=1) - mean_positive
+        valid = present[:, a] & (present.sum(dim=1) >= 2)
+        terms.append(row_loss[valid].mean())
+    return sum(terms) / len(terms)
+
+
 def _check(loss, reference, tensors):
     torch.testing.assert_close(loss, reference, rtol=1e-10, atol=1e-12)
     for ours, theirs in zip(
@@ -189,6 +209,27 @@ def test_symile_n_modes_equal_the_naive_reference(mode, count):
     _check(loss, reference, [*emb.values(), scale])
 
 
+@pytest.mark.parametrize("count", [3, 4])
+def test_symile_n2_multi_equals_the_dense_reference(count):
+    names = ["a", "b", "c", "d"][:count]
+    rows = 9
+    emb = _embeddings(names, rows=rows, dim=5, seed=count)
+    groups = torch.tensor([4, 4, 8, 8, 8, 1, 2, 2, 3])  # sizes 1..3
+    present = _present(rows, count, [(0, 0), (3, 1), (4, 2), (7, 0), (7, 2)])
+    scale = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
+    objective = build_objective(
+        {"name": "symile", "negatives": "n2", "positives": "multi", "block_size": 5}
+    )
+    loss = objective(emb, scale, present=present, groups=groups).loss
+    reference = _reference_symile_n2_multi(emb, scale, present, groups, names)
+    _check(loss, reference, [*emb.values(), scale])
+    instance = build_objective({"name": "symile", "negatives": "n2", "block_size": 5})
+    distinct = objective(emb, scale, present=present, groups=torch.arange(rows) * 3).loss
+    torch.testing.assert_close(
+        distinct, instance(emb, scale, present=present).loss, rtol=1e-13, atol=0
+    )
+
+
 def test_symile_reference_sees_shuffled_positive_tuples():
     """The groups above do put shuffled all-in-group tuples among the candidates, so the
     symile test exercises more than the own column."""
@@ -206,6 +247,7 @@ def test_symile_reference_sees_shuffled_positive_tuples():
         {"name": "anchored", "anchor": "a"},
         {"name": "sigmoid"},
         {"name": "symile", "negatives": "n"},
+        {"name": "symile", "negatives": "n2"},
     ],
 )
 def test_all_distinct_groups_multi_and_exclude_equal_instance(config):
@@ -235,7 +277,8 @@ def test_all_distinct_groups_multi_and_exclude_equal_instance(config):
 
     instance = loss("instance", with_groups=False)
     assert torch.equal(loss("instance"), instance)  # groups never change instance
-    for mode in ("multi", "exclude"):
+    modes = ["multi"] if config.get("negatives") == "n2" else ["multi", "exclude"]
+    for mode in modes:
         torch.testing.assert_close(loss(mode), instance, rtol=1e-13, atol=0)
         torch.testing.assert_close(loss(mode, with_groups=False), instance, rtol=1e-13, atol=0)
 
@@ -284,7 +327,7 @@ def test_unsupported_combinations_are_config_errors():
     with pytest.raises(ConfigError, match="positives"):
         build_objective({"name": "sigmoid", "positives": "debiased"})
     with pytest.raises(ConfigError, match="positives"):
-        build_objective({"name": "symile", "negatives": "n2", "positives": "multi"})
+        build_objective({"name": "symile", "negatives": "n2", "positives": "exclude"})
     with pytest.raises(ConfigError, match="tau_plus"):
         build_objective({"name": "clip", "positives": "debiased", "tau_plus": 1.0})
     with pytest.raises(ValueError, match="groups"):

@@ -19,6 +19,7 @@ CONFIGS = [
     *({"name": "anchored", "anchor": "b", "positives": mode} for mode in MODES),
     *({"name": "sigmoid", "positives": mode} for mode in ("multi", "exclude")),
     *({"name": "symile", "negatives": "n", "positives": mode, "tau_plus": 0.2} for mode in MODES),
+    {"name": "symile", "negatives": "n2", "positives": "multi", "block_size": 4},
 ]
 # groups spanning both ranks (rows 0-4 on rank 0, rows 5-7 on rank 1), sizes 1..3
 GROUPS = torch.tensor([40, 7, 40, 9, 7, 40, 9, 12])

@@ -16,11 +16,14 @@ An anchor row counts when its anchor and at least one other modality are present
 per anchor (``loss/<modality>``, weights keyed by modality) and averaged as described in
 :mod:`mmalign.objectives.base`. With M = 2 the loss is CLIP's (``n2``).
 
-Groups (``positives``, :mod:`mmalign.objectives.positives`), ``negatives: n``: a candidate
+Groups (``positives``, :mod:`mmalign.objectives.positives`). ``negatives: n``: a candidate
 column is a positive of anchor row ``i`` when every row of its tuple is in ``i``'s group (the
 own column always is). A shuffled column that happens to rebuild ``i``'s own tuple is thus a
 positive under ``multi``/``exclude`` while ``instance`` (and the ``symile`` package) counts it
 as a negative; without ``Batch.groups`` the own column is the only positive.
+``negatives: n2``: ``multi`` only, exact and ``O(B d M)`` on top of the blockwise pass
+(:func:`group_mean_logits`); ``exclude`` and ``debiased`` would need a masked blockwise pass
+and are refused.
 
 Example:
     >>> import torch
@@ -63,6 +66,30 @@ def _valid_anchor_rows(present: Tensor) -> Tensor:
     return present & (present.sum(dim=1, keepdim=True) >= 2)
 
 
+def group_mean_logits(
+    batch: BatchView, local: list[Tensor], full: list[Tensor], logit_scale: Tensor
+) -> list[Tensor]:
+    """``n2`` with ``multi``: for each anchor ``a`` and local row ``i`` the mean logit over the
+    candidate tuples whose rows all lie in ``i``'s group, ``scale * sum_d E_a[i, d] *
+    prod_{m != a} (mean_{j in group(i)} E_m[j, d])`` (the MIP is multilinear), ``O(B d M)``."""
+    groups, inverse = torch.unique(batch.global_groups, return_inverse=True)
+    counts = torch.bincount(inverse, minlength=len(groups)).to(full[0].dtype)
+    means = [
+        embedding.new_zeros(len(groups), embedding.shape[1]).index_add(0, inverse, embedding)
+        / counts[:, None]
+        for embedding in full
+    ]
+    own = inverse[batch.offset : batch.offset + batch.rows]
+    result = []
+    for a in range(len(full)):
+        product = logit_scale * local[a]
+        for m, mean in enumerate(means):
+            if m != a:
+                product = product * mean[own]
+        result.append(product.sum(dim=-1))
+    return result
+
+
 def draw_permutations(
     modalities: int, rows: int, generator: torch.Generator | None, device: torch.device
 ) -> Tensor:
@@ -85,13 +112,13 @@ class SymileConfig(PositivesConfig):
     """``n2``: rows of the B^(M-1) candidate set processed per block."""
 
     @model_validator(mode="after")
-    def _n2_has_instance_positives(self) -> SymileConfig:
-        if self.negatives == "n2" and self.positives != "instance":
+    def _n2_positives(self) -> SymileConfig:
+        if self.negatives == "n2" and self.positives not in ("instance", "multi"):
             raise field_error(
                 type(self).__name__,
                 "positives",
-                f"'{self.positives}' is not implemented for negatives 'n2' yet; use "
-                "negatives: n, or positives: instance",
+                f"'{self.positives}' is not implemented for negatives 'n2' yet (it needs a "
+                "masked blockwise pass); use instance or multi, or negatives: n",
                 self.positives,
             )
         return self
@@ -147,7 +174,11 @@ class SymileObjective(Objective):
         positives = logit_scale * torch.stack(local).prod(dim=0).sum(dim=-1)
         if self.config.negatives == "n2":
             normalizers = self._n2_normalizers(batch, full, logit_scale)
-            losses = [normalizer - positives for normalizer in normalizers]
+            if self.config.positives == "multi" and batch.groups is not None:
+                positives = group_mean_logits(batch, local, full, logit_scale)
+                losses = [normalizer - mean for normalizer, mean in zip(normalizers, positives)]
+            else:
+                losses = [normalizer - positives for normalizer in normalizers]
         else:
             losses = self._n_row_losses(batch, local, full, positives, logit_scale, generator)
         valid_global = _valid_anchor_rows(batch.global_present)
