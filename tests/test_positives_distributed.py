@@ -1,5 +1,6 @@
 """Same-group positives across processes and micro-batches: 2 real processes (gloo) and exact
-accumulation (K = 3) equal one process holding the whole batch, for every positives mode."""
+accumulation (K = 3) equal one process holding the whole batch, for every positives mode (and
+with hard negatives: rows missing the query modality as extra candidates)."""
 
 import torch
 import torch.distributed as dist
@@ -20,6 +21,8 @@ CONFIGS = [
     *({"name": "sigmoid", "positives": mode} for mode in ("multi", "exclude")),
     *({"name": "symile", "negatives": "n", "positives": mode, "tau_plus": 0.2} for mode in MODES),
     {"name": "symile", "negatives": "n2", "positives": "multi", "block_size": 4},
+    {"name": "clip", "positives": "multi", "hard_negatives": True},
+    {"name": "sigmoid", "positives": "exclude", "hard_negatives": True},
 ]
 # groups spanning both ranks (rows 0-4 on rank 0, rows 5-7 on rank 1), sizes 1..3
 GROUPS = torch.tensor([40, 7, 40, 9, 7, 40, 9, 12])

@@ -25,6 +25,7 @@ import torch
 
 from mmalign.batch import Batch
 from mmalign.data.decode import RecordError, decode_fields, decode_value, find_file
+from mmalign.data.negatives import negative_items
 from mmalign.data.records import log_skip
 from mmalign.data.views import Views, collate_expanded, decode_views, sample_group
 
@@ -50,6 +51,8 @@ class Sample:
     label: int = -1
     metadata: dict[str, Any] = field(default_factory=dict)
     group: int | None = None
+    negatives: list[Sample] = field(default_factory=list)
+    """Rows of the record's mined negatives (:mod:`mmalign.data.negatives`)."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,7 @@ class RecordSpec:
     augment: bool = False
     group: tuple[tuple[str, ...], str | None] | None = None
     views: dict[str, str] = field(default_factory=dict)
+    negatives: str | None = None
     seed: int = 0
     epoch: int = 0
 
@@ -129,10 +133,20 @@ def to_sample(raw: Mapping[str, Any], spec: RecordSpec) -> Sample | Rejected:
         label = _label(raw, spec.label)
         metadata = decode_fields(raw, spec.metadata)
         group = sample_group(raw, spec)
-        return Sample(key, _preprocess_all(values, spec), label, metadata, group)
+        return Sample(key, _preprocess_all(values, spec), label, metadata, group, _negatives(raw, spec))
     except RecordError as error:
         log_skip(url, key, error.reason, str(error))
         return Rejected(f"skipped/{error.reason}")
+
+
+def _negatives(raw: Mapping[str, Any], spec: RecordSpec) -> list[Sample]:
+    if spec.negatives is None:
+        return []
+    modality = spec.negatives
+    return [
+        Sample(f"{raw['__key__']}/{name}", _preprocess_all({modality: value}, spec), group=group)
+        for name, value, group in negative_items(raw, spec.fields[modality])
+    ]
 
 
 def take_samples(entries: Iterable[Sample | Rejected], count: int | None) -> Iterator:
@@ -149,7 +163,9 @@ def take_samples(entries: Iterable[Sample | Rejected], count: int | None) -> Ite
 
 
 def collate_samples(samples: list[Sample], spec: RecordSpec) -> Batch:
-    """A list of samples to a :class:`~mmalign.batch.Batch` (modalities in tower order)."""
+    """A list of samples to a :class:`~mmalign.batch.Batch` (modalities in tower order); a
+    sample's mined negatives follow it as rows."""
+    samples = [row for sample in samples for row in (sample, *sample.negatives)]
     if "expand" in spec.views.values():
         return collate_expanded(samples, spec)
     modalities = spec.modalities

@@ -160,6 +160,15 @@ class Loader:
             )
 
 
+def check_negatives(modality: str | None, towers: Mapping[str, Tower]) -> str | None:
+    """``data.negatives`` must name a tower."""
+    if modality is not None and modality not in towers:
+        raise ConfigError(
+            f"data.negatives: no tower named {modality!r}; use one of {list(towers)}"
+        )
+    return modality
+
+
 def _check_fields(towers: Mapping[str, Tower], fields: Mapping[str, str]) -> None:
     if not list(towers):
         raise ValueError("make_loader needs at least one tower")
@@ -186,6 +195,7 @@ def make_loader(
     metadata_fields: Sequence[str] = (),
     group_field: str | None = None,
     views: Mapping[str, str] | None = None,
+    negatives: str | None = None,
     rank: int | None = None,
     world_size: int | None = None,
     drop_last: bool = False,
@@ -197,7 +207,8 @@ def make_loader(
     ``fields`` maps each tower's modality to its file extension(s) (``"jpg;png"``);
     ``epoch_samples`` caps an epoch per rank (and bounds resampled streams);
     ``field`` names the shard setting in error messages (``data.train``); ``group_field``
-    and ``views`` are described in :mod:`mmalign.data.views`.
+    and ``views`` are described in :mod:`mmalign.data.views`, ``negatives`` in
+    :mod:`mmalign.data.negatives`.
 
     Example:
         >>> loader = make_loader("shards/", {"text": text_tower}, {"text": "txt"}, 32,
@@ -214,6 +225,7 @@ def make_loader(
         augment=augment,
         group=parse_group_field(group_field) if group_field else None,
         views=check_views(views or {}, towers),
+        negatives=check_negatives(negatives, towers),
         seed=seed,
     )
     stream = ShardBatches(
@@ -276,6 +288,7 @@ def loader_from_config(
         label_field=data_cfg.label_field if label_field is ... else label_field,
         group_field=data_cfg.group_field,
         views=data_cfg.views if training else dict.fromkeys(data_cfg.views, "first"),
+        negatives=data_cfg.negatives if training else None,
         rank=rank,
         world_size=world_size,
         drop_last=training or processes > 1,

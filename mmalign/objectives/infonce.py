@@ -6,7 +6,9 @@ they are skipped as rows and their columns are masked out of the softmax, so the
 open_clip's ``ClipLoss`` on the sub-batch of valid rows. The per-row loss is the mean of the two
 directions' cross-entropies, so the mean over valid rows is ``(CE(a->b) + CE(b->a)) / 2``.
 With ``positives`` other than ``instance`` each direction's row loss is
-:func:`mmalign.objectives.positives.row_losses` over the same valid columns.
+:func:`mmalign.objectives.positives.row_losses` over the same valid columns. With
+``hard_negatives`` the columns of direction ``a -> b`` are every row that has ``b`` (mined
+negatives are rows with only ``b``); rows are still the valid ones.
 
 Example:
     >>> import torch
@@ -35,16 +37,20 @@ def _direction_loss_sum(
     scale: Tensor,
     positives: PositivesConfig | None,
 ) -> Tensor:
-    """Sum over valid local rows of the cross-entropy of rows against all valid global columns."""
+    """Sum over valid local rows of the cross-entropy of rows against all candidate global
+    columns: the valid rows, or with ``hard_negatives`` every row that has the column modality."""
     queries = batch.embeddings[rows_modality]
     keys = batch.global_embeddings[columns_modality]
     labels = batch.local_global_index()
     instance = positives is None or positives.positives == "instance"
+    columns = valid
+    if positives is not None and positives.hard_negatives:
+        columns = batch.column(columns_modality, global_batch=True)
     if instance and bool(valid.all()):
         return F.cross_entropy((scale * queries) @ keys.T, labels, reduction="sum")
     valid_local = valid[batch.offset : batch.offset + batch.rows]
     logits = (scale * queries[valid_local]) @ keys.T
-    logits = logits.masked_fill(~valid[None, :], float("-inf"))
+    logits = logits.masked_fill(~columns[None, :], float("-inf"))
     if instance:
         return F.cross_entropy(logits, labels[valid_local], reduction="sum")
     same = batch.same_group()[valid_local]

@@ -43,6 +43,10 @@ class PositivesConfig(ObjectiveConfig):
     """``instance``, ``multi``, ``exclude`` (same-group rows) or ``debiased`` (no groups)."""
     tau_plus: float = Field(default=0.1, ge=0.0, lt=1.0)
     """``debiased``: the prior probability that a random negative shares the query's class."""
+    hard_negatives: bool = False
+    """Pairwise objectives: in direction ``a -> b`` every row that has ``b`` is a candidate,
+    so the rows ``data.negatives`` adds (mined negatives with only ``b``) and records missing
+    ``a`` count as extra negatives; without it candidates are the rows with both."""
 
 
 def same_group(row_groups: Tensor, column_groups: Tensor) -> Tensor:

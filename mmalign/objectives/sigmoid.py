@@ -9,7 +9,8 @@ of samples without both modalities are dropped (the term equals SigLIP on the su
 
 Groups (:mod:`mmalign.objectives.positives`): with ``positives: multi`` every same-group entry
 is labelled +1; with ``exclude`` same-group entries other than the diagonal are left out of
-the row's sum. ``debiased`` is a softmax estimator and is refused here.
+the row's sum. ``debiased`` is a softmax estimator and is refused here. With
+``hard_negatives`` the columns of ``(a, b)`` are every row that has ``b`` (label -1).
 
 Example:
     >>> import torch
@@ -64,6 +65,7 @@ def sigmoid_term(
     logit_scale: Tensor,
     logit_bias: Tensor,
     positives: PositivesMode = "instance",
+    hard_negatives: bool = False,
 ) -> TermLoss:
     """The sigmoid term of one pair: row losses summed over this rank's valid rows."""
     first, second = pair
@@ -74,7 +76,7 @@ def sigmoid_term(
     positive = batch.local_global_index()[valid_local, None] == torch.arange(
         batch.global_rows, device=batch.device
     )
-    kept = valid[None, :]
+    kept = (batch.column(second, global_batch=True) if hard_negatives else valid)[None, :]
     if positives != "instance":
         same = batch.same_group()[valid_local]
         if positives == "multi":
@@ -110,6 +112,8 @@ class SigmoidObjective(PairwiseObjective):
             )
         bias = torch.as_tensor(logit_bias, dtype=batch.dtype, device=batch.device)
         return [
-            sigmoid_term(batch, pair, logit_scale, bias, self.config.positives)
+            sigmoid_term(
+                batch, pair, logit_scale, bias, self.config.positives, self.config.hard_negatives
+            )
             for pair in self.pairs(batch.modalities)
         ]

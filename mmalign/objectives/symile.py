@@ -112,6 +112,18 @@ class SymileConfig(PositivesConfig):
     """``n2``: rows of the B^(M-1) candidate set processed per block."""
 
     @model_validator(mode="after")
+    def _no_hard_negatives(self) -> SymileConfig:
+        if self.hard_negatives:
+            raise field_error(
+                type(self).__name__,
+                "hard_negatives",
+                "'symile' scores whole tuples and has no candidate column for a mined "
+                "negative of one modality; use clip, anchored or sigmoid, or set it false",
+                self.hard_negatives,
+            )
+        return self
+
+    @model_validator(mode="after")
     def _n2_positives(self) -> SymileConfig:
         if self.negatives == "n2" and self.positives not in ("instance", "multi"):
             raise field_error(
