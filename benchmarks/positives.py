@@ -58,6 +58,7 @@ def _base_config(data: Path, out: Path, steps: int, batch: int) -> dict[str, Any
         fields=dict(FIELDS),
         classes=str(data / "classes.json"),
         batch_size=batch,
+        shuffle_buffer=256,
     )
     config["train"].update(steps=steps, warmup=min(20, steps // 10), output=str(out))
     config["eval"].update(best_metric="val/loss", best_mode="min")
