@@ -396,7 +396,7 @@ def main() -> None:
         "--digits-sum", type=Path, help="train digits-sum (this dataset dir) with each precision"
     )
     parser.add_argument(
-        "--towers", type=Path, help="--digits-sum: the digits model's open_clip folder (written by mmalign demo)"
+        "--towers", type=Path, help="--digits-sum: the demo digits model's open_clip folder"
     )
     parser.add_argument("--steps", type=int, default=100, help="--digits-sum: training steps")
     parser.add_argument("--worker", help=argparse.SUPPRESS)

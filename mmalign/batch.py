@@ -50,6 +50,9 @@ class Batch:
     - ``labels``: ``LongTensor[B]`` class labels (-1 where a record has none), or ``None``.
     - ``groups``: ``LongTensor[B]`` group ids (rows of one group are positives of each
       other), or ``None`` when the data has no groups.
+    - ``item_index``: modality -> ``LongTensor`` with, for each row that has the modality,
+      the item of ``inputs[m]`` it uses; rows of one record then share one item, encoded
+      once (``data.views: expand``). A modality not in it has one item per present row.
     - ``metadata``: field name -> one value per row.
     - ``counters``: records seen/used/skipped since the previous batch of the same loader
       worker (loader bookkeeping; the :class:`~mmalign.data.Loader` adds them up).
@@ -61,6 +64,7 @@ class Batch:
     present: Tensor
     labels: Tensor | None = None
     groups: Tensor | None = None
+    item_index: dict[str, Tensor] = field(default_factory=dict)
     metadata: dict[str, list[Any]] = field(default_factory=dict)
     counters: dict[str, int] = field(default_factory=dict)
 
@@ -98,6 +102,7 @@ class Batch:
             present=self.present.to(device),
             labels=None if self.labels is None else self.labels.to(device),
             groups=None if self.groups is None else self.groups.to(device),
+            item_index={name: index.to(device) for name, index in self.item_index.items()},
         )
 
     @classmethod

@@ -206,6 +206,15 @@ class DataConfig(_Section):
     """Extension of an integer class label kept in the batch (for zero-shot validation)."""
     classes: str | None = None
     """A ``classes.json`` with class names and prompt templates (zero-shot validation)."""
+    group_field: str | None = None
+    """Extension holding each record's group (``cls``, ``txt``, ``json:<key>``): rows of one
+    group are positives of each other (``model.objective.positives``); strings are hashed."""
+    views: dict[str, Literal["sample", "expand"]] = {}
+    """Modality -> ``sample`` (one of a record's several items per pass) or ``expand`` (one
+    row per item, one group); see :mod:`mmalign.data.views`."""
+    negatives: str | None = None
+    """Modality whose mined ``neg<i>.<ext>`` files (``mmalign prep mine-negatives``) become
+    extra training rows; ``model.objective.hard_negatives: true`` uses them."""
     batch_size: int = Field(default=64, ge=1)
     workers: int = Field(default=0, ge=0)
     shuffle_buffer: int = Field(default=1000, ge=0)

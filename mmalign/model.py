@@ -181,7 +181,10 @@ class AlignmentModel(nn.Module):
         if isinstance(inputs, Batch):
             if present is not None:
                 raise ValueError("a Batch carries its own present mask; do not pass `present`")
+            item_index = inputs.item_index
             inputs, present = inputs.inputs, inputs.present_for(list(inputs.inputs))
+        else:
+            item_index = {}
         for modality in inputs:
             self._tower(modality)
         if present is None:
@@ -199,7 +202,7 @@ class AlignmentModel(nn.Module):
                 f"in inputs: {', '.join(inputs)}); got {present.dtype} {tuple(present.shape)}"
             )
         return {
-            modality: self._scatter(modality, x, present[:, column])
+            modality: self._scatter(modality, x, present[:, column], item_index.get(modality))
             for column, (modality, x) in enumerate(inputs.items())
         }
 
@@ -208,7 +211,9 @@ class AlignmentModel(nn.Module):
             raise ValueError(f"inputs[{modality!r}] is None; pass `present` to mark absent rows")
         return self.embed(modality, inputs)
 
-    def _scatter(self, modality: str, inputs: Any, rows: torch.Tensor) -> torch.Tensor:
+    def _scatter(
+        self, modality: str, inputs: Any, rows: torch.Tensor, item_index: torch.Tensor | None
+    ) -> torch.Tensor:
         index = rows.nonzero().squeeze(1).to(self.device)
         out = torch.zeros(rows.shape[0], self.dim, device=self.device)
         if index.numel() == 0:
@@ -218,6 +223,8 @@ class AlignmentModel(nn.Module):
                 f"present marks {index.numel()} rows of {modality!r} but inputs has None"
             )
         embedded = self.embed(modality, inputs)
+        if item_index is not None:  # rows of one record share one encoded item
+            embedded = embedded[item_index.to(self.device)]
         if embedded.shape[0] != index.numel():
             raise ValueError(
                 f"inputs[{modality!r}] has {embedded.shape[0]} rows but present marks "
@@ -268,11 +275,13 @@ class AlignmentModel(nn.Module):
         embeddings: Mapping[str, torch.Tensor],
         present: torch.Tensor | Batch | None = None,
         generator: torch.Generator | None = None,
+        groups: torch.Tensor | None = None,
     ) -> LossOutput:
         """The configured objective on ``embeddings``; ``present`` is a bool ``[B, M]`` whose
         columns follow ``embeddings``' keys, or the :class:`~mmalign.batch.Batch` they came
-        from (its mask is taken by modality name)."""
+        from (its mask is taken by modality name and its ``groups`` are used)."""
         if isinstance(present, Batch):
+            groups = present.groups if groups is None else groups
             present = present.present_for(list(embeddings))
         return self.objective(
             dict(embeddings),
@@ -280,6 +289,7 @@ class AlignmentModel(nn.Module):
             self.logit_bias,
             present=present,
             generator=generator,
+            groups=groups,
         )
 
     def save_pretrained(self, directory: str | Path) -> Path:

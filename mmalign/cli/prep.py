@@ -18,6 +18,8 @@ PREP_TOOLS = {
     "make-demo": "the digit demo's shards (mmalign.demo.data)",
     "from-manifest": "shards from a CSV/JSONL manifest (mmalign.prep.from_manifest)",
     "train-tokenizer": "a SentencePiece tokenizer from text (mmalign.prep.train_tokenizer)",
+    "group-shards": "export rows ordered by k-means cluster (mmalign.export.group_shards)",
+    "mine-negatives": "an export's records with hard negatives (mmalign.export.mine_negatives)",
 }
 """``mmalign prep`` tools and what each writes (its module)."""
 
@@ -39,6 +41,10 @@ def tool_main(tool: str) -> Callable[[list[str]], int | None]:
         from mmalign.prep.from_manifest import main
     elif tool == "train-tokenizer":
         from mmalign.prep.train_tokenizer import main
+    elif tool == "group-shards":
+        from mmalign.export.group_shards import main
+    elif tool == "mine-negatives":
+        from mmalign.export.mine_negatives import main
     else:
         raise ValueError(f"unknown prep tool {tool!r}; one of {sorted(PREP_TOOLS)}")
     return main

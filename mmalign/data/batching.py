@@ -28,6 +28,8 @@ import torch
 from mmalign.batch import Batch
 from mmalign.data.decode import RecordError, decode_fields, decode_value, find_file
 from mmalign.data.limits import DEFAULT_LIMITS, RecordLimits
+from mmalign.data.negatives import negative_items
+from mmalign.data.views import Views, collate_expanded, decode_views, sample_group
 
 
 class Tower(Protocol):
@@ -50,6 +52,9 @@ class Sample:
     items: dict[str, Any]
     label: int = -1
     metadata: dict[str, Any] = field(default_factory=dict)
+    group: int | None = None
+    negatives: list[Sample] = field(default_factory=list)
+    """Rows of the record's mined negatives (:mod:`mmalign.data.negatives`)."""
 
 
 @dataclass(frozen=True)
@@ -65,7 +70,8 @@ class Rejected:
 
 @dataclass
 class RecordSpec:
-    """What to take from each record: modality fields (tower order), label, metadata."""
+    """What to take from each record: modality fields (tower order), label, metadata, and
+    the group and views of :mod:`mmalign.data.views` (``epoch`` is set per pass)."""
 
     towers: Mapping[str, Tower]
     fields: dict[str, tuple[str, ...]]
@@ -73,6 +79,11 @@ class RecordSpec:
     metadata: dict[str, tuple[str, ...]] = field(default_factory=dict)
     augment: bool = False
     limits: RecordLimits = DEFAULT_LIMITS
+    group: tuple[tuple[str, ...], str | None] | None = None
+    views: dict[str, str] = field(default_factory=dict)
+    negatives: str | None = None
+    seed: int = 0
+    epoch: int = 0
 
     @property
     def modalities(self) -> list[str]:
@@ -94,8 +105,14 @@ def preprocess_with(tower: Tower, raw: Any, augment: bool) -> Any:
 def _preprocess_all(values: dict[str, Any], spec: RecordSpec) -> dict[str, Any]:
     items = {}
     for modality, value in values.items():
+        tower = spec.towers[modality]
         try:
-            items[modality] = preprocess_with(spec.towers[modality], value, spec.augment)
+            if isinstance(value, Views):
+                items[modality] = Views(
+                    [preprocess_with(tower, v, spec.augment) for v in value.items]
+                )
+                continue
+            items[modality] = preprocess_with(tower, value, spec.augment)
         except Exception as error:  # one record never takes the run down
             raise RecordError(
                 "preprocess", f"tower {modality!r}: {type(error).__name__}: {error}"
@@ -121,14 +138,27 @@ def to_sample(raw: Mapping[str, Any], spec: RecordSpec) -> Sample | Rejected:
     try:
         if "__error__" in raw:
             raise RecordError(*raw["__error__"])
-        values = decode_fields(raw, spec.fields, spec.limits)
+        plain = {name: alts for name, alts in spec.fields.items() if name not in spec.views}
+        values = {**decode_fields(raw, plain, spec.limits), **decode_views(raw, spec)}
         if not values:
             return Rejected("dropped/no_modality")
         label = _label(raw, spec)
         metadata = decode_fields(raw, spec.metadata, spec.limits)
-        return Sample(key, _preprocess_all(values, spec), label, metadata)
+        group = sample_group(raw, spec)
+        negatives = _negatives(raw, spec)
+        return Sample(key, _preprocess_all(values, spec), label, metadata, group, negatives)
     except RecordError as error:
         return Rejected(f"skipped/{error.reason}", url, key, error.detail)
+
+
+def _negatives(raw: Mapping[str, Any], spec: RecordSpec) -> list[Sample]:
+    if spec.negatives is None:
+        return []
+    modality = spec.negatives
+    return [
+        Sample(f"{raw['__key__']}/{name}", _preprocess_all({modality: value}, spec), group=group)
+        for name, value, group in negative_items(raw, spec.fields[modality], spec.limits)
+    ]
 
 
 def take_samples(entries: Iterable[Sample | Rejected], count: int | None) -> Iterator:
@@ -145,7 +175,11 @@ def take_samples(entries: Iterable[Sample | Rejected], count: int | None) -> Ite
 
 
 def collate_samples(samples: list[Sample], spec: RecordSpec) -> Batch:
-    """A list of samples to a :class:`~mmalign.batch.Batch` (modalities in tower order)."""
+    """A list of samples to a :class:`~mmalign.batch.Batch` (modalities in tower order); a
+    sample's mined negatives follow it as rows."""
+    samples = [row for sample in samples for row in (sample, *sample.negatives)]
+    if "expand" in spec.views.values():
+        return collate_expanded(samples, spec)
     modalities = spec.modalities
     present = torch.tensor(
         [[modality in sample.items for modality in modalities] for sample in samples],
@@ -164,6 +198,9 @@ def collate_samples(samples: list[Sample], spec: RecordSpec) -> Batch:
         inputs=inputs,
         present=present,
         labels=labels,
+        groups=None
+        if spec.group is None
+        else torch.tensor([sample.group for sample in samples], dtype=torch.long),
         metadata={name: [item.metadata.get(name) for item in samples] for name in spec.metadata},
     )
 

@@ -48,6 +48,7 @@ from mmalign.data.records import log_skip, raw_records
 from mmalign.data.shards import expand_shards
 from mmalign.data.splitting import Split, current_split
 from mmalign.data.survey import ShardSurvey, missing_modalities
+from mmalign.data.views import check_views, parse_group_field
 from mmalign.dist import resolve_world
 from mmalign.errors import UserError
 
@@ -102,6 +103,7 @@ class ShardBatches(IterableDataset):
 
     def __iter__(self) -> Iterator[Delivery]:
         split = current_split(*self.world)
+        self.spec.epoch = self.epoch  # data.views: sample picks per pass
         if torch.utils.data.get_worker_info() is not None:  # a worker owns its tower copies
             for tower in self.spec.towers.values():
                 tower.set_augment(self.spec.augment)
@@ -257,6 +259,15 @@ class Loader:
         return NoUsableData(f"{what} ({_listed(stream.urls)}; records {shown}){example}; {hint}")
 
 
+def check_negatives(modality: str | None, towers: Mapping[str, Tower]) -> str | None:
+    """``data.negatives`` must name a tower."""
+    if modality is not None and modality not in towers:
+        raise ConfigError(
+            f"data.negatives: no tower named {modality!r}; use one of {list(towers)}"
+        )
+    return modality
+
+
 def _check_fields(towers: Mapping[str, Tower], fields: Mapping[str, str]) -> None:
     if not list(towers):
         raise ValueError("make_loader needs at least one tower")
@@ -281,6 +292,9 @@ def make_loader(
     epoch_samples: int | None = None,
     label_field: str | None = None,
     metadata_fields: Sequence[str] = (),
+    group_field: str | None = None,
+    views: Mapping[str, str] | None = None,
+    negatives: str | None = None,
     rank: int | None = None,
     world_size: int | None = None,
     drop_last: bool = False,
@@ -296,7 +310,8 @@ def make_loader(
     ``field`` names the shard setting in error messages (``data.train``); ``limits`` are the
     per-record limits (default: those of a default ``DataConfig``); ``require_modalities``
     raises :class:`NoUsableData` when no usable record has some modality (see the module
-    docstring).
+    docstring); ``group_field`` and ``views`` are described in :mod:`mmalign.data.views`,
+    ``negatives`` in :mod:`mmalign.data.negatives`.
 
     Example:
         >>> loader = make_loader("shards/", {"text": text_tower}, {"text": "txt"}, 32,
@@ -312,6 +327,10 @@ def make_loader(
         metadata={name: parse_alternatives(name) for name in metadata_fields},
         augment=augment,
         limits=limits,
+        group=parse_group_field(group_field) if group_field else None,
+        views=check_views(views or {}, towers),
+        negatives=check_negatives(negatives, towers),
+        seed=seed,
     )
     stream = ShardBatches(
         expand_shards(shards, field),
@@ -373,6 +392,9 @@ def loader_from_config(
         seed=data_cfg.seed if seed is None else seed,
         epoch_samples=data_cfg.epoch_samples if training else None,
         label_field=data_cfg.label_field if label_field is ... else label_field,
+        group_field=data_cfg.group_field,
+        views=data_cfg.views if training else dict.fromkeys(data_cfg.views, "first"),
+        negatives=data_cfg.negatives if training else None,
         rank=rank,
         world_size=world_size,
         drop_last=training or processes > 1,

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from mmalign.config import ObjectiveConfig, field_error
+from mmalign.config import field_error
 from mmalign.objectives.base import pair_name, register_objective
 from mmalign.objectives.clip import ClipObjective
+from mmalign.objectives.positives import PositivesConfig
 
 
-class AnchoredConfig(ObjectiveConfig):
+class AnchoredConfig(PositivesConfig):
     """``anchored``: every other modality is paired with ``anchor``."""
 
     anchor: str

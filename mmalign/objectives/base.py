@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from mmalign.config import ObjectiveConfig, field_error, objective_config
 from mmalign.errors import config_error
 from mmalign.objectives.distributed import BatchView, all_reduce_mean
+from mmalign.objectives.positives import PositivesConfig
 from mmalign.registry import OBJECTIVES
 
 CONFIG_FIELD = "model.objective"
@@ -120,10 +121,16 @@ class Objective(nn.Module):
         logit_bias: Tensor | None = None,
         present: Tensor | None = None,
         generator: torch.Generator | None = None,
+        groups: Tensor | None = None,
     ) -> LossOutput:
-        """The loss of a batch of embeddings ``{modality: [B, d]}``; see the module docstring."""
-        batch = BatchView.gather(embeddings, present, with_grad=self.config.gather_with_grad)
-        weights = self._weights(list(embeddings))
+        """The loss of a batch of embeddings ``{modality: [B, d]}``; see the module docstring.
+        ``groups`` (``LongTensor[B]``) makes rows of one group positives of each other as
+        ``config.positives`` says (:mod:`mmalign.objectives.positives`)."""
+        modalities = list(embeddings)
+        weights = self._weights(modalities)
+        batch = BatchView.gather(
+            embeddings, present, with_grad=self.config.gather_with_grad, groups=groups
+        )
         logit_scale = torch.as_tensor(logit_scale, dtype=batch.dtype, device=batch.device)
         terms = self.terms(batch, logit_scale, logit_bias, generator)
         return _combine(terms, weights, batch, logit_scale, logit_bias)
@@ -188,7 +195,7 @@ def _combine(
     return LossOutput(loss=loss, metrics=metrics)
 
 
-class PairwiseConfig(ObjectiveConfig):
+class PairwiseConfig(PositivesConfig):
     """Config of an objective with one term per pair of modalities."""
 
     pairs: list[tuple[str, str]] | None = None

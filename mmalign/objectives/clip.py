@@ -1,8 +1,9 @@
 """``clip``: symmetric InfoNCE on every pair of modalities (or the configured ``pairs``).
 
 With two modalities this is open_clip's ``ClipLoss``; with more, the weighted mean of the pair
-terms (``weights`` keyed ``"a-b"``). See :mod:`mmalign.objectives.base` for the averaging rule
-and :mod:`mmalign.objectives.infonce` for missing modalities.
+terms (``weights`` keyed ``"a-b"``). See :mod:`mmalign.objectives.base` for the averaging rule,
+:mod:`mmalign.objectives.infonce` for missing modalities and
+:mod:`mmalign.objectives.positives` for same-group positives (``positives``, ``tau_plus``).
 
 Example:
     >>> import torch
@@ -35,4 +36,7 @@ class ClipObjective(PairwiseObjective):
         logit_bias: Tensor | None,
         generator: torch.Generator | None,
     ) -> list[TermLoss]:
-        return [infonce_term(batch, pair, logit_scale) for pair in self.pairs(batch.modalities)]
+        return [
+            infonce_term(batch, pair, logit_scale, self.config)
+            for pair in self.pairs(batch.modalities)
+        ]

@@ -84,7 +84,8 @@ class BatchView:
     """This process's rows and the global batch they belong to.
 
     ``global_embeddings[m][offset : offset + local_rows]`` are this rank's rows;
-    ``present``/``global_present`` are ``[rows, M]`` bool masks in ``modalities`` order.
+    ``present``/``global_present`` are ``[rows, M]`` bool masks in ``modalities`` order;
+    ``groups``/``global_groups`` the rows' group ids (``None`` when the data has none).
     """
 
     modalities: list[str]
@@ -94,25 +95,43 @@ class BatchView:
     global_present: Tensor
     offset: int
     world_size: int
+    groups: Tensor | None = None
+    global_groups: Tensor | None = None
 
     @classmethod
     def gather(
-        cls, embeddings: dict[str, Tensor], present: Tensor | None, with_grad: bool = True
+        cls,
+        embeddings: dict[str, Tensor],
+        present: Tensor | None,
+        with_grad: bool = True,
+        groups: Tensor | None = None,
     ) -> BatchView:
-        """Check shapes, fill ``present`` and all-gather when running distributed."""
+        """Check shapes, fill ``present`` and all-gather (with ``groups``) when distributed."""
         modalities = list(embeddings)
         rows = _check_shapes(embeddings)
         device = next(iter(embeddings.values())).device
         present = _check_present(present, rows, modalities, device)
+        groups = _check_groups(groups, rows, device)
         if world_size() == 1:
-            return cls(modalities, embeddings, embeddings, present, present, 0, 1)
+            return cls(modalities, embeddings, embeddings, present, present, 0, 1, groups, groups)
         counts = _row_counts(rows, device)
         gathered = {
             name: all_gather_rows(value, counts, with_grad) for name, value in embeddings.items()
         }
         global_present = all_gather_rows(present.to(torch.uint8), counts, False).bool()
+        global_groups = None if groups is None else all_gather_rows(groups, counts, False)
         offset = sum(counts[: rank()])
-        return cls(modalities, embeddings, gathered, present, global_present, offset, len(counts))
+        return cls(
+            modalities,
+            embeddings,
+            gathered,
+            present,
+            global_present,
+            offset,
+            len(counts),
+            groups,
+            global_groups,
+        )
 
     @property
     def rows(self) -> int:
@@ -138,6 +157,14 @@ class BatchView:
     def local_global_index(self) -> Tensor:
         """The global row index of each local row."""
         return torch.arange(self.offset, self.offset + self.rows, device=self.device)
+
+    def same_group(self) -> Tensor:
+        """``BoolTensor[rows, global_rows]``: local row ``i`` and global row ``k`` share a
+        group (without groups: ``k`` is ``i``'s own row)."""
+        if self.groups is None:
+            columns = torch.arange(self.global_rows, device=self.device)
+            return self.local_global_index()[:, None] == columns[None, :]
+        return self.groups[:, None] == self.global_groups[None, :]
 
     def zero(self) -> Tensor:
         """A zero scalar attached to the graph of every embedding (zero gradients, no NaN)."""
@@ -165,6 +192,17 @@ def _check_shapes(embeddings: dict[str, Tensor]) -> int:
     if wrong:
         raise ValueError(f"objective needs floating-point embeddings, got {wrong}")
     return first.shape[0]
+
+
+def _check_groups(groups: Tensor | None, rows: int, device: torch.device) -> Tensor | None:
+    if groups is None:
+        return None
+    if tuple(groups.shape) != (rows,) or groups.is_floating_point():
+        raise ValueError(
+            f"groups must be an integer tensor [{rows}] (one group id per row), got "
+            f"{groups.dtype} {tuple(groups.shape)}"
+        )
+    return groups.to(device=device, dtype=torch.long)
 
 
 def _check_present(

@@ -17,6 +17,15 @@ An anchor row counts when its anchor and at least one other modality are present
 per anchor (``loss/<modality>``, weights keyed by modality) and averaged as described in
 :mod:`mmalign.objectives.base`. With M = 2 the loss is CLIP's (``n2``).
 
+Groups (``positives``, :mod:`mmalign.objectives.positives`). ``negatives: n``: a candidate
+column is a positive of anchor row ``i`` when every row of its tuple is in ``i``'s group (the
+own column always is). A shuffled column that happens to rebuild ``i``'s own tuple is thus a
+positive under ``multi``/``exclude`` while ``instance`` (and the ``symile`` package) counts it
+as a negative; without ``Batch.groups`` the own column is the only positive.
+``negatives: n2``: ``multi`` only, exact and ``O(B d M)`` on top of the blockwise pass
+(:func:`group_mean_logits`); ``exclude`` and ``debiased`` would need a masked blockwise pass
+and are refused.
+
 Example:
     >>> import torch
     >>> from mmalign.objectives import build_objective
@@ -33,10 +42,10 @@ from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor
 
-from mmalign.config import ObjectiveConfig, field_error
+from mmalign.config import field_error
 from mmalign.objectives.base import (
     Objective,
     TermLoss,
@@ -44,6 +53,7 @@ from mmalign.objectives.base import (
     register_objective,
 )
 from mmalign.objectives.distributed import BatchView, broadcast_from_first
+from mmalign.objectives.positives import PositivesConfig, row_losses
 from mmalign.objectives.symile_n2 import symile_logsumexp
 
 
@@ -54,6 +64,30 @@ def _identity_for_absent(embeddings: Tensor, present: Tensor) -> Tensor:
 def _valid_anchor_rows(present: Tensor) -> Tensor:
     """``[rows, M]``: the anchor is present and at least one other modality is."""
     return present & (present.sum(dim=1, keepdim=True) >= 2)
+
+
+def group_mean_logits(
+    batch: BatchView, local: list[Tensor], full: list[Tensor], logit_scale: Tensor
+) -> list[Tensor]:
+    """``n2`` with ``multi``: for each anchor ``a`` and local row ``i`` the mean logit over the
+    candidate tuples whose rows all lie in ``i``'s group, ``scale * sum_d E_a[i, d] *
+    prod_{m != a} (mean_{j in group(i)} E_m[j, d])`` (the MIP is multilinear), ``O(B d M)``."""
+    groups, inverse = torch.unique(batch.global_groups, return_inverse=True)
+    counts = torch.bincount(inverse, minlength=len(groups)).to(full[0].dtype)
+    means = [
+        embedding.new_zeros(len(groups), embedding.shape[1]).index_add(0, inverse, embedding)
+        / counts[:, None]
+        for embedding in full
+    ]
+    own = inverse[batch.offset : batch.offset + batch.rows]
+    result = []
+    for a in range(len(full)):
+        product = logit_scale * local[a]
+        for m, mean in enumerate(means):
+            if m != a:
+                product = product * mean[own]
+        result.append(product.sum(dim=-1))
+    return result
 
 
 def draw_permutations(
@@ -69,7 +103,7 @@ def draw_permutations(
     return broadcast_from_first(stacked)
 
 
-class SymileConfig(ObjectiveConfig):
+class SymileConfig(PositivesConfig):
     """``symile``: which negatives, and the block size of the exact ``n2`` computation."""
 
     negatives: Literal["n", "n2"] = "n"
@@ -92,6 +126,30 @@ class SymileConfig(ObjectiveConfig):
         """
         if self.block_precision is None:
             self.block_precision = "bf16" if precision == "bf16" else "fp32"
+
+    @model_validator(mode="after")
+    def _no_hard_negatives(self) -> SymileConfig:
+        if self.hard_negatives:
+            raise field_error(
+                type(self).__name__,
+                "hard_negatives",
+                "'symile' scores whole tuples and has no candidate column for a mined "
+                "negative of one modality; use clip, anchored or sigmoid, or set it false",
+                self.hard_negatives,
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _n2_positives(self) -> SymileConfig:
+        if self.negatives == "n2" and self.positives not in ("instance", "multi"):
+            raise field_error(
+                type(self).__name__,
+                "positives",
+                f"'{self.positives}' is not implemented for negatives 'n2' yet (it needs a "
+                "masked blockwise pass); use instance or multi, or negatives: n",
+                self.positives,
+            )
+        return self
 
     def term_names(self, modalities: Sequence[str]) -> list[str]:
         return list(modalities)
@@ -150,14 +208,19 @@ class SymileObjective(Objective):
         positives = logit_scale * torch.stack(local).prod(dim=0).sum(dim=-1)
         if self.config.negatives == "n2":
             normalizers = self._n2_normalizers(batch, full, logit_scale)
+            if self.config.positives == "multi" and batch.groups is not None:
+                positives = group_mean_logits(batch, local, full, logit_scale)
+                losses = [normalizer - mean for normalizer, mean in zip(normalizers, positives)]
+            else:
+                losses = [normalizer - positives for normalizer in normalizers]
         else:
-            normalizers = self._n_normalizers(batch, local, full, positives, logit_scale, generator)
+            losses = self._n_row_losses(batch, local, full, positives, logit_scale, generator)
         valid_global = _valid_anchor_rows(batch.global_present)
         valid_local = valid_global[batch.offset : batch.offset + batch.rows]
         return [
             TermLoss(
                 name,
-                torch.where(valid_local[:, a], normalizers[a] - positives, 0.0).sum(),
+                torch.where(valid_local[:, a], losses[a], 0.0).sum(),
                 int(valid_global[:, a].sum()),
             )
             for a, name in enumerate(batch.modalities)
@@ -174,7 +237,7 @@ class SymileObjective(Objective):
         )
         return list(lse[:, batch.offset : batch.offset + batch.rows])
 
-    def _n_normalizers(
+    def _n_row_losses(
         self,
         batch: BatchView,
         local: list[Tensor],
@@ -185,14 +248,22 @@ class SymileObjective(Objective):
     ) -> list[Tensor]:
         count = len(full)
         perms = draw_permutations(count, batch.global_rows, generator, batch.device)
-        own_column = batch.local_global_index()[:, None] == torch.arange(
-            batch.global_rows, device=batch.device
-        )
-        normalizers = []
+        own = batch.local_global_index()
+        own_column = own[:, None] == torch.arange(batch.global_rows, device=batch.device)
+        mode = self.config.positives
+        losses = []
         for a in range(count):
             others = [full[m] for m in range(count) if m != a]
             shuffled = torch.stack([o[p] for o, p in zip(others, perms[a])]).prod(dim=0)
             logits = (logit_scale * local[a]) @ shuffled.T
             logits = torch.where(own_column, positives[:, None], logits)
-            normalizers.append(logits.logsumexp(dim=1))
-        return normalizers
+            if mode == "instance":
+                losses.append(logits.logsumexp(dim=1) - positives)
+                continue
+            positive = own_column
+            if batch.groups is not None:
+                same = batch.same_group()
+                positive = own_column | torch.stack([same[:, p] for p in perms[a]]).all(dim=0)
+            tau_plus = self.config.tau_plus
+            losses.append(row_losses(logits, own, positive, mode, tau_plus, logit_scale))
+        return losses

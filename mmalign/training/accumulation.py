@@ -49,17 +49,24 @@ class FeatureCache:
     embeddings: dict[str, Tensor]
     present: Tensor
     offsets: list[int]
+    groups: Tensor | None = None
 
     @classmethod
     def build(
-        cls, features: Sequence[dict[str, Tensor]], presents: Sequence[Tensor]
+        cls,
+        features: Sequence[dict[str, Tensor]],
+        presents: Sequence[Tensor],
+        groups: Sequence[Tensor | None] = (),
     ) -> FeatureCache:
-        """Concatenate per-micro-batch embeddings and presence masks."""
+        """Concatenate per-micro-batch embeddings, presence masks and groups (if every
+        micro-batch has them)."""
         offsets = [0]
         for present in presents:
             offsets.append(offsets[-1] + int(present.shape[0]))
         embeddings = {name: torch.cat([f[name] for f in features]) for name in features[0]}
-        return cls(embeddings, torch.cat(list(presents)), offsets)
+        has_groups = bool(groups) and all(group is not None for group in groups)
+        joined = torch.cat(list(groups)) if has_groups else None
+        return cls(embeddings, torch.cat(list(presents)), offsets, joined)
 
     def splice(self, index: int, embeddings: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
         """The cache with micro-batch ``index`` replaced by ``embeddings`` (with gradient)."""
@@ -98,13 +105,16 @@ class ContrastiveStep(nn.Module):
         present: Tensor,
         generator: torch.Generator | None,
         temperature_grad: bool = True,
+        groups: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
         """The model's loss on ``embeddings`` (``present``: ``[B, M]``, columns in the order
         of ``embeddings``); ``temperature_grad=False`` detaches the temperature and bias
         (their gradient is taken once per accumulated step)."""
         with self.section("loss"):
             if temperature_grad:
-                output = self.model.loss(embeddings, present=present, generator=generator)
+                output = self.model.loss(
+                    embeddings, present=present, generator=generator, groups=groups
+                )
             else:
                 bias = self.model.logit_bias
                 output = self.model.objective(
@@ -113,6 +123,7 @@ class ContrastiveStep(nn.Module):
                     None if bias is None else bias.detach(),
                     present=present,
                     generator=generator,
+                    groups=groups,
                 )
         return output.loss, output.metrics
 
@@ -125,10 +136,11 @@ class ContrastiveStep(nn.Module):
         temperature_grad: bool = True,
     ) -> tuple[Tensor, dict[str, float]]:
         embeddings = self.encode(batch)
-        present = batch.present_for(list(embeddings))
+        present, groups = batch.present_for(list(embeddings)), batch.groups
         if cache is not None:
             embeddings, present = cache.splice(index, embeddings)
-        return self.objective(embeddings, present, generator, temperature_grad)
+            groups = cache.groups
+        return self.objective(embeddings, present, generator, temperature_grad, groups)
 
 
 @dataclass
@@ -190,8 +202,12 @@ def accumulated_step(
             features.append(inner.encode(batch))
         after = _rng_state(device)
         names = list(features[0])
-        cache = FeatureCache.build(features, [batch.present_for(names) for batch in micro_batches])
-        loss, metrics = inner.objective(cache.embeddings, cache.present, make_generator())
+        presents = [batch.present_for(names) for batch in micro_batches]
+        groups = [batch.groups for batch in micro_batches]
+        cache = FeatureCache.build(features, presents, groups)
+        loss, metrics = inner.objective(
+            cache.embeddings, cache.present, make_generator(), groups=cache.groups
+        )
     finite = _finite_everywhere(accelerator, loss)
     if finite:
         last = len(micro_batches) - 1

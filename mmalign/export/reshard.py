@@ -1,0 +1,103 @@
+"""Shards rewritten from a finished export: its rows' embeddings, and the source records they
+came from (``settings.shards``, read again in order) written out in a new order or with extra
+files. :mod:`~mmalign.export.group_shards` and :mod:`~mmalign.export.mine_negatives` use it.
+
+The source records are held in memory while the new shards are written (their payloads, not
+decoded), so run it on a part of a very large set at a time.
+
+Example:
+    >>> rows = ExportRows.load("emb", "image")  # doctest: +SKIP
+    >>> records = source_records("emb", rows.keys)  # doctest: +SKIP
+    >>> write_shards((records[key] for key in rows.keys), "out", "data")  # doctest: +SKIP
+    ['data-000000.tar']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import webdataset as wds
+
+from mmalign.data.records import log_skip, read_shards
+from mmalign.data.shards import expand_shards
+from mmalign.data.views import group_id
+from mmalign.export.reading import ExportError, load_embeddings, read_manifest
+
+
+@dataclass
+class ExportRows:
+    """One modality of an export: ``vectors`` ``[N, d]`` float32, ``keys``, ``present``."""
+
+    vectors: np.ndarray
+    keys: list[str]
+    present: np.ndarray
+    table: pa.Table
+
+    @classmethod
+    def load(cls, export_dir: str | Path, modality: str) -> ExportRows:
+        """The rows of ``modality``; duplicate keys are an error (records are found by key)."""
+        vectors, table = load_embeddings(export_dir, modality)
+        keys = [str(key) for key in table.column("key").to_pylist()]
+        if len(set(keys)) != len(keys):
+            raise ExportError(
+                f"{export_dir} holds duplicate record keys; give the source records unique "
+                "keys (mmalign prep from-manifest --key-column) and export again"
+            )
+        present = ~np.isnan(vectors).any(axis=1)
+        return cls(np.nan_to_num(vectors).astype(np.float32), keys, present, table)
+
+    def groups(self, field: str | None) -> np.ndarray:
+        """Each row's group (``data.group_field`` rules) from a metadata column of the export;
+        without ``field`` every row is its own group."""
+        if field is None:
+            return np.arange(len(self.keys), dtype=np.int64)
+        if field not in self.table.column_names:
+            raise ExportError(
+                f"the export has no metadata column {field!r} (--group-field); columns: "
+                f"{self.table.column_names}; export with --metadata {field}"
+            )
+        values = self.table.column(field).to_pylist()
+        return np.array([group_id(value) for value in values], dtype=np.int64)
+
+
+def source_records(export_dir: str | Path, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The raw records (payload bytes by extension) of ``keys`` from the export's source
+    shards; an unreadable record is logged and left out."""
+    shards = read_manifest(export_dir)["settings"]["shards"]
+    wanted = set(keys)
+    records = {}
+    for raw in read_shards({"url": url} for url in expand_shards(shards, "settings.shards")):
+        key = raw["__key__"]
+        if "__error__" in raw:
+            log_skip(raw["__url__"], key, *raw["__error__"])
+        elif key in wanted:
+            records[key] = {name: value for name, value in raw.items() if name != "__url__"}
+    return records
+
+
+def find_payload(record: dict[str, Any], extensions: str) -> tuple[str, bytes] | None:
+    """The first of ``extensions`` (``"jpg;png"``) a raw record has, with its bytes."""
+    for extension in extensions.split(";"):
+        extension = extension.strip().lstrip(".").lower()
+        if extension in record:
+            return extension, record[extension]
+    return None
+
+
+def write_shards(
+    records: Iterable[dict[str, Any]], out: str | Path, name: str, maxcount: int = 10000
+) -> list[str]:
+    """Write ``records`` in the given order to ``out/NAME-000000.tar`` ...; returns the names."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(f"{name}-*.tar"):
+        stale.unlink()
+    with wds.ShardWriter(str(out / f"{name}-%06d.tar"), maxcount=maxcount, verbose=0) as writer:
+        for record in records:
+            writer.write(record)
+    return sorted(path.name for path in out.glob(f"{name}-*.tar"))

@@ -1,0 +1,118 @@
+"""Beyond one positive per row: which candidates count as positives (``model.objective.positives``).
+
+With ``s_ik`` the logit of query ``i`` against candidate ``k`` (``-inf`` for a candidate that
+is not valid) and ``P_i`` the valid candidates in ``i``'s group (``i``'s own column included):
+
+* ``instance`` (default): ``i``'s own column is its only positive (InfoNCE as it always was).
+* ``multi``: ``loss_i = -(1/|P_i|) sum_{p in P_i} log(exp(s_ip) / sum_k exp(s_ik))``
+  (SupCon / Poly-View / RobustCLAP paraphrases).
+* ``exclude``: same-group candidates leave the denominator, the positive stays ``i``'s own:
+  ``loss_i = -log(exp(s_ii) / (exp(s_ii) + sum_{k not in P_i} exp(s_ik)))``.
+* ``debiased`` (Chuang et al. 2020, no groups needed; ``tau_plus`` in [0, 1)):
+  ``g_i = max((mean_{k != i} exp(s_ik) - tau_plus exp(s_ii)) / (1 - tau_plus), exp(-scale))``
+  and ``loss_i = -log(exp(s_ii) / (exp(s_ii) + (N_i - 1) g_i))`` with ``N_i`` valid candidates.
+
+Groups come from ``Batch.groups`` (``data.group_field``); without groups every row is its own
+group, so ``multi`` and ``exclude`` equal ``instance``.
+
+Example:
+    >>> import torch
+    >>> logits = torch.tensor([[2.0, 2.0, 0.0]])
+    >>> own, same = torch.tensor([0]), torch.tensor([[True, True, False]])
+    >>> round(float(row_losses(logits, own, same, "exclude", 0.0, 1.0)[0]), 4)
+    0.1269
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from mmalign.config import ObjectiveConfig
+
+PositivesMode = Literal["instance", "multi", "exclude", "debiased"]
+
+
+class PositivesConfig(ObjectiveConfig):
+    """The positives fields every built-in objective shares."""
+
+    positives: PositivesMode = "instance"
+    """``instance``, ``multi``, ``exclude`` (same-group rows) or ``debiased`` (no groups)."""
+    tau_plus: float = Field(default=0.1, ge=0.0, lt=1.0)
+    """``debiased``: the prior probability that a random negative shares the query's class."""
+    hard_negatives: bool = False
+    """Pairwise objectives: in direction ``a -> b`` every row that has ``b`` is a candidate,
+    so the rows ``data.negatives`` adds (mined negatives with only ``b``) and records missing
+    ``a`` count as extra negatives; without it candidates are the rows with both."""
+
+
+def same_group(row_groups: Tensor, column_groups: Tensor) -> Tensor:
+    """``BoolTensor[R, C]``: whether row ``r`` and column ``c`` share a group.
+
+    Example:
+        >>> same_group(torch.tensor([1, 2]), torch.tensor([1, 1, 2])).tolist()
+        [[True, True, False], [False, False, True]]
+    """
+    return row_groups[:, None] == column_groups[None, :]
+
+
+def _own_mask(logits: Tensor, own: Tensor) -> Tensor:
+    columns = torch.arange(logits.shape[1], device=logits.device)
+    return columns[None, :] == own[:, None]
+
+
+def row_losses(
+    logits: Tensor,
+    own: Tensor,
+    positive: Tensor,
+    mode: PositivesMode,
+    tau_plus: float,
+    logit_scale: Tensor | float,
+) -> Tensor:
+    """Per-row losses ``[R]`` of ``logits`` ``[R, C]`` (``-inf`` marks invalid candidates).
+
+    ``own`` ``[R]`` is each row's own column (always a valid positive), ``positive``
+    ``[R, C]`` the same-group mask (it may include invalid columns; they are ignored).
+    """
+    own_column = _own_mask(logits, own)
+    own_logit = logits.gather(1, own[:, None]).squeeze(1)
+    if mode == "instance":
+        return logits.logsumexp(dim=1) - own_logit
+    valid = torch.isfinite(logits)
+    if mode == "multi":
+        positive = (positive & valid) | own_column
+        positive_sum = torch.where(positive, logits, 0.0).sum(dim=1)
+        return logits.logsumexp(dim=1) - positive_sum / positive.sum(dim=1)
+    if mode == "exclude":
+        dropped = positive & ~own_column
+        return logits.masked_fill(dropped, float("-inf")).logsumexp(dim=1) - own_logit
+    if mode == "debiased":
+        return _debiased(logits, own_logit, own_column, valid, tau_plus, logit_scale)
+    raise ValueError(f"unknown positives mode {mode!r}; use instance, multi, exclude, debiased")
+
+
+def _debiased(
+    logits: Tensor,
+    own_logit: Tensor,
+    own_column: Tensor,
+    valid: Tensor,
+    tau_plus: float,
+    logit_scale: Tensor | float,
+) -> Tensor:
+    """Chuang et al.'s estimator, computed with every exponential shifted by the row max."""
+    shift = logits.detach().max(dim=1).values
+    scaled = torch.exp(logits - shift[:, None]).masked_fill(~valid | own_column, 0.0)
+    negatives = valid.sum(dim=1) - 1
+    mean = scaled.sum(dim=1) / negatives.clamp(min=1)
+    own = own_logit - shift
+    log_floor = -torch.as_tensor(logit_scale, dtype=logits.dtype) - shift
+    estimate = (mean - tau_plus * torch.exp(own)) / (1.0 - tau_plus)
+    tiny = torch.finfo(logits.dtype).tiny
+    log_estimate = torch.where(
+        estimate > torch.exp(log_floor), torch.log(estimate.clamp(min=tiny)), log_floor
+    )
+    log_negatives = torch.log(negatives.to(logits.dtype)) + log_estimate
+    return torch.logaddexp(own, log_negatives) - own
