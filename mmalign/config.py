@@ -138,6 +138,31 @@ class ModelConfig(_Section):
     logit_bias_init: float = -10.0
     freeze: list[str] = []
     """Modalities whose tower weights are frozen (locked-image tuning); projections still train."""
+    matryoshka: list[int] | None = None
+    """Matryoshka prefixes, ascending, the last equal to ``dim`` (e.g. ``[16, 32, 64, 128]``):
+    the objective is applied to each renormalized prefix (:mod:`mmalign.objectives.matryoshka`)."""
+    matryoshka_weights: list[float] | None = None
+    """One weight (>= 0) per ``matryoshka`` prefix; default 1 each."""
+
+    @model_validator(mode="after")
+    def _matryoshka_prefixes(self) -> ModelConfig:
+        dims, weights = self.matryoshka, self.matryoshka_weights
+        if dims is None:
+            if weights is not None:
+                raise ValueError("matryoshka_weights needs matryoshka (the prefixes)")
+            return self
+        if not dims or dims[0] < 1 or dims != sorted(set(dims)):
+            raise ValueError(f"matryoshka must be ascending positive sizes, got {dims}")
+        if dims[-1] != self.dim:
+            raise ValueError(f"matryoshka must end with model.dim ({self.dim}), got {dims}")
+        if weights is not None and (
+            len(weights) != len(dims) or min(weights) < 0 or sum(weights) <= 0
+        ):
+            raise ValueError(
+                f"matryoshka_weights needs one weight >= 0 per prefix {dims} (not all 0), "
+                f"got {weights}"
+            )
+        return self
 
     @field_validator("towers")
     @classmethod

@@ -29,6 +29,7 @@ from mmalign.batch import Batch, move_to
 from mmalign.config import Config, ConfigError, ModelConfig, load_config
 from mmalign.errors import config_error
 from mmalign.objectives import LossOutput, build_objective
+from mmalign.objectives.matryoshka import check_prefix, truncate, with_matryoshka
 from mmalign.towers import Tower, build_tower
 
 CONFIG_FILE = "config.json"
@@ -99,7 +100,9 @@ class AlignmentModel(nn.Module):
             torch.tensor(float(config.logit_scale_init)),
             requires_grad=config.learn_logit_scale,
         )
-        self.objective = build_objective(config.objective)
+        self.objective = with_matryoshka(
+            build_objective(config.objective), config.matryoshka, config.matryoshka_weights
+        )
         self.logit_bias = (
             nn.Parameter(torch.tensor(float(config.logit_bias_init)))
             if self.objective.learns_bias
@@ -222,10 +225,28 @@ class AlignmentModel(nn.Module):
             )
         return out.to(embedded.dtype).index_copy(0, index, embedded)
 
+    def truncate(self, embeddings: torch.Tensor, dim: int | None) -> torch.Tensor:
+        """The first ``dim`` coordinates renormalized (``None``: unchanged); warns when ``dim``
+        is not a trained Matryoshka prefix (``model.matryoshka``).
+
+        Example:
+            >>> model = AlignmentModel.from_config({"dim": 4, "matryoshka": [2, 4], "towers": {
+            ...     "labs": {"type": "tabular", "in_features": 2}}})
+            >>> model.truncate(torch.tensor([[3.0, 4.0, 1.0, 1.0]]), 2).tolist()
+            [[0.6000000238418579, 0.800000011920929]]
+        """
+        if dim is None:
+            return embeddings
+        check_prefix(dim, self.dim, self.config.matryoshka)
+        return truncate(embeddings, dim)
+
     @torch.no_grad()
-    def encode(self, modality: str, raws: Iterable[Any], batch_size: int = 64) -> torch.Tensor:
+    def encode(
+        self, modality: str, raws: Iterable[Any], batch_size: int = 64, dim: int | None = None
+    ) -> torch.Tensor:
         """Raw samples of one modality to normalized ``[N, dim]`` embeddings (eval mode, no
-        augmentation, no grad, in batches of ``batch_size``).
+        augmentation, no grad, in batches of ``batch_size``); ``dim`` keeps the first ``dim``
+        coordinates, renormalized (:meth:`truncate`).
 
         Example:
             >>> model = AlignmentModel.from_config({"dim": 4, "towers": {
@@ -250,7 +271,7 @@ class AlignmentModel(nn.Module):
             if was_training:
                 self.train()
             tower.set_augment(augment)
-        return torch.cat(chunks)
+        return self.truncate(torch.cat(chunks), dim)
 
     def _collate(self, tower: Tower, samples: list[Any]) -> Any:
         inputs = tower.collate([tower.preprocess(sample) for sample in samples])
