@@ -1,5 +1,6 @@
-"""Label-free metrics equal their formulas on small fixed inputs; validation reports them (and
-retrieval per Matryoshka prefix) and one of them can pick the best checkpoint."""
+"""Label-free metrics (RankMe, alignment, uniformity, modality gap) equal their formulas on
+small fixed inputs; validation reports them (and retrieval per Matryoshka prefix) and one of
+them can pick the best checkpoint."""
 
 from __future__ import annotations
 
@@ -11,14 +12,9 @@ import pytest
 import torch
 from test_train_support import metrics, tiny_config, write_shards
 
-from mmalign.eval.label_free import (
-    RANKME_EPS,
-    alignment,
-    label_free_metrics,
-    modality_gap,
-    rankme,
-    uniformity,
-)
+from mmalign.eval.diagnostics import RANKME_EPS, alignment, modality_gap, uniformity
+from mmalign.eval.diagnostics import effective_rank as rankme
+from mmalign.eval.label_free import label_free_metrics
 from mmalign.training import train
 
 
@@ -43,7 +39,7 @@ def test_alignment_uniformity_and_gap_equal_their_formulas() -> None:
     assert uniformity(circle) == pytest.approx(expected, rel=1e-12)
     assert uniformity(circle, t=1.0) == pytest.approx(
         math.log((2 * math.exp(-2) + math.exp(-4)) / 3), rel=1e-12
-    )
+    )  # t is the temperature of the Gaussian potential
     gap = math.dist([(1 + 0 + 0.6) / 3, (0 + 1 + 0.8) / 3], [0.8 / 3, 2.6 / 3])
     assert modality_gap(x, y) == pytest.approx(gap, rel=1e-12)
     with pytest.raises(ValueError, match="at least two"):
@@ -51,20 +47,21 @@ def test_alignment_uniformity_and_gap_equal_their_formulas() -> None:
 
 
 def test_metrics_use_present_rows_and_average_each_family() -> None:
-    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [0.0, 0.0]])
-    y = torch.tensor([[0.0, 1.0], [0.0, 0.0], [0.8, 0.6], [1.0, 0.0]])
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [0.0, 0.0]], dtype=torch.float64)
+    y = torch.tensor([[0.0, 1.0], [0.0, 0.0], [0.8, 0.6], [1.0, 0.0]], dtype=torch.float64)
     present = {"x": torch.tensor([True, True, True, False]), "y": torch.tensor([1, 0, 1, 1]) > 0}
     out = label_free_metrics({"x": x, "y": y}, present)
     both = torch.tensor([0, 2])
-    assert out["val/alignment/x-y"] == pytest.approx(alignment(x[both], y[both]))
-    assert out["val/gap/x-y"] == pytest.approx(modality_gap(x[both], y[both]))
-    assert out["val/rankme/y"] == pytest.approx(rankme(y[present["y"]]))
-    assert out["val/uniformity/x"] == pytest.approx(uniformity(x[:3]))
-    assert out["val/rankme/mean"] == pytest.approx((out["val/rankme/x"] + out["val/rankme/y"]) / 2)
+    assert out["val/alignment/x-y"] == pytest.approx(alignment(x[both], y[both]), rel=1e-12)
+    assert out["val/gap/x-y"] == pytest.approx(modality_gap(x[:3], y[[0, 2, 3]]), rel=1e-12)
+    assert out["val/rank/y"] == pytest.approx(rankme(y[present["y"]]), rel=1e-12)
+    assert out["val/uniformity/x"] == pytest.approx(uniformity(x[:3]), rel=1e-12)
+    assert out["val/rank/mean"] == pytest.approx((out["val/rank/x"] + out["val/rank/y"]) / 2)
+    assert out["val/alignment/mean"] == out["val/alignment/x-y"]  # one pair
     assert set(out) == {
         f"val/{family}/{name}"
         for family, names in [
-            ("rankme", ["x", "y", "mean"]),
+            ("rank", ["x", "y", "mean"]),
             ("uniformity", ["x", "y", "mean"]),
             ("alignment", ["x-y", "mean"]),
             ("gap", ["x-y", "mean"]),
@@ -85,14 +82,14 @@ def test_validation_reports_them_per_prefix_and_they_pick_the_best_checkpoint(
         val_shards,
         model={"matryoshka": [2, 4, 8]},
         train={"steps": 6},
-        eval={"every": 2, "best_metric": "val/rankme/mean", "best_mode": "max"},
+        eval={"every": 2, "best_metric": "val/rank/mean", "best_mode": "max"},
     )
     train(config)
     validations = [r for r in metrics(out) if "val/loss" in r]
     assert len(validations) == 3
     last = validations[-1]
-    assert {"val/rankme/x", "val/alignment/x-y", "val/gap/mean", "val/uniformity/y"} <= set(last)
+    assert {"val/rank/x", "val/alignment/x-y", "val/gap/mean", "val/uniformity/y"} <= set(last)
     assert {"val/dim2/R@1/mean", "val/dim4/R@1/x->y", "val/R@1/mean"} <= set(last)
     assert "val/dim8/R@1/mean" not in last  # the full size is val/R@1
     best = json.loads((out / "checkpoints" / "best" / "trainer.json").read_text())
-    assert best["step"] == max(validations, key=lambda r: r["val/rankme/mean"])["step"]
+    assert best["step"] == max(validations, key=lambda r: r["val/rank/mean"])["step"]

@@ -15,6 +15,8 @@ from test_export import FIELDS, ROWS, export_options, make_data
 
 from mmalign.cli.export import add_arguments as add_export_arguments
 from mmalign.cli.export import run as export_command
+from mmalign.eval.report import run_eval
+from mmalign.eval.retrieval import retrieval_metrics
 from mmalign.eval.zeroshot import ZeroShotClassifier
 from mmalign.export import build_index, export_embeddings, load_embeddings, load_index, search
 from mmalign.model import AlignmentModel
@@ -115,3 +117,15 @@ def test_zeroshot_classifier_dim_uses_the_prefix(model) -> None:
     # already-encoded full-size queries are cut to the classifier's dim the same way
     from_full = classifier.scores_from_embeddings({"x": model.encode("x", queries)})
     np.testing.assert_allclose(from_full.numpy(), expected, atol=1e-6)
+
+
+def test_eval_report_has_retrieval_at_each_trained_prefix(tmp_path, model) -> None:
+    shards, raw = make_data(tmp_path)
+    report = run_eval(model, shards, tmp_path / "eval", modalities=["x", "text"], fields=FIELDS)
+    metrics = report["metrics"]
+    assert "dim8/retrieval/x->text/R@1" not in metrics  # full size: the plain keys
+    x = torch.from_numpy(_prefix(model.encode("x", raw["x"]), 4))
+    text = torch.from_numpy(_prefix(model.encode("text", raw["text"]), 4))
+    expected = retrieval_metrics(x, text, list(range(ROWS)), list(range(ROWS)), ks=(1, 5))
+    assert metrics["dim4/retrieval/x->text/R@1"] == pytest.approx(expected["q2g/R@1"])
+    assert metrics["dim4/retrieval/text->x/R@5"] == pytest.approx(expected["g2q/R@5"])

@@ -10,8 +10,9 @@
 
 Metric names: ``retrieval/{query}->{gallery}/{R@k|median_rank|mAP|queries}`` (pairs matched
 by sample), ``nway/{target}/...`` (Symile models with three or more modalities: the target
-retrieved from the product of the others), ``zeroshot/{queries}/{top1|...}``, and the
-diagnostics ``alignment/*``, ``uniformity/*``, ``rank/*``, ``gap/*``.
+retrieved from the product of the others), ``zeroshot/{queries}/{top1|...}``, the
+diagnostics ``alignment/*``, ``uniformity/*``, ``rank/*``, ``gap/*``, and for a Matryoshka
+model retrieval at each smaller trained prefix (``dim16/retrieval/...``, in ``eval.json``).
 
 Example:
     >>> report = run_eval("runs/digits", "data/digits/test-000000.tar", "runs/digits/eval",
@@ -22,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 from collections.abc import Mapping, Sequence
@@ -40,6 +42,7 @@ from mmalign.eval.zeroshot import (
     evaluate_zeroshot,
     load_classes,
 )
+from mmalign.objectives.matryoshka import truncate
 
 CURVE_MAX_K = 50
 SIMILARITY_ROWS = 32
@@ -255,6 +258,12 @@ def run_eval(
     if model.objective.scores_jointly:
         metrics.update(nway_report(collected, ks))
     metrics.update(embedding_diagnostics(collected.embeddings, present=collected.present))
+    for dim in (model.config.matryoshka or [])[:-1]:  # retrieval at each trained prefix
+        embeddings = {name: truncate(value, dim) for name, value in collected.embeddings.items()}
+        prefix, _ = retrieval_report(
+            dataclasses.replace(collected, embeddings=embeddings), pairs, ks
+        )
+        metrics.update({f"dim{dim}/{name}": value for name, value in prefix.items()})
     zeroshot: dict[str, dict[str, Any]] = {}
     if classes is not None:
         text = text_modality or _default_text_modality(model)
