@@ -29,26 +29,15 @@ from mmalign import convert
 from mmalign.batch import Batch, move_to
 from mmalign.config import Config, ConfigError, ModelConfig, load_config
 from mmalign.errors import config_error
+from mmalign.files import pickle_note
 from mmalign.objectives import LossOutput, build_objective
+from mmalign.objectives.matryoshka import check_prefix, truncate, with_matryoshka
 from mmalign.towers import Tower, build_tower
 from mmalign.towers.pretrained import initial_logit_scale
+from mmalign.towers.projection import build_projection
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-
-
-def build_projection(kind: str, width: int, dim: int, field: str) -> nn.Module:
-    """The map from a tower's ``width`` to the shared ``dim``: linear, a 2-layer MLP, or none."""
-    if kind == "linear":
-        return nn.Linear(width, dim, bias=False)
-    if kind == "mlp":
-        return nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, dim))
-    if width != dim:
-        raise ConfigError(
-            f"model.projection: 'none' needs every tower's width to equal model.dim ({dim}); "
-            f"{field} has width {width}. Use projection 'linear' or set the tower's width"
-        )
-    return nn.Identity()
 
 
 def _model_config(source: str | Path | Mapping[str, Any] | Config | ModelConfig) -> ModelConfig:
@@ -102,7 +91,9 @@ class AlignmentModel(nn.Module):
         self.logit_scale = nn.Parameter(
             torch.tensor(logit_scale), requires_grad=config.learn_logit_scale
         )
-        self.objective = build_objective(config.objective)
+        self.objective = with_matryoshka(
+            build_objective(config.objective), config.matryoshka, config.matryoshka_weights
+        )
         self.logit_bias = (
             nn.Parameter(torch.tensor(float(config.logit_bias_init)))
             if self.objective.learns_bias
@@ -232,10 +223,28 @@ class AlignmentModel(nn.Module):
             )
         return out.to(embedded.dtype).index_copy(0, index, embedded)
 
+    def truncate(self, embeddings: torch.Tensor, dim: int | None) -> torch.Tensor:
+        """The first ``dim`` coordinates renormalized (``None``: unchanged); warns when ``dim``
+        is not a trained Matryoshka prefix (``model.matryoshka``).
+
+        Example:
+            >>> model = AlignmentModel.from_config({"dim": 4, "matryoshka": [2, 4], "towers": {
+            ...     "labs": {"type": "tabular", "in_features": 2}}})
+            >>> model.truncate(torch.tensor([[3.0, 4.0, 1.0, 1.0]]), 2).tolist()
+            [[0.6000000238418579, 0.800000011920929]]
+        """
+        if dim is None:
+            return embeddings
+        check_prefix(dim, self.dim, self.config.matryoshka)
+        return truncate(embeddings, dim)
+
     @torch.no_grad()
-    def encode(self, modality: str, raws: Iterable[Any], batch_size: int = 64) -> torch.Tensor:
+    def encode(
+        self, modality: str, raws: Iterable[Any], batch_size: int = 64, dim: int | None = None
+    ) -> torch.Tensor:
         """Raw samples of one modality to normalized ``[N, dim]`` embeddings (eval mode, no
-        augmentation, no grad, in batches of ``batch_size``).
+        augmentation, no grad, in batches of ``batch_size``); ``dim`` keeps the first ``dim``
+        coordinates, renormalized (:meth:`truncate`).
 
         Example:
             >>> model = AlignmentModel.from_config({"dim": 4, "towers": {
@@ -260,7 +269,7 @@ class AlignmentModel(nn.Module):
             if was_training:
                 self.train()
             tower.set_augment(augment)
-        return torch.cat(chunks)
+        return self.truncate(torch.cat(chunks), dim)
 
     def _collate(self, tower: Tower, samples: list[Any]) -> Any:
         inputs = tower.collate([tower.preprocess(sample) for sample in samples])
@@ -332,7 +341,7 @@ class AlignmentModel(nn.Module):
                 raise FileNotFoundError(
                     f"{directory} is not a saved mmalign model: {needed.name} is missing "
                     "(AlignmentModel.save_pretrained writes config.json + model.safetensors)"
-                    + _pickle_note(directory)
+                    + pickle_note(directory)
                 )
         try:
             config = ModelConfig.model_validate(json.loads(config_file.read_text()))
@@ -404,21 +413,6 @@ class AlignmentModel(nn.Module):
 
     def __repr__(self) -> str:
         return self.summary()
-
-
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-
-
-def _pickle_note(directory: Path) -> str:
-    """A hint when ``directory`` holds pickled checkpoints, which are never loaded."""
-    found = sorted(p.name for p in directory.glob("*") if p.suffix in PICKLE_SUFFIXES)
-    if not found:
-        return ""
-    return (
-        f"; found {', '.join(found)}, which mmalign does not load: pickled checkpoints can run "
-        "code when opened. Load trusted tower weights through the tower's `checkpoint:` field "
-        "(read with weights_only=True), then save_pretrained"
-    )
 
 
 def _count(parameters: Iterable[nn.Parameter]) -> tuple[int, int]:

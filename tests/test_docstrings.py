@@ -20,6 +20,8 @@ MODULES = [
     "mmalign.objectives.clip",
     "mmalign.objectives.anchored",
     "mmalign.objectives.symile",
+    "mmalign.objectives.matryoshka",
+    "mmalign.eval.label_free",
 ]
 
 

@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from mmalign.cli.common import (
     add_classes_arguments,
@@ -34,6 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-modality", help="encodes the class prompts (default: first text)")
     add_classes_arguments(parser)
     parser.add_argument("--no-plots", action="store_true", help="skip the figures")
+    parser.add_argument("--linear-probe", action="store_true", help="logistic-regression probe")
+    parser.add_argument("--few-shot", type=csv_list, default=[], help="shots per class: 1,5,10")
+    parser.add_argument("--probe-train", help="labelled train shards the probes are fitted on")
+    parser.add_argument("--probe-modality", default="image", help="embeddings probed")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,5 +68,39 @@ def run(args: argparse.Namespace) -> int:
         plots=not args.no_plots,
     )
     print((out / "eval.md").read_text())
+    if args.linear_probe or args.few_shot:
+        print_probes(args, out)
     print(f"wrote {out / 'eval.json'}, {out / 'eval.md'} and {len(report['figures'])} figures")
     return 0
+
+
+def print_probes(args: argparse.Namespace, out: Any) -> None:
+    """Fit the ``--linear-probe`` / ``--few-shot`` probes, write ``probe.json``, print them."""
+    import json
+
+    from mmalign.errors import UserError
+    from mmalign.eval.probe import run_probe
+
+    if not args.probe_train:
+        raise UserError("a probe needs labelled train shards (--probe-train); give them")
+    try:
+        shots = [int(k) for k in args.few_shot]
+    except ValueError:
+        raise UserError(f"--few-shot takes integers (1,5,10), got {args.few_shot}") from None
+    results = run_probe(
+        args.model,
+        args.probe_train,
+        args.data,
+        args.probe_modality,
+        shots,
+        linear=args.linear_probe,
+        fields=fields(args.field),
+        label_field=args.label_field,
+        batch_size=args.batch_size,
+        workers=args.workers,
+    )
+    (out / "probe.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"| {args.probe_modality} probe | test top-1 | C | fitted on |")
+    print("|---|---|---|---|")
+    for name, result in results.items():
+        print(f"| {name} | {result['top1']:.1%} | {result['C']} | {result['fit_samples']} |")

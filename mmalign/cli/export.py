@@ -1,5 +1,6 @@
-"""``mmalign export MODEL --data SHARDS --out DIR [--index flat|ivf|hnsw]``: embeddings of
-shards to files (resumable), plus a nearest-neighbour index (:func:`mmalign.export.run_export`).
+"""``mmalign export MODEL --data SHARDS --out DIR [--dim D] [--index KIND]``: embeddings of
+shards to files (resumable; ``--dim``: a renormalized prefix), plus a nearest-neighbour index
+(``auto``, ``flat``, ``ivf``, ``hnsw``, ``ivfpq``, ``sq8``; :func:`mmalign.export.run_export`).
 
 Example:
     >>> from mmalign.cli.main import main
@@ -11,6 +12,8 @@ Example:
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 from mmalign.cli.common import add_data_arguments, check_path, csv_list, fields, positive_int
 
@@ -33,11 +36,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         help="record extensions to keep (comma-separated; repeatable)",
     )
-    parser.add_argument("--index", choices=["flat", "ivf", "hnsw"], help="also build an index")
+    parser.add_argument(
+        "--dim", type=positive_int, help="keep the first DIM coordinates, renormalized"
+    )
+    parser.add_argument(
+        "--index",
+        choices=["auto", "flat", "ivf", "hnsw", "ivfpq", "sq8"],
+        help="also build an index (auto: flat below 20k vectors, hnsw below 1M, else ivfpq)",
+    )
     parser.add_argument("--nlist", type=int, help="IVF lists (default about 4 sqrt(N))")
     parser.add_argument("--nprobe", type=int, default=16, help="IVF lists searched")
     parser.add_argument("--m", type=int, default=32, help="HNSW links per node")
     parser.add_argument("--ef-search", type=int, default=64, help="HNSW search beam")
+    parser.add_argument("--pq-m", type=int, help="IVFPQ bytes per vector (default about dim/4)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -53,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         args.out,
         index=args.index,
         index_options={
+            "pq_m": args.pq_m,
             "nlist": args.nlist,
             "nprobe": args.nprobe,
             "m": args.m,
@@ -61,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         chunk_size=args.chunk_size,
         dtype=args.dtype,
+        dim=args.dim,
         metadata_fields=args.metadata,
         fields=fields(args.field),
         workers=args.workers,
@@ -71,5 +84,9 @@ def run(args: argparse.Namespace) -> int:
         f" (records: {manifest['counters']})"
     )
     for index in manifest["indexes"]:
-        print(f"index: {index}")
+        info = json.loads(Path(index).with_suffix(".json").read_text())
+        print(
+            f"index: {index} ({info['kind']}, {info['rows']} x {info['dim']}, "
+            f"{info['bytes']:,} bytes, {info['bytes_per_vector']:.1f} bytes/vector)"
+        )
     return 0

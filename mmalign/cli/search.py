@@ -1,5 +1,6 @@
-"""``mmalign search INDEX_DIR --text "..." | --image PATH | --audio PATH | --query M=VALUE``:
-query an exported index (:func:`mmalign.export.search`) and print the nearest rows.
+"""``mmalign search INDEX_DIR [--text "..."] [--image PATH] [--audio PATH] [--query M=VALUE]
+[--weights M=W,...]``: query an exported index (:func:`mmalign.export.search`) with one
+modality or several composed, and print the best-scoring rows.
 
 The command line owns the parsing of query strings: ``--text``, ``--image`` and ``--audio``
 (and ``--query NAME=VALUE``) name a modality or a tower type (the model's first modality of
@@ -23,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mmalign.cli.common import check_path, key_value, positive_int
+from mmalign.cli.common import check_path, csv_list, key_value, positive_int
 from mmalign.errors import UserError
 
 HELP = "query an exported index"
@@ -34,17 +35,24 @@ FILE_QUERIES = ("image", "audio")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The index directory, exactly one query, then ``--k``, ``--target``, ``--model``."""
+    """The index directory, one or more query modalities (composed: scored together by the
+    model's objective), ``--weights``, then ``--k``, ``--target``, ``--model``."""
     parser.add_argument("index", help="an export directory with a built index")
-    query = parser.add_mutually_exclusive_group(required=True)
-    query.add_argument("--text", help="a text query")
-    query.add_argument("--image", help="an image file")
-    query.add_argument("--audio", help="a wav/flac file")
-    query.add_argument(
+    parser.add_argument("--text", help="a text query")
+    parser.add_argument("--image", help="an image file")
+    parser.add_argument("--audio", help="a wav/flac file")
+    parser.add_argument(
         "--query",
         type=key_value,
+        action="append",
         metavar="MODALITY=VALUE",
         help="any modality: text, a path, a JSON list (tabular) or a .json file (graph)",
+    )
+    parser.add_argument(
+        "--weights",
+        type=csv_list,
+        metavar="MODALITY=W,...",
+        help="per query modality weights of a pairwise model's summed similarities",
     )
     parser.add_argument("--k", type=positive_int, default=10, help="results to return (>= 1)")
     parser.add_argument("--target", help="indexed modality to search (default: the only one)")
@@ -149,13 +157,37 @@ def format_results(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in lines)
 
 
-def query_of(args: argparse.Namespace) -> tuple[str, str]:
-    """``(modality or tower type, value)`` of the one query option given."""
-    if args.query is not None:
-        return args.query
-    return next(
-        (kind, getattr(args, kind)) for kind in QUERY_KINDS if getattr(args, kind) is not None
-    )
+def queries_of(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """``(modality or tower type, value)`` of every query option given (at least one)."""
+    given = [(kind, getattr(args, kind)) for kind in QUERY_KINDS if getattr(args, kind)]
+    given += list(args.query or [])
+    if not given:
+        raise UserError("no query (--text, --image, --audio, --query); give at least one")
+    return given
+
+
+def weights_of(model: Any, items: Sequence[str] | None) -> dict[str, float] | None:
+    """``--weights text=1,audio=0.5`` as ``{modality: weight}`` (names as in queries).
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> towers = {"caption": {"type": "text"}}
+        >>> model = SimpleNamespace(modalities=list(towers), config=SimpleNamespace(towers=towers))
+        >>> weights_of(model, ["text=0.5"])
+        {'caption': 0.5}
+    """
+    if not items:
+        return None
+    weights = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        try:
+            weights[resolve_query_modality(model, name)] = float(value)
+        except ValueError:
+            raise UserError(
+                f"--weights entry {item!r} must look like MODALITY=NUMBER (text=0.5)"
+            ) from None
+    return weights
 
 
 def run(args: argparse.Namespace) -> int:
@@ -181,10 +213,16 @@ def run(args: argparse.Namespace) -> int:
     if model_path is None:
         raise UserError(f"{args.index} was exported from an in-memory model; pass --model DIR")
     model = load_model(model_path)
-    name, value = query_of(args)
-    modality = resolve_query_modality(model, name, "--query" if args.query else f"--{name}")
-    raw = parse_raw(model, modality, value)
-    rows = search(args.index, model, raw, modality, args.k, target=args.target)
+    queries = {}
+    for name, value in queries_of(args):
+        modality = resolve_query_modality(
+            model, name, f"--{name}" if name in QUERY_KINDS else "--query"
+        )
+        if modality in queries:
+            raise UserError(f"two queries for modality {modality!r} (--{name}); give one each")
+        queries[modality] = parse_raw(model, modality, value)
+    weights = weights_of(model, args.weights)
+    rows = search(args.index, model, queries, None, args.k, target=args.target, weights=weights)
     if args.json:
         print("\n".join(json.dumps(row, default=str) for row in rows))
     else:

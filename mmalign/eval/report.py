@@ -14,7 +14,9 @@ query's own paired item) or ``class`` (a hit is any item of the query's class, w
 records have labels: ``label_field``), metric ``R@k``, ``median_rank``, ``mAP`` or
 ``queries``; query ``*`` for N-way retrieval (Symile models with three or more modalities: the
 target from the product of the others). Then ``zeroshot/{queries}/{top1|...}`` and the
-diagnostics ``alignment/*``, ``uniformity/*``, ``rank/*``, ``gap/*``.
+diagnostics ``alignment/*``, ``uniformity/*``, ``rank/*``, ``gap/*``;
+for a Matryoshka model retrieval at each smaller trained prefix (``dim16/instance/R@1/...``,
+in ``eval.json``).
 
 Example:
     >>> report = run_eval("runs/digits", "data/digits/test-000000.tar", "runs/digits/eval",
@@ -25,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 from collections.abc import Mapping, Sequence
@@ -50,6 +53,7 @@ from mmalign.eval.zeroshot import (
     evaluate_zeroshot,
     load_classes,
 )
+from mmalign.objectives.matryoshka import truncate
 
 LEVELS = ("instance", "class")
 """Retrieval levels: a hit is the paired item (instance) or any item of the class (class)."""
@@ -339,6 +343,10 @@ def run_eval(
     if model.objective.scores_jointly:
         metrics.update(nway_report(collected, ks))
     metrics.update(embedding_diagnostics(collected.embeddings, present=collected.present))
+    for dim in (model.config.matryoshka or [])[:-1]:  # retrieval at each trained prefix
+        embeddings = {name: truncate(value, dim) for name, value in collected.embeddings.items()}
+        prefix = retrieval_report(dataclasses.replace(collected, embeddings=embeddings), pairs, ks)
+        metrics.update({f"dim{dim}/{name}": value for name, value in prefix.items()})
     zeroshot: dict[str, dict[str, Any]] = {}
     if classes is not None:
         text = check_text_modality(model, text_modality or _default_text_modality(model))

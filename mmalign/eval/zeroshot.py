@@ -41,6 +41,7 @@ from mmalign.eval.loading import (
     collect_embeddings,
     load_model,
 )
+from mmalign.objectives.matryoshka import truncate
 
 
 def _candidate_samples(candidate: Any, index: int) -> list[Any]:
@@ -108,7 +109,8 @@ class ZeroShotClassifier:
     """A classifier whose classes are candidates of one modality (see the module docstring).
 
     ``candidates`` has one entry per class: one raw sample, or a list of several raw samples
-    (their embeddings are averaged then renormalized).
+    (their embeddings are averaged then renormalized). ``dim`` classifies with the first
+    ``dim`` coordinates of every embedding, renormalized (a Matryoshka prefix).
 
     Example:
         >>> clf = ZeroShotClassifier(model, [tone_0, [tone_1a, tone_1b]], "audio")  # doctest: +SKIP
@@ -124,6 +126,7 @@ class ZeroShotClassifier:
         *,
         classnames: Sequence[str] | None = None,
         batch_size: int = 64,
+        dim: int | None = None,
     ) -> None:
         if candidate_modality not in model.modalities:
             raise ValueError(
@@ -134,13 +137,14 @@ class ZeroShotClassifier:
         if not groups:
             raise ValueError("candidates is empty; give one candidate (or list) per class")
         flat = [sample for group in groups for sample in group]
-        encoded = model.encode(candidate_modality, flat, batch_size=batch_size).float().cpu()
+        encoded = model.encode(candidate_modality, flat, batch_size, dim=dim).float().cpu()
         means = [chunk.mean(dim=0) for chunk in encoded.split([len(g) for g in groups])]
         self.model = model
         self.candidate_modality = candidate_modality
         self.class_embeddings = F.normalize(torch.stack(means), dim=-1)
         self.classnames = list(classnames) if classnames is not None else None
         self.batch_size = batch_size
+        self.dim = dim
         if self.classnames is not None and len(self.classnames) != len(groups):
             raise ValueError(f"{len(self.classnames)} classnames for {len(groups)} candidates")
 
@@ -152,6 +156,7 @@ class ZeroShotClassifier:
         templates: str | Sequence[str] = "{}",
         text_modality: str = "text",
         batch_size: int = 64,
+        dim: int | None = None,
     ) -> ZeroShotClassifier:
         """Classes from names and prompt templates (``{}`` = the class name), CLIP style.
 
@@ -159,7 +164,9 @@ class ZeroShotClassifier:
             >>> clf = ZeroShotClassifier.from_texts(model, ["0", "1"], "a {}")  # doctest: +SKIP
         """
         prompts = fill_templates(classnames, templates)
-        return cls(model, prompts, text_modality, classnames=classnames, batch_size=batch_size)
+        return cls(
+            model, prompts, text_modality, classnames=classnames, batch_size=batch_size, dim=dim
+        )
 
     @property
     def logit_scale(self) -> float:
@@ -169,7 +176,13 @@ class ZeroShotClassifier:
     def scores_from_embeddings(
         self, embeddings: Mapping[str, Tensor], present: Mapping[str, Tensor] | None = None
     ) -> Tensor:
-        """Scores ``[N, C]`` for already-encoded queries (modality -> ``[N, d]``)."""
+        """Scores ``[N, C]`` for already-encoded queries (modality -> ``[N, d]``; wider ones
+        are cut to the classifier's ``dim`` and renormalized)."""
+        width = self.class_embeddings.shape[1]
+        embeddings = {
+            name: truncate(value, width) if value.shape[1] != width else value
+            for name, value in embeddings.items()
+        }
         return self.model.objective.score(embeddings, self.class_embeddings, present)
 
     def scores(self, queries: Mapping[str, Sequence[Any]]) -> Tensor:

@@ -26,14 +26,33 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from mmalign.export.reading import load_embeddings
+from mmalign.export.reading import load_embeddings, read_manifest
 from mmalign.files import atomic_write, read_json, write_json
+from mmalign.objectives.matryoshka import check_prefix, truncate
 
 INDEX_DIR = "index"
 """The folder of an export directory holding the indexes."""
 
-IndexKind = Literal["flat", "ivf", "hnsw"]
-"""``flat`` (exact), ``ivf`` (inverted lists) or ``hnsw`` (graph)."""
+IndexKind = Literal["flat", "ivf", "hnsw", "ivfpq", "sq8"]
+"""``flat`` (exact), ``ivf`` (inverted lists), ``hnsw`` (graph), ``ivfpq`` (inverted lists of
+product-quantized codes) or ``sq8`` (exact scan over 8-bit scalar-quantized vectors)."""
+INDEX_KINDS: tuple[str, ...] = IndexKind.__args__
+FLAT_BELOW = 20_000
+"""Default rule: an exact ``flat`` index below this many vectors, ..."""
+HNSW_BELOW = 1_000_000
+"""... ``hnsw`` below this many, ``ivfpq`` from there on (memory: PQ codes, not floats)."""
+
+
+def default_kind(rows: int) -> str:
+    """The kind :func:`build_index` picks for ``rows`` vectors: ``flat`` below 20,000 (an
+    exact scan still answers in about a millisecond), ``hnsw`` below 1,000,000, else
+    ``ivfpq`` (a graph over a million float vectors no longer fits memory comfortably).
+
+    Example:
+        >>> default_kind(5_000), default_kind(100_000), default_kind(5_000_000)
+        ('flat', 'hnsw', 'ivfpq')
+    """
+    return "flat" if rows < FLAT_BELOW else "hnsw" if rows < HNSW_BELOW else "ivfpq"
 
 
 def _default_nlist(rows: int) -> int:
@@ -41,25 +60,55 @@ def _default_nlist(rows: int) -> int:
     return max(1, min(int(4 * math.sqrt(rows)), rows // 39))
 
 
-def _make_index(kind: IndexKind, vectors: np.ndarray, nlist: int | None, m: int) -> Any:
+def _default_pq(dim: int, rows: int) -> tuple[int, int]:
+    """Sub-quantizers (the largest divisor of ``dim`` up to ``dim / 4``: 16x smaller than
+    float32 vectors) and bits per code (8, fewer when there are under 39 x 256 vectors)."""
+    subquantizers = max(d for d in range(1, max(1, dim // 4) + 1) if dim % d == 0)
+    bits = max(1, min(8, int(math.log2(max(rows, 2) / 39))))
+    return subquantizers, bits
+
+
+def _inverted_lists(vectors: np.ndarray, nlist: int | None, pq: tuple[int, int] | None) -> Any:
+    rows, dim = vectors.shape
+    lists = nlist or _default_nlist(rows)
+    if lists > rows:
+        raise ValueError(f"nlist={lists} exceeds the {rows} vectors to index")
+    quantizer = faiss.IndexFlatIP(dim)
+    if pq is None:
+        index = faiss.IndexIVFFlat(quantizer, dim, lists, faiss.METRIC_INNER_PRODUCT)
+    else:
+        if dim % pq[0]:
+            raise ValueError(f"pq_m={pq[0]} sub-quantizers must divide the dim {dim}")
+        index = faiss.IndexIVFPQ(quantizer, dim, lists, pq[0], pq[1], faiss.METRIC_INNER_PRODUCT)
+    index.cp.seed = 1234
+    index.train(vectors)
+    return index
+
+
+def _make_index(kind: str, vectors: np.ndarray, options: Mapping[str, Any]) -> Any:
     dim = vectors.shape[1]
     if kind == "flat":
         return faiss.IndexFlatIP(dim)
     if kind == "hnsw":
-        return faiss.IndexHNSWFlat(dim, m, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.IndexHNSWFlat(dim, options["m"], faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = options["ef_construction"]
+        return index
     if kind == "ivf":
-        lists = nlist or _default_nlist(vectors.shape[0])
-        if lists > vectors.shape[0]:
-            raise ValueError(f"nlist={lists} exceeds the {vectors.shape[0]} vectors to index")
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, lists, faiss.METRIC_INNER_PRODUCT)
-        index.cp.seed = 1234
+        return _inverted_lists(vectors, options["nlist"], None)
+    if kind == "ivfpq":
+        defaults = _default_pq(dim, vectors.shape[0])
+        pq = (options["pq_m"] or defaults[0], options["pq_bits"] or defaults[1])
+        return _inverted_lists(vectors, options["nlist"], pq)
+    if kind == "sq8":
+        quantizer = faiss.ScalarQuantizer.QT_8bit
+        index = faiss.IndexScalarQuantizer(dim, quantizer, faiss.METRIC_INNER_PRODUCT)
         index.train(vectors)
         return index
-    raise ValueError(f"index kind must be 'flat', 'ivf' or 'hnsw', not {kind!r}")
+    raise ValueError(f"index kind must be one of {', '.join(INDEX_KINDS)}, not {kind!r}")
 
 
 def _set_search_parameters(index: Any, info: Mapping[str, Any]) -> None:
-    if info["kind"] == "ivf":
+    if info["kind"] in ("ivf", "ivfpq"):
         index.nprobe = min(info["nprobe"], info["nlist"])
     elif info["kind"] == "hnsw":
         index.hnsw.efSearch = info["ef_search"]
@@ -70,55 +119,82 @@ def _index_paths(out_dir: Path, modality: str) -> dict[str, Path]:
     return {ext: base / f"{modality}.{ext}" for ext in ("faiss", "json", "parquet")}
 
 
+def _indexed_vectors(
+    out_dir: Path, modality: str, dim: int | None
+) -> tuple[np.ndarray, pa.Table, np.ndarray]:
+    """The present rows of one modality, truncated to ``dim`` (renormalized), float32."""
+    vectors, table = load_embeddings(out_dir, modality)
+    keep = np.asarray(table.column(f"present_{modality}").to_pylist(), dtype=bool)
+    vectors = torch.from_numpy(np.asarray(vectors[keep], dtype=np.float32))
+    if vectors.shape[0] == 0:
+        raise ValueError(f"{out_dir}: no exported sample has the {modality!r} modality")
+    if dim is not None and dim != vectors.shape[1]:
+        check_prefix(dim, vectors.shape[1], read_manifest(out_dir)["settings"].get("matryoshka"))
+        vectors = truncate(vectors, dim)
+    return np.ascontiguousarray(vectors.numpy()), table, keep
+
+
 def build_index(
     out_dir: str | Path,
     modality: str,
-    kind: IndexKind = "flat",
+    kind: IndexKind | Literal["auto"] | None = None,
     *,
+    dim: int | None = None,
     nlist: int | None = None,
     nprobe: int = 16,
     m: int = 32,
     ef_search: int = 64,
     ef_construction: int = 80,
+    pq_m: int | None = None,
+    pq_bits: int | None = None,
 ) -> Path:
     """A FAISS inner-product index over one modality of a finished export.
 
-    ``flat`` is exact; ``ivf`` (``nlist`` lists, default about 4 sqrt(N); ``nprobe`` searched)
-    and ``hnsw`` (``m`` links per node, ``ef_search``/``ef_construction`` beam widths) are
-    approximate. Rows where the modality is absent are left out. Writes
-    ``OUT/index/{modality}.faiss``, ``.json`` (parameters) and ``.parquet`` (key and metadata
-    per index row); returns the ``.faiss`` path.
+    ``kind``: ``None`` or ``"auto"`` picks by the number of vectors (:func:`default_kind`:
+    ``flat`` below 20,000, ``hnsw`` below 1,000,000, ``ivfpq`` above). ``flat`` is exact;
+    approximate are ``ivf`` (``nlist`` lists, default about 4 sqrt(N); ``nprobe`` searched),
+    ``hnsw`` (``m`` links per node, ``ef_search``/``ef_construction`` beam widths),
+    ``ivfpq`` (IVF lists of ``pq_m``-byte product-quantized codes; default ``pq_m`` the
+    largest divisor of the dim up to dim/4, ``pq_bits`` 8) and ``sq8`` (8-bit scalar
+    quantization, exact scan: 4x smaller than float32). ``dim`` indexes the first ``dim``
+    coordinates, renormalized (a Matryoshka prefix; warns when the exported model did not
+    train it). Rows where the modality is absent are left out. Writes
+    ``OUT/index/{modality}.faiss``, ``.json`` (parameters, ``bytes`` on disk and
+    ``bytes_per_vector``) and ``.parquet`` (key and metadata per index row); returns the
+    ``.faiss`` path.
 
     Example:
-        >>> build_index("emb", "image", kind="ivf", nprobe=8)  # doctest: +SKIP
+        >>> build_index("emb", "image", kind="ivfpq", dim=32)  # doctest: +SKIP
         PosixPath('emb/index/image.faiss')
     """
     out_dir = Path(out_dir)
-    vectors, table = load_embeddings(out_dir, modality)
-    keep = np.asarray(table.column(f"present_{modality}").to_pylist(), dtype=bool)
-    vectors = np.ascontiguousarray(vectors[keep], dtype=np.float32)
-    if vectors.shape[0] == 0:
-        raise ValueError(f"{out_dir}: no exported sample has the {modality!r} modality")
-    index = _make_index(kind, vectors, nlist, m)
-    if kind == "hnsw":
-        index.hnsw.efConstruction = ef_construction
+    vectors, table, keep = _indexed_vectors(out_dir, modality, dim)
+    kind = default_kind(vectors.shape[0]) if kind in (None, "auto") else kind
+    options = {"nlist": nlist, "m": m, "ef_construction": ef_construction}
+    index = _make_index(kind, vectors, options | {"pq_m": pq_m, "pq_bits": pq_bits})
     index.add(vectors)
+    serialized = faiss.serialize_index(index)
+    rows = int(vectors.shape[0])
     info = {
         "modality": modality,
         "kind": kind,
-        "rows": int(vectors.shape[0]),
+        "rows": rows,
         "dim": int(vectors.shape[1]),
         "metric": "inner_product",
-        "nlist": int(index.nlist) if kind == "ivf" else None,
+        "nlist": int(index.nlist) if kind in ("ivf", "ivfpq") else None,
         "nprobe": nprobe,
         "m": m,
         "ef_search": ef_search,
         "ef_construction": ef_construction,
+        "pq_m": int(index.pq.M) if kind == "ivfpq" else None,
+        "pq_bits": int(index.pq.nbits) if kind == "ivfpq" else None,
+        "bytes": int(serialized.size),
+        "bytes_per_vector": float(serialized.size / rows),
     }
     paths = _index_paths(out_dir, modality)
-    rows = table.filter(pa.array(keep))
-    atomic_write(paths["parquet"], lambda handle: pq.write_table(rows, handle))
-    atomic_write(paths["faiss"], lambda handle: handle.write(faiss.serialize_index(index)))
+    kept = table.filter(pa.array(keep))
+    atomic_write(paths["parquet"], lambda handle: pq.write_table(kept, handle))
+    atomic_write(paths["faiss"], lambda handle: handle.write(serialized))
     write_json(paths["json"], info)
     return paths["faiss"]
 

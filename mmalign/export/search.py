@@ -1,4 +1,5 @@
-"""Searching an index: encode one raw query sample with the model, return the nearest rows.
+"""Searching an index: encode a raw query (one modality, or several composed) with the
+model, return the best-scoring rows.
 
 The query is an already parsed sample (a string for text, a path or image for images, a list
 of numbers for tabular towers...) of a real modality of the model; turning command-line
@@ -12,12 +13,26 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from mmalign.errors import UserError
 from mmalign.eval.loading import load_model
 from mmalign.export.index import load_index
 from mmalign.export.reading import read_manifest
+
+
+class QueryError(UserError, ValueError):
+    """A query this model or index cannot score (unknown modality, weights a Symile model
+    cannot use, nothing to search with).
+
+    Example:
+        >>> isinstance(QueryError("no query"), ValueError)
+        True
+    """
 
 
 def recorded_model(index_dir: str | Path) -> str:
@@ -36,32 +51,84 @@ def recorded_model(index_dir: str | Path) -> str:
     return model
 
 
+def query_vector(
+    model: Any,
+    queries: Mapping[str, Any],
+    dim: int | None = None,
+    weights: Mapping[str, float] | None = None,
+) -> torch.Tensor:
+    """The vector ``v`` with ``<v, c> = model.objective.score(queries, c)`` for every
+    candidate ``c``: one raw sample per query modality, encoded (first ``dim`` coordinates,
+    renormalized) and combined by the objective's own score, read off against the identity.
+
+    A Symile model gives the elementwise product of the query embeddings (the multilinear
+    inner product with the candidate); a pairwise model their sum, each scaled by
+    ``weights`` (default 1). Weights are refused for a Symile model: a product has no
+    per-modality weight (scaling it changes no rank).
+
+    Example:
+        >>> query_vector(model, {"text": "three", "audio": "tone5.wav"}).shape  # doctest: +SKIP
+        torch.Size([128])
+    """
+    if not queries:
+        raise QueryError("a search needs at least one query modality")
+    unknown = sorted(set(queries) - set(model.modalities))
+    if unknown:
+        raise QueryError(
+            f"the model has no modality {', '.join(map(repr, unknown))}; "
+            f"modalities: {list(model.modalities)}"
+        )
+    weights = dict(weights or {})
+    if weights and model.objective.scores_jointly:
+        raise QueryError(
+            "query weights apply to pairwise models (clip, anchored, sigmoid); this model "
+            "scores the product of the query modalities (Symile), where a weight changes no rank"
+        )
+    extra = sorted(set(weights) - set(queries))
+    if extra:
+        raise QueryError(f"weights name {extra}, which are not query modalities {list(queries)}")
+    embeddings = {
+        name: model.encode(name, [raw], batch_size=1, dim=dim).float().cpu()
+        * weights.get(name, 1.0)
+        for name, raw in queries.items()
+    }
+    width = next(iter(embeddings.values())).shape[1]
+    return model.objective.score(embeddings, torch.eye(width))[0]
+
+
 def search(
     index_dir: str | Path,
     model: Any,
     query: Any,
-    modality: str,
+    modality: str | None = None,
     k: int = 10,
     *,
     target: str | None = None,
+    weights: Mapping[str, float] | None = None,
 ) -> list[dict[str, Any]]:
-    """Encode one raw ``query`` of ``modality`` (a modality name of the model, not a tower
-    type) and return the ``k`` nearest indexed rows.
+    """The ``k`` indexed rows that score best against a query.
 
+    ``query`` is one raw sample of ``modality`` (a modality name of the model, not a tower
+    type), or, with ``modality=None``, a composed query: a mapping modality -> raw sample,
+    scored by the model's objective (:func:`query_vector`: the multilinear inner product for
+    Symile, the ``weights``-weighted sum of similarities for pairwise models). Queries are
+    encoded at the index's dim (a truncated export or index: the same renormalized prefix).
     ``target`` is the indexed modality (default: the only one built in ``index_dir``);
     ``model`` is a model, a model/run directory, or ``None`` for the model the export
-    recorded. Each row: ``rank``, ``score`` (inner product), ``key``, ``present_*`` and the
-    exported metadata fields.
+    recorded. Each row: ``rank``, ``score`` (the objective's score), ``key``, ``present_*``
+    and the exported metadata fields.
 
     Example:
         >>> search("emb", None, "a handwritten seven", "text", k=3)  # doctest: +SKIP
         [{'rank': 1, 'score': 0.83, 'key': 'test-000017', ...}, ...]
+        >>> search("emb", None, {"text": "three", "audio": "tone4.wav"}, k=5)  # doctest: +SKIP
     """
     loaded = load_index(index_dir, target)
     model = load_model(recorded_model(index_dir) if model is None else model)
-    if modality not in model.modalities:
-        raise ValueError(
-            f"the model has no modality {modality!r}; modalities: {list(model.modalities)}"
-        )
-    vector = model.encode(modality, [query], batch_size=1)
-    return loaded.search(vector, k)[0]
+    if modality is not None:
+        query = {modality: query}
+    elif not isinstance(query, Mapping):
+        raise QueryError("give the query's modality, or a composed query {modality: sample, ...}")
+    dim = loaded.info["dim"]
+    vector = query_vector(model, query, None if dim == model.dim else dim, weights)
+    return loaded.search(vector[None], k)[0]

@@ -51,6 +51,7 @@ from mmalign.eval.loading import EmbeddedBatch, EmbeddingStream, load_model, mod
 from mmalign.export.index import IndexKind, build_index
 from mmalign.export.reading import MANIFEST, META_DIR, ExportError
 from mmalign.files import LOCK_NAME, DirectoryLock, atomic_write, read_json, write_json
+from mmalign.objectives.matryoshka import check_prefix, truncate
 
 FORMAT = "mmalign-embeddings/1"
 """The ``format`` recorded in an export's settings."""
@@ -135,11 +136,14 @@ def _drop_nonfinite_rows(chunk: EmbeddedBatch, counts: dict[str, int]) -> None:
 
 
 def _write_chunk(
-    out_dir: Path, name: str, chunk: EmbeddedBatch, dtype: str, tag: str
+    out_dir: Path, name: str, chunk: EmbeddedBatch, settings: Mapping[str, Any], tag: str
 ) -> dict[str, Any]:
-    """Write one chunk's files atomically; returns its manifest entry."""
-    files = {}
+    """Write one chunk's files atomically (embeddings truncated to ``settings["dim"]``);
+    returns its manifest entry."""
+    files, dtype = {}, settings["dtype"]
     for modality, embedding in chunk.embeddings.items():
+        if embedding.shape[1] != settings["dim"]:
+            embedding = truncate(embedding, settings["dim"])
         values = torch.where(chunk.present[modality][:, None], embedding, torch.nan)
         array = values.numpy().astype(DTYPES[dtype])
         relative = f"{modality}/{name}.npy"
@@ -174,11 +178,13 @@ def _settings(
     shards: str | Sequence[str],
     modalities: Sequence[str],
     options: Mapping[str, Any],
+    dim: int | None = None,
 ) -> dict[str, Any]:
     return {
         "format": FORMAT,
         "modalities": list(modalities),
-        "dim": int(model.dim),
+        "dim": int(dim or model.dim),
+        "matryoshka": model.config.matryoshka,
         "shards": normalize_shards(shards),
         "model_fingerprint": model_fingerprint(model),
         "model_path": model_path,
@@ -223,6 +229,7 @@ def export_embeddings(
     batch_size: int = 256,
     chunk_size: int = 4096,
     dtype: Literal["float16", "float32"] = "float16",
+    dim: int | None = None,
     metadata_fields: Sequence[str] = (),
     fields: Mapping[str, str] | None = None,
     workers: int = 0,
@@ -234,7 +241,9 @@ def export_embeddings(
 
     ``model`` is an :class:`~mmalign.AlignmentModel` or a model/run directory; ``fields``
     maps modalities to record extensions (default: the run's config, else per tower type);
-    ``metadata_fields`` are record extensions copied into the Parquet files (``txt``,
+    ``dim`` keeps the first ``dim`` coordinates of every embedding, renormalized (a
+    Matryoshka prefix; warns when the model did not train it); ``metadata_fields`` are
+    record extensions copied into the Parquet files (``txt``,
     ``cls``, ``json``). An unfinished export in ``out_dir`` with the same settings resumes.
     ``rank``/``world_size`` default to the launcher's (torch.distributed / Accelerate).
     Returns the manifest (merged over ranks once all have finished).
@@ -253,6 +262,8 @@ def export_embeddings(
     model_path = None if isinstance(model, torch.nn.Module) else str(model_directory(model))
     model = load_model(model)
     _check_finite_weights(model, model_path)
+    if dim is not None:
+        check_prefix(dim, model.dim, model.config.matryoshka)
     launched = rank is None and world_size is None
     rank, world_size = join_launched_group() if launched else resolve_world(rank, world_size)
     share = _Share(Path(out_dir), rank, world_size)
@@ -265,7 +276,7 @@ def export_embeddings(
         "workers": workers,
         "world_size": world_size,
     }
-    settings = _settings(model, model_path, shards, modalities, options)
+    settings = _settings(model, model_path, shards, modalities, options, dim)
     with share.lock():
         fresh = {"settings": settings, "complete": False, "chunks": [], "rows": 0, "counters": {}}
         state = read_json(share.progress_file) or fresh
@@ -327,9 +338,7 @@ def _run_export(
     def flush(chunk: EmbeddedBatch, final: bool) -> None:
         name = share.chunk_name(len(state["chunks"]))
         _drop_nonfinite_rows(chunk, state.setdefault("nonfinite", {}))
-        state["chunks"].append(
-            _write_chunk(share.out_dir, name, chunk, settings["dtype"], share.tag)
-        )
+        state["chunks"].append(_write_chunk(share.out_dir, name, chunk, settings, share.tag))
         state["rows"] += len(chunk)
         if final:
             state["counters"] = {**loader.counters, **state["nonfinite"]}

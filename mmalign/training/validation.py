@@ -17,7 +17,11 @@ gathered and the main process computes
   hit is any item of the query's class (``val/class/R@1/image->text``,
   ``val/class/R@1/mean``). ``eval.best_metric`` may name any of them;
 - zero-shot accuracy from ``data.classes`` (``val/zeroshot/top1``, ``.../top5``,
-  ``.../balanced_accuracy``) when ``eval.zeroshot_modality`` is set.
+  ``.../balanced_accuracy``) when ``eval.zeroshot_modality`` is set;
+- label-free metrics (:mod:`mmalign.eval.label_free`: ``val/rankme/<m>``,
+  ``val/uniformity/<m>``, ``val/alignment/<a>-<b>``, ``val/gap/<a>-<b>`` and their means);
+- with ``model.matryoshka``, retrieval at each smaller trained prefix
+  (``val/dim16/R@1/mean``, ...).
 
 The metrics are broadcast to every process.
 
@@ -41,8 +45,10 @@ from mmalign.batch import Batch
 from mmalign.config import Config
 from mmalign.data import loader_from_config
 from mmalign.eval.classification import classification_metrics
+from mmalign.eval.label_free import label_free_metrics
 from mmalign.eval.retrieval import nway_recall, pairwise_recall
 from mmalign.eval.zeroshot import ZeroShotClassifier, load_classes
+from mmalign.objectives.matryoshka import truncate
 
 KS = (1, 5, 10)
 RETRIEVAL_METRICS = (*(f"R@{k}" for k in KS), "mAP")
@@ -227,5 +233,11 @@ class Validator:
         recall = recall_metrics(model, embeddings, present, pairs, labels)
         samples = float(next(iter(present.values())).shape[0])
         metrics = {"val/loss": loss, "val/samples": samples, **recall}
+        metrics.update(label_free_metrics(embeddings, present))
+        for dim in (model.config.matryoshka or [])[:-1]:
+            prefixes = {name: truncate(value, dim) for name, value in embeddings.items()}
+            pairs = self.config.eval.retrieval_pairs
+            for key, value in recall_metrics(model, prefixes, present, pairs).items():
+                metrics[key.replace("val/", f"val/dim{dim}/", 1)] = value
         metrics.update(self._zeroshot(model, embeddings, present, labels))
         return metrics

@@ -1,0 +1,122 @@
+"""Reading a run config: YAML file, dict or :class:`Config`, plus ``--set`` overrides."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from mmalign.config.sections import Config
+from mmalign.errors import ConfigError, config_error
+from mmalign.registry import TOWERS
+
+
+def _parse_value(text: str) -> Any:
+    return yaml.safe_load(text) if text != "" else ""
+
+
+SCHEDULE_KEYS = ("train.steps", "train.epochs")
+"""Two ways to give the length of a run; an override of one replaces the other."""
+
+
+def _override_schedule(data: dict[str, Any], overrides: list[str]) -> None:
+    """``--set train.steps=N`` drops the file's ``train.epochs`` (and the other way round),
+    so the override is what runs."""
+    keys = {override.split("=", 1)[0].strip() for override in overrides}
+    train = data.get("train")
+    for given, other in (SCHEDULE_KEYS, SCHEDULE_KEYS[::-1]):
+        name = other.split(".")[1]
+        if given in keys and other not in keys and isinstance(train, dict) and name in train:
+            train[name] = None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML) to a nested dict in place.
+
+    Example:
+        >>> apply_overrides({"train": {"lr": 1.0}}, ["train.lr=0.5", "data.batch_size=8"])
+        {'train': {'lr': 0.5}, 'data': {'batch_size': 8}}
+    """
+    for override in overrides:
+        if "=" not in override:
+            raise ConfigError(f"override '{override}' must look like key.sub=value")
+        key, value = override.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{override}': '{part}' is not a section")
+            node = child
+        try:
+            node[parts[-1]] = _parse_value(value)
+        except yaml.YAMLError as error:  # also !!python/... tags, which safe_load refuses
+            raise ConfigError(
+                f"override '{override}': the value is not plain YAML: {error}"
+            ) from None
+    return data
+
+
+def load_config(
+    source: str | Path | dict[str, Any] | Config, overrides: list[str] | None = None
+) -> Config:
+    """Load and validate a config from a YAML path, a dict or a :class:`Config`.
+
+    Relative shard and file paths stay as written (relative to the working directory).
+    """
+    if isinstance(source, Config):
+        if not overrides:
+            return source
+        source = source.to_dict()
+    if isinstance(source, str | Path):
+        path = Path(source)
+        if path.is_dir():
+            raise ConfigError(f"the config is a directory ({path}); pass the YAML file itself")
+        if not path.is_file():
+            raise ConfigError(f"the config file does not exist ({path}); check the path")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {path} is not valid YAML: {error}") from error
+        name = str(path)
+    else:
+        data = json.loads(json.dumps(source))
+        name = "dict"
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {name} must be a mapping with model/data/train/eval sections")
+    _override_schedule(data, overrides or [])
+    apply_overrides(data, overrides or [])
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as error:
+        raise config_error(error, "", f"config ({_source(error, name, overrides)})") from None
+    for modality, tower in config.model.towers.items():
+        try:
+            TOWERS.get(tower["type"], f"model.towers.{modality}.type").config_class.model_validate(
+                tower
+            )
+        except ValidationError as error:
+            where = _source(error, name, overrides, f"model.towers.{modality}")
+            raise config_error(error, f"model.towers.{modality}", f"config ({where})") from None
+    return config
+
+
+def _source(
+    error: ValidationError, name: str, overrides: list[str] | None, prefix: str = ""
+) -> str:
+    """Where the fields of ``error`` were set: the ``--set`` overrides that set them (a typo
+    there is not the file's), else the file ``name``."""
+    fields = [".".join(filter(None, [prefix, *map(str, item["loc"])])) for item in error.errors()]
+    keys = {override: override.split("=", 1)[0].strip() for override in overrides or []}
+    setting = [
+        override
+        for override, key in keys.items()
+        if any(
+            f"{field}.".startswith(f"{key}.") or f"{key}.".startswith(f"{field}.")
+            for field in fields
+        )
+    ]
+    return ", ".join(f"--set {override}" for override in setting) or name

@@ -1,0 +1,145 @@
+"""Matryoshka embeddings (MRL): one objective trained on every nested prefix of the embedding.
+
+With ``model.matryoshka: [16, 32, 64, 128]`` the model's objective is applied to the first
+``d`` coordinates of every embedding, renormalized, for each listed ``d``, and the losses are
+combined by ``model.matryoshka_weights`` (default 1 each, as in the MRL paper):
+
+    loss = sum_d w_d * objective({m: normalize(e_m[:, :d])})
+
+Renormalizing the prefix of a normalized embedding equals normalizing the prefix of the
+projection's output, so each prefix is itself a cosine embedding. Every objective works
+unchanged: presence masks (absent rows stay zero), the all-gather across processes (one per
+prefix), exact accumulation (the wrapper is the model's objective, so the cached and spliced
+embeddings go through it) and Symile ``n2`` (one blockwise pass per prefix: the cost is the
+sum of the prefix sizes over ``dim``, e.g. ``(8+16+32+64+128)/128 = 1.9`` times the plain
+loss). A truncated embedding (:func:`truncate`) is what a prefix was trained as.
+
+Example:
+    >>> import torch
+    >>> from mmalign.objectives import build_objective
+    >>> objective = MatryoshkaObjective(build_objective({"name": "clip"}), [2, 4])
+    >>> embeddings = {"a": torch.eye(4), "b": torch.eye(4)}
+    >>> out = objective(embeddings, logit_scale=torch.tensor(10.0))
+    >>> sorted(key for key in out.metrics if key.startswith("loss/dim"))
+    ['loss/dim2', 'loss/dim4']
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mmalign.objectives.base import LossOutput, Objective
+
+
+def truncate(embeddings: Tensor, dim: int) -> Tensor:
+    """The first ``dim`` coordinates of each row, renormalized (all-zero rows stay zero).
+
+    Example:
+        >>> truncate(torch.tensor([[3.0, 4.0, 12.0]]), 2).tolist()
+        [[0.6000000238418579, 0.800000011920929]]
+    """
+    if not 1 <= dim <= embeddings.shape[-1]:
+        raise ValueError(f"dim must be between 1 and {embeddings.shape[-1]}, got {dim}")
+    return F.normalize(embeddings[..., :dim], dim=-1)
+
+
+def check_prefix(dim: int, full_dim: int, trained: Sequence[int] | None) -> None:
+    """Refuse a ``dim`` outside ``1..full_dim``; warn when it is not a trained prefix
+    (``trained``: the model's ``matryoshka`` list, ``None`` when it was trained at full size
+    only).
+
+    Example:
+        >>> check_prefix(32, 128, [16, 32, 64, 128])
+    """
+    if not 1 <= dim <= full_dim:
+        raise ValueError(f"dim must be between 1 and the model's dim {full_dim}, got {dim}")
+    prefixes = list(trained) if trained else [full_dim]
+    if dim not in prefixes:
+        warnings.warn(
+            f"dim {dim} is not a trained Matryoshka prefix (trained: {prefixes}); its "
+            "truncated embeddings may retrieve much worse than a trained prefix",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+class MatryoshkaObjective(Objective):
+    """Apply ``inner`` to each renormalized prefix ``dims`` and sum the losses by ``weights``.
+
+    It scores, learns a bias and scores jointly exactly as ``inner`` (at the full size of the
+    embeddings it is given). Metrics: ``loss`` (the weighted sum), ``loss/dim{d}`` per prefix,
+    and the other metrics of ``inner`` at the largest prefix.
+
+    Example:
+        >>> from mmalign.objectives import build_objective
+        >>> MatryoshkaObjective(build_objective({"name": "symile"}), [8, 16]).scores_jointly
+        True
+    """
+
+    def __init__(
+        self, inner: Objective, dims: Sequence[int], weights: Sequence[float] | None = None
+    ) -> None:
+        super().__init__(inner.config)
+        self.inner = inner
+        self.dims = [int(dim) for dim in dims]
+        self.weights = [1.0] * len(self.dims) if weights is None else [float(w) for w in weights]
+        if len(self.weights) != len(self.dims):
+            raise ValueError(f"{len(self.weights)} matryoshka weights for {len(self.dims)} dims")
+        self.learns_bias = inner.learns_bias
+        self.scores_jointly = inner.scores_jointly
+
+    def score(
+        self,
+        query_embeddings: Mapping[str, Tensor],
+        candidate_embeddings: Tensor,
+        present: Mapping[str, Tensor] | None = None,
+    ) -> Tensor:
+        """The inner objective's score (see :meth:`Objective.score`)."""
+        return self.inner.score(query_embeddings, candidate_embeddings, present)
+
+    def term_names(self, modalities: Sequence[str]) -> list[str]:
+        return self.inner.term_names(modalities)
+
+    def forward(
+        self,
+        embeddings: dict[str, Tensor],
+        logit_scale: Tensor,
+        logit_bias: Tensor | None = None,
+        present: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> LossOutput:
+        """The weighted sum of the inner loss on every renormalized prefix."""
+        width = next(iter(embeddings.values())).shape[-1]
+        if self.dims[-1] > width:
+            raise ValueError(
+                f"matryoshka prefix {self.dims[-1]} exceeds the embeddings' dim {width}"
+            )
+        loss, metrics = None, {}
+        for dim, weight in zip(self.dims, self.weights, strict=True):
+            prefixes = {name: truncate(value, dim) for name, value in embeddings.items()}
+            out = self.inner(prefixes, logit_scale, logit_bias, present, generator)
+            loss = out.loss * weight if loss is None else loss + out.loss * weight
+            metrics[f"loss/dim{dim}"] = out.metrics["loss"]
+            last = out.metrics
+        total = sum(metrics[f"loss/dim{dim}"] * w for dim, w in zip(self.dims, self.weights))
+        return LossOutput(loss=loss, metrics={**last, **metrics, "loss": total})
+
+
+def with_matryoshka(
+    objective: Objective, dims: Sequence[int] | None, weights: Sequence[float] | None = None
+) -> Objective:
+    """``objective`` wrapped for the Matryoshka ``dims`` (unchanged when ``dims`` is empty).
+
+    Example:
+        >>> from mmalign.objectives import build_objective
+        >>> type(with_matryoshka(build_objective({"name": "clip"}), None)).__name__
+        'ClipObjective'
+    """
+    if not dims:
+        return objective
+    return MatryoshkaObjective(objective, dims, weights)
