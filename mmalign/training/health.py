@@ -1,6 +1,7 @@
 """Whether a model's state is fit to train on, save or call good: every parameter (the
-temperature included) finite and within ``train.max_abs_weight``, every float buffer
-(BatchNorm statistics) finite.
+temperature included) finite and within ``train.max_abs_weight``, every normalization
+statistic that training updates (BatchNorm's running mean and variance) finite. Other buffers
+are constants and may hold infinities by design (an attention mask's ``-inf``).
 
 The trainer checks after every optimizer step; a state that fails is never saved. The check
 costs one reduction per tensor and one device synchronization.
@@ -25,6 +26,9 @@ from torch import nn
 
 from mmalign.config import TrainConfig
 
+RUNNING_STATISTICS = ("running_mean", "running_var")
+"""Buffers that training updates (normalization layers); the only buffers checked."""
+
 
 def _largest(tensors: list[torch.Tensor]) -> float:
     """The largest magnitude over ``tensors`` (NaN when any holds a NaN)."""
@@ -36,10 +40,15 @@ def _largest(tensors: list[torch.Tensor]) -> float:
 
 def unhealthy_tensor(model: nn.Module, max_abs: float) -> tuple[str, float] | None:
     """The first parameter that is non-finite or larger than ``max_abs`` in magnitude, or
-    the first non-finite float buffer, with its largest magnitude; ``None`` when all are fine.
+    the first non-finite running statistic, with its largest magnitude; ``None`` when all
+    are fine.
     """
     parameters = dict(model.named_parameters())
-    buffers = {n: b for n, b in model.named_buffers() if b.is_floating_point() and b.numel()}
+    buffers = {
+        name: buffer
+        for name, buffer in model.named_buffers()
+        if name.rpartition(".")[2] in RUNNING_STATISTICS and buffer.numel()
+    }
     largest = _largest(list(parameters.values()))
     if (
         math.isfinite(largest)

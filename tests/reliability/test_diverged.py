@@ -141,3 +141,16 @@ def test_export_never_marks_a_nan_row_present(
     vectors = np.concatenate([np.load(out / c["files"]["labs"]) for c in manifest["chunks"]])
     assert present.sum() == 42
     assert np.isfinite(vectors[present]).all() and np.isnan(vectors[~present]).all()
+
+
+def test_constant_buffers_may_hold_infinities_but_running_statistics_may_not() -> None:
+    """An attention mask's -inf (open_clip's text tower) is no divergence; a NaN running
+    variance is."""
+    from mmalign.training.health import unhealthy_tensor
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    model.register_buffer("attn_mask", torch.full((2, 2), float("-inf")).triu(1))
+    assert unhealthy_tensor(model, max_abs=1e4) is None
+    model[1].running_var[0] = float("nan")
+    name, value = unhealthy_tensor(model, max_abs=1e4)
+    assert name == "1.running_var" and math.isnan(value)
