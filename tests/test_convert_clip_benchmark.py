@@ -67,7 +67,7 @@ def test_clip_benchmark_agrees_with_mmalign_zeroshot(
     capsys.readouterr()
     argv = ["zeroshot", str(saved), "--data", str(tmp_path / "tiny" / "test" / "0.tar")]
     argv += ["--classes", str(tmp_path / "classes.json"), "--query", "image"]
-    assert main([*argv, "--field", "image=png"]) == 0
+    assert main([*argv, "--field", "image=png", "--json"]) == 0
     ours = json.loads(capsys.readouterr().out)
     assert ours["samples"] == 40
 

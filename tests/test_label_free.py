@@ -89,7 +89,11 @@ def test_validation_reports_them_per_prefix_and_they_pick_the_best_checkpoint(
     assert len(validations) == 3
     last = validations[-1]
     assert {"val/rank/x", "val/alignment/x-y", "val/gap/mean", "val/uniformity/y"} <= set(last)
-    assert {"val/dim2/R@1/mean", "val/dim4/R@1/x->y", "val/R@1/mean"} <= set(last)
-    assert "val/dim8/R@1/mean" not in last  # the full size is val/R@1
+    assert {
+        "val/dim2/instance/R@1/mean",
+        "val/dim4/instance/R@1/x->y",
+        "val/instance/R@1/mean",
+    } <= set(last)
+    assert "val/dim8/instance/R@1/mean" not in last  # the full size has no prefix
     best = json.loads((out / "checkpoints" / "best" / "trainer.json").read_text())
     assert best["step"] == max(validations, key=lambda r: r["val/rank/mean"])["step"]

@@ -123,9 +123,9 @@ def test_eval_report_has_retrieval_at_each_trained_prefix(tmp_path, model) -> No
     shards, raw = make_data(tmp_path)
     report = run_eval(model, shards, tmp_path / "eval", modalities=["x", "text"], fields=FIELDS)
     metrics = report["metrics"]
-    assert "dim8/retrieval/x->text/R@1" not in metrics  # full size: the plain keys
+    assert "dim8/instance/R@1/x->text" not in metrics  # full size: the plain keys
     x = torch.from_numpy(_prefix(model.encode("x", raw["x"]), 4))
     text = torch.from_numpy(_prefix(model.encode("text", raw["text"]), 4))
     expected = retrieval_metrics(x, text, list(range(ROWS)), list(range(ROWS)), ks=(1, 5))
-    assert metrics["dim4/retrieval/x->text/R@1"] == pytest.approx(expected["q2g/R@1"])
-    assert metrics["dim4/retrieval/text->x/R@5"] == pytest.approx(expected["g2q/R@5"])
+    assert metrics["dim4/instance/R@1/x->text"] == pytest.approx(expected["q2g/R@1"])
+    assert metrics["dim4/instance/R@5/text->x"] == pytest.approx(expected["g2q/R@5"])

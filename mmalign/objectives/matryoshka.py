@@ -112,8 +112,10 @@ class MatryoshkaObjective(Objective):
         logit_bias: Tensor | None = None,
         present: Tensor | None = None,
         generator: torch.Generator | None = None,
+        groups: Tensor | None = None,
     ) -> LossOutput:
-        """The weighted sum of the inner loss on every renormalized prefix."""
+        """The weighted sum of the inner loss on every renormalized prefix (``groups`` as the
+        inner objective takes them)."""
         width = next(iter(embeddings.values())).shape[-1]
         if self.dims[-1] > width:
             raise ValueError(
@@ -122,7 +124,7 @@ class MatryoshkaObjective(Objective):
         loss, metrics = None, {}
         for dim, weight in zip(self.dims, self.weights, strict=True):
             prefixes = {name: truncate(value, dim) for name, value in embeddings.items()}
-            out = self.inner(prefixes, logit_scale, logit_bias, present, generator)
+            out = self.inner(prefixes, logit_scale, logit_bias, present, generator, groups=groups)
             loss = out.loss * weight if loss is None else loss + out.loss * weight
             metrics[f"loss/dim{dim}"] = out.metrics["loss"]
             last = out.metrics
