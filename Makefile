@@ -33,7 +33,7 @@ format: $(INSTALLED)
 	$(BIN)/ruff check --fix .
 
 test: lint
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2
 
 # The installed wheel runs its own demo outside the checkout (also part of `make test`).
 .PHONY: wheel-check
