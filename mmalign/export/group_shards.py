@@ -15,7 +15,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ import faiss
 import numpy as np
 
 from mmalign.errors import UserError
-from mmalign.export.reshard import ExportRows, source_records, write_shards
+from mmalign.export.reshard import ExportRows, source_records, write_shards, write_summary
 
 
 def cluster_order(
@@ -87,8 +86,7 @@ def group_shards(
         },
         "shards": shards,
     }
-    (Path(out) / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    return summary
+    return write_summary(out, summary)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,7 +31,13 @@ import numpy as np
 
 from mmalign.errors import UserError
 from mmalign.export.reading import read_manifest
-from mmalign.export.reshard import ExportRows, find_payload, source_records, write_shards
+from mmalign.export.reshard import (
+    ExportRows,
+    find_payload,
+    source_records,
+    write_shards,
+    write_summary,
+)
 
 
 def positive_aware_negatives(
@@ -139,8 +145,7 @@ def mine_negatives(
         "queries_with_fewer_than_k": int(sum(count < k for count in counts)),
         "shards": shards,
     }
-    (Path(out) / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    return summary
+    return write_summary(out, summary)
 
 
 def main(argv: list[str] | None = None) -> int:

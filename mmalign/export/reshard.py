@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,3 +102,9 @@ def write_shards(
         for record in records:
             writer.write(record)
     return sorted(path.name for path in out.glob(f"{name}-*.tar"))
+
+
+def write_summary(out: str | Path, summary: dict[str, Any]) -> dict[str, Any]:
+    """Write ``summary`` as ``OUT/summary.json`` beside the new shards; returns it."""
+    (Path(out) / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
