@@ -150,7 +150,7 @@ def _reference_symile_n2_multi(emb, scale, present, groups, names):
     return sum(terms) / len(terms)
 
 
-def _check(loss, reference, tensors):
+def assert_loss_and_gradients_close(loss, reference, tensors):
     torch.testing.assert_close(loss, reference, rtol=1e-10, atol=1e-12)
     for ours, theirs in zip(
         torch.autograd.grad(loss, tensors, retain_graph=True),
@@ -173,7 +173,7 @@ def test_pairwise_softmax_modes_equal_the_naive_reference(mode, name):
         config["anchor"], pairs = "b", [("b", "a"), ("b", "c")]
     loss = build_objective(config)(emb, scale, present=present, groups=groups).loss
     reference = _reference_clip(emb, scale, present, groups, pairs, mode, names)
-    _check(loss, reference, [*emb.values(), scale])
+    assert_loss_and_gradients_close(loss, reference, [*emb.values(), scale])
 
 
 @pytest.mark.parametrize("mode", ["instance", "multi", "exclude"])
@@ -186,7 +186,7 @@ def test_sigmoid_modes_equal_the_naive_reference(mode):
     objective = build_objective({"name": "sigmoid", "positives": mode})
     loss = objective(emb, scale, bias, present=present, groups=groups).loss
     reference = _reference_sigmoid(emb, scale, bias, present, groups, mode, names)
-    _check(loss, reference, [*emb.values(), scale, bias])
+    assert_loss_and_gradients_close(loss, reference, [*emb.values(), scale, bias])
 
 
 @pytest.mark.parametrize("count", [3, 4])
@@ -206,7 +206,7 @@ def test_symile_n_modes_equal_the_naive_reference(mode, count):
     loss = objective(emb, scale, present=present, groups=groups, generator=generator).loss
     perms = draw_permutations(count, rows, torch.Generator().manual_seed(5), torch.device("cpu"))
     reference = _reference_symile_n(emb, scale, present, groups, mode, names, perms)
-    _check(loss, reference, [*emb.values(), scale])
+    assert_loss_and_gradients_close(loss, reference, [*emb.values(), scale])
 
 
 @pytest.mark.parametrize("count", [3, 4])
@@ -222,7 +222,7 @@ def test_symile_n2_multi_equals_the_dense_reference(count):
     )
     loss = objective(emb, scale, present=present, groups=groups).loss
     reference = _reference_symile_n2_multi(emb, scale, present, groups, names)
-    _check(loss, reference, [*emb.values(), scale])
+    assert_loss_and_gradients_close(loss, reference, [*emb.values(), scale])
     instance = build_objective({"name": "symile", "negatives": "n2", "block_size": 5})
     distinct = objective(emb, scale, present=present, groups=torch.arange(rows) * 3).loss
     torch.testing.assert_close(
@@ -294,7 +294,7 @@ def test_clip_multi_equals_pytorch_metric_learning_supcon():
     image_to_text = supcon(emb["image"], groups, ref_emb=emb["text"], ref_labels=groups.clone())
     text_to_image = supcon(emb["text"], groups, ref_emb=emb["image"], ref_labels=groups.clone())
     reference = (image_to_text + text_to_image) / 2
-    _check(ours, reference, list(emb.values()))
+    assert_loss_and_gradients_close(ours, reference, list(emb.values()))
 
 
 def test_debiased_with_tau_plus_zero_is_instance_and_is_finite_at_large_scale():
