@@ -55,6 +55,7 @@ def test_set_epochs_replaces_the_files_steps(tmp_path: Path, pattern: str) -> No
     text = plan.describe_plan(loaded, processes=2, device="cpu")
     assert "  steps: 8 (3 epochs of data.epoch_samples; train.epochs)" in text
     assert "  global batch: 32 samples per step" in text and "256 samples in all" in text
+    assert "  data split: 2 shards over 2 readers (2 processes x 1 worker): 1 shard each" in text
 
 
 def test_steps_and_epochs_together_in_one_source_are_an_error(tmp_path: Path, pattern: str) -> None:

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 
 from mmalign.config import Config, ConfigError
+from mmalign.data.shards import expand_shards
+from mmalign.data.splitting import describe_split
 from mmalign.training.checks import total_steps
 
 
@@ -57,6 +59,17 @@ def check_precision(config: Config, device: torch.device | str) -> None:
         )
 
 
+def _data_split(config: Config, processes: int) -> str:
+    """How the training shards are split over nodes, processes and workers."""
+    data = config.data
+    if data.train is None:
+        return "no data.train"
+    shards = len(expand_shards(data.train, "data.train"))
+    if data.resampled:
+        return f"each process and worker draws from all {shards} shards (resampled)"
+    return describe_split(shards, processes, data.workers)
+
+
 def describe_plan(config: Config, processes: int, device: torch.device | str) -> str:
     """The resolved plan of a run, several lines: steps, batches, epochs, precision, logs."""
     data, train = config.data, config.train
@@ -87,6 +100,7 @@ def describe_plan(config: Config, processes: int, device: torch.device | str) ->
         f"x {train.accumulate} accumulated x {processes} processes); "
         f"{steps * global_batch} samples in all",
         f"  epoch: {epoch}",
+        f"  data split: {_data_split(config, processes)}",
         f"  precision: {train.precision} on {device}",
         f"  validation: {validation}",
         f"  logs: every {train.log_every} steps to {output / 'train.log'} and "
