@@ -339,6 +339,9 @@ class TrainConfig(_Section):
     """Synchronize the device around each part of a step to time it exactly (slower)."""
     find_unused_parameters: bool = True
     """DDP: allow towers without gradient in a step (a modality absent from a batch)."""
+    log_sample_keys: bool = False
+    """Write the record keys of every micro-batch each process trains on to
+    ``output/sample_keys/rank-<r>.jsonl`` (:mod:`mmalign.training.sample_keys`)."""
 
     @model_validator(mode="before")
     @classmethod

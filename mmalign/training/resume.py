@@ -46,6 +46,7 @@ CHANGEABLE = (
     "train.plots",
     "train.profile",
     "train.find_unused_parameters",
+    "train.log_sample_keys",
     "train.output",
     "data.val",
     "data.test",

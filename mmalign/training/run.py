@@ -54,6 +54,7 @@ from mmalign.training.logging import METRICS_FILE, read_metrics
 from mmalign.training.normalization import fit_normalizers
 from mmalign.training.plan import check_precision, describe_plan
 from mmalign.training.resume import check_resume_changes
+from mmalign.training.shared_output import require_shared_output
 from mmalign.training.signals import StopSignals
 from mmalign.training.trainer import Trainer
 
@@ -138,27 +139,35 @@ def _prepare_directory(
     config: Config, accelerator: Accelerator, resume: bool
 ) -> DirectoryLock | None:
     """Main process: refuse a busy or finished run dir, take the lock; every rank learns of
-    an error so none waits forever."""
+    an error so none waits forever, and checks that it sees the lock (a shared
+    ``train.output``, :mod:`mmalign.training.shared_output`)."""
     output = Path(config.train.output)
-    lock, error = None, None
+    lock, error, owner = None, None, ""
     if accelerator.is_main_process:
         try:
             _check_fresh_or_resume(output, resume)
             lock = DirectoryLock(output)
             lock.acquire()
+            owner = lock.path.read_text()
             checkpoint.recover(output / CHECKPOINTS)
             _check_resumable(output, config)
         except Exception as caught:  # every rank must hear of it, whatever it is
             if lock is not None:
                 lock.release()
             error = caught
-    shared = [None if error is None else str(error)]
+    shared = [None if error is None else str(error), owner]
     if accelerator.num_processes > 1:
         broadcast_object_list(shared, from_process=0)
     if error is not None:
         raise error
     if shared[0] is not None:
         raise RuntimeError(shared[0])
+    try:
+        require_shared_output(accelerator, output, shared[1])
+    except UserError:
+        if lock is not None:
+            lock.release()
+        raise
     return lock
 
 

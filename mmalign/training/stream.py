@@ -3,7 +3,9 @@
 Each epoch is a fresh loader seeded from ``(data.seed, epoch)``; a finite loader that runs
 out starts the next epoch. The position is ``(epoch, batches consumed in that epoch)``, so a
 resumed run rebuilds the epoch's loader and skips the consumed batches: the same stream as
-an uninterrupted run, as long as the loader is deterministic for a seed.
+an uninterrupted run, as long as the loader is deterministic for a seed. ``on_batch`` (if
+given) is called with ``(epoch, batches, batch)`` for each batch handed out (not for the
+batches a resume skips).
 
 Example:
     >>> stream = EpochStream(lambda seed: ["a", "b"], position={"epoch": 0, "batches": 1})
@@ -33,8 +35,10 @@ class EpochStream:
         make_loader: Callable[[int], Iterable[Any]],
         seed: int = 0,
         position: dict[str, int] | None = None,
+        on_batch: Callable[[int, int, Any], None] | None = None,
     ) -> None:
         self.make_loader = make_loader
+        self.on_batch = on_batch
         self.seed = seed
         self.epoch = (position or {}).get("epoch", 0)
         self.batches = (position or {}).get("batches", 0)
@@ -75,6 +79,8 @@ class EpochStream:
             self._open()
             return next(self)
         self.batches += 1
+        if self.on_batch is not None:
+            self.on_batch(self.epoch, self.batches, batch)
         return batch
 
     def _current_counters(self) -> dict[str, int]:

@@ -46,6 +46,7 @@ from mmalign.training.health import divergence_message, suggested_lr, unhealthy_
 from mmalign.training.logging import RunLogger, truncate_metrics
 from mmalign.training.optim import build_optimizer, build_scheduler
 from mmalign.training.resume import apply_optimizer_settings
+from mmalign.training.sample_keys import SampleKeyLog
 from mmalign.training.signals import StopSignals, TrainingInterrupted
 from mmalign.training.stream import EpochStream, epoch_seed
 from mmalign.training.timing import StepTimer
@@ -131,9 +132,11 @@ class Trainer:
         """Resume from the newest checkpoint (when asked and present); the data stream."""
         latest = checkpoint.latest_checkpoint(self.checkpoints) if resume else None
         state = checkpoint.read_trainer_state(latest) if latest else None
-        stream = EpochStream(
-            self._train_loader, self.config.data.seed, state["stream"] if state else None
-        )
+        position = state["stream"] if state else None
+        on_batch = None
+        if self.config.train.log_sample_keys:
+            on_batch = SampleKeyLog(self.output, self.accelerator.process_index, position)
+        stream = EpochStream(self._train_loader, self.config.data.seed, position, on_batch)
         if state is None:
             return stream
         stream.prime()  # skipping consumed batches may draw from the RNG restored below
