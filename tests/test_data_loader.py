@@ -224,7 +224,7 @@ def test_alternative_extensions_and_metadata(tmp_path: Path) -> None:
     assert np.asarray(batch.inputs["image"][0][0])[1, 1, 0] > 150
 
 
-@pytest.mark.parametrize("shards", [6, 1])
+@pytest.mark.parametrize("shards", [6, 5, 3, 1])
 def test_ranks_and_workers_read_disjoint_parts_covering_everything(
     tmp_path: Path, shards: int
 ) -> None:
