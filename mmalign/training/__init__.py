@@ -5,7 +5,8 @@
 - :mod:`mmalign.training.accumulation`, :mod:`~.stream`, :mod:`~.validation`,
   :mod:`~.checkpoint`, :mod:`~.logging`, :mod:`~.optim`, :mod:`~.checks`, :mod:`~.timing`,
   :mod:`~.health` (diverged weights), :mod:`~.resume` (what may change on resume),
-  :mod:`~.signals` (SIGTERM/SIGINT): its parts.
+  :mod:`~.signals` (SIGTERM/SIGINT), :mod:`~.shared_output` (a run directory every node
+  sees), :mod:`~.sample_keys` (``train.log_sample_keys``): its parts.
 
 Example:
     >>> from mmalign.training import train

@@ -32,7 +32,7 @@ from mmalign.errors import UserError
 from mmalign.files import LOCK_NAME
 
 
-def sees_lock(lock: Path, owner: str, wait: float = 10.0) -> bool:
+def sees_lock(lock: Path, owner: str, wait: float = 5.0) -> bool:
     """Whether ``lock`` holds ``owner`` (the main process's lock line), polling up to ``wait``
     seconds (a network filesystem may show a new file late)."""
     deadline = time.monotonic() + wait
