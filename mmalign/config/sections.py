@@ -339,6 +339,10 @@ class TrainConfig(_Section):
     """Synchronize the device around each part of a step to time it exactly (slower)."""
     find_unused_parameters: bool = True
     """DDP: allow towers without gradient in a step (a modality absent from a batch)."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """How several processes share the model: ``ddp`` (each holds all of it, Accelerate's
+    DistributedDataParallel) or ``fsdp`` (FSDP2: parameters, gradients and optimizer state
+    sharded, checkpoints saved sharded; see docs/fsdp.md). One process ignores it."""
 
     @model_validator(mode="before")
     @classmethod
