@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -155,6 +156,25 @@ def test_consolidated_model_equals_the_sharded_parameters(runs: Path) -> None:
     dcp.load(template, storage_reader=SafeReader(run / "checkpoints" / "step-00000005" / "sharded"))
     for name, value in loaded.state_dict().items():
         assert torch.equal(value, template[f"model/{name}"]), name
+
+
+class _CodeExecuting:
+    """A pickle that, when loaded, creates the file ``marker``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (Path.touch, (self.marker,))
+
+
+def test_checkpoint_metadata_never_runs_code(tmp_path: Path) -> None:
+    shards, marker = tmp_path / "sharded", tmp_path / "ran"
+    shards.mkdir()
+    (shards / ".metadata").write_bytes(pickle.dumps(_CodeExecuting(marker)))
+    with pytest.raises(pickle.UnpicklingError, match="is not checkpoint metadata"):
+        SafeReader(shards).read_metadata()
+    assert not marker.exists()
 
 
 def test_run_says_what_ran(runs: Path) -> None:
