@@ -22,6 +22,8 @@ MODULES = [
     "mmalign.objectives.symile",
     "mmalign.objectives.matryoshka",
     "mmalign.eval.label_free",
+    "mmalign.training.strategy",
+    "mmalign.training.fsdp",
 ]
 
 

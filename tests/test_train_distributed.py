@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,16 +13,10 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate.utils import set_seed
-from test_train_support import model_weights, tiny_config, write_shards
+from test_train_support import free_port, model_weights, tiny_config, write_shards
 
 from mmalign.model import AlignmentModel
 from mmalign.training import train
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_two_processes_equal_one_process_with_doubled_batch(tmp_path: Path) -> None:
@@ -43,7 +36,7 @@ def test_two_processes_equal_one_process_with_doubled_batch(tmp_path: Path) -> N
         sys.executable, "-m", "accelerate.commands.launch",
         "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()),
+        "--main_process_port", str(free_port()),
         "-m", "mmalign", "train", str(config_file),
     ]  # fmt: skip
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}

@@ -7,6 +7,11 @@ webdataset's ``TarWriter`` as ``<key>.x.npy`` / ``<key>.y.npy`` / ``<key>.cls``.
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -90,3 +95,29 @@ def metrics(run_dir: Path) -> list[dict]:
     """The records of a run's ``metrics.jsonl``."""
     lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines if line.strip()]
+
+
+def free_port() -> int:
+    """A free TCP port on localhost (for the rendezvous of launched processes)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_launch(arguments: Sequence[str], log: Path, processes: int = 2) -> subprocess.Popen:
+    """Start ``torchrun --nproc_per_node processes`` of ``arguments`` (a script and its
+    arguments, or ``-m module ...``) on CPU (gloo), one thread per process, its output to
+    ``log``; :func:`finish` waits for it."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *arguments,
+    ]  # fmt: skip
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    with open(log, "w") as handle:
+        return subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT)
+
+
+def finish(process: subprocess.Popen, log: Path, timeout: float = 600) -> tuple[int, str]:
+    """Wait for a :func:`start_launch` process: its exit status and the end of its log."""
+    status = process.wait(timeout=timeout)
+    return status, Path(log).read_text()[-3000:]

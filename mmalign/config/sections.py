@@ -342,6 +342,10 @@ class TrainConfig(_Section):
     log_sample_keys: bool = False
     """Write the record keys of every micro-batch each process trains on to
     ``output/sample_keys/rank-<r>.jsonl`` (:mod:`mmalign.training.sample_keys`)."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """How several processes share the model: ``ddp`` (each holds all of it, Accelerate's
+    DistributedDataParallel) or ``fsdp`` (FSDP2: parameters, gradients and optimizer state
+    sharded, checkpoints saved sharded; see docs/fsdp.md). One process ignores it."""
 
     @model_validator(mode="before")
     @classmethod

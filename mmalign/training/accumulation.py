@@ -31,7 +31,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -177,12 +177,15 @@ def accumulated_step(
     micro_batches: Sequence[Batch],
     make_generator: Callable[[], torch.Generator | None],
     timer: StepTimer | None = None,
+    no_sync: Callable[[nn.Module], AbstractContextManager] | None = None,
 ) -> StepOutcome:
     """Forward and backward of one optimizer step over ``micro_batches`` (see module doc).
 
     ``step_module`` is the (possibly DDP-wrapped) :class:`ContrastiveStep`;
     ``make_generator`` returns the step's freshly seeded generator for each loss evaluation.
     Gradients are left in ``.grad``; nothing is backpropagated when the loss is not finite.
+    ``no_sync(step_module)`` is the context of the backward passes that must not synchronize
+    gradients (default ``accelerator.no_sync``; FSDP: ``set_requires_gradient_sync``).
     """
     inner: ContrastiveStep = accelerator.unwrap_model(step_module)
     inner.timer = timer
@@ -213,7 +216,7 @@ def accumulated_step(
         last = len(micro_batches) - 1
         for index, batch in enumerate(micro_batches):
             _set_rng_state(states[index], device)
-            sync = nullcontext() if index == last else accelerator.no_sync(step_module)
+            sync = nullcontext() if index == last else (no_sync or accelerator.no_sync)(step_module)
             with sync:
                 sliced_loss, _ = step_module(batch, cache, index, make_generator(), index == last)
                 with inner.section("backward"):

@@ -9,6 +9,10 @@ A checkpoint is a directory ``checkpoints/step-00000100/`` holding
 - ``rng-rank<r>.safetensors`` + ``rng-rank<r>.json``: the torch, CUDA, numpy and Python RNG
   states of every process.
 
+Under ``train.strategy: fsdp`` the model and optimizer files are replaced by ``sharded/`` and
+``sharded.json``, each process writing its own shards
+(:mod:`mmalign.training.sharded_checkpoint`); everything else is the same.
+
 It is written into ``.tmp-step-...`` beside its final place, fsynced, then renamed
 (:func:`mmalign.files.replace_directory`), so a directory named ``step-*`` is always
 complete. ``best/`` is a hard-linked copy of the checkpoint with the best validation metric,
@@ -141,6 +145,35 @@ def restore_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) ->
     random.setstate((version, tuple(internal), gauss))
 
 
+def write_weights(directory: Path, accelerator: Any, model: nn.Module, optimizer: Any) -> None:
+    """The whole-tensor weights of a checkpoint: ``model.safetensors``,
+    ``optimizer.safetensors`` and ``optimizer.json``, written by the main process."""
+    if accelerator.is_main_process:
+        save_model(model, str(directory / "model.safetensors"))
+        optimizer_tensors, optimizer_meta = flatten_optimizer_state(optimizer.state_dict())
+        save_file(optimizer_tensors, directory / "optimizer.safetensors")
+        write_json(directory / "optimizer.json", optimizer_meta)
+
+
+def read_weights(directory: Path, model: nn.Module, optimizer: Any) -> None:
+    """Load what :func:`write_weights` wrote into ``model`` and ``optimizer``."""
+    sharded = read_json(directory / "sharded.json")
+    if sharded is not None:
+        raise UserError(
+            f"checkpoint {directory} was saved sharded by {sharded['world_size']} processes "
+            f"(train.strategy fsdp); resume it with train.strategy fsdp and "
+            f"{sharded['world_size']} processes"
+        )
+    _read(directory / "model.safetensors", lambda file: load_model(model, str(file)))
+    meta = _read(directory / "optimizer.json", _read_json)
+    tensors = _read(directory / "optimizer.safetensors", load_file)
+    optimizer.load_state_dict(unflatten_optimizer_state(tensors, meta))
+
+
+WeightsWriter = Callable[[Path, Any, nn.Module, Any], None]
+WeightsReader = Callable[[Path, nn.Module, Any], None]
+
+
 def save_checkpoint(
     directory: Path,
     step: int,
@@ -148,11 +181,14 @@ def save_checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     trainer_state: dict[str, Any],
+    weights: WeightsWriter = write_weights,
 ) -> Path:
     """Write the checkpoint of ``step`` atomically; a collective call on every process.
 
     ``model`` is the unwrapped model; ``trainer_state`` is JSON data (step, scheduler,
-    scaler, data position, ...). Returns the final checkpoint directory.
+    scaler, data position, ...); ``weights`` writes model and optimizer (default
+    :func:`write_weights`; sharded: :meth:`mmalign.training.fsdp.FullySharded.write_weights`).
+    Returns the final checkpoint directory.
     """
     final = directory / checkpoint_name(step)
     temporary = directory / f".tmp-{final.name}"
@@ -164,11 +200,8 @@ def save_checkpoint(
     rng_tensors, rng_meta = capture_rng_state()
     save_file(rng_tensors, temporary / f"rng-rank{rank}.safetensors")
     write_json(temporary / f"rng-rank{rank}.json", rng_meta)
+    weights(temporary, accelerator, model, optimizer)
     if accelerator.is_main_process:
-        save_model(model, str(temporary / "model.safetensors"))
-        optimizer_tensors, optimizer_meta = flatten_optimizer_state(optimizer.state_dict())
-        save_file(optimizer_tensors, temporary / "optimizer.safetensors")
-        write_json(temporary / "optimizer.json", optimizer_meta)
         write_json(temporary / "trainer.json", trainer_state)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -178,17 +211,19 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    path: Path, rank: int, model: nn.Module, optimizer: torch.optim.Optimizer
+    path: Path,
+    rank: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    weights: WeightsReader = read_weights,
 ) -> dict[str, Any]:
-    """Load weights, optimizer and this rank's RNG from ``path``; returns ``trainer.json``.
+    """Load weights (with ``weights``, default :func:`read_weights`), optimizer and this
+    rank's RNG from ``path``; returns ``trainer.json``.
 
     A rank without its own RNG file (the run was resumed with more processes) keeps its
     seeded RNG.
     """
-    _read(path / "model.safetensors", lambda file: load_model(model, str(file)))
-    meta = _read(path / "optimizer.json", _read_json)
-    tensors = _read(path / "optimizer.safetensors", load_file)
-    optimizer.load_state_dict(unflatten_optimizer_state(tensors, meta))
+    weights(path, model, optimizer)
     rng_file = path / f"rng-rank{rank}.safetensors"
     if rng_file.is_file():
         rng_meta = _read(path / f"rng-rank{rank}.json", _read_json)

@@ -138,6 +138,16 @@ def _memory_problems(config: Config) -> list[str]:
     ]
 
 
+def _strategy_problems(config: Config) -> list[str]:
+    """``fsdp`` has no gradient scaler for sharded gradients (fp16)."""
+    if config.train.strategy != "fsdp" or config.train.precision != "fp16":
+        return []
+    return [
+        "train.precision: fp16 is not supported with train.strategy fsdp (no gradient "
+        "scaler for sharded gradients); use bf16 or fp32"
+    ]
+
+
 def check_run_config(config: Config) -> None:
     """Raise one :class:`ConfigError` listing every problem of a training config."""
     problems = (
@@ -147,6 +157,7 @@ def check_run_config(config: Config) -> None:
         + _schedule_problems(config)
         + _objective_problems(config)
         + _memory_problems(config)
+        + _strategy_problems(config)
     )
     if problems:
         unique = list(dict.fromkeys(problems))

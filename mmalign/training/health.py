@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from mmalign.config import TrainConfig
 
@@ -31,11 +32,16 @@ RUNNING_STATISTICS = ("running_mean", "running_var")
 
 
 def _largest(tensors: list[torch.Tensor]) -> float:
-    """The largest magnitude over ``tensors`` (NaN when any holds a NaN)."""
+    """The largest magnitude over ``tensors`` (NaN when any holds a NaN); of a sharded
+    tensor, over this process's shard (the trainer combines the verdicts of all ranks)."""
     if not tensors:
         return 0.0
-    device = tensors[0].device
-    return float(torch.stack([t.detach().abs().amax().float().to(device) for t in tensors]).max())
+    local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]  # FSDP: own shard
+    local = [t for t in local if t.numel()]
+    if not local:
+        return 0.0
+    device = local[0].device
+    return float(torch.stack([t.detach().abs().amax().float().to(device) for t in local]).max())
 
 
 def unhealthy_tensor(model: nn.Module, max_abs: float) -> tuple[str, float] | None:

@@ -4,7 +4,7 @@ Layout of ``train.output``::
 
     .lock              the PID and host of the run using the directory
     config.yaml        the resolved config of the run
-    run.json           world size, precision, device, versions
+    run.json           strategy, world size, nodes, processes per node, precision, versions
     metrics.jsonl      one JSON record per log / validation step
     train.log          the messages of the run
     events.out.tfevents.*   TensorBoard
@@ -57,6 +57,7 @@ from mmalign.training.plan import check_precision, describe_plan
 from mmalign.training.resume import check_resume_changes
 from mmalign.training.shared_output import require_shared_output
 from mmalign.training.signals import StopSignals
+from mmalign.training.strategy import check_launch, describe_run
 from mmalign.training.trainer import Trainer
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -177,7 +178,7 @@ def _write_run_files(config: Config, accelerator: Accelerator, steps: int) -> No
     text = yaml.safe_dump(config.to_dict(), sort_keys=False)
     atomic_write(output / CONFIG_FILE, lambda handle: handle.write(text.encode()))
     info = {
-        "world_size": accelerator.num_processes,
+        **describe_run(config.train.strategy, config.train.precision, accelerator.num_processes),
         "distributed_type": str(accelerator.distributed_type),
         "device": str(accelerator.device),
         "mixed_precision": accelerator.mixed_precision,
@@ -194,8 +195,12 @@ def _write_run_files(config: Config, accelerator: Accelerator, steps: int) -> No
     write_json(output / RUN_INFO, info)
 
 
-def _save_model(model: AlignmentModel, final: Path) -> Path:
-    """``model.save_pretrained`` into ``final``, atomically (main process)."""
+def _save_model(model: AlignmentModel, final: Path, state: dict | None = None) -> Path:
+    """``model.save_pretrained`` into ``final``, atomically (main process); with ``state``
+    (the whole weights of a sharded model) a fresh model of the same config holding them."""
+    if state is not None:
+        model = AlignmentModel.from_config(model.config)
+        model.load_state_dict(state)
     temporary = final.with_name(f".tmp-{final.name}")
     shutil.rmtree(temporary, ignore_errors=True)
     model.save_pretrained(temporary)
@@ -230,8 +235,9 @@ def _train(
             for modality, count in fit_normalizers(trainer.model, config.data).items():
                 trainer.message(f"{modality}: normalization statistics fit over {count} records")
         trainer.run()
+        state = trainer.strategy.full_state_dict(trainer.model)  # collective under fsdp
         if accelerator.is_main_process:
-            model_dir = _save_model(trainer.model, trainer.output / MODEL_DIR)
+            model_dir = _save_model(trainer.model, trainer.output / MODEL_DIR, state)
             trainer.message(f"done: {trainer.step} steps; final model in {model_dir}")
         accelerator.wait_for_everyone()
     return _result(
@@ -295,6 +301,7 @@ def train(
     config = load_config(config, overrides)
     check_run_config(config)
     check_precision(config, _training_device())
+    check_launch(config)
     accelerator = _accelerator(config)
     lock = None
     try:

@@ -48,6 +48,7 @@ from mmalign.training.optim import build_optimizer, build_scheduler
 from mmalign.training.resume import apply_optimizer_settings
 from mmalign.training.sample_keys import SampleKeyLog
 from mmalign.training.signals import StopSignals, TrainingInterrupted
+from mmalign.training.strategy import build_strategy, describe_run, run_summary
 from mmalign.training.stream import EpochStream, epoch_seed
 from mmalign.training.timing import StepTimer
 from mmalign.training.validation import Validator
@@ -103,9 +104,12 @@ class Trainer:
         set_seed(config.train.seed)
         model = AlignmentModel.from_config(config.model)
         set_seed(config.train.seed, device_specific=True)
-        optimizer = build_optimizer(model, config.train)
-        self.scheduler = build_scheduler(optimizer, config.train, self.total)
-        self.step_module, self.optimizer = accelerator.prepare(ContrastiveStep(model), optimizer)
+        self.strategy = build_strategy(config, accelerator)
+        self.step_module, self.optimizer = self.strategy.prepare(
+            ContrastiveStep(model), lambda module: build_optimizer(module, config.train)
+        )
+        unwrapped = getattr(self.optimizer, "optimizer", self.optimizer)  # Accelerate's wrapper
+        self.scheduler = build_scheduler(unwrapped, config.train, self.total)
         self.model: AlignmentModel = accelerator.unwrap_model(self.step_module).model
         self.step_module.train()
         self.validator = Validator(config) if config.data.val else None
@@ -140,9 +144,7 @@ class Trainer:
         if state is None:
             return stream
         stream.prime()  # skipping consumed batches may draw from the RNG restored below
-        checkpoint.load_checkpoint(
-            latest, self.accelerator.process_index, self.model, self.optimizer
-        )
+        self.strategy.load_checkpoint(latest, self.model, self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         apply_optimizer_settings(self.optimizer, self.scheduler, self.config.train)
         if self.accelerator.scaler is not None and state.get("scaler"):
@@ -223,11 +225,12 @@ class Trainer:
     def _start_message(self) -> str:
         config, accelerator = self.config, self.accelerator
         where = f"resuming at step {self.step}" if self.step else "starting"
+        train, processes = config.train, accelerator.num_processes
+        ran = run_summary(describe_run(train.strategy, train.precision, processes))
         return (
             f"{where}: {self.total} steps of {self._samples_per_step()} samples "
-            f"({config.data.batch_size} x {config.train.accumulate} micro-batches x "
-            f"{accelerator.num_processes} processes) on {accelerator.device}, precision "
-            f"{config.train.precision}; output {self.output}"
+            f"({config.data.batch_size} x {train.accumulate} micro-batches x {processes} "
+            f"processes) on {accelerator.device}: {ran}; output {self.output}"
         )
 
     def _samples_per_step(self) -> int:
@@ -246,9 +249,8 @@ class Trainer:
         """One optimizer step; ``False`` when it was skipped (non-finite loss or gradient)."""
         with self.timer.section("data"):
             micro_batches = [self._micro_batch() for _ in range(self.config.train.accumulate)]
-        outcome = accumulated_step(
-            self.accelerator, self.step_module, micro_batches, self._generator, self.timer
-        )
+        step = (self.accelerator, self.step_module, micro_batches, self._generator, self.timer)
+        outcome = accumulated_step(*step, self.strategy.no_sync)
         grad_norm = math.nan
         finite = outcome.finite
         if finite:
@@ -294,8 +296,7 @@ class Trainer:
         """Clip to ``train.grad_clip``; the gradient norm (0 where the backend hides it)."""
         max_norm = self.config.train.grad_clip or math.inf
         parameters = [p for p in self.model.parameters() if p.requires_grad]
-        norm = self.accelerator.clip_grad_norm_(parameters, max_norm)
-        return float(norm) if norm is not None else 0.0
+        return self.strategy.clip_gradients(parameters, max_norm)
 
     def _skip(self, loss: float, grad_norm: float) -> None:
         """A non-finite loss or gradient: no update, count it, stop after too many in a row."""
@@ -431,8 +432,8 @@ class Trainer:
         path = self.checkpoints / checkpoint.checkpoint_name(self.step)
         if self.last_saved == self.step and path.exists():
             return path
-        saved = checkpoint.save_checkpoint(
-            self.checkpoints, self.step, self.accelerator, self.model, self.optimizer, self.state()
+        saved = self.strategy.save_checkpoint(
+            self.checkpoints, self.step, self.model, self.optimizer, self.state()
         )
         if self.accelerator.is_main_process:
             checkpoint.prune_checkpoints(self.checkpoints, self.config.train.keep_last)

@@ -174,20 +174,27 @@ class Validator:
         loss = accelerator.gather(torch.stack(losses).float().mean().reshape(1)).mean()
         return gathered, present, label_tensor, float(loss)
 
-    def _zeroshot(
-        self,
-        model: Any,
-        embeddings: dict[str, Tensor],
-        present: dict[str, Tensor],
-        labels: Tensor | None,
-    ) -> dict[str, float]:
-        if self.classes is None or labels is None:
-            return {}
+    def _classifier(self, model: Any) -> ZeroShotClassifier | None:
+        """The zero-shot classifier of ``data.classes`` (``None`` without); built on every
+        rank, since a sharded (FSDP) text tower needs every rank for its forward."""
+        if self.classes is None:
+            return None
         classnames, prompts = self.classes
         text = self.config.eval.zeroshot_text or next(
             name for name, tower in self.config.model.towers.items() if tower["type"] == "text"
         )
-        classifier = ZeroShotClassifier(model, prompts, text, classnames=classnames)
+        return ZeroShotClassifier(model, prompts, text, classnames=classnames)
+
+    def _zeroshot(
+        self,
+        classifier: ZeroShotClassifier | None,
+        embeddings: dict[str, Tensor],
+        present: dict[str, Tensor],
+        labels: Tensor | None,
+    ) -> dict[str, float]:
+        if classifier is None or labels is None:
+            return {}
+        classnames = classifier.classnames
         columns = {name: present[name] for name in self.zeroshot_queries}
         usable = (labels >= 0) & torch.stack(list(columns.values())).any(dim=0)
         if not usable.any():
@@ -212,8 +219,9 @@ class Validator:
                 embeddings, present, labels, loss = self._embed(
                     accelerator, model, batches, generator
                 )
+                classifier = self._classifier(model)
                 if accelerator.is_main_process:
-                    metrics = self._metrics(model, embeddings, present, labels, loss)
+                    metrics = self._metrics(model, classifier, embeddings, present, labels, loss)
             shared = [metrics]
             if accelerator.num_processes > 1:
                 broadcast_object_list(shared, from_process=0)
@@ -224,6 +232,7 @@ class Validator:
     def _metrics(
         self,
         model: Any,
+        classifier: ZeroShotClassifier | None,
         embeddings: dict[str, Tensor],
         present: dict[str, Tensor],
         labels: Tensor | None,
@@ -239,5 +248,5 @@ class Validator:
             pairs = self.config.eval.retrieval_pairs
             for key, value in recall_metrics(model, prefixes, present, pairs).items():
                 metrics[key.replace("val/", f"val/dim{dim}/", 1)] = value
-        metrics.update(self._zeroshot(model, embeddings, present, labels))
+        metrics.update(self._zeroshot(classifier, embeddings, present, labels))
         return metrics

@@ -155,6 +155,9 @@ def test_config_cannot_name_python_objects(section: dict, message: str) -> None:
 
 
 UNSAFE_MODULES = {"pickle", "dill", "cloudpickle", "marshal", "shelve"}
+METADATA_UNPICKLER = "mmalign/training/sharded_checkpoint.py"
+"""The one module that may import pickle: its Unpickler subclass admits only torch's
+checkpoint-metadata classes (tests/test_train_fsdp.py plants a code-executing pickle)."""
 
 
 def _imported(tree: ast.AST) -> set[str]:
@@ -184,7 +187,10 @@ def test_no_code_path_unpickles_or_imports_by_name() -> None:
     for path in sorted((REPO / "mmalign").rglob("*.py")):
         tree = ast.parse(path.read_text())
         where = path.relative_to(REPO)
-        problems += [f"{where}: imports {module}" for module in _imported(tree) & UNSAFE_MODULES]
+        unsafe = _imported(tree) & UNSAFE_MODULES - (
+            {"pickle"} if str(where) == METADATA_UNPICKLER else set()
+        )
+        problems += [f"{where}: imports {module}" for module in unsafe]
         for name, call in _calls(tree):
             keywords = {k.arg: ast.unparse(k.value) for k in call.keywords}
             if name == "torch.load" and keywords.get("weights_only") != "True":
