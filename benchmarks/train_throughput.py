@@ -1,223 +1,239 @@
-"""Training throughput: mmalign vs open_clip's training script on the same tiny CLIP.
+"""Training throughput: mmalign vs open_clip's training script on the same CLIP and shards.
 
-The same image-text model (an open_clip ViT: image 32, patch 8, width 64, 2 layers; text
-transformer width 64, 2 layers, context 32; embed_dim 64) trains for the same steps on the
-same synthetic WebDataset shards (coloured shapes with captions), once with
-``python -m open_clip_train.main`` (its model config registered with
-``open_clip.add_model_config``) and once with ``python -m mmalign train``, each in its own
-process, on the CPU. Reported, for each: samples/s (mean over the logged intervals after the
-first; the best of ``--repeats`` interleaved runs) and the marginal CPU time per sample (the
-CPU seconds of a ``--steps`` run minus those of a ``--short-steps`` run, over the extra samples:
-startup cost cancels, and CPU time is far less disturbed than wall time when other jobs share
-the machine); their ratios; and mmalign's time per step split into data / forward / loss /
-backward / optimizer.
-Both clip gradients at norm 1 and use AdamW with the same learning rate and warmup.
+The same image-text model trains for the same steps on the same synthetic WebDataset shards
+(coloured shapes with captions), once with ``python -m open_clip_train.main`` and once with
+``python -m mmalign train`` (plus mmalign variant rows), each in its own process, on the CPU,
+fp32, one process, with equal settings: AdamW (same lr, betas, eps, weight decay), warmup +
+cosine, gradient clipping at norm 1, the same DataLoader workers and intra-op threads.
+``--size`` picks the model (:data:`SIZES`):
 
-    python benchmarks/train_throughput.py [--steps 60] [--batch-size 64] [--out DIR]
-        [--open-clip-pythonpath DIR]   # pandas + webdataset==0.2.86 for open_clip_train
+- ``tiny``: an open_clip ViT (image 32, patch 8, width 64, 2 layers) + text transformer
+  (width 64, 2 layers, context 32), embed_dim 64, 3.4M parameters; batch 64, 50 steps;
+- ``b32``: open_clip's ViT-B-32 at 224 px + its text transformer (context 77), 151M
+  parameters, random init (nothing downloads); batch 32, 2 warm-up + 10 measured steps.
+
+Reported, per row: samples/s over the logged intervals after the warm-up steps (best of
+``--repeats`` interleaved runs), the child's peak RSS (``ru_maxrss``), wall and CPU seconds
+of a whole run (CPU time is far less disturbed than wall time by other jobs), with
+``--short-steps`` the marginal CPU time per sample (CPU seconds of the run minus those
+of a shorter one, over the extra samples: start-up cancels), ratios to open_clip_train, and
+mmalign's time per step split into data / forward / loss / backward / optimizer.
+
+Variant rows (:data:`VARIANTS`, ``--variants``; ``--mmalign-set KEY=VALUE`` adds a custom
+one) train mmalign with ``--set`` overrides; a key mmalign does not know makes the row
+"not available" (mmalign's one-line config error), not a crash.
+
+    python benchmarks/train_throughput.py --size b32 --repeats 2 \\
+        --variants checkpointing compile lora [--mmalign-set KEY=VALUE ...] \\
+        --open-clip-pythonpath DIR   # pandas + webdataset==0.2.86 for open_clip_train
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
-import os
-import re
-import resource
 import shutil
-import subprocess
-import sys
-import time
+from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import webdataset as wds
-import yaml
-from PIL import Image, ImageDraw
+from trainer_runs import (
+    Measured,
+    Model,
+    RunFailed,
+    Settings,
+    mmalign_config,
+    run_mmalign,
+    run_open_clip,
+    write_shards,
+)
 
-VISION = {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32}
-TEXT = {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}
-EMBED_DIM = 64
-MODEL_NAME = "bench-tiny-clip"
-THREADS = 1
-"""Intra-op threads of both trainings: on a shared machine, idle OpenMP threads spin and
-both wall and CPU time turn into noise; one thread each keeps the comparison stable."""
-COLOURS = {
-    "red": (220, 40, 40),
-    "green": (40, 180, 60),
-    "blue": (40, 70, 220),
-    "yellow": (230, 210, 40),
+TINY = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
-SHAPES = ("square", "circle", "triangle")
+SIZES: dict[str, tuple[Model, Settings, int]] = {
+    "tiny": (
+        Model("bench-tiny-clip", 64, TINY, image_px=40),
+        Settings(batch_size=64, steps=50, warmup_steps=10, log_every=10),
+        10,
+    ),
+    "b32": (
+        Model("ViT-B-32", 512, None, image_px=256),
+        Settings(batch_size=32, steps=12, warmup_steps=2, log_every=1),
+        0,
+    ),
+}
+"""Model, default settings and default ``--short-steps`` (0: no marginal CPU) of a size."""
 
-OPEN_CLIP_WRAPPER = """
-import sys, open_clip
-open_clip.add_model_config(sys.argv[1])
-from open_clip_train.main import main
-main(sys.argv[2:])
-"""
+LORA = "{r: 8, alpha: 16, dropout: 0.0}"
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "checkpointing": ("mmalign + gradient checkpointing", ["train.gradient_checkpointing=true"]),
+    "compile": ("mmalign + compile", ["train.compile=true"]),
+    "lora": (
+        "mmalign + LoRA r=8 on both towers",
+        [f"model.towers.image.lora={LORA}", f"model.towers.text.lora={LORA}"],
+    ),
+}
+"""mmalign variant rows: name -> (label, ``--set`` overrides)."""
+
+OPEN_CLIP = "open_clip_train"
+MMALIGN = "mmalign"
 
 
-def _image(rng: np.random.Generator, colour: str, shape: str) -> bytes:
-    image = Image.new("RGB", (40, 40), tuple(int(v) for v in rng.integers(0, 60, 3)))
-    draw = ImageDraw.Draw(image)
-    x, y, size = (int(v) for v in rng.integers(4, 14, 3))
-    box = (x, y, x + 14 + size, y + 14 + size)
-    if shape == "square":
-        draw.rectangle(box, fill=COLOURS[colour])
-    elif shape == "circle":
-        draw.ellipse(box, fill=COLOURS[colour])
-    else:
-        draw.polygon(
-            [(box[0], box[3]), (box[2], box[3]), ((box[0] + box[2]) // 2, box[1])],
-            fill=COLOURS[colour],
+def parameter_counts(model: Model, settings: Settings, out: Path) -> dict[str, int]:
+    """Parameters of the model as open_clip and as mmalign build it (on the meta device)."""
+    import open_clip
+    import torch
+
+    from mmalign.config import load_config
+    from mmalign.model import AlignmentModel
+
+    if model.model_cfg is not None:
+        path = out / f"{model.name}.json"
+        path.write_text(json.dumps(model.model_cfg))
+        open_clip.add_model_config(path)
+    config = load_config(mmalign_config(model, settings, "unused.tar", Path("unused")))
+    with torch.device("meta"):
+        counted = {
+            OPEN_CLIP: open_clip.create_model(model.name, device="meta"),
+            MMALIGN: AlignmentModel.from_config(config.model),
+        }
+    return {name: sum(p.numel() for p in built.parameters()) for name, built in counted.items()}
+
+
+def loadavg() -> str:
+    return Path("/proc/loadavg").read_text().strip()
+
+
+def measure(
+    label: str, overrides: list[str] | None, args: argparse.Namespace, model: Model
+) -> dict[str, Any]:
+    """One run of a row (open_clip when ``overrides`` is None), with the shorter run for the
+    marginal CPU time when ``--short-steps``; its figures or why it failed."""
+
+    def once(steps: int) -> Measured:
+        settings = replace(args.settings, steps=steps)
+        if overrides is None:
+            return run_open_clip(args.out, args.shards, model, settings, args.open_clip_pythonpath)
+        return run_mmalign(args.out, args.shards, model, settings, overrides)
+
+    before = loadavg()
+    try:
+        short = once(args.short_steps) if args.short_steps else None
+        long = once(args.settings.steps)
+    except RunFailed as error:
+        return {"label": label, "unavailable" if error.unavailable else "error": str(error)}
+    result = {"label": label, **asdict(long), "loadavg": [before, loadavg()]}
+    if short is not None:
+        extra = (args.settings.steps - args.short_steps) * args.settings.batch_size
+        result["cpu_ms_per_sample"] = 1000 * (long.cpu_s - short.cpu_s) / extra
+    return result
+
+
+def summarize(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per row: best samples/s, largest peak RSS, median wall and marginal CPU over the
+    repeats, and ratios to open_clip_train's row."""
+    rows = []
+    for index, first in enumerate(runs[0]):
+        done = [run[index] for run in runs if "samples_per_s" in run[index]]
+        row: dict[str, Any] = {"label": first["label"], "runs": len(done)}
+        if not done:
+            row["not_available"] = first.get("unavailable") or first.get("error")
+            rows.append(row)
+            continue
+        rates = [r["samples_per_s"] for r in done if r["samples_per_s"] is not None]
+        row["samples_per_s"] = max(rates) if rates else None
+        row["peak_rss_mib"] = max(r["peak_rss_mib"] for r in done)
+        row["wall_s"] = float(np.median([r["wall_s"] for r in done]))
+        row["cpu_s"] = float(np.median([r["cpu_s"] for r in done]))
+        cpu = [r["cpu_ms_per_sample"] for r in done if "cpu_ms_per_sample" in r]
+        row["cpu_ms_per_sample"] = float(np.median(cpu)) if cpu else None
+        row["step_split_s"] = done[int(np.argmax([r["samples_per_s"] or 0 for r in done]))].get(
+            "step_split_s"
         )
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+        rows.append(row)
+    base = rows[0]
+    for row in rows:
+        for key in ("samples_per_s", "peak_rss_mib", "cpu_s", "cpu_ms_per_sample"):
+            if row.get(key) and base.get(key):
+                row[f"{key}_ratio"] = row[key] / base[key]
+    return rows
 
 
-def write_shards(directory: Path, samples: int, shards: int = 4) -> str:
-    """Synthetic image-caption shards (png + txt); returns their brace pattern."""
-    directory.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    per_shard = samples // shards
-    for shard in range(shards):
-        with wds.TarWriter(str(directory / f"train-{shard:06d}.tar")) as writer:
-            for index in range(per_shard):
-                colour = str(rng.choice(list(COLOURS)))
-                shape = str(rng.choice(SHAPES))
-                writer.write(
-                    {
-                        "__key__": f"{shard:02d}{index:05d}",
-                        "png": _image(rng, colour, shape),
-                        "txt": f"a {colour} {shape} on a dark background",
-                    }
-                )
-    return str(directory / f"train-{{000000..{shards - 1:06d}}}.tar")
+def _cell(value: float | None, digits: int, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:.{digits}f}{suffix}"
 
 
-def _children_cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+def table(rows: list[dict[str, Any]], repeats: int) -> str:
+    """The summary as a Markdown table."""
+    lines = [
+        f"| trainer | samples/s (best of {repeats}) | / open_clip | peak RSS MiB | / open_clip "
+        "| wall s per run | CPU s per run | / open_clip | CPU ms/sample |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if "not_available" in row:
+            why = row["not_available"].partition(": ")[2].partition(" (log: ")[0]
+            lines.append(f"| {row['label']} | not available ({why}) | - | - | - | - | - | - | - |")
+            continue
+        cells = [
+            row["label"],
+            _cell(row["samples_per_s"], 2),
+            _cell(row.get("samples_per_s_ratio"), 2, "x"),
+            _cell(row["peak_rss_mib"], 0),
+            _cell(row.get("peak_rss_mib_ratio"), 2, "x"),
+            _cell(row["wall_s"], 0),
+            _cell(row["cpu_s"], 0),
+            _cell(row.get("cpu_s_ratio"), 2, "x"),
+            _cell(row["cpu_ms_per_sample"], 2),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
-def _run(command: list[str], log: Path, pythonpath: str | None = None) -> tuple[float, float]:
-    """Run ``command``; (wall seconds, CPU seconds of the process and its children)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(THREADS)
-    if pythonpath:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [pythonpath, env.get("PYTHONPATH")]))
-    start, cpu = time.perf_counter(), _children_cpu_s()
-    with log.open("w") as handle:
-        done = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
-    if done.returncode != 0:
-        last = log.read_text().strip().splitlines()[-1:] or ["(no output)"]
-        raise RuntimeError(f"exit status {done.returncode}: {last[0]} (full log: {log})")
-    return time.perf_counter() - start, _children_cpu_s() - cpu
-
-
-def _mean_or_none(values: list[float]) -> float | None:
-    return float(np.mean(values)) if values else None
-
-
-def run_open_clip(out: Path, shards: str, args: argparse.Namespace, steps: int) -> dict:
-    """Train with open_clip_train; samples/s from its per-interval mean batch time."""
-    config = out / f"{MODEL_NAME}.json"
-    config.write_text(json.dumps({"embed_dim": EMBED_DIM, "vision_cfg": VISION, "text_cfg": TEXT}))
-    logs = out / "open_clip_logs"
-    shutil.rmtree(logs, ignore_errors=True)
-    command = [
-        sys.executable, "-c", OPEN_CLIP_WRAPPER, str(config),
-        "--model", MODEL_NAME, "--train-data", shards, "--dataset-type", "webdataset",
-        "--dataset-resampled", "--train-num-samples", str(steps * args.batch_size),
-        "--batch-size", str(args.batch_size), "--epochs", "1", "--workers", str(args.workers),
-        "--device", "cpu", "--precision", "fp32", "--lr", "1e-3", "--wd", "0.1",
-        "--warmup", "5", "--grad-clip-norm", "1.0",
-        "--log-every-n-steps", str(args.log_every), "--logs", str(logs),
-        "--name", "bench", "--save-frequency", "0", "--seed", "0", "--report-to", "",
-    ]  # fmt: skip
-    wall, cpu = _run(command, out / "open_clip.log", args.open_clip_pythonpath)
-    text = (logs / "bench" / "out.log").read_text()
-    batch_times = [float(t) for t in re.findall(r"Batch \(t\): ([0-9.]+)", text)]
-    rates = [args.batch_size / t for t in batch_times[1:]]
-    return {
-        "samples_per_s": _mean_or_none(rates),
-        "wall_s": wall,
-        "process_cpu_s": cpu,
-        "intervals": len(rates),
-    }
-
-
-def run_mmalign(out: Path, shards: str, args: argparse.Namespace, steps: int) -> dict:
-    """Train with ``python -m mmalign train``; samples/s and the step-time split from metrics."""
-    run_dir = out / "mmalign_run"
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    config = {
-        "model": {
-            "dim": EMBED_DIM,
-            "projection": "none",
-            "towers": {
-                "image": {"type": "image", "embed_dim": EMBED_DIM, "vision_cfg": VISION},
-                "text": {"type": "text", "embed_dim": EMBED_DIM, "text_cfg": TEXT},
-            },
-            "objective": {"name": "clip"},
-        },
-        "data": {
-            "train": shards,
-            "fields": {"image": "png", "text": "txt"},
-            "label_field": None,
-            "batch_size": args.batch_size,
-            "workers": args.workers,
-            "shuffle_buffer": 1000,
-            "resampled": True,
-        },
-        "train": {
-            "steps": steps,
-            "lr": 1e-3,
-            "weight_decay": 0.1,
-            "warmup": 5,
-            "grad_clip": 1.0,
-            "output": str(run_dir),
-            "log_every": args.log_every,
-            "tensorboard": False,
-            "plots": False,
-        },
-    }
-    path = out / "mmalign.yaml"
-    path.write_text(yaml.safe_dump(config))
-    wall, cpu = _run([sys.executable, "-m", "mmalign", "train", str(path)], out / "mmalign.log")
-    records = [
-        json.loads(line)
-        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-        if '"train/loss"' in line
-    ][1:]
-    split = {
-        part: _mean_or_none([r[f"time/{part}"] for r in records if f"time/{part}" in r])
-        for part in ("data", "forward", "loss", "backward", "optimizer")
-    }
-    return {
-        "samples_per_s": _mean_or_none([r["train/samples_per_s"] for r in records]),
-        "wall_s": wall,
-        "process_cpu_s": cpu,
-        "intervals": len(records),
-        "step_split_s": split,
-    }
-
-
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    parser.add_argument("--steps", type=int, help="steps per run (default: the size's)")
+    parser.add_argument("--warmup-steps", type=int, help="steps left out of samples/s")
+    parser.add_argument("--log-every", type=int)
+    parser.add_argument("--batch-size", type=int)
     parser.add_argument(
-        "--short-steps", type=int, default=10, help="a shorter run whose CPU time is subtracted"
+        "--short-steps", type=int, help="a shorter run whose CPU time is subtracted (0: none)"
     )
-    parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="intra-op threads of each trainer: on a shared machine idle OpenMP threads spin "
+        "and turn wall and CPU time into noise; one thread each keeps the comparison stable",
+    )
     parser.add_argument("--repeats", type=int, default=2, help="interleaved runs; best kept")
+    parser.add_argument(
+        "--variants",
+        nargs="*",
+        choices=sorted(VARIANTS),
+        default=[],
+        help=f"mmalign variant rows, of {', '.join(VARIANTS)} (default: none)",
+    )
+    parser.add_argument(
+        "--mmalign-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a custom mmalign row trained with these --set overrides; repeatable",
+    )
     parser.add_argument("--out", type=Path, default=Path("/tmp/mmalign_train_throughput"))
+    parser.add_argument(
+        "--table-from",
+        type=Path,
+        metavar="RESULTS_JSON",
+        help="print the table of a (possibly interrupted) run's results.json and exit",
+    )
     parser.add_argument(
         "--open-clip-pythonpath",
         help="extra PYTHONPATH for open_clip_train only: it imports pandas and needs "
@@ -225,48 +241,66 @@ def main(argv: list[str] | None = None) -> int:
         "pip install --target DIR pandas 'webdataset==0.2.86' --no-deps (+ pandas' deps)",
     )
     args = parser.parse_args(argv)
+    model, settings, short_steps = SIZES[args.size]
+    given = {
+        "steps": args.steps,
+        "warmup_steps": args.warmup_steps,
+        "log_every": args.log_every,
+        "batch_size": args.batch_size,
+    }
+    args.settings = replace(
+        settings,
+        workers=args.workers,
+        threads=args.threads,
+        **{key: value for key, value in given.items() if value is not None},
+    )
+    args.short_steps = short_steps if args.short_steps is None else args.short_steps
+    args.model = model
+    return args
+
+
+def print_table_from(path: Path) -> int:
+    """The table of the complete repeats of a results.json (written after every run)."""
+    results = json.loads(path.read_text())
+    runs = [run for run in results["runs"] if len(run) == len(results["runs"][0])]
+    print(f"loadavg before: {results['loadavg_before']}; runs: {len(runs)}")
+    print(table(summarize(runs), len(runs)))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.table_from:
+        return print_table_from(args.table_from)
+    model = args.model
     if args.out.exists():
         shutil.rmtree(args.out)
     args.out.mkdir(parents=True)
-    shards = write_shards(args.out / "data", samples=2048)
-    results: dict = {"settings": vars(args) | {"out": str(args.out)}, "runs": []}
-    tools = {"open_clip": run_open_clip, "mmalign": run_mmalign}
-    for _ in range(args.repeats):  # interleaved, so both see similar machine load
-        run: dict = {}
-        for name, tool in tools.items():
-            try:
-                short = tool(args.out, shards, args, args.short_steps)
-                long = tool(args.out, shards, args, args.steps)
-            except RuntimeError as error:
-                run[name] = {"error": str(error)}
-                continue
-            extra = (args.steps - args.short_steps) * args.batch_size
-            long["cpu_ms_per_sample"] = (
-                1000 * (long["process_cpu_s"] - short["process_cpu_s"]) / extra
-            )
-            run[name] = long
-        results["runs"].append(run)
-    summary = {}
-    for name in tools:
-        done = [run[name] for run in results["runs"] if "error" not in run[name]]
-        if done:
-            summary[name] = {
-                "best_samples_per_s": max(r["samples_per_s"] for r in done),
-                "median_cpu_ms_per_sample": float(
-                    np.median([r["cpu_ms_per_sample"] for r in done])
-                ),
-            }
-    results["summary"] = summary
-    if len(summary) == 2:
-        results["ratio_samples_per_s"] = (
-            summary["mmalign"]["best_samples_per_s"] / summary["open_clip"]["best_samples_per_s"]
-        )
-        results["ratio_cpu_per_sample"] = (
-            summary["mmalign"]["median_cpu_ms_per_sample"]
-            / summary["open_clip"]["median_cpu_ms_per_sample"]
-        )
+    results: dict[str, Any] = {
+        "settings": asdict(args.settings) | {"size": args.size, "model": model.name},
+        "short_steps": args.short_steps,
+        "loadavg_before": loadavg(),
+        "parameters": parameter_counts(model, args.settings, args.out),
+    }
+    print(f"parameters: {results['parameters']}", flush=True)
+    args.shards = write_shards(args.out / "data", samples=2048, side=model.image_px)
+    rows: list[tuple[str, list[str] | None]] = [(OPEN_CLIP, None), (MMALIGN, [])]
+    rows += [VARIANTS[name] for name in args.variants]
+    if args.mmalign_set:
+        rows.append((f"mmalign --set {' --set '.join(args.mmalign_set)}", args.mmalign_set))
+    results["runs"] = runs = []
+    for repeat in range(args.repeats):  # interleaved, so every row sees similar machine load
+        runs.append([])
+        for label, overrides in rows:
+            runs[-1].append(measure(label, overrides, args, model))
+            print(f"repeat {repeat + 1}: {json.dumps(runs[-1][-1])}", flush=True)
+            (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    results["loadavg_after"] = loadavg()
+    results["rows"] = summarize(runs)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
-    print(json.dumps(results, indent=1))
+    print(json.dumps(results["rows"], indent=1))
+    print(f"loadavg before: {results['loadavg_before']}; after: {results['loadavg_after']}")
+    print(table(results["rows"], args.repeats))
     return 0
 
 
