@@ -14,7 +14,14 @@ Both runs validate every ``--eval-every`` steps, so their ``metrics.jsonl`` also
 Run (CPU; data from ``mmalign prep make-demo --out data/demo``):
 
     .venv/bin/python benchmarks/matryoshka.py --data data/demo --out runs/bench_mrl \
-        --steps 50 --batch-size 64
+        --steps 200 --batch-size 128
+
+``--measure NAME=MODEL_DIR`` (repeatable) trains nothing and measures already trained
+models instead, at the prefixes up to their ``model.dim``, e.g. the digits model of
+``mmalign demo`` (``matryoshka: [16, 32, 64]``) against one trained without the prefixes:
+
+    .venv/bin/python benchmarks/matryoshka.py --out runs/bench_mrl \
+        --measure plain=runs/demo_plain/digits/model --measure matryoshka=runs/demo/digits/model
 """
 
 from __future__ import annotations
@@ -73,7 +80,7 @@ def measure(model_dir: Path, data: Path) -> dict[str, dict[str, float]]:
     classnames, prompts = load_classes(digits / "classes.json", "en")
     labels = collected.labels
     results = {}
-    for dim in PREFIXES:
+    for dim in [prefix for prefix in PREFIXES if prefix <= model.dim]:
         images = truncate(collected.embeddings["image"], dim)
         texts = truncate(collected.embeddings["text"], dim)
         recall = retrieval_metrics(texts, images, labels, labels, ks=(1,))["q2g/R@1"]
@@ -93,9 +100,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--eval-every", type=int, default=10)
+    parser.add_argument(
+        "--measure",
+        action="append",
+        default=[],
+        metavar="NAME=MODEL_DIR",
+        help="measure this trained model instead of training (repeatable)",
+    )
     args = parser.parse_args()
     report = {}
-    for name, matryoshka in (("matryoshka", True), ("plain", False)):
+    for name, model_dir in (item.split("=", 1) for item in args.measure):
+        report[name] = {"model": model_dir, "prefixes": measure(Path(model_dir), args.data)}
+        print(json.dumps({name: report[name]}), flush=True)
+    for name, matryoshka in () if args.measure else (("matryoshka", True), ("plain", False)):
         out = args.out / name
         started = time.perf_counter()
         config = run_config(
@@ -110,9 +127,13 @@ def main() -> None:
     for dim in PREFIXES:
         cells = []
         for name in report:
-            values = report[name]["prefixes"][str(dim)]
+            values = report[name]["prefixes"].get(str(dim))
+            if values is None:
+                cells += ["-", "-"]
+                continue
             cells += [f"{values['text->image R@1']:.1%}", f"{values['zero-shot top-1']:.1%}"]
         print(f"| {dim} | " + " | ".join(cells) + " |")
+    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "matryoshka.json").write_text(json.dumps(report, indent=2))
 
 

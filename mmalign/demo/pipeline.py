@@ -8,8 +8,9 @@
    package's ``configs/demo_digits.yaml`` (:func:`default_configs_dir`);
 3. evaluates it (:mod:`mmalign.demo.results`): zero-shot image classification from the
    class prompts of every language of ``classes.json``, class-level audio->image and
-   graph->text retrieval (a hit is any item of the query's class), a confusion matrix and an
-   image-text similarity matrix;
+   graph->text retrieval (a hit is any item of the query's class), the zero-shot and
+   text->image figures at the smallest Matryoshka prefix (``model.matryoshka``: the first 16
+   of 64 dimensions), a confusion matrix and an image-text similarity matrix;
 4. trains ``digits-sum`` with Symile and with CLIP (``demo_digits_sum_*.yaml``) and
    classifies the image's digit zero-shot from caption + tone, with reference training images
    as the class candidates: Symile scores by the multilinear inner product, CLIP by the sum

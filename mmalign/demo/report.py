@@ -118,6 +118,25 @@ def _training_section(out_dir: Path, runs: dict[str, Run], timings: Timings) -> 
     return ["## Training", "", *markdown_table(header, rows), *figures, ""]
 
 
+def _prefix_lines(digits: dict[str, Any]) -> list[str]:
+    """The Matryoshka line: both figures at the smallest trained prefix and at full size
+    (none when the digits model was trained at full size only)."""
+    prefix = digits.get("matryoshka")
+    if prefix is None:
+        return []
+    full = prefix["prefixes"][-1]
+    return [
+        f"Matryoshka (`model.matryoshka: {prefix['prefixes']}`): the first {prefix['dim']} of "
+        f"{full} dimensions, renormalized, give zero-shot top-1 (English) "
+        f"{_percent(prefix['zeroshot_en'])} and text->image class-level R@1 "
+        f"{_percent(prefix['text->image R@1'])} (all {full}: "
+        f"{_percent(digits['zeroshot']['en']['metrics']['top1'])} and "
+        f"{_percent(digits['retrieval']['text->image']['R@1'])}); nested prefixes against "
+        "plain truncation: `docs/BENCHMARKS.md`.",
+        "",
+    ]
+
+
 def _digits_section(out_dir: Path, digits: dict[str, Any]) -> list[str]:
     """``## digits``: zero-shot by language, class-level retrieval, the two figures."""
     zeroshot_rows = [
@@ -144,6 +163,7 @@ def _digits_section(out_dir: Path, digits: dict[str, Any]) -> list[str]:
         "Class-level retrieval on the test split (a hit is any gallery item of the query's class):",
         "",
         *markdown_table(["query -> gallery", "R@1", "R@5", "R@10", "mAP"], retrieval_rows),
+        *_prefix_lines(digits),
         _link(out_dir, figures["confusion"], "confusion matrix (English prompts)", image=True),
         _link(out_dir, figures["similarity"], "image-text similarity matrix", image=True),
         "",

@@ -2,9 +2,11 @@
 
 The digits model is measured on its test split (:func:`evaluate_digits`): zero-shot image
 classification with each language's class prompts, class-level retrieval between
-modalities and two figures. Each digits-sum model classifies the image's digit zero-shot
-from caption + tone (:func:`sum_zeroshot`). The digits model's test images are exported,
-indexed and searched with a caption and a ``.wav`` tone (:func:`index_and_search`).
+modalities, zero-shot and text->image retrieval at the smallest Matryoshka prefix
+(:func:`smallest_prefix`) and two figures. Each digits-sum model classifies the image's
+digit zero-shot from caption + tone (:func:`sum_zeroshot`). The digits model's test images
+are exported, indexed and searched with a caption and a ``.wav`` tone
+(:func:`index_and_search`).
 
 Example:
     >>> run = train_run("digits", default_configs_dir(), data, out, quick=True, reuse=False)
@@ -29,6 +31,7 @@ from mmalign.eval.plots import plot_confusion, plot_similarity
 from mmalign.eval.retrieval import pairwise_recall
 from mmalign.eval.zeroshot import ZeroShotClassifier, evaluate_zeroshot, load_classes
 from mmalign.export import build_index, export_embeddings, search
+from mmalign.objectives.matryoshka import truncate
 
 if TYPE_CHECKING:
     from mmalign.demo.pipeline import Run
@@ -90,6 +93,33 @@ def class_retrieval(collected: CollectedEmbeddings) -> dict[str, dict[str, float
     return {f"{query}->{gallery}": metrics for (query, gallery), metrics in results.items()}
 
 
+def smallest_prefix(run: Run, collected: CollectedEmbeddings) -> dict[str, Any] | None:
+    """Zero-shot image top-1 (English prompts) and class-level text->image R@1 at the
+    smallest trained Matryoshka prefix (first ``dim`` coordinates, renormalized); ``None``
+    when the model was trained at full size only.
+
+    Example:
+        >>> smallest_prefix(run, collected)["dim"]  # doctest: +SKIP
+        16
+    """
+    prefixes = run.model.config.matryoshka
+    if not prefixes or len(prefixes) < 2:
+        return None
+    dim = prefixes[0]
+    classnames, prompts = load_classes(run.config.data.classes, "en")
+    classifier = ZeroShotClassifier(run.model, prompts, "text", classnames=classnames, dim=dim)
+    zeroshot = evaluate_zeroshot(classifier, collected, ["image"], ks=(1,))
+    pair = ("text", "image")
+    truncated = {name: truncate(collected.embeddings[name], dim) for name in pair}
+    recall = pairwise_recall(truncated, collected.present, [pair], (1,), labels=collected.labels)
+    return {
+        "dim": dim,
+        "prefixes": list(prefixes),
+        "zeroshot_en": zeroshot["metrics"]["top1"],
+        "text->image R@1": recall[pair]["R@1"],
+    }
+
+
 def similarity_rows(labels: torch.Tensor, per_class: int = 4) -> torch.Tensor:
     """Row indices of the first ``per_class`` samples of each class, grouped by class.
 
@@ -136,14 +166,21 @@ def evaluate_digits(run: Run, out_dir: Path) -> dict[str, Any]:
     zeroshot = zeroshot_by_language(run, collected)
     retrieval = class_retrieval(collected)
     figures = digits_figures(out_dir, collected, zeroshot)
+    prefix = smallest_prefix(run, collected)
     for language, result in zeroshot.items():
         print(f"zero-shot image accuracy, {language} prompts: {result['metrics']['top1']:.1%}")
     for pair, metrics in retrieval.items():
         print(f"{pair} class-level R@1 {metrics['R@1']:.1%}")
+    if prefix is not None:
+        print(
+            f"first {prefix['dim']} dimensions: zero-shot (en) {prefix['zeroshot_en']:.1%}, "
+            f"text->image class-level R@1 {prefix['text->image R@1']:.1%}"
+        )
     return {
         "samples": len(collected.keys),
         "zeroshot": zeroshot,
         "retrieval": retrieval,
+        "matryoshka": prefix,
         "figures": figures,
     }
 
