@@ -32,6 +32,11 @@ inputs' precision. It pays where the hardware multiplies bf16 faster than float3
 CPUs with AVX512-BF16 or AMX); on CPUs without bf16 instructions (AVX2 only) torch's bf16
 matmul is several times slower than float32.
 
+With ``groups`` (``positives: exclude``, and ``debiased`` with every row its own group) each
+block sets to ``-inf`` the entries whose rows all share one group before anything reads them
+(:mod:`mmalign.objectives.symile_n2_blocks`), in the forward pass and in the backward
+recomputation; a row or column left with no entry gets ``-inf`` and no gradient.
+
 With ``torch.distributed`` running, each rank takes an equal share of the prefixes
 (``B^M / world_size`` work), the partial log-sum-exps are combined across ranks, and the
 backward pass sums the incoming gradients of all ranks before computing its share.
@@ -238,4 +243,9 @@ def symile_logsumexp(
         anchor, others = anchor.float(), [other.float() for other in others]
     with torch.autocast(anchor.device.type, enabled=False):
         low = PRECISIONS[block_precision]
-        return _SymileLogSumExp.apply(block_size, low, groups, anchor, *others)
+        if groups is None:
+            return _SymileLogSumExp.apply(block_size, low, None, anchor, *others)
+        order = torch.argsort(groups, stable=True)  # groups as row ranges, for the blocks
+        rows = [anchor[order], *(other[order] for other in others)]
+        lse = _SymileLogSumExp.apply(block_size, low, groups[order], *rows)
+        return lse[:, torch.argsort(order)]

@@ -5,18 +5,21 @@ A block holds the candidates ``c = p * B + k`` of ``q`` consecutive prefixes ``p
 i_{M-2})`` times every last-axis row ``k``. With ``groups`` (one id per row of the global
 batch) the pass leaves out every entry ``T[i_0, ..., i_{M-1}]`` whose rows all lie in one
 group: for anchor ``m`` and row ``v = i_m`` these are exactly the candidate tuples that are
-positives of ``v`` (``positives: exclude``), the same set for every anchor. Only a column whose
-tuple rows share one group (a "same-group column") can hold such entries, and there only the
-anchor rows of that group: a block masks them by gathering its same-group columns (at most
-``q * B`` of them, typically a fraction ``(group size / B)^(M-2)``), so memory stays
-``O(B * block)`` and a block without same-group column costs nothing extra. A masked entry is
-``-inf`` in the forward pass and gets no gradient.
+positives of ``v`` (``positives: exclude``), the same set for every anchor. The rows come
+sorted by group (:func:`mmalign.objectives.symile_n2.symile_logsumexp` permutes them), so
+group ``g`` is a range ``[s_g, e_g)`` of rows: the masked entries of a run of consecutive
+prefixes whose rows all lie in ``g`` form one strided box, anchor rows ``[s_g, e_g)`` x those
+prefixes x last-axis rows ``[s_g, e_g)``, written ``-inf`` in one slice assignment. The work is
+proportional to the masked entries (``sum_g n_g^M`` over the whole pass for groups of sizes
+``n_g``, a fraction ``(n_g / B)^(M-1)`` of all entries), memory stays ``O(B * block)`` and a
+block without such prefix costs nothing extra. A masked entry is ``-inf`` in the forward pass
+and gets no gradient.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -37,9 +40,9 @@ class Block:
     shift_column: Tensor | None
     """Full precision: the spare column beside ``products`` that carries ``-shift`` into the
     matmul (``None`` for bf16 matmuls, which subtract the shift in full precision)."""
-    same_group: tuple[Tensor, Tensor] | None = None
-    """With groups: the block's same-group columns and their group (``None``: no such column,
-    or no groups)."""
+    masked: list[tuple[int, int, int, int]] = field(default_factory=list)
+    """With groups: boxes ``(s_g, e_g, first, stop)`` to mask, rows and last-axis rows
+    ``[s_g, e_g)`` of the block's prefixes ``[first, stop)`` (block-local)."""
 
 
 class Workspace:
@@ -63,7 +66,12 @@ class Workspace:
     ) -> None:
         rows, dim = anchor.shape
         self.anchor, self.others, self.rows, self.low = anchor, others, rows, low
-        self.groups = groups
+        self.groups = groups  # sorted
+        if groups is not None:
+            _, self.group_of, sizes = torch.unique_consecutive(
+                groups, return_inverse=True, return_counts=True
+            )
+            self.bounds = [0, *sizes.cumsum(0).tolist()]  # group g: rows bounds[g]..bounds[g+1]
         self.prefixes_per_block = prefixes_per_block
         candidates = prefixes_per_block * rows
         self.logits = anchor.new_empty(rows, candidates)
@@ -95,28 +103,38 @@ class Workspace:
                 out=products.view(end - begin, self.rows, -1),
             )
             shift = None if self.low is not None else self.augmented[:candidates, -1]
-            yield Block(indices, prefix, products, shift, self._same_group_columns(indices))
+            yield Block(indices, prefix, products, shift, self._masked_entries(indices))
 
-    def _same_group_columns(self, indices: list[Tensor]) -> tuple[Tensor, Tensor] | None:
+    def _masked_entries(self, indices: list[Tensor]) -> list[tuple[int, int, int, int]]:
+        """The block's boxes: one per run of consecutive prefixes whose rows lie in one group
+        (with M = 2, the one empty prefix lies in every group)."""
         if self.groups is None:
-            return None
-        groups = self.groups
-        same = groups.new_ones(len(indices[0]) if indices else 1, self.rows, dtype=torch.bool)
-        for index in indices:
-            same &= groups[index][:, None] == groups[None, :]
-        columns = same.view(-1).nonzero().squeeze(1)
-        return (columns, groups[columns % self.rows]) if len(columns) else None
+            return []
+        bounds = self.bounds
+        if not indices:
+            return [(bounds[g], bounds[g + 1], 0, 1) for g in range(len(bounds) - 1)]
+        key = self.group_of[indices[0]]
+        for index in indices[1:]:
+            key = torch.where(self.group_of[index] == key, key, -1)
+        values, counts = torch.unique_consecutive(key, return_counts=True)
+        boxes, first = [], 0
+        for group, count in zip(values.tolist(), counts.tolist()):
+            if group >= 0:
+                boxes.append((bounds[group], bounds[group + 1], first, first + count))
+            first += count
+        return boxes
 
     def mask_same_group(self, logits: Tensor, block: Block, rows: Tensor | None = None) -> None:
-        """Set to ``-inf`` (in place) the entries of ``logits`` (anchor rows ``rows``, default
-        all, times the block's columns) whose tuple rows all lie in the anchor row's group."""
-        if block.same_group is None:
+        """Set to ``-inf`` (in place) the entries of ``logits`` (the anchor rows selected by the
+        mask ``rows``, default all, times the block's columns) whose tuple rows all lie in the
+        anchor row's group."""
+        if not block.masked:
             return
-        columns, column_groups = block.same_group
-        row_groups = self.groups if rows is None else self.groups[rows]
-        gathered = logits.index_select(1, columns)
-        gathered.masked_fill_(row_groups[:, None] == column_groups[None, :], float("-inf"))
-        logits.index_copy_(1, columns, gathered)
+        grid = logits.view(logits.shape[0], -1, self.rows)
+        before = None if rows is None else [0, *rows.cumsum(0).tolist()]  # selected rows < r
+        for start, stop, first, last in block.masked:
+            low, high = (start, stop) if before is None else (before[start], before[stop])
+            grid[low:high, first:last, start:stop] = float("-inf")
 
     def column_shifted_logits(self, block: Block) -> tuple[Tensor, Tensor]:
         """``logits - colmax`` in the full-precision logits buffer, and ``colmax``."""
