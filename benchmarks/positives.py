@@ -11,16 +11,22 @@ digits shards at equal steps, batch and seeds, once per variant:
   cluster, so batches hold neighbours;
 * ``mined``: ``instance`` plus ``mmalign prep mine-negatives`` text negatives of each image
   (from the same export; other classes only, ``--group-field cls``), used through
-  ``data.negatives: text`` and ``model.objective.hard_negatives: true``.
+  ``data.negatives: text`` and ``model.objective.hard_negatives: true``;
+* ``sample`` / ``expand``: the train records with three captions each (``txt``, ``1.txt``,
+  ``2.txt``; the two extra ones drawn by the demo's caption generator from a hash of the key),
+  ``data.views: {text: sample}`` (one caption per pass) against ``{text: expand}`` (one row
+  per caption, the record's image encoded once), both with ``positives: multi`` (a record's
+  captions are one group under ``expand``; ``sample`` rows are their own groups).
 
 On the test split it reports image<->text R@1 at the instance level (the record's own
 caption) and the class level (any caption of the class), zero-shot top-1 (images against the
 class prompts of every language) and the compute time per step (the trainer's
 forward + loss + backward + optimizer sections) relative to ``instance``.
 
-Then Symile ``n2`` with and without groups (``positives: multi``, 10 groups) at B = 512,
-M = 3, d = 256: median time and peak resident memory of forward + backward, one subprocess
-per case.
+Then Symile ``n2`` without groups (``instance``) and with them (``multi``, ``exclude``: 10
+groups; ``debiased``: needs none) at B = 512, M = 3, d = 256: time and peak resident memory of
+one forward + backward, each in its own process, the cases interleaved round by round (the
+machine is shared: the per-round ratio to ``instance`` is steadier than the times).
 
 Usage:
     python benchmarks/positives.py --data data/demo/digits --out runs/bench-positives
@@ -41,7 +47,8 @@ from pathlib import Path
 from typing import Any
 
 FIELDS = {"image": "png", "text": "txt"}
-VARIANTS = ["instance", "multi", "exclude", "debiased", "neighbours", "mined"]
+VARIANTS = ["instance", "multi", "exclude", "debiased", "neighbours", "mined", "sample", "expand"]
+CAPTIONS = 3
 
 
 def _base_config(data: Path, out: Path, steps: int, batch: int) -> dict[str, Any]:
@@ -61,7 +68,7 @@ def _base_config(data: Path, out: Path, steps: int, batch: int) -> dict[str, Any
         shuffle_buffer=256,
     )
     config["train"].update(steps=steps, warmup=min(20, steps // 10), output=str(out))
-    config["eval"].update(best_metric="val/loss", best_mode="min")
+    config["eval"].update(every=0, best_metric="val/loss", best_mode="min")
     return config
 
 
@@ -79,14 +86,43 @@ def _variant(name: str, base: dict[str, Any], out: Path, prepared: dict[str, str
     elif name == "mined":
         data.update(train=prepared["mined"], negatives="text")
         objective["hard_negatives"] = True
+    elif name in ("sample", "expand"):
+        data.update(train=prepared["captions"], views={"text": name})
+        objective["positives"] = "multi"
     return config
 
 
-def _step_seconds(run_dir: Path) -> float:
-    """Median over logged intervals (the first one left out) of the timed step sections."""
+def _caption_shards(data: Path, out: Path) -> list[str]:
+    """The train records with ``CAPTIONS`` captions each: ``txt`` and ``1.txt`` ... drawn by
+    :func:`mmalign.demo.digits.caption` from a seed hashed from the record's key."""
+    import numpy as np
+    import webdataset as wds
+
+    from mmalign.data.views import stable_hash
+    from mmalign.demo.digits import caption
+
+    directory = out / "captions"
+    if not any(directory.glob("data-*.tar")):
+        directory.mkdir(parents=True, exist_ok=True)
+        pattern = str(directory / "data-%06d.tar")
+        with wds.ShardWriter(pattern, maxcount=1000, verbose=0, mtime=0) as writer:
+            for url in sorted(data.glob("train-*.tar")):
+                for sample in wds.WebDataset(str(url), shardshuffle=False, empty_check=False):
+                    record = {k: v for k, v in sample.items() if k == "__key__" or k[0] != "_"}
+                    rng = np.random.default_rng(stable_hash(sample["__key__"]) % 2**32)
+                    digit = int(sample["cls"])
+                    for index in range(1, CAPTIONS):
+                        record[f"{index}.txt"] = caption(digit, rng)[0]
+                    writer.write(record)
+    return sorted(str(p) for p in directory.glob("data-*.tar"))
+
+
+def _step_seconds(run_dir: Path, section: str = "") -> float:
+    """Median over logged intervals (the first one left out) of the timed step sections
+    (``time/<section>`` alone when given)."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     totals = [
-        sum(value for key, value in record.items() if key.startswith("time/"))
+        sum(value for key, value in record.items() if key.startswith(f"time/{section}"))
         for record in records
         if any(key.startswith("time/") for key in record)
     ]
@@ -156,21 +192,30 @@ def train_variants(
     prepared: dict[str, str] = {}
     rows = []
     for name in variants:
-        if name in ("neighbours", "mined") and not prepared:
-            prepared = _prepare(out / "instance" / "model", base, out)
+        if name in ("neighbours", "mined") and "mined" not in prepared:
+            prepared.update(_prepare(out / "instance" / "model", base, out))
+        if name in ("sample", "expand") and "captions" not in prepared:
+            prepared["captions"] = _caption_shards(data, out)
         config = _variant(name, base, out, prepared)
         run_dir = out / name
         if not (reuse and (run_dir / "model").is_dir()):
             train(config)
-        row = {"variant": name, "step_s": _step_seconds(run_dir)}
+        row = {
+            "variant": name,
+            "step_s": _step_seconds(run_dir),
+            "loss_s": _step_seconds(run_dir, "loss"),
+        }
         row.update(_evaluate(run_dir / "model", data))
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
 
 
-def run_symile_case(groups: bool, batch: int, dim: int, repeats: int) -> dict[str, float]:
-    """Forward + backward of symile ``n2`` (``multi`` with 10 groups, or ``instance``)."""
+SYMILE_MODES = ["instance", "multi", "exclude", "debiased"]
+
+
+def run_symile_case(mode: str, batch: int, dim: int) -> dict[str, float]:
+    """One forward + backward of symile ``n2`` with ``positives: mode`` (10 groups)."""
     import torch
 
     from mmalign.objectives import build_objective
@@ -182,29 +227,37 @@ def run_symile_case(groups: bool, batch: int, dim: int, repeats: int) -> dict[st
         .requires_grad_()
         for m in range(3)
     }
-    config = {"name": "symile", "negatives": "n2"}
-    labels = None
-    if groups:
-        config["positives"] = "multi"
-        labels = torch.arange(batch) % 10
-    objective = build_objective(config)
-    scale = torch.tensor(10.0)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        objective(tensors, scale, groups=labels).loss.backward()
-        times.append(time.perf_counter() - start)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"seconds": statistics.median(times), "peak_mib": peak}
+    objective = build_objective({"name": "symile", "negatives": "n2", "positives": mode})
+    labels = None if mode == "instance" else torch.arange(batch) % 10
+    start, start_cpu = time.perf_counter(), time.process_time()
+    objective(tensors, torch.tensor(10.0), groups=labels).loss.backward()
+    return {
+        "seconds": time.perf_counter() - start,
+        "cpu_seconds": time.process_time() - start_cpu,
+        "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 def symile_rows(batch: int, dim: int, repeats: int) -> list[dict[str, Any]]:
+    """Per mode: median wall and CPU time (all threads of the process; steadier than wall time
+    on a shared machine), median per-round ratios to ``instance``, largest peak memory."""
+    runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in SYMILE_MODES}
+    for round_index in range(repeats):
+        for mode in SYMILE_MODES:
+            case = json.dumps({"mode": mode, "batch": batch, "dim": dim})
+            command = [sys.executable, __file__, "--symile-worker", case]
+            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            runs[mode].append(json.loads(output.strip().splitlines()[-1]))
+            print(f"round {round_index} {mode}: {runs[mode][-1]} load {_load_average()}")
     rows = []
-    for groups in (False, True):
-        case = json.dumps({"groups": groups, "batch": batch, "dim": dim, "repeats": repeats})
-        command = [sys.executable, __file__, "--symile-worker", case]
-        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        rows.append({"groups": groups, **json.loads(output.strip().splitlines()[-1])})
+    for mode, measured in runs.items():
+        row: dict[str, Any] = {"mode": mode}
+        for key in ("seconds", "cpu_seconds"):
+            row[key] = statistics.median(m[key] for m in measured)
+            ratios = [m[key] / i[key] for m, i in zip(measured, runs["instance"])]
+            row[f"{key}_ratio"] = statistics.median(ratios)
+        row["peak_mib"] = max(m["peak_mib"] for m in measured)
+        rows.append(row)
     return rows
 
 
@@ -212,13 +265,16 @@ def _table(rows: list[dict[str, Any]]) -> str:
     reference = next(row["step_s"] for row in rows if row["variant"] == "instance")
     keys = ["instance i2t R@1", "instance t2i R@1", "class i2t R@1", "class t2i R@1"]
     lines = [
-        "| variant | " + " | ".join(keys) + " | zero-shot top-1 | s/step | vs instance |",
-        "|---|" + "---:|" * (len(keys) + 3),
+        "| variant | "
+        + " | ".join(keys)
+        + " | zero-shot top-1 | s/step | vs instance | loss s/step |",
+        "|---|" + "---:|" * (len(keys) + 4),
     ]
     for row in rows:
         values = " | ".join(f"{row[key]:.3f}" for key in [*keys, "zero-shot top-1"])
         ratio = row["step_s"] / reference
-        lines.append(f"| {row['variant']} | {values} | {row['step_s']:.3f} | {ratio:.2f}x |")
+        times = f"{row['step_s']:.3f} | {ratio:.2f}x | {row['loss_s']:.3f}"
+        lines.append(f"| {row['variant']} | {values} | {times} |")
     return "\n".join(lines)
 
 
@@ -236,7 +292,7 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="keep finished runs in --out")
     parser.add_argument("--symile-only", action="store_true")
     parser.add_argument("--symile-batch", type=int, default=512)
-    parser.add_argument("--symile-repeats", type=int, default=3)
+    parser.add_argument("--symile-repeats", type=int, default=3, help="0: no symile part")
     parser.add_argument("--symile-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.symile_worker:
@@ -251,12 +307,19 @@ def main() -> None:
             args.data, args.out, args.steps, args.batch, args.variants, args.reuse
         )
         print(_table(rows))
+    if args.symile_repeats == 0:
+        print(f"load average after: {_load_average()}", flush=True)
+        return
     symile = symile_rows(args.symile_batch, 256, args.symile_repeats)
-    print(f"| symile n2, B = {args.symile_batch} | s (fwd+bwd) | peak MiB |")
-    print("|---|---:|---:|")
+    print(
+        f"| symile n2, B = {args.symile_batch} | wall s (fwd+bwd) | vs instance "
+        "| CPU s | vs instance | peak MiB |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
     for row in symile:
-        label = "multi, 10 groups" if row["groups"] else "instance"
-        print(f"| {label} | {row['seconds']:.2f} | {row['peak_mib']:.0f} |")
+        wall = f"{row['seconds']:.2f} | {row['seconds_ratio']:.2f}x"
+        cpu = f"{row['cpu_seconds']:.2f} | {row['cpu_seconds_ratio']:.2f}x"
+        print(f"| {row['mode']} | {wall} | {cpu} | {row['peak_mib']:.0f} |")
     print(f"load average after: {_load_average()}", flush=True)
 
 

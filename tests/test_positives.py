@@ -1,6 +1,7 @@
 """Same-group positives (``model.objective.positives``): every mode of clip, anchored, sigmoid and
-symile ``n`` equals a naive float64 reference written here with loops, in value and gradient,
-with presence masks and groups of sizes 1..5; pytorch-metric-learning's SupConLoss for ``multi``."""
+symile ``n`` equals a naive float64 reference written here with loops, and symile ``n2`` one
+built on the dense ``B^M`` logit tensor, in value and gradient, with presence masks and groups
+of sizes 1..5; pytorch-metric-learning's SupConLoss for ``multi``."""
 
 import math
 
@@ -130,21 +131,38 @@ def _reference_symile_n(emb, scale, present, groups, mode, names, perms):
     return sum(terms) / len(terms)
 
 
-def _reference_symile_n2_multi(emb, scale, present, groups, names):
-    """Dense: the full ``B^M`` logit tensor, each anchor's axis moved first."""
+def _reference_symile_n2(emb, scale, present, groups, mode, names):
+    """Dense: the full ``B^M`` logit tensor, each anchor's axis moved first; a candidate tuple
+    is a positive of row ``i`` when all its rows are in ``i``'s group."""
     count, rows = len(names), len(groups)
     filled = [torch.where(present[:, j, None], emb[m], 1.0) for j, m in enumerate(names)]
     letters = "ijkl"[:count]
     full = scale * torch.einsum(",".join(f"{x}d" for x in letters) + "->" + letters, *filled)
-    same = (groups[:, None] == groups[None, :]).to(full.dtype)
+    same = groups[:, None] == groups[None, :]
+    positive = same
+    for _ in range(count - 2):
+        positive = (positive[:, :, None] & same[:, None, :]).reshape(rows, -1)
+    diagonal = torch.arange(rows) * sum(rows**k for k in range(count - 1))  # (i, i, ..., i)
+    own_column = torch.zeros_like(positive)
+    own_column[torch.arange(rows), diagonal] = True
     terms = []
     for a in range(count):
         logits = full.movedim(a, 0).reshape(rows, -1)
-        mask = same
-        for _ in range(count - 2):
-            mask = (mask[:, :, None] * same[:, None, :]).reshape(rows, -1)
-        mean_positive = (logits * mask).sum(dim=1) / mask.sum(dim=1)
-        row_loss = logits.logsumexp(dim=1) - mean_positive
+        own = logits[torch.arange(rows), diagonal]
+        if mode == "instance":
+            row_loss = logits.logsumexp(dim=1) - own
+        elif mode == "multi":
+            mean_positive = (logits * positive).sum(dim=1) / positive.sum(dim=1)
+            row_loss = logits.logsumexp(dim=1) - mean_positive
+        elif mode == "exclude":
+            kept = torch.exp(logits).masked_fill(positive & ~own_column, 0.0).sum(dim=1)
+            row_loss = -torch.log(torch.exp(own) / kept)
+        else:
+            others = logits.shape[1] - 1
+            mean = torch.exp(logits).masked_fill(own_column, 0.0).sum(dim=1) / others
+            estimate = (mean - TAU_PLUS * torch.exp(own)) / (1 - TAU_PLUS)
+            estimate = torch.maximum(estimate, torch.exp(-scale))
+            row_loss = -torch.log(torch.exp(own) / (torch.exp(own) + others * estimate))
         valid = present[:, a] & (present.sum(dim=1) >= 2)
         terms.append(row_loss[valid].mean())
     return sum(terms) / len(terms)
@@ -210,24 +228,22 @@ def test_symile_n_modes_equal_the_naive_reference(mode, count):
 
 
 @pytest.mark.parametrize("count", [3, 4])
-def test_symile_n2_multi_equals_the_dense_reference(count):
+@pytest.mark.parametrize("mode", MODES)
+def test_symile_n2_modes_equal_the_dense_reference(mode, count):
+    """Blocks of one prefix (15 candidates) and one block of all 15^(M-1) agree with the
+    reference: masking works across block boundaries and within one block."""
     names = ["a", "b", "c", "d"][:count]
-    rows = 9
+    rows = 15
     emb = _embeddings(names, rows=rows, dim=5, seed=count)
-    groups = torch.tensor([4, 4, 8, 8, 8, 1, 2, 2, 3])  # sizes 1..3
-    present = _present(rows, count, [(0, 0), (3, 1), (4, 2), (7, 0), (7, 2)])
+    groups = _groups(seed=count)  # sizes 1..5
+    present = _present(rows, count, HOLES if count == 3 else [*HOLES, (5, 3), (6, 3)])
     scale = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
-    objective = build_objective(
-        {"name": "symile", "negatives": "n2", "positives": "multi", "block_size": 5}
-    )
-    loss = objective(emb, scale, present=present, groups=groups).loss
-    reference = _reference_symile_n2_multi(emb, scale, present, groups, names)
-    assert_loss_and_gradients_close(loss, reference, [*emb.values(), scale])
-    instance = build_objective({"name": "symile", "negatives": "n2", "block_size": 5})
-    distinct = objective(emb, scale, present=present, groups=torch.arange(rows) * 3).loss
-    torch.testing.assert_close(
-        distinct, instance(emb, scale, present=present).loss, rtol=1e-13, atol=0
-    )
+    for block_size in (7, rows**count):
+        config = {"name": "symile", "negatives": "n2", "block_size": block_size}
+        objective = build_objective({**config, "positives": mode, "tau_plus": TAU_PLUS})
+        loss = objective(emb, scale, present=present, groups=groups).loss
+        reference = _reference_symile_n2(emb, scale, present, groups, mode, names)
+        assert_loss_and_gradients_close(loss, reference, [*emb.values(), scale])
 
 
 def test_symile_reference_sees_shuffled_positive_tuples():
@@ -277,8 +293,7 @@ def test_all_distinct_groups_multi_and_exclude_equal_instance(config):
 
     instance = loss("instance", with_groups=False)
     assert torch.equal(loss("instance"), instance)  # groups never change instance
-    modes = ["multi"] if config.get("negatives") == "n2" else ["multi", "exclude"]
-    for mode in modes:
+    for mode in ["multi", "exclude"]:
         torch.testing.assert_close(loss(mode), instance, rtol=1e-13, atol=0)
         torch.testing.assert_close(loss(mode, with_groups=False), instance, rtol=1e-13, atol=0)
 
@@ -326,11 +341,33 @@ def test_a_term_without_valid_rows_is_zero_not_nan(mode):
 def test_unsupported_combinations_are_config_errors():
     with pytest.raises(ConfigError, match="positives"):
         build_objective({"name": "sigmoid", "positives": "debiased"})
-    with pytest.raises(ConfigError, match="positives"):
-        build_objective({"name": "symile", "negatives": "n2", "positives": "exclude"})
     with pytest.raises(ConfigError, match="tau_plus"):
         build_objective({"name": "clip", "positives": "debiased", "tau_plus": 1.0})
     with pytest.raises(ValueError, match="groups"):
         build_objective({"name": "clip"})(
             _embeddings(["a", "b"], rows=3), torch.tensor(1.0), groups=torch.zeros(2)
         )
+
+
+@pytest.mark.parametrize("mode", ["exclude", "debiased"])
+def test_symile_n2_terms_without_valid_rows_or_negatives_are_zero_not_nan(mode):
+    """A modality never present gives a zero term; with every row in one group ``exclude``
+    masks every candidate but the own tuple (all losses 0); with one row ``debiased`` has no
+    other candidate (loss 0). Gradients stay finite (zero where the loss is constant)."""
+    emb = _embeddings(["a", "b", "c"], rows=4)
+    scale = torch.tensor(5.0, dtype=torch.float64)
+    objective = build_objective(
+        {"name": "symile", "negatives": "n2", "positives": mode, "block_size": 3}
+    )
+    present = torch.tensor([[True, False, True]] * 4)  # b is never present
+    out = objective(emb, scale, present=present, groups=torch.tensor([1, 1, 2, 2]))
+    assert out.metrics["loss/b"] == 0.0 and out.loss.item() > 0.0
+    grads = torch.autograd.grad(out.loss, list(emb.values()))
+    assert all(torch.isfinite(grad).all() for grad in grads)
+    if mode == "exclude":
+        everything = objective(emb, scale, groups=torch.zeros(4, dtype=torch.long))
+    else:
+        everything = objective({m: e[:1] for m, e in emb.items()}, scale)
+    assert everything.loss.item() == 0.0
+    grads = torch.autograd.grad(everything.loss, list(emb.values()))
+    assert all(torch.equal(grad, torch.zeros_like(grad)) for grad in grads)

@@ -20,7 +20,10 @@ CONFIGS = [
     *({"name": "anchored", "anchor": "b", "positives": mode} for mode in MODES),
     *({"name": "sigmoid", "positives": mode} for mode in ("multi", "exclude")),
     *({"name": "symile", "negatives": "n", "positives": mode, "tau_plus": 0.2} for mode in MODES),
-    {"name": "symile", "negatives": "n2", "positives": "multi", "block_size": 4},
+    *(
+        {"name": "symile", "negatives": "n2", "positives": mode, "block_size": 4, "tau_plus": 0.2}
+        for mode in ("multi", "exclude", "debiased")
+    ),
     {"name": "clip", "positives": "multi", "hard_negatives": True},
     {"name": "sigmoid", "positives": "exclude", "hard_negatives": True},
 ]

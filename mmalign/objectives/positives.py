@@ -10,7 +10,8 @@ is not valid) and ``P_i`` the valid candidates in ``i``'s group (``i``'s own col
   ``loss_i = -log(exp(s_ii) / (exp(s_ii) + sum_{k not in P_i} exp(s_ik)))``.
 * ``debiased`` (Chuang et al. 2020, no groups needed; ``tau_plus`` in [0, 1)):
   ``g_i = max((mean_{k != i} exp(s_ik) - tau_plus exp(s_ii)) / (1 - tau_plus), exp(-scale))``
-  and ``loss_i = -log(exp(s_ii) / (exp(s_ii) + (N_i - 1) g_i))`` with ``N_i`` valid candidates.
+  and ``loss_i = -log(exp(s_ii) / (exp(s_ii) + (N_i - 1) g_i))`` with ``N_i`` valid candidates
+  (:func:`debiased_losses`, shared with Symile ``n2``, which has no logits matrix).
 
 Groups come from ``Batch.groups`` (``data.group_field``); without groups every row is its own
 group, so ``multi`` and ``exclude`` equal ``instance``.
@@ -90,29 +91,35 @@ def row_losses(
         dropped = positive & ~own_column
         return logits.masked_fill(dropped, float("-inf")).logsumexp(dim=1) - own_logit
     if mode == "debiased":
-        return _debiased(logits, own_logit, own_column, valid, tau_plus, logit_scale)
+        negatives = torch.where(valid & ~own_column, logits, float("-inf")).logsumexp(dim=1)
+        counts = valid.sum(dim=1) - 1
+        return debiased_losses(negatives, counts, own_logit, tau_plus, logit_scale)
     raise ValueError(f"unknown positives mode {mode!r}; use instance, multi, exclude, debiased")
 
 
-def _debiased(
-    logits: Tensor,
+def debiased_losses(
+    log_negatives: Tensor,
+    negatives: Tensor | int,
     own_logit: Tensor,
-    own_column: Tensor,
-    valid: Tensor,
     tau_plus: float,
     logit_scale: Tensor | float,
 ) -> Tensor:
-    """Chuang et al.'s estimator, computed with every exponential shifted by the row max."""
-    shift = logits.detach().max(dim=1).values
-    scaled = torch.exp(logits - shift[:, None]).masked_fill(~valid | own_column, 0.0)
-    negatives = valid.sum(dim=1) - 1
-    mean = scaled.sum(dim=1) / negatives.clamp(min=1)
+    """Chuang et al.'s estimator from each row's ``log(sum_{k != i} exp(s_ik))`` and count of
+    candidates ``k != i`` (``N_i - 1``), every exponential shifted by ``max(own, that log)``.
+
+    Example:
+        >>> loss = debiased_losses(torch.tensor([1.0]), 3, torch.tensor([2.0]), 0.0, 1.0)
+        >>> torch.allclose(loss, torch.logaddexp(torch.tensor(2.0), torch.tensor(1.0)) - 2)
+        True
+    """
+    shift = torch.maximum(log_negatives, own_logit).detach()
+    count = torch.as_tensor(negatives, dtype=own_logit.dtype, device=own_logit.device)
+    mean = torch.exp(log_negatives - shift) / count.clamp(min=1)
     own = own_logit - shift
-    log_floor = -torch.as_tensor(logit_scale, dtype=logits.dtype) - shift
+    log_floor = -torch.as_tensor(logit_scale, dtype=own_logit.dtype) - shift
     estimate = (mean - tau_plus * torch.exp(own)) / (1.0 - tau_plus)
-    tiny = torch.finfo(logits.dtype).tiny
+    tiny = torch.finfo(own_logit.dtype).tiny
     log_estimate = torch.where(
         estimate > torch.exp(log_floor), torch.log(estimate.clamp(min=tiny)), log_floor
     )
-    log_negatives = torch.log(negatives.to(logits.dtype)) + log_estimate
-    return torch.logaddexp(own, log_negatives) - own
+    return torch.logaddexp(own, torch.log(count) + log_estimate) - own

@@ -22,9 +22,12 @@ column is a positive of anchor row ``i`` when every row of its tuple is in ``i``
 own column always is). A shuffled column that happens to rebuild ``i``'s own tuple is thus a
 positive under ``multi``/``exclude`` while ``instance`` (and the ``symile`` package) counts it
 as a negative; without ``Batch.groups`` the own column is the only positive.
-``negatives: n2``: ``multi`` only, exact and ``O(B d M)`` on top of the blockwise pass
-(:func:`group_mean_logits`); ``exclude`` and ``debiased`` would need a masked blockwise pass
-and are refused.
+``negatives: n2``, over all ``B^(M-1)`` candidate tuples, exact: ``multi`` adds ``O(B d M)``
+to the blockwise pass (:func:`group_mean_logits`); ``exclude`` runs the pass with the
+same-group entries masked (``-inf``, :mod:`mmalign.objectives.symile_n2_blocks`) and adds the
+own tuple back, ``logaddexp(lse_i, s_ii) - s_ii``; ``debiased`` masks only each row's own
+tuple (groups ``arange(B)``, so it needs no groups) and applies
+:func:`~mmalign.objectives.positives.debiased_losses` with ``N = B^(M-1)`` candidates.
 
 Example:
     >>> import torch
@@ -53,7 +56,7 @@ from mmalign.objectives.base import (
     register_objective,
 )
 from mmalign.objectives.distributed import BatchView, broadcast_from_first
-from mmalign.objectives.positives import PositivesConfig, row_losses
+from mmalign.objectives.positives import PositivesConfig, debiased_losses, row_losses
 from mmalign.objectives.symile_n2 import symile_logsumexp
 
 
@@ -139,18 +142,6 @@ class SymileConfig(PositivesConfig):
             )
         return self
 
-    @model_validator(mode="after")
-    def _n2_positives(self) -> SymileConfig:
-        if self.negatives == "n2" and self.positives not in ("instance", "multi"):
-            raise field_error(
-                type(self).__name__,
-                "positives",
-                f"'{self.positives}' is not implemented for negatives 'n2' yet (it needs a "
-                "masked blockwise pass); use instance or multi, or negatives: n",
-                self.positives,
-            )
-        return self
-
     def term_names(self, modalities: Sequence[str]) -> list[str]:
         return list(modalities)
 
@@ -207,12 +198,7 @@ class SymileObjective(Objective):
         ]
         positives = logit_scale * torch.stack(local).prod(dim=0).sum(dim=-1)
         if self.config.negatives == "n2":
-            normalizers = self._n2_normalizers(batch, full, logit_scale)
-            if self.config.positives == "multi" and batch.groups is not None:
-                positives = group_mean_logits(batch, local, full, logit_scale)
-                losses = [normalizer - mean for normalizer, mean in zip(normalizers, positives)]
-            else:
-                losses = [normalizer - positives for normalizer in normalizers]
+            losses = self._n2_row_losses(batch, local, full, positives, logit_scale)
         else:
             losses = self._n_row_losses(batch, local, full, positives, logit_scale, generator)
         valid_global = _valid_anchor_rows(batch.global_present)
@@ -226,16 +212,41 @@ class SymileObjective(Objective):
             for a, name in enumerate(batch.modalities)
         ]
 
-    def _n2_normalizers(
-        self, batch: BatchView, full: list[Tensor], logit_scale: Tensor
+    def _n2_row_losses(
+        self,
+        batch: BatchView,
+        local: list[Tensor],
+        full: list[Tensor],
+        positives: Tensor,
+        logit_scale: Tensor,
     ) -> list[Tensor]:
+        mode, grouped = self.config.positives, batch.groups is not None
+        masked = None
+        if mode == "exclude" and grouped:
+            masked = batch.global_groups
+        elif mode == "debiased":
+            masked = torch.arange(batch.global_rows, device=batch.device)
         lse = symile_logsumexp(
             logit_scale * full[0],
             full[1:],
             self.config.block_size,
             self.config.block_precision or "fp32",
+            groups=masked,
         )
-        return list(lse[:, batch.offset : batch.offset + batch.rows])
+        normalizers = list(lse[:, batch.offset : batch.offset + batch.rows])
+        if mode == "multi" and grouped:
+            means = group_mean_logits(batch, local, full, logit_scale)
+            return [normalizer - mean for normalizer, mean in zip(normalizers, means)]
+        if mode == "exclude" and grouped:
+            return [torch.logaddexp(lse, positives) - positives for lse in normalizers]
+        if mode == "debiased":
+            others = batch.global_rows ** (len(full) - 1) - 1
+            tau_plus = self.config.tau_plus
+            return [
+                debiased_losses(lse, others, positives, tau_plus, logit_scale)
+                for lse in normalizers
+            ]
+        return [normalizer - positives for normalizer in normalizers]
 
     def _n_row_losses(
         self,

@@ -32,6 +32,11 @@ inputs' precision. It pays where the hardware multiplies bf16 faster than float3
 CPUs with AVX512-BF16 or AMX); on CPUs without bf16 instructions (AVX2 only) torch's bf16
 matmul is several times slower than float32.
 
+With ``groups`` (``positives: exclude``, and ``debiased`` with every row its own group) each
+block sets to ``-inf`` the entries whose rows all share one group before anything reads them
+(:mod:`mmalign.objectives.symile_n2_blocks`), in the forward pass and in the backward
+recomputation; a row or column left with no entry gets ``-inf`` and no gradient.
+
 With ``torch.distributed`` running, each rank takes an equal share of the prefixes
 (``B^M / world_size`` work), the partial log-sum-exps are combined across ranks, and the
 backward pass sums the incoming gradients of all ranks before computing its share.
@@ -48,154 +53,29 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from mmalign.dist import rank, world_size
+from mmalign.dist import world_size
 from mmalign.objectives.distributed import all_reduce_sum
+from mmalign.objectives.symile_n2_blocks import Block, Workspace, prefix_products
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 """``block_precision`` -> dtype of the block matmuls (``None``: the inputs' own dtype)."""
 
 
-@dataclass
-class _Block:
-    """One block of candidates: prefixes ``start .. stop - 1`` times every last-axis row."""
-
-    indices: list[Tensor]
-    """Row index of each prefix modality for the block's prefixes."""
-    prefix: Tensor
-    """``[q, d]`` products of the prefix modalities (ones when M = 2)."""
-    products: Tensor
-    """``[q * B, d]`` candidate products, candidate ``p * B + k``, in the matmul dtype."""
-    shift_column: Tensor | None
-    """Full precision: the spare column beside ``products`` that carries ``-shift`` into the
-    matmul (``None`` for bf16 matmuls, which subtract the shift in full precision)."""
-
-
-class _Workspace:
-    """Buffers reused by every block (no per-block allocations of ``B x block`` tensors).
-
-    Full precision: ``products`` lives in a ``[block, d + 1]`` buffer whose last column and
-    the anchor's extra column of ones let one matmul return ``logits - shift`` (no separate
-    subtraction pass). bf16 (``low``): the products and the anchor are bf16, each matmul
-    writes a bf16 buffer (the backend accumulates in float32) and everything after it reads
-    it in full precision.
-    """
-
-    def __init__(
-        self,
-        anchor: Tensor,
-        others: list[Tensor],
-        prefixes_per_block: int,
-        low: torch.dtype | None,
-        backward: bool = False,
-    ) -> None:
-        rows, dim = anchor.shape
-        self.anchor, self.others, self.rows, self.low = anchor, others, rows, low
-        self.prefixes_per_block = prefixes_per_block
-        candidates = prefixes_per_block * rows
-        self.logits = anchor.new_empty(rows, candidates)
-        if backward:
-            self.factor = torch.empty_like(self.logits)
-            self.grad_products = anchor.new_empty(candidates, dim)
-        if low is None:
-            self.matmul_anchor = torch.cat([anchor, anchor.new_ones(rows, 1)], dim=1)
-            self.augmented = anchor.new_empty(candidates, dim + 1)
-            self.products = self.augmented[:, :dim]
-        else:
-            self.matmul_anchor = anchor.to(low)
-            self.products = anchor.new_empty(candidates, dim, dtype=low)
-            self.low_logits = anchor.new_empty(rows, candidates, dtype=low)
-            self.low_products = torch.empty_like(self.products) if backward else None
-
-    def blocks(self) -> Iterator[_Block]:
-        """This rank's blocks, each with its products filled in."""
-        start, stop = _rank_range(self.rows ** (len(self.others) - 1))
-        for begin in range(start, stop, self.prefixes_per_block):
-            end = min(begin + self.prefixes_per_block, stop)
-            indices = _prefix_indices(begin, end, self.rows, len(self.others) - 1, self.anchor)
-            prefix = _prefix_products(self.others[:-1], indices, end - begin, self.anchor)
-            candidates = (end - begin) * self.rows
-            products = self.products[:candidates]
-            torch.mul(
-                prefix[:, None, :],
-                self.others[-1][None, :, :],
-                out=products.view(end - begin, self.rows, -1),
-            )
-            shift = None if self.low is not None else self.augmented[:candidates, -1]
-            yield _Block(indices, prefix, products, shift)
-
-    def column_shifted_logits(self, block: _Block) -> tuple[Tensor, Tensor]:
-        """``logits - colmax`` in the full-precision logits buffer, and ``colmax``."""
-        candidates = block.products.shape[0]
-        logits = self.logits[:, :candidates]
-        if self.low is None:
-            torch.mm(self.anchor, block.products.T, out=logits)
-            column_max = logits.amax(dim=0)
-            return logits.sub_(column_max), column_max
-        low = torch.mm(self.matmul_anchor, block.products.T, out=self.low_logits[:, :candidates])
-        column_max = low.amax(dim=0).to(logits.dtype)
-        return torch.sub(low, column_max, out=logits), column_max
-
-    def shifted_logits(self, block: _Block, shift: Tensor) -> Tensor:
-        """``logits - shift[c]`` for a shift known before the matmul, in the logits buffer."""
-        candidates = block.products.shape[0]
-        logits = self.logits[:, :candidates]
-        if block.shift_column is None:
-            low = self.low_logits[:, :candidates]
-            torch.mm(self.matmul_anchor, block.products.T, out=low)
-            return torch.sub(low, shift, out=logits)
-        torch.neg(shift, out=block.shift_column)
-        return torch.mm(self.matmul_anchor, self.augmented[:candidates].T, out=logits)
-
-    def row_logits(self, rows: Tensor, block: _Block) -> Tensor:
-        """Full-precision logits of the selected anchor ``rows`` (the exact fallbacks)."""
-        anchor = self.anchor if self.low is None else self.matmul_anchor
-        return (anchor[rows] @ block.products.T).to(self.anchor.dtype)
-
-    def gradient_matmuls(self, grad_logits: Tensor, block: _Block, grad_anchor: Tensor) -> Tensor:
-        """Add ``grad_logits @ products`` to ``grad_anchor``; return ``grad_logits.T @ anchor``
-        (``[q * B, d]``, full precision, in a reused buffer)."""
-        candidates = grad_logits.shape[1]
-        grad_products = self.grad_products[:candidates]
-        if self.low is None:
-            grad_anchor.addmm_(grad_logits, block.products)
-            return torch.mm(grad_logits.T, self.anchor, out=grad_products)
-        low = self.low_logits[:, :candidates].copy_(grad_logits)
-        grad_anchor += low @ block.products
-        low_products = torch.mm(low.T, self.matmul_anchor, out=self.low_products[:candidates])
-        return grad_products.copy_(low_products)
-
-
-def _prefix_indices(start: int, stop: int, rows: int, count: int, like: Tensor) -> list[Tensor]:
-    prefixes = torch.arange(start, stop, device=like.device)
-    return [(prefixes // rows ** (count - 1 - m)) % rows for m in range(count)]
-
-
-def _prefix_products(
-    modalities: list[Tensor], indices: list[Tensor], count: int, like: Tensor, skip: int = -1
-) -> Tensor:
-    product = like.new_ones(count, like.shape[1])
-    for m, (embedding, index) in enumerate(zip(modalities, indices)):
-        if m != skip:
-            product = product * embedding.index_select(0, index)
-    return product
-
-
 def _scatter_logsumexp(values: Tensor, index: Tensor, bins: int) -> Tensor:
-    """``out[b] = logsumexp(values[index == b])`` (``-inf`` for empty bins)."""
+    """``out[b] = logsumexp(values[index == b])`` (``-inf`` for empty or all ``-inf`` bins)."""
     top = values.new_full((bins,), float("-inf")).scatter_reduce(0, index, values, "amax")
+    top = top.clamp_(min=torch.finfo(top.dtype).min)
     sums = values.new_zeros(bins).index_add_(0, index, (values - top[index]).exp())
     return top + sums.log()
 
 
-def _block_logsumexps(workspace: _Workspace, block: _Block, ones: Tensor) -> tuple[Tensor, Tensor]:
+def _block_logsumexps(workspace: Workspace, block: Block, ones: Tensor) -> tuple[Tensor, Tensor]:
     """Row and column log-sum-exps of the block's logits with one exponential per entry.
 
     ``E = exp(L - colmax)`` gives the columns directly; rows are ``log(E @ exp(colmax - top))
@@ -215,11 +95,6 @@ def _block_logsumexps(workspace: _Workspace, block: _Block, ones: Tensor) -> tup
     return rows, columns
 
 
-def _rank_range(total: int) -> tuple[int, int]:
-    size, index = world_size(), rank()
-    return index * total // size, (index + 1) * total // size
-
-
 def _combine_ranks(partial: Tensor) -> Tensor:
     if world_size() == 1:
         return partial
@@ -228,7 +103,7 @@ def _combine_ranks(partial: Tensor) -> Tensor:
     return torch.stack(parts).logsumexp(dim=0)
 
 
-def _forward_pass(workspace: _Workspace) -> Tensor:
+def _forward_pass(workspace: Workspace) -> Tensor:
     rows, count = workspace.rows, len(workspace.others) + 1
     lse = workspace.anchor.new_full((count, rows), float("-inf"))
     ones = workspace.anchor.new_ones(rows)
@@ -249,16 +124,16 @@ def _safe_gap(dtype: torch.dtype) -> float:
     return -0.7 * math.log(torch.finfo(dtype).tiny)
 
 
-def _column_shift(block: _Block, lse: Tensor, rows: int) -> Tensor:
+def _column_shift(block: Block, lse: Tensor, rows: int) -> Tensor:
     """``r[c] = min over the non-anchor-0 anchors m of lse_m[i_m(c)]``: known before the
     matmul and at least the column's largest logit (each ``lse_m`` sums over the column)."""
     shift = lse[-1].expand(block.prefix.shape[0], rows)
     for m, index in enumerate(block.indices, start=1):
         shift = torch.minimum(shift, lse[m][index, None])
-    return shift.reshape(-1)
+    return shift.reshape(-1).nan_to_num(posinf=0.0)
 
 
-def _logit_gradient(workspace: _Workspace, block: _Block, lse: Tensor, grad_lse: Tensor) -> Tensor:
+def _logit_gradient(workspace: Workspace, block: Block, lse: Tensor, grad_lse: Tensor) -> Tensor:
     """``d loss / d logits`` of one block, written over the logits buffer.
 
     ``dL = g_0[i] exp(L - lse_0[i]) + sum_m g_m[i_m] exp(L - lse_m[i_m])
@@ -287,8 +162,12 @@ def _logit_gradient(workspace: _Workspace, block: _Block, lse: Tensor, grad_lse:
     return grad
 
 
-def _backward_pass(workspace: _Workspace, lse: Tensor, grad_lse: Tensor) -> list[Tensor]:
+def _backward_pass(workspace: Workspace, lse: Tensor, grad_lse: Tensor) -> list[Tensor]:
+    """The forward pass's ``lse = -inf`` (every entry of that row masked, so none needs a
+    gradient) becomes ``+inf`` here: its ``exp(L - lse)`` terms are then 0, it never sets a
+    column shift, and a column left without shift (all masked) is shifted by 0."""
     anchor, others, rows = workspace.anchor, workspace.others, workspace.rows
+    lse = lse.masked_fill(lse == float("-inf"), float("inf"))
     grads = [torch.zeros_like(anchor), *(torch.zeros_like(other) for other in others)]
     for block in workspace.blocks():
         prefixes = block.prefix.shape[0]
@@ -297,7 +176,7 @@ def _backward_pass(workspace: _Workspace, lse: Tensor, grad_lse: Tensor) -> list
         grad_prefix = (grid * others[-1][None, :, :]).sum(dim=1)
         grads[-1] += grid.mul_(block.prefix[:, None, :]).sum(dim=0)
         for m, index in enumerate(block.indices):
-            rest = _prefix_products(others[:-1], block.indices, prefixes, anchor, skip=m)
+            rest = prefix_products(others[:-1], block.indices, prefixes, anchor, skip=m)
             grads[m + 1].index_add_(0, index, grad_prefix * rest)
     return grads
 
@@ -305,11 +184,16 @@ def _backward_pass(workspace: _Workspace, lse: Tensor, grad_lse: Tensor) -> list
 class _SymileLogSumExp(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: FunctionCtx, block_size: int, low: torch.dtype | None, anchor: Tensor, *others: Tensor
+        ctx: FunctionCtx,
+        block_size: int,
+        low: torch.dtype | None,
+        groups: Tensor | None,
+        anchor: Tensor,
+        *others: Tensor,
     ) -> Tensor:
         prefixes_per_block = max(1, block_size // anchor.shape[0])
-        lse = _forward_pass(_Workspace(anchor, list(others), prefixes_per_block, low))
-        ctx.prefixes_per_block, ctx.low = prefixes_per_block, low
+        lse = _forward_pass(Workspace(anchor, list(others), prefixes_per_block, low, groups))
+        ctx.prefixes_per_block, ctx.low, ctx.groups = prefixes_per_block, low, groups
         ctx.save_for_backward(lse, anchor, *others)
         return lse
 
@@ -317,12 +201,18 @@ class _SymileLogSumExp(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: FunctionCtx, grad_lse: Tensor) -> tuple[Tensor | None, ...]:
         lse, anchor, *others = ctx.saved_tensors
-        workspace = _Workspace(anchor, others, ctx.prefixes_per_block, ctx.low, backward=True)
-        return None, None, *_backward_pass(workspace, lse, all_reduce_sum(grad_lse))
+        workspace = Workspace(
+            anchor, others, ctx.prefixes_per_block, ctx.low, ctx.groups, backward=True
+        )
+        return None, None, None, *_backward_pass(workspace, lse, all_reduce_sum(grad_lse))
 
 
 def symile_logsumexp(
-    anchor: Tensor, others: list[Tensor], block_size: int = 16384, block_precision: str = "fp32"
+    anchor: Tensor,
+    others: list[Tensor],
+    block_size: int = 16384,
+    block_precision: str = "fp32",
+    groups: Tensor | None = None,
 ) -> Tensor:
     """Every anchor's Symile ``n2`` log-sum-exp, ``[M, B]``, computed in blocks.
 
@@ -336,6 +226,11 @@ def symile_logsumexp(
     or float64 for float64 inputs); ``"bf16"`` runs them in bfloat16 (the backends accumulate
     in float32; each logit and logit gradient is rounded to bfloat16 once), while the
     log-sum-exps, running maxima, shifts and all reductions stay in the inputs' precision.
+
+    ``groups`` (``[B]`` ids, the rows of all modalities): leave out every entry whose rows all
+    lie in one group (:mod:`mmalign.objectives.symile_n2_blocks`); ``out[m, v]`` is then the
+    log-sum-exp over the candidates that are not positives of row ``v`` (``-inf`` if none),
+    with ``torch.arange(B)`` over all candidates but ``v``'s own tuple.
     """
     if block_size < 1:
         raise ValueError(f"model.objective.block_size must be >= 1, got {block_size}")
@@ -347,4 +242,10 @@ def symile_logsumexp(
     if anchor.dtype in (torch.float16, torch.bfloat16):  # sums of B^(M-1) exps need float32
         anchor, others = anchor.float(), [other.float() for other in others]
     with torch.autocast(anchor.device.type, enabled=False):
-        return _SymileLogSumExp.apply(block_size, PRECISIONS[block_precision], anchor, *others)
+        low = PRECISIONS[block_precision]
+        if groups is None:
+            return _SymileLogSumExp.apply(block_size, low, None, anchor, *others)
+        order = torch.argsort(groups, stable=True)  # groups as row ranges, for the blocks
+        rows = [anchor[order], *(other[order] for other in others)]
+        lse = _SymileLogSumExp.apply(block_size, low, groups[order], *rows)
+        return lse[:, torch.argsort(order)]

@@ -1,0 +1,211 @@
+"""The blocks of the exact Symile ``n2`` pass (:mod:`mmalign.objectives.symile_n2`): buffers
+reused by every block, each block's candidate products and logits, and the same-group mask.
+
+A block holds the candidates ``c = p * B + k`` of ``q`` consecutive prefixes ``p = (i_1, ...,
+i_{M-2})`` times every last-axis row ``k``. With ``groups`` (one id per row of the global
+batch) the pass leaves out every entry ``T[i_0, ..., i_{M-1}]`` whose rows all lie in one
+group: for anchor ``m`` and row ``v = i_m`` these are exactly the candidate tuples that are
+positives of ``v`` (``positives: exclude``), the same set for every anchor. The rows come
+sorted by group (:func:`mmalign.objectives.symile_n2.symile_logsumexp` permutes them), so
+group ``g`` is a range ``[s_g, e_g)`` of rows: the masked entries of a run of consecutive
+prefixes whose rows all lie in ``g`` form one strided box, anchor rows ``[s_g, e_g)`` x those
+prefixes x last-axis rows ``[s_g, e_g)``, written ``-inf`` in one slice assignment. The work is
+proportional to the masked entries (``sum_g n_g^M`` over the whole pass for groups of sizes
+``n_g``, a fraction ``(n_g / B)^(M-1)`` of all entries), memory stays ``O(B * block)`` and a
+block without such prefix costs nothing extra. A masked entry is ``-inf`` in the forward pass
+and gets no gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from mmalign.dist import rank, world_size
+
+
+@dataclass
+class Block:
+    """One block of candidates: prefixes ``start .. stop - 1`` times every last-axis row."""
+
+    indices: list[Tensor]
+    """Row index of each prefix modality for the block's prefixes."""
+    prefix: Tensor
+    """``[q, d]`` products of the prefix modalities (ones when M = 2)."""
+    products: Tensor
+    """``[q * B, d]`` candidate products, candidate ``p * B + k``, in the matmul dtype."""
+    shift_column: Tensor | None
+    """Full precision: the spare column beside ``products`` that carries ``-shift`` into the
+    matmul (``None`` for bf16 matmuls, which subtract the shift in full precision)."""
+    masked: list[tuple[int, int, int, int]] = field(default_factory=list)
+    """With groups: boxes ``(s_g, e_g, first, stop)`` to mask, rows and last-axis rows
+    ``[s_g, e_g)`` of the block's prefixes ``[first, stop)`` (block-local)."""
+
+
+class Workspace:
+    """Buffers reused by every block (no per-block allocations of ``B x block`` tensors).
+
+    Full precision: ``products`` lives in a ``[block, d + 1]`` buffer whose last column and
+    the anchor's extra column of ones let one matmul return ``logits - shift`` (no separate
+    subtraction pass). bf16 (``low``): the products and the anchor are bf16, each matmul
+    writes a bf16 buffer (the backend accumulates in float32) and everything after it reads
+    it in full precision.
+    """
+
+    def __init__(
+        self,
+        anchor: Tensor,
+        others: list[Tensor],
+        prefixes_per_block: int,
+        low: torch.dtype | None,
+        groups: Tensor | None = None,
+        backward: bool = False,
+    ) -> None:
+        rows, dim = anchor.shape
+        self.anchor, self.others, self.rows, self.low = anchor, others, rows, low
+        self.groups = groups  # sorted
+        if groups is not None:
+            _, self.group_of, sizes = torch.unique_consecutive(
+                groups, return_inverse=True, return_counts=True
+            )
+            self.bounds = [0, *sizes.cumsum(0).tolist()]  # group g: rows bounds[g]..bounds[g+1]
+        self.prefixes_per_block = prefixes_per_block
+        candidates = prefixes_per_block * rows
+        self.logits = anchor.new_empty(rows, candidates)
+        if backward:
+            self.factor = torch.empty_like(self.logits)
+            self.grad_products = anchor.new_empty(candidates, dim)
+        if low is None:
+            self.matmul_anchor = torch.cat([anchor, anchor.new_ones(rows, 1)], dim=1)
+            self.augmented = anchor.new_empty(candidates, dim + 1)
+            self.products = self.augmented[:, :dim]
+        else:
+            self.matmul_anchor = anchor.to(low)
+            self.products = anchor.new_empty(candidates, dim, dtype=low)
+            self.low_logits = anchor.new_empty(rows, candidates, dtype=low)
+            self.low_products = torch.empty_like(self.products) if backward else None
+
+    def blocks(self) -> Iterator[Block]:
+        """This rank's blocks, each with its products filled in."""
+        start, stop = rank_range(self.rows ** (len(self.others) - 1))
+        for begin in range(start, stop, self.prefixes_per_block):
+            end = min(begin + self.prefixes_per_block, stop)
+            indices = prefix_indices(begin, end, self.rows, len(self.others) - 1, self.anchor)
+            prefix = prefix_products(self.others[:-1], indices, end - begin, self.anchor)
+            candidates = (end - begin) * self.rows
+            products = self.products[:candidates]
+            torch.mul(
+                prefix[:, None, :],
+                self.others[-1][None, :, :],
+                out=products.view(end - begin, self.rows, -1),
+            )
+            shift = None if self.low is not None else self.augmented[:candidates, -1]
+            yield Block(indices, prefix, products, shift, self._masked_entries(indices))
+
+    def _masked_entries(self, indices: list[Tensor]) -> list[tuple[int, int, int, int]]:
+        """The block's boxes: one per run of consecutive prefixes whose rows lie in one group
+        (with M = 2, the one empty prefix lies in every group)."""
+        if self.groups is None:
+            return []
+        bounds = self.bounds
+        if not indices:
+            return [(bounds[g], bounds[g + 1], 0, 1) for g in range(len(bounds) - 1)]
+        key = self.group_of[indices[0]]
+        for index in indices[1:]:
+            key = torch.where(self.group_of[index] == key, key, -1)
+        values, counts = torch.unique_consecutive(key, return_counts=True)
+        boxes, first = [], 0
+        for group, count in zip(values.tolist(), counts.tolist()):
+            if group >= 0:
+                boxes.append((bounds[group], bounds[group + 1], first, first + count))
+            first += count
+        return boxes
+
+    def mask_same_group(self, logits: Tensor, block: Block, rows: Tensor | None = None) -> None:
+        """Set to ``-inf`` (in place) the entries of ``logits`` (the anchor rows selected by the
+        mask ``rows``, default all, times the block's columns) whose tuple rows all lie in the
+        anchor row's group."""
+        if not block.masked:
+            return
+        grid = logits.view(logits.shape[0], -1, self.rows)
+        before = None if rows is None else [0, *rows.cumsum(0).tolist()]  # selected rows < r
+        for start, stop, first, last in block.masked:
+            low, high = (start, stop) if before is None else (before[start], before[stop])
+            grid[low:high, first:last, start:stop] = float("-inf")
+
+    def column_shifted_logits(self, block: Block) -> tuple[Tensor, Tensor]:
+        """``logits - colmax`` in the full-precision logits buffer, and ``colmax``."""
+        candidates = block.products.shape[0]
+        logits = self.logits[:, :candidates]
+        if self.low is None:
+            torch.mm(self.anchor, block.products.T, out=logits)
+            self.mask_same_group(logits, block)
+            column_max = _finite(logits.amax(dim=0))
+            return logits.sub_(column_max), column_max
+        low = torch.mm(self.matmul_anchor, block.products.T, out=self.low_logits[:, :candidates])
+        self.mask_same_group(low, block)
+        column_max = _finite(low.amax(dim=0).to(logits.dtype))
+        return torch.sub(low, column_max, out=logits), column_max
+
+    def shifted_logits(self, block: Block, shift: Tensor) -> Tensor:
+        """``logits - shift[c]`` for a shift known before the matmul, in the logits buffer."""
+        candidates = block.products.shape[0]
+        logits = self.logits[:, :candidates]
+        if block.shift_column is None:
+            low = self.low_logits[:, :candidates]
+            torch.mm(self.matmul_anchor, block.products.T, out=low)
+            torch.sub(low, shift, out=logits)
+        else:
+            torch.neg(shift, out=block.shift_column)
+            torch.mm(self.matmul_anchor, self.augmented[:candidates].T, out=logits)
+        self.mask_same_group(logits, block)
+        return logits
+
+    def row_logits(self, rows: Tensor, block: Block) -> Tensor:
+        """Full-precision logits of the selected anchor ``rows`` (the exact fallbacks)."""
+        anchor = self.anchor if self.low is None else self.matmul_anchor
+        logits = (anchor[rows] @ block.products.T).to(self.anchor.dtype)
+        self.mask_same_group(logits, block, rows)
+        return logits
+
+    def gradient_matmuls(self, grad_logits: Tensor, block: Block, grad_anchor: Tensor) -> Tensor:
+        """Add ``grad_logits @ products`` to ``grad_anchor``; return ``grad_logits.T @ anchor``
+        (``[q * B, d]``, full precision, in a reused buffer)."""
+        candidates = grad_logits.shape[1]
+        grad_products = self.grad_products[:candidates]
+        if self.low is None:
+            grad_anchor.addmm_(grad_logits, block.products)
+            return torch.mm(grad_logits.T, self.anchor, out=grad_products)
+        low = self.low_logits[:, :candidates].copy_(grad_logits)
+        grad_anchor += low @ block.products
+        low_products = torch.mm(low.T, self.matmul_anchor, out=self.low_products[:candidates])
+        return grad_products.copy_(low_products)
+
+
+def _finite(column_max: Tensor) -> Tensor:
+    """A fully masked column's maximum (``-inf``) becomes the dtype's lowest finite value, so
+    that ``logits - column_max`` stays ``-inf`` there (not NaN)."""
+    return column_max.clamp_(min=torch.finfo(column_max.dtype).min)
+
+
+def prefix_indices(start: int, stop: int, rows: int, count: int, like: Tensor) -> list[Tensor]:
+    prefixes = torch.arange(start, stop, device=like.device)
+    return [(prefixes // rows ** (count - 1 - m)) % rows for m in range(count)]
+
+
+def prefix_products(
+    modalities: list[Tensor], indices: list[Tensor], count: int, like: Tensor, skip: int = -1
+) -> Tensor:
+    product = like.new_ones(count, like.shape[1])
+    for m, (embedding, index) in enumerate(zip(modalities, indices)):
+        if m != skip:
+            product = product * embedding.index_select(0, index)
+    return product
+
+
+def rank_range(total: int) -> tuple[int, int]:
+    size, index = world_size(), rank()
+    return index * total // size, (index + 1) * total // size
