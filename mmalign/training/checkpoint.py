@@ -148,11 +148,13 @@ def save_checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     trainer_state: dict[str, Any],
+    ema: nn.Module | None = None,
 ) -> Path:
     """Write the checkpoint of ``step`` atomically; a collective call on every process.
 
     ``model`` is the unwrapped model; ``trainer_state`` is JSON data (step, scheduler,
-    scaler, data position, ...). Returns the final checkpoint directory.
+    scaler, data position, ...); ``ema``, the weight average (``train.ema``), is written as
+    ``ema.safetensors``. Returns the final checkpoint directory.
     """
     final = directory / checkpoint_name(step)
     temporary = directory / f".tmp-{final.name}"
@@ -166,6 +168,8 @@ def save_checkpoint(
     write_json(temporary / f"rng-rank{rank}.json", rng_meta)
     if accelerator.is_main_process:
         save_model(model, str(temporary / "model.safetensors"))
+        if ema is not None:
+            save_model(ema, str(temporary / "ema.safetensors"))
         optimizer_tensors, optimizer_meta = flatten_optimizer_state(optimizer.state_dict())
         save_file(optimizer_tensors, temporary / "optimizer.safetensors")
         write_json(temporary / "optimizer.json", optimizer_meta)
@@ -178,14 +182,21 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    path: Path, rank: int, model: nn.Module, optimizer: torch.optim.Optimizer
+    path: Path,
+    rank: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ema: nn.Module | None = None,
 ) -> dict[str, Any]:
-    """Load weights, optimizer and this rank's RNG from ``path``; returns ``trainer.json``.
+    """Load weights, optimizer, the weight average ``ema`` (when given) and this rank's RNG
+    from ``path``; returns ``trainer.json``.
 
     A rank without its own RNG file (the run was resumed with more processes) keeps its
     seeded RNG.
     """
     _read(path / "model.safetensors", lambda file: load_model(model, str(file)))
+    if ema is not None:
+        _read(path / "ema.safetensors", lambda file: load_model(ema, str(file)))
     meta = _read(path / "optimizer.json", _read_json)
     tensors = _read(path / "optimizer.safetensors", load_file)
     optimizer.load_state_dict(unflatten_optimizer_state(tensors, meta))

@@ -221,7 +221,7 @@ def _train(
                 trainer.message(f"{modality}: normalization statistics fit over {count} records")
         trainer.run()
         if accelerator.is_main_process:
-            model_dir = _save_model(trainer.model, trainer.output / MODEL_DIR)
+            model_dir = _save_model(trainer.final_model, trainer.output / MODEL_DIR)
             trainer.message(f"done: {trainer.step} steps; final model in {model_dir}")
         accelerator.wait_for_everyone()
     return _result(
