@@ -13,7 +13,8 @@ Every parameter of a tower falls in one of three parts, by name:
 - the **stem**: parameters registered before the first block (patch and token embeddings,
   positional embeddings, the pre-norm);
 - the **head**: parameters registered after the last block (final norms, attention pooling,
-  open_clip's ``proj`` / ``text_projection``, a Hugging Face pooler).
+  a Hugging Face pooler), and open_clip's ``proj`` / ``text_projection`` (parameters of the
+  blocks' own ancestors go by name: those named ``*proj*`` are head, the others stem).
 
 A tower without such a stack (the tabular MLP) has no layout.
 
@@ -25,8 +26,9 @@ Example:
     >>> layout.blocks
     [['visual.transformer.resblocks.0.'], ['visual.transformer.resblocks.1.'], \
 ['visual.transformer.resblocks.2.']]
-    >>> layout.depth("visual.conv1.weight"), layout.depth("visual.ln_post.weight")
-    (0, 4)
+    >>> [layout.depth(f"visual.{name}") for name in ("conv1.weight", "class_embedding",
+    ...     "transformer.resblocks.1.ln_1.weight", "ln_post.weight", "proj")]
+    [0, 0, 2, 4, 4]
 """
 
 from __future__ import annotations
@@ -60,8 +62,16 @@ class TowerLayout:
         block = self.block_of(name)
         if block is not None:
             return block + 1
+        return len(self.blocks) + 1 if self._in_head(name) else 0
+
+    def _in_head(self, name: str) -> bool:
+        owner, _, leaf = name.rpartition(".")
+        if not owner or self.blocks[0][0].startswith(f"{owner}."):
+            # a module's own parameters come before its children's in named_parameters, so
+            # those of the blocks' ancestors go by name: projections are on top
+            return "proj" in leaf
         first = next(i for i, other in enumerate(self.names) if self.block_of(other) is not None)
-        return 0 if self.names.index(name) < first else len(self.blocks) + 1
+        return self.names.index(name) > first
 
     def top(self, count: int) -> list[str]:
         """Parameter names of the last ``count`` blocks and of the head."""

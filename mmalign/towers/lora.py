@@ -5,11 +5,19 @@
 freezes every other parameter of the tower; the model's projection stays trainable. Default
 targets, per tower kind:
 
-- open_clip towers (ViT image tower, open_clip text tower): ``attn`` (peft's LoRA for
-  ``nn.MultiheadAttention``, which adapts its fused q/k/v ``in_proj_weight`` and its
-  ``out_proj``), ``c_fc`` and ``c_proj`` (the MLP);
+- open_clip towers (ViT image tower, open_clip text tower): ``c_fc`` and ``c_proj``, the
+  MLP of every block;
 - Hugging Face towers: peft's own default for the model type (``query``/``value`` for BERT);
-- the audio transformer: ``self_attn``, ``linear1``, ``linear2``.
+- the audio transformer: ``linear1`` and ``linear2``, the MLP of every layer.
+
+Attention in open_clip and the audio transformer is ``nn.MultiheadAttention``, which uses
+its fused q/k/v ``in_proj_weight`` and its ``out_proj.weight`` directly, never calling
+``out_proj`` as a module: a LoRA on ``out_proj`` alone would never run, so that target is
+refused. Name the attention module itself (``attn``, ``self_attn``) to adapt it: peft's
+experimental LoRA for ``nn.MultiheadAttention`` adapts q/k/v and ``out_proj`` by adding the
+update to the weights for each forward and subtracting it after, so the frozen base weights
+drift by float rounding (about 1e-8 after a few steps; merged saves are unaffected). That is
+why the defaults leave attention out.
 
 Other towers (CNNs, GNNs, the tabular MLP, timm trunks) need ``targets``; a name matching no
 adaptable module (``Linear``, ``Conv``, ``Embedding``, ``MultiheadAttention``) is an error
@@ -21,7 +29,7 @@ Example:
     >>> tower = build_tower({"type": "audio", "width": 16, "heads": 2,
     ...     "lora": {"r": 2}}, field="model.towers.audio")
     >>> sorted({name.split(".")[-4] for name, p in tower.named_parameters() if p.requires_grad})
-    ['linear1', 'linear2', 'out_proj', 'self_attn']
+    ['linear1', 'linear2']
     >>> merge_lora(tower)
     >>> any("lora" in name for name in tower.state_dict())
     False
@@ -37,8 +45,8 @@ from torch import nn
 
 from mmalign.errors import ConfigError
 
-OPEN_CLIP_TARGETS = ["attn", "c_fc", "c_proj"]
-AUDIO_TRANSFORMER_TARGETS = ["self_attn", "linear1", "linear2"]
+OPEN_CLIP_TARGETS = ["c_fc", "c_proj"]
+AUDIO_TRANSFORMER_TARGETS = ["linear1", "linear2"]
 _ADAPTABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.MultiheadAttention)
 
 
@@ -102,7 +110,21 @@ def inject_lora(tower: nn.Module, settings: LoraSettings, field: str) -> list[st
             f"{field}.lora.targets: this {type(tower).__name__} has no default LoRA targets; "
             f"name the modules to adapt, from: {', '.join(available)}"
         )
-    names = [name for name, module in tower.named_modules() if isinstance(module, _ADAPTABLE)]
+    modules = dict(tower.named_modules())
+    names = [name for name, module in modules.items() if isinstance(module, _ADAPTABLE)]
+    bypassed = [  # nn.MultiheadAttention reads out_proj's weight without calling it
+        t
+        for t in targets
+        for name in names
+        if _matches(name, t)
+        and isinstance(modules[name.rpartition(".")[0]], nn.MultiheadAttention)
+    ]
+    if bypassed:
+        raise ConfigError(
+            f"{field}.lora.targets: {bypassed[0]} is the out_proj of an nn.MultiheadAttention, "
+            "which never calls it (a LoRA there would not run); target the attention module "
+            "itself (e.g. attn or self_attn) or the MLP"
+        )
     unknown = [t for t in targets if not any(_matches(name, t) for name in names)]
     if unknown:
         raise ConfigError(
@@ -116,6 +138,11 @@ def inject_lora(tower: nn.Module, settings: LoraSettings, field: str) -> list[st
         target_modules=targets,
     )
     inject_adapter_in_model(config, tower)
+    for module in tower.modules():
+        if isinstance(module, nn.TransformerEncoderLayer):
+            # its inference fast path reads linear1/linear2's weights, skipping the adapters;
+            # this flag only gates that path (the module's forward is otherwise the same)
+            module.activation_relu_or_gelu = False
     return targets
 
 
