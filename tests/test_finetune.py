@@ -20,9 +20,10 @@ from finetune_support import (
 )
 from safetensors.torch import load_file
 
-from mmalign.config import ConfigError, TrainConfig
+from mmalign.config import ConfigError, TrainConfig, load_config
 from mmalign.model import AlignmentModel
-from mmalign.training.optim import build_optimizer
+from mmalign.training.optim import build_optimizer, build_scheduler
+from mmalign.training.resume import apply_optimizer_settings
 
 
 def _model(towers: dict, **model: object) -> AlignmentModel:
@@ -138,3 +139,117 @@ def test_lora_on_multihead_attention_runs_and_out_proj_alone_is_refused() -> Non
     assert drift < 1e-6  # peft adds and subtracts the update each forward: rounding only
     with pytest.raises(ConfigError, match=r"model.towers.image.lora.targets: out_proj .* attn"):
         _model({"image": {**TINY_VIT, "lora": {"targets": ["out_proj"]}}})
+
+
+def test_layer_decay_groups_follow_the_formula_and_survive_new_settings() -> None:
+    model = _model({"image": TINY_VIT, "labs": {"type": "tabular", "in_features": 3}})
+    config = TrainConfig(lr=0.1, layer_decay=0.5, weight_decay=0.2)
+    optimizer = build_optimizer(model, config)
+
+    def expected_scale(name: str) -> float:  # 3 blocks: stem 0.5^4, block i 0.5^(3-i), head 1
+        block = re.search(r"resblocks\.(\d)\.", name)
+        if block:
+            return 0.5 ** (3 - int(block.group(1)))
+        if re.match(
+            r"towers\.image\.visual\.(conv1|class_embedding|positional_embedding|ln_pre)", name
+        ):
+            return 0.5**4
+        return 1.0  # image head (ln_post, proj), the tabular tower, projections, temperature
+
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    for name, parameter in model.named_parameters():
+        group = group_of[id(parameter)]
+        assert group["lr"] == pytest.approx(0.1 * expected_scale(name)), name
+        assert group["weight_decay"] == (
+            0.2 if parameter.ndim >= 2 and "embedding" not in name else 0.0
+        ), name
+    assert optimizer.param_groups[0]["lr"] == 0.1  # the full rate first (logged as train/lr)
+    assert {round(g["lr_scale"], 4) for g in optimizer.param_groups} == {
+        1.0,
+        0.5,
+        0.25,
+        0.125,
+        0.0625,
+    }
+
+    scheduler = build_scheduler(optimizer, config, total_steps=10)
+    for _ in range(3):
+        optimizer.step()
+        scheduler.step()
+    factor = scheduler.lr_lambdas[0](3)
+    apply_optimizer_settings(
+        optimizer, scheduler, config.model_copy(update={"lr": 0.2, "weight_decay": 0.3})
+    )
+    for group in optimizer.param_groups:  # a resumed run with a new lr keeps the layer factors
+        assert group["lr"] == pytest.approx(0.2 * group["lr_scale"] * factor)
+        assert group["weight_decay"] == (0.3 if group["decays"] else 0.0)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"train": {"layer_decay": 1.5}}, r"train.layer_decay: 1.5 is outside \(0, 1\]"),
+        ({"train": {"layer_decay": 0}}, r"train.layer_decay: 0(.0)? is outside \(0, 1\]"),
+        ({"train": {"ema": 1.0}}, r"train.ema: 1.0 is outside \[0, 1\)"),
+        ({"train": {"ema": -0.1}}, r"train.ema: -0.1 is outside \[0, 1\)"),
+        ({"image": {"lora": {"r": 0}}}, r"model.towers.image.lora.r: .*greater than or equal to 1"),
+        ({"image": {"lora": {"dropout": 1}}}, r"model.towers.image.lora.dropout: .*less than 1"),
+        ({"image": {"lora": {"rank": 4}}}, r"model.towers.image.lora.rank: unknown key"),
+        (
+            {"image": {"trainable": {"last_blocks": -1}}},
+            r"image.trainable.last_blocks: .*>= 0|greater",
+        ),
+        ({"image": {"merge_lora": True}}, r"model.towers.image: .*merge_lora: true needs lora"),
+        (
+            {"image": {"lora": {"r": 2}, "trainable": {"last_blocks": 1}}},
+            r"model.towers.image: lora and trainable both choose what trains",
+        ),
+        (
+            {"image": {"lora": {"r": 2}}, "freeze": ["image"]},
+            r"model.freeze: names 'image' but model.towers.image.lora trains part of it",
+        ),
+    ],
+)
+def test_bad_tuning_settings_are_one_line_config_errors(change: dict, message: str) -> None:
+    config = {
+        "model": {
+            "towers": {"image": dict(TINY_VIT), "labs": {"type": "tabular", "in_features": 2}}
+        },
+        "train": {},
+    }
+    config["train"].update(change.get("train", {}))
+    config["model"]["towers"]["image"].update(change.get("image", {}))
+    if "freeze" in change:
+        config["model"]["freeze"] = change["freeze"]
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_config(config)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("tower", "message"),
+    [
+        (
+            {**TINY_VIT, "lora": {"targets": ["c_fc", "qkv"]}},
+            r"model.towers.m.lora.targets: qkv name no module LoRA can adapt; available: .*c_fc.*c_proj",
+        ),
+        (
+            {"type": "tabular", "in_features": 2, "lora": {}},
+            r"model.towers.m.lora.targets: this TabularTower has no default LoRA targets; .*from: 0, 3",
+        ),
+        (
+            {**TINY_VIT, "trainable": {"last_blocks": 4}},
+            r"model.towers.m.trainable.last_blocks: 4 but the tower has 3 blocks; use 0..3",
+        ),
+        (
+            {"type": "tabular", "in_features": 2, "trainable": {"last_blocks": 1}},
+            r"model.towers.m.trainable.last_blocks: this TabularTower has no stack of blocks",
+        ),
+    ],
+)
+def test_settings_that_need_the_built_tower_fail_when_it_is_built(
+    tower: dict, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message) as caught:
+        _model({"m": tower, "labs": {"type": "tabular", "in_features": 2}})
+    assert "\n" not in str(caught.value)

@@ -181,9 +181,12 @@ class ModelConfig(_Section):
         for name in self.freeze:
             tuned = [key for key in ("trainable", "lora") if (self.towers.get(name) or {}).get(key)]
             if tuned:
-                raise ValueError(
-                    f"freeze names '{name}' but model.towers.{name}.{tuned[0]} trains part of "
-                    f"it; remove '{name}' from freeze or the {tuned[0]} key"
+                raise field_error(
+                    "ModelConfig",
+                    "freeze",
+                    f"names '{name}' but model.towers.{name}.{tuned[0]} trains part of it; "
+                    f"remove '{name}' from freeze or the {tuned[0]} key",
+                    self.freeze,
                 )
         return self
 
