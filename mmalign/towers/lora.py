@@ -116,8 +116,7 @@ def inject_lora(tower: nn.Module, settings: LoraSettings, field: str) -> list[st
         t
         for t in targets
         for name in names
-        if _matches(name, t)
-        and isinstance(modules[name.rpartition(".")[0]], nn.MultiheadAttention)
+        if _matches(name, t) and isinstance(modules[name.rpartition(".")[0]], nn.MultiheadAttention)
     ]
     if bypassed:
         raise ConfigError(
