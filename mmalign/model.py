@@ -33,6 +33,7 @@ from mmalign.files import pickle_note
 from mmalign.objectives import LossOutput, build_objective
 from mmalign.objectives.matryoshka import check_prefix, truncate, with_matryoshka
 from mmalign.towers import Tower, build_tower
+from mmalign.towers.lora import with_lora_merged
 from mmalign.towers.pretrained import initial_logit_scale
 from mmalign.towers.projection import build_projection
 
@@ -303,7 +304,8 @@ class AlignmentModel(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``config.json``, ``model.safetensors`` and each tower's side files
-        (``<directory>/<modality>/``); returns the directory.
+        (``<directory>/<modality>/``), LoRA adapters merged where a tower says
+        ``merge_lora``; returns the directory.
 
         Example:
             >>> import tempfile
@@ -313,6 +315,8 @@ class AlignmentModel(nn.Module):
             >>> AlignmentModel.from_pretrained(saved).dim
             4
         """
+        if any(tower.config.merge_lora for tower in self.towers.values()):
+            return with_lora_merged(self).save_pretrained(directory)
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         towers = {name: self._save_tower_files(name, directory) for name in self.modalities}

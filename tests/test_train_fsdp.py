@@ -228,3 +228,6 @@ def test_launch_mismatches_are_one_line_errors(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match=r"fp16 is not supported with train\.strategy fsdp"):
         check_run_config(fp16)
+    ema = load_config(tiny_config(tmp_path, "unused", train={"strategy": "fsdp", "ema": 0.9}))
+    with pytest.raises(ConfigError, match=r"train\.ema: a weight average is not kept"):
+        check_run_config(ema)

@@ -176,6 +176,20 @@ class ModelConfig(_Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _frozen_towers_do_not_train(self) -> ModelConfig:
+        for name in self.freeze:
+            tuned = [key for key in ("trainable", "lora") if (self.towers.get(name) or {}).get(key)]
+            if tuned:
+                raise field_error(
+                    "ModelConfig",
+                    "freeze",
+                    f"names '{name}' but model.towers.{name}.{tuned[0]} trains part of it; "
+                    f"remove '{name}' from freeze or the {tuned[0]} key",
+                    self.freeze,
+                )
+        return self
+
     @field_validator("logit_scale_init")
     @classmethod
     def _finite_logit_scale(cls, value: float | str | None) -> float | str | None:
@@ -346,6 +360,18 @@ class TrainConfig(_Section):
     """How several processes share the model: ``ddp`` (each holds all of it, Accelerate's
     DistributedDataParallel) or ``fsdp`` (FSDP2: parameters, gradients and optimizer state
     sharded, checkpoints saved sharded; see docs/fsdp.md). One process ignores it."""
+    gradient_checkpointing: bool = False
+    """Recompute each tower block's activations in the backward pass (less memory, more
+    compute; :mod:`mmalign.towers.checkpointing` says which towers support it)."""
+    compile: bool | str = False
+    """``torch.compile`` each tower (not the loss): ``true`` with the default backend
+    (inductor), or a backend name (``aot_eager``, ...); the first steps are slower."""
+    layer_decay: float | None = None
+    """Layer-wise learning-rate decay in (0, 1]: a tower parameter at depth ``d`` of ``n``
+    blocks trains at ``lr * layer_decay ** (n + 1 - d)`` (:mod:`mmalign.training.optim`)."""
+    ema: float | None = None
+    """Decay in [0, 1) of an exponential moving average of the weights, used for validation
+    and saved as the final model (:mod:`mmalign.training.ema`); ``null``: none."""
 
     @model_validator(mode="before")
     @classmethod
@@ -359,6 +385,20 @@ class TrainConfig(_Section):
                 "and set the other to null (a --set of one replaces the other)"
             )
         return {**data, "steps": None}
+
+    @field_validator("layer_decay")
+    @classmethod
+    def _decay_in_range(cls, decay: float | None) -> float | None:
+        if decay is not None and not 0 < decay <= 1:
+            raise ValueError(f"{decay} is outside (0, 1]; e.g. 0.75 (1: no decay)")
+        return decay
+
+    @field_validator("ema")
+    @classmethod
+    def _ema_in_range(cls, decay: float | None) -> float | None:
+        if decay is not None and not 0 <= decay < 1:
+            raise ValueError(f"{decay} is outside [0, 1); e.g. 0.999 (null: no average)")
+        return decay
 
     @field_validator("betas")
     @classmethod

@@ -27,18 +27,28 @@ from typing import Any, ClassVar
 
 import safetensors.torch
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from torch import nn
 
 from mmalign.errors import ConfigError, config_error
 from mmalign.registry import TOWERS
+from mmalign.towers.tuning import LoraSettings, TrainableConfig, apply_tuning, check_tuning
 
 
 class TowerConfig(BaseModel):
-    """Base of every tower's own config; ``type`` picks the tower."""
+    """Base of every tower's own config; ``type`` picks the tower. ``trainable``, ``lora``
+    and ``merge_lora`` choose what of it trains (:mod:`mmalign.towers.tuning`)."""
 
     model_config = ConfigDict(extra="forbid")
     type: str
+    trainable: TrainableConfig | None = None
+    lora: LoraSettings | None = None
+    merge_lora: bool = False
+
+    @model_validator(mode="after")
+    def _tuning(self) -> TowerConfig:
+        check_tuning(self)
+        return self
 
 
 class Tower(nn.Module):
@@ -206,4 +216,6 @@ def build_tower(
         parsed = cls.config_class.model_validate(config)
     except ValidationError as error:
         raise config_error(error, field, "tower config") from None
-    return cls(parsed, field=field, base_dir=Path(base_dir) if base_dir is not None else None)
+    tower = cls(parsed, field=field, base_dir=Path(base_dir) if base_dir is not None else None)
+    apply_tuning(tower, field)
+    return tower

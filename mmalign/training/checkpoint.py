@@ -182,12 +182,14 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     trainer_state: dict[str, Any],
     weights: WeightsWriter = write_weights,
+    ema: nn.Module | None = None,
 ) -> Path:
     """Write the checkpoint of ``step`` atomically; a collective call on every process.
 
     ``model`` is the unwrapped model; ``trainer_state`` is JSON data (step, scheduler,
     scaler, data position, ...); ``weights`` writes model and optimizer (default
-    :func:`write_weights`; sharded: :meth:`mmalign.training.fsdp.FullySharded.write_weights`).
+    :func:`write_weights`; sharded: :meth:`mmalign.training.fsdp.FullySharded.write_weights`);
+    ``ema``, the weight average (``train.ema``), is written as ``ema.safetensors``.
     Returns the final checkpoint directory.
     """
     final = directory / checkpoint_name(step)
@@ -202,6 +204,8 @@ def save_checkpoint(
     write_json(temporary / f"rng-rank{rank}.json", rng_meta)
     weights(temporary, accelerator, model, optimizer)
     if accelerator.is_main_process:
+        if ema is not None:
+            save_model(ema, str(temporary / "ema.safetensors"))
         write_json(temporary / "trainer.json", trainer_state)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -216,14 +220,17 @@ def load_checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     weights: WeightsReader = read_weights,
+    ema: nn.Module | None = None,
 ) -> dict[str, Any]:
-    """Load weights (with ``weights``, default :func:`read_weights`), optimizer and this
-    rank's RNG from ``path``; returns ``trainer.json``.
+    """Load weights (with ``weights``, default :func:`read_weights`), optimizer, the weight
+    average ``ema`` (when given) and this rank's RNG from ``path``; returns ``trainer.json``.
 
     A rank without its own RNG file (the run was resumed with more processes) keeps its
     seeded RNG.
     """
     weights(path, model, optimizer)
+    if ema is not None:
+        _read(path / "ema.safetensors", lambda file: load_model(ema, str(file)))
     rng_file = path / f"rng-rank{rank}.safetensors"
     if rng_file.is_file():
         rng_meta = _read(path / f"rng-rank{rank}.json", _read_json)

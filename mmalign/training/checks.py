@@ -139,13 +139,22 @@ def _memory_problems(config: Config) -> list[str]:
 
 
 def _strategy_problems(config: Config) -> list[str]:
-    """``fsdp`` has no gradient scaler for sharded gradients (fp16)."""
-    if config.train.strategy != "fsdp" or config.train.precision != "fp16":
+    """``fsdp`` has no gradient scaler for sharded gradients (fp16) and keeps no weight
+    average (``train.ema`` would need a sharded copy of the model)."""
+    if config.train.strategy != "fsdp":
         return []
-    return [
-        "train.precision: fp16 is not supported with train.strategy fsdp (no gradient "
-        "scaler for sharded gradients); use bf16 or fp32"
-    ]
+    problems = []
+    if config.train.precision == "fp16":
+        problems.append(
+            "train.precision: fp16 is not supported with train.strategy fsdp (no gradient "
+            "scaler for sharded gradients); use bf16 or fp32"
+        )
+    if config.train.ema is not None:
+        problems.append(
+            "train.ema: a weight average is not kept under train.strategy fsdp (it would "
+            "need a sharded copy of the model); unset train.ema or use train.strategy ddp"
+        )
+    return problems
 
 
 def check_run_config(config: Config) -> None:

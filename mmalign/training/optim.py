@@ -21,6 +21,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from mmalign.config import TrainConfig
+from mmalign.towers.layout import tower_layout
 
 _NORM_AND_EMBEDDING_MODULES = (
     nn.Embedding,
@@ -66,22 +67,63 @@ def split_decay(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter
     return decayed, undecayed
 
 
+def layer_scales(model: nn.Module, decay: float) -> dict[int, float]:
+    """Learning-rate factor per tower parameter (by ``id``) under layer-wise decay: with
+    ``n`` blocks, ``decay ** (n + 1 - depth)``, depth 0 for the stem, ``i + 1`` for block
+    ``i``, ``n + 1`` for the head (:mod:`mmalign.towers.layout`). Towers without blocks,
+    the projections and the temperature are left out (factor 1).
+
+    Example:
+        >>> from mmalign.model import AlignmentModel
+        >>> model = AlignmentModel.from_config({"dim": 4, "towers": {"a": {"type": "audio",
+        ...     "layers": 2, "width": 8, "heads": 2}}})
+        >>> scales = layer_scales(model, 0.5)
+        >>> [scales[id(p)] for p in (model.towers["a"].encoder.embed.weight,
+        ...     model.towers["a"].encoder.blocks.layers[1].linear1.weight,
+        ...     model.towers["a"].encoder.norm.weight)]
+        [0.125, 0.5, 1.0]
+    """
+    scales: dict[int, float] = {}
+    towers = model.towers if isinstance(getattr(model, "towers", None), nn.ModuleDict) else {}
+    for tower in towers.values():
+        layout = tower_layout(tower)
+        if layout is None:
+            continue
+        top = len(layout.blocks) + 1
+        for name, parameter in tower.named_parameters():
+            scales[id(parameter)] = decay ** (top - layout.depth(name))
+    return scales
+
+
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over two groups: decayed weights, then undecayed biases/norms/embeddings
-    (torch's fused implementation)."""
+    """AdamW over decayed weights, then undecayed biases/norms/embeddings (torch's fused
+    implementation); with ``train.layer_decay`` one such pair per learning-rate factor
+    (:func:`layer_scales`), the full rate first. Each group records its ``lr_scale`` and
+    whether it ``decays`` (for resuming with new settings)."""
     decayed, undecayed = split_decay(model)
     if not decayed and not undecayed:
         raise ValueError(
             "the model has no trainable parameters; check model.freeze and the tower configs"
         )
-    groups = [
-        {"params": decayed, "weight_decay": config.weight_decay},
-        {"params": undecayed, "weight_decay": 0.0},
+    scales = layer_scales(model, config.layer_decay) if config.layer_decay else {}
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {(1.0, True): [], (1.0, False): []}
+    for decays, parameters in ((True, decayed), (False, undecayed)):
+        for parameter in parameters:
+            groups.setdefault((scales.get(id(parameter), 1.0), decays), []).append(parameter)
+    param_groups = [
+        {
+            "params": parameters,
+            "lr": config.lr * scale,
+            "lr_scale": scale,
+            "decays": decays,
+            "weight_decay": config.weight_decay if decays else 0.0,
+        }
+        for (scale, decays), parameters in sorted(groups.items(), key=lambda item: -item[0][0])
     ]
     # torch's fused kernel (CPU and GPU) is several times faster than the per-tensor loop
     fused = all(p.is_floating_point() for p in decayed + undecayed)
     return torch.optim.AdamW(
-        groups, lr=config.lr, betas=config.betas, eps=config.eps, fused=fused or None
+        param_groups, lr=config.lr, betas=config.betas, eps=config.eps, fused=fused or None
     )
 
 

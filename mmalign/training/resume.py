@@ -47,6 +47,8 @@ CHANGEABLE = (
     "train.profile",
     "train.find_unused_parameters",
     "train.log_sample_keys",
+    "train.gradient_checkpointing",
+    "train.compile",
     "train.output",
     "data.val",
     "data.test",
@@ -121,13 +123,16 @@ def apply_optimizer_settings(
     """After loading a checkpoint: the configured learning rate, weight decay, betas and eps
     replace the checkpoint's, and the learning rate is the schedule's at the resumed step.
 
-    The parameter groups are those of :func:`mmalign.training.optim.build_optimizer`
-    (decayed weights, then undecayed parameters).
+    The parameter groups are those of :func:`mmalign.training.optim.build_optimizer`: each
+    keeps its ``lr_scale`` (layer-wise decay) and whether it ``decays`` (a checkpoint
+    without these keys has decayed weights, then undecayed parameters, at the full rate).
     """
-    scheduler.base_lrs = [config.lr for _ in optimizer.param_groups]
-    for index, (group, factor) in enumerate(zip(optimizer.param_groups, scheduler.lr_lambdas)):
-        group["initial_lr"] = config.lr
-        group["lr"] = config.lr * factor(scheduler.last_epoch)
-        group["weight_decay"] = config.weight_decay if index == 0 else 0.0
+    scales = [group.get("lr_scale", 1.0) for group in optimizer.param_groups]
+    scheduler.base_lrs = [config.lr * scale for scale in scales]
+    groups = zip(optimizer.param_groups, scheduler.lr_lambdas, scheduler.base_lrs)
+    for index, (group, factor, base_lr) in enumerate(groups):
+        group["initial_lr"] = base_lr
+        group["lr"] = base_lr * factor(scheduler.last_epoch)
+        group["weight_decay"] = config.weight_decay if group.get("decays", index == 0) else 0.0
         group["betas"] = tuple(config.betas)
         group["eps"] = config.eps

@@ -237,7 +237,7 @@ def _train(
         trainer.run()
         state = trainer.strategy.full_state_dict(trainer.model)  # collective under fsdp
         if accelerator.is_main_process:
-            model_dir = _save_model(trainer.model, trainer.output / MODEL_DIR, state)
+            model_dir = _save_model(trainer.final_model, trainer.output / MODEL_DIR, state)
             trainer.message(f"done: {trainer.step} steps; final model in {model_dir}")
         accelerator.wait_for_everyone()
     return _result(

@@ -177,18 +177,26 @@ class DataParallel:
     read_weights = staticmethod(checkpoint.read_weights)
 
     def save_checkpoint(
-        self, directory: Path, step: int, model: nn.Module, optimizer: Any, state: dict
+        self,
+        directory: Path,
+        step: int,
+        model: nn.Module,
+        optimizer: Any,
+        state: dict,
+        ema: nn.Module | None = None,
     ) -> Path:
         """:func:`mmalign.training.checkpoint.save_checkpoint` with this strategy's
-        weights; a collective call."""
+        weights (and the weight average ``ema``, when set); a collective call."""
         return checkpoint.save_checkpoint(
-            directory, step, self.accelerator, model, optimizer, state, self.write_weights
+            directory, step, self.accelerator, model, optimizer, state, self.write_weights, ema
         )
 
-    def load_checkpoint(self, path: Path, model: nn.Module, optimizer: Any) -> dict[str, Any]:
+    def load_checkpoint(
+        self, path: Path, model: nn.Module, optimizer: Any, ema: nn.Module | None = None
+    ) -> dict[str, Any]:
         """:func:`mmalign.training.checkpoint.load_checkpoint` with this strategy's weights."""
         rank = self.accelerator.process_index
-        return checkpoint.load_checkpoint(path, rank, model, optimizer, self.read_weights)
+        return checkpoint.load_checkpoint(path, rank, model, optimizer, self.read_weights, ema)
 
     def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
         """``None``: the main process saves ``model`` as it is."""

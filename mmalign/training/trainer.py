@@ -42,8 +42,10 @@ from mmalign.model import AlignmentModel
 from mmalign.training import checkpoint
 from mmalign.training.accumulation import ContrastiveStep, accumulated_step
 from mmalign.training.checks import total_steps
+from mmalign.training.ema import attach_ema
 from mmalign.training.health import divergence_message, suggested_lr, unhealthy_tensor
 from mmalign.training.logging import RunLogger, truncate_metrics
+from mmalign.training.memory import apply_memory_savers
 from mmalign.training.optim import build_optimizer, build_scheduler
 from mmalign.training.resume import apply_optimizer_settings
 from mmalign.training.sample_keys import SampleKeyLog
@@ -111,6 +113,9 @@ class Trainer:
         unwrapped = getattr(self.optimizer, "optimizer", self.optimizer)  # Accelerate's wrapper
         self.scheduler = build_scheduler(unwrapped, config.train, self.total)
         self.model: AlignmentModel = accelerator.unwrap_model(self.step_module).model
+        self.ema = attach_ema(self.model, self.optimizer, config.train.ema)
+        self.final_model = self.model if self.ema is None else self.ema.module  # validated, saved
+        apply_memory_savers(self.model, config.train)
         self.step_module.train()
         self.validator = Validator(config) if config.data.val else None
         synchronize = (
@@ -144,7 +149,7 @@ class Trainer:
         if state is None:
             return stream
         stream.prime()  # skipping consumed batches may draw from the RNG restored below
-        self.strategy.load_checkpoint(latest, self.model, self.optimizer)
+        self.strategy.load_checkpoint(latest, self.model, self.optimizer, self.ema)
         self.scheduler.load_state_dict(state["scheduler"])
         apply_optimizer_settings(self.optimizer, self.scheduler, self.config.train)
         if self.accelerator.scaler is not None and state.get("scaler"):
@@ -388,7 +393,7 @@ class Trainer:
             )
 
     def _validate(self) -> dict[str, float]:
-        metrics = self.validator(self.accelerator, self.model, self._generator)
+        metrics = self.validator(self.accelerator, self.final_model, self._generator)
         self.last_metrics = metrics
         if self.logger is not None and metrics:
             self.logger.log(self.step, metrics)
@@ -433,7 +438,7 @@ class Trainer:
         if self.last_saved == self.step and path.exists():
             return path
         saved = self.strategy.save_checkpoint(
-            self.checkpoints, self.step, self.model, self.optimizer, self.state()
+            self.checkpoints, self.step, self.model, self.optimizer, self.state(), self.ema
         )
         if self.accelerator.is_main_process:
             checkpoint.prune_checkpoints(self.checkpoints, self.config.train.keep_last)
