@@ -126,6 +126,16 @@ def test_lora_saves_reload_with_the_same_embeddings(tmp_path: Path, merge: bool)
         torch.testing.assert_close(embedding, reference[name], rtol=1e-4, atol=1e-5)
 
 
+def test_lora_without_peft_installed_is_a_one_line_config_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "peft", None)  # as if peft were not installed
+    with pytest.raises(ConfigError, match=r"lora: LoRA adapters need the peft package") as caught:
+        _lora_model(tmp_path, merge=False)
+    assert "\n" not in str(caught.value)
+    assert "mmalign[lora]" in str(caught.value)
+
+
 def test_lora_on_multihead_attention_runs_and_out_proj_alone_is_refused() -> None:
     model = _model({"image": {**TINY_VIT, "lora": {"r": 2, "targets": ["attn"]}}, "b": TINY_AUDIO})
     before = parameters(model)

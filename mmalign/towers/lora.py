@@ -101,7 +101,13 @@ def _matches(name: str, target: str) -> bool:
 def inject_lora(tower: nn.Module, settings: LoraSettings, field: str) -> list[str]:
     """Add LoRA adapters to ``tower`` in place and freeze its other parameters; returns the
     targets used. ``field`` names the tower's config, for errors."""
-    from peft import LoraConfig, inject_adapter_in_model
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError:
+        raise ConfigError(
+            f"{field}.lora: LoRA adapters need the peft package, which is not installed; "
+            "pip install 'mmalign[lora]' (or peft)"
+        ) from None
 
     targets = settings.targets or default_targets(tower)
     available = adaptable_names(tower)
