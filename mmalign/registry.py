@@ -41,6 +41,7 @@ class Registry(Generic[T]):
         self.field = field
         self.builtins = builtins
         self._entries: dict[str, T] = {}
+        self._deferred: dict[str, str] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
         """Class decorator that makes the class available under ``name``."""
@@ -53,6 +54,13 @@ class Registry(Generic[T]):
 
         return decorate
 
+    def register_deferred(self, name: str, module: str) -> None:
+        """Make ``name`` known now and registered by importing ``module`` (which registers it
+        with :meth:`register`) when it is first looked up: for an entry whose module is slow
+        to import (``graph`` needs torch_geometric), so processes that never use it skip it.
+        """
+        self._deferred[name] = module
+
     def _load_builtins(self) -> None:
         if self.builtins is not None:
             module, self.builtins = self.builtins, None
@@ -62,21 +70,22 @@ class Registry(Generic[T]):
         """The class registered as ``name``; a :class:`ConfigError` naming ``field`` if none."""
         if name not in self._entries:
             self._load_builtins()
+        if name not in self._entries and name in self._deferred:
+            importlib.import_module(self._deferred.pop(name))
         if name not in self._entries:
             raise ConfigError(
                 f"{field or self.field}: unknown {self.kind} {name!r}; known: "
-                f"{', '.join(sorted(self._entries))}"
+                f"{', '.join(self.names())}"
             )
         return self._entries[name]
 
     def names(self) -> list[str]:
         """Every registered name, sorted."""
         self._load_builtins()
-        return sorted(self._entries)
+        return sorted({*self._entries, *self._deferred})
 
     def __contains__(self, name: object) -> bool:
-        self._load_builtins()
-        return name in self._entries
+        return name in self.names()
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())

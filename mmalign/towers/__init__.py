@@ -10,7 +10,9 @@ Example:
 """
 
 from mmalign.registry import TOWERS
-from mmalign.towers import audio, graph, image, tabular, text  # noqa: F401  (fill TOWERS)
+from mmalign.towers import audio, image, tabular, text  # noqa: F401  (fill TOWERS)
 from mmalign.towers.base import Tower, TowerConfig, build_tower, register_tower
+
+TOWERS.register_deferred("graph", "mmalign.towers.graph")  # torch_geometric: imported on use
 
 __all__ = ["TOWERS", "Tower", "TowerConfig", "build_tower", "register_tower"]

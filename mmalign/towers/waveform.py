@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import soundfile
 import torch
-from scipy.signal import resample_poly
 
 _MAX_CHANNELS = 16
 MAX_RESAMPLING_FACTOR = 2**18
@@ -102,6 +101,8 @@ def resample(waveform: np.ndarray, source_rate: int, target_rate: int) -> np.nda
     """
     if source_rate == target_rate:
         return waveform
+    from scipy.signal import resample_poly  # imported on first use: 1-2 s at start-up
+
     divisor = math.gcd(source_rate, target_rate)
     up, down = target_rate // divisor, source_rate // divisor
     if max(up, down) > MAX_RESAMPLING_FACTOR:
