@@ -8,7 +8,14 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from accelerate import Accelerator
-from test_objectives_distributed import MODALITIES, ROWS_PER_RANK, _batch, _free_port, _TinyModel
+from test_objectives_distributed import (
+    MODALITIES,
+    ROWS_PER_RANK,
+    _batch,
+    _free_port,
+    _step,
+    _TinyModel,
+)
 
 import mmalign.dist
 from mmalign.batch import Batch
@@ -177,20 +184,8 @@ def test_exact_accumulation_equals_the_big_batch(objective: dict) -> None:
             torch.testing.assert_close(actual[name].grad, parameter.grad, rtol=1e-9, atol=1e-12)
 
 
-def _step(model, module, config, inputs, present):
-    embeddings = model(inputs)
-    for embedding in embeddings.values():
-        embedding.retain_grad()
-    objective = MatryoshkaObjective(build_objective(config), DIMS, WEIGHTS)
-    scale = module.log_scale.exp()
-    out = objective(embeddings, scale, module.bias, present, torch.Generator().manual_seed(7))
-    out.loss.backward()
-    return {
-        "loss": out.loss.detach(),
-        "metrics": out.metrics,
-        "embedding_grads": {m: e.grad for m, e in embeddings.items()},
-        "parameter_grads": {n: p.grad.clone() for n, p in module.named_parameters()},
-    }
+def _matryoshka(config: dict) -> MatryoshkaObjective:
+    return MatryoshkaObjective(build_objective(config), DIMS, WEIGHTS)
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
@@ -208,7 +203,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         for index, config in enumerate(DISTRIBUTED):
             module = _TinyModel(with_bias=config["name"] == "sigmoid")
             model = DistributedDataParallel(module)
-            results[index] = _step(model, module, config, inputs[rows], present[rows])
+            results[index] = _step(model, module, _matryoshka(config), inputs[rows], present[rows])
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -220,7 +215,7 @@ def test_two_processes_equal_one_process(tmp_path) -> None:
     inputs, present = _batch()
     for index, config in enumerate(DISTRIBUTED):
         module = _TinyModel(with_bias=config["name"] == "sigmoid")
-        single = _step(module, module, config, inputs, present)
+        single = _step(module, module, _matryoshka(config), inputs, present)
         distributed = [result[index] for result in ranks]
         mean_loss = (distributed[0]["loss"] + distributed[1]["loss"]) / 2
         torch.testing.assert_close(mean_loss, single["loss"], rtol=1e-10, atol=0, msg=str(config))

@@ -46,21 +46,24 @@ def _batch():
     return inputs, present
 
 
-def _step(model, module, config, inputs, present):
+def _step(model, module, objective, inputs, present, groups=None):
+    """One forward + backward of ``objective`` (built) on ``model``'s embeddings: the loss,
+    its metrics and the gradients of the embeddings and of ``module``'s parameters."""
     embeddings = model(inputs)
     for embedding in embeddings.values():
         embedding.retain_grad()
-    objective = build_objective(config)
     out = objective(
         embeddings,
         module.log_scale.exp(),
         module.bias,
         present=present,
         generator=torch.Generator().manual_seed(7),
+        groups=groups,
     )
     out.loss.backward()
     return {
         "loss": out.loss.detach(),
+        "metrics": out.metrics,
         "metric_loss": out.metrics["loss"],
         "embedding_grads": {m: e.grad for m, e in embeddings.items()},
         "parameter_grads": {n: p.grad.clone() for n, p in module.named_parameters()},
@@ -78,7 +81,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         for index, config in enumerate(CONFIGS):
             module = _TinyModel(with_bias=config["name"] == "sigmoid")
             model = DistributedDataParallel(module)
-            results[index] = _step(model, module, config, inputs[rows], present[rows])
+            objective = build_objective(config)
+            results[index] = _step(model, module, objective, inputs[rows], present[rows])
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -97,7 +101,7 @@ def test_two_processes_equal_one_process_on_the_whole_batch(tmp_path):
     inputs, present = _batch()
     for index, config in enumerate(CONFIGS):
         module = _TinyModel(with_bias=config["name"] == "sigmoid")
-        single = _step(module, module, config, inputs, present)
+        single = _step(module, module, build_objective(config), inputs, present)
         distributed = [result[index] for result in ranks]
         mean_loss = (distributed[0]["loss"] + distributed[1]["loss"]) / 2
         torch.testing.assert_close(mean_loss, single["loss"], rtol=1e-10, atol=0, msg=str(config))

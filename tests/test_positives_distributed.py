@@ -6,7 +6,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from accelerate import Accelerator
-from test_objectives_distributed import MODALITIES, ROWS_PER_RANK, _batch, _free_port, _TinyModel
+from test_objectives_distributed import (
+    MODALITIES,
+    ROWS_PER_RANK,
+    _batch,
+    _free_port,
+    _step,
+    _TinyModel,
+)
 from test_train_accumulation import _batch as _loader_batch
 from test_train_accumulation import _data, _grads, _model, _seeded
 from torch.nn.parallel import DistributedDataParallel
@@ -31,27 +38,6 @@ CONFIGS = [
 GROUPS = torch.tensor([40, 7, 40, 9, 7, 40, 9, 12])
 
 
-def _step(model, module, config, inputs, present, groups):
-    embeddings = model(inputs)
-    for embedding in embeddings.values():
-        embedding.retain_grad()
-    out = build_objective(config)(
-        embeddings,
-        module.log_scale.exp(),
-        module.bias,
-        present=present,
-        generator=torch.Generator().manual_seed(7),
-        groups=groups,
-    )
-    out.loss.backward()
-    return {
-        "loss": out.loss.detach(),
-        "metric_loss": out.metrics["loss"],
-        "embedding_grads": {m: e.grad for m, e in embeddings.items()},
-        "parameter_grads": {n: p.grad.clone() for n, p in module.named_parameters()},
-    }
-
-
 def _worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
@@ -63,7 +49,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         for index, config in enumerate(CONFIGS):
             module = _TinyModel(with_bias=config["name"] == "sigmoid")
             model = DistributedDataParallel(module)
-            results[index] = _step(model, module, config, inputs[rows], present[rows], GROUPS[rows])
+            results[index] = _step(
+                model, module, build_objective(config), inputs[rows], present[rows], GROUPS[rows]
+            )
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -75,10 +63,10 @@ def test_two_processes_equal_one_process_for_every_mode(tmp_path):
     inputs, present = _batch()
     for index, config in enumerate(CONFIGS):
         module = _TinyModel(with_bias=config["name"] == "sigmoid")
-        single = _step(module, module, config, inputs, present, GROUPS)
+        single = _step(module, module, build_objective(config), inputs, present, GROUPS)
         if config.get("positives") in ("multi", "exclude"):
             plain = _TinyModel(with_bias=config["name"] == "sigmoid")
-            ungrouped = _step(plain, plain, config, inputs, present, None)
+            ungrouped = _step(plain, plain, build_objective(config), inputs, present)
             assert abs(ungrouped["loss"].item() - single["loss"].item()) > 1e-6, config
         distributed = [result[index] for result in ranks]
         mean_loss = (distributed[0]["loss"] + distributed[1]["loss"]) / 2

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 
 import yaml
-from test_train_support import tiny_config, write_shards
+from test_train_support import free_port, tiny_config, write_shards
 
 from mmalign.data.shards import expand_shards
 from mmalign.data.splitting import Split, plan_split
@@ -25,15 +24,9 @@ from mmalign.training.stream import epoch_seed
 SHARDS, PER_SHARD, WORKERS, BATCH = 4, 8, 2, 4
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _two_nodes(config_file: Path, outputs: tuple[str, str] | None = None) -> list[tuple]:
     """Start both nodes' torchrun (node ranks 0 and 1) and wait; (status, output) of each."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     nodes = []
     for node in (0, 1):
