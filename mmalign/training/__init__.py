@@ -6,7 +6,8 @@
   :mod:`~.checkpoint`, :mod:`~.logging`, :mod:`~.optim`, :mod:`~.checks`, :mod:`~.timing`,
   :mod:`~.health` (diverged weights), :mod:`~.resume` (what may change on resume),
   :mod:`~.signals` (SIGTERM/SIGINT), :mod:`~.shared_output` (a run directory every node
-  sees), :mod:`~.sample_keys` (``train.log_sample_keys``): its parts.
+  sees), :mod:`~.sample_keys` (``train.log_sample_keys``), :mod:`~.host_memory`
+  (``train.host_memory``): its parts.
 
 Example:
     >>> from mmalign.training import train
@@ -15,8 +16,23 @@ Example:
     20
 """
 
-from mmalign.training.run import TrainResult, train
-from mmalign.training.signals import TrainingInterrupted
-from mmalign.training.trainer import TrainingStopped
+from __future__ import annotations
 
-__all__ = ["TrainResult", "TrainingInterrupted", "TrainingStopped", "train"]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "TrainResult": "mmalign.training.run",
+    "train": "mmalign.training.run",
+    "TrainingInterrupted": "mmalign.training.signals",
+    "TrainingStopped": "mmalign.training.trainer",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    """The public names, imported on first use (a process that needs only one part, such
+    as :mod:`~.host_memory`, does not import Accelerate and the towers)."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'mmalign.training' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

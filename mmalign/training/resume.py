@@ -48,6 +48,7 @@ CHANGEABLE = (
     "train.find_unused_parameters",
     "train.log_sample_keys",
     "train.gradient_checkpointing",
+    "train.host_memory",
     "train.compile",
     "train.output",
     "data.val",

@@ -51,6 +51,7 @@ from mmalign.files import DirectoryLock, LockError, atomic_write, replace_direct
 from mmalign.model import AlignmentModel
 from mmalign.training import checkpoint
 from mmalign.training.checks import check_run_config, total_steps
+from mmalign.training.host_memory import host_memory, host_memory_policy
 from mmalign.training.logging import METRICS_FILE, read_metrics
 from mmalign.training.normalization import fit_normalizers
 from mmalign.training.plan import check_precision, describe_plan
@@ -182,6 +183,9 @@ def _write_run_files(config: Config, accelerator: Accelerator, steps: int) -> No
         "distributed_type": str(accelerator.distributed_type),
         "device": str(accelerator.device),
         "mixed_precision": accelerator.mixed_precision,
+        "host_memory": host_memory_policy(
+            config.train.host_memory, config.train.gradient_checkpointing
+        ),
         "total_steps": steps,
         "global_batch": config.data.batch_size
         * config.train.accumulate
@@ -234,7 +238,8 @@ def _train(
         if trainer.step == 0:  # a resumed run keeps the statistics of its checkpoint
             for modality, count in fit_normalizers(trainer.model, config.data).items():
                 trainer.message(f"{modality}: normalization statistics fit over {count} records")
-        trainer.run()
+        with host_memory(config.train.host_memory, config.train.gradient_checkpointing):
+            trainer.run()
         state = trainer.strategy.full_state_dict(trainer.model)  # collective under fsdp
         if accelerator.is_main_process:
             model_dir = _save_model(trainer.final_model, trainer.output / MODEL_DIR, state)
