@@ -76,8 +76,17 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
         "mmalign + LoRA r=8 on both towers",
         [f"model.towers.image.lora={LORA}", f"model.towers.text.lora={LORA}"],
     ),
+    "release-memory": ("mmalign, host_memory: release", ["train.host_memory=release"]),
+    "checkpointing-keep": (
+        "mmalign + gradient checkpointing, host_memory: keep",
+        ["train.gradient_checkpointing=true", "train.host_memory=keep"],
+    ),
 }
 """mmalign variant rows: name -> (label, ``--set`` overrides)."""
+OPEN_CLIP_VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "open-clip-checkpointing": ("open_clip_train --grad-checkpointing", ["--grad-checkpointing"]),
+}
+"""open_clip_train variant rows: name -> (label, extra arguments)."""
 
 OPEN_CLIP = "open_clip_train"
 MMALIGN = "mmalign"
@@ -109,16 +118,18 @@ def loadavg() -> str:
 
 
 def measure(
-    label: str, overrides: list[str] | None, args: argparse.Namespace, model: Model
+    label: str, trainer: str, extra: list[str], args: argparse.Namespace, model: Model
 ) -> dict[str, Any]:
-    """One run of a row (open_clip when ``overrides`` is None), with the shorter run for the
-    marginal CPU time when ``--short-steps``; its figures or why it failed."""
+    """One run of a row of ``trainer`` (open_clip_train: ``extra`` arguments; mmalign:
+    ``extra`` ``--set`` overrides), with the shorter run for the marginal CPU time when
+    ``--short-steps``; its figures or why it failed."""
 
     def once(steps: int) -> Measured:
         settings = replace(args.settings, steps=steps)
-        if overrides is None:
-            return run_open_clip(args.out, args.shards, model, settings, args.open_clip_pythonpath)
-        return run_mmalign(args.out, args.shards, model, settings, overrides)
+        if trainer == OPEN_CLIP:
+            path = args.open_clip_pythonpath
+            return run_open_clip(args.out, args.shards, model, settings, path, extra)
+        return run_mmalign(args.out, args.shards, model, settings, extra)
 
     before = loadavg()
     try:
@@ -216,9 +227,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--variants",
         nargs="*",
-        choices=sorted(VARIANTS),
+        choices=sorted(VARIANTS | OPEN_CLIP_VARIANTS),
         default=[],
-        help=f"mmalign variant rows, of {', '.join(VARIANTS)} (default: none)",
+        help=f"variant rows, of {', '.join(VARIANTS | OPEN_CLIP_VARIANTS)} (default: none)",
     )
     parser.add_argument(
         "--mmalign-set",
@@ -284,15 +295,18 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"parameters: {results['parameters']}", flush=True)
     args.shards = write_shards(args.out / "data", samples=2048, side=model.image_px)
-    rows: list[tuple[str, list[str] | None]] = [(OPEN_CLIP, None), (MMALIGN, [])]
-    rows += [VARIANTS[name] for name in args.variants]
+    rows: list[tuple[str, str, list[str]]] = [(OPEN_CLIP, OPEN_CLIP, []), (MMALIGN, MMALIGN, [])]
+    for name in args.variants:
+        label, extra = (VARIANTS | OPEN_CLIP_VARIANTS)[name]
+        rows.append((label, OPEN_CLIP if name in OPEN_CLIP_VARIANTS else MMALIGN, extra))
     if args.mmalign_set:
-        rows.append((f"mmalign --set {' --set '.join(args.mmalign_set)}", args.mmalign_set))
+        label = f"mmalign --set {' --set '.join(args.mmalign_set)}"
+        rows.append((label, MMALIGN, args.mmalign_set))
     results["runs"] = runs = []
     for repeat in range(args.repeats):  # interleaved, so every row sees similar machine load
         runs.append([])
-        for label, overrides in rows:
-            runs[-1].append(measure(label, overrides, args, model))
+        for label, trainer, extra in rows:
+            runs[-1].append(measure(label, trainer, extra, args, model))
             print(f"repeat {repeat + 1}: {json.dumps(runs[-1][-1])}", flush=True)
             (args.out / "results.json").write_text(json.dumps(results, indent=1))
     results["loadavg_after"] = loadavg()

@@ -198,9 +198,15 @@ def _rate(intervals: list[tuple[int, int, float]], settings: Settings) -> tuple[
 
 
 def run_open_clip(
-    out: Path, shards: str, model: Model, settings: Settings, pythonpath: str | None
+    out: Path,
+    shards: str,
+    model: Model,
+    settings: Settings,
+    pythonpath: str | None,
+    extra: list[str] | None = None,
 ) -> Measured:
-    """Train with open_clip_train; samples/s from its per-interval mean batch time."""
+    """Train with open_clip_train (plus ``extra`` arguments); samples/s from its
+    per-interval mean batch time."""
     config = ""
     if model.model_cfg is not None:
         config = str(out / f"{model.name}.json")
@@ -218,6 +224,7 @@ def run_open_clip(
         "--warmup", str(s.lr_warmup), "--grad-clip-norm", str(s.grad_clip),
         "--log-every-n-steps", str(s.log_every), "--logs", str(logs),
         "--name", "bench", "--save-frequency", "0", "--seed", "0", "--report-to", "",
+        *(extra or []),
     ]  # fmt: skip
     wall, cpu, rss = run_child(command, out / "open_clip.log", s.threads, pythonpath)
     text = (logs / "bench" / "out.log").read_text()
