@@ -39,6 +39,10 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 THRESHOLDS = {"keep": (32 << 20, -1), "release": (1 << 20, 128 << 10)}
 """Per aim: (``M_MMAP_THRESHOLD``, ``M_TRIM_THRESHOLD``); -1: never trim."""
+DESCRIPTIONS = {
+    "keep": "heap up to 32 MiB per allocation, never trimmed",
+    "release": "a mapping per allocation of 1 MiB or more, unmapped when freed",
+}
 DEFAULT_THRESHOLD = 128 << 10
 """glibc's default trim and mmap thresholds."""
 USER_SETTINGS = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_")
@@ -55,6 +59,23 @@ def _glibc() -> ctypes.CDLL | None:
     return libc if all(hasattr(libc, name) for name in needed) else None
 
 
+def _decide(setting: str, gradient_checkpointing: bool) -> tuple[str | None, str]:
+    """The aim (``keep``/``release``, ``None`` when the allocator is left alone) and its
+    description."""
+    chosen = [name for name in USER_SETTINGS if name in os.environ]
+    if chosen:
+        return None, f"left to the environment ({', '.join(chosen)} set)"
+    preload = os.environ.get("LD_PRELOAD", "")
+    other = [name for name in OTHER_ALLOCATORS if name in preload]
+    if other:
+        return None, f"left to {other[0]} (LD_PRELOAD)"
+    if _glibc() is None:
+        return None, "left alone (the C library is not glibc)"
+    if setting == "auto":
+        setting = "release" if gradient_checkpointing else "keep"
+    return setting, f"{setting} (glibc: {DESCRIPTIONS[setting]})"
+
+
 def host_memory_policy(setting: str, gradient_checkpointing: bool = False) -> str:
     """What :func:`host_memory` does here for ``train.host_memory: setting``: ``keep (...)``,
     ``release (...)``, or why it leaves the allocator alone.
@@ -63,29 +84,15 @@ def host_memory_policy(setting: str, gradient_checkpointing: bool = False) -> st
         >>> host_memory_policy("keep")
         'keep (glibc: heap up to 32 MiB per allocation, never trimmed)'
     """
-    chosen = [name for name in USER_SETTINGS if name in os.environ]
-    if chosen:
-        return f"left to the environment ({', '.join(chosen)} set)"
-    preload = os.environ.get("LD_PRELOAD", "")
-    other = [name for name in OTHER_ALLOCATORS if name in preload]
-    if other:
-        return f"left to {other[0]} (LD_PRELOAD)"
-    if _glibc() is None:
-        return "left alone (the C library is not glibc)"
-    if setting == "auto":
-        setting = "release" if gradient_checkpointing else "keep"
-    if setting == "keep":
-        return "keep (glibc: heap up to 32 MiB per allocation, never trimmed)"
-    return "release (glibc: a mapping per allocation of 1 MiB or more, unmapped when freed)"
+    return _decide(setting, gradient_checkpointing)[1]
 
 
 @contextmanager
 def host_memory(setting: str, gradient_checkpointing: bool = False) -> Iterator[str]:
     """Set glibc's thresholds for ``train.host_memory: setting`` while inside (see the
     module doc); yields :func:`host_memory_policy`'s description."""
-    policy = host_memory_policy(setting, gradient_checkpointing)
-    aim = policy.split(" ")[0]
-    libc = _glibc() if aim in THRESHOLDS else None
+    aim, policy = _decide(setting, gradient_checkpointing)
+    libc = _glibc() if aim is not None else None
     if libc is None:
         yield policy
         return
