@@ -19,7 +19,7 @@ import torch
 
 from mmalign.config import TrainConfig, load_config
 from mmalign.model import AlignmentModel
-from mmalign.training.memory import apply_memory_savers
+from mmalign.training.memory_savers import apply_memory_savers
 from mmalign.training.optim import build_optimizer
 
 

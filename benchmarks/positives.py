@@ -159,9 +159,9 @@ def _evaluate(model_dir: Path, data: Path) -> dict[str, float]:
 def _prepare(instance_model: Path, base: dict[str, Any], out: Path) -> dict[str, str]:
     """Export the train set with the ``instance`` model, then group and mine from it."""
     from mmalign.export import export_embeddings
-    from mmalign.export.group_shards import group_shards
-    from mmalign.export.mine_negatives import mine_negatives
     from mmalign.model import AlignmentModel
+    from mmalign.prep.group_shards import group_shards
+    from mmalign.prep.mine_negatives import mine_negatives
 
     export = out / "export-train"
     model = AlignmentModel.from_pretrained(instance_model).eval()

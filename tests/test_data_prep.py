@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 from pathlib import Path
@@ -16,10 +17,11 @@ from scipy.stats import chi2_contingency
 from sklearn.datasets import load_digits
 from test_data_loader import EchoTower
 
+from mmalign.cli.main import main
+from mmalign.cli.prep.from_manifest import field_map
 from mmalign.data import iterate_records, make_loader
-from mmalign.demo import data as make_demo
 from mmalign.demo.digits import DIGIT_WORDS, TEMPLATES, dtmf_clip
-from mmalign.prep import from_manifest, train_tokenizer
+from mmalign.prep import from_manifest
 from mmalign.towers import build_tower
 
 ROW_FREQUENCIES = [697, 770, 852, 941]
@@ -50,7 +52,7 @@ ALL_FIELDS = {
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("demo")
-    assert make_demo.main(["--out", str(out), "--variants", "1", "--limit", "600"]) == 0
+    assert main(["prep", "make-demo", "--out", str(out), "--variants", "1", "--limit", "600"]) == 0
     return out
 
 
@@ -121,7 +123,7 @@ def test_demo_layout_cards_classes_and_skipping(demo: Path, capsys: pytest.Captu
         assert "train-{000000..000007}.tar" in card and "classes.json" in card
     before = {path: path.stat().st_mtime_ns for path in demo.rglob("*.tar")}
     capsys.readouterr()
-    assert make_demo.main(["--out", str(demo), "--variants", "1", "--limit", "600"]) == 0
+    assert main(["prep", "make-demo", "--out", str(demo), "--variants", "1", "--limit", "600"]) == 0
     assert capsys.readouterr().out.count("complete, skipped") == 2
     assert before == {path: path.stat().st_mtime_ns for path in demo.rglob("*.tar")}
 
@@ -130,11 +132,11 @@ def test_demo_rewrites_with_force_or_new_settings(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     arguments = ["--out", str(tmp_path), "--variants", "1", "--limit", "10"]
-    make_demo.main(arguments)
+    main(["prep", "make-demo", *arguments])
     capsys.readouterr()
-    make_demo.main([*arguments, "--force"])
+    main(["prep", "make-demo", *arguments, "--force"])
     assert capsys.readouterr().out.count("records in") == 2
-    make_demo.main([*arguments[:-1], "12"])
+    main(["prep", "make-demo", *arguments[:-1], "12"])
     assert capsys.readouterr().out.count("records in") == 2
     summary = json.loads((tmp_path / "digits" / "summary.json").read_text())
     assert summary["splits"]["train"]["records"] == 12
@@ -194,9 +196,8 @@ def test_dtmf_tone_has_the_two_keypad_frequencies() -> None:
 def test_demo_batches_through_real_towers(demo: Path, tmp_path: Path) -> None:
     model = tmp_path / "spm.model"
     shards = [str(demo / "digits" / "val-000000.tar")]
-    assert (
-        train_tokenizer.main(["--shards", *shards, "--out", str(model), "--vocab-size", "200"]) == 0
-    )
+    arguments = ["--shards", *shards, "--out", str(model), "--vocab-size", "200"]
+    assert main(["prep", "train-tokenizer", *arguments]) == 0
     towers = {
         "image": build_tower(
             {
@@ -286,12 +287,8 @@ def test_manifest_to_shards_to_batches_gives_back_the_manifest(tmp_path: Path, s
     save_manifest(rows, manifest)
     out = tmp_path / "shards"
     fields = "image=png,text=txt,audio=wav,graph=graph.json,vec=npy,label=cls"
-    assert (
-        from_manifest.main(
-            [str(manifest), "--out", str(out), "--fields", fields, "--maxcount", "2"]
-        )
-        == 0
-    )
+    arguments = [str(manifest), "--out", str(out), "--fields", fields, "--maxcount", "2"]
+    assert main(["prep", "from-manifest", *arguments]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["records"] == 5 and summary["shards"] == [f"data-{i:06d}.tar" for i in range(3)]
     assert summary["per_modality"] == {
@@ -361,7 +358,7 @@ def test_train_tokenizer_from_a_manifest(tmp_path: Path) -> None:
     manifest.write_text("\n".join(json.dumps(row) for row in rows))
     model = tmp_path / "out" / "spm.model"
     arguments = ["--manifest", str(manifest), "--field", "caption", "--out", str(model)]
-    assert train_tokenizer.main([*arguments, "--vocab-size", "60"]) == 0
+    assert main(["prep", "train-tokenizer", *arguments, "--vocab-size", "60"]) == 0
     processor = sentencepiece.SentencePieceProcessor(model_file=str(model))
     assert processor.vocab_size() <= 60
     assert (processor.pad_id(), processor.unk_id(), processor.bos_id(), processor.eos_id()) == (
@@ -380,5 +377,5 @@ def test_manifest_errors_name_the_problem(tmp_path: Path) -> None:
     manifest.write_text("key,text\na,hello\n")
     with pytest.raises(ValueError, match=r"columns \['image'\] .*not in the manifest"):
         from_manifest.convert(manifest, tmp_path / "o", {"image": "png", "text": "txt"})
-    with pytest.raises(ValueError, match="column=extension"):
-        from_manifest.parse_field_map("image")
+    with pytest.raises(argparse.ArgumentTypeError, match="column=extension"):
+        field_map("image")

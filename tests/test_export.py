@@ -22,16 +22,9 @@ from mmalign.cli.export import add_arguments as add_export_arguments
 from mmalign.cli.export import run as export_command
 from mmalign.cli.search import add_arguments as add_search_arguments
 from mmalign.cli.search import run as search_command
+from mmalign.data.exports import ExportError, load_embeddings
 from mmalign.errors import UserError
-from mmalign.export import (
-    ExportError,
-    build_index,
-    export_embeddings,
-    load_embeddings,
-    load_index,
-    search,
-    writer,
-)
+from mmalign.export import build_index, export_embeddings, load_index, search, writer
 
 FIELDS = {"x": "x.npy", "y": "y.npy", "text": "txt"}
 ROWS = 23

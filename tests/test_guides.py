@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw
 from mmalign.cli.main import main
 from mmalign.config import load_config
 from mmalign.data import iterate_records
-from mmalign.export import read_manifest as read_export
+from mmalign.data.exports import read_manifest as read_export
 from mmalign.model import AlignmentModel
 
 ROOT = Path(__file__).parents[1]

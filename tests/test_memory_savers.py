@@ -20,7 +20,7 @@ from mmalign.towers import build_tower
 from mmalign.towers.checkpointing import enable_gradient_checkpointing
 from mmalign.towers.layout import block_modules
 from mmalign.training import train
-from mmalign.training.memory import apply_memory_savers
+from mmalign.training.memory_savers import apply_memory_savers
 
 KINDS = {
     "open_clip-vit": lambda tmp: TINY_VIT,

@@ -13,10 +13,11 @@ import webdataset as wds
 from test_eval_zeroshot import tabular, tiny_model, vectors, write_shards
 
 from mmalign.cli.prep import tool_main
+from mmalign.data.exports import load_embeddings
 from mmalign.errors import UserError
-from mmalign.export import export_embeddings, load_embeddings
-from mmalign.export.group_shards import cluster_order
-from mmalign.export.mine_negatives import positive_aware_negatives
+from mmalign.export import export_embeddings
+from mmalign.prep.group_shards import cluster_order
+from mmalign.prep.mine_negatives import positive_aware_negatives
 
 
 def _unit(rows, dim, seed):

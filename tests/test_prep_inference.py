@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from test_data_prep import save_manifest, write_manifest_files
 
+from mmalign.cli.main import main
 from mmalign.data import iterate_records
 from mmalign.prep import from_manifest
 
@@ -21,7 +22,7 @@ def test_manifest_without_fields_infers_types_and_skips_bad_files(
     manifest = tmp_path / "manifest.csv"
     save_manifest(rows, manifest)
     out = tmp_path / "shards"
-    assert from_manifest.main([str(manifest), "--out", str(out)]) == 0
+    assert main(["prep", "from-manifest", str(manifest), "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["fields_inferred"] is True
     assert summary["fields"] == {

@@ -15,10 +15,11 @@ from test_export import FIELDS, ROWS, export_options, make_data
 
 from mmalign.cli.export import add_arguments as add_export_arguments
 from mmalign.cli.export import run as export_command
+from mmalign.data.exports import load_embeddings
 from mmalign.eval.report import run_eval
 from mmalign.eval.retrieval import retrieval_metrics
 from mmalign.eval.zeroshot import ZeroShotClassifier
-from mmalign.export import build_index, export_embeddings, load_embeddings, load_index, search
+from mmalign.export import build_index, export_embeddings, load_index, search
 from mmalign.model import AlignmentModel
 
 

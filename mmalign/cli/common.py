@@ -1,4 +1,5 @@
-"""Arguments several subcommands share: the model, ``--data``, ``--field``, ``--batch-size``,
+"""Arguments several subcommands share (and the assembly of subcommands,
+:func:`add_subcommands`): the model, ``--data``, ``--field``, ``--batch-size``,
 ``--workers``, the parsing of comma lists, counts and ``MODALITY=VALUE`` pairs, and the checks
 of path arguments (:func:`check_path`) that name the flag in the error.
 
@@ -16,8 +17,9 @@ Example:
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import ModuleType
 
 from mmalign.errors import UserError
 
@@ -118,3 +120,27 @@ def add_classes_arguments(parser: argparse.ArgumentParser) -> None:
         help="record extension of the integer class label (class-level retrieval, zero-shot)",
     )
     parser.add_argument("--max-samples", type=positive_int, help="stop after this many samples")
+
+
+def add_subcommands(
+    parser: argparse.ArgumentParser, commands: Mapping[str, ModuleType], dest: str, metavar: str
+) -> None:
+    """One sub-parser of ``parser`` per command module (``HELP``, ``add_arguments(parser)``,
+    ``run(args)``); the chosen name lands in ``args.<dest>``. Each also takes ``--debug``
+    after its own arguments (``SUPPRESS`` keeps a ``--debug`` given earlier when absent).
+
+    Example:
+        >>> import types
+        >>> hello = types.SimpleNamespace(HELP="say hello", add_arguments=lambda p: None)
+        >>> parser = argparse.ArgumentParser(prog="tool")
+        >>> add_subcommands(parser, {"hello": hello}, dest="command", metavar="COMMAND")
+        >>> parser.parse_args(["hello", "--debug"])
+        Namespace(command='hello', debug=True)
+    """
+    subcommands = parser.add_subparsers(dest=dest, required=True, metavar=metavar)
+    for name, module in commands.items():
+        command = subcommands.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(command)
+        command.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+        )

@@ -27,6 +27,7 @@ from typing import NoReturn
 
 from mmalign.cli import convert, demo, export, prep, search, train, zeroshot
 from mmalign.cli import eval as eval_
+from mmalign.cli.common import add_subcommands
 from mmalign.errors import UserError
 
 # Deprecations users cannot act on: a dependency scripts a module at import time (torch
@@ -104,15 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--debug", action="store_true", help="show the traceback of an error instead of one line"
     )
-    subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, module in SUBCOMMANDS.items():
-        command = subcommands.add_parser(name, help=module.HELP, description=module.HELP)
-        module.add_arguments(command)
-        # `mmalign train CONFIG --debug` too; SUPPRESS keeps a top-level --debug when absent
-        command.add_argument(
-            "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
-        )
-        command.set_defaults(run=module.run)
+    add_subcommands(parser, SUBCOMMANDS, dest="command", metavar="COMMAND")
     return parser
 
 
@@ -149,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        return SUBCOMMANDS[args.command].run(args)
     except UserError as error:
         if args.debug:
             raise

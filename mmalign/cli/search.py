@@ -192,8 +192,9 @@ def weights_of(model: Any, items: Sequence[str] | None) -> dict[str, float] | No
 
 def run(args: argparse.Namespace) -> int:
     """Load the model (``--model`` or the exported one), encode the query, print the rows."""
+    from mmalign.data.exports import read_manifest
     from mmalign.eval.loading import load_model
-    from mmalign.export import read_manifest, search
+    from mmalign.export import search
     from mmalign.export.index import indexed_modalities
 
     check_path(args.index, "INDEX", kind="directory")

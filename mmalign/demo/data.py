@@ -8,13 +8,12 @@ shards, 1 val, 1 test), with ``classes.json``, a dataset card ``README.md`` and 
 left as it is (``--force`` rewrites it). Only scikit-learn's bundled digits are used.
 
 Example:
-    >>> main(["--out", "data", "--variants", "1", "--limit", "100"])  # doctest: +SKIP
-    0
+    >>> make_demo(Path("data"), variants=1, limit=100)["digits"]  # doctest: +SKIP
+    PosixPath('data/digits')
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -266,30 +265,3 @@ def make_demo(
             for line in pool.map(build_in_place, todo, [out] * len(todo), [params] * len(todo)):
                 print(line)
     return {name: out / name for name in DATASETS}
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Command line entry point (``mmalign prep make-demo ...``); returns the exit status."""
-    parser = argparse.ArgumentParser(
-        prog="mmalign prep make-demo",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--out", type=Path, required=True, help="output directory")
-    parser.add_argument("--seed", type=int, default=0, help="split and variation seed")
-    parser.add_argument(
-        "--variants", type=int, default=4, help="records per source image (4: ~5k train records)"
-    )
-    parser.add_argument(
-        "--limit", type=int, default=None, help="at most N source images per split (quick runs)"
-    )
-    parser.add_argument("--force", action="store_true", help="rewrite complete output")
-    args = parser.parse_args(argv)
-    if args.variants < 1 or (args.limit is not None and args.limit < 10):
-        parser.error("--variants must be >= 1 and --limit >= 10 (one image per class)")
-    make_demo(args.out, seed=args.seed, variants=args.variants, limit=args.limit, force=args.force)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

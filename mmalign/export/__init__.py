@@ -1,9 +1,8 @@
-"""Embeddings to files, a FAISS nearest-neighbour index, and search.
+"""Embeddings to files, a FAISS nearest-neighbour index, and search. A finished export is
+read back by :mod:`mmalign.data.exports` (:func:`~mmalign.data.exports.load_embeddings`).
 
 - :mod:`~mmalign.export.writer`: the chunked, resumable, multi-rank export
   (:func:`export_embeddings`, :func:`run_export` for ``mmalign export``).
-- :mod:`~mmalign.export.reading`: what reads a finished export (:func:`read_manifest`,
-  :func:`load_embeddings`).
 - :mod:`~mmalign.export.index`: FAISS indexes (:func:`build_index`, :func:`load_index`).
 - :mod:`~mmalign.export.search`: encode a query and find its nearest rows (:func:`search`).
 
@@ -19,7 +18,6 @@ Example:
 """
 
 from mmalign.export.index import EmbeddingIndex, build_index, load_index
-from mmalign.export.reading import ExportError, load_embeddings, read_manifest
 from mmalign.export.search import search
 from mmalign.export.writer import (
     export_embeddings,
@@ -30,14 +28,11 @@ from mmalign.export.writer import (
 
 __all__ = [
     "EmbeddingIndex",
-    "ExportError",
     "build_index",
     "export_embeddings",
-    "load_embeddings",
     "load_index",
     "merge_manifests",
     "model_fingerprint",
-    "read_manifest",
     "run_export",
     "search",
 ]

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from mmalign.export.reading import load_embeddings, read_manifest
+from mmalign.data.exports import load_embeddings, read_manifest
 from mmalign.files import atomic_write, read_json, write_json
 from mmalign.objectives.matryoshka import check_prefix, truncate
 

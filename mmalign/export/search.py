@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 
+from mmalign.data.exports import read_manifest
 from mmalign.errors import UserError
 from mmalign.eval.loading import load_model
 from mmalign.export.index import load_index
-from mmalign.export.reading import read_manifest
 
 
 class QueryError(UserError, ValueError):

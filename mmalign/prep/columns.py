@@ -121,24 +121,6 @@ def infer_fields(
     return fields, file_columns
 
 
-def parse_vector(text: str) -> tuple[str, list[str]]:
-    """``--vector`` values: ``"labs.npy=age,bp"`` -> ``("labs.npy", ["age", "bp"])``.
-
-    Example:
-        >>> parse_vector("labs.npy=age, glucose")
-        ('labs.npy', ['age', 'glucose'])
-    """
-    extension, sep, columns = text.partition("=")
-    names = [name.strip() for name in columns.split(",") if name.strip()]
-    extension = extension.strip().lstrip(".").lower()
-    if not sep or not names or not extension.endswith("npy"):
-        raise ValueError(
-            f"--vector {text!r} must look like EXT=column,column,... with EXT ending in npy "
-            "(e.g. labs.npy=age,glucose)"
-        )
-    return extension, names
-
-
 def pack_vector(row: Mapping[str, Any], columns: Sequence[str]) -> list[float] | None:
     """The numbers of ``columns`` in one row, NaN for empty cells; None when all are empty.
 

@@ -23,13 +23,13 @@ rows (chosen by a hash of the key, so a row keeps its split when rows are added)
 directories). ``DIR/summary.json`` records what was written.
 
 Example:
-    >>> main(["pairs.jsonl", "--out", "shards", "--fields", "image=png,text=txt"])  # doctest: +SKIP
-    0
+    >>> convert("pairs.jsonl", "shards", {"image": "png", "text": "txt"})["records"]
+    ... # doctest: +SKIP
+    5
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import zlib
@@ -46,7 +46,7 @@ from webdataset.writer import default_handlers, encode_based_on_extension1
 
 from mmalign.data.decode import AUDIO_EXTENSIONS, RecordError, decode_value
 from mmalign.errors import ConfigError
-from mmalign.prep.columns import infer_fields, pack_vector, parse_vector
+from mmalign.prep.columns import infer_fields, pack_vector
 
 FILE_ONLY = {*IMAGE_EXTENSIONS, *AUDIO_EXTENSIONS, "npz"}
 MAX_EXAMPLES = 10
@@ -91,22 +91,6 @@ def read_manifest(path: Path) -> list[dict[str, Any]]:
             "(e.g. key,image,caption)"
         )
     return rows
-
-
-def parse_field_map(text: str) -> dict[str, str]:
-    """``"image=png,text=txt"`` -> ``{"image": "png", "text": "txt"}``.
-
-    Example:
-        >>> parse_field_map("image=png, graph=graph.json")
-        {'image': 'png', 'graph': 'graph.json'}
-    """
-    fields = {}
-    for item in text.split(","):
-        column, sep, extension = item.partition("=")
-        if not sep or not column.strip() or not extension.strip():
-            raise ValueError(f"--fields entry {item!r} must look like column=extension")
-        fields[column.strip()] = extension.strip().lstrip(".").lower()
-    return fields
 
 
 def _inline(value: Any, extension: str) -> Any:
@@ -293,77 +277,3 @@ def convert(
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
-
-
-def _report(summary: dict[str, Any], out: Path) -> None:
-    if summary["fields_inferred"]:
-        shown = ", ".join(
-            f"{column}={extension}" + (" (files)" if column in summary["file_columns"] else "")
-            for column, extension in summary["fields"].items()
-        )
-        print(f"fields inferred from the values: {shown}; pass --fields to choose")
-    splits = ", ".join(f"{split} {count}" for split, count in summary["splits"].items())
-    print(
-        f"wrote {summary['records']} records ({splits}) in {len(summary['shards'])} shards to {out}"
-    )
-    skipped = summary["skipped"]
-    if skipped["rows"]:
-        reasons = ", ".join(f"{reason}: {count}" for reason, count in skipped["reasons"].items())
-        print(f"left out {skipped['rows']} rows ({reasons}); first ones:")
-        for example in skipped["examples"]:
-            print(f"  row {example['row']} (key {example['key']}): {example['error']}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Command line entry point (``mmalign prep from-manifest ...``); returns the exit status."""
-    parser = argparse.ArgumentParser(
-        prog="mmalign prep from-manifest",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("manifest", type=Path, help="a .csv, .tsv or .jsonl file")
-    parser.add_argument("--out", type=Path, required=True, help="output directory")
-    parser.add_argument(
-        "--fields",
-        type=parse_field_map,
-        default=None,
-        help="column=extension,... (default: every column, inferred from its values)",
-    )
-    parser.add_argument("--maxcount", type=int, default=10000, help="records per shard at most")
-    parser.add_argument("--maxsize", type=float, default=1e9, help="bytes per shard at most")
-    parser.add_argument("--key-column", default="key", help="column with record keys")
-    parser.add_argument("--name", default="data", help="shard names: NAME-000000.tar, ...")
-    parser.add_argument(
-        "--vector",
-        action="append",
-        type=parse_vector,
-        default=[],
-        metavar="EXT=COL,COL,...",
-        help="pack numeric columns into one vector (empty cell: NaN); repeatable",
-    )
-    parser.add_argument(
-        "--val-fraction",
-        type=float,
-        default=0.0,
-        help="hold out about this fraction of rows as val-*.tar (the rest: train-*.tar)",
-    )
-    args = parser.parse_args(argv)
-    if not 0.0 <= args.val_fraction < 1.0:
-        parser.error(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
-    summary = convert(
-        args.manifest,
-        args.out,
-        args.fields,
-        key_column=args.key_column,
-        name=args.name,
-        maxcount=args.maxcount,
-        maxsize=args.maxsize,
-        vectors=dict(args.vector),
-        val_fraction=args.val_fraction,
-    )
-    _report(summary, args.out)
-    return 0 if summary["records"] else 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

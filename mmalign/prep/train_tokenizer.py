@@ -10,13 +10,13 @@ next to the manifest are read from it). The model reserves ``pad`` = 0, ``unk`` 
 bound, so small corpora still train.
 
 Example:
-    >>> main(["--manifest", "pairs.jsonl", "--field", "text", "--out", "m.model"])  # doctest: +SKIP
-    0
+    >>> train_tokenizer(texts_from_manifest(Path("pairs.jsonl"), "text"), Path("m.model"), 1000)
+    ... # doctest: +SKIP
+    120
 """
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -75,37 +75,3 @@ def train_tokenizer(
             minloglevel=2,
         )
     return count
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Command line entry point (``mmalign prep train-tokenizer ...``); returns the exit status."""
-    parser = argparse.ArgumentParser(
-        prog="mmalign prep train-tokenizer",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--shards", nargs="+", help="shard patterns, directories or URLs")
-    source.add_argument("--manifest", type=Path, help="a .csv, .tsv or .jsonl manifest")
-    parser.add_argument("--field", default="txt", help="text extension (shards) or column")
-    parser.add_argument("--out", type=Path, required=True, help="the .model file to write")
-    parser.add_argument("--vocab-size", type=int, default=1000, help="largest vocabulary")
-    parser.add_argument("--model-type", default="unigram", choices=["unigram", "bpe", "char"])
-    parser.add_argument("--character-coverage", type=float, default=1.0)
-    args = parser.parse_args(argv)
-    if args.shards:
-        texts = texts_from_shards(args.shards, args.field)
-    else:
-        texts = texts_from_manifest(args.manifest, args.field)
-    try:
-        count = train_tokenizer(
-            texts, args.out, args.vocab_size, args.model_type, args.character_coverage
-        )
-    except RuntimeError as error:
-        parser.exit(1, f"training the tokenizer failed ({args.field!r} texts): {error}\n")
-    print(f"wrote {args.out} ({count} sentences)")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -45,7 +45,7 @@ from mmalign.training.checks import total_steps
 from mmalign.training.ema import attach_ema
 from mmalign.training.health import divergence_message, suggested_lr, unhealthy_tensor
 from mmalign.training.logging import RunLogger, truncate_metrics
-from mmalign.training.memory import apply_memory_savers
+from mmalign.training.memory_savers import apply_memory_savers
 from mmalign.training.optim import build_optimizer, build_scheduler
 from mmalign.training.resume import apply_optimizer_settings
 from mmalign.training.sample_keys import SampleKeyLog

@@ -52,7 +52,8 @@ from conftest import (
 from data_faults import data_campaign, data_failures, data_table
 
 from mmalign.config import load_config
-from mmalign.export import ExportError, read_manifest, run_export
+from mmalign.data.exports import ExportError, read_manifest
+from mmalign.export import run_export
 from mmalign.model import AlignmentModel
 from mmalign.training import checkpoint, train
 from mmalign.training.optim import build_optimizer

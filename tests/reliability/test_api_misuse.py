@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mmalign.config import ConfigError
-from mmalign.export import ExportError, export_embeddings
+from mmalign.data.exports import ExportError
+from mmalign.export import export_embeddings
 from mmalign.model import AlignmentModel
 from mmalign.objectives import build_objective
 

@@ -15,7 +15,8 @@ import torch
 from conftest import fork_mmalign, tiny_config, write_config
 from safetensors.torch import load_file, save_file
 
-from mmalign.export import ExportError, run_export
+from mmalign.data.exports import ExportError
+from mmalign.export import run_export
 from mmalign.model import AlignmentModel
 from mmalign.training import TrainingStopped, checkpoint, train
 

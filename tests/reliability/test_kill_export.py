@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import EXPORT_CHUNK, export_arguments, fork_mmalign, tiny_config
 
-from mmalign.export import ExportError, load_embeddings, read_manifest, run_export
+from mmalign.data.exports import ExportError, load_embeddings, read_manifest
+from mmalign.export import run_export
 from mmalign.training import train
 
 CHUNK = EXPORT_CHUNK

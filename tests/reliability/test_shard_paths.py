@@ -10,8 +10,9 @@ import pytest
 from conftest import tiny_config, write_shards
 
 from mmalign.data import expand_shards
+from mmalign.data.exports import read_manifest
 from mmalign.data.shards import normalize_shards
-from mmalign.export import read_manifest, run_export
+from mmalign.export import run_export
 from mmalign.training import train
 
 

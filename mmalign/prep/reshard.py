@@ -1,6 +1,6 @@
 """Shards rewritten from a finished export: its rows' embeddings, and the source records they
 came from (``settings.shards``, read again in order) written out in a new order or with extra
-files. :mod:`~mmalign.export.group_shards` and :mod:`~mmalign.export.mine_negatives` use it.
+files. :mod:`~mmalign.prep.group_shards` and :mod:`~mmalign.prep.mine_negatives` use it.
 
 The source records are held in memory while the new shards are written (their payloads, not
 decoded), so run it on a part of a very large set at a time.
@@ -24,10 +24,10 @@ import numpy as np
 import pyarrow as pa
 import webdataset as wds
 
+from mmalign.data.exports import ExportError, load_embeddings, read_manifest
 from mmalign.data.records import log_skip, read_shards
 from mmalign.data.shards import expand_shards
 from mmalign.data.views import group_id
-from mmalign.export.reading import ExportError, load_embeddings, read_manifest
 
 
 @dataclass

@@ -14,7 +14,6 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ import faiss
 import numpy as np
 
 from mmalign.errors import UserError
-from mmalign.export.reshard import ExportRows, source_records, write_shards, write_summary
+from mmalign.prep.reshard import ExportRows, source_records, write_shards, write_summary
 
 
 def cluster_order(
@@ -87,34 +86,3 @@ def group_shards(
         "shards": shards,
     }
     return write_summary(out, summary)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Command line entry point (``mmalign prep group-shards ...``)."""
-    parser = argparse.ArgumentParser(
-        prog="mmalign prep group-shards",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--embeddings", required=True, help="a finished export directory")
-    parser.add_argument("--modality", required=True, help="the exported modality to cluster")
-    parser.add_argument("--clusters", type=int, required=True, help="k-means clusters")
-    parser.add_argument("--out", required=True, help="output directory for the shards")
-    parser.add_argument("--name", default="data", help="shard names: NAME-000000.tar, ...")
-    parser.add_argument("--maxcount", type=int, default=10000, help="records per shard at most")
-    parser.add_argument("--seed", type=int, default=0, help="k-means and cluster order seed")
-    args = parser.parse_args(argv)
-    summary = group_shards(
-        args.embeddings,
-        args.modality,
-        args.clusters,
-        args.out,
-        name=args.name,
-        maxcount=args.maxcount,
-        seed=args.seed,
-    )
-    print(
-        f"wrote {summary['records']} records in {summary['clusters']} clusters "
-        f"({len(summary['shards'])} shards) to {args.out}"
-    )
-    return 0

@@ -21,7 +21,6 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -29,9 +28,9 @@ from typing import Any
 import faiss
 import numpy as np
 
+from mmalign.data.exports import read_manifest
 from mmalign.errors import UserError
-from mmalign.export.reading import read_manifest
-from mmalign.export.reshard import (
+from mmalign.prep.reshard import (
     ExportRows,
     find_payload,
     source_records,
@@ -146,38 +145,3 @@ def mine_negatives(
         "shards": shards,
     }
     return write_summary(out, summary)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Command line entry point (``mmalign prep mine-negatives ...``)."""
-    parser = argparse.ArgumentParser(
-        prog="mmalign prep mine-negatives",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--embeddings", required=True, help="a finished export directory")
-    parser.add_argument("--query", required=True, help="query modality (M1)")
-    parser.add_argument("--candidates", required=True, help="negatives' modality (M2)")
-    parser.add_argument("--k", type=int, default=4, help="negatives per record at most")
-    parser.add_argument("--max-ratio", type=float, default=0.95, help="NV-Retriever's cap")
-    parser.add_argument("--group-field", default=None, help="export metadata column: groups")
-    parser.add_argument("--out", required=True, help="output directory for the shards")
-    parser.add_argument("--name", default="data", help="shard names: NAME-000000.tar, ...")
-    parser.add_argument("--maxcount", type=int, default=10000, help="records per shard at most")
-    args = parser.parse_args(argv)
-    summary = mine_negatives(
-        args.embeddings,
-        args.query,
-        args.candidates,
-        args.k,
-        args.max_ratio,
-        args.out,
-        group_field=args.group_field,
-        name=args.name,
-        maxcount=args.maxcount,
-    )
-    print(
-        f"wrote {summary['records']} records with {summary['negatives']} negatives "
-        f"({len(summary['shards'])} shards) to {args.out}"
-    )
-    return 0

@@ -1,0 +1,49 @@
+"""``mmalign prep make-demo --out DIR [--seed 0] [--variants 4] [--limit N] [--force]``:
+:func:`mmalign.demo.data.make_demo`, the ``digits`` and ``digits-sum`` demo shards.
+
+Example:
+    >>> from mmalign.cli.main import main
+    >>> main(["prep", "make-demo", "--out", "data", "--limit", "100"])  # doctest: +SKIP
+    0
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from mmalign.cli.common import positive_int
+from mmalign.errors import UserError
+
+HELP = "the digit demo's shards (digits, digits-sum) from scikit-learn's bundled digits"
+MIN_LIMIT = 10
+"""The smallest ``--limit``: one source image per class."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--out``, ``--seed``, ``--variants``, ``--limit`` and ``--force``."""
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--seed", type=int, default=0, help="split and variation seed")
+    parser.add_argument(
+        "--variants",
+        type=positive_int,
+        default=4,
+        help="records per source image (4: ~5k train records)",
+    )
+    parser.add_argument(
+        "--limit", type=int, default=None, help="at most N source images per split (quick runs)"
+    )
+    parser.add_argument("--force", action="store_true", help="rewrite complete output")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Write the demo datasets (a complete one with the same settings is left as it is)."""
+    if args.limit is not None and args.limit < MIN_LIMIT:
+        raise UserError(
+            f"--limit {args.limit} is below {MIN_LIMIT} (--limit); pass at least {MIN_LIMIT}, "
+            "one source image per class"
+        )
+    from mmalign.demo.data import make_demo
+
+    make_demo(args.out, seed=args.seed, variants=args.variants, limit=args.limit, force=args.force)
+    return 0

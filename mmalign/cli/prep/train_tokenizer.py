@@ -1,0 +1,54 @@
+"""``mmalign prep train-tokenizer (--shards ... | --manifest FILE) --out FILE.model``:
+:func:`mmalign.prep.train_tokenizer.train_tokenizer` on the text of shards or of a manifest.
+
+Example:
+    >>> from mmalign.cli.main import main
+    >>> main(["prep", "train-tokenizer", "--manifest", "pairs.jsonl", "--field", "text",
+    ...       "--out", "m.model"])  # doctest: +SKIP
+    wrote m.model (120 sentences)
+    0
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+HELP = "a SentencePiece tokenizer from the text of shards or of a manifest"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The text source (``--shards`` or ``--manifest``), ``--field``, ``--out`` and the
+    SentencePiece settings."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--shards", nargs="+", help="shard patterns, directories or URLs")
+    source.add_argument("--manifest", type=Path, help="a .csv, .tsv or .jsonl manifest")
+    parser.add_argument("--field", default="txt", help="text extension (shards) or column")
+    parser.add_argument("--out", type=Path, required=True, help="the .model file to write")
+    parser.add_argument("--vocab-size", type=int, default=1000, help="largest vocabulary")
+    parser.add_argument("--model-type", default="unigram", choices=["unigram", "bpe", "char"])
+    parser.add_argument("--character-coverage", type=float, default=1.0)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train and write the model; status 1 when SentencePiece fails on the texts."""
+    from mmalign.prep.train_tokenizer import (
+        texts_from_manifest,
+        texts_from_shards,
+        train_tokenizer,
+    )
+
+    if args.shards:
+        texts = texts_from_shards(args.shards, args.field)
+    else:
+        texts = texts_from_manifest(args.manifest, args.field)
+    try:
+        count = train_tokenizer(
+            texts, args.out, args.vocab_size, args.model_type, args.character_coverage
+        )
+    except RuntimeError as error:
+        print(f"training the tokenizer failed ({args.field!r} texts): {error}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.out} ({count} sentences)")
+    return 0
