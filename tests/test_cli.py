@@ -16,6 +16,7 @@ from test_train_support import tiny_config, write_shards
 import mmalign.demo.data
 import mmalign.training
 from mmalign.cli.main import SUBCOMMANDS, main, one_line
+from mmalign.cli.prep import TOOLS
 from mmalign.cli.search import parse_raw, resolve_query_modality
 from mmalign.errors import ConfigError, UserError
 from mmalign.training import TrainingStopped
@@ -78,12 +79,15 @@ def test_prep_forwards_arguments_to_the_tool(
 
 
 def test_help_imports_nothing_heavy() -> None:
-    """``mmalign --help`` and ``mmalign SUB --help`` load only mmalign.cli and mmalign.errors."""
+    """``mmalign --help``, ``mmalign SUB --help`` and ``mmalign prep TOOL --help`` load only
+    mmalign.cli and mmalign.errors."""
+    helps = [["--help"]] + [[name, "--help"] for name in sorted(SUBCOMMANDS)]
+    helps += [["prep", tool, "--help"] for tool in sorted(TOOLS)]
     script = f"""
 import contextlib, io, json, sys
 from mmalign.cli.main import build_parser, main
 build_parser()
-for argv in [["--help"]] + [[name, "--help"] for name in {sorted(SUBCOMMANDS)!r}]:
+for argv in {helps!r}:
     with contextlib.redirect_stdout(io.StringIO()):
         try:
             main(argv)
@@ -98,6 +102,7 @@ print(json.dumps(sorted(sys.modules)))
     assert [m for m in modules if m.split(".")[0] in HEAVY] == []
     allowed = {"mmalign.errors", "mmalign.cli", "mmalign.cli.main", "mmalign.cli.common"}
     allowed |= {f"mmalign.cli.{name}" for name in SUBCOMMANDS}
+    allowed |= {f"mmalign.cli.prep.{tool.replace('-', '_')}" for tool in TOOLS}
     assert {m for m in modules if m.startswith("mmalign.")} <= allowed
 
 

@@ -22,8 +22,10 @@ MODULES = [
     "mmalign.objectives.symile",
     "mmalign.objectives.matryoshka",
     "mmalign.eval.label_free",
-    "mmalign.training.strategy",
-    "mmalign.training.fsdp",
+    "mmalign.training.parallel",
+    "mmalign.training.parallel.base",
+    "mmalign.training.parallel.ddp",
+    "mmalign.training.parallel.fsdp",
 ]
 
 

@@ -12,7 +12,7 @@ import pytest
 import webdataset as wds
 from test_eval_zeroshot import tabular, tiny_model, vectors, write_shards
 
-from mmalign.cli.prep import tool_main
+from mmalign.cli.main import main
 from mmalign.data.exports import load_embeddings
 from mmalign.errors import UserError
 from mmalign.export import export_embeddings
@@ -135,8 +135,10 @@ def _read(pattern):
 def test_mine_negatives_command_copies_ranked_negatives(tmp_path):
     pairs = [(2, 11), (5, 20)]
     export, records = _export(tmp_path, pairs)
-    status = tool_main("mine-negatives")(
+    status = main(
         [
+            "prep",
+            "mine-negatives",
             "--embeddings",
             str(export),
             "--query",
@@ -182,8 +184,10 @@ def test_mine_negatives_command_copies_ranked_negatives(tmp_path):
 
 def test_mine_negatives_respects_the_group_field(tmp_path):
     export, _ = _export(tmp_path, [])
-    tool_main("mine-negatives")(
+    main(
         [
+            "prep",
+            "mine-negatives",
             "--embeddings",
             str(export),
             "--query",
@@ -208,8 +212,10 @@ def test_group_shards_command_writes_clusters_contiguously(tmp_path):
     export, records = _export(tmp_path, [])
     out = tmp_path / "grouped"
     assert (
-        tool_main("group-shards")(
+        main(
             [
+                "prep",
+                "group-shards",
                 "--embeddings",
                 str(export),
                 "--modality",

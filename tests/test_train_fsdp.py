@@ -34,8 +34,9 @@ from mmalign.errors import UserError
 from mmalign.model import AlignmentModel
 from mmalign.training import train
 from mmalign.training.checks import check_run_config
-from mmalign.training.sharded_checkpoint import SafeReader
-from mmalign.training.strategy import check_group, check_launch
+from mmalign.training.parallel import check_launch
+from mmalign.training.parallel.base import check_group
+from mmalign.training.parallel.sharded_checkpoint import SafeReader
 
 INJECT = Path(__file__).parent / "reliability" / "inject.py"
 OBJECTIVES = {"clip": {"name": "clip"}, "symile": {"name": "symile", "negatives": "n2"}}
@@ -109,7 +110,7 @@ def _shard_report(rank: int, port: int, output: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     from mmalign.training.accumulation import ContrastiveStep
-    from mmalign.training.fsdp import FullySharded
+    from mmalign.training.parallel.fsdp import FullySharded
 
     config = tiny_config(Path(output), "unused")["model"]
     step, optimizer = FullySharded(accelerator=None).prepare(
@@ -191,7 +192,7 @@ def test_kill_during_sharded_save_then_resume_equals_uninterrupted(runs: Path) -
     config = _config(runs, "killed", "clip", "fsdp")
     # both ranks die right after writing their shards of the second checkpoint (step 4),
     # before trainer.json and the rename: a torn .tmp-step-00000004 is left behind
-    kill = "mmalign.training.sharded_checkpoint:save:2:after"
+    kill = "mmalign.training.parallel.sharded_checkpoint:save:2:after"
     log = runs / "killed.log"
     killed = start_launch([str(INJECT), "--kill", kill, "--", "train", str(config)], log)
     status, _ = finish(killed, log)

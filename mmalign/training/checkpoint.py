@@ -11,7 +11,7 @@ A checkpoint is a directory ``checkpoints/step-00000100/`` holding
 
 Under ``train.strategy: fsdp`` the model and optimizer files are replaced by ``sharded/`` and
 ``sharded.json``, each process writing its own shards
-(:mod:`mmalign.training.sharded_checkpoint`); everything else is the same.
+(:mod:`mmalign.training.parallel.sharded_checkpoint`); everything else is the same.
 
 It is written into ``.tmp-step-...`` beside its final place, fsynced, then renamed
 (:func:`mmalign.files.replace_directory`), so a directory named ``step-*`` is always
@@ -188,7 +188,8 @@ def save_checkpoint(
 
     ``model`` is the unwrapped model; ``trainer_state`` is JSON data (step, scheduler,
     scaler, data position, ...); ``weights`` writes model and optimizer (default
-    :func:`write_weights`; sharded: :meth:`mmalign.training.fsdp.FullySharded.write_weights`);
+    :func:`write_weights`; sharded:
+    :meth:`mmalign.training.parallel.fsdp.FullySharded.write_weights`);
     ``ema``, the weight average (``train.ema``), is written as ``ema.safetensors``.
     Returns the final checkpoint directory.
     """

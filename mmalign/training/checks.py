@@ -21,6 +21,7 @@ import torch
 
 from mmalign.config import Config, ConfigError
 from mmalign.data.shards import expand_shards
+from mmalign.training.parallel import strategy_problems
 
 
 def _shard_problems(config: Config) -> list[str]:
@@ -138,25 +139,6 @@ def _memory_problems(config: Config) -> list[str]:
     ]
 
 
-def _strategy_problems(config: Config) -> list[str]:
-    """``fsdp`` has no gradient scaler for sharded gradients (fp16) and keeps no weight
-    average (``train.ema`` would need a sharded copy of the model)."""
-    if config.train.strategy != "fsdp":
-        return []
-    problems = []
-    if config.train.precision == "fp16":
-        problems.append(
-            "train.precision: fp16 is not supported with train.strategy fsdp (no gradient "
-            "scaler for sharded gradients); use bf16 or fp32"
-        )
-    if config.train.ema is not None:
-        problems.append(
-            "train.ema: a weight average is not kept under train.strategy fsdp (it would "
-            "need a sharded copy of the model); unset train.ema or use train.strategy ddp"
-        )
-    return problems
-
-
 def check_run_config(config: Config) -> None:
     """Raise one :class:`ConfigError` listing every problem of a training config."""
     problems = (
@@ -166,7 +148,7 @@ def check_run_config(config: Config) -> None:
         + _schedule_problems(config)
         + _objective_problems(config)
         + _memory_problems(config)
-        + _strategy_problems(config)
+        + strategy_problems(config)
     )
     if problems:
         unique = list(dict.fromkeys(problems))

@@ -54,11 +54,12 @@ from mmalign.training.checks import check_run_config, total_steps
 from mmalign.training.host_memory import host_memory, host_memory_policy
 from mmalign.training.logging import METRICS_FILE, read_metrics
 from mmalign.training.normalization import fit_normalizers
+from mmalign.training.parallel import check_launch
+from mmalign.training.parallel.base import describe_run
 from mmalign.training.plan import check_precision, describe_plan
 from mmalign.training.resume import check_resume_changes
 from mmalign.training.shared_output import require_shared_output
 from mmalign.training.signals import StopSignals
-from mmalign.training.strategy import check_launch, describe_run
 from mmalign.training.trainer import Trainer
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}

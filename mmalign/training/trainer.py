@@ -47,10 +47,11 @@ from mmalign.training.health import divergence_message, suggested_lr, unhealthy_
 from mmalign.training.logging import RunLogger, truncate_metrics
 from mmalign.training.memory_savers import apply_memory_savers
 from mmalign.training.optim import build_optimizer, build_scheduler
+from mmalign.training.parallel import build_strategy
+from mmalign.training.parallel.base import describe_run, run_summary
 from mmalign.training.resume import apply_optimizer_settings
 from mmalign.training.sample_keys import SampleKeyLog
 from mmalign.training.signals import StopSignals, TrainingInterrupted
-from mmalign.training.strategy import build_strategy, describe_run, run_summary
 from mmalign.training.stream import EpochStream, epoch_seed
 from mmalign.training.timing import StepTimer
 from mmalign.training.validation import Validator

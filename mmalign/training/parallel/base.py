@@ -1,20 +1,12 @@
-"""How a run is spread over processes (``train.strategy``) and what actually ran.
-
-- ``ddp`` (the default): Accelerate prepares the model (``DistributedDataParallel`` with more
-  than one process, nothing in one) and the optimizer; checkpoints hold whole tensors.
-- ``fsdp``: with more than one process, mmalign shards the model itself with FSDP2
-  (:mod:`mmalign.training.fsdp`) and saves checkpoints sharded
-  (:mod:`mmalign.training.sharded_checkpoint`); in one process it is the same as ``ddp``.
+"""What every strategy shares (:class:`Strategy`: checkpoints through its own weight files,
+the launch it refuses, the config it refuses), the check that the launched processes formed
+one group (:func:`check_group`), and what ran (:func:`describe_run`: strategy, world size,
+nodes, processes per node from the launcher's ``LOCAL_WORLD_SIZE`` / ``GROUP_WORLD_SIZE``,
+precision; the start line and ``run.json`` say it).
 
 DeepSpeed runs when the launch config asks for it (``accelerate launch --config_file
 configs/accelerate/deepspeed_zero2.yaml``: Accelerate then prepares the model with the
-DeepSpeed engine); :func:`check_launch` refuses it when ``deepspeed`` is not installed, and a
-launch config that asks for FSDP while ``train.strategy`` is ``ddp``.
-
-:func:`describe_run` is what the start line and ``run.json`` say: strategy, world size,
-nodes, processes per node (from the launcher's ``LOCAL_WORLD_SIZE`` / ``GROUP_WORLD_SIZE``)
-and precision. :func:`check_group` stops a run whose launcher started several processes that
-did not form one group: each would train alone on the same run directory.
+DeepSpeed engine); every strategy refuses it when ``deepspeed`` is not installed.
 
 Example:
     >>> describe_run("ddp", "bf16", world_size=1, environ={})["strategy"]
@@ -32,7 +24,7 @@ import os
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -44,44 +36,19 @@ from mmalign.training import checkpoint
 _TRUE = ("1", "true", "yes")
 
 
-def _flag(environ: Mapping[str, str], name: str) -> bool:
+def environ_flag(environ: Mapping[str, str], name: str) -> bool:
+    """Whether the launcher set ``name`` to a true value (``1``, ``true``, ``yes``).
+
+    Example:
+        >>> environ_flag({"ACCELERATE_USE_FSDP": "True"}, "ACCELERATE_USE_FSDP")
+        True
+    """
     return environ.get(name, "").lower() in _TRUE
 
 
 def launcher_asks_deepspeed(environ: Mapping[str, str] = os.environ) -> bool:
     """Whether ``accelerate launch`` was given a DeepSpeed config."""
-    return _flag(environ, "ACCELERATE_USE_DEEPSPEED")
-
-
-def check_launch(config: Config, environ: Mapping[str, str] = os.environ) -> None:
-    """Refuse a launch that cannot do what it asks (before Accelerate starts).
-
-    Example:
-        >>> from mmalign.config import Config
-        >>> config = Config(model={"towers": {"a": {"type": "tabular", "in_features": 2}}})
-        >>> try:
-        ...     check_launch(config, {"ACCELERATE_USE_FSDP": "true"})
-        ... except UserError as error:
-        ...     print(str(error)[:58])
-        the launch config asks for FSDP (ACCELERATE_USE_FSDP=true)
-    """
-    if launcher_asks_deepspeed(environ) and importlib.util.find_spec("deepspeed") is None:
-        raise UserError(
-            "the launch config asks for DeepSpeed (ACCELERATE_USE_DEEPSPEED=true) but the "
-            "deepspeed package is not installed; pip install deepspeed on a GPU machine, or "
-            "launch with configs/accelerate/fsdp.yaml and --set train.strategy=fsdp"
-        )
-    if launcher_asks_deepspeed(environ) and config.train.strategy == "fsdp":
-        raise UserError(
-            "the launch config asks for DeepSpeed but train.strategy is fsdp; use one: "
-            "--set train.strategy=ddp with a DeepSpeed config, or configs/accelerate/fsdp.yaml"
-        )
-    if _flag(environ, "ACCELERATE_USE_FSDP") and config.train.strategy != "fsdp":
-        raise UserError(
-            "the launch config asks for FSDP (ACCELERATE_USE_FSDP=true) but train.strategy "
-            f"is {config.train.strategy}; add --set train.strategy=fsdp, or launch without "
-            "the FSDP config"
-        )
+    return environ_flag(environ, "ACCELERATE_USE_DEEPSPEED")
 
 
 def check_group(world_size: int, environ: Mapping[str, str] = os.environ) -> None:
@@ -147,34 +114,63 @@ def run_summary(info: Mapping[str, Any]) -> str:
     )
 
 
-class DataParallel:
-    """The ``ddp`` strategy: everything through Accelerate, checkpoints of whole tensors.
-    :class:`mmalign.training.fsdp.FullySharded` overrides what differs under ``fsdp``."""
+class Strategy:
+    """How the model, optimizer, gradients and checkpoint weights are spread over processes
+    (``train.strategy``); each strategy holds its limits (:meth:`check_launch`,
+    :meth:`config_problems`). Checkpoint directories follow
+    :mod:`mmalign.training.checkpoint`, with the strategy's :meth:`write_weights` /
+    :meth:`read_weights` for the model and optimizer files."""
 
-    name = "ddp"
-    sharded = False
+    name: ClassVar[str]
+    """The ``train.strategy`` value."""
 
     def __init__(self, accelerator: Any) -> None:
         self.accelerator = accelerator
 
+    @classmethod
+    def check_launch(cls, environ: Mapping[str, str] = os.environ) -> None:
+        """Refuse a launch config this strategy cannot run (before Accelerate starts):
+        DeepSpeed asked for without the ``deepspeed`` package."""
+        if launcher_asks_deepspeed(environ) and importlib.util.find_spec("deepspeed") is None:
+            raise UserError(
+                "the launch config asks for DeepSpeed (ACCELERATE_USE_DEEPSPEED=true) but the "
+                "deepspeed package is not installed; pip install deepspeed on a GPU machine, or "
+                "launch with configs/accelerate/fsdp.yaml and --set train.strategy=fsdp"
+            )
+
+    @classmethod
+    def config_problems(cls, config: Config) -> list[str]:
+        """The run config's settings this strategy cannot honour, one line each (none)."""
+        return []
+
     def prepare(
         self, step_module: nn.Module, build_optimizer: Callable[[nn.Module], Any]
     ) -> tuple[nn.Module, torch.optim.Optimizer]:
-        """``accelerator.prepare`` of the step module and its optimizer."""
-        optimizer = build_optimizer(step_module.model)
-        return self.accelerator.prepare(step_module, optimizer)
+        """The step module and an optimizer over its model, ready to train."""
+        raise NotImplementedError
 
     def no_sync(self, step_module: nn.Module) -> AbstractContextManager:
-        """DDP's ``no_sync`` (through Accelerate)."""
-        return self.accelerator.no_sync(step_module)
+        """A context in which backward passes do not synchronize gradients."""
+        raise NotImplementedError
 
     def clip_gradients(self, parameters: list[nn.Parameter], max_norm: float) -> float:
-        """Accelerate's ``clip_grad_norm_`` (unscales fp16 first); 0 where it hides it."""
-        norm = self.accelerator.clip_grad_norm_(parameters, max_norm)
-        return float(norm) if norm is not None else 0.0
+        """Clip the global gradient norm to ``max_norm``; returns the norm before clipping."""
+        raise NotImplementedError
 
-    write_weights = staticmethod(checkpoint.write_weights)
-    read_weights = staticmethod(checkpoint.read_weights)
+    def write_weights(
+        self, directory: Path, accelerator: Any, model: nn.Module, optimizer: Any
+    ) -> None:
+        """Write the model and optimizer files of a checkpoint into ``directory``."""
+        raise NotImplementedError
+
+    def read_weights(self, directory: Path, model: nn.Module, optimizer: Any) -> None:
+        """Read what :meth:`write_weights` wrote."""
+        raise NotImplementedError
+
+    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
+        """The whole model's state dict for the main process to save, or ``None`` when
+        ``model`` can be saved as it is."""
+        raise NotImplementedError
 
     def save_checkpoint(
         self,
@@ -197,17 +193,3 @@ class DataParallel:
         """:func:`mmalign.training.checkpoint.load_checkpoint` with this strategy's weights."""
         rank = self.accelerator.process_index
         return checkpoint.load_checkpoint(path, rank, model, optimizer, self.read_weights, ema)
-
-    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
-        """``None``: the main process saves ``model`` as it is."""
-        return None
-
-
-def build_strategy(config: Config, accelerator: Any) -> Any:
-    """The strategy object of ``train.strategy`` (``fsdp`` with one process is ``ddp``)."""
-    check_group(accelerator.num_processes)
-    if config.train.strategy == "fsdp" and accelerator.num_processes > 1:
-        from mmalign.training.fsdp import FullySharded
-
-        return FullySharded(accelerator)
-    return DataParallel(accelerator)

@@ -25,7 +25,8 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+import os
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -37,10 +38,10 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
-from mmalign.training import sharded_checkpoint
-from mmalign.training.strategy import DataParallel
-
-STRATEGY = "fsdp"
+from mmalign.config import Config
+from mmalign.errors import UserError
+from mmalign.training.parallel import sharded_checkpoint
+from mmalign.training.parallel.base import Strategy, launcher_asks_deepspeed
 
 
 def tower_blocks(tower: nn.Module) -> list[nn.Module]:
@@ -94,13 +95,38 @@ def _fsdp_modules(module: nn.Module) -> list[FSDPModule]:
     return [m for m in module.modules() if isinstance(m, FSDPModule)]
 
 
-class FullySharded(DataParallel):
+class FullySharded(Strategy):
     """The ``fsdp`` strategy: sharding, gradient sync, clipping, sharded checkpoints and the
-    consolidated final weights (see the module docstring); checkpoint directories as
-    :class:`~mmalign.training.strategy.DataParallel`."""
+    consolidated final weights (see the module docstring)."""
 
-    name = STRATEGY
-    sharded = True
+    name = "fsdp"
+
+    @classmethod
+    def check_launch(cls, environ: Mapping[str, str] = os.environ) -> None:
+        """Also refuse a launch config that asks for DeepSpeed (one sharding at a time)."""
+        super().check_launch(environ)
+        if launcher_asks_deepspeed(environ):
+            raise UserError(
+                "the launch config asks for DeepSpeed but train.strategy is fsdp; use one: "
+                "--set train.strategy=ddp with a DeepSpeed config, or configs/accelerate/fsdp.yaml"
+            )
+
+    @classmethod
+    def config_problems(cls, config: Config) -> list[str]:
+        """No gradient scaler for sharded gradients (fp16) and no weight average
+        (``train.ema`` would need a sharded copy of the model)."""
+        problems = []
+        if config.train.precision == "fp16":
+            problems.append(
+                "train.precision: fp16 is not supported with train.strategy fsdp (no gradient "
+                "scaler for sharded gradients); use bf16 or fp32"
+            )
+        if config.train.ema is not None:
+            problems.append(
+                "train.ema: a weight average is not kept under train.strategy fsdp (it would "
+                "need a sharded copy of the model); unset train.ema or use train.strategy ddp"
+            )
+        return problems
 
     def __init__(self, accelerator: Any) -> None:
         super().__init__(accelerator)
