@@ -41,8 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--index",
-        choices=["auto", "flat", "ivf", "hnsw", "ivfpq", "sq8"],
-        help="also build an index (auto: flat below 20k vectors, hnsw below 1M, else ivfpq)",
+        metavar="KIND",
+        help="also build an index: auto (flat below 20k vectors, hnsw below 1M, else ivfpq) "
+        "or a kind of mmalign.export.index.INDEX_KINDS (flat, ivf, hnsw, ivfpq, sq8, ...)",
     )
     parser.add_argument("--nlist", type=int, help="IVF lists (default about 4 sqrt(N))")
     parser.add_argument("--nprobe", type=int, default=16, help="IVF lists searched")

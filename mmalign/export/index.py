@@ -15,10 +15,10 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import faiss
 import numpy as np
@@ -27,16 +27,13 @@ import pyarrow.parquet as pq
 import torch
 
 from mmalign.data.exports import load_embeddings, read_manifest
+from mmalign.errors import ConfigError
 from mmalign.files import atomic_write, read_json, write_json
 from mmalign.objectives.matryoshka import check_prefix, truncate
 
 INDEX_DIR = "index"
 """The folder of an export directory holding the indexes."""
 
-IndexKind = Literal["flat", "ivf", "hnsw", "ivfpq", "sq8"]
-"""``flat`` (exact), ``ivf`` (inverted lists), ``hnsw`` (graph), ``ivfpq`` (inverted lists of
-product-quantized codes) or ``sq8`` (exact scan over 8-bit scalar-quantized vectors)."""
-INDEX_KINDS: tuple[str, ...] = IndexKind.__args__
 FLAT_BELOW = 20_000
 """Default rule: an exact ``flat`` index below this many vectors, ..."""
 HNSW_BELOW = 1_000_000
@@ -85,33 +82,99 @@ def _inverted_lists(vectors: np.ndarray, nlist: int | None, pq: tuple[int, int] 
     return index
 
 
-def _make_index(kind: str, vectors: np.ndarray, options: Mapping[str, Any]) -> Any:
-    dim = vectors.shape[1]
-    if kind == "flat":
-        return faiss.IndexFlatIP(dim)
-    if kind == "hnsw":
-        index = faiss.IndexHNSWFlat(dim, options["m"], faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = options["ef_construction"]
-        return index
-    if kind == "ivf":
-        return _inverted_lists(vectors, options["nlist"], None)
-    if kind == "ivfpq":
-        defaults = _default_pq(dim, vectors.shape[0])
-        pq = (options["pq_m"] or defaults[0], options["pq_bits"] or defaults[1])
-        return _inverted_lists(vectors, options["nlist"], pq)
-    if kind == "sq8":
-        quantizer = faiss.ScalarQuantizer.QT_8bit
-        index = faiss.IndexScalarQuantizer(dim, quantizer, faiss.METRIC_INNER_PRODUCT)
-        index.train(vectors)
-        return index
-    raise ValueError(f"index kind must be one of {', '.join(INDEX_KINDS)}, not {kind!r}")
+def _flat(vectors: np.ndarray, options: Mapping[str, Any]) -> Any:
+    return faiss.IndexFlatIP(vectors.shape[1])
 
 
-def _set_search_parameters(index: Any, info: Mapping[str, Any]) -> None:
-    if info["kind"] in ("ivf", "ivfpq"):
-        index.nprobe = min(info["nprobe"], info["nlist"])
-    elif info["kind"] == "hnsw":
-        index.hnsw.efSearch = info["ef_search"]
+def _ivf(vectors: np.ndarray, options: Mapping[str, Any]) -> Any:
+    return _inverted_lists(vectors, options["nlist"], None)
+
+
+def _hnsw(vectors: np.ndarray, options: Mapping[str, Any]) -> Any:
+    index = faiss.IndexHNSWFlat(vectors.shape[1], options["m"], faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = options["ef_construction"]
+    return index
+
+
+def _ivfpq(vectors: np.ndarray, options: Mapping[str, Any]) -> Any:
+    defaults = _default_pq(vectors.shape[1], vectors.shape[0])
+    pq = (options["pq_m"] or defaults[0], options["pq_bits"] or defaults[1])
+    return _inverted_lists(vectors, options["nlist"], pq)
+
+
+def _sq8(vectors: np.ndarray, options: Mapping[str, Any]) -> Any:
+    quantizer = faiss.ScalarQuantizer.QT_8bit
+    index = faiss.IndexScalarQuantizer(vectors.shape[1], quantizer, faiss.METRIC_INNER_PRODUCT)
+    index.train(vectors)
+    return index
+
+
+def _no_search_parameters(index: Any, info: Mapping[str, Any]) -> None:
+    return None
+
+
+def _probe_lists(index: Any, info: Mapping[str, Any]) -> None:
+    index.nprobe = min(info["nprobe"], info["nlist"])
+
+
+def _search_beam(index: Any, info: Mapping[str, Any]) -> None:
+    index.hnsw.efSearch = info["ef_search"]
+
+
+def _no_built_parameters(index: Any) -> dict[str, int]:
+    return {}
+
+
+def _lists(index: Any) -> dict[str, int]:
+    return {"nlist": int(index.nlist)}
+
+
+def _lists_and_codes(index: Any) -> dict[str, int]:
+    return {**_lists(index), "pq_m": int(index.pq.M), "pq_bits": int(index.pq.nbits)}
+
+
+@dataclass(frozen=True)
+class IndexRecipe:
+    """How one index kind is built and searched: ``build(vectors, options)`` returns the
+    FAISS index (trained, empty), ``tune(index, info)`` sets its search-time parameters from
+    the saved ``info``, ``built(index)`` the parameters chosen at build time that ``info``
+    records (``nlist``, ``pq_m``, ``pq_bits``)."""
+
+    build: Callable[[np.ndarray, Mapping[str, Any]], Any]
+    tune: Callable[[Any, Mapping[str, Any]], None] = _no_search_parameters
+    built: Callable[[Any], dict[str, int]] = _no_built_parameters
+
+
+INDEX_KINDS: dict[str, IndexRecipe] = {
+    "flat": IndexRecipe(_flat),
+    "ivf": IndexRecipe(_ivf, _probe_lists, _lists),
+    "hnsw": IndexRecipe(_hnsw, _search_beam),
+    "ivfpq": IndexRecipe(_ivfpq, _probe_lists, _lists_and_codes),
+    "sq8": IndexRecipe(_sq8),
+}
+"""Each index kind and its recipe: ``flat`` (exact), ``ivf`` (inverted lists), ``hnsw``
+(graph), ``ivfpq`` (inverted lists of product-quantized codes) or ``sq8`` (exact scan over
+8-bit scalar-quantized vectors). Adding a kind is its functions plus one line here."""
+
+
+def index_recipe(kind: str) -> IndexRecipe:
+    """The recipe of ``kind``, or a :class:`~mmalign.errors.ConfigError` listing the kinds.
+
+    Example:
+        >>> index_recipe("hnsw").tune.__name__
+        '_search_beam'
+        >>> try:
+        ...     index_recipe("lsh")
+        ... except ConfigError as error:
+        ...     print(str(error)[:60])
+        index kind must be one of auto, flat, ivf, hnsw, ivfpq, sq8,
+    """
+    if kind not in INDEX_KINDS:
+        raise ConfigError(
+            f"index kind must be one of auto, {', '.join(INDEX_KINDS)}, not {kind!r} "
+            "(--index); pick one of those"
+        )
+    return INDEX_KINDS[kind]
 
 
 def _index_paths(out_dir: Path, modality: str) -> dict[str, Path]:
@@ -137,7 +200,7 @@ def _indexed_vectors(
 def build_index(
     out_dir: str | Path,
     modality: str,
-    kind: IndexKind | Literal["auto"] | None = None,
+    kind: str | None = None,
     *,
     dim: int | None = None,
     nlist: int | None = None,
@@ -170,8 +233,9 @@ def build_index(
     out_dir = Path(out_dir)
     vectors, table, keep = _indexed_vectors(out_dir, modality, dim)
     kind = default_kind(vectors.shape[0]) if kind in (None, "auto") else kind
+    recipe = index_recipe(kind)
     options = {"nlist": nlist, "m": m, "ef_construction": ef_construction}
-    index = _make_index(kind, vectors, options | {"pq_m": pq_m, "pq_bits": pq_bits})
+    index = recipe.build(vectors, options | {"pq_m": pq_m, "pq_bits": pq_bits})
     index.add(vectors)
     serialized = faiss.serialize_index(index)
     rows = int(vectors.shape[0])
@@ -181,16 +245,16 @@ def build_index(
         "rows": rows,
         "dim": int(vectors.shape[1]),
         "metric": "inner_product",
-        "nlist": int(index.nlist) if kind in ("ivf", "ivfpq") else None,
+        "nlist": None,
         "nprobe": nprobe,
         "m": m,
         "ef_search": ef_search,
         "ef_construction": ef_construction,
-        "pq_m": int(index.pq.M) if kind == "ivfpq" else None,
-        "pq_bits": int(index.pq.nbits) if kind == "ivfpq" else None,
+        "pq_m": None,
+        "pq_bits": None,
         "bytes": int(serialized.size),
         "bytes_per_vector": float(serialized.size / rows),
-    }
+    } | recipe.built(index)
     paths = _index_paths(out_dir, modality)
     kept = table.filter(pa.array(keep))
     atomic_write(paths["parquet"], lambda handle: pq.write_table(kept, handle))
@@ -274,5 +338,5 @@ def load_index(out_dir: str | Path, modality: str | None = None) -> EmbeddingInd
     paths = _index_paths(out_dir, modality)
     info = read_json(paths["json"])
     index = faiss.deserialize_index(np.fromfile(paths["faiss"], dtype=np.uint8))
-    _set_search_parameters(index, info)
+    index_recipe(info["kind"]).tune(index, info)
     return EmbeddingIndex(index=index, info=info, table=pq.read_table(paths["parquet"]))

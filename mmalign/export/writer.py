@@ -49,7 +49,7 @@ from mmalign.data.exports import MANIFEST, META_DIR, ExportError
 from mmalign.data.shards import normalize_shards
 from mmalign.dist import barrier, join_launched_group, resolve_world
 from mmalign.eval.loading import EmbeddedBatch, EmbeddingStream, load_model, model_directory
-from mmalign.export.index import IndexKind, build_index
+from mmalign.export.index import build_index, index_recipe
 from mmalign.files import LOCK_NAME, DirectoryLock, atomic_write, read_json, write_json
 from mmalign.objectives.matryoshka import check_prefix, truncate
 
@@ -369,7 +369,7 @@ def run_export(
     modalities: Sequence[str] | None,
     out_dir: str | Path,
     *,
-    index: IndexKind | None = None,
+    index: str | None = None,
     index_options: Mapping[str, Any] | None = None,
     **export_options: Any,
 ) -> dict[str, Any]:
@@ -378,7 +378,7 @@ def run_export(
     ``modalities=None`` exports all of the model's; ``export_options`` are those of
     :func:`export_embeddings`, ``index_options`` those of
     :func:`~mmalign.export.build_index`. Returns the manifest with ``"indexes"`` (the
-    ``.faiss`` paths) added.
+    ``.faiss`` paths) added. An unknown ``index`` kind is refused before exporting.
 
     In a multi-process launch only rank 0 builds the indexes.
 
@@ -387,6 +387,8 @@ def run_export(
         ...            index="hnsw")["indexes"]  # doctest: +SKIP
         ['emb/index/image.faiss', 'emb/index/text.faiss']
     """
+    if index not in (None, "auto"):
+        index_recipe(index)
     model = model if isinstance(model, torch.nn.Module) else str(model_directory(model))
     if modalities is None:
         modalities = load_model(model).modalities
