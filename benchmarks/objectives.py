@@ -336,8 +336,9 @@ def _train_digits_sum(args: argparse.Namespace, precision: str, out: Path) -> st
     import torch
 
     from mmalign.config import load_config
-    from mmalign.demo.pipeline import Run, default_configs_dir, run_config
+    from mmalign.demo.pipeline import default_configs_dir, run_config
     from mmalign.demo.results import sum_zeroshot
+    from mmalign.demo.runs import Run
     from mmalign.model import AlignmentModel
     from mmalign.training import train
 

@@ -19,75 +19,16 @@ Example:
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 
 from mmalign.batch import Batch
 from mmalign.data.decode import RecordError, decode_fields, decode_value, find_file
-from mmalign.data.limits import DEFAULT_LIMITS, RecordLimits
 from mmalign.data.negatives import negative_items
+from mmalign.data.samples import RecordSpec, Rejected, Sample, Tower
 from mmalign.data.views import Views, collate_expanded, decode_views, sample_group
-
-
-class Tower(Protocol):
-    """What the data pipeline needs of a tower (:class:`mmalign.towers.Tower` has it)."""
-
-    augment: bool
-
-    def preprocess(self, raw: Any) -> Any: ...
-
-    def collate(self, items: Sequence[Any]) -> Any: ...
-
-    def set_augment(self, augment: bool) -> None: ...
-
-
-@dataclass
-class Sample:
-    """One usable record: preprocessed items of the modalities it has."""
-
-    key: str
-    items: dict[str, Any]
-    label: int = -1
-    metadata: dict[str, Any] = field(default_factory=dict)
-    group: int | None = None
-    negatives: list[Sample] = field(default_factory=list)
-    """Rows of the record's mined negatives (:mod:`mmalign.data.negatives`)."""
-
-
-@dataclass(frozen=True)
-class Rejected:
-    """A record that was read but not used; ``counter`` is e.g. ``skipped/bad_image``;
-    skipped records also say where they were (``url``, ``key``) and what went wrong."""
-
-    counter: str
-    url: str = ""
-    key: str = ""
-    message: str = ""
-
-
-@dataclass
-class RecordSpec:
-    """What to take from each record: modality fields (tower order), label, metadata, and
-    the group and views of :mod:`mmalign.data.views` (``epoch`` is set per pass)."""
-
-    towers: Mapping[str, Tower]
-    fields: dict[str, tuple[str, ...]]
-    label: tuple[str, ...] | None = None
-    metadata: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    augment: bool = False
-    limits: RecordLimits = DEFAULT_LIMITS
-    group: tuple[tuple[str, ...], str | None] | None = None
-    views: dict[str, str] = field(default_factory=dict)
-    negatives: str | None = None
-    seed: int = 0
-    epoch: int = 0
-
-    @property
-    def modalities(self) -> list[str]:
-        return list(self.towers)
 
 
 def preprocess_with(tower: Tower, raw: Any, augment: bool) -> Any:

@@ -33,18 +33,11 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from mmalign.batch import Batch
 from mmalign.config import ConfigError, DataConfig
-from mmalign.data.batching import (
-    Rejected,
-    RecordSpec,
-    Sample,
-    Tower,
-    batches,
-    take_samples,
-    to_sample,
-)
+from mmalign.data.batching import batches, take_samples, to_sample
 from mmalign.data.decode import parse_alternatives
 from mmalign.data.limits import DEFAULT_LIMITS, RecordLimits
 from mmalign.data.records import log_skip, raw_records
+from mmalign.data.samples import RecordSpec, Rejected, Sample, Tower
 from mmalign.data.shards import expand_shards
 from mmalign.data.splitting import Split, current_split
 from mmalign.data.survey import ShardSurvey, missing_modalities

@@ -27,17 +27,15 @@ import hashlib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from mmalign.batch import Batch
 from mmalign.data.decode import RecordError, decode_value, find_file
 from mmalign.data.limits import DEFAULT_LIMITS, RecordLimits
+from mmalign.data.samples import RecordSpec, Sample
 from mmalign.errors import ConfigError
-
-if TYPE_CHECKING:
-    from mmalign.data.batching import RecordSpec, Sample
 
 _INT64 = 2**63
 _NUMBERED = re.compile(r"^(\d+)\.(.+)$")

@@ -5,6 +5,8 @@ directory: everything it needs ships with the package. The modules, one concept 
 
 - :mod:`mmalign.demo.pipeline`: the orchestration, :func:`~mmalign.demo.pipeline.run_demo`
   and its steps (data, configs, training);
+- :mod:`mmalign.demo.runs`: a trained demo model (:class:`~mmalign.demo.runs.Run`);
+- :mod:`mmalign.demo.timings`: the wall and CPU seconds of each step;
 - :mod:`mmalign.demo.results`: the measurements of the trained models;
 - :mod:`mmalign.demo.report`: ``REPORT.md`` and its sections;
 - :mod:`mmalign.demo.data`: the shard builder (``mmalign prep make-demo``);

@@ -40,21 +40,18 @@ import gc
 import json
 import os
 import platform
-import resource
 import shutil
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mmalign.config import Config, ConfigError, load_config
+from mmalign.config import ConfigError, load_config
 from mmalign.demo.data import make_demo
 from mmalign.demo.report import write_report
 from mmalign.demo.results import evaluate_digits, index_and_search, print_hits, sum_zeroshot
+from mmalign.demo.runs import Run
+from mmalign.demo.timings import Timings
 from mmalign.model import AlignmentModel
 
 CONFIGS = {
@@ -93,69 +90,6 @@ def default_configs_dir() -> Path:
         'demo_digits.yaml'
     """
     return Path(__file__).resolve().parent / "configs"
-
-
-def _cpu_seconds() -> float:
-    """CPU time of this process and of its finished children (data workers, builders)."""
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
-
-
-@dataclass
-class Timings:
-    """Wall and CPU seconds of each named demo step.
-
-    Example:
-        >>> timings = Timings()
-        >>> with timings.measure("nothing"):
-        ...     pass
-        >>> list(timings.steps)
-        ['nothing']
-    """
-
-    steps: dict[str, tuple[float, float]] = field(default_factory=dict)
-
-    @contextmanager
-    def measure(self, name: str) -> Iterator[None]:
-        """Record the wall and CPU seconds of the ``with`` block under ``name``."""
-        wall, cpu = time.perf_counter(), _cpu_seconds()
-        try:
-            yield
-        finally:
-            self.steps[name] = (time.perf_counter() - wall, _cpu_seconds() - cpu)
-
-    def save(self, path: Path) -> None:
-        """Write the steps as JSON (``{name: [wall, cpu]}``)."""
-        path.write_text(json.dumps(self.steps, indent=1) + "\n")
-
-    @classmethod
-    def read(cls, path: Path) -> Timings:
-        """The timings :meth:`save` wrote (empty when there is no such file)."""
-        if not path.is_file():
-            return cls()
-        return cls({name: tuple(pair) for name, pair in json.loads(path.read_text()).items()})
-
-    def total(self) -> tuple[float, float]:
-        """``(wall, cpu)`` seconds of all steps together."""
-        walls, cpus = zip(*self.steps.values()) if self.steps else ((0.0,), (0.0,))
-        return sum(walls), sum(cpus)
-
-
-@dataclass
-class Run:
-    """A trained demo model with its run directory, config and training figures."""
-
-    name: str
-    directory: Path
-    config_file: str
-    """Name of the config in the configs directory (``demo_digits.yaml``...)."""
-    config: Config
-    steps: int
-    final_loss: float | None
-    model: AlignmentModel
-    reused: bool = False
-    """Trained by an earlier ``mmalign demo`` (``--reuse``): nothing was trained now."""
 
 
 def _say(text: str) -> None:

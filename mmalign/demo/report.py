@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mmalign.demo.results import REFERENCES_PER_CLASS
+from mmalign.demo.runs import Run
+from mmalign.demo.timings import Timings
 from mmalign.eval.report import markdown_table
-
-if TYPE_CHECKING:
-    from mmalign.demo.pipeline import Run, Timings
 
 TARGETS = {
     "zero-shot image accuracy, English prompts (digits)": ("zeroshot_en", ">=", 0.90),

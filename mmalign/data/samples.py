@@ -1,0 +1,76 @@
+"""What the data pipeline passes along: the :class:`Tower` it preprocesses with, the
+:class:`RecordSpec` of what to take from each record, and what a record becomes, a
+:class:`Sample` (used) or a :class:`Rejected` (counted, with where and why).
+
+Example:
+    >>> Sample("key0", {"labs": [1.0, 2.0]}).label
+    -1
+    >>> Rejected("skipped/bad_image", "s.tar", "key1", "cannot identify image file").counter
+    'skipped/bad_image'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from mmalign.data.limits import DEFAULT_LIMITS, RecordLimits
+
+
+class Tower(Protocol):
+    """What the data pipeline needs of a tower (:class:`mmalign.towers.Tower` has it)."""
+
+    augment: bool
+
+    def preprocess(self, raw: Any) -> Any: ...
+
+    def collate(self, items: Sequence[Any]) -> Any: ...
+
+    def set_augment(self, augment: bool) -> None: ...
+
+
+@dataclass
+class Sample:
+    """One usable record: preprocessed items of the modalities it has."""
+
+    key: str
+    items: dict[str, Any]
+    label: int = -1
+    metadata: dict[str, Any] = field(default_factory=dict)
+    group: int | None = None
+    negatives: list[Sample] = field(default_factory=list)
+    """Rows of the record's mined negatives (:mod:`mmalign.data.negatives`)."""
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A record that was read but not used; ``counter`` is e.g. ``skipped/bad_image``;
+    skipped records also say where they were (``url``, ``key``) and what went wrong."""
+
+    counter: str
+    url: str = ""
+    key: str = ""
+    message: str = ""
+
+
+@dataclass
+class RecordSpec:
+    """What to take from each record: modality fields (tower order), label, metadata, and
+    the group and views of :mod:`mmalign.data.views` (``epoch`` is set per pass)."""
+
+    towers: Mapping[str, Tower]
+    fields: dict[str, tuple[str, ...]]
+    label: tuple[str, ...] | None = None
+    metadata: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    augment: bool = False
+    limits: RecordLimits = DEFAULT_LIMITS
+    group: tuple[tuple[str, ...], str | None] | None = None
+    views: dict[str, str] = field(default_factory=dict)
+    negatives: str | None = None
+    seed: int = 0
+    epoch: int = 0
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.towers)
