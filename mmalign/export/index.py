@@ -18,7 +18,7 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import faiss
 import numpy as np
@@ -71,6 +71,7 @@ def _inverted_lists(vectors: np.ndarray, nlist: int | None, pq: tuple[int, int] 
     if lists > rows:
         raise ValueError(f"nlist={lists} exceeds the {rows} vectors to index")
     quantizer = faiss.IndexFlatIP(dim)
+    index: Any
     if pq is None:
         index = faiss.IndexIVFFlat(quantizer, dim, lists, faiss.METRIC_INNER_PRODUCT)
     else:
@@ -186,9 +187,9 @@ def _indexed_vectors(
     out_dir: Path, modality: str, dim: int | None
 ) -> tuple[np.ndarray, pa.Table, np.ndarray]:
     """The present rows of one modality, truncated to ``dim`` (renormalized), float32."""
-    vectors, table = load_embeddings(out_dir, modality)
+    exported, table = load_embeddings(out_dir, modality)
     keep = np.asarray(table.column(f"present_{modality}").to_pylist(), dtype=bool)
-    vectors = torch.from_numpy(np.asarray(vectors[keep], dtype=np.float32))
+    vectors = torch.from_numpy(np.asarray(exported[keep], dtype=np.float32))
     if vectors.shape[0] == 0:
         raise ValueError(f"{out_dir}: no exported sample has the {modality!r} modality")
     if dim is not None and dim != vectors.shape[1]:
@@ -258,7 +259,11 @@ def build_index(
     paths = _index_paths(out_dir, modality)
     kept = table.filter(pa.array(keep))
     atomic_write(paths["parquet"], lambda handle: pq.write_table(kept, handle))
-    atomic_write(paths["faiss"], lambda handle: handle.write(serialized))
+
+    def write_index(handle: IO[bytes]) -> None:
+        handle.write(serialized.tobytes())
+
+    atomic_write(paths["faiss"], write_index)
     write_json(paths["json"], info)
     return paths["faiss"]
 

@@ -230,7 +230,8 @@ def convert(
     per_modality: Counter[str] = Counter()
     per_split: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
-    examples, seen_keys = [], set()
+    examples: list[dict[str, Any]] = []
+    seen_keys: set[str] = set()
     writers = {
         split: wds.ShardWriter(
             str(directory / f"{name}-%06d.tar"), maxcount=maxcount, maxsize=maxsize, verbose=0

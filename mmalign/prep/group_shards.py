@@ -42,9 +42,15 @@ def cluster_order(
             "pick fewer clusters"
         )
     kmeans = faiss.Kmeans(
-        dim, clusters, niter=25, nredo=5, seed=seed, spherical=True, verbose=False
+        dim,
+        clusters,
+        niter=25,
+        nredo=5,
+        seed=seed,
+        spherical=True,
+        verbose=False,
+        min_points_per_centroid=1,
     )
-    kmeans.min_points_per_centroid = 1
     kmeans.train(np.ascontiguousarray(vectors, dtype=np.float32))
     _, assignment = kmeans.index.search(np.ascontiguousarray(vectors, dtype=np.float32), 1)
     assignment = assignment[:, 0]

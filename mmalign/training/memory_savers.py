@@ -28,7 +28,7 @@ def apply_memory_savers(model: AlignmentModel, config: TrainConfig) -> dict[str,
     """Gradient checkpointing and compilation of ``model``'s towers as ``config`` says, in
     place; the modalities each one applied to."""
     applied: dict[str, list[str]] = {"gradient_checkpointing": [], "compiled": []}
-    options = {} if config.compile in (True, False) else {"backend": _backend(config.compile)}
+    options = {"backend": _backend(config.compile)} if isinstance(config.compile, str) else {}
     for name, tower in model.towers.items():
         if config.gradient_checkpointing and enable_gradient_checkpointing(tower):
             applied["gradient_checkpointing"].append(name)

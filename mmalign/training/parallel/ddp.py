@@ -49,7 +49,7 @@ class DataParallel(Strategy):
         self, step_module: nn.Module, build_optimizer: Callable[[nn.Module], Any]
     ) -> tuple[nn.Module, torch.optim.Optimizer]:
         """``accelerator.prepare`` of the step module and its optimizer."""
-        optimizer = build_optimizer(step_module.model)
+        optimizer = build_optimizer(step_module.get_submodule("model"))
         return self.accelerator.prepare(step_module, optimizer)
 
     def no_sync(self, step_module: nn.Module) -> AbstractContextManager:

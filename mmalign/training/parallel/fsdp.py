@@ -29,7 +29,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -138,9 +138,10 @@ class FullySharded(Strategy):
     ) -> tuple[nn.Module, torch.optim.Optimizer]:
         """Shard ``step_module.model`` in place; the step module and an optimizer built over
         the sharded parameters (Accelerate wraps neither)."""
-        self.model = step_module.model
-        self.whole = shard_model(self.model)
-        return step_module, build_optimizer(self.model)
+        model = step_module.get_submodule("model")
+        self.model = model
+        self.whole = shard_model(model)
+        return step_module, build_optimizer(model)
 
     @contextmanager
     def no_sync(self, step_module: nn.Module) -> Iterator[None]:
@@ -177,8 +178,8 @@ class FullySharded(Strategy):
 
     def reshard(self) -> None:
         """Bring every unit back to its sharded state (the root stays gathered after a
-        forward without backward)."""
-        for module in _fsdp_modules(self.model):
+        forward without backward); nothing before :meth:`prepare`."""
+        for module in _fsdp_modules(self.model) if self.model is not None else []:
             module.reshard()
 
     def write_weights(
@@ -199,4 +200,4 @@ class FullySharded(Strategy):
         self.reshard()
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         state = get_model_state_dict(model, options=options)
-        return state if self.accelerator.is_main_process else None
+        return cast(dict[str, Tensor], state) if self.accelerator.is_main_process else None

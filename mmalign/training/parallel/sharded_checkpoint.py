@@ -83,8 +83,9 @@ class SafeReader(dcp.FileSystemReader):
             metadata = _MetadataUnpickler(handle).load()
         if not isinstance(metadata, Metadata):
             raise pickle.UnpicklingError(f"{path} holds no checkpoint metadata")
-        if getattr(metadata, "storage_meta", None) is not None:
-            metadata.storage_meta.load_id = self.load_id
+        storage_meta = getattr(metadata, "storage_meta", None)
+        if storage_meta is not None:
+            storage_meta.load_id = self.load_id
         return metadata
 
 
