@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -114,7 +115,7 @@ def run_summary(info: Mapping[str, Any]) -> str:
     )
 
 
-class Strategy:
+class Strategy(ABC):
     """How the model, optimizer, gradients and checkpoint weights are spread over processes
     (``train.strategy``); each strategy holds its limits (:meth:`check_launch`,
     :meth:`config_problems`). Checkpoint directories follow
@@ -143,34 +144,34 @@ class Strategy:
         """The run config's settings this strategy cannot honour, one line each (none)."""
         return []
 
+    @abstractmethod
     def prepare(
         self, step_module: nn.Module, build_optimizer: Callable[[nn.Module], Any]
     ) -> tuple[nn.Module, torch.optim.Optimizer]:
         """The step module and an optimizer over its model, ready to train."""
-        raise NotImplementedError
 
+    @abstractmethod
     def no_sync(self, step_module: nn.Module) -> AbstractContextManager:
         """A context in which backward passes do not synchronize gradients."""
-        raise NotImplementedError
 
+    @abstractmethod
     def clip_gradients(self, parameters: list[nn.Parameter], max_norm: float) -> float:
         """Clip the global gradient norm to ``max_norm``; returns the norm before clipping."""
-        raise NotImplementedError
 
+    @abstractmethod
     def write_weights(
         self, directory: Path, accelerator: Any, model: nn.Module, optimizer: Any
     ) -> None:
         """Write the model and optimizer files of a checkpoint into ``directory``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def read_weights(self, directory: Path, model: nn.Module, optimizer: Any) -> None:
         """Read what :meth:`write_weights` wrote."""
-        raise NotImplementedError
 
+    @abstractmethod
     def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
         """The whole model's state dict for the main process to save, or ``None`` when
         ``model`` can be saved as it is."""
-        raise NotImplementedError
 
     def save_checkpoint(
         self,
