@@ -157,7 +157,11 @@ class Validator:
 
     @torch.no_grad()
     def _embed(
-        self, accelerator: Accelerator, model: AlignmentModel, batches: list[Batch], generator: Any
+        self,
+        accelerator: Accelerator,
+        model: AlignmentModel,
+        batches: list[Batch],
+        generator: Callable[[], torch.Generator | None],
     ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor | None, float]:
         """Gathered embeddings and presence (by modality), labels and the mean loss."""
         names = list(model.modalities)
@@ -214,7 +218,10 @@ class Validator:
         return {f"val/zeroshot/{key}": result[key] for key in keys if key in result}
 
     def __call__(
-        self, accelerator: Accelerator, model: AlignmentModel, generator: Callable[[], Any]
+        self,
+        accelerator: Accelerator,
+        model: AlignmentModel,
+        generator: Callable[[], torch.Generator | None],
     ) -> dict[str, float]:
         """Validate ``model`` (unwrapped); a collective call. Returns the metrics (all ranks)."""
         model.eval()
