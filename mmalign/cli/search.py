@@ -22,10 +22,13 @@ import argparse
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mmalign.cli.common import check_path, csv_list, key_value, positive_int
 from mmalign.errors import UserError
+
+if TYPE_CHECKING:
+    from mmalign.model import AlignmentModel
 
 HELP = "query an exported index"
 QUERY_KINDS = ("text", "image", "audio")
@@ -60,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON lines")
 
 
-def resolve_query_modality(model: Any, name: str, flag: str = "--query") -> str:
+def resolve_query_modality(model: AlignmentModel, name: str, flag: str = "--query") -> str:
     """A modality name, or a tower type (``text``, ``image``, ...) naming the model's first
     modality of that type; else a :class:`~mmalign.errors.UserError` naming ``flag``.
 
@@ -104,7 +107,7 @@ def check_readable(path: str, kind: str, flag: str) -> None:
         ) from None
 
 
-def parse_raw(model: Any, modality: str, raw: str) -> Any:
+def parse_raw(model: AlignmentModel, modality: str, raw: str) -> Any:
     """The raw sample a command-line value stands for: a JSON list for tabular towers, the
     content of a ``.json`` file for graph towers, else the string (text, or a path the tower
     reads).
@@ -166,7 +169,7 @@ def queries_of(args: argparse.Namespace) -> list[tuple[str, str]]:
     return given
 
 
-def weights_of(model: Any, items: Sequence[str] | None) -> dict[str, float] | None:
+def weights_of(model: AlignmentModel, items: Sequence[str] | None) -> dict[str, float] | None:
     """``--weights text=1,audio=0.5`` as ``{modality: weight}`` (names as in queries).
 
     Example:

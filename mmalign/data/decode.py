@@ -135,7 +135,7 @@ def graph_from_arrays(arrays: Mapping[str, Any]) -> dict[str, np.ndarray]:
         raise RecordError("bad_graph", f"'x' must be [N, F], got shape {list(x.shape)}")
     if edge_index.size and (edge_index.min() < 0 or edge_index.max() >= x.shape[0]):
         raise RecordError("bad_graph", f"'edge_index' refers to nodes outside 0..{x.shape[0] - 1}")
-    graph = {"x": x, "edge_index": edge_index}
+    graph: dict[str, np.ndarray] = {"x": x, "edge_index": edge_index}
     if arrays.get("edge_attr") is not None:
         edge_attr = np.asarray(arrays["edge_attr"], dtype=np.float32)
         if edge_attr.shape[0] != edge_index.shape[1]:

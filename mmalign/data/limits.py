@@ -52,7 +52,7 @@ class RecordLimits:
         return cls(
             max_member_bytes=data.max_member_bytes,
             max_decoded_bytes=data.max_decoded_bytes,
-            audio_sample_rates=tuple(data.audio_sample_rates),
+            audio_sample_rates=data.audio_sample_rates,
             max_audio_seconds=float(data.max_audio_seconds),
         )
 

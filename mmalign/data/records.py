@@ -76,8 +76,11 @@ def _members(stream: Any, limits: RecordLimits) -> Iterator[tuple[str, bytes | R
                     ),
                 )
             else:
-                yield info.name, archive.extractfile(info).read()
-            archive.members = []  # stream mode: keep no member list
+                member = archive.extractfile(info)
+                assert member is not None, "a regular file has contents"
+                yield info.name, member.read()
+            # stream mode: keep no member list (typeshed does not declare TarFile.members)
+            archive.members = []  # type: ignore[attr-defined]
 
 
 def read_shard(url: str, limits: RecordLimits = DEFAULT_LIMITS) -> Iterator[dict[str, Any]]:

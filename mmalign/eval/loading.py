@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
@@ -22,6 +22,9 @@ from torch import Tensor, nn
 
 from mmalign.batch import Batch
 from mmalign.errors import ConfigError
+
+if TYPE_CHECKING:
+    from mmalign.model import AlignmentModel
 
 DEFAULT_EXTENSIONS = {
     "image": "png;jpg;jpeg;webp",
@@ -45,7 +48,9 @@ def model_directory(path: str | Path) -> Path:
     )
 
 
-def check_modalities(model: Any, names: Sequence[str], where: str = "--modalities") -> None:
+def check_modalities(
+    model: AlignmentModel, names: Sequence[str], where: str = "--modalities"
+) -> None:
     """Raise a :class:`~mmalign.errors.ConfigError` naming ``where`` (the flag or argument
     that gave ``names``) and listing the model's modalities when one of ``names`` is not one.
 
@@ -65,7 +70,7 @@ def check_modalities(model: Any, names: Sequence[str], where: str = "--modalitie
         )
 
 
-def load_model(model_or_dir: Any) -> Any:
+def load_model(model_or_dir: AlignmentModel | str | Path) -> AlignmentModel:
     """An :class:`~mmalign.AlignmentModel` as given, or loaded from a model or run directory."""
     if isinstance(model_or_dir, nn.Module):
         return model_or_dir
@@ -97,7 +102,7 @@ def run_fields(source: str | Path | None) -> dict[str, str]:
 
 
 def resolve_fields(
-    model: Any,
+    model: AlignmentModel,
     modalities: Sequence[str],
     fields: Mapping[str, str] | None = None,
     run_dir: str | Path | None = None,
@@ -144,18 +149,18 @@ class EmbeddedBatch:
     def concatenate(cls, parts: Sequence[EmbeddedBatch]) -> EmbeddedBatch:
         """The rows of ``parts`` one after the other."""
         first = parts[0]
-        labels = [part.labels for part in parts]
+        labels = [part.labels for part in parts if part.labels is not None]
         return cls(
             keys=[key for part in parts for key in part.keys],
             embeddings={m: torch.cat([p.embeddings[m] for p in parts]) for m in first.embeddings},
             present={m: torch.cat([p.present[m] for p in parts]) for m in first.present},
-            labels=None if any(label is None for label in labels) else torch.cat(labels),
+            labels=torch.cat(labels) if len(labels) == len(parts) else None,
             metadata={f: [v for p in parts for v in p.metadata[f]] for f in first.metadata},
         )
 
 
 @torch.no_grad()
-def embed_batch(model: Any, batch: Batch, modalities: Sequence[str]) -> EmbeddedBatch:
+def embed_batch(model: AlignmentModel, batch: Batch, modalities: Sequence[str]) -> EmbeddedBatch:
     """Embeddings of one loader :class:`~mmalign.batch.Batch` for ``modalities``."""
     outputs = model(batch.to(model.device))
     return EmbeddedBatch(
@@ -168,7 +173,7 @@ def embed_batch(model: Any, batch: Batch, modalities: Sequence[str]) -> Embedded
 
 
 def make_eval_loader(
-    model: Any,
+    model: AlignmentModel,
     shards: str | Sequence[str],
     modalities: Sequence[str],
     *,
@@ -215,7 +220,7 @@ class EmbeddingStream:
 
     def __init__(
         self,
-        model: Any,
+        model: AlignmentModel,
         shards: str | Sequence[str],
         modalities: Sequence[str],
         *,
@@ -254,7 +259,7 @@ class CollectedEmbeddings:
 
 
 def collect_embeddings(
-    model: Any,
+    model: AlignmentModel,
     shards: str | Sequence[str],
     modalities: Sequence[str],
     *,

@@ -23,7 +23,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
@@ -31,6 +31,9 @@ from sklearn.model_selection import train_test_split
 from torch import Tensor
 
 from mmalign.eval.loading import collect_embeddings, load_model
+
+if TYPE_CHECKING:
+    from mmalign.model import AlignmentModel
 
 C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
 """Inverse regularization strengths tried on the held-out part of train."""
@@ -45,7 +48,7 @@ def _fit(x: np.ndarray, y: np.ndarray, c: float, seed: int) -> LogisticRegressio
 def _few_shot_split(
     labels: np.ndarray, shots: int, generator: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
-    chosen = []
+    chosen: list[int] = []
     for label in np.unique(labels):
         rows = np.flatnonzero(labels == label)
         if rows.size <= shots:
@@ -107,7 +110,7 @@ def linear_probe(
 
 
 def run_probe(
-    model: Any,
+    model: AlignmentModel,
     train_shards: str | Sequence[str],
     test_shards: str | Sequence[str],
     modality: str,

@@ -32,7 +32,7 @@ import itertools
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -54,6 +54,9 @@ from mmalign.eval.zeroshot import (
     load_classes,
 )
 from mmalign.objectives.matryoshka import truncate
+
+if TYPE_CHECKING:
+    from mmalign.model import AlignmentModel
 
 LEVELS = ("instance", "class")
 """Retrieval levels: a hit is the paired item (instance) or any item of the class (class)."""
@@ -122,8 +125,10 @@ def recall_curves(
             x, y = collected.embeddings[query][rows], collected.embeddings[gallery][rows]
             max_k = min(CURVE_MAX_K, x.shape[0])
             curves["instance"][f"{query}->{gallery}"] = recall_curve(x, y, max_k)
-            labelled = rows & (labels >= 0) if labels is not None else None
-            if labelled is not None and int(labelled.sum()) >= 2:
+            if labels is None:
+                continue
+            labelled = rows & (labels >= 0)
+            if int(labelled.sum()) >= 2:
                 ids = labels[labelled]
                 curves["class"][f"{query}->{gallery}"] = recall_curve(
                     collected.embeddings[query][labelled],
@@ -161,12 +166,12 @@ def nway_report(collected: CollectedEmbeddings, ks: Sequence[int]) -> dict[str, 
     return metrics
 
 
-def _default_text_modality(model: Any) -> str | None:
+def _default_text_modality(model: AlignmentModel) -> str | None:
     return next((m for m in model.modalities if model.config.towers[m]["type"] == "text"), None)
 
 
 def zeroshot_report(
-    model: Any,
+    model: AlignmentModel,
     collected: CollectedEmbeddings,
     classes: str | Path | Mapping[str, Any],
     query_sets: Sequence[Sequence[str]],

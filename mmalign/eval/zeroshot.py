@@ -27,7 +27,7 @@ import json
 import numbers
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,9 @@ from mmalign.eval.loading import (
     load_model,
 )
 from mmalign.objectives.matryoshka import truncate
+
+if TYPE_CHECKING:
+    from mmalign.model import AlignmentModel
 
 
 def _candidate_samples(candidate: Any, index: int) -> list[Any]:
@@ -81,7 +84,7 @@ def fill_templates(classnames: Sequence[str], templates: str | Sequence[str]) ->
 
 
 def encode_queries(
-    model: Any, queries: Mapping[str, Sequence[Any]], batch_size: int = 64
+    model: AlignmentModel, queries: Mapping[str, Sequence[Any]], batch_size: int = 64
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Encode raw query samples (modality -> list, ``None`` = absent) to embeddings + presence."""
     if not queries:
@@ -120,7 +123,7 @@ class ZeroShotClassifier:
 
     def __init__(
         self,
-        model: Any,
+        model: AlignmentModel,
         candidates: Sequence[Any],
         candidate_modality: str,
         *,
@@ -151,7 +154,7 @@ class ZeroShotClassifier:
     @classmethod
     def from_texts(
         cls,
-        model: Any,
+        model: AlignmentModel,
         classnames: Sequence[str],
         templates: str | Sequence[str] = "{}",
         text_modality: str = "text",
@@ -199,7 +202,7 @@ class ZeroShotClassifier:
         return self.scores(queries).argmax(dim=-1)
 
 
-def check_text_modality(model: Any, name: str | None) -> str:
+def check_text_modality(model: AlignmentModel, name: str | None) -> str:
     """``name`` when it is a text tower of ``model`` (it encodes the class prompts), else a
     :class:`~mmalign.errors.ConfigError` naming ``--text-modality`` and the text towers.
 
@@ -211,7 +214,7 @@ def check_text_modality(model: Any, name: str | None) -> str:
         'caption'
     """
     texts = [m for m in model.modalities if model.config.towers[m]["type"] == "text"]
-    if name in texts:
+    if name is not None and name in texts:
         return name
     if not texts:
         raise ConfigError(
@@ -295,7 +298,7 @@ def load_classes(
 
 
 def run_zeroshot(
-    model: Any,
+    model: AlignmentModel,
     shards: str | Sequence[str],
     classes: str | Path | Mapping[str, Any],
     query_modalities: Sequence[str],

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -23,6 +23,9 @@ from mmalign.data.exports import read_manifest
 from mmalign.errors import UserError
 from mmalign.eval.loading import load_model
 from mmalign.export.index import load_index
+
+if TYPE_CHECKING:
+    from mmalign.model import AlignmentModel
 
 
 class QueryError(UserError, ValueError):
@@ -52,7 +55,7 @@ def recorded_model(index_dir: str | Path) -> str:
 
 
 def query_vector(
-    model: Any,
+    model: AlignmentModel,
     queries: Mapping[str, Any],
     dim: int | None = None,
     weights: Mapping[str, float] | None = None,
@@ -98,7 +101,7 @@ def query_vector(
 
 def search(
     index_dir: str | Path,
-    model: Any,
+    model: AlignmentModel,
     query: Any,
     modality: str | None = None,
     k: int = 10,

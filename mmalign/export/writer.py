@@ -31,13 +31,14 @@ Example:
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -52,6 +53,9 @@ from mmalign.eval.loading import EmbeddedBatch, EmbeddingStream, load_model, mod
 from mmalign.export.index import build_index, index_recipe
 from mmalign.files import LOCK_NAME, DirectoryLock, atomic_write, read_json, write_json
 from mmalign.objectives.matryoshka import check_prefix, truncate
+
+if TYPE_CHECKING:
+    from mmalign.model import AlignmentModel
 
 FORMAT = "mmalign-embeddings/1"
 """The ``format`` recorded in an export's settings."""
@@ -147,7 +151,7 @@ def _write_chunk(
         values = torch.where(chunk.present[modality][:, None], embedding, torch.nan)
         array = values.numpy().astype(DTYPES[dtype])
         relative = f"{modality}/{name}.npy"
-        atomic_write(out_dir / relative, lambda handle, a=array: np.save(handle, a), tag)
+        atomic_write(out_dir / relative, functools.partial(np.save, arr=array), tag)
         files[modality] = relative
     columns = {"key": pa.array(chunk.keys, pa.string())}
     columns |= {f"present_{m}": pa.array(mask.tolist()) for m, mask in chunk.present.items()}
@@ -173,7 +177,7 @@ def _check_settings(path: Path, found: Mapping[str, Any], wanted: Mapping[str, A
 
 
 def _settings(
-    model: Any,
+    model: AlignmentModel,
     model_path: str | None,
     shards: str | Sequence[str],
     modalities: Sequence[str],
@@ -221,7 +225,7 @@ def merge_manifests(out_dir: str | Path, world_size: int) -> dict[str, Any] | No
 
 
 def export_embeddings(
-    model: Any,
+    model: AlignmentModel,
     shards: str | Sequence[str],
     modalities: Sequence[str],
     out_dir: str | Path,
@@ -278,7 +282,13 @@ def export_embeddings(
     }
     settings = _settings(model, model_path, shards, modalities, options, dim)
     with share.lock():
-        fresh = {"settings": settings, "complete": False, "chunks": [], "rows": 0, "counters": {}}
+        fresh: dict[str, Any] = {
+            "settings": settings,
+            "complete": False,
+            "chunks": [],
+            "rows": 0,
+            "counters": {},
+        }
         state = read_json(share.progress_file) or fresh
         _check_settings(share.progress_file, state["settings"], settings)
         if not state["complete"]:
@@ -300,7 +310,7 @@ def export_embeddings(
 
 
 def _run_export(
-    model: Any,
+    model: AlignmentModel,
     shards: str | Sequence[str],
     modalities: Sequence[str],
     share: _Share,
@@ -364,7 +374,7 @@ def _run_export(
 
 
 def run_export(
-    model: Any,
+    model: AlignmentModel,
     shards: str | Sequence[str],
     modalities: Sequence[str] | None,
     out_dir: str | Path,

@@ -26,6 +26,7 @@ from mmalign.objectives.anchored import AnchoredConfig
 from mmalign.objectives.base import (
     LossOutput,
     Objective,
+    PairTermsConfig,
     PairwiseConfig,
     build_objective,
     register_objective,
@@ -36,6 +37,7 @@ __all__ = [
     "AnchoredConfig",
     "LossOutput",
     "Objective",
+    "PairTermsConfig",
     "PairwiseConfig",
     "SymileConfig",
     "build_objective",

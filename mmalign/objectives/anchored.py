@@ -16,12 +16,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from mmalign.config import field_error
-from mmalign.objectives.base import pair_name, register_objective
+from mmalign.objectives.base import PairTermsConfig, register_objective
 from mmalign.objectives.clip import ClipObjective
-from mmalign.objectives.positives import PositivesConfig
 
 
-class AnchoredConfig(PositivesConfig):
+class AnchoredConfig(PairTermsConfig):
     """``anchored``: every other modality is paired with ``anchor``."""
 
     anchor: str
@@ -30,9 +29,6 @@ class AnchoredConfig(PositivesConfig):
     def resolve_pairs(self, modalities: Sequence[str]) -> list[tuple[str, str]]:
         """``(anchor, other)`` for every other modality."""
         return [(self.anchor, other) for other in modalities if other != self.anchor]
-
-    def term_names(self, modalities: Sequence[str]) -> list[str]:
-        return [pair_name(pair) for pair in self.resolve_pairs(modalities)]
 
     def check_modalities(self, modalities: Sequence[str]) -> None:
         if self.anchor not in modalities or len(modalities) < 2:

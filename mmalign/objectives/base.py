@@ -195,7 +195,19 @@ def _combine(
     return LossOutput(loss=loss, metrics=metrics)
 
 
-class PairwiseConfig(PositivesConfig):
+class PairTermsConfig(PositivesConfig):
+    """Config of an objective with one term per pair of modalities; the subclass says which
+    pairs (:class:`PairwiseConfig`: the listed ones or all, ``anchored``: the anchor's)."""
+
+    def resolve_pairs(self, modalities: Sequence[str]) -> list[tuple[str, str]]:
+        """The pairs of ``modalities`` that get a term."""
+        raise NotImplementedError
+
+    def term_names(self, modalities: Sequence[str]) -> list[str]:
+        return [pair_name(pair) for pair in self.resolve_pairs(modalities)]
+
+
+class PairwiseConfig(PairTermsConfig):
     """Config of an objective with one term per pair of modalities."""
 
     pairs: list[tuple[str, str]] | None = None
@@ -209,10 +221,7 @@ class PairwiseConfig(PositivesConfig):
                 for index, first in enumerate(modalities)
                 for second in modalities[index + 1 :]
             ]
-        return [tuple(pair) for pair in self.pairs]
-
-    def term_names(self, modalities: Sequence[str]) -> list[str]:
-        return [pair_name(pair) for pair in self.resolve_pairs(modalities)]
+        return list(self.pairs)
 
     def check_modalities(self, modalities: Sequence[str]) -> None:
         for pair in self.pairs or []:
@@ -230,7 +239,8 @@ class PairwiseConfig(PositivesConfig):
 class PairwiseObjective(Objective):
     """An objective with one term per pair of modalities: the configured ``pairs`` or all."""
 
-    config_class = PairwiseConfig
+    config_class: ClassVar[type[PairTermsConfig]] = PairwiseConfig
+    config: PairTermsConfig
 
     def pairs(self, modalities: Sequence[str]) -> list[tuple[str, str]]:
         return self.config.resolve_pairs(modalities)

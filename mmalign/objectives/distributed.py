@@ -18,6 +18,8 @@ Example:
 
 from __future__ import annotations
 
+import functools
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -161,14 +163,16 @@ class BatchView:
     def same_group(self) -> Tensor:
         """``BoolTensor[rows, global_rows]``: local row ``i`` and global row ``k`` share a
         group (without groups: ``k`` is ``i``'s own row)."""
-        if self.groups is None:
+        if self.groups is None or self.global_groups is None:  # both or neither
             columns = torch.arange(self.global_rows, device=self.device)
             return self.local_global_index()[:, None] == columns[None, :]
         return self.groups[:, None] == self.global_groups[None, :]
 
     def zero(self) -> Tensor:
         """A zero scalar attached to the graph of every embedding (zero gradients, no NaN)."""
-        return sum(value.sum() * 0.0 for value in self.embeddings.values())
+        return functools.reduce(
+            operator.add, (value.sum() * 0.0 for value in self.embeddings.values())
+        )
 
 
 def _check_shapes(embeddings: dict[str, Tensor]) -> int:

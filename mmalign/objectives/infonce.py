@@ -51,7 +51,7 @@ def _direction_loss_sum(
     valid_local = valid[batch.offset : batch.offset + batch.rows]
     logits = (scale * queries[valid_local]) @ keys.T
     logits = logits.masked_fill(~columns[None, :], float("-inf"))
-    if instance:
+    if positives is None or instance:
         return F.cross_entropy(logits, labels[valid_local], reduction="sum")
     same = batch.same_group()[valid_local]
     mode, tau_plus = positives.positives, positives.tau_plus

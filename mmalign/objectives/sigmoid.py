@@ -96,6 +96,7 @@ class SigmoidObjective(PairwiseObjective):
     """SigLIP's sigmoid loss averaged over pairs of modalities."""
 
     config_class = SigmoidConfig
+    config: SigmoidConfig
     learns_bias = True
 
     def terms(

@@ -162,6 +162,7 @@ class SymileObjective(Objective):
     """Symile's multilinear-inner-product cross-entropy, each modality as anchor in turn."""
 
     config_class = SymileConfig
+    config: SymileConfig
     scores_jointly = True
 
     def score(

@@ -53,11 +53,12 @@ Example:
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.autograd.function import once_differentiable
 
 from mmalign.dist import world_size
 from mmalign.objectives.distributed import all_reduce_sum
@@ -181,10 +182,23 @@ def _backward_pass(workspace: Workspace, lse: Tensor, grad_lse: Tensor) -> list[
     return grads
 
 
+class _Context(Protocol):
+    """What :class:`_SymileLogSumExp`'s ``ctx`` carries from forward to backward."""
+
+    prefixes_per_block: int
+    low: torch.dtype | None
+    groups: Tensor | None
+
+    @property
+    def saved_tensors(self) -> tuple[Tensor, ...]: ...
+
+    def save_for_backward(self, *tensors: Tensor) -> None: ...
+
+
 class _SymileLogSumExp(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: FunctionCtx,
+        ctx: _Context,
         block_size: int,
         low: torch.dtype | None,
         groups: Tensor | None,
@@ -199,7 +213,7 @@ class _SymileLogSumExp(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, grad_lse: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: _Context, grad_lse: Tensor) -> tuple[Tensor | None, ...]:
         lse, anchor, *others = ctx.saved_tensors
         workspace = Workspace(
             anchor, others, ctx.prefixes_per_block, ctx.low, ctx.groups, backward=True

@@ -86,7 +86,8 @@ class Workspace:
             self.matmul_anchor = anchor.to(low)
             self.products = anchor.new_empty(candidates, dim, dtype=low)
             self.low_logits = anchor.new_empty(rows, candidates, dtype=low)
-            self.low_products = torch.empty_like(self.products) if backward else None
+            if backward:
+                self.low_products = torch.empty_like(self.products)
 
     def blocks(self) -> Iterator[Block]:
         """This rank's blocks, each with its products filled in."""

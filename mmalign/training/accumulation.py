@@ -33,13 +33,18 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from mmalign.batch import Batch
 from mmalign.training.timing import StepTimer
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from mmalign.model import AlignmentModel
 
 
 @dataclass
@@ -64,8 +69,8 @@ class FeatureCache:
         for present in presents:
             offsets.append(offsets[-1] + int(present.shape[0]))
         embeddings = {name: torch.cat([f[name] for f in features]) for name in features[0]}
-        has_groups = bool(groups) and all(group is not None for group in groups)
-        joined = torch.cat(list(groups)) if has_groups else None
+        known = [group for group in groups if group is not None]
+        joined = torch.cat(known) if known and len(known) == len(groups) else None
         return cls(embeddings, torch.cat(list(presents)), offsets, joined)
 
     def splice(self, index: int, embeddings: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
@@ -85,12 +90,12 @@ class ContrastiveStep(nn.Module):
     ``forward(batch, cache=None, index=0, generator=None) -> (loss, metrics)``.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: AlignmentModel) -> None:
         super().__init__()
         self.model = model
         self.timer: StepTimer | None = None
 
-    def section(self, name: str) -> Any:
+    def section(self, name: str) -> AbstractContextManager[None]:
         """Time a part of the step when a timer is attached."""
         return self.timer.section(name) if self.timer is not None else nullcontext()
 
@@ -163,7 +168,7 @@ def _set_rng_state(state: tuple[Tensor, Tensor | None], device: torch.device) ->
         torch.cuda.set_rng_state(state[1], device)
 
 
-def _finite_everywhere(accelerator: Any, loss: Tensor) -> bool:
+def _finite_everywhere(accelerator: Accelerator, loss: Tensor) -> bool:
     """Whether the loss is finite on every process (all ranks must agree to skip a step)."""
     flag = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
     if accelerator.num_processes > 1:
@@ -172,7 +177,7 @@ def _finite_everywhere(accelerator: Any, loss: Tensor) -> bool:
 
 
 def accumulated_step(
-    accelerator: Any,
+    accelerator: Accelerator,
     step_module: nn.Module,
     micro_batches: Sequence[Batch],
     make_generator: Callable[[], torch.Generator | None],

@@ -36,7 +36,7 @@ import random
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -45,6 +45,9 @@ from torch import nn
 
 from mmalign.errors import UserError
 from mmalign.files import read_json, replace_directory, write_json
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 _PREFIX = "step-"
 _PRUNED = ".pruned-"
@@ -118,7 +121,9 @@ def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> d
 
 def capture_rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """This process's torch, CUDA, numpy and Python RNG states (tensors, JSON)."""
-    numpy_state = np.random.get_state()
+    # numpy's stub matches the legacy=False overload (a dict); the default legacy=True
+    # returns the MT19937 tuple
+    numpy_state = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
     tensors = {
         "torch": torch.get_rng_state(),
         "numpy": torch.from_numpy(np.asarray(numpy_state[1], dtype=np.uint32).astype(np.int64)),
@@ -145,7 +150,9 @@ def restore_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) ->
     random.setstate((version, tuple(internal), gauss))
 
 
-def write_weights(directory: Path, accelerator: Any, model: nn.Module, optimizer: Any) -> None:
+def write_weights(
+    directory: Path, accelerator: Accelerator, model: nn.Module, optimizer: Any
+) -> None:
     """The whole-tensor weights of a checkpoint: ``model.safetensors``,
     ``optimizer.safetensors`` and ``optimizer.json``, written by the main process."""
     if accelerator.is_main_process:
@@ -177,7 +184,7 @@ WeightsReader = Callable[[Path, nn.Module, Any], None]
 def save_checkpoint(
     directory: Path,
     step: int,
-    accelerator: Any,
+    accelerator: Accelerator,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     trainer_state: dict[str, Any],

@@ -159,7 +159,14 @@ def total_steps(config: Config) -> int:
     """Optimizer steps of the run: ``train.steps``, or ``train.epochs`` passes over
     ``data.epoch_samples`` (samples per process and epoch, as the loader counts them) at
     ``batch_size x accumulate`` samples per process and step."""
-    if config.train.epochs is None:
-        return int(config.train.steps)
+    steps, epochs, epoch_samples = (
+        config.train.steps,
+        config.train.epochs,
+        config.data.epoch_samples,
+    )
+    if epochs is None:
+        assert steps is not None, "check_run_config: train.steps or train.epochs"
+        return steps
+    assert epoch_samples is not None, "check_run_config: train.epochs needs data.epoch_samples"
     per_step = config.data.batch_size * config.train.accumulate
-    return max(1, math.ceil(config.train.epochs * config.data.epoch_samples / per_step))
+    return max(1, math.ceil(epochs * epoch_samples / per_step))

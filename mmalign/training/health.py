@@ -66,8 +66,8 @@ def unhealthy_tensor(model: nn.Module, max_abs: float) -> tuple[str, float] | No
         value = _largest([tensor])
         if not math.isfinite(value) or value > max_abs:
             return name, value
-    for name, tensor in buffers.items():
-        value = _largest([tensor])
+    for name, buffer in buffers.items():
+        value = _largest([buffer])
         if not math.isfinite(value):
             return name, value
     return None

@@ -93,7 +93,7 @@ def host_memory(setting: str, gradient_checkpointing: bool = False) -> Iterator[
     module doc); yields :func:`host_memory_policy`'s description."""
     aim, policy = _decide(setting, gradient_checkpointing)
     libc = _glibc() if aim is not None else None
-    if libc is None:
+    if aim is None or libc is None:
         yield policy
         return
     mmap_threshold, trim_threshold = THRESHOLDS[aim]

@@ -14,6 +14,8 @@ Example:
 
 from __future__ import annotations
 
+from typing import Protocol, cast
+
 import numpy as np
 
 from mmalign.config import ConfigError, DataConfig
@@ -21,13 +23,32 @@ from mmalign.data import make_loader
 from mmalign.model import AlignmentModel
 
 
-def towers_to_fit(model: AlignmentModel) -> list[str]:
-    """Modalities whose tower config says ``normalize: fit``."""
-    return [
-        name
+class NormalizationSettings(Protocol):
+    """The config fields of a tower that fits statistics (the tabular tower's)."""
+
+    @property
+    def normalize(self) -> str: ...
+
+    @property
+    def normalize_records(self) -> int: ...
+
+
+class NormalizingTower(Protocol):
+    """A tower whose config says ``normalize: fit``: it fits its statistics from vectors."""
+
+    @property
+    def config(self) -> NormalizationSettings: ...
+
+    def fit_normalization(self, vectors: np.ndarray) -> None: ...
+
+
+def towers_to_fit(model: AlignmentModel) -> dict[str, NormalizingTower]:
+    """The towers whose config says ``normalize: fit``, by modality."""
+    return {
+        name: cast(NormalizingTower, tower)  # the contract of the module doc
         for name, tower in model.towers.items()
         if getattr(tower.config, "normalize", "none") == "fit"
-    ]
+    }
 
 
 def training_samples(
@@ -35,6 +56,7 @@ def training_samples(
 ) -> np.ndarray:
     """The first ``count`` preprocessed samples of ``modality`` in ``data.train``, stacked."""
     tower = model.towers[modality]
+    assert data.train is not None, "check_run_config: training needs data.train"
     loader = make_loader(
         data.train,
         {modality: tower},
@@ -56,8 +78,7 @@ def training_samples(
 def fit_normalizers(model: AlignmentModel, data: DataConfig) -> dict[str, int]:
     """Fit the statistics of every ``normalize: fit`` tower; modality -> records used."""
     fitted = {}
-    for modality in towers_to_fit(model):
-        tower = model.towers[modality]
+    for modality, tower in towers_to_fit(model).items():
         samples = training_samples(model, data, modality, tower.config.normalize_records)
         if len(samples) == 0:
             raise ConfigError(

@@ -167,7 +167,7 @@ def _prepare_directory(
     if shared[0] is not None:
         raise RuntimeError(shared[0])
     try:
-        require_shared_output(accelerator, output, shared[1])
+        require_shared_output(accelerator, output, str(shared[1]))  # rank 0's lock line
     except UserError:
         if lock is not None:
             lock.release()
@@ -257,9 +257,8 @@ def _train(
 
 def _training_device() -> torch.device:
     """The device :func:`_accelerator` trains on: the accelerator when there is one."""
-    if torch.accelerator.is_available():
-        return torch.accelerator.current_accelerator()
-    return torch.device("cpu")
+    device = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    return device if device is not None else torch.device("cpu")
 
 
 def _disk_full(output: Path, error: OSError) -> UserError:

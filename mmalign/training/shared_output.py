@@ -24,12 +24,15 @@ from __future__ import annotations
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from accelerate.utils import gather_object
 
 from mmalign.errors import UserError
 from mmalign.files import LOCK_NAME
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 
 def sees_lock(lock: Path, owner: str, wait: float = 5.0) -> bool:
@@ -47,7 +50,7 @@ def sees_lock(lock: Path, owner: str, wait: float = 5.0) -> bool:
         time.sleep(0.2)
 
 
-def require_shared_output(accelerator: Any, output: Path, owner: str) -> None:
+def require_shared_output(accelerator: Accelerator, output: Path, owner: str) -> None:
     """Raise the same :class:`~mmalign.errors.UserError` on every process when some process
     does not see the lock of ``output`` holding the main process's line ``owner`` (a
     collective call)."""

@@ -46,28 +46,27 @@ class EpochStream:
         self._iterator: Iterator[Any] | None = None
         self._finished_counters: Counter[str] = Counter()
 
-    def _open(self) -> None:
+    def _open(self) -> Iterator[Any]:
         self._loader = self.make_loader(epoch_seed(self.seed, self.epoch))
-        self._iterator = iter(self._loader)
+        self._iterator = iterator = iter(self._loader)
         for skipped in range(self.batches):
-            if next(self._iterator, None) is None:
+            if next(iterator, None) is None:
                 raise RuntimeError(
                     f"cannot resume the data stream: epoch {self.epoch} ended after {skipped} "
                     f"batches but the checkpoint had consumed {self.batches}; were the shards "
                     "or data settings changed?"
                 )
+        return iterator
 
-    def prime(self) -> None:
-        """Open the current epoch's loader now (and skip consumed batches)."""
-        if self._iterator is None:
-            self._open()
+    def prime(self) -> Iterator[Any]:
+        """Open the current epoch's loader now (and skip consumed batches); its iterator."""
+        return self._open() if self._iterator is None else self._iterator
 
     def __iter__(self) -> EpochStream:
         return self
 
     def __next__(self) -> Any:
-        self.prime()
-        batch = next(self._iterator, None)
+        batch = next(self.prime(), None)
         if batch is None:
             if self.batches == 0:
                 raise RuntimeError(

@@ -29,7 +29,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from accelerate import Accelerator
@@ -115,7 +115,8 @@ class Trainer:
         self.scheduler = build_scheduler(unwrapped, config.train, self.total)
         self.model: AlignmentModel = accelerator.unwrap_model(self.step_module).model
         self.ema = attach_ema(self.model, self.optimizer, config.train.ema)
-        self.final_model = self.model if self.ema is None else self.ema.module  # validated, saved
+        # validated and saved: the model or its average (AveragedModel holds a deep copy of it)
+        self.final_model = self.model if self.ema is None else cast(AlignmentModel, self.ema.module)
         apply_memory_savers(self.model, config.train)
         self.step_module.train()
         self.validator = Validator(config) if config.data.val else None
@@ -206,7 +207,7 @@ class Trainer:
                 self._after_step()
         self._stop_if_signalled()
         if self.validator is not None:
-            self._validate()
+            self._validate(self.validator)
         self._save()
 
     def _stop_if_signalled(self) -> None:
@@ -331,8 +332,8 @@ class Trainer:
             self._log_training()
         if step == self.total:
             return
-        if config.eval.every and step % config.eval.every == 0:
-            self._validate()
+        if self.validator is not None and config.eval.every and step % config.eval.every == 0:
+            self._validate(self.validator)
         if config.train.save_every and step % config.train.save_every == 0:
             self._save()
 
@@ -393,8 +394,8 @@ class Trainer:
                 "see the warnings above for their shards and keys"
             )
 
-    def _validate(self) -> dict[str, float]:
-        metrics = self.validator(self.accelerator, self.final_model, self._generator)
+    def _validate(self, validator: Validator) -> dict[str, float]:
+        metrics = validator(self.accelerator, self.final_model, self._generator)
         self.last_metrics = metrics
         if self.logger is not None and metrics:
             self.logger.log(self.step, metrics)

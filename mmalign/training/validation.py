@@ -35,7 +35,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate.utils import broadcast_object_list
@@ -50,6 +50,11 @@ from mmalign.eval.retrieval import nway_recall, pairwise_recall
 from mmalign.eval.zeroshot import ZeroShotClassifier, load_classes
 from mmalign.objectives.matryoshka import truncate
 
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from mmalign.model import AlignmentModel
+
 KS = (1, 5, 10)
 RETRIEVAL_METRICS = (*(f"R@{k}" for k in KS), "mAP")
 """What validation reports of each retrieval direction (and averages over directions)."""
@@ -61,12 +66,12 @@ def directions(
 ) -> list[tuple[str, str]]:
     """(query, gallery) pairs: ``eval.retrieval_pairs`` or every ordered pair."""
     if pairs is not None:
-        return [tuple(pair) for pair in pairs]
+        return list(pairs)
     return list(itertools.permutations(list(modalities), 2))
 
 
 def recall_metrics(
-    model: Any,
+    model: AlignmentModel,
     embeddings: Mapping[str, Tensor],
     present: Mapping[str, Tensor],
     pairs: Sequence[tuple[str, str]] | None = None,
@@ -128,7 +133,7 @@ class Validator:
             else None
         )
 
-    def _batches(self, accelerator: Any, model: Any) -> list[Batch]:
+    def _batches(self, accelerator: Accelerator, model: AlignmentModel) -> list[Batch]:
         """This rank's batches, cut to the count every rank has (collectives stay aligned)."""
         per_batch = self.config.data.batch_size * accelerator.num_processes
         wanted = math.ceil(self.config.eval.max_samples / per_batch)
@@ -147,12 +152,16 @@ class Validator:
         return batches[: int(count)]
 
     @staticmethod
-    def _gathered(accelerator: Any, chunks: list[Tensor]) -> Tensor:
+    def _gathered(accelerator: Accelerator, chunks: list[Tensor]) -> Tensor:
         return accelerator.gather(torch.cat(chunks)).cpu()
 
     @torch.no_grad()
     def _embed(
-        self, accelerator: Any, model: Any, batches: list[Batch], generator: Any
+        self,
+        accelerator: Accelerator,
+        model: AlignmentModel,
+        batches: list[Batch],
+        generator: Callable[[], torch.Generator | None],
     ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor | None, float]:
         """Gathered embeddings and presence (by modality), labels and the mean loss."""
         names = list(model.modalities)
@@ -174,7 +183,7 @@ class Validator:
         loss = accelerator.gather(torch.stack(losses).float().mean().reshape(1)).mean()
         return gathered, present, label_tensor, float(loss)
 
-    def _classifier(self, model: Any) -> ZeroShotClassifier | None:
+    def _classifier(self, model: AlignmentModel) -> ZeroShotClassifier | None:
         """The zero-shot classifier of ``data.classes`` (``None`` without); built on every
         rank, since a sharded (FSDP) text tower needs every rank for its forward."""
         if self.classes is None:
@@ -204,11 +213,15 @@ class Validator:
             {name: mask[usable] for name, mask in columns.items()},
         )
         result = classification_metrics(scores, labels[usable], classnames, ZEROSHOT_KS)
-        keys = [f"top{k}" for k in ZEROSHOT_KS if k <= len(classnames)] + ["balanced_accuracy"]
+        classes = classifier.class_embeddings.shape[0]
+        keys = [f"top{k}" for k in ZEROSHOT_KS if k <= classes] + ["balanced_accuracy"]
         return {f"val/zeroshot/{key}": result[key] for key in keys if key in result}
 
     def __call__(
-        self, accelerator: Any, model: Any, generator: Callable[[], Any]
+        self,
+        accelerator: Accelerator,
+        model: AlignmentModel,
+        generator: Callable[[], torch.Generator | None],
     ) -> dict[str, float]:
         """Validate ``model`` (unwrapped); a collective call. Returns the metrics (all ranks)."""
         model.eval()
@@ -231,7 +244,7 @@ class Validator:
 
     def _metrics(
         self,
-        model: Any,
+        model: AlignmentModel,
         classifier: ZeroShotClassifier | None,
         embeddings: dict[str, Tensor],
         present: dict[str, Tensor],
