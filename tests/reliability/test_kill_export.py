@@ -13,6 +13,8 @@ from conftest import EXPORT_CHUNK, export_arguments, fork_mmalign, tiny_config
 from mmalign.export import ExportError, load_embeddings, read_manifest, run_export
 from mmalign.training import train
 
+pytestmark = pytest.mark.launches
+
 CHUNK = EXPORT_CHUNK
 WRITER = "mmalign.export.writer"
 """The module whose functions the kill points wrap."""
