@@ -10,6 +10,7 @@ The public API, imported lazily so that ``import mmalign`` stays fast:
 from __future__ import annotations
 
 import importlib
+from importlib.metadata import version
 from typing import Any
 
 _EXPORTS = {
@@ -37,7 +38,7 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-__version__ = "0.1.0"
+__version__ = version("mmalign")  # the installed distribution's (pyproject.toml)
 
 
 def __getattr__(name: str) -> Any:

@@ -18,11 +18,16 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 
 from mmalign.errors import UserError
 from mmalign.export.reshard import ExportRows, source_records, write_shards, write_summary
+from mmalign.extras import missing_extra
+
+try:
+    import faiss
+except ImportError:
+    raise missing_extra("index", "mmalign prep group-shards") from None
 
 
 def cluster_order(

@@ -20,15 +20,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
 from mmalign.export.reading import load_embeddings, read_manifest
+from mmalign.extras import missing_extra
 from mmalign.files import atomic_write, read_json, write_json
 from mmalign.objectives.matryoshka import check_prefix, truncate
+
+try:
+    import faiss
+except ImportError:
+    raise missing_extra("index", "FAISS indexes (mmalign export --index, mmalign search)") from None
 
 INDEX_DIR = "index"
 """The folder of an export directory holding the indexes."""

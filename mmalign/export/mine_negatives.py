@@ -26,7 +26,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 
 from mmalign.errors import UserError
@@ -38,6 +37,12 @@ from mmalign.export.reshard import (
     write_shards,
     write_summary,
 )
+from mmalign.extras import missing_extra
+
+try:
+    import faiss
+except ImportError:
+    raise missing_extra("index", "mmalign prep mine-negatives") from None
 
 
 def positive_aware_negatives(

@@ -18,12 +18,12 @@ from clip_benchmark import cli as clip_benchmark_cli
 from clip_benchmark.datasets.builder import build_dataset
 from clip_benchmark.metrics import zeroshot_classification
 from clip_benchmark.models import load_clip
-from test_convert_open_clip import image_text_config
 
 from mmalign.cli.main import main
 from mmalign.eval.zeroshot import ZeroShotClassifier
 from mmalign.model import AlignmentModel
 from mmalign.training import train
+from tests.convert.test_open_clip import image_text_config
 from tests.tiny_clip import CLASSNAMES, write_image_text_shards
 
 STEPS = 40

@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 import transformers
 from safetensors import safe_open
-from test_towers_audio import make_wav2vec2
-from test_towers_image_text import SENTENCES, make_hf_text
 
 from mmalign.cli.main import main
 from mmalign.model import AlignmentModel
 from tests.tiny_clip import random_images
+from tests.towers.test_audio import make_wav2vec2
+from tests.towers.test_image_text import SENTENCES, make_hf_text
 
 VIT = {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16}
 

@@ -13,12 +13,12 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-from test_towers_image_text import make_hf_text
 
 from mmalign.cli.main import main
 from mmalign.model import AlignmentModel
 from mmalign.training import train
 from tests.tiny_clip import CLASSNAMES, random_images, write_image_text_shards
+from tests.towers.test_image_text import make_hf_text
 
 REPO = Path(__file__).resolve().parents[2]
 VIT = {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16}

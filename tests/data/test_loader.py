@@ -131,7 +131,7 @@ def corrupt_shards(tmp_path: Path) -> tuple[list[str], list[str], dict[str, int]
     return urls, [f"good{i:02d}" for i in range(5)], expected
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.launches)])
 def test_corrupt_records_are_skipped_and_counted_by_reason(
     corrupt_shards: tuple, workers: int, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -224,6 +224,7 @@ def test_alternative_extensions_and_metadata(tmp_path: Path) -> None:
     assert np.asarray(batch.inputs["image"][0][0])[1, 1, 0] > 150
 
 
+@pytest.mark.launches
 @pytest.mark.parametrize("shards", [6, 5, 3, 1])
 def test_ranks_and_workers_read_disjoint_parts_covering_everything(
     tmp_path: Path, shards: int
@@ -266,6 +267,7 @@ def test_order_is_deterministic_for_a_seed_and_changes_with_seed_and_epoch(tmp_p
     assert keys_of(unshuffled) == [f"s{s}r{r}" for s in range(4) for r in range(10)]
 
 
+@pytest.mark.launches
 def test_resampled_streams_are_seeded_infinite_and_bounded_by_epoch_samples(
     tmp_path: Path,
 ) -> None:
@@ -290,6 +292,7 @@ def test_resampled_streams_are_seeded_infinite_and_bounded_by_epoch_samples(
     assert len(drawn) == 80 and len(set(drawn)) <= 15
 
 
+@pytest.mark.launches
 def test_augment_is_applied_in_the_loader_only(tmp_path: Path) -> None:
     url = write_shard(tmp_path / "g-000000.tar", [good_record(i) for i in range(4)])
     towers = echo_towers(["text"])
@@ -300,6 +303,7 @@ def test_augment_is_applied_in_the_loader_only(tmp_path: Path) -> None:
         assert towers["text"].augment is False
 
 
+@pytest.mark.launches
 def test_shard_specs_directory_list_braces_and_pipe_urls(tmp_path: Path) -> None:
     urls = make_numbered_shards(tmp_path, 3, 2)
     expected = [f"s{s}r{r}" for s in range(3) for r in range(2)]

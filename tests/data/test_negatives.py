@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_data_loader import EchoTower, write_shard
-from test_positives import _embeddings, _present, assert_loss_and_gradients_close
+from tests.data.test_loader import EchoTower, write_shard
+from tests.objectives.test_positives import _embeddings, _present, assert_loss_and_gradients_close
 
 from mmalign.config import DataConfig
 from mmalign.data import loader_from_config

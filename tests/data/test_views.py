@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from test_data_loader import EchoTower, write_shard
+from tests.data.test_loader import EchoTower, write_shard
 
 from mmalign.config import ConfigError, DataConfig
 from mmalign.data import loader_from_config, make_loader

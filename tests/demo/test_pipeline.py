@@ -35,6 +35,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
     return root, report, report.read_text()
 
 
+@pytest.mark.launches  # the demo's data loaders start worker processes
 def test_report_is_written_in_out_dir(demo: tuple[Path, Path, str]) -> None:
     root, report, _ = demo
     assert report == root / "out" / "REPORT.md"
@@ -46,6 +47,7 @@ def test_report_is_written_in_out_dir(demo: tuple[Path, Path, str]) -> None:
     assert "start their image and text towers from the digits model" in demo[2]
 
 
+@pytest.mark.launches  # the demo's data loaders start worker processes
 def test_every_linked_file_exists(demo: tuple[Path, Path, str]) -> None:
     _, report, text = demo
     links = re.findall(r"\]\(([^)]+)\)", text)
@@ -57,6 +59,7 @@ def test_every_linked_file_exists(demo: tuple[Path, Path, str]) -> None:
         assert (report.parent / link).is_file(), link
 
 
+@pytest.mark.launches  # the demo's data loaders start worker processes
 def test_tables_hold_numbers(demo: tuple[Path, Path, str]) -> None:
     tables = _tables(demo[2])
     targets, training, zeroshot, retrieval, digits_sum, *searches, timings = tables
@@ -86,6 +89,7 @@ def test_similarity_rows_group_by_class() -> None:
     assert labels[rows].tolist() == [0, 0, 1, 2, 2]
 
 
+@pytest.mark.launches  # the demo's data loaders start worker processes
 def test_reference_images_need_every_class(demo: tuple[Path, Path, str]) -> None:
     root = demo[0]
     shards = [str(root / "data" / "digits" / "test-000000.tar")]
@@ -95,6 +99,7 @@ def test_reference_images_need_every_class(demo: tuple[Path, Path, str]) -> None
     assert [len(images) for images in found] == [1] * 10
 
 
+@pytest.mark.launches  # the demo's data loaders start worker processes
 def test_matryoshka_line_is_the_16_dim_prefix(demo: tuple[Path, Path, str]) -> None:
     """The report's zero-shot figure at 16 dims equals a float64 classification from the
     first 16 coordinates of full-size embeddings, renormalized, computed here."""

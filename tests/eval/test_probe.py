@@ -7,9 +7,9 @@ import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
-from test_eval_zeroshot import TEXT, tabular, tiny_model, write_shards
 
 from mmalign.eval.probe import C_GRID, linear_probe, run_probe
+from tests.eval.test_zeroshot import TEXT, tabular, tiny_model, write_shards
 
 
 def _blobs(rows: int, seed: int, spread: float = 1.2) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,13 +10,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_eval_zeroshot import tabular, vectors, write_shards
 
 from mmalign.cli.search import add_arguments, run
 from mmalign.errors import UserError
 from mmalign.export import build_index, export_embeddings, search
 from mmalign.export.search import QueryError
 from mmalign.model import AlignmentModel
+from tests.eval.test_zeroshot import tabular, vectors, write_shards
 
 ROWS = 40
 

@@ -16,7 +16,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from test_eval_zeroshot import TEXT, tabular, tiny_model, vectors, write_shards
 
 from mmalign.cli.export import add_arguments as add_export_arguments
 from mmalign.cli.export import run as export_command
@@ -32,6 +31,7 @@ from mmalign.export import (
     search,
     writer,
 )
+from tests.eval.test_zeroshot import TEXT, tabular, tiny_model, vectors, write_shards
 
 FIELDS = {"x": "x.npy", "y": "y.npy", "text": "txt"}
 ROWS = 23

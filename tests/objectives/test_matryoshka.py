@@ -8,14 +8,6 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from accelerate import Accelerator
-from test_objectives_distributed import (
-    MODALITIES,
-    ROWS_PER_RANK,
-    _batch,
-    _free_port,
-    _step,
-    _TinyModel,
-)
 
 import mmalign.dist
 from mmalign.batch import Batch
@@ -24,6 +16,14 @@ from mmalign.model import AlignmentModel
 from mmalign.objectives import build_objective
 from mmalign.objectives.matryoshka import MatryoshkaObjective
 from mmalign.training.accumulation import ContrastiveStep, accumulated_step
+from tests.objectives.test_distributed import (
+    MODALITIES,
+    ROWS_PER_RANK,
+    _batch,
+    _free_port,
+    _step,
+    _TinyModel,
+)
 
 DIMS, WEIGHTS = [2, 4, 6], [0.5, 1.0, 2.0]
 CONFIGS = [

@@ -7,7 +7,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from accelerate import Accelerator
-from test_objectives_distributed import (
+from torch.nn.parallel import DistributedDataParallel
+
+from mmalign.objectives import build_objective
+from mmalign.training.accumulation import ContrastiveStep, accumulated_step
+from tests.objectives.test_distributed import (
     MODALITIES,
     ROWS_PER_RANK,
     _batch,
@@ -15,12 +19,8 @@ from test_objectives_distributed import (
     _step,
     _TinyModel,
 )
-from test_train_accumulation import _batch as _loader_batch
-from test_train_accumulation import _data, _grads, _model, _seeded
-from torch.nn.parallel import DistributedDataParallel
-
-from mmalign.objectives import build_objective
-from mmalign.training.accumulation import ContrastiveStep, accumulated_step
+from tests.training.test_accumulation import _batch as _loader_batch
+from tests.training.test_accumulation import _data, _grads, _model, _seeded
 
 MODES = ["instance", "multi", "exclude", "debiased"]
 CONFIGS = [

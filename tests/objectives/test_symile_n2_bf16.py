@@ -10,11 +10,11 @@ is a relative-norm bound of 2e-2, about twice the largest error seen at these si
 
 import pytest
 import torch
-from test_symile_n2 import _inputs, _naive
 
 from mmalign.config import load_config
 from mmalign.objectives import build_objective
 from mmalign.objectives.symile_n2 import symile_logsumexp
+from tests.objectives.test_symile_n2 import _inputs, _naive
 
 BF16_RELATIVE = 3.1 * 2.0**-9
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_data_prep import save_manifest, write_manifest_files
 
 from mmalign.data import iterate_records
 from mmalign.prep import from_manifest
+from tests.prep.test_prep import save_manifest, write_manifest_files
 
 
 def test_manifest_without_fields_infers_types_and_skips_bad_files(

@@ -10,13 +10,13 @@ import json
 import numpy as np
 import pytest
 import webdataset as wds
-from test_eval_zeroshot import tabular, tiny_model, vectors, write_shards
 
 from mmalign.cli.prep import tool_main
 from mmalign.errors import UserError
 from mmalign.export import export_embeddings, load_embeddings
 from mmalign.export.group_shards import cluster_order
 from mmalign.export.mine_negatives import positive_aware_negatives
+from tests.eval.test_zeroshot import tabular, tiny_model, vectors, write_shards
 
 
 def _unit(rows, dim, seed):

@@ -14,13 +14,13 @@ import soundfile
 from PIL import Image
 from scipy.stats import chi2_contingency
 from sklearn.datasets import load_digits
-from test_data_loader import EchoTower
 
 from mmalign.data import iterate_records, make_loader
 from mmalign.demo import data as make_demo
 from mmalign.demo.digits import DIGIT_WORDS, TEMPLATES, dtmf_clip
 from mmalign.prep import from_manifest, train_tokenizer
 from mmalign.towers import build_tower
+from tests.data.test_loader import EchoTower
 
 ROW_FREQUENCIES = [697, 770, 852, 941]
 COLUMN_FREQUENCIES = [1209, 1336, 1477]

@@ -11,12 +11,12 @@ import pytest
 import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
-from test_train_loop import _interrupt_after
 
 from mmalign.config import load_config
 from mmalign.training import train
 from mmalign.training.trainer import Trainer
 from tests.train_support import model_weights, tiny_config, write_shards
+from tests.training.test_loop import _interrupt_after
 
 DECAY = 0.8
 SECTIONS = {

@@ -14,6 +14,7 @@ import torch
 import webdataset as wds
 import yaml
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mmalign.files import LockError
 from mmalign.model import AlignmentModel
@@ -21,6 +22,13 @@ from mmalign.objectives import LossOutput
 from mmalign.training import TrainingStopped, train
 from mmalign.training.trainer import Trainer
 from tests.train_support import metrics, model_weights, tiny_config, write_shards
+
+
+def _tensorboard_scalars(run: Path, tag: str) -> list[tuple[int, float]]:
+    """``(step, value)`` of ``tag`` in the run directory's TensorBoard event files."""
+    events = EventAccumulator(str(run))
+    events.Reload()
+    return [(event.step, pytest.approx(event.value)) for event in events.Scalars(tag)]
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +72,10 @@ def test_run_directory_holds_config_logs_plots_and_loadable_model(
     assert validations[-1]["val/instance/R@5/x->y"] > 5 / 24  # better than chance on 24 pairs
     last_train = [r for r in records if "train/loss" in r][-1]
     assert last_train["data/used"] >= 24 * 2 * 8  # loader counters are logged
-    assert any(name.startswith("events.out.tfevents") for name in os.listdir(out))
+    assert _tensorboard_scalars(out, "train/loss") == [
+        (r["step"], r["train/loss"]) for r in records if "train/loss" in r
+    ]
+    assert [step for step, _ in _tensorboard_scalars(out, "val/instance/R@1/mean")] == [12, 24]
     assert {"loss.png", "temperature.png", "validation.png"} <= set(os.listdir(out))
     assert result.metrics == {k: v for k, v in validations[-1].items() if k != "step"}
 
