@@ -34,8 +34,8 @@ from torch.utils.data import DataLoader, IterableDataset
 from mmalign.batch import Batch
 from mmalign.config import ConfigError, DataConfig
 from mmalign.data.batching import (
-    Rejected,
     RecordSpec,
+    Rejected,
     Sample,
     Tower,
     batches,
@@ -262,9 +262,7 @@ class Loader:
 def check_negatives(modality: str | None, towers: Mapping[str, Tower]) -> str | None:
     """``data.negatives`` must name a tower."""
     if modality is not None and modality not in towers:
-        raise ConfigError(
-            f"data.negatives: no tower named {modality!r}; use one of {list(towers)}"
-        )
+        raise ConfigError(f"data.negatives: no tower named {modality!r}; use one of {list(towers)}")
     return modality
 
 

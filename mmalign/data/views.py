@@ -114,8 +114,7 @@ def check_views(views: Mapping[str, str], modalities: Sequence[str]) -> dict[str
     for modality, mode in views.items():
         if modality not in modalities:
             raise ConfigError(
-                f"data.views.{modality}: no tower named {modality!r}; use one of "
-                f"{list(modalities)}"
+                f"data.views.{modality}: no tower named {modality!r}; use one of {list(modalities)}"
             )
         if mode not in ("sample", "expand", "first"):
             raise ConfigError(f"data.views.{modality}: {mode!r} is not sample or expand")

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.data.test_loader import EchoTower, write_shard
-from tests.objectives.test_positives import _embeddings, _present, assert_loss_and_gradients_close
 
 from mmalign.config import DataConfig
 from mmalign.data import loader_from_config
 from mmalign.errors import ConfigError
 from mmalign.objectives import build_objective
+from tests.data.test_loader import EchoTower, write_shard
+from tests.objectives.test_positives import _embeddings, _present, assert_loss_and_gradients_close
 
 
 def _reference(emb, scale, present, names, bias=None):

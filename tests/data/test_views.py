@@ -10,11 +10,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from tests.data.test_loader import EchoTower, write_shard
 
 from mmalign.config import ConfigError, DataConfig
 from mmalign.data import loader_from_config, make_loader
 from mmalign.model import AlignmentModel
+from tests.data.test_loader import EchoTower, write_shard
 
 
 def _blake(text: str) -> int:
