@@ -100,6 +100,7 @@ def seven_segment_digit(graph: dict[str, np.ndarray]) -> int:
     return SEVEN_SEGMENT_CODES.index(code)
 
 
+@pytest.mark.launches  # the demo data builder runs a process pool
 def test_demo_layout_cards_classes_and_skipping(demo: Path, capsys: pytest.CaptureFixture) -> None:
     for name in ("digits", "digits-sum"):
         directory = demo / name
@@ -126,6 +127,7 @@ def test_demo_layout_cards_classes_and_skipping(demo: Path, capsys: pytest.Captu
     assert before == {path: path.stat().st_mtime_ns for path in demo.rglob("*.tar")}
 
 
+@pytest.mark.launches  # the demo data builder runs a process pool
 def test_demo_rewrites_with_force_or_new_settings(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -140,6 +142,7 @@ def test_demo_rewrites_with_force_or_new_settings(
     assert summary["splits"]["train"]["records"] == 12
 
 
+@pytest.mark.launches  # the demo data builder runs a process pool
 def test_digits_every_modality_agrees_with_the_label(demo: Path) -> None:
     sources = load_digits().target
     used_sources = {}
@@ -160,6 +163,7 @@ def test_digits_every_modality_agrees_with_the_label(demo: Path) -> None:
     assert used_sources["val"].isdisjoint(used_sources["test"])
 
 
+@pytest.mark.launches  # the demo data builder runs a process pool
 def test_digits_sum_pairs_are_independent_and_the_triple_determines_the_image(demo: Path) -> None:
     sources = load_digits().target
     triples = []
@@ -191,6 +195,7 @@ def test_dtmf_tone_has_the_two_keypad_frequencies() -> None:
         assert dtmf_digit(waveform, 16000) == digit
 
 
+@pytest.mark.launches  # the demo data builder runs a process pool
 def test_demo_batches_through_real_towers(demo: Path, tmp_path: Path) -> None:
     model = tmp_path / "spm.model"
     shards = [str(demo / "digits" / "val-000000.tar")]
