@@ -5,6 +5,9 @@ The public API, imported lazily so that ``import mmalign`` stays fast:
     >>> import mmalign
     >>> sorted(mmalign.__all__)[:3]
     ['AlignmentModel', 'Batch', 'Config']
+    >>> from importlib.metadata import version  # the version is the installed package's
+    >>> mmalign.__version__ == version("mmalign")
+    True
 """
 
 from __future__ import annotations
