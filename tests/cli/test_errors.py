@@ -130,7 +130,8 @@ def test_a_directory_is_called_a_directory(
 
 
 def test_debug_shows_the_traceback(made: dict[str, Path]) -> None:
-    argv = ["export", str(made["run"]), "--data", str(made["shard"]), "--out", "unused"]
+    out = str(made["root"] / "unused")  # not the working directory
+    argv = ["export", str(made["run"]), "--data", str(made["shard"]), "--out", out]
     with pytest.raises(ValueError, match="unknown modality 'video'"):
         main(["--debug", *argv, "--modalities", "video"])
 
