@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: test lint format install demo
+.PHONY: test test-fast lint format install demo
 
 install: $(INSTALLED)
 
@@ -27,13 +27,20 @@ lint: $(INSTALLED)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
+	$(BIN)/mypy mmalign
 
 format: $(INSTALLED)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# Every test and every docstring example in mmalign/ (testpaths and --doctest-modules in
+# pyproject.toml); the tests that launch processes run first.
 test: lint
 	$(BIN)/pytest -n 2
+
+# The tests that start no process (no `launches` marker) and the docstring examples: < 3 min.
+test-fast: $(INSTALLED)
+	$(BIN)/pytest -n 2 -m "not launches"
 
 # The installed wheel runs its own demo outside the checkout (also part of `make test`).
 .PHONY: wheel-check

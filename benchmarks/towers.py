@@ -193,6 +193,17 @@ def cases(directory: Path, samples: int, rng: np.random.Generator) -> list[Case]
     ]
 
 
+def _each(items: list[Any], work: Callable[[Any], Any], grad: bool = False) -> Callable[[], None]:
+    """A timed path: ``work`` on every item (under ``torch.no_grad`` unless ``grad``)."""
+
+    def run() -> None:
+        with torch.enable_grad() if grad else torch.no_grad():
+            for item in items:
+                work(item)
+
+    return run
+
+
 def measure(
     case: Case, batch_size: int, repeats: int, clock: Callable[[], float]
 ) -> dict[str, float]:
@@ -203,37 +214,17 @@ def measure(
         lambda model, raws: own_preprocess(model, "x", raws)
     )
     collated = [reference_preprocess(model, chunk) for chunk in chunks]
-
-    def backbone() -> None:
-        with torch.no_grad():
-            for inputs in collated:
-                case.backbone(model, inputs)
-
-    def model_forward() -> None:
-        with torch.no_grad():
-            for inputs in collated:
-                model({"x": inputs})
-
-    def reference() -> None:
-        with torch.no_grad():
-            for chunk in chunks:
-                case.backbone(model, reference_preprocess(model, chunk))
-
-    def preprocess() -> None:
-        for chunk in chunks:
-            own_preprocess(model, "x", chunk)
-
-    def library_preprocess() -> None:
-        for chunk in chunks:
-            reference_preprocess(model, chunk)
-
     paths = {
         "encode": lambda: model.encode("x", case.raws, batch_size=batch_size),
-        "reference": reference,
-        "backbone": backbone,
-        "model": model_forward,
-        "preprocess": preprocess,
-        "reference_preprocess": library_preprocess,
+        "reference": _each(
+            chunks, lambda chunk: case.backbone(model, reference_preprocess(model, chunk))
+        ),
+        "backbone": _each(collated, lambda inputs: case.backbone(model, inputs)),
+        "model": _each(collated, lambda inputs: model({"x": inputs})),
+        "preprocess": _each(chunks, lambda chunk: own_preprocess(model, "x", chunk), grad=True),
+        "reference_preprocess": _each(
+            chunks, lambda chunk: reference_preprocess(model, chunk), grad=True
+        ),
     }
     return interleaved_best(paths, repeats, clock)
 

@@ -5,11 +5,15 @@ The public API, imported lazily so that ``import mmalign`` stays fast:
     >>> import mmalign
     >>> sorted(mmalign.__all__)[:3]
     ['AlignmentModel', 'Batch', 'Config']
+    >>> from importlib.metadata import version  # the version is the installed package's
+    >>> mmalign.__version__ == version("mmalign")
+    True
 """
 
 from __future__ import annotations
 
 import importlib
+from importlib.metadata import version
 from typing import Any
 
 _EXPORTS = {
@@ -37,7 +41,7 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-__version__ = "0.1.0"
+__version__ = version("mmalign")  # the installed distribution's (pyproject.toml)
 
 
 def __getattr__(name: str) -> Any:

@@ -1,6 +1,18 @@
-"""Shared test setup: offline, deterministic, small thread pools (CI has 2 cores)."""
+"""Shared test setup: offline, deterministic, small thread pools (CI has 2 cores), and the
+``launches`` marker kept honest.
 
+Every test that starts another process (``subprocess``, ``os.fork``, ``torchrun``,
+``accelerate launch``, ``torch.multiprocessing.spawn``, DataLoader workers, compile workers)
+carries ``@pytest.mark.launches`` (per test, or ``pytestmark`` for a whole module).
+``make test-fast`` runs the others (``-m "not launches"``); an unmarked test that starts a
+process fails, so the marker cannot drift from what the tests do.
+"""
+
+import multiprocessing.util
 import os
+import subprocess
+from collections.abc import Callable, Iterator
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -12,25 +24,52 @@ import torch
 
 torch.set_num_threads(1)
 
+_launched = [0]
+"""Processes this pytest process started so far (forks, subprocesses, spawned children)."""
+
+
+def _count_fork() -> None:
+    _launched[0] += 1
+
+
+def _counting(start: Callable[..., Any]) -> Callable[..., Any]:
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        _launched[0] += 1
+        return start(*args, **kwargs)
+
+    return counted
+
+
+os.register_at_fork(before=_count_fork)
+subprocess.Popen._execute_child = _counting(subprocess.Popen._execute_child)  # type: ignore[attr-defined]
+multiprocessing.util.spawnv_passfds = _counting(multiprocessing.util.spawnv_passfds)
+
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
 
 
-LAUNCHING_MODULES = (
-    "test_train_fsdp",
-    "test_train_multinode",
-    "test_wheel",
-    "test_kill_training",
-    "test_train_distributed",
-    "test_positives_distributed",
-    "test_matryoshka",
-    "test_objectives_distributed",
-)
-"""Test modules that start several processes (tens of seconds each): run first, so that
-``pytest -n 2`` does not end with one worker busy on them while the other idles."""
+_BEFORE = pytest.StashKey[int]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    item.stash[_BEFORE] = _launched[0]  # before any fixture, module-scoped ones included
+
+
+@pytest.fixture(autouse=True)
+def _launches_are_marked(request: pytest.FixtureRequest) -> Iterator[None]:
+    yield
+    started = _launched[0] - request.node.stash[_BEFORE]
+    if started and request.node.get_closest_marker("launches") is None:
+        pytest.fail(
+            f"{request.node.nodeid} started {started} process(es) but is not marked "
+            "@pytest.mark.launches (see tests/conftest.py)"
+        )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    items.sort(key=lambda item: item.module.__name__.split(".")[-1] not in LAUNCHING_MODULES)
+    """Tests that launch processes (tens of seconds each) first, so that ``pytest -n 2`` does
+    not end with one worker busy on them while the other idles."""
+    items.sort(key=lambda item: item.get_closest_marker("launches") is None)

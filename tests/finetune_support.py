@@ -8,10 +8,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from test_towers_image_text import make_hf_text
 
 from mmalign.model import AlignmentModel
 from mmalign.towers import Tower
+from tests.towers.test_image_text import make_hf_text
 
 TINY_VIT = {
     "type": "image",

@@ -11,7 +11,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from test_towers_image_text import (
+
+from mmalign.config import ConfigError, load_config
+from mmalign.model import AlignmentModel
+from mmalign.objectives import build_objective
+from tests.towers.test_image_text import (
     SENTENCES,
     TINY_IMAGE,
     TINY_TEXT,
@@ -19,10 +23,6 @@ from test_towers_image_text import (
     make_sentencepiece,
     random_pil,
 )
-
-from mmalign.config import ConfigError, load_config
-from mmalign.model import AlignmentModel
-from mmalign.objectives import build_objective
 
 IMAGE_TEXT = {"dim": 16, "towers": {"image": TINY_IMAGE, "text": TINY_TEXT}}
 AUDIO = {"type": "audio", "clip_seconds": 0.25, "width": 32, "heads": 2, "layers": 1}

@@ -10,8 +10,6 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from test_eval_zeroshot import TEXT, tabular
-from test_export import FIELDS, ROWS, export_options, make_data
 
 from mmalign.cli.export import add_arguments as add_export_arguments
 from mmalign.cli.export import run as export_command
@@ -21,6 +19,8 @@ from mmalign.eval.retrieval import retrieval_metrics
 from mmalign.eval.zeroshot import ZeroShotClassifier
 from mmalign.export import build_index, export_embeddings, load_index, search
 from mmalign.model import AlignmentModel
+from tests.eval.test_zeroshot import TEXT, tabular
+from tests.export.test_writer import FIELDS, ROWS, export_options, make_data
 
 
 def _prefix(vectors: torch.Tensor | np.ndarray, dim: int) -> np.ndarray:

@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 from packaging.version import Version
 
+pytestmark = pytest.mark.launches
+
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE_FILES = ("pyproject.toml", "README.md", "MANIFEST.in", "LICENSE", "setup.cfg")
 PERCENT = re.compile(r"^\d+(\.\d+)?%$")

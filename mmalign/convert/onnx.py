@@ -36,6 +36,7 @@ from torch import nn
 
 from mmalign.convert.common import output_directory
 from mmalign.errors import UserError
+from mmalign.extras import missing_extra
 from mmalign.towers.log_mel import LogMel
 
 OPSET = 17
@@ -128,9 +129,7 @@ def to_onnx(model: Any, directory: str | Path, modalities: list[str] | None = No
     try:
         import onnx
     except ImportError:
-        raise UserError(
-            "the onnx package is not installed (--to onnx); pip install 'mmalign[onnx]'"
-        ) from None
+        raise missing_extra("onnx", "mmalign convert --to onnx") from None
 
     names = modalities or list(model.modalities)
     unknown = [name for name in names if name not in model.modalities]

@@ -2,17 +2,17 @@
 
 A record over a limit is skipped and counted under its reason, like any other bad record:
 
-=======================  ======================================================  ===================
-limit                    checked from                                            reason
-=======================  ======================================================  ===================
-``max_member_bytes``     the tar header's size (a GNU-sparse member's expanded   ``member_too_large``
-                         size), before the file is read
-``audio_sample_rates``   the audio header (``soundfile.info``), before decoding  ``bad_sample_rate``
-``max_audio_seconds``    the audio header (frames / rate), before decoding       ``too_long``
-``max_decoded_bytes``    audio header (frames x channels x 4), image header      ``too_large``
-                         (width x height x bands), npz directory (sizes),
-                         before decoding
-=======================  ======================================================  ===================
+======================  ======================================================  ===================
+limit                   checked from                                            reason
+======================  ======================================================  ===================
+``max_member_bytes``    the tar header's size (a GNU-sparse member's expanded   ``member_too_large``
+                        size), before the file is read
+``audio_sample_rates``  the audio header (``soundfile.info``), before decoding  ``bad_sample_rate``
+``max_audio_seconds``   the audio header (frames / rate), before decoding       ``too_long``
+``max_decoded_bytes``   audio header (frames x channels x 4), image header      ``too_large``
+                        (width x height x bands), npz directory (sizes),
+                        before decoding
+======================  ======================================================  ===================
 
 The limits are fields of the run config's ``data`` section (:class:`~mmalign.config.DataConfig`,
 the one place of their defaults); the defaults hold any ordinary clip, photo or array and stop

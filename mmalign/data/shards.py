@@ -89,9 +89,11 @@ def expand_shards(spec: str | Sequence[str], field: str = "shards") -> list[str]
 
     ``field`` names the config field in error messages (e.g. ``data.train``).
 
-    Example:
-        >>> expand_shards(["a.tar", "b.tar"])  # doctest: +SKIP
-        ['a.tar', 'b.tar']
+    Example (remote and ``pipe:`` URLs are not checked; local files must exist):
+        >>> expand_shards("https://example.org/train-{000000..000001}.tar")
+        ['https://example.org/train-000000.tar', 'https://example.org/train-000001.tar']
+        >>> expand_shards(["pipe:cat a.tar", "pipe:cat b.tar"])
+        ['pipe:cat a.tar', 'pipe:cat b.tar']
     """
     specs = [str(spec)] if isinstance(spec, str | Path) else [str(item) for item in spec]
     urls = [url for item in specs for url in _expand_one(item, field)]

@@ -21,8 +21,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
-from matplotlib.figure import Figure
 from torch import Tensor
+
+from mmalign.extras import missing_extra
+
+try:
+    from matplotlib.figure import Figure
+except ImportError:
+    raise missing_extra("plots", "figures (train.plots, mmalign eval)") from None
+
 
 PALETTE = (
     "#1f77b4",

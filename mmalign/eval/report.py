@@ -45,7 +45,6 @@ from mmalign.eval.loading import (
     collect_embeddings,
     load_model,
 )
-from mmalign.eval.plots import plot_confusion, plot_recall_curves, plot_similarity
 from mmalign.eval.retrieval import nway_recall, pairwise_recall, recall_curve
 from mmalign.eval.zeroshot import (
     ZeroShotClassifier,
@@ -277,6 +276,8 @@ def _write_figures(
     curves: Mapping[str, Mapping[str, Tensor]],
     zeroshot: Mapping[str, Mapping[str, Any]],
 ) -> list[str]:
+    from mmalign.eval.plots import plot_confusion, plot_recall_curves, plot_similarity  # [plots]
+
     figures = []
     if curves:
         figures.append(plot_recall_curves(curves, out_dir / "recall_curves.png"))

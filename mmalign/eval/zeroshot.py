@@ -115,9 +115,14 @@ class ZeroShotClassifier:
     (their embeddings are averaged then renormalized). ``dim`` classifies with the first
     ``dim`` coordinates of every embedding, renormalized (a Matryoshka prefix).
 
-    Example:
-        >>> clf = ZeroShotClassifier(model, [tone_0, [tone_1a, tone_1b]], "audio")  # doctest: +SKIP
-        >>> clf.predict_proba({"image": images, "text": captions}).shape  # doctest: +SKIP
+    Example (classes given as vectors of a tabular modality ``y``, two for the second class):
+        >>> import numpy as np
+        >>> from mmalign.model import AlignmentModel
+        >>> tabular = {"type": "tabular", "in_features": 4}
+        >>> model = AlignmentModel.from_config({"dim": 8, "towers": {"x": tabular, "y": tabular}})
+        >>> y0, y1a, y1b, *xs = np.random.default_rng(0).normal(size=(11, 4)).astype("float32")
+        >>> clf = ZeroShotClassifier(model, [y0, [y1a, y1b]], "y", classnames=["zero", "one"])
+        >>> clf.predict_proba({"x": xs}).shape
         torch.Size([8, 2])
     """
 

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -28,8 +27,14 @@ import torch
 
 from mmalign.data.exports import load_embeddings, read_manifest
 from mmalign.errors import ConfigError
+from mmalign.extras import missing_extra
 from mmalign.files import atomic_write, read_json, write_json
 from mmalign.objectives.matryoshka import check_prefix, truncate
+
+try:
+    import faiss
+except ImportError:
+    raise missing_extra("index", "FAISS indexes (mmalign export --index, mmalign search)") from None
 
 INDEX_DIR = "index"
 """The folder of an export directory holding the indexes."""

@@ -17,11 +17,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 
 from mmalign.errors import UserError
+from mmalign.extras import missing_extra
 from mmalign.prep.reshard import ExportRows, source_records, write_shards, write_summary
+
+try:
+    import faiss
+except ImportError:
+    raise missing_extra("index", "mmalign prep group-shards") from None
 
 
 def cluster_order(

@@ -25,7 +25,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 
 from mmalign.data.exports import read_manifest
@@ -37,6 +36,12 @@ from mmalign.prep.reshard import (
     write_shards,
     write_summary,
 )
+from mmalign.extras import missing_extra
+
+try:
+    import faiss
+except ImportError:
+    raise missing_extra("index", "mmalign prep mine-negatives") from None
 
 
 def positive_aware_negatives(

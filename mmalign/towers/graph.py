@@ -43,19 +43,24 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 from torch import nn
-from torch_geometric.data import Batch, Data
-from torch_geometric.nn import (
-    AttentionalAggregation,
-    GINEConv,
-    global_add_pool,
-    global_max_pool,
-    global_mean_pool,
-)
-from torch_geometric.nn.models import GAT, GCN, GIN, MLP
-from torch_geometric.nn.models.basic_gnn import BasicGNN
-from torch_geometric.utils import negative_sampling, subgraph
 
+from mmalign.extras import missing_extra
 from mmalign.towers.base import Tower, TowerConfig, register_tower, running_batch_norm
+
+try:
+    from torch_geometric.data import Batch, Data
+    from torch_geometric.nn import (
+        AttentionalAggregation,
+        GINEConv,
+        global_add_pool,
+        global_max_pool,
+        global_mean_pool,
+    )
+    from torch_geometric.nn.models import GAT, GCN, GIN, MLP
+    from torch_geometric.nn.models.basic_gnn import BasicGNN
+    from torch_geometric.utils import negative_sampling, subgraph
+except ImportError:
+    raise missing_extra("graph", "the graph tower (type: graph)") from None
 
 _POOLS = {"mean": global_mean_pool, "add": global_add_pool, "max": global_max_pool}
 

@@ -26,11 +26,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from matplotlib.axes import Axes
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
-
 from mmalign.eval.plots import LEVEL_STYLES, PALETTE, save_figure, series_colours
+from mmalign.extras import missing_extra
+
+try:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+except ImportError:
+    raise missing_extra("plots", "train.plots", "or set train.plots: false") from None
 
 Series = dict[str, tuple[list[int], list[float]]]
 VALIDATION_METRICS = ("R@1", "R@5", "R@10", "mAP", "zeroshot top-1")

@@ -1,15 +1,18 @@
 """Training logs: a progress bar or plain lines, ``metrics.jsonl``, TensorBoard and PNG plots.
 
-Only the main process writes. On a terminal a tqdm bar shows loss, temperature and samples/s;
-elsewhere (CI, files) a plain line is printed every ``train.log_every`` steps. Messages also
-go to ``train.log`` in the run directory, and so do the data loader's warnings (logger
-``mmalign.data``: each skipped record with its shard, key and reason).
+Only the main process writes. TensorBoard goes through Accelerate's trackers: the run's
+``Accelerator`` is built with ``log_with="tensorboard"`` and ``project_dir`` the run directory
+(``train.tensorboard``), and the logger sends every numeric record to ``accelerator.log``, so
+the event files land in the run directory. On a terminal a tqdm bar shows loss, temperature
+and samples/s; elsewhere (CI, files) a plain line is printed every ``train.log_every`` steps.
+Messages also go to ``train.log`` in the run directory, and so do the data loader's warnings
+(logger ``mmalign.data``: each skipped record with its shard, key and reason).
 
 Example:
     >>> import tempfile
     >>> from pathlib import Path
     >>> with tempfile.TemporaryDirectory() as tmp:
-    ...     logger = RunLogger(Path(tmp), total_steps=2, tensorboard=False, progress=False)
+    ...     logger = RunLogger(Path(tmp), total_steps=2, progress=False)
     ...     logger.log(1, {"train/loss": 1.5})
     ...     _ = logger.close(plots=False)
     ...     read_metrics(Path(tmp) / "metrics.jsonl")[0]["train/loss"]
@@ -23,13 +26,15 @@ import logging
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
 from mmalign.errors import UserError
 from mmalign.files import atomic_write
-from mmalign.training.curves import plot_metrics
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 METRICS_FILE = "metrics.jsonl"
 LOG_FILE = "train.log"
@@ -114,7 +119,7 @@ class RunLogger:
         *,
         start_step: int = 0,
         log_every: int = 10,
-        tensorboard: bool = True,
+        trackers: Accelerator | None = None,
         progress: bool | None = None,
     ) -> None:
         self.directory = directory
@@ -126,11 +131,10 @@ class RunLogger:
         self._messages = (directory / LOG_FILE).open("a")
         self._data_log = _ToRunLog(self)
         logging.getLogger("mmalign.data").addHandler(self._data_log)
-        self._writer = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(log_dir=str(directory), purge_step=start_step + 1)
+        self._trackers = trackers
+        if trackers is not None:
+            # events after start_step (of a run that went further before its resume) are purged
+            trackers.init_trackers("", init_kwargs={"tensorboard": {"purge_step": start_step + 1}})
         use_bar = sys.stderr.isatty() if progress is None else progress
         self._bar = (
             tqdm(total=total_steps, initial=start_step, dynamic_ncols=True) if use_bar else None
@@ -148,10 +152,11 @@ class RunLogger:
         """Append ``record`` at ``step`` to the JSONL file and TensorBoard; update the display."""
         self._metrics.write(json.dumps({"step": step, **record}) + "\n")
         self._metrics.flush()
-        if self._writer is not None:
-            for key, value in record.items():
-                if isinstance(value, int | float):
-                    self._writer.add_scalar(key, value, step)
+        if self._trackers is not None:
+            numbers = {
+                key: value for key, value in record.items() if isinstance(value, int | float)
+            }
+            self._trackers.log(numbers, step=step)
         shown = {_BAR_KEYS[key]: _format_value(record[key]) for key in _BAR_KEYS if key in record}
         if shown and self._bar is not None:
             self._bar.set_postfix(shown, refresh=False)
@@ -173,8 +178,13 @@ class RunLogger:
         logging.getLogger("mmalign.data").removeHandler(self._data_log)
         if self._bar is not None:
             self._bar.close()
-        if self._writer is not None:
-            self._writer.close()
+        if self._trackers is not None:
+            for tracker in self._trackers.trackers:
+                tracker.finish()  # the events are on disk when the run returns
         self._metrics.close()
         self._messages.close()
-        return plot_metrics(read_metrics(self.metrics_path), self.directory) if plots else []
+        if not plots:
+            return []
+        from mmalign.training.curves import plot_metrics  # matplotlib: the plots extra
+
+        return plot_metrics(read_metrics(self.metrics_path), self.directory)

@@ -32,6 +32,7 @@ Example:
 from __future__ import annotations
 
 import errno
+import importlib.util
 import platform
 import shutil
 from collections.abc import Mapping
@@ -47,6 +48,7 @@ from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_lis
 
 from mmalign.config import Config, load_config
 from mmalign.errors import UserError
+from mmalign.extras import missing_extra
 from mmalign.files import DirectoryLock, LockError, atomic_write, replace_directory, write_json
 from mmalign.model import AlignmentModel
 from mmalign.training import checkpoint
@@ -270,8 +272,17 @@ def _disk_full(output: Path, error: OSError) -> UserError:
     )
 
 
+def _check_extras(config: Config) -> None:
+    """Refuse before training when a log asked for needs a package that is not installed."""
+    for key, package in (("tensorboard", "tensorboard"), ("plots", "matplotlib")):
+        if getattr(config.train, key) and importlib.util.find_spec(package) is None:
+            raise missing_extra(key, f"train.{key}", f"or set train.{key}: false")
+
+
 def _accelerator(config: Config) -> Accelerator:
     return Accelerator(
+        log_with="tensorboard" if config.train.tensorboard else None,
+        project_dir=config.train.output,
         # without a GPU, several launched processes still form a (gloo) group
         cpu=not torch.accelerator.is_available(),
         mixed_precision=MIXED_PRECISION[config.train.precision],
@@ -307,6 +318,7 @@ def train(
     check_run_config(config)
     check_precision(config, _training_device())
     check_launch(config)
+    _check_extras(config)
     accelerator = _accelerator(config)
     lock = None
     try:

@@ -5,7 +5,7 @@ Each process appends one JSON line per micro-batch to
 where ``epoch`` is that process's data epoch and ``batch`` counts its micro-batches in that
 epoch from 1 (the keys are the batch's rows: mined negatives appear as ``key/name``). It
 shows which records a run saw and in what order, e.g. that the processes of one epoch read
-every record once (``tests/test_train_multinode.py``). A resumed run first drops the lines
+every record once (``tests/training/test_multinode.py``). A resumed run first drops the lines
 after the checkpoint's data position, since it reads those batches again.
 
 Example:

@@ -173,7 +173,7 @@ class Trainer:
                 self.total,
                 start_step=self.step,
                 log_every=self.config.train.log_every,
-                tensorboard=self.config.train.tensorboard,
+                trackers=self.accelerator if self.config.train.tensorboard else None,
             )
             if torn:
                 self.message(torn)

@@ -16,7 +16,7 @@ Usage::
 
 Example:
     >>> sorted(TRAIN_FAULTS)[:2]
-    ['checkpoint complete, before fsync + rename', 'external SIGKILL at a random time']
+    ['between optimizer steps', 'between the two renames that replace best/']
 """
 
 from __future__ import annotations

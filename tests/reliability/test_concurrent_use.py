@@ -21,6 +21,8 @@ from mmalign.export import run_export
 from mmalign.files import LockError
 from mmalign.training import train
 
+pytestmark = pytest.mark.launches
+
 
 def test_second_training_run_on_a_busy_directory_refuses(
     tmp_path: Path, shards: str, capsys: pytest.CaptureFixture[str]

@@ -60,6 +60,7 @@ def test_config_fault_refused_at_load_naming_the_field(
     assert not run.exists(), "the run directory was touched"
 
 
+@pytest.mark.launches
 def test_cli_refuses_then_the_fixed_config_trains_with_and_without_resume(
     tmp_path: Path, shards: str, capfd: pytest.CaptureFixture[str]
 ) -> None:

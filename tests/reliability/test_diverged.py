@@ -34,6 +34,7 @@ def assert_all_finite(run: Path, limit: float) -> None:
                 assert float(tensor.abs().max()) <= limit, (path, name)
 
 
+@pytest.mark.launches
 def test_lr_1e308_exits_nonzero_and_saves_nothing_diverged(tmp_path: Path, shards: str) -> None:
     run = tmp_path / "run"
     config = write_config(tmp_path / "run.yaml", tiny_config(run, shards))

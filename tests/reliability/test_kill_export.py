@@ -14,6 +14,8 @@ from mmalign.data.exports import ExportError, load_embeddings, read_manifest
 from mmalign.export import run_export
 from mmalign.training import train
 
+pytestmark = pytest.mark.launches
+
 CHUNK = EXPORT_CHUNK
 WRITER = "mmalign.export.writer"
 """The module whose functions the kill points wrap."""

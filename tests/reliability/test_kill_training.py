@@ -15,6 +15,7 @@ import random
 import signal
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import (
     assert_same_tensors,
@@ -30,6 +31,8 @@ from mmalign.config import load_config
 from mmalign.model import AlignmentModel
 from mmalign.training import checkpoint, train
 from mmalign.training.optim import build_optimizer
+
+pytestmark = pytest.mark.launches
 
 STEPS, SAVE_EVERY = 14, 3
 FILES = {

@@ -80,7 +80,7 @@ def test_cli_stops_on_a_fields_typo(
         assert "records seen 24, used 24" in error
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.launches)])
 @pytest.mark.usefixtures("alarm")
 def test_all_records_bad_or_empty_shards_end_the_stream(tmp_path: Path, workers: int) -> None:
     bad = [{**good_record(i), "graph.json": b"{broken", "npy": b""} for i in range(5)]

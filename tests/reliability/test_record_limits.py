@@ -212,7 +212,7 @@ def test_any_exception_of_a_tower_skips_only_its_record(tmp_path: Path) -> None:
     assert loader.counters == {"seen": 6, "used": 5, "skipped/preprocess": 1}
 
 
-@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("workers", [0, pytest.param(1, marks=pytest.mark.launches)])
 def test_train_log_names_each_skipped_record(tmp_path: Path, workers: int) -> None:
     shards = tmp_path / "shards"
     shard_with_sparse_member(shards / "a.tar", expanded=512 * MIB)

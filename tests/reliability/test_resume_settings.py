@@ -86,6 +86,7 @@ def test_torn_last_metrics_line_is_dropped_and_reported(tmp_path: Path, shards: 
         read_metrics(metrics)
 
 
+@pytest.mark.launches
 def test_kill_while_resume_rewrites_metrics_keeps_every_line(tmp_path: Path, shards: str) -> None:
     run = tmp_path / "run"
     config = write_config(

@@ -157,7 +157,7 @@ def test_config_cannot_name_python_objects(section: dict, message: str) -> None:
 UNSAFE_MODULES = {"pickle", "dill", "cloudpickle", "marshal", "shelve"}
 METADATA_UNPICKLER = "mmalign/training/parallel/sharded_checkpoint.py"
 """The one module that may import pickle: its Unpickler subclass admits only torch's
-checkpoint-metadata classes (tests/test_train_fsdp.py plants a code-executing pickle)."""
+checkpoint-metadata classes (tests/training/test_fsdp.py plants a code-executing pickle)."""
 
 
 def _imported(tree: ast.AST) -> set[str]:

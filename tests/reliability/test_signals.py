@@ -27,6 +27,8 @@ from conftest import (
 
 from mmalign.training import checkpoint, train
 
+pytestmark = pytest.mark.launches
+
 STEPS, PAUSED_STEP = 8, 5
 
 
