@@ -29,6 +29,7 @@ import numpy as np
 
 from mmalign.data.exports import read_manifest
 from mmalign.errors import UserError
+from mmalign.extras import missing_extra
 from mmalign.prep.reshard import (
     ExportRows,
     find_payload,
@@ -36,7 +37,6 @@ from mmalign.prep.reshard import (
     write_shards,
     write_summary,
 )
-from mmalign.extras import missing_extra
 
 try:
     import faiss
