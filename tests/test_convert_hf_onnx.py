@@ -19,6 +19,7 @@ from test_towers_image_text import SENTENCES, make_hf_text
 from tiny_clip import random_images
 
 from mmalign.cli.main import main
+from mmalign.convert import to_onnx
 from mmalign.model import AlignmentModel
 
 VIT = {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16}
@@ -160,7 +161,7 @@ def test_onnx_graphs_equal_torch_for_image_text_audio_tabular(
         ), name
 
     hf = AlignmentModel.from_pretrained(hf_model)
-    hf.to_onnx(tmp_path / "hf_onnx", ["text"])
+    to_onnx(hf, tmp_path / "hf_onnx", ["text"])
     tower = hf.towers["text"]
     inputs = tower.collate([tower.preprocess(text) for text in SENTENCES[:5]])  # other length
     with torch.no_grad():

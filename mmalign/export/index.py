@@ -26,9 +26,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from mmalign.embeddings import check_prefix, truncate
 from mmalign.export.reading import load_embeddings, read_manifest
 from mmalign.files import atomic_write, read_json, write_json
-from mmalign.objectives.matryoshka import check_prefix, truncate
 
 INDEX_DIR = "index"
 """The folder of an export directory holding the indexes."""

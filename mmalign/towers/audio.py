@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,8 +46,10 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from mmalign.config import ConfigError
-from mmalign.towers.base import Tower, TowerConfig, register_tower
-from mmalign.towers.log_mel import LogMel
+from mmalign.config.tower import TowerConfig
+from mmalign.towers.base import HFParts, Tower, register_tower
+from mmalign.towers.grad_checkpointing import library_checkpointing
+from mmalign.towers.log_mel import ConvLogMel, LogMel
 from mmalign.towers.waveform import load_waveform, resample
 
 _HF_WEIGHT_FILES = (
@@ -261,6 +264,7 @@ class AudioTower(Tower):
         tensor(2000)
     """
 
+    config: AudioTowerConfig
     config_class = AudioTowerConfig
 
     def __init__(
@@ -327,9 +331,9 @@ class AudioTower(Tower):
         self.clip_samples = round(config.clip_seconds * self.sample_rate)
         self.width = int(model.config.hidden_size)
 
-    def preprocess(self, raw: Any) -> dict[str, torch.Tensor]:
-        """Load, mix to mono, resample, crop/pad to ``clip_seconds``; ``hf``: run the feature
-        extractor."""
+    def preprocess(self, raw: Any, augment: bool = False) -> dict[str, torch.Tensor]:
+        """Load, mix to mono, resample, crop/pad to ``clip_seconds`` (``augment``: a random
+        window of a longer clip, else the centre one); ``hf``: run the feature extractor."""
         waveform, sample_rate = load_waveform(raw)
         if sample_rate * MAX_UPSAMPLING < self.sample_rate:
             raise ValueError(
@@ -337,18 +341,18 @@ class AudioTower(Tower):
                 f"{self.sample_rate} Hz (over {MAX_UPSAMPLING}x upsampling); check the clip's "
                 "rate or the tower's sample_rate"
             )
-        clip = self._crop(resample(waveform, sample_rate, self.sample_rate))
+        clip = self._crop(resample(waveform, sample_rate, self.sample_rate), augment)
         if self.config.encoder == "hf":
             return self._extract(clip)
         padded = np.zeros(self.clip_samples, dtype=np.float32)
         padded[: len(clip)] = clip
         return {"waveform": torch.from_numpy(padded), "length": torch.tensor(len(clip))}
 
-    def _crop(self, waveform: np.ndarray) -> np.ndarray:
+    def _crop(self, waveform: np.ndarray, augment: bool) -> np.ndarray:
         excess = len(waveform) - self.clip_samples
         if excess <= 0:
             return waveform
-        start = int(torch.randint(excess + 1, ())) if self.augment else excess // 2
+        start = int(torch.randint(excess + 1, ())) if augment else excess // 2
         return waveform[start : start + self.clip_samples]
 
     def _extract(self, clip: np.ndarray) -> dict[str, torch.Tensor]:
@@ -374,6 +378,34 @@ class AudioTower(Tower):
         log_mel = self.log_mel(inputs["waveform"])
         frame_mask = _positions_mask(frame_lengths, log_mel.shape[-1])
         return self.encoder(standardize_log_mel(log_mel, frame_mask), frame_lengths)
+
+    def enable_gradient_checkpointing(self) -> bool:
+        """Each layer of the transformer, or the Hugging Face model's own switch (the CNN
+        is left as it is: small activations, BatchNorm)."""
+        return library_checkpointing(self)
+
+    def example_raw(self) -> Any:
+        """A random clip of ``clip_seconds`` at the tower's rate."""
+        rng = np.random.default_rng(0)
+        return (rng.standard_normal(self.clip_samples).astype(np.float32), self.sample_rate)
+
+    @contextmanager
+    def exportable(self) -> Iterator[None]:
+        """The log-mel as :class:`~mmalign.towers.log_mel.ConvLogMel` (no complex STFT)."""
+        log_mel = getattr(self, "log_mel", None)
+        if isinstance(log_mel, LogMel):
+            self.log_mel = ConvLogMel(log_mel)  # type: ignore[assignment]
+        try:
+            yield
+        finally:
+            if isinstance(log_mel, LogMel):
+                self.log_mel = log_mel
+
+    def hf_parts(self) -> HFParts | None:
+        """``encoder: hf``: the ``AutoModel``, its feature extractor, pooled over frames."""
+        if self.config.encoder != "hf":
+            return None
+        return HFParts(self.encoder.model, self.feature_extractor, "frames")
 
     def save_files(self, directory: Path) -> dict[str, Any]:
         """``hf``: save the model config and feature extractor (not the weights, which live in

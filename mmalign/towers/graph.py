@@ -9,7 +9,7 @@ Encoders are torch_geometric's ``GIN`` (``GINEConv`` layers when ``edge_features
 ``GCN`` (``edge_features: 1`` is used as edge weights) and ``GAT`` (``edge_dim``), pooled by
 ``global_mean_pool`` / ``global_add_pool`` / ``global_max_pool`` or ``AttentionalAggregation``.
 
-GraphCL augmentations (train time only, in ``preprocess`` when ``set_augment(True)``; torch's
+GraphCL augmentations (train time only, in ``preprocess(raw, augment=True)``; torch's
 global RNG, so seeded DataLoader workers differ). With ``N`` nodes, ``E`` edges (directed
 entries of ``edge_index``) and ratio ``r``, counts use ``floor``:
 
@@ -55,7 +55,8 @@ from torch_geometric.nn.models import GAT, GCN, GIN, MLP
 from torch_geometric.nn.models.basic_gnn import BasicGNN
 from torch_geometric.utils import negative_sampling, subgraph
 
-from mmalign.towers.base import Tower, TowerConfig, register_tower, running_batch_norm
+from mmalign.config.tower import TowerConfig
+from mmalign.towers.base import Tower, register_tower, running_batch_norm
 
 _POOLS = {"mean": global_mean_pool, "add": global_add_pool, "max": global_max_pool}
 
@@ -211,6 +212,7 @@ class GraphTower(Tower):
     """
 
     config_class = GraphTowerConfig
+    config: GraphTowerConfig
 
     def __init__(
         self, config: GraphTowerConfig, field: str = "tower", base_dir: Path | None = None
@@ -224,13 +226,18 @@ class GraphTower(Tower):
         )
         self.width = config.hidden
 
-    def preprocess(self, raw: Any) -> Data:
-        """Validate a graph dict (or ``Data``) and apply the enabled augmentations."""
+    def preprocess(self, raw: Any, augment: bool = False) -> Data:
+        """Validate a graph dict (or ``Data``); ``augment``: apply the enabled augmentations."""
         data = self._validate(raw)
-        if self.augment:
+        if augment:
             for augmentation, ratio in self._augmentations():
                 data = augmentation(data, ratio)
         return data
+
+    def enable_gradient_checkpointing(self) -> bool:
+        """Not done: a GNN keeps small activations, and recomputing would update its
+        BatchNorm statistics a second time."""
+        return False
 
     def _augmentations(self) -> list[tuple[Any, float]]:
         config = self.config

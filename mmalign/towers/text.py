@@ -43,7 +43,9 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from mmalign.config import ConfigError
-from mmalign.towers.base import Tower, TowerConfig, register_tower
+from mmalign.config.tower import TowerConfig
+from mmalign.towers.base import HFParts, Tower, register_tower
+from mmalign.towers.grad_checkpointing import library_checkpointing
 from mmalign.towers.image import dataclass_from_dict
 from mmalign.towers.pretrained import (
     checkpoint_logit_scale,
@@ -106,6 +108,7 @@ class TextTower(Tower):
 
     config_class = TextTowerConfig
     config: TextTowerConfig
+    onnx_input = "input_ids"
 
     def __init__(
         self, config: TextTowerConfig, field: str = "tower", base_dir: Path | None = None
@@ -123,8 +126,9 @@ class TextTower(Tower):
             self.pretrained_logit_scale = checkpoint_logit_scale(state, file)
             self.load_weights(self.encoder.module, self.encoder.checkpoint_state(state), key)
 
-    def preprocess(self, raw: Any) -> Any:
-        """One caption (``str``) to token ids, truncated to ``context_length``."""
+    def preprocess(self, raw: Any, augment: bool = False) -> Any:
+        """One caption (``str``) to token ids, truncated to ``context_length`` (no
+        augmentation)."""
         if not isinstance(raw, str):
             raise TypeError(f"{self.field}: text tower expects a str, got {type(raw).__name__}")
         return self.encoder.tokenize(raw)
@@ -138,6 +142,27 @@ class TextTower(Tower):
     def forward(self, inputs: Any) -> torch.Tensor:
         """A collated batch to ``[B, width]`` features."""
         return self.encoder(inputs)
+
+    def enable_gradient_checkpointing(self) -> bool:
+        """open_clip's or transformers' own switch."""
+        return library_checkpointing(self)
+
+    def example_raw(self) -> Any:
+        """A caption."""
+        return "a photo of the number seven"
+
+    def onnx_axes(self, names: Sequence[str]) -> dict[str, dict[int, str]]:
+        """The batch axis, and the token axis of a Hugging Face tokenizer's output."""
+        if self.config.backend == "hf":
+            return {name: {0: "batch", 1: "tokens"} for name in names}
+        return super().onnx_axes(names)
+
+    def hf_parts(self) -> HFParts | None:
+        """``backend: hf``: the ``AutoModel``, its tokenizer and the pooling."""
+        encoder = self.encoder
+        if not isinstance(encoder, HFText):
+            return None
+        return HFParts(encoder.module, encoder.tokenizer, encoder.pooling)
 
     def save_files(self, directory: Path) -> dict[str, Any]:
         """Copy the tokenizer (and a Hugging Face config) into ``directory``."""
