@@ -175,7 +175,8 @@ def weights_of(model: Any, items: Sequence[str] | None) -> dict[str, float] | No
     Example:
         >>> from types import SimpleNamespace
         >>> towers = {"caption": {"type": "text"}}
-        >>> model = SimpleNamespace(modalities=list(towers), config=SimpleNamespace(towers=towers))
+        >>> from mmalign.config import ModelConfig
+        >>> model = SimpleNamespace(modalities=list(towers), config=ModelConfig(towers=towers))
         >>> weights_of(model, ["text=0.5"])
         {'caption': 0.5}
     """

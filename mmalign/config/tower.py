@@ -19,7 +19,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from mmalign.registry import TOWERS
@@ -49,7 +57,12 @@ class LoraSettings(BaseModel):
 
 class TowerConfig(BaseModel):
     """Base of every tower's own config; ``type`` picks the tower. ``trainable``, ``lora``
-    and ``merge_lora`` choose what of it trains."""
+    and ``merge_lora`` choose what of it trains.
+
+    A dump holds ``type`` and the keys that were set (the config as written, plus what
+    ``save_pretrained`` resolved), so it validates again to the same config: a tower's
+    validators may tell a key given from a default (``model_fields_set``).
+    """
 
     model_config = ConfigDict(extra="forbid")
     type: str
@@ -67,6 +80,13 @@ class TowerConfig(BaseModel):
         if self.merge_lora and self.lora is None:
             raise ValueError("merge_lora: true needs lora: {r: ...}; remove merge_lora")
         return self
+
+    @model_serializer(mode="wrap")
+    def _as_written(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        return {
+            key: value for key, value in data.items() if key in {"type", *self.model_fields_set}
+        }
 
     def tunes(self) -> str | None:
         """The key that trains part of the tower (``trainable`` or ``lora``), ``None``."""

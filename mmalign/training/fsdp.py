@@ -5,8 +5,9 @@ device (CPU with gloo included, where ``accelerate launch`` with an FSDP config 
 anything): first each tower's blocks (``Tower.blocks()``: open_clip's ``resblocks``, timm's
 ``blocks``, a Hugging Face ``encoder.layer``, a GNN layer's convolution with its norm), then
 each tower, then the whole :class:`~mmalign.AlignmentModel`. Every parameter becomes a
-``DTensor`` sharded on its first dimension, each process holding 1/N of it; the forward all-gathers a unit's parameters, the
-backward reduce-scatters (averages) their gradients, as DDP's all-reduce averages them.
+``DTensor`` sharded on its first dimension, each process holding 1/N of it; the forward
+all-gathers a unit's parameters, the backward reduce-scatters (averages) their gradients, as
+DDP's all-reduce averages them.
 
 FSDP2 cannot shard a 0-dimensional parameter (the temperature ``logit_scale``, the sigmoid
 ``logit_bias``): those stay whole on every process and :meth:`FullySharded.clip_gradients`
@@ -43,7 +44,14 @@ STRATEGY = "fsdp"
 
 
 def whole_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The 0-dimensional parameters, which FSDP2 cannot shard (kept whole on every rank)."""
+    """The 0-dimensional parameters, which FSDP2 cannot shard (kept whole on every rank).
+
+    Example:
+        >>> model = nn.Linear(2, 2)
+        >>> model.scale = nn.Parameter(torch.tensor(1.0))
+        >>> [tuple(parameter.shape) for parameter in whole_parameters(model)]
+        [()]
+    """
     return [parameter for parameter in model.parameters() if parameter.ndim == 0]
 
 
