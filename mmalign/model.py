@@ -102,12 +102,13 @@ class AlignmentModel(nn.Module):
         self.projections = nn.ModuleDict(
             {
                 name: build_projection(
-                    config.projection, tower.width, config.dim, f"model.towers.{name}"
+                    config.projection, self.tower(name).width, config.dim, f"model.towers.{name}"
                 )
-                for name, tower in self.towers.items()
+                for name in self.modalities
             }
         )
-        logit_scale = initial_logit_scale(config.logit_scale_init, self.towers)
+        towers = {name: self.tower(name) for name in self.modalities}
+        logit_scale = initial_logit_scale(config.logit_scale_init, towers)
         self.config = config = config.model_copy(update={"logit_scale_init": logit_scale})
         self.logit_scale = nn.Parameter(
             torch.tensor(logit_scale), requires_grad=config.learn_logit_scale
@@ -201,8 +202,9 @@ class AlignmentModel(nn.Module):
         if isinstance(inputs, Batch):
             if present is not None:
                 raise ValueError("a Batch carries its own present mask; do not pass `present`")
-            item_index = inputs.item_index
-            inputs, present = inputs.inputs, inputs.present_for(list(inputs.inputs))
+            batch = inputs
+            item_index = batch.item_index
+            inputs, present = batch.inputs, batch.present_for(list(batch.inputs))
         else:
             item_index = {}
         for modality in inputs:
@@ -341,7 +343,7 @@ class AlignmentModel(nn.Module):
             >>> AlignmentModel.from_pretrained(saved).dim
             4
         """
-        if any(tower.config.merge_lora for tower in self.towers.values()):
+        if any(self.tower(name).config.merge_lora for name in self.modalities):
             return self._with_lora_merged().save_pretrained(directory)
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -354,7 +356,7 @@ class AlignmentModel(nn.Module):
     def _save_tower_files(self, name: str, directory: Path) -> TowerConfig:
         tower_dir = directory / name
         tower_dir.mkdir(exist_ok=True)
-        updates = self.towers[name].save_files(tower_dir)
+        updates = self.tower(name).save_files(tower_dir)
         if not any(tower_dir.iterdir()):
             tower_dir.rmdir()
         config = self.config.towers[name]
@@ -366,7 +368,8 @@ class AlignmentModel(nn.Module):
         peft); ``self`` is unchanged."""
         merged = copy.deepcopy(self)
         configs = dict(merged.config.towers)
-        for name, tower in merged.towers.items():
+        for name in merged.modalities:
+            tower = merged.tower(name)
             if tower.config.merge_lora:
                 merge_lora(tower)
                 tower.config = configs[name] = tower.config.model_copy(

@@ -68,7 +68,7 @@ def to_hf(model: AlignmentModel, directory: str | Path) -> Path:
             processor.save_pretrained(folder)
             weight = projection_matrix(model.projections[name], "model.projection")
             if weight is None:
-                weight = torch.eye(model.towers[name].width)
+                weight = torch.eye(model.tower(name).width)
             metadata = {"pooling": pooling, "normalize": "l2", "modality": name}
             tensors = {"weight": weight.detach().float().contiguous().cpu()}
             save_file(tensors, folder / PROJECTION, metadata)

@@ -325,7 +325,7 @@ def make_loader(
         augment=augment,
         limits=limits,
         group=parse_group_field(group_field) if group_field else None,
-        views=check_views(views or {}, towers),
+        views=check_views(views or {}, list(towers)),
         negatives=check_negatives(negatives, towers),
         seed=seed,
     )

@@ -38,12 +38,15 @@ import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 from pydantic import Field, model_validator
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 from mmalign.config import ConfigError
 from mmalign.config.tower import TowerConfig
@@ -219,7 +222,7 @@ def _zero_padding_frames(hidden: torch.Tensor, lengths: torch.Tensor) -> torch.T
 class HFAudioEncoder(nn.Module):
     """A Hugging Face audio model (encoder only) pooled by a masked mean over its frames."""
 
-    def __init__(self, model: nn.Module, pass_attention_mask: bool) -> None:
+    def __init__(self, model: PreTrainedModel, pass_attention_mask: bool) -> None:
         super().__init__()
         self.model = model
         self.pass_attention_mask = pass_attention_mask
@@ -238,8 +241,9 @@ class HFAudioEncoder(nn.Module):
 
     def _output_lengths(self, mask: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         lengths = mask.sum(-1)
-        if hasattr(self.model, "_get_feat_extract_output_lengths"):
-            lengths = self.model._get_feat_extract_output_lengths(lengths)
+        output_lengths = getattr(self.model, "_get_feat_extract_output_lengths", None)
+        if output_lengths is not None:
+            lengths = output_lengths(lengths)
         else:  # proportional: the encoder keeps time order at a fixed downsampling
             lengths = torch.ceil(lengths * hidden.shape[1] / mask.shape[-1])
         return lengths.long().clamp(1, hidden.shape[1])
@@ -403,14 +407,14 @@ class AudioTower(Tower):
 
     def hf_parts(self) -> HFParts | None:
         """``encoder: hf``: the ``AutoModel``, its feature extractor, pooled over frames."""
-        if self.config.encoder != "hf":
+        if not isinstance(self.encoder, HFAudioEncoder):
             return None
         return HFParts(self.encoder.model, self.feature_extractor, "frames")
 
     def save_files(self, directory: Path) -> dict[str, Any]:
         """``hf``: save the model config and feature extractor (not the weights, which live in
         the model's safetensors) so the tower rebuilds without the original directory."""
-        if self.config.encoder != "hf":
+        if not isinstance(self.encoder, HFAudioEncoder):
             return {}
         self.encoder.model.config.save_pretrained(directory)
         self.feature_extractor.save_pretrained(directory)

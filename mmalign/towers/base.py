@@ -30,12 +30,15 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import safetensors.torch
 import torch
 from pydantic import ValidationError
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 from mmalign.config.tower import TowerConfig, tower_config
 from mmalign.errors import ConfigError, UserError, config_error
@@ -51,7 +54,7 @@ class HFParts:
     the model (``save_pretrained``), its tokenizer or feature extractor, and the pooling
     (``cls``, ``mean``, ``eos`` or ``frames``) that turns its hidden states into a vector."""
 
-    model: nn.Module
+    model: PreTrainedModel
     processor: Any
     pooling: str
 
@@ -150,6 +153,7 @@ class Tower(nn.Module):
         where = f"{self.field}.{key}"
         if not file.is_file():
             raise ConfigError(f"{where}: checkpoint file {file} does not exist")
+        state: Any
         try:
             if file.suffix == ".safetensors":
                 state = safetensors.torch.load_file(str(file))

@@ -101,7 +101,7 @@ class GINE(BasicGNN):
 
     supports_edge_weight: Final[bool] = False
     supports_edge_attr: Final[bool] = True
-    supports_norm_batch: Final[bool]
+    supports_norm_batch: Final[bool]  # type: ignore[misc]  # set by BasicGNN.__init__
 
     def init_conv(self, in_channels: int, out_channels: int, **kwargs: Any) -> GINEConv:
         mlp = MLP(

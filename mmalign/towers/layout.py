@@ -93,7 +93,7 @@ def _parameter_count(module: nn.Module) -> int:
 def _stacks(module: nn.Module) -> dict[str, nn.Module]:
     """Named ``ModuleList``/``Sequential`` modules of one class (at least two, with
     parameters): the candidate block stacks."""
-    found = {}
+    found: dict[str, nn.Module] = {}
     for name, child in module.named_modules():
         members = list(child.children())
         if (
@@ -124,10 +124,10 @@ def stack_blocks(module: nn.Module) -> list[Block]:
         for name, child in module.get_submodule(parent).named_children()
         if isinstance(child, _STACKS) and name != own
     ]
-    stacked = [stacks[main], *siblings]
+    stacked = [list(stacks[main].children()), *(list(s.children()) for s in siblings)]
     return [
         [stack[index] for stack in stacked if index < len(stack)]
-        for index in range(len(stacks[main]))
+        for index in range(len(stacked[0]))
     ]
 
 

@@ -106,6 +106,9 @@ class LogMel(nn.Module):
         tensor([1, 1, 2])
     """
 
+    window: torch.Tensor
+    filters: torch.Tensor
+
     def __init__(
         self,
         sample_rate: int,
@@ -165,6 +168,9 @@ class ConvLogMel(nn.Module):
         >>> torch.allclose(ConvLogMel(log_mel)(waveform), log_mel(waveform), atol=1e-3)
         True
     """
+
+    basis: torch.Tensor
+    filters: torch.Tensor
 
     def __init__(self, log_mel: LogMel) -> None:
         super().__init__()

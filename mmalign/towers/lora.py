@@ -123,7 +123,7 @@ def inject_lora(tower: nn.Module, settings: LoraSettings, field: str) -> list[st
         )
     config = LoraConfig(
         r=settings.r,
-        lora_alpha=settings.alpha,
+        lora_alpha=settings.alpha,  # type: ignore[arg-type]  # peft scales by a float
         lora_dropout=settings.dropout,
         target_modules=targets,
     )

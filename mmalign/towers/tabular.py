@@ -85,6 +85,8 @@ class TabularTower(Tower):
 
     config_class = TabularTowerConfig
     config: TabularTowerConfig
+    mean: torch.Tensor
+    std: torch.Tensor
     onnx_input = "features"
 
     def __init__(

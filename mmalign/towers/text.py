@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import sentencepiece
 import torch
@@ -260,7 +260,7 @@ class OpenCLIPText(nn.Module):
         self.sentencepiece = None
         if config.tokenizer:
             self.sentencepiece = self._load_sentencepiece(tower.resolve_path(config.tokenizer))
-            values.update(self._sentencepiece_cfg())
+            values.update(_sentencepiece_cfg(self.sentencepiece))
         text_cfg = dataclass_from_dict(CLIPTextCfg, values, f"{tower.field}.text_cfg")
         embed_dim = config.embed_dim or named.get("embed_dim")
         if not embed_dim:
@@ -277,7 +277,8 @@ class OpenCLIPText(nn.Module):
         self.module = _build_text_tower(
             embed_dim or text_cfg.width, text_cfg, quick_gelu=self.quick_gelu
         )
-        self.width = text_cfg.width if self.module.text_projection is None else int(embed_dim)
+        projected = self.module.text_projection is not None
+        self.width = int(embed_dim) if projected and embed_dim else text_cfg.width
         self.resolve_on_save = bool(config.model or pretrained)
 
     def _load_sentencepiece(self, path: Path) -> sentencepiece.SentencePieceProcessor:
@@ -297,15 +298,6 @@ class OpenCLIPText(nn.Module):
                 "train it with an eos_id, the pooled token"
             )
         return processor
-
-    def _sentencepiece_cfg(self) -> dict[str, Any]:
-        processor = self.sentencepiece
-        return {
-            "vocab_size": processor.get_piece_size(),
-            "pool_type": "eos",
-            "eos_id": processor.eos_id(),
-            "pad_id": max(processor.pad_id(), 0),
-        }
 
     def _check(self, text_cfg: CLIPTextCfg) -> None:
         if text_cfg.hf_model_name or (text_cfg.hf_tokenizer_name and not self.sentencepiece):
@@ -330,7 +322,7 @@ class OpenCLIPText(nn.Module):
     def tokenize(self, text: str) -> torch.Tensor:
         if self.tokenizer is not None:
             return self.tokenizer(text)[0]
-        processor = self.sentencepiece
+        processor = cast(sentencepiece.SentencePieceProcessor, self.sentencepiece)  # set then
         ids = [*processor.encode(text)[: self.context_length - 1], processor.eos_id()]
         padded = torch.full((self.context_length,), max(processor.pad_id(), 0), dtype=torch.long)
         padded[: len(ids)] = torch.tensor(ids, dtype=torch.long)
@@ -361,3 +353,13 @@ class OpenCLIPText(nn.Module):
             "quick_gelu": self.quick_gelu,
             **dict.fromkeys(shorthands),
         }
+
+
+def _sentencepiece_cfg(processor: sentencepiece.SentencePieceProcessor) -> dict[str, Any]:
+    """The text config a SentencePiece model sets: its vocabulary and special ids."""
+    return {
+        "vocab_size": processor.get_piece_size(),
+        "pool_type": "eos",
+        "eos_id": processor.eos_id(),
+        "pad_id": max(processor.pad_id(), 0),
+    }

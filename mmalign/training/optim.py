@@ -86,8 +86,8 @@ def layer_scales(model: nn.Module, decay: float) -> dict[int, float]:
         [0.125, 0.5, 1.0]
     """
     scales: dict[int, float] = {}
-    towers = model.towers if isinstance(getattr(model, "towers", None), nn.ModuleDict) else {}
-    for tower in towers.values():
+    towers = getattr(model, "towers", None)
+    for tower in towers.values() if isinstance(towers, nn.ModuleDict) else []:
         layout = tower_layout(tower, tower.blocks()) if isinstance(tower, Tower) else None
         if layout is None:
             continue
