@@ -99,8 +99,10 @@ def tower_config(value: Any) -> TowerConfig:
     ``model.towers.<modality>``). A :class:`TowerConfig` is taken as it is."""
     if isinstance(value, TowerConfig):
         return value
-    if not isinstance(value, dict) or not isinstance(value.get("type"), str):
-        raise _type_error("needs a 'type:'", value)
+    if not isinstance(value, dict):
+        raise _type_error("a tower config is a mapping with a 'type:' and the tower's keys", value)
+    if not isinstance(value.get("type"), str):
+        raise _type_error("needs a 'type:'", value.get("type"))
     if value["type"] not in TOWERS:
         raise _type_error(f"unknown tower type {value['type']!r}", value["type"])
     config_class: type[TowerConfig] = TOWERS.get(value["type"]).config_class
@@ -109,7 +111,7 @@ def tower_config(value: Any) -> TowerConfig:
 
 def _type_error(problem: str, value: Any) -> ValidationError:
     message = f"{problem}; known: {', '.join(TOWERS.names())}"
-    error = PydanticCustomError("invalid_value", message)  # type: ignore[arg-type]
+    error = PydanticCustomError("invalid_value", message)
     return ValidationError.from_exception_data(
         "tower config", [InitErrorDetails(type=error, loc=("type",), input=value)]
     )

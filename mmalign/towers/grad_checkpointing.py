@@ -56,7 +56,7 @@ def checkpoint_module(module: nn.Module) -> None:
         >>> layer(torch.ones(1, 2, requires_grad=True)).shape
         torch.Size([1, 2])
     """
-    module.forward = types.MethodType(_checkpointed_forward, module)  # type: ignore[method-assign]
+    module.forward = types.MethodType(_checkpointed_forward, module)
 
 
 def checkpoint_blocks(blocks: list[Block]) -> bool:
