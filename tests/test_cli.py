@@ -17,6 +17,7 @@ import mmalign.demo.data
 import mmalign.training
 from mmalign.cli.main import SUBCOMMANDS, main, one_line
 from mmalign.cli.search import parse_raw, resolve_query_modality
+from mmalign.config import ModelConfig
 from mmalign.errors import ConfigError, UserError
 from mmalign.training import TrainingStopped
 
@@ -153,8 +154,12 @@ def test_one_line_joins_a_multi_line_message() -> None:
 
 
 def test_search_query_strings_are_parsed_by_the_cli(tmp_path: Path) -> None:
-    towers = {"x": {"type": "tabular"}, "caption": {"type": "text"}, "g": {"type": "graph"}}
-    model = SimpleNamespace(modalities=list(towers), config=SimpleNamespace(towers=towers))
+    towers = {
+        "x": {"type": "tabular", "in_features": 2},
+        "caption": {"type": "text"},
+        "g": {"type": "graph", "in_features": 2},
+    }
+    model = SimpleNamespace(modalities=list(towers), config=ModelConfig(towers=towers))
     assert resolve_query_modality(model, "text") == "caption"
     assert resolve_query_modality(model, "x") == "x"
     with pytest.raises(UserError, match="no modality or tower type 'image' \\(--query\\)"):
