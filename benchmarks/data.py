@@ -36,8 +36,9 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
 
+from mmalign.config import TowerConfig
 from mmalign.data import decode_value, expand_shards, make_loader
-from mmalign.towers import Tower, TowerConfig, build_tower
+from mmalign.towers import Tower, build_tower
 
 FIELDS = {"image": "png", "text": "txt", "audio": "flac", "graph": "graph.json"}
 
@@ -50,7 +51,7 @@ class IdentityTower(Tower):
     def __init__(self) -> None:
         super().__init__(TowerConfig(type="identity"))
 
-    def preprocess(self, raw: Any) -> Any:
+    def preprocess(self, raw: Any, augment: bool = False) -> Any:
         return raw
 
     def collate(self, items: list[Any]) -> list[Any]:

@@ -32,9 +32,9 @@ import torch
 import webdataset as wds
 
 from mmalign.data.records import iterate_records
+from mmalign.embeddings import truncate
 from mmalign.export import build_index, export_embeddings, load_index
 from mmalign.model import AlignmentModel
-from mmalign.objectives.matryoshka import truncate
 
 TEXT_MODEL = {
     "dim": 128,
@@ -119,13 +119,11 @@ def write_vectors_as_export(
 @torch.no_grad()
 def embed_images(model: AlignmentModel, images: list, augment: bool) -> torch.Tensor:
     """Full-size image embeddings; ``augment`` applies the tower's train-time transform."""
-    tower = model.towers["image"]
-    tower.set_augment(augment)
+    tower = model.tower("image")
     chunks = []
     for start in range(0, len(images), 512):
-        items = [tower.preprocess(image) for image in images[start : start + 512]]
+        items = [tower.preprocess(image, augment) for image in images[start : start + 512]]
         chunks.append(model.embed("image", tower.collate(items)))
-    tower.set_augment(False)
     return torch.cat(chunks)
 
 

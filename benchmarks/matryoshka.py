@@ -33,11 +33,11 @@ from pathlib import Path
 
 from mmalign.config import load_config
 from mmalign.demo.pipeline import default_configs_dir
+from mmalign.embeddings import truncate
 from mmalign.eval.loading import collect_embeddings
 from mmalign.eval.retrieval import retrieval_metrics
 from mmalign.eval.zeroshot import ZeroShotClassifier, evaluate_zeroshot, load_classes
 from mmalign.model import AlignmentModel
-from mmalign.objectives.matryoshka import truncate
 from mmalign.training import train
 
 PREFIXES = [8, 16, 32, 64, 128]

@@ -22,6 +22,7 @@ _EXPORTS = {
     "Config": "mmalign.config",
     "ConfigError": "mmalign.errors",
     "ObjectiveConfig": "mmalign.config",
+    "TowerConfig": "mmalign.config",
     "load_config": "mmalign.config",
     "LossOutput": "mmalign.objectives",
     "Objective": "mmalign.objectives",

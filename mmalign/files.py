@@ -180,18 +180,3 @@ class DirectoryLock:
         traceback: TracebackType | None,
     ) -> None:
         self.release()
-
-
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-
-
-def pickle_note(directory: Path) -> str:
-    """A hint when ``directory`` holds pickled checkpoints, which are never loaded."""
-    found = sorted(p.name for p in directory.glob("*") if p.suffix in PICKLE_SUFFIXES)
-    if not found:
-        return ""
-    return (
-        f"; found {', '.join(found)}, which mmalign does not load: pickled checkpoints can run "
-        "code when opened. Load trusted tower weights through the tower's `checkpoint:` field "
-        "(read with weights_only=True), then save_pretrained"
-    )

@@ -11,11 +11,12 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -25,20 +26,39 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from mmalign import convert
 from mmalign.batch import Batch, move_to
-from mmalign.config import Config, ConfigError, ModelConfig, load_config
+from mmalign.config import Config, ConfigError, ModelConfig, TowerConfig, load_config
+from mmalign.embeddings import check_prefix, truncate
 from mmalign.errors import config_error
-from mmalign.files import pickle_note
 from mmalign.objectives import LossOutput, build_objective
-from mmalign.objectives.matryoshka import check_prefix, truncate, with_matryoshka
+from mmalign.objectives.matryoshka import with_matryoshka
 from mmalign.towers import Tower, build_tower
-from mmalign.towers.lora import with_lora_merged
+from mmalign.towers.lora import merge_lora
 from mmalign.towers.pretrained import initial_logit_scale
-from mmalign.towers.projection import build_projection
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def build_projection(kind: str, width: int, dim: int, field: str) -> nn.Module:
+    """The map from a tower's ``width`` to the shared ``dim`` (``model.projection``): linear,
+    a 2-layer MLP, or none.
+
+    Example:
+        >>> build_projection("linear", 48, 16, "model.towers.text")
+        Linear(in_features=48, out_features=16, bias=False)
+    """
+    if kind == "linear":
+        return nn.Linear(width, dim, bias=False)
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, dim))
+    if width != dim:
+        raise ConfigError(
+            f"model.projection: 'none' needs every tower's width to equal model.dim ({dim}); "
+            f"{field} has width {width}. Use projection 'linear' or set the tower's width"
+        )
+    return nn.Identity()
 
 
 def _model_config(source: str | Path | Mapping[str, Any] | Config | ModelConfig) -> ModelConfig:
@@ -82,12 +102,13 @@ class AlignmentModel(nn.Module):
         self.projections = nn.ModuleDict(
             {
                 name: build_projection(
-                    config.projection, tower.width, config.dim, f"model.towers.{name}"
+                    config.projection, self.tower(name).width, config.dim, f"model.towers.{name}"
                 )
-                for name, tower in self.towers.items()
+                for name in self.modalities
             }
         )
-        logit_scale = initial_logit_scale(config.logit_scale_init, self.towers)
+        towers = {name: self.tower(name) for name in self.modalities}
+        logit_scale = initial_logit_scale(config.logit_scale_init, towers)
         self.config = config = config.model_copy(update={"logit_scale_init": logit_scale})
         self.logit_scale = nn.Parameter(
             torch.tensor(logit_scale), requires_grad=config.learn_logit_scale
@@ -147,16 +168,24 @@ class AlignmentModel(nn.Module):
             self.towers[name].eval()
         return self
 
-    def _tower(self, modality: str) -> Tower:
+    def tower(self, modality: str) -> Tower:
+        """The tower of ``modality`` (a ``KeyError`` naming the known ones otherwise).
+
+        Example:
+            >>> model = AlignmentModel.from_config({"dim": 4, "towers": {
+            ...     "labs": {"type": "tabular", "in_features": 2}}})
+            >>> model.tower("labs").width
+            128
+        """
         if modality not in self.towers:
             raise KeyError(
                 f"unknown modality {modality!r}; this model knows {', '.join(self.modalities)}"
             )
-        return self.towers[modality]
+        return cast(Tower, self.towers[modality])
 
     def embed(self, modality: str, inputs: Any) -> torch.Tensor:
         """Collated inputs of one modality to L2-normalized ``[B, dim]`` embeddings."""
-        features = self._tower(modality)(inputs)
+        features = self.tower(modality)(inputs)
         return F.normalize(self.projections[modality](features), dim=-1)
 
     def forward(
@@ -173,12 +202,13 @@ class AlignmentModel(nn.Module):
         if isinstance(inputs, Batch):
             if present is not None:
                 raise ValueError("a Batch carries its own present mask; do not pass `present`")
-            item_index = inputs.item_index
-            inputs, present = inputs.inputs, inputs.present_for(list(inputs.inputs))
+            batch = inputs
+            item_index = batch.item_index
+            inputs, present = batch.inputs, batch.present_for(list(batch.inputs))
         else:
             item_index = {}
         for modality in inputs:
-            self._tower(modality)
+            self.tower(modality)
         if present is None:
             embedded = {modality: self._embed_all(modality, x) for modality, x in inputs.items()}
             rows = {modality: value.shape[0] for modality, value in embedded.items()}
@@ -253,14 +283,13 @@ class AlignmentModel(nn.Module):
             >>> model.encode("labs", [[0.0, 1.0], [2.0, 3.0]]).shape
             torch.Size([2, 4])
         """
-        tower = self._tower(modality)
+        tower = self.tower(modality)
         samples = _as_sample_list(modality, raws)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        was_training, augment = self.training, tower.augment
+        was_training = self.training
         if was_training:
             self.eval()
-        tower.set_augment(False)
         try:
             chunks = [
                 self.embed(modality, self._collate(tower, samples[start : start + batch_size]))
@@ -269,7 +298,6 @@ class AlignmentModel(nn.Module):
         finally:
             if was_training:
                 self.train()
-            tower.set_augment(augment)
         return self.truncate(torch.cat(chunks), dim)
 
     def _collate(self, tower: Tower, samples: list[Any]) -> Any:
@@ -315,8 +343,8 @@ class AlignmentModel(nn.Module):
             >>> AlignmentModel.from_pretrained(saved).dim
             4
         """
-        if any(tower.config.merge_lora for tower in self.towers.values()):
-            return with_lora_merged(self).save_pretrained(directory)
+        if any(self.tower(name).config.merge_lora for name in self.modalities):
+            return self._with_lora_merged().save_pretrained(directory)
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         towers = {name: self._save_tower_files(name, directory) for name in self.modalities}
@@ -325,13 +353,30 @@ class AlignmentModel(nn.Module):
         save_model(self, str(directory / WEIGHTS_FILE))
         return directory
 
-    def _save_tower_files(self, name: str, directory: Path) -> dict[str, Any]:
+    def _save_tower_files(self, name: str, directory: Path) -> TowerConfig:
         tower_dir = directory / name
         tower_dir.mkdir(exist_ok=True)
-        updates = self.towers[name].save_files(tower_dir)
+        updates = self.tower(name).save_files(tower_dir)
         if not any(tower_dir.iterdir()):
             tower_dir.rmdir()
-        return {**self.config.towers[name], **updates}
+        config = self.config.towers[name]
+        return type(config).model_validate({**config.model_dump(), **updates})
+
+    def _with_lora_merged(self) -> AlignmentModel:
+        """A deep copy whose towers with ``merge_lora`` hold their adapters merged, configured
+        without ``lora`` (what ``save_pretrained`` writes, so the saved model loads without
+        peft); ``self`` is unchanged."""
+        merged = copy.deepcopy(self)
+        configs = dict(merged.config.towers)
+        for name in merged.modalities:
+            tower = merged.tower(name)
+            if tower.config.merge_lora:
+                merge_lora(tower)
+                tower.config = configs[name] = tower.config.model_copy(
+                    update={"lora": None, "merge_lora": False}
+                )
+        merged.config = merged.config.model_copy(update={"towers": configs})
+        return merged
 
     @classmethod
     def from_pretrained(
@@ -345,7 +390,7 @@ class AlignmentModel(nn.Module):
                 raise FileNotFoundError(
                     f"{directory} is not a saved mmalign model: {needed.name} is missing "
                     "(AlignmentModel.save_pretrained writes config.json + model.safetensors)"
-                    + pickle_note(directory)
+                    + _pickle_note(directory)
                 )
         try:
             config = ModelConfig.model_validate(json.loads(config_file.read_text()))
@@ -366,21 +411,6 @@ class AlignmentModel(nn.Module):
                 f"unexpected {sorted(unexpected)[:8]}"
             )
         return model.to(device).eval()
-
-    def to_open_clip(self, directory: str | Path, **towers: str) -> Path:
-        """Write the image and text towers as an open_clip folder (``image=``/``text=`` pick
-        them); see :func:`mmalign.convert.to_open_clip`."""
-        return convert.to_open_clip(self, directory, **towers)
-
-    def to_hf(self, directory: str | Path) -> Path:
-        """Write each Hugging Face tower for ``AutoModel`` + its projection; see
-        :func:`mmalign.convert.to_hf`."""
-        return convert.to_hf(self, directory)
-
-    def to_onnx(self, directory: str | Path, modalities: list[str] | None = None) -> Path:
-        """Write each tower (or ``modalities``) with its projection as ONNX; see
-        :func:`mmalign.convert.to_onnx`."""
-        return convert.to_onnx(self, directory, modalities)
 
     def parameter_counts(self) -> dict[str, tuple[int, int]]:
         """``(trainable, total)`` parameters per tower, per projection and in all."""
@@ -434,3 +464,15 @@ def _as_sample_list(modality: str, raws: Iterable[Any]) -> list[Any]:
     if not samples:
         raise ValueError(f"encode({modality!r}, raws): raws is empty; pass at least one sample")
     return samples
+
+
+def _pickle_note(directory: Path) -> str:
+    """A hint when ``directory`` holds pickled checkpoints, which are never loaded."""
+    found = sorted(p.name for p in directory.glob("*") if p.suffix in PICKLE_SUFFIXES)
+    if not found:
+        return ""
+    return (
+        f"; found {', '.join(found)}, which mmalign does not load: pickled checkpoints can run "
+        "code when opened. Load trusted tower weights through the tower's `checkpoint:` field "
+        "(read with weights_only=True), then save_pretrained"
+    )

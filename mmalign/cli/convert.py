@@ -8,6 +8,9 @@ tools (:mod:`mmalign.convert`).
   projection and a README;
 - ``--to onnx``: each tower (or ``--modality``) with its projection as ``<modality>.onnx``.
 
+Each format is one line of :data:`CONVERTERS`: its converter function and the options it
+takes (an option of one format only is refused with the others).
+
 Example:
     >>> from mmalign.cli.main import main
     >>> main(["convert", "runs/clip", "--to", "open_clip", "--out", "clip"])  # doctest: +SKIP
@@ -17,19 +20,24 @@ Example:
 from __future__ import annotations
 
 import argparse
+import importlib
 
 from mmalign.errors import UserError
 
 HELP = "write a model for open_clip, Hugging Face transformers or ONNX"
-TARGETS = ("open_clip", "hf", "onnx")
-ONLY_FOR = {"image": "open_clip", "text": "open_clip", "modality": "onnx"}
-"""Options that apply to one target only."""
+CONVERTERS: dict[str, tuple[str, dict[str, str]]] = {
+    "open_clip": ("mmalign.convert.open_clip:to_open_clip", {"image": "image", "text": "text"}),
+    "hf": ("mmalign.convert.hf:to_hf", {}),
+    "onnx": ("mmalign.convert.onnx:to_onnx", {"modalities": "modality"}),
+}
+"""Format -> (``module:function`` called as ``function(model, out, **options)``, its keyword
+arguments -> the command-line option that gives each)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The model, the target and the output folder, then the target's own options."""
     parser.add_argument("model", help="a run directory (with model/) or a model directory")
-    parser.add_argument("--to", required=True, choices=TARGETS, help="the target format")
+    parser.add_argument("--to", required=True, choices=list(CONVERTERS), help="the target format")
     parser.add_argument("--out", required=True, help="output folder (replaced when it exists)")
     parser.add_argument("--image", help="open_clip: the image modality (default: the only one)")
     parser.add_argument("--text", help="open_clip: the text modality (default: the only one)")
@@ -42,21 +50,22 @@ def run(args: argparse.Namespace) -> int:
     """Convert and print the output folder and the files written."""
     from pathlib import Path
 
-    from mmalign.convert import to_hf, to_onnx, to_open_clip
     from mmalign.eval.loading import load_model
 
-    for option, target in ONLY_FOR.items():
-        if getattr(args, option) is not None and args.to != target:
-            raise UserError(
-                f"--{option} applies to --to {target} only (--{option}); drop it for --to {args.to}"
-            )
+    function, options = CONVERTERS[args.to]
+    for target, (_, others) in CONVERTERS.items():
+        for option in others.values():
+            if target != args.to and option not in options.values() and getattr(args, option):
+                raise UserError(
+                    f"--{option} applies to --to {target} only (--{option}); "
+                    f"drop it for --to {args.to}"
+                )
+    module, name = function.split(":")
+    convert = getattr(importlib.import_module(module), name)
     model = load_model(args.model)
-    if args.to == "open_clip":
-        out = to_open_clip(model, args.out, image=args.image, text=args.text)
-    elif args.to == "hf":
-        out = to_hf(model, args.out)
-    else:
-        out = to_onnx(model, args.out, args.modality)
+    out = convert(
+        model, args.out, **{key: getattr(args, option) for key, option in options.items()}
+    )
     files = sorted(str(path.relative_to(out)) for path in Path(out).rglob("*") if path.is_file())
     print(f"wrote {args.to} to {out}: {', '.join(files)}")
     return 0

@@ -70,16 +70,17 @@ def resolve_query_modality(model: AlignmentModel, name: str, flag: str = "--quer
     Example:
         >>> from types import SimpleNamespace
         >>> towers = {"caption": {"type": "text"}, "photo": {"type": "image"}}
-        >>> model = SimpleNamespace(modalities=list(towers), config=SimpleNamespace(towers=towers))
+        >>> from mmalign.config import ModelConfig
+        >>> model = SimpleNamespace(modalities=list(towers), config=ModelConfig(towers=towers))
         >>> resolve_query_modality(model, "image"), resolve_query_modality(model, "caption")
         ('photo', 'caption')
     """
     if name in model.modalities:
         return name
-    for modality in model.modalities:
-        if model.config.towers[modality]["type"] == name:
-            return modality
-    types = sorted({model.config.towers[modality]["type"] for modality in model.modalities})
+    of_type = model.config.modalities_of_type(name)
+    if of_type:
+        return str(of_type[0])
+    types = sorted({model.config.towers[modality].type for modality in model.modalities})
     raise UserError(
         f"the model has no modality or tower type {name!r} ({flag}); use one of its "
         f"modalities: {', '.join(model.modalities)} (or a tower type: {', '.join(types)})"
@@ -114,11 +115,13 @@ def parse_raw(model: AlignmentModel, modality: str, raw: str) -> Any:
 
     Example:
         >>> from types import SimpleNamespace
-        >>> model = SimpleNamespace(config=SimpleNamespace(towers={"x": {"type": "tabular"}}))
+        >>> from mmalign.config import ModelConfig
+        >>> config = ModelConfig(towers={"x": {"type": "tabular", "in_features": 2}})
+        >>> model = SimpleNamespace(config=config)
         >>> parse_raw(model, "x", "[0.5, 1]")
         [0.5, 1]
     """
-    kind = model.config.towers[modality]["type"]
+    kind = model.config.towers[modality].type
     if kind in FILE_QUERIES:
         check_readable(raw, kind, f"--query {modality}=...")
     if kind == "tabular":
@@ -175,7 +178,8 @@ def weights_of(model: AlignmentModel, items: Sequence[str] | None) -> dict[str, 
     Example:
         >>> from types import SimpleNamespace
         >>> towers = {"caption": {"type": "text"}}
-        >>> model = SimpleNamespace(modalities=list(towers), config=SimpleNamespace(towers=towers))
+        >>> from mmalign.config import ModelConfig
+        >>> model = SimpleNamespace(modalities=list(towers), config=ModelConfig(towers=towers))
         >>> weights_of(model, ["text=0.5"])
         {'caption': 0.5}
     """

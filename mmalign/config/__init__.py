@@ -23,6 +23,7 @@ from mmalign.config.sections import (
     field_error,
     objective_config,
 )
+from mmalign.config.tower import LoraSettings, TowerConfig, TrainableConfig, tower_config
 from mmalign.errors import ConfigError
 
 __all__ = [
@@ -30,11 +31,15 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "EvalConfig",
+    "LoraSettings",
     "ModelConfig",
     "ObjectiveConfig",
+    "TowerConfig",
     "TrainConfig",
+    "TrainableConfig",
     "apply_overrides",
     "field_error",
     "load_config",
     "objective_config",
+    "tower_config",
 ]

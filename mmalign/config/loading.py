@@ -11,7 +11,6 @@ from pydantic import ValidationError
 
 from mmalign.config.sections import Config
 from mmalign.errors import ConfigError, config_error
-from mmalign.registry import TOWERS
 
 
 def _parse_value(text: str) -> Any:
@@ -93,23 +92,13 @@ def load_config(
         config = Config.model_validate(data)
     except ValidationError as error:
         raise config_error(error, "", f"config ({_source(error, name, overrides)})") from None
-    for modality, tower in config.model.towers.items():
-        try:
-            TOWERS.get(tower["type"], f"model.towers.{modality}.type").config_class.model_validate(
-                tower
-            )
-        except ValidationError as error:
-            where = _source(error, name, overrides, f"model.towers.{modality}")
-            raise config_error(error, f"model.towers.{modality}", f"config ({where})") from None
     return config
 
 
-def _source(
-    error: ValidationError, name: str, overrides: list[str] | None, prefix: str = ""
-) -> str:
+def _source(error: ValidationError, name: str, overrides: list[str] | None) -> str:
     """Where the fields of ``error`` were set: the ``--set`` overrides that set them (a typo
     there is not the file's), else the file ``name``."""
-    fields = [".".join(filter(None, [prefix, *map(str, item["loc"])])) for item in error.errors()]
+    fields = [".".join(map(str, item["loc"])) for item in error.errors()]
     keys = {override: override.split("=", 1)[0].strip() for override in overrides or []}
     setting = [
         override

@@ -7,10 +7,11 @@ import json
 import math
 import re
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SerializeAsAny,
@@ -21,6 +22,7 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from mmalign.config.tower import TowerConfig, tower_config
 from mmalign.registry import OBJECTIVES
 
 
@@ -134,8 +136,9 @@ class ModelConfig(_Section):
     """Towers, projections and temperature of an :class:`~mmalign.AlignmentModel`."""
 
     dim: int = Field(default=128, ge=1)
-    towers: dict[str, dict[str, Any]]
-    """Modality name -> tower config; ``type`` picks the tower, the rest is the tower's own."""
+    towers: dict[str, Annotated[SerializeAsAny[TowerConfig], BeforeValidator(tower_config)]]
+    """Modality name -> tower config; ``type`` picks the tower (and its config class, through
+    the tower registry), the rest is the tower's own."""
     objective: SerializeAsAny[ObjectiveConfig] = Field(
         default_factory=lambda: {"name": "clip"}, validate_default=True
     )
@@ -179,13 +182,13 @@ class ModelConfig(_Section):
     @model_validator(mode="after")
     def _frozen_towers_do_not_train(self) -> ModelConfig:
         for name in self.freeze:
-            tuned = [key for key in ("trainable", "lora") if (self.towers.get(name) or {}).get(key)]
+            tuned = self.towers[name].tunes() if name in self.towers else None
             if tuned:
                 raise field_error(
                     "ModelConfig",
                     "freeze",
-                    f"names '{name}' but model.towers.{name}.{tuned[0]} trains part of it; "
-                    f"remove '{name}' from freeze or the {tuned[0]} key",
+                    f"names '{name}' but model.towers.{name}.{tuned} trains part of it; "
+                    f"remove '{name}' from freeze or the {tuned} key",
                     self.freeze,
                 )
         return self
@@ -199,15 +202,20 @@ class ModelConfig(_Section):
 
     @field_validator("towers")
     @classmethod
-    def _towers_have_types(cls, towers: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    def _towers_not_empty(cls, towers: dict[str, TowerConfig]) -> dict[str, TowerConfig]:
         if not towers:
             raise ValueError("needs at least one modality, e.g. {image: {type: image}}")
-        for name, tower in towers.items():
-            if not isinstance(tower, dict) or "type" not in tower:
-                raise ValueError(
-                    f"tower '{name}' needs a 'type:' (image, text, audio, graph, tabular)"
-                )
         return towers
+
+    def modalities_of_type(self, tower_type: str) -> list[str]:
+        """The modalities whose tower is of type ``tower_type``, in config order.
+
+        Example:
+            >>> ModelConfig(towers={"a": {"type": "tabular", "in_features": 2},
+            ...     "b": {"type": "text"}}).modalities_of_type("text")
+            ['b']
+        """
+        return [name for name, tower in self.towers.items() if tower.type == tower_type]
 
     @field_validator("objective", mode="before")
     @classmethod
@@ -362,7 +370,7 @@ class TrainConfig(_Section):
     sharded, checkpoints saved sharded; see docs/fsdp.md). One process ignores it."""
     gradient_checkpointing: bool = False
     """Recompute each tower block's activations in the backward pass (less memory, more
-    compute; :mod:`mmalign.towers.checkpointing` says which towers support it)."""
+    compute; :mod:`mmalign.towers.grad_checkpointing` says which towers support it)."""
     compile: bool | str = False
     """``torch.compile`` each tower (not the loss): ``true`` with the default backend
     (inductor), or a backend name (``aot_eager``, ...); the first steps are slower."""

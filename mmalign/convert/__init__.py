@@ -8,9 +8,11 @@
 - :func:`to_onnx`: each tower with its projection and normalization as an ONNX graph with a
   dynamic batch axis.
 
-The package sits between the model and the towers: it reads a model's towers and projections
-(``AlignmentModel.to_open_clip`` and friends call it) and never imports the model itself.
-Importing the open_clip folders back is the towers' ``pretrained:`` (``mmalign.towers``).
+The package sits above the model: each converter is one file taking an
+:class:`~mmalign.AlignmentModel`, and asks each tower what its format needs (the tower's
+``example_raw()``, ONNX input names and axes, ``exportable()``, ``hf_parts()``); ``mmalign
+convert`` picks them from one table (:mod:`mmalign.cli.convert`). Importing the open_clip
+folders back is the towers' ``pretrained:`` (``mmalign.towers``).
 
 Example:
     >>> from mmalign.convert import to_open_clip

@@ -1,4 +1,4 @@
-"""What every converter needs: picking towers by type, a projection as a matrix, and writing
+"""What every converter needs: picking a tower by type, a projection as a matrix, and writing
 the output folder whole or not at all.
 
 Example:
@@ -14,21 +14,22 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from mmalign.errors import UserError
 from mmalign.files import replace_directory
+from mmalign.model import AlignmentModel
 
 
-def towers_of_type(model: Any, tower_type: str) -> list[str]:
-    """The modalities of ``model`` whose tower config has ``type: tower_type``, in order."""
-    return [name for name in model.modalities if model.config.towers[name]["type"] == tower_type]
-
-
-def pick_tower(model: Any, tower_type: str, name: str | None, flag: str, target: str) -> str:
+def pick_tower(
+    model: AlignmentModel,
+    tower_type: str,
+    name: str | None,
+    flag: str,
+    target: str,
+) -> str:
     """The one tower of ``tower_type`` (or ``name``, checked); errors name ``flag``."""
     if name is not None:
         if name not in model.modalities:
@@ -36,13 +37,13 @@ def pick_tower(model: Any, tower_type: str, name: str | None, flag: str, target:
                 f"the model has no modality {name!r} ({flag}); pick one of "
                 f"{', '.join(model.modalities)}"
             )
-        if model.config.towers[name]["type"] != tower_type:
+        if model.config.towers[name].type != tower_type:
             raise UserError(
-                f"modality {name!r} is a {model.config.towers[name]['type']} tower, not "
+                f"modality {name!r} is a {model.config.towers[name].type} tower, not "
                 f"{tower_type} ({flag}); name the {tower_type} tower"
             )
         return name
-    found = towers_of_type(model, tower_type)
+    found = model.config.modalities_of_type(tower_type)
     if len(found) == 1:
         return found[0]
     if not found:

@@ -18,13 +18,14 @@ Example:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
 from mmalign.convert.common import output_directory, projection_matrix
 from mmalign.errors import UserError
+from mmalign.model import AlignmentModel
+from mmalign.towers import HFParts
 
 PROJECTION = "projection.safetensors"
 POOLING = {
@@ -36,21 +37,14 @@ POOLING = {
 }
 
 
-def hf_towers(model: Any) -> dict[str, tuple[torch.nn.Module, Any, str]]:
-    """Modality -> (transformers model, tokenizer or feature extractor, pooling) of every tower
-    that came from ``transformers``."""
-    found = {}
-    for name, tower in model.towers.items():
-        config = tower.config
-        if config.type == "text" and getattr(config, "backend", None) == "hf":
-            encoder = tower.encoder
-            found[name] = (encoder.module, encoder.tokenizer, encoder.pooling)
-        elif config.type == "audio" and getattr(config, "encoder", None) == "hf":
-            found[name] = (tower.encoder.model, tower.feature_extractor, "frames")
-    return found
+def hf_towers(model: AlignmentModel) -> dict[str, HFParts]:
+    """Modality -> :class:`~mmalign.towers.HFParts` of every tower that came from
+    ``transformers`` (the tower's ``hf_parts()``)."""
+    parts = {name: model.tower(name).hf_parts() for name in model.modalities}
+    return {name: part for name, part in parts.items() if part is not None}
 
 
-def to_hf(model: Any, directory: str | Path) -> Path:
+def to_hf(model: AlignmentModel, directory: str | Path) -> Path:
     """Write every ``transformers`` tower of ``model`` under ``directory`` (see the module
     docstring); returns ``directory``.
 
@@ -60,20 +54,21 @@ def to_hf(model: Any, directory: str | Path) -> Path:
     """
     towers = hf_towers(model)
     if not towers:
-        kinds = ", ".join(f"{name}: {model.config.towers[name]['type']}" for name in model.towers)
+        kinds = ", ".join(f"{name}: {model.config.towers[name].type}" for name in model.towers)
         raise UserError(
             f"no tower of this model came from transformers ({kinds}) "
             "(model.towers.<modality>.backend / encoder: hf); use --to open_clip or --to onnx"
         )
     rows = []
     with output_directory(directory) as staging:
-        for name, (module, processor, pooling) in towers.items():
+        for name, part in towers.items():
+            module, processor, pooling = part.model, part.processor, part.pooling
             folder = staging / name
             module.save_pretrained(folder)
             processor.save_pretrained(folder)
             weight = projection_matrix(model.projections[name], "model.projection")
             if weight is None:
-                weight = torch.eye(model.towers[name].width)
+                weight = torch.eye(model.tower(name).width)
             metadata = {"pooling": pooling, "normalize": "l2", "modality": name}
             tensors = {"weight": weight.detach().float().contiguous().cpu()}
             save_file(tensors, folder / PROJECTION, metadata)

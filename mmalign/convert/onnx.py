@@ -10,8 +10,10 @@ tokenizing, resampling) stays outside the graph: run ``tower.preprocess`` + ``co
 the same steps in the serving language. Graph towers are refused (their input is a PyG batch,
 not tensors). Exported with torch's TorchScript-based ONNX exporter (opset 17), which has no
 complex STFT: the audio towers' log-mel is exported as a strided convolution with the
-windowed DFT basis (:class:`ConvLogMel`, the same numbers). Each graph is checked with
-``onnx.checker``.
+windowed DFT basis (:class:`~mmalign.towers.log_mel.ConvLogMel`, the same numbers; the
+tower's ``exportable()`` swaps it in). What each tower needs (an example input, the input
+names and dynamic axes) are its own methods (:class:`~mmalign.towers.Tower`). Each graph is
+checked with ``onnx.checker``.
 
 Example:
     >>> to_onnx(model, "exported/onnx")  # doctest: +SKIP
@@ -22,14 +24,10 @@ Example:
 from __future__ import annotations
 
 import json
-import math
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -37,11 +35,9 @@ from torch import nn
 from mmalign.convert.common import output_directory
 from mmalign.errors import UserError
 from mmalign.extras import missing_extra
-from mmalign.towers.log_mel import LogMel
+from mmalign.model import AlignmentModel
 
 OPSET = 17
-TENSOR_NAMES = {"image": "pixel_values", "text": "input_ids", "tabular": "features"}
-"""The ONNX input name of towers whose collated input is one tensor."""
 
 
 class TowerEmbedding(nn.Module):
@@ -56,69 +52,9 @@ class TowerEmbedding(nn.Module):
         return F.normalize(self.projection(self.tower(inputs)), dim=-1)
 
 
-class ConvLogMel(nn.Module):
-    """:class:`~mmalign.towers.log_mel.LogMel` with its STFT as a strided 1-d convolution over
-    the reflect-padded waveform with the windowed cosine and sine DFT rows (real ONNX ops)."""
-
-    def __init__(self, log_mel: LogMel) -> None:
-        super().__init__()
-        n_fft, width = log_mel.n_fft, log_mel.win_length
-        window = torch.zeros(n_fft, dtype=torch.float64)
-        start = (n_fft - width) // 2  # torch.stft centres a shorter window inside n_fft
-        window[start : start + width] = log_mel.window.double()
-        angle = (
-            2
-            * math.pi
-            / n_fft
-            * torch.outer(torch.arange(n_fft // 2 + 1, dtype=torch.float64), torch.arange(n_fft))
-        )
-        basis = torch.cat([torch.cos(angle) * window, -torch.sin(angle) * window])
-        self.register_buffer("basis", basis.float()[:, None, :], persistent=False)
-        self.register_buffer("filters", log_mel.filters, persistent=False)
-        self.n_fft, self.hop_length, self.log_floor = n_fft, log_mel.hop_length, log_mel.log_floor
-        self.frame_lengths = log_mel.frame_lengths
-
-    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
-        half = self.n_fft // 2
-        padded = F.pad(waveform.float()[:, None, :], (half, half), mode="reflect")
-        real, imag = F.conv1d(padded, self.basis, stride=self.hop_length).chunk(2, dim=1)
-        mel = torch.einsum("fm,bft->bmt", self.filters, real.square() + imag.square())
-        return torch.log(mel.clamp(min=self.log_floor))
-
-
-@contextmanager
-def exportable(tower: nn.Module) -> Iterator[None]:
-    """Swap a tower's :class:`LogMel` for :class:`ConvLogMel` while it is exported."""
-    log_mel = getattr(tower, "log_mel", None)
-    if isinstance(log_mel, LogMel):
-        tower.log_mel = ConvLogMel(log_mel)
-    try:
-        yield
-    finally:
-        if isinstance(log_mel, LogMel):
-            tower.log_mel = log_mel
-
-
-def example_raw(tower: Any) -> Any:
-    """A raw sample of the tower's modality, to trace the graph with."""
-    kind = tower.config.type
-    rng = np.random.default_rng(0)
-    if kind == "image":
-        return rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)
-    if kind == "text":
-        return "a photo of the number seven"
-    if kind == "audio":
-        return (rng.standard_normal(tower.clip_samples).astype(np.float32), tower.sample_rate)
-    if kind == "tabular":
-        return rng.standard_normal(tower.in_features).astype(np.float32).tolist()
-    raise UserError(
-        f"a {kind} tower's inputs are not plain tensors, so ONNX cannot take them "
-        f"({tower.field}.type: {kind}); "
-        "pick the other towers with --modality"
-    )
-
-
-def to_onnx(model: Any, directory: str | Path, modalities: list[str] | None = None) -> Path:
+def to_onnx(
+    model: AlignmentModel, directory: str | Path, modalities: list[str] | None = None
+) -> Path:
     """Write ``<modality>.onnx`` for each tower of ``model`` (or ``modalities``) and
     ``onnx.json``; returns ``directory`` (see the module docstring).
 
@@ -138,7 +74,7 @@ def to_onnx(model: Any, directory: str | Path, modalities: list[str] | None = No
             f"unknown modality {', '.join(unknown)} (--modality); this model has "
             f"{', '.join(model.modalities)}"
         )
-    raws = {name: example_raw(model.towers[name]) for name in names}  # refuse before writing
+    raws = {name: model.tower(name).example_raw() for name in names}  # refuse before writing
     was_training = model.training
     model.eval()
     manifest = {}
@@ -153,24 +89,22 @@ def to_onnx(model: Any, directory: str | Path, modalities: list[str] | None = No
     return Path(directory)
 
 
-def _export(model: Any, name: str, raw: Any, path: Path) -> dict[str, Any]:
-    tower = model.towers[name]
+def _export(model: AlignmentModel, name: str, raw: Any, path: Path) -> dict[str, Any]:
+    tower = model.tower(name)
     inputs = tower.collate([tower.preprocess(raw), tower.preprocess(raw)])
     if isinstance(inputs, dict):
         input_names = list(inputs)
         tensors = tuple(inputs[key] for key in input_names)
         module = TowerEmbedding(tower, model.projections[name], input_names)
     else:
-        input_names = [TENSOR_NAMES[tower.config.type]]
+        input_names = [tower.onnx_input]
         tensors = (inputs,)
         module = TowerEmbedding(tower, model.projections[name], None)
-    dynamic = {key: {0: "batch"} for key in input_names}
-    if tower.config.type == "text" and isinstance(inputs, dict):
-        dynamic = {key: {0: "batch", 1: "tokens"} for key in input_names}
+    dynamic = tower.onnx_axes(input_names)
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)  # its fused kernel has no ONNX form
     try:
-        with torch.no_grad(), warnings.catch_warnings(), exportable(tower):
+        with torch.no_grad(), warnings.catch_warnings(), tower.exportable():
             warnings.simplefilter("ignore")  # the exporter's tracer warnings about Python ints
             torch.onnx.export(
                 module,

@@ -37,6 +37,7 @@ from torch import nn
 from mmalign.convert.common import output_directory, pick_tower, projection_matrix
 from mmalign.errors import UserError
 from mmalign.files import write_json
+from mmalign.model import AlignmentModel
 from mmalign.towers.image import ImageTower
 from mmalign.towers.pretrained import OPEN_CLIP_CONFIG, compact_config
 from mmalign.towers.text import OpenCLIPText, TextTower
@@ -45,7 +46,10 @@ WEIGHTS = "open_clip_model.safetensors"
 
 
 def to_open_clip(
-    model: Any, directory: str | Path, image: str | None = None, text: str | None = None
+    model: AlignmentModel,
+    directory: str | Path,
+    image: str | None = None,
+    text: str | None = None,
 ) -> Path:
     """Write ``model``'s image and text towers (the only ones of their type, or ``image`` /
     ``text``) as an open_clip folder ``directory``; returns it (see the module docstring).

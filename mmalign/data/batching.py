@@ -31,16 +31,6 @@ from mmalign.data.samples import RecordSpec, Rejected, Sample, Tower
 from mmalign.data.views import Views, collate_expanded, decode_views, sample_group
 
 
-def preprocess_with(tower: Tower, raw: Any, augment: bool) -> Any:
-    """``tower.preprocess(raw)`` with augmentation set as asked, then restored."""
-    if tower.augment == augment:
-        return tower.preprocess(raw)
-    previous = tower.augment
-    tower.set_augment(augment)
-    try:
-        return tower.preprocess(raw)
-    finally:
-        tower.set_augment(previous)
 
 
 def _preprocess_all(values: dict[str, Any], spec: RecordSpec) -> dict[str, Any]:
@@ -50,10 +40,10 @@ def _preprocess_all(values: dict[str, Any], spec: RecordSpec) -> dict[str, Any]:
         try:
             if isinstance(value, Views):
                 items[modality] = Views(
-                    [preprocess_with(tower, v, spec.augment) for v in value.items]
+                    [tower.preprocess(v, augment=spec.augment) for v in value.items]
                 )
                 continue
-            items[modality] = preprocess_with(tower, value, spec.augment)
+            items[modality] = tower.preprocess(value, augment=spec.augment)
         except Exception as error:  # one record never takes the run down
             raise RecordError(
                 "preprocess", f"tower {modality!r}: {type(error).__name__}: {error}"

@@ -97,9 +97,6 @@ class ShardBatches(IterableDataset):
     def __iter__(self) -> Iterator[Delivery]:
         split = current_split(*self.world)
         self.spec.epoch = self.epoch  # data.views: sample picks per pass
-        if torch.utils.data.get_worker_info() is not None:  # a worker owns its tower copies
-            for tower in self.spec.towers.values():
-                tower.set_augment(self.spec.augment)
         survey = None
         if self.resampled:
             survey = ShardSurvey(self.urls, self.spec.fields if self.require_modalities else {})
@@ -319,7 +316,7 @@ def make_loader(
         augment=augment,
         limits=limits,
         group=parse_group_field(group_field) if group_field else None,
-        views=check_views(views or {}, towers),
+        views=check_views(views or {}, list(towers)),
         negatives=check_negatives(negatives, towers),
         seed=seed,
     )

@@ -21,13 +21,9 @@ from mmalign.data.limits import DEFAULT_LIMITS, RecordLimits
 class Tower(Protocol):
     """What the data pipeline needs of a tower (:class:`mmalign.towers.Tower` has it)."""
 
-    augment: bool
-
-    def preprocess(self, raw: Any) -> Any: ...
+    def preprocess(self, raw: Any, augment: bool = False) -> Any: ...
 
     def collate(self, items: Sequence[Any]) -> Any: ...
-
-    def set_augment(self, augment: bool) -> None: ...
 
 
 @dataclass

@@ -47,6 +47,7 @@ from typing import Any
 import torch
 
 from mmalign.config import ConfigError, load_config
+from mmalign.convert import to_open_clip
 from mmalign.demo.data import make_demo
 from mmalign.demo.report import write_report
 from mmalign.demo.results import evaluate_digits, index_and_search, print_hits, sum_zeroshot
@@ -237,7 +238,7 @@ def run_demo(
             runs["digits"] = train_run(
                 "digits", configs_dir, datasets["digits"], out_dir, quick, reuse
             )
-            runs["digits"].model.to_open_clip(out_dir / "digits" / PRETRAINED_TOWERS)
+            to_open_clip(runs["digits"].model, out_dir / "digits" / PRETRAINED_TOWERS)
         _say("[3/6] evaluating digits on the test split")
         with timings.measure("evaluate digits"):
             results["digits"] = evaluate_digits(runs["digits"], out_dir)

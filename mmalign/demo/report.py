@@ -172,7 +172,7 @@ def _digits_section(out_dir: Path, digits: dict[str, Any]) -> list[str]:
 def _pretrained_note(out_dir: Path, run: Run) -> str:
     """Which towers of a run started from pretrained weights (the digits model's open_clip
     folder, ``pretrained: local-dir:...``, or a ``checkpoint:`` file)."""
-    towers = run.config.model.towers
+    towers = {name: tower.model_dump() for name, tower in run.config.model.towers.items()}
     loaded = {
         name: str(tower.get("pretrained") or tower["checkpoint"]).removeprefix("local-dir:")
         for name, tower in towers.items()

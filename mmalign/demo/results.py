@@ -27,12 +27,12 @@ import torch
 
 from mmalign.data.records import iterate_records
 from mmalign.demo.runs import Run
+from mmalign.embeddings import truncate
 from mmalign.eval.loading import CollectedEmbeddings, collect_embeddings
 from mmalign.eval.plots import plot_confusion, plot_similarity
 from mmalign.eval.retrieval import pairwise_recall
 from mmalign.eval.zeroshot import ZeroShotClassifier, evaluate_zeroshot, load_classes
 from mmalign.export import build_index, export_embeddings, search
-from mmalign.objectives.matryoshka import truncate
 
 LANGUAGES = ("en", "fr", "de", "es")
 RETRIEVAL_PAIRS = (("audio", "image"), ("graph", "text"), ("image", "text"), ("text", "image"))

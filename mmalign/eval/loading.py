@@ -114,7 +114,7 @@ def resolve_fields(
     for name in modalities:
         if name not in model.modalities:
             raise ValueError(f"modality {name!r} is not one of the model's {model.modalities}")
-        tower_type = model.config.towers[name]["type"]
+        tower_type = model.config.towers[name].type
         resolved[name] = known.get(name) or DEFAULT_EXTENSIONS.get(tower_type, tower_type)
     return resolved
 
@@ -191,8 +191,6 @@ def make_eval_loader(
 
     check_modalities(model, modalities)
     towers = {name: model.towers[name] for name in modalities}
-    for tower in towers.values():
-        tower.set_augment(False)
     return make_loader(
         shards,
         towers,

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from mmalign.embeddings import truncate
 from mmalign.errors import ConfigError
 from mmalign.eval.diagnostics import embedding_diagnostics
 from mmalign.eval.loading import (
@@ -52,7 +53,6 @@ from mmalign.eval.zeroshot import (
     evaluate_zeroshot,
     load_classes,
 )
-from mmalign.objectives.matryoshka import truncate
 
 if TYPE_CHECKING:
     from mmalign.model import AlignmentModel
@@ -166,7 +166,7 @@ def nway_report(collected: CollectedEmbeddings, ks: Sequence[int]) -> dict[str, 
 
 
 def _default_text_modality(model: AlignmentModel) -> str | None:
-    return next((m for m in model.modalities if model.config.towers[m]["type"] == "text"), None)
+    return next(iter(model.config.modalities_of_type("text")), None)
 
 
 def zeroshot_report(

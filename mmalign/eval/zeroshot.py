@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmalign.embeddings import truncate
 from mmalign.errors import ConfigError
 from mmalign.eval.classification import classification_metrics, confusion_matrix
 from mmalign.eval.loading import (
@@ -41,7 +42,6 @@ from mmalign.eval.loading import (
     collect_embeddings,
     load_model,
 )
-from mmalign.objectives.matryoshka import truncate
 
 if TYPE_CHECKING:
     from mmalign.model import AlignmentModel
@@ -214,11 +214,12 @@ def check_text_modality(model: AlignmentModel, name: str | None) -> str:
     Example:
         >>> from types import SimpleNamespace
         >>> towers = {"photo": {"type": "image"}, "caption": {"type": "text"}}
-        >>> model = SimpleNamespace(modalities=list(towers), config=SimpleNamespace(towers=towers))
+        >>> from mmalign.config import ModelConfig
+        >>> model = SimpleNamespace(modalities=list(towers), config=ModelConfig(towers=towers))
         >>> check_text_modality(model, "caption")
         'caption'
     """
-    texts = [m for m in model.modalities if model.config.towers[m]["type"] == "text"]
+    texts = model.config.modalities_of_type("text")
     if name is not None and name in texts:
         return name
     if not texts:

@@ -26,10 +26,10 @@ import pyarrow.parquet as pq
 import torch
 
 from mmalign.data.exports import load_embeddings, read_manifest
+from mmalign.embeddings import check_prefix, truncate
 from mmalign.errors import ConfigError
 from mmalign.extras import missing_extra
 from mmalign.files import atomic_write, read_json, write_json
-from mmalign.objectives.matryoshka import check_prefix, truncate
 
 try:
     import faiss

@@ -49,10 +49,10 @@ from tqdm.auto import tqdm
 from mmalign.data.exports import MANIFEST, META_DIR, ExportError
 from mmalign.data.shards import normalize_shards
 from mmalign.dist import barrier, join_launched_group, resolve_world
+from mmalign.embeddings import check_prefix, truncate
 from mmalign.eval.loading import EmbeddedBatch, EmbeddingStream, load_model, model_directory
 from mmalign.export.index import build_index, index_recipe
 from mmalign.files import LOCK_NAME, DirectoryLock, atomic_write, read_json, write_json
-from mmalign.objectives.matryoshka import check_prefix, truncate
 
 if TYPE_CHECKING:
     from mmalign.model import AlignmentModel

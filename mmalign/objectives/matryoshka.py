@@ -12,7 +12,8 @@ unchanged: presence masks (absent rows stay zero), the all-gather across process
 prefix), exact accumulation (the wrapper is the model's objective, so the cached and spliced
 embeddings go through it) and Symile ``n2`` (one blockwise pass per prefix: the cost is the
 sum of the prefix sizes over ``dim``, e.g. ``(8+16+32+64+128)/128 = 1.9`` times the plain
-loss). A truncated embedding (:func:`truncate`) is what a prefix was trained as.
+loss). A truncated embedding (:func:`mmalign.embeddings.truncate`) is what a prefix was trained
+as.
 
 Example:
     >>> import torch
@@ -26,46 +27,13 @@ Example:
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from mmalign.embeddings import truncate
 from mmalign.objectives.base import LossOutput, Objective
-
-
-def truncate(embeddings: Tensor, dim: int) -> Tensor:
-    """The first ``dim`` coordinates of each row, renormalized (all-zero rows stay zero).
-
-    Example:
-        >>> truncate(torch.tensor([[3.0, 4.0, 12.0]]), 2).tolist()
-        [[0.6000000238418579, 0.800000011920929]]
-    """
-    if not 1 <= dim <= embeddings.shape[-1]:
-        raise ValueError(f"dim must be between 1 and {embeddings.shape[-1]}, got {dim}")
-    return F.normalize(embeddings[..., :dim], dim=-1)
-
-
-def check_prefix(dim: int, full_dim: int, trained: Sequence[int] | None) -> None:
-    """Refuse a ``dim`` outside ``1..full_dim``; warn when it is not a trained prefix
-    (``trained``: the model's ``matryoshka`` list, ``None`` when it was trained at full size
-    only).
-
-    Example:
-        >>> check_prefix(32, 128, [16, 32, 64, 128])
-    """
-    if not 1 <= dim <= full_dim:
-        raise ValueError(f"dim must be between 1 and the model's dim {full_dim}, got {dim}")
-    prefixes = list(trained) if trained else [full_dim]
-    if dim not in prefixes:
-        warnings.warn(
-            f"dim {dim} is not a trained Matryoshka prefix (trained: {prefixes}); its "
-            "truncated embeddings may retrieve much worse than a trained prefix",
-            UserWarning,
-            stacklevel=3,
-        )
 
 
 class MatryoshkaObjective(Objective):

@@ -11,8 +11,8 @@ Example:
 
 from mmalign.registry import TOWERS
 from mmalign.towers import audio, image, tabular, text  # noqa: F401  (fill TOWERS)
-from mmalign.towers.base import Tower, TowerConfig, build_tower, register_tower
+from mmalign.towers.base import HFParts, Tower, build_tower, register_tower
 
 TOWERS.register_deferred("graph", "mmalign.towers.graph")  # torch_geometric: imported on use
 
-__all__ = ["TOWERS", "Tower", "TowerConfig", "build_tower", "register_tower"]
+__all__ = ["TOWERS", "HFParts", "Tower", "build_tower", "register_tower"]

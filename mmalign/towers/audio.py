@@ -35,18 +35,24 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 from mmalign.config import ConfigError
-from mmalign.towers.base import Tower, TowerConfig, register_tower
-from mmalign.towers.log_mel import LogMel
+from mmalign.config.tower import TowerConfig
+from mmalign.towers.base import HFParts, Tower, register_tower
+from mmalign.towers.grad_checkpointing import library_checkpointing
+from mmalign.towers.log_mel import ConvLogMel, LogMel
 from mmalign.towers.waveform import load_waveform, resample
 
 _HF_WEIGHT_FILES = (
@@ -216,7 +222,7 @@ def _zero_padding_frames(hidden: torch.Tensor, lengths: torch.Tensor) -> torch.T
 class HFAudioEncoder(nn.Module):
     """A Hugging Face audio model (encoder only) pooled by a masked mean over its frames."""
 
-    def __init__(self, model: nn.Module, pass_attention_mask: bool) -> None:
+    def __init__(self, model: PreTrainedModel, pass_attention_mask: bool) -> None:
         super().__init__()
         self.model = model
         self.pass_attention_mask = pass_attention_mask
@@ -235,8 +241,9 @@ class HFAudioEncoder(nn.Module):
 
     def _output_lengths(self, mask: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         lengths = mask.sum(-1)
-        if hasattr(self.model, "_get_feat_extract_output_lengths"):
-            lengths = self.model._get_feat_extract_output_lengths(lengths)
+        output_lengths = getattr(self.model, "_get_feat_extract_output_lengths", None)
+        if output_lengths is not None:
+            lengths = output_lengths(lengths)
         else:  # proportional: the encoder keeps time order at a fixed downsampling
             lengths = torch.ceil(lengths * hidden.shape[1] / mask.shape[-1])
         return lengths.long().clamp(1, hidden.shape[1])
@@ -261,6 +268,7 @@ class AudioTower(Tower):
         tensor(2000)
     """
 
+    config: AudioTowerConfig
     config_class = AudioTowerConfig
 
     def __init__(
@@ -327,9 +335,9 @@ class AudioTower(Tower):
         self.clip_samples = round(config.clip_seconds * self.sample_rate)
         self.width = int(model.config.hidden_size)
 
-    def preprocess(self, raw: Any) -> dict[str, torch.Tensor]:
-        """Load, mix to mono, resample, crop/pad to ``clip_seconds``; ``hf``: run the feature
-        extractor."""
+    def preprocess(self, raw: Any, augment: bool = False) -> dict[str, torch.Tensor]:
+        """Load, mix to mono, resample, crop/pad to ``clip_seconds`` (``augment``: a random
+        window of a longer clip, else the centre one); ``hf``: run the feature extractor."""
         waveform, sample_rate = load_waveform(raw)
         if sample_rate * MAX_UPSAMPLING < self.sample_rate:
             raise ValueError(
@@ -337,18 +345,18 @@ class AudioTower(Tower):
                 f"{self.sample_rate} Hz (over {MAX_UPSAMPLING}x upsampling); check the clip's "
                 "rate or the tower's sample_rate"
             )
-        clip = self._crop(resample(waveform, sample_rate, self.sample_rate))
+        clip = self._crop(resample(waveform, sample_rate, self.sample_rate), augment)
         if self.config.encoder == "hf":
             return self._extract(clip)
         padded = np.zeros(self.clip_samples, dtype=np.float32)
         padded[: len(clip)] = clip
         return {"waveform": torch.from_numpy(padded), "length": torch.tensor(len(clip))}
 
-    def _crop(self, waveform: np.ndarray) -> np.ndarray:
+    def _crop(self, waveform: np.ndarray, augment: bool) -> np.ndarray:
         excess = len(waveform) - self.clip_samples
         if excess <= 0:
             return waveform
-        start = int(torch.randint(excess + 1, ())) if self.augment else excess // 2
+        start = int(torch.randint(excess + 1, ())) if augment else excess // 2
         return waveform[start : start + self.clip_samples]
 
     def _extract(self, clip: np.ndarray) -> dict[str, torch.Tensor]:
@@ -375,10 +383,38 @@ class AudioTower(Tower):
         frame_mask = _positions_mask(frame_lengths, log_mel.shape[-1])
         return self.encoder(standardize_log_mel(log_mel, frame_mask), frame_lengths)
 
+    def enable_gradient_checkpointing(self) -> bool:
+        """Each layer of the transformer, or the Hugging Face model's own switch (the CNN
+        is left as it is: small activations, BatchNorm)."""
+        return library_checkpointing(self)
+
+    def example_raw(self) -> Any:
+        """A random clip of ``clip_seconds`` at the tower's rate."""
+        rng = np.random.default_rng(0)
+        return (rng.standard_normal(self.clip_samples).astype(np.float32), self.sample_rate)
+
+    @contextmanager
+    def exportable(self) -> Iterator[None]:
+        """The log-mel as :class:`~mmalign.towers.log_mel.ConvLogMel` (no complex STFT)."""
+        log_mel = getattr(self, "log_mel", None)
+        if isinstance(log_mel, LogMel):
+            self.log_mel = ConvLogMel(log_mel)  # type: ignore[assignment]
+        try:
+            yield
+        finally:
+            if isinstance(log_mel, LogMel):
+                self.log_mel = log_mel
+
+    def hf_parts(self) -> HFParts | None:
+        """``encoder: hf``: the ``AutoModel``, its feature extractor, pooled over frames."""
+        if not isinstance(self.encoder, HFAudioEncoder):
+            return None
+        return HFParts(self.encoder.model, self.feature_extractor, "frames")
+
     def save_files(self, directory: Path) -> dict[str, Any]:
         """``hf``: save the model config and feature extractor (not the weights, which live in
         the model's safetensors) so the tower rebuilds without the original directory."""
-        if self.config.encoder != "hf":
+        if not isinstance(self.encoder, HFAudioEncoder):
             return {}
         self.encoder.model.config.save_pretrained(directory)
         self.feature_extractor.save_pretrained(directory)

@@ -3,12 +3,18 @@
 A tower turns raw samples of one modality into vectors ``[B, width]``; the model adds the
 projection to the shared space. Three steps:
 
-- ``preprocess(raw) -> item``: one raw sample to a model-ready item; pure, runs in
-  data-loader workers.
+- ``preprocess(raw, augment=False) -> item``: one raw sample to a model-ready item; pure,
+  runs in data-loader workers (``augment``: the train-time random transform).
 - ``collate(items) -> inputs``: a list of items to one batch input.
 - ``forward(inputs) -> Tensor[B, width]``: the encoder.
 
-Adding a modality is one file that subclasses :class:`Tower` and decorates it with
+The tower owns its facts: ``blocks()`` (what ``trainable: {last_blocks: N}``,
+``train.layer_decay``, gradient checkpointing and FSDP count in; :mod:`mmalign.towers.layout`),
+``enable_gradient_checkpointing()`` and what export needs (``example_raw()``, the ONNX input
+names and dynamic axes, ``exportable()``, ``hf_parts()``).
+
+Adding a modality is one file that subclasses :class:`Tower`, gives it a
+:class:`~mmalign.config.TowerConfig` subclass as ``config_class`` and decorates it with
 ``@register_tower("name")``.
 
 Example:
@@ -20,35 +26,37 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import safetensors.torch
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import ValidationError
 from torch import nn
 
-from mmalign.errors import ConfigError, config_error
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+from mmalign.config.tower import TowerConfig, tower_config
+from mmalign.errors import ConfigError, UserError, config_error
 from mmalign.registry import TOWERS
-from mmalign.towers.tuning import LoraSettings, TrainableConfig, apply_tuning, check_tuning
+from mmalign.towers.grad_checkpointing import checkpoint_blocks
+from mmalign.towers.layout import Block, stack_blocks, train_last_blocks
+from mmalign.towers.lora import inject_lora
 
 
-class TowerConfig(BaseModel):
-    """Base of every tower's own config; ``type`` picks the tower. ``trainable``, ``lora``
-    and ``merge_lora`` choose what of it trains (:mod:`mmalign.towers.tuning`)."""
+@dataclass(frozen=True)
+class HFParts:
+    """What ``mmalign convert --to hf`` writes of a tower that came from ``transformers``:
+    the model (``save_pretrained``), its tokenizer or feature extractor, and the pooling
+    (``cls``, ``mean``, ``eos`` or ``frames``) that turns its hidden states into a vector."""
 
-    model_config = ConfigDict(extra="forbid")
-    type: str
-    trainable: TrainableConfig | None = None
-    lora: LoraSettings | None = None
-    merge_lora: bool = False
-
-    @model_validator(mode="after")
-    def _tuning(self) -> TowerConfig:
-        check_tuning(self)
-        return self
+    model: PreTrainedModel
+    processor: Any
+    pooling: str
 
 
 class Tower(nn.Module):
@@ -64,7 +72,11 @@ class Tower(nn.Module):
     """
 
     config_class: ClassVar[type[TowerConfig]] = TowerConfig
+    config: TowerConfig
     width: int
+    onnx_input: ClassVar[str] = "inputs"
+    """The ONNX input name of a collated input that is one tensor (a dict's keys name
+    themselves)."""
     pretrained_logit_scale: tuple[str, float] | None = None
     """``(checkpoint file, logit_scale)`` when the tower's weights came from a CLIP checkpoint
     holding a temperature (``model.logit_scale_init`` may carry it over)."""
@@ -76,7 +88,6 @@ class Tower(nn.Module):
         self.config = config
         self.field = field
         self.base_dir = base_dir
-        self.augment = False
 
     def resolve_path(self, path: str) -> Path:
         """A config path, relative to ``base_dir`` (a saved model's directory) when set."""
@@ -85,17 +96,47 @@ class Tower(nn.Module):
             candidate = self.base_dir / candidate
         return candidate
 
-    def preprocess(self, raw: Any) -> Any:
-        """One raw sample to a model-ready item (runs in data-loader workers)."""
+    def preprocess(self, raw: Any, augment: bool = False) -> Any:
+        """One raw sample to a model-ready item (runs in data-loader workers); ``augment``
+        applies the tower's train-time random transform, if it has one."""
         raise NotImplementedError
 
     def collate(self, items: Sequence[Any]) -> Any:
         """A list of preprocessed items to one batch input."""
         raise NotImplementedError
 
-    def set_augment(self, enabled: bool) -> None:
-        """Turn train-time augmentation in ``preprocess`` on or off (off by default)."""
-        self.augment = enabled
+    def blocks(self) -> list[Block]:
+        """The tower's blocks, input to output, each the modules it is made of; empty
+        without a stack of blocks. Default: :func:`~mmalign.towers.layout.stack_blocks`."""
+        return stack_blocks(self)
+
+    def enable_gradient_checkpointing(self) -> bool:
+        """Turn on gradient checkpointing where the tower supports it; whether it did.
+        Default: each block through ``torch.utils.checkpoint``
+        (:func:`~mmalign.towers.grad_checkpointing.checkpoint_blocks`)."""
+        return checkpoint_blocks(self.blocks())
+
+    def example_raw(self) -> Any:
+        """A raw sample to trace an export with (ONNX); refused for towers whose collated
+        input is not plain tensors."""
+        kind = self.config.type
+        raise UserError(
+            f"a {kind} tower's inputs are not plain tensors, so ONNX cannot take them "
+            f"({self.field}.type: {kind}); pick the other towers with --modality"
+        )
+
+    def onnx_axes(self, names: Sequence[str]) -> dict[str, dict[int, str]]:
+        """The dynamic axes of the ONNX inputs ``names``: the batch axis."""
+        return {name: {0: "batch"} for name in names}
+
+    @contextmanager
+    def exportable(self) -> Iterator[None]:
+        """Inside the block the tower holds only ops ONNX can export (default: as it is)."""
+        yield
+
+    def hf_parts(self) -> HFParts | None:
+        """The ``transformers`` model this tower wraps, for ``--to hf`` (default: none)."""
+        return None
 
     def save_files(self, directory: Path) -> dict[str, Any]:
         """Copy side files (tokenizers, ...) into ``directory`` (it exists); returns config
@@ -112,6 +153,7 @@ class Tower(nn.Module):
         where = f"{self.field}.{key}"
         if not file.is_file():
             raise ConfigError(f"{where}: checkpoint file {file} does not exist")
+        state: Any
         try:
             if file.suffix == ".safetensors":
                 state = safetensors.torch.load_file(str(file))
@@ -156,15 +198,6 @@ class Tower(nn.Module):
             )
         module.load_state_dict(state, strict=True)
 
-    def batch_size_of(self, inputs: Any) -> int:
-        """Number of samples in a collated batch input."""
-        if isinstance(inputs, torch.Tensor):
-            return int(inputs.shape[0])
-        if isinstance(inputs, dict):
-            first = next(iter(inputs.values()))
-            return int(first.shape[0])
-        return int(getattr(inputs, "num_graphs", len(inputs)))
-
 
 @contextmanager
 def running_batch_norm(module: nn.Module, when: bool) -> Iterator[None]:
@@ -204,18 +237,25 @@ def register_tower(name: str) -> Callable[[type[Tower]], type[Tower]]:
 
 
 def build_tower(
-    config: dict[str, Any], field: str = "tower", base_dir: str | Path | None = None
+    config: Mapping[str, Any] | TowerConfig,
+    field: str = "tower",
+    base_dir: str | Path | None = None,
 ) -> Tower:
-    """Build a tower from its config dict (``type`` plus the tower's own keys).
+    """Build a tower from its config (a dict with ``type`` plus the tower's own keys, or a
+    validated :class:`~mmalign.config.TowerConfig`), then freeze it as its ``trainable`` /
+    ``lora`` say.
 
     ``field`` is the dotted config location used in error messages;
     ``base_dir`` resolves relative file paths (a saved model's directory).
     """
-    cls = TOWERS.get(config.get("type"), f"{field}.type")
     try:
-        parsed = cls.config_class.model_validate(config)
+        parsed = tower_config(config if isinstance(config, TowerConfig) else dict(config))
     except ValidationError as error:
         raise config_error(error, field, "tower config") from None
+    cls: type[Tower] = TOWERS.get(parsed.type, f"{field}.type")
     tower = cls(parsed, field=field, base_dir=Path(base_dir) if base_dir is not None else None)
-    apply_tuning(tower, field)
+    if parsed.trainable is not None:
+        train_last_blocks(tower, tower.blocks(), parsed.trainable.last_blocks, field)
+    if parsed.lora is not None:
+        inject_lora(tower, parsed.lora, field)
     return tower

@@ -9,7 +9,7 @@ Encoders are torch_geometric's ``GIN`` (``GINEConv`` layers when ``edge_features
 ``GCN`` (``edge_features: 1`` is used as edge weights) and ``GAT`` (``edge_dim``), pooled by
 ``global_mean_pool`` / ``global_add_pool`` / ``global_max_pool`` or ``AttentionalAggregation``.
 
-GraphCL augmentations (train time only, in ``preprocess`` when ``set_augment(True)``; torch's
+GraphCL augmentations (train time only, in ``preprocess(raw, augment=True)``; torch's
 global RNG, so seeded DataLoader workers differ). With ``N`` nodes, ``E`` edges (directed
 entries of ``edge_index``) and ratio ``r``, counts use ``floor``:
 
@@ -44,8 +44,9 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from mmalign.config.tower import TowerConfig
 from mmalign.extras import missing_extra
-from mmalign.towers.base import Tower, TowerConfig, register_tower, running_batch_norm
+from mmalign.towers.base import Tower, register_tower, running_batch_norm
 
 try:
     from torch_geometric.data import Batch, Data
@@ -105,7 +106,7 @@ class GINE(BasicGNN):
 
     supports_edge_weight: Final[bool] = False
     supports_edge_attr: Final[bool] = True
-    supports_norm_batch: Final[bool]
+    supports_norm_batch: Final[bool]  # type: ignore[misc]  # set by BasicGNN.__init__
 
     def init_conv(self, in_channels: int, out_channels: int, **kwargs: Any) -> GINEConv:
         mlp = MLP(
@@ -216,6 +217,7 @@ class GraphTower(Tower):
     """
 
     config_class = GraphTowerConfig
+    config: GraphTowerConfig
 
     def __init__(
         self, config: GraphTowerConfig, field: str = "tower", base_dir: Path | None = None
@@ -229,13 +231,18 @@ class GraphTower(Tower):
         )
         self.width = config.hidden
 
-    def preprocess(self, raw: Any) -> Data:
-        """Validate a graph dict (or ``Data``) and apply the enabled augmentations."""
+    def preprocess(self, raw: Any, augment: bool = False) -> Data:
+        """Validate a graph dict (or ``Data``); ``augment``: apply the enabled augmentations."""
         data = self._validate(raw)
-        if self.augment:
+        if augment:
             for augmentation, ratio in self._augmentations():
                 data = augmentation(data, ratio)
         return data
+
+    def enable_gradient_checkpointing(self) -> bool:
+        """Not done: a GNN keeps small activations, and recomputing would update its
+        BatchNorm statistics a second time."""
+        return False
 
     def _augmentations(self) -> list[tuple[Any, float]]:
         config = self.config

@@ -19,7 +19,7 @@ Config (``type: image``):
   ``preprocess`` and ``checkpoint`` still override them).
 - ``preprocess``: open_clip ``PreprocessCfg`` fields (``mean``, ``std``, ``interpolation``,
   ``resize_mode``, ``fill_color``); ``augmentation``: open_clip ``AugmentationCfg`` fields used
-  by the train-time transform (``set_augment(True)``).
+  by the train-time transform (``preprocess(raw, augment=True)``).
 
 Raw samples: a PIL image, a numpy array (HxW gray, HxWx1, HxWx3, HxWx4; uint8, bool or floats
 in [0, 1]), a file path, or encoded bytes. Grayscale and RGBA become RGB.
@@ -44,6 +44,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from open_clip.model import CLIPVisionCfg, _build_vision_tower
+from open_clip.modified_resnet import ModifiedResNet
 from open_clip.transform import (
     AugmentationCfg,
     PreprocessCfg,
@@ -54,7 +55,10 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import Field
 
 from mmalign.config import ConfigError
-from mmalign.towers.base import Tower, TowerConfig, register_tower, running_batch_norm
+from mmalign.config.tower import TowerConfig
+from mmalign.towers.base import Tower, register_tower, running_batch_norm
+from mmalign.towers.grad_checkpointing import library_checkpointing
+from mmalign.towers.layout import Block
 from mmalign.towers.pretrained import (
     PretrainedSource,
     checkpoint_logit_scale,
@@ -141,6 +145,7 @@ class ImageTower(Tower):
 
     config_class = ImageTowerConfig
     config: ImageTowerConfig
+    onnx_input = "pixel_values"
 
     def __init__(
         self, config: ImageTowerConfig, field: str = "tower", base_dir: Path | None = None
@@ -210,9 +215,10 @@ class ImageTower(Tower):
             image_transform_v2(preprocess, is_train=True, aug_cfg=augmentation),
         )
 
-    def preprocess(self, raw: Any) -> torch.Tensor:
-        """One raw image to a normalized ``[3, H, W]`` tensor (augmented when enabled)."""
-        transform = self.train_transform if self.augment else self.eval_transform
+    def preprocess(self, raw: Any, augment: bool = False) -> torch.Tensor:
+        """One raw image to a normalized ``[3, H, W]`` tensor (``augment``: the train-time
+        transform)."""
+        transform = self.train_transform if augment else self.eval_transform
         return transform(to_rgb(raw))
 
     def collate(self, items: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -226,6 +232,21 @@ class ImageTower(Tower):
         BatchNorm with running statistics)."""
         with running_batch_norm(self.visual, when=inputs.shape[0] == 1):
             return self.visual(inputs)
+
+    def blocks(self) -> list[Block]:
+        """``layer1..layer4`` of open_clip's ModifiedResNet (four stacks of unequal length),
+        else the default discovery (the ViT's ``resblocks``, a timm trunk's stages)."""
+        if isinstance(self.visual, ModifiedResNet):
+            return [[getattr(self.visual, f"layer{index}")] for index in range(1, 5)]
+        return super().blocks()
+
+    def enable_gradient_checkpointing(self) -> bool:
+        """open_clip's own switch (ViT, timm trunks; not ModifiedResNet)."""
+        return library_checkpointing(self)
+
+    def example_raw(self) -> Any:
+        """A random 48x40 RGB image."""
+        return np.random.default_rng(0).integers(0, 256, (48, 40, 3), dtype=np.uint8)
 
     def save_files(self, directory: Path) -> dict[str, Any]:
         """No side files; the weights travel in the model's safetensors file. A tower built

@@ -1,28 +1,31 @@
-"""A tower's stack of blocks: what ``trainable: {last_blocks: N}``, ``train.layer_decay`` and
-gradient checkpointing of our own towers count in.
+"""A tower's stack of blocks (:meth:`mmalign.towers.Tower.blocks`) and what counts in it:
+``trainable: {last_blocks: N}``, ``train.layer_decay``, gradient checkpointing and FSDP units.
 
-Every parameter of a tower falls in one of three parts, by name:
+:func:`stack_blocks` is the default discovery every tower inherits: the ``ModuleList`` /
+``Sequential`` of one class holding the most parameters (the shallowest on a tie), each
+member a block, input to output: open_clip's ``transformer.resblocks`` (ViT and text), a
+Hugging Face encoder's layer list (``encoder.layer``, ``layers``, ...), the audio
+transformer's and CNN's layers, the GNN's convolutions, the stages of a timm trunk. Sibling
+lists of the same parent (a GNN's ``norms`` beside its ``convs``) join block by block. A
+tower may override ``blocks()`` (the image tower returns ``layer1..layer4`` of open_clip's
+ModifiedResNet).
 
-- the **blocks**, input to output: open_clip's ``transformer.resblocks`` (ViT and text),
-  a Hugging Face encoder's layer list (``encoder.layer``, ``layers``, ...), the audio
-  transformer's and CNN's layers, the GNN's convolutions (with the norm that follows each),
-  ``layer1..layer4`` of open_clip's ModifiedResNet, the stages of a timm trunk. Found as the
-  ``ModuleList``/``Sequential`` of one class holding the most parameters (the shallowest
-  on a tie); sibling lists of the same parent (a GNN's ``norms`` beside its ``convs``) join
-  block by block;
+Every parameter of a tower then falls in one of three parts, by name (:class:`TowerLayout`):
+
+- the **blocks**;
 - the **stem**: parameters registered before the first block (patch and token embeddings,
   positional embeddings, the pre-norm);
 - the **head**: parameters registered after the last block (final norms, attention pooling,
   a Hugging Face pooler), and open_clip's ``proj`` / ``text_projection`` (parameters of the
   blocks' own ancestors go by name: those named ``*proj*`` are head, the others stem).
 
-A tower without such a stack (the tabular MLP) has no layout.
+A tower without such a stack (the tabular MLP) has no blocks.
 
 Example:
     >>> from mmalign.towers import build_tower
     >>> tower = build_tower({"type": "image", "embed_dim": 8, "vision_cfg": {"image_size": 16,
     ...     "patch_size": 8, "width": 16, "layers": 3, "head_width": 8}})
-    >>> layout = tower_layout(tower)
+    >>> layout = tower_layout(tower, tower.blocks())
     >>> layout.blocks
     [['visual.transformer.resblocks.0.'], ['visual.transformer.resblocks.1.'], \
 ['visual.transformer.resblocks.2.']]
@@ -40,6 +43,10 @@ from torch import nn
 from mmalign.errors import ConfigError
 
 _STACKS = (nn.ModuleList, nn.Sequential)
+
+Block = list[nn.Module]
+"""One block: the modules it is made of (usually one; a GNN layer is its convolution and the
+norm after it)."""
 
 
 @dataclass(frozen=True)
@@ -83,84 +90,71 @@ def _parameter_count(module: nn.Module) -> int:
     return sum(parameter.numel() for parameter in module.parameters())
 
 
-def _stacks(tower: nn.Module) -> dict[str, nn.Module]:
+def _stacks(module: nn.Module) -> dict[str, nn.Module]:
     """Named ``ModuleList``/``Sequential`` modules of one class (at least two, with
     parameters): the candidate block stacks."""
-    found = {}
-    for name, module in tower.named_modules():
-        children = list(module.children())
+    found: dict[str, nn.Module] = {}
+    for name, child in module.named_modules():
+        members = list(child.children())
         if (
-            isinstance(module, _STACKS)
-            and len(children) >= 2
-            and len({type(child) for child in children}) == 1
-            and _parameter_count(module) > 0
+            isinstance(child, _STACKS)
+            and len(members) >= 2
+            and len({type(member) for member in members}) == 1
+            and _parameter_count(child) > 0
         ):
-            found[name] = module
+            found[name] = child
     return found
 
 
-def _resnet_stages(tower: nn.Module) -> list[str] | None:
-    """``layer1..layer4`` of open_clip's ModifiedResNet (four stacks of unequal length)."""
-    from open_clip.modified_resnet import ModifiedResNet
+def stack_blocks(module: nn.Module) -> list[Block]:
+    """The blocks of ``module`` found as the module docstring says (empty without a stack).
 
-    for name, module in tower.named_modules():
-        if isinstance(module, ModifiedResNet):
-            return [f"{name}.layer{index}" for index in range(1, 5)]
-    return None
-
-
-def block_modules(tower: nn.Module) -> list[nn.Module]:
-    """The modules of the block stack (empty without one), input to output."""
-    modules = dict(tower.named_modules())
-    return [modules[names[0]] for names in _block_names(tower)]
-
-
-def _block_names(tower: nn.Module) -> list[list[str]]:
-    """Module names of each block (one per sibling stack), input to output."""
-    stages = _resnet_stages(tower)
-    if stages is not None:
-        return [[stage] for stage in stages]
-    stacks = _stacks(tower)
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 4), nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)))
+        >>> [len(block) for block in stack_blocks(net)]
+        [1, 1]
+    """
+    stacks = _stacks(module)
     if not stacks:
         return []
     main = max(stacks, key=lambda name: (_parameter_count(stacks[name]), -name.count(".")))
     parent, _, own = main.rpartition(".")
-    lists = {
-        name: child
-        for name, child in tower.get_submodule(parent).named_children()
+    siblings = [
+        child
+        for name, child in module.get_submodule(parent).named_children()
         if isinstance(child, _STACKS) and name != own
-    }
-    named = [(main, stacks[main])]
-    named += [(f"{parent}.{name}" if parent else name, child) for name, child in lists.items()]
+    ]
+    stacked = [list(stacks[main].children()), *(list(s.children()) for s in siblings)]
     return [
-        [f"{name}.{index}" for name, stack in named if index < len(stack)]
-        for index in range(len(stacks[main]))
+        [stack[index] for stack in stacked if index < len(stack)]
+        for index in range(len(stacked[0]))
     ]
 
 
-def tower_layout(tower: nn.Module) -> TowerLayout | None:
-    """The :class:`TowerLayout` of ``tower``, ``None`` when it has no stack of blocks."""
-    blocks = _block_names(tower)
+def tower_layout(tower: nn.Module, blocks: list[Block]) -> TowerLayout | None:
+    """The :class:`TowerLayout` of ``tower`` with ``blocks`` (its ``blocks()``), ``None``
+    without blocks."""
     if not blocks:
         return None
-    prefixes = [[f"{name}." for name in block] for block in blocks]
-    names = [name for name, _ in tower.named_parameters()]
-    return TowerLayout(prefixes, names)
+    names = {id(module): name for name, module in tower.named_modules()}
+    prefixes = [[f"{names[id(module)]}." for module in block] for block in blocks]
+    parameters = [name for name, _ in tower.named_parameters()]
+    return TowerLayout(prefixes, parameters)
 
 
-def train_last_blocks(tower: nn.Module, count: int, field: str) -> None:
-    """Freeze ``tower`` except its last ``count`` blocks and its head (``field`` names the
-    tower's config, for errors).
+def train_last_blocks(tower: nn.Module, blocks: list[Block], count: int, field: str) -> None:
+    """Freeze ``tower`` except its last ``count`` of ``blocks`` and its head (``field`` names
+    the tower's config, for errors).
 
     Example:
         >>> from mmalign.towers import build_tower
         >>> tower = build_tower({"type": "audio", "layers": 3, "width": 16, "heads": 2})
-        >>> train_last_blocks(tower, 1, "model.towers.audio")
+        >>> train_last_blocks(tower, tower.blocks(), 1, "model.towers.audio")
         >>> sorted({name.split(".")[3] for name, p in tower.named_parameters()
         ...     if p.requires_grad and ".layers." in name})
         ['2']
     """
-    layout = tower_layout(tower)
+    layout = tower_layout(tower, blocks)
     if layout is None:
         raise ConfigError(
             f"{field}.trainable.last_blocks: this {type(tower).__name__} has no stack of blocks "

@@ -19,6 +19,7 @@ import math
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 MelScale = Literal["htk", "slaney"]
@@ -105,6 +106,9 @@ class LogMel(nn.Module):
         tensor([1, 1, 2])
     """
 
+    window: torch.Tensor
+    filters: torch.Tensor
+
     def __init__(
         self,
         sample_rate: int,
@@ -151,3 +155,44 @@ class LogMel(nn.Module):
             power = spectrum.real.square() + spectrum.imag.square()
             mel = torch.einsum("fm,bft->bmt", self.filters, power)
             return torch.log(mel.clamp(min=self.log_floor))
+
+
+class ConvLogMel(nn.Module):
+    """:class:`LogMel` with its STFT as a strided 1-d convolution over
+    the reflect-padded waveform with the windowed cosine and sine DFT rows (real ONNX ops, for
+    export: torch's TorchScript-based ONNX exporter has no complex STFT).
+
+    Example:
+        >>> log_mel = LogMel(16000, n_fft=400, hop_length=160, n_mels=64)
+        >>> waveform = torch.randn(2, 4000)
+        >>> torch.allclose(ConvLogMel(log_mel)(waveform), log_mel(waveform), atol=1e-3)
+        True
+    """
+
+    basis: torch.Tensor
+    filters: torch.Tensor
+
+    def __init__(self, log_mel: LogMel) -> None:
+        super().__init__()
+        n_fft, width = log_mel.n_fft, log_mel.win_length
+        window = torch.zeros(n_fft, dtype=torch.float64)
+        start = (n_fft - width) // 2  # torch.stft centres a shorter window inside n_fft
+        window[start : start + width] = log_mel.window.double()
+        angle = (
+            2
+            * math.pi
+            / n_fft
+            * torch.outer(torch.arange(n_fft // 2 + 1, dtype=torch.float64), torch.arange(n_fft))
+        )
+        basis = torch.cat([torch.cos(angle) * window, -torch.sin(angle) * window])
+        self.register_buffer("basis", basis.float()[:, None, :], persistent=False)
+        self.register_buffer("filters", log_mel.filters, persistent=False)
+        self.n_fft, self.hop_length, self.log_floor = n_fft, log_mel.hop_length, log_mel.log_floor
+        self.frame_lengths = log_mel.frame_lengths
+
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        half = self.n_fft // 2
+        padded = F.pad(waveform.float()[:, None, :], (half, half), mode="reflect")
+        real, imag = F.conv1d(padded, self.basis, stride=self.hop_length).chunk(2, dim=1)
+        mel = torch.einsum("fm,bft->bmt", self.filters, real.square() + imag.square())
+        return torch.log(mel.clamp(min=self.log_floor))

@@ -37,31 +37,16 @@ Example:
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from mmalign.config.tower import LoraSettings
 from mmalign.errors import ConfigError
 
 OPEN_CLIP_TARGETS = ["c_fc", "c_proj"]
 AUDIO_TRANSFORMER_TARGETS = ["linear1", "linear2"]
 _ADAPTABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.MultiheadAttention)
-
-
-class LoraSettings(BaseModel):
-    """``model.towers.X.lora``: rank, scaling, dropout and target modules of the adapters."""
-
-    model_config = ConfigDict(extra="forbid")
-    r: int = Field(default=8, ge=1)
-    """Rank of each adapter (``>= 1``)."""
-    alpha: float = Field(default=8.0, gt=0, allow_inf_nan=False)
-    """Scaling numerator: the update is ``alpha / r * B A``."""
-    dropout: float = Field(default=0.0, ge=0, lt=1)
-    """Dropout on the adapter's input, in ``[0, 1)``."""
-    targets: list[str] | None = Field(default=None, min_length=1)
-    """Module names to adapt; ``None``: the tower kind's default (module docstring)."""
 
 
 def default_targets(tower: nn.Module) -> list[str] | None:
@@ -138,7 +123,7 @@ def inject_lora(tower: nn.Module, settings: LoraSettings, field: str) -> list[st
         )
     config = LoraConfig(
         r=settings.r,
-        lora_alpha=settings.alpha,
+        lora_alpha=settings.alpha,  # type: ignore[arg-type]  # peft scales by a float
         lora_dropout=settings.dropout,
         target_modules=targets,
     )
@@ -165,18 +150,3 @@ def merge_lora(module: nn.Module) -> None:
     for name, layer in reversed(layers):  # innermost first (peft nests MHA's out_proj)
         parent, _, child = name.rpartition(".")
         setattr(module.get_submodule(parent), child, layer.get_base_layer())
-
-
-def with_lora_merged(model: Any) -> Any:
-    """A deep copy of an :class:`~mmalign.AlignmentModel` whose towers with ``merge_lora``
-    hold their adapters merged, configured without ``lora`` (what ``save_pretrained``
-    writes, so the saved model loads without peft); ``model`` is unchanged."""
-    merged = copy.deepcopy(model)
-    configs = dict(merged.config.towers)
-    for name, tower in merged.towers.items():
-        if tower.config.merge_lora:
-            merge_lora(tower)
-            tower.config = tower.config.model_copy(update={"lora": None, "merge_lora": False})
-            configs[name] = {**configs[name], "lora": None, "merge_lora": False}
-    merged.config = merged.config.model_copy(update={"towers": configs})
-    return merged

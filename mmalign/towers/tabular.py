@@ -28,7 +28,9 @@ from pydantic import Field
 from torch import nn
 from torchvision.ops import MLP
 
-from mmalign.towers.base import Tower, TowerConfig, register_tower
+from mmalign.config.tower import TowerConfig
+from mmalign.towers.base import Tower, register_tower
+from mmalign.towers.layout import Block
 
 
 class TabularTowerConfig(TowerConfig):
@@ -82,6 +84,10 @@ class TabularTower(Tower):
     """
 
     config_class = TabularTowerConfig
+    config: TabularTowerConfig
+    mean: torch.Tensor
+    std: torch.Tensor
+    onnx_input = "features"
 
     def __init__(
         self, config: TabularTowerConfig, field: str = "tower", base_dir: Path | None = None
@@ -119,8 +125,9 @@ class TabularTower(Tower):
         self.mean.copy_(torch.from_numpy(mean))
         self.std.copy_(torch.from_numpy(std))
 
-    def preprocess(self, raw: Any) -> torch.Tensor:
-        """A 1-D sequence of ``in_features`` numbers (NaN = missing) to a float32 tensor."""
+    def preprocess(self, raw: Any, augment: bool = False) -> torch.Tensor:
+        """A 1-D sequence of ``in_features`` numbers (NaN = missing) to a float32 tensor (no
+        augmentation)."""
         where = f"{self.field}: tabular sample"
         vector = _as_float_array(raw, where)
         if vector.ndim != 1 or vector.shape[0] != self.in_features:
@@ -139,6 +146,15 @@ class TabularTower(Tower):
 
     def collate(self, items: Sequence[torch.Tensor]) -> torch.Tensor:
         return torch.stack(list(items))
+
+    def blocks(self) -> list[Block]:
+        """None: the MLP is not a stack of blocks of one kind (``last_blocks`` is refused)."""
+        return []
+
+    def example_raw(self) -> Any:
+        """A random row of ``in_features`` numbers."""
+        row = np.random.default_rng(0).standard_normal(self.in_features)
+        return row.astype(np.float32).tolist()
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         missing = torch.isnan(inputs)

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import sentencepiece
 import torch
@@ -43,7 +43,9 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from mmalign.config import ConfigError
-from mmalign.towers.base import Tower, TowerConfig, register_tower
+from mmalign.config.tower import TowerConfig
+from mmalign.towers.base import HFParts, Tower, register_tower
+from mmalign.towers.grad_checkpointing import library_checkpointing
 from mmalign.towers.image import dataclass_from_dict
 from mmalign.towers.pretrained import (
     checkpoint_logit_scale,
@@ -106,6 +108,7 @@ class TextTower(Tower):
 
     config_class = TextTowerConfig
     config: TextTowerConfig
+    onnx_input = "input_ids"
 
     def __init__(
         self, config: TextTowerConfig, field: str = "tower", base_dir: Path | None = None
@@ -123,8 +126,9 @@ class TextTower(Tower):
             self.pretrained_logit_scale = checkpoint_logit_scale(state, file)
             self.load_weights(self.encoder.module, self.encoder.checkpoint_state(state), key)
 
-    def preprocess(self, raw: Any) -> Any:
-        """One caption (``str``) to token ids, truncated to ``context_length``."""
+    def preprocess(self, raw: Any, augment: bool = False) -> Any:
+        """One caption (``str``) to token ids, truncated to ``context_length`` (no
+        augmentation)."""
         if not isinstance(raw, str):
             raise TypeError(f"{self.field}: text tower expects a str, got {type(raw).__name__}")
         return self.encoder.tokenize(raw)
@@ -138,6 +142,27 @@ class TextTower(Tower):
     def forward(self, inputs: Any) -> torch.Tensor:
         """A collated batch to ``[B, width]`` features."""
         return self.encoder(inputs)
+
+    def enable_gradient_checkpointing(self) -> bool:
+        """open_clip's or transformers' own switch."""
+        return library_checkpointing(self)
+
+    def example_raw(self) -> Any:
+        """A caption."""
+        return "a photo of the number seven"
+
+    def onnx_axes(self, names: Sequence[str]) -> dict[str, dict[int, str]]:
+        """The batch axis, and the token axis of a Hugging Face tokenizer's output."""
+        if self.config.backend == "hf":
+            return {name: {0: "batch", 1: "tokens"} for name in names}
+        return super().onnx_axes(names)
+
+    def hf_parts(self) -> HFParts | None:
+        """``backend: hf``: the ``AutoModel``, its tokenizer and the pooling."""
+        encoder = self.encoder
+        if not isinstance(encoder, HFText):
+            return None
+        return HFParts(encoder.module, encoder.tokenizer, encoder.pooling)
 
     def save_files(self, directory: Path) -> dict[str, Any]:
         """Copy the tokenizer (and a Hugging Face config) into ``directory``."""
@@ -235,7 +260,7 @@ class OpenCLIPText(nn.Module):
         self.sentencepiece = None
         if config.tokenizer:
             self.sentencepiece = self._load_sentencepiece(tower.resolve_path(config.tokenizer))
-            values.update(self._sentencepiece_cfg())
+            values.update(_sentencepiece_cfg(self.sentencepiece))
         text_cfg = dataclass_from_dict(CLIPTextCfg, values, f"{tower.field}.text_cfg")
         embed_dim = config.embed_dim or named.get("embed_dim")
         if not embed_dim:
@@ -252,7 +277,8 @@ class OpenCLIPText(nn.Module):
         self.module = _build_text_tower(
             embed_dim or text_cfg.width, text_cfg, quick_gelu=self.quick_gelu
         )
-        self.width = text_cfg.width if self.module.text_projection is None else int(embed_dim)
+        projected = self.module.text_projection is not None
+        self.width = int(embed_dim) if projected and embed_dim else text_cfg.width
         self.resolve_on_save = bool(config.model or pretrained)
 
     def _load_sentencepiece(self, path: Path) -> sentencepiece.SentencePieceProcessor:
@@ -272,15 +298,6 @@ class OpenCLIPText(nn.Module):
                 "train it with an eos_id, the pooled token"
             )
         return processor
-
-    def _sentencepiece_cfg(self) -> dict[str, Any]:
-        processor = self.sentencepiece
-        return {
-            "vocab_size": processor.get_piece_size(),
-            "pool_type": "eos",
-            "eos_id": processor.eos_id(),
-            "pad_id": max(processor.pad_id(), 0),
-        }
 
     def _check(self, text_cfg: CLIPTextCfg) -> None:
         if text_cfg.hf_model_name or (text_cfg.hf_tokenizer_name and not self.sentencepiece):
@@ -305,7 +322,7 @@ class OpenCLIPText(nn.Module):
     def tokenize(self, text: str) -> torch.Tensor:
         if self.tokenizer is not None:
             return self.tokenizer(text)[0]
-        processor = self.sentencepiece
+        processor = cast(sentencepiece.SentencePieceProcessor, self.sentencepiece)  # set then
         ids = [*processor.encode(text)[: self.context_length - 1], processor.eos_id()]
         padded = torch.full((self.context_length,), max(processor.pad_id(), 0), dtype=torch.long)
         padded[: len(ids)] = torch.tensor(ids, dtype=torch.long)
@@ -336,3 +353,13 @@ class OpenCLIPText(nn.Module):
             "quick_gelu": self.quick_gelu,
             **dict.fromkeys(shorthands),
         }
+
+
+def _sentencepiece_cfg(processor: sentencepiece.SentencePieceProcessor) -> dict[str, Any]:
+    """The text config a SentencePiece model sets: its vocabulary and special ids."""
+    return {
+        "vocab_size": processor.get_piece_size(),
+        "pool_type": "eos",
+        "eos_id": processor.eos_id(),
+        "pad_id": max(processor.pad_id(), 0),
+    }

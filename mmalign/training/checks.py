@@ -73,7 +73,7 @@ def _zeroshot_problems(config: Config) -> list[str]:
         if name not in modalities
     ]
     text = config.eval.zeroshot_text
-    texts = [name for name, tower in config.model.towers.items() if tower["type"] == "text"]
+    texts = config.model.modalities_of_type("text")
     if text is not None and text not in modalities:
         problems.append(f"eval.zeroshot_text: unknown modality '{text}'")
     if text is None and not texts:

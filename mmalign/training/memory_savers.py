@@ -2,7 +2,7 @@
 ``train.compile``.
 
 Gradient checkpointing is switched on per tower as its kind allows
-(:mod:`mmalign.towers.checkpointing`). ``compile`` runs ``torch.compile`` on each tower in
+(:mod:`mmalign.towers.grad_checkpointing`). ``compile`` runs ``torch.compile`` on each tower in
 place (``nn.Module.compile``; ``true``: the default backend, inductor; a string: that
 backend), not on the loss: the model's parameter names, and so its
 checkpoints and saved ``model.safetensors``, stay as without it (no ``_orig_mod.`` prefix).
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from mmalign.config import ConfigError, TrainConfig
 from mmalign.model import AlignmentModel
-from mmalign.towers.checkpointing import enable_gradient_checkpointing
 
 
 def apply_memory_savers(model: AlignmentModel, config: TrainConfig) -> dict[str, list[str]]:
@@ -30,7 +29,7 @@ def apply_memory_savers(model: AlignmentModel, config: TrainConfig) -> dict[str,
     applied: dict[str, list[str]] = {"gradient_checkpointing": [], "compiled": []}
     options = {"backend": _backend(config.compile)} if isinstance(config.compile, str) else {}
     for name, tower in model.towers.items():
-        if config.gradient_checkpointing and enable_gradient_checkpointing(tower):
+        if config.gradient_checkpointing and tower.enable_gradient_checkpointing():
             applied["gradient_checkpointing"].append(name)
         if config.compile:
             tower.compile(**options)

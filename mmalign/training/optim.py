@@ -21,6 +21,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from mmalign.config import TrainConfig
+from mmalign.towers import Tower
 from mmalign.towers.layout import tower_layout
 
 _NORM_AND_EMBEDDING_MODULES = (
@@ -70,7 +71,8 @@ def split_decay(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter
 def layer_scales(model: nn.Module, decay: float) -> dict[int, float]:
     """Learning-rate factor per tower parameter (by ``id``) under layer-wise decay: with
     ``n`` blocks, ``decay ** (n + 1 - depth)``, depth 0 for the stem, ``i + 1`` for block
-    ``i``, ``n + 1`` for the head (:mod:`mmalign.towers.layout`). Towers without blocks,
+    ``i``, ``n + 1`` for the head (the tower's ``blocks()``, :mod:`mmalign.towers.layout`).
+    Towers without blocks,
     the projections and the temperature are left out (factor 1).
 
     Example:
@@ -84,9 +86,9 @@ def layer_scales(model: nn.Module, decay: float) -> dict[int, float]:
         [0.125, 0.5, 1.0]
     """
     scales: dict[int, float] = {}
-    towers = model.towers if isinstance(getattr(model, "towers", None), nn.ModuleDict) else {}
-    for tower in towers.values():
-        layout = tower_layout(tower)
+    towers = getattr(model, "towers", None)
+    for tower in towers.values() if isinstance(towers, nn.ModuleDict) else []:
+        layout = tower_layout(tower, tower.blocks()) if isinstance(tower, Tower) else None
         if layout is None:
             continue
         top = len(layout.blocks) + 1

@@ -44,11 +44,11 @@ from torch import Tensor
 from mmalign.batch import Batch
 from mmalign.config import Config
 from mmalign.data import loader_from_config
+from mmalign.embeddings import truncate
 from mmalign.eval.classification import classification_metrics
 from mmalign.eval.label_free import label_free_metrics
 from mmalign.eval.retrieval import nway_recall, pairwise_recall
 from mmalign.eval.zeroshot import ZeroShotClassifier, load_classes
-from mmalign.objectives.matryoshka import truncate
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -189,9 +189,7 @@ class Validator:
         if self.classes is None:
             return None
         classnames, prompts = self.classes
-        text = self.config.eval.zeroshot_text or next(
-            name for name, tower in self.config.model.towers.items() if tower["type"] == "text"
-        )
+        text = self.config.eval.zeroshot_text or self.config.model.modalities_of_type("text")[0]
         return ZeroShotClassifier(model, prompts, text, classnames=classnames)
 
     def _zeroshot(

@@ -17,6 +17,7 @@ import mmalign.training
 from mmalign.cli.main import SUBCOMMANDS, main, one_line
 from mmalign.cli.prep import TOOLS
 from mmalign.cli.search import parse_raw, resolve_query_modality
+from mmalign.config import ModelConfig
 from mmalign.errors import ConfigError, UserError
 from mmalign.training import TrainingStopped
 from tests.train_support import tiny_config, write_shards
@@ -159,8 +160,12 @@ def test_one_line_joins_a_multi_line_message() -> None:
 
 
 def test_search_query_strings_are_parsed_by_the_cli(tmp_path: Path) -> None:
-    towers = {"x": {"type": "tabular"}, "caption": {"type": "text"}, "g": {"type": "graph"}}
-    model = SimpleNamespace(modalities=list(towers), config=SimpleNamespace(towers=towers))
+    towers = {
+        "x": {"type": "tabular", "in_features": 2},
+        "caption": {"type": "text"},
+        "g": {"type": "graph", "in_features": 2},
+    }
+    model = SimpleNamespace(modalities=list(towers), config=ModelConfig(towers=towers))
     assert resolve_query_modality(model, "text") == "caption"
     assert resolve_query_modality(model, "x") == "x"
     with pytest.raises(UserError, match="no modality or tower type 'image' \\(--query\\)"):

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from mmalign.config import ConfigError, load_config
+from mmalign.convert import to_open_clip
 from mmalign.model import AlignmentModel
 from mmalign.training import train
 from mmalign.training.checks import check_run_config, total_steps
@@ -75,7 +76,7 @@ def test_overrides_apply_to_a_yaml_file(tmp_path: Path, pattern: str) -> None:
         path, ["train.steps=7", "data.batch_size=3", "model.towers.x.hidden=5", "train.lr=2e-4"]
     )
     assert (config.train.steps, config.data.batch_size, config.train.lr) == (7, 3, 2e-4)
-    assert config.model.towers["x"]["hidden"] == 5
+    assert config.model.towers["x"].hidden == 5
     with pytest.raises(ConfigError, match=r"train\.stepss: unknown key"):
         load_config(path, ["train.stepss=7"])
 
@@ -108,11 +109,13 @@ def test_shipped_configs_are_valid(path: Path, tmp_path: Path) -> None:
         # digits-sum starts its image/text towers from the digits run's open_clip folder,
         # which exists only after that run: convert an untrained digits model instead.
         pretrained = [
-            name for name, tower in config.model.towers.items() if tower.get("pretrained")
+            name
+            for name, tower in config.model.towers.items()
+            if getattr(tower, "pretrained", None)
         ]
         if pretrained:
             digits = AlignmentModel.from_config(load_config(path.parent / "demo_digits.yaml"))
-            digits.to_open_clip(tmp_path / "open_clip")
+            to_open_clip(digits, tmp_path / "open_clip")
         overrides = [
             f"model.towers.{name}.pretrained=local-dir:{tmp_path / 'open_clip'}"
             for name in pretrained

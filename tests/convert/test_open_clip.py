@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from mmalign.cli.main import main
+from mmalign.convert import to_open_clip
 from mmalign.model import AlignmentModel
 from mmalign.training import train
 from tests.tiny_clip import CLASSNAMES, random_images, write_image_text_shards
@@ -111,7 +112,7 @@ def test_variants_fold_exactly(image: dict, text: dict, objective: str, tmp_path
     model = AlignmentModel.from_config(
         {"dim": 12, "towers": towers, "objective": {"name": objective}}
     ).eval()
-    model.to_open_clip(tmp_path / "clip")
+    to_open_clip(model, tmp_path / "clip")
     clip, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'clip'}")
     clip.eval()
     tokenizer = open_clip.get_tokenizer(f"local-dir:{tmp_path / 'clip'}")

@@ -30,9 +30,9 @@ class CountingTower(EchoTower):
         super().__init__()
         self.calls = 0
 
-    def preprocess(self, raw: Any) -> Any:
+    def preprocess(self, raw: Any, augment: bool = False) -> Any:
         self.calls += 1
-        return super().preprocess(raw)
+        return super().preprocess(raw, augment)
 
 
 def _captioned(tmp_path: Path) -> str:

@@ -17,11 +17,10 @@ import pytest
 import soundfile
 from conftest import good_record, tiny_config, write_shard
 
-from mmalign.config import ConfigError, load_config
+from mmalign.config import ConfigError, TowerConfig, load_config
 from mmalign.data import make_loader
 from mmalign.data.limits import DEFAULT_LIMITS, RecordLimits
-from mmalign.towers import build_tower
-from mmalign.towers.base import Tower, TowerConfig
+from mmalign.towers import Tower, build_tower
 from mmalign.training import train
 
 AUDIO = {"type": "audio", "clip_seconds": 0.25, "n_mels": 16, "width": 16, "heads": 2, "layers": 1}
@@ -92,12 +91,11 @@ class FailingTower(Tower):
     """Tabular-like items; ``preprocess`` raises a non-ValueError for the vector of index 3."""
 
     width = 1
-    augment = False
 
     def __init__(self) -> None:
         super().__init__(TowerConfig(type="failing"))
 
-    def preprocess(self, raw: Any) -> Any:
+    def preprocess(self, raw: Any, augment: bool = False) -> Any:
         if np.allclose(raw, good_record(3)["npy"]):
             raise IndexError("a bug in a tower")
         return raw

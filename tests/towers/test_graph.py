@@ -65,7 +65,7 @@ def test_encoders_shape_and_batch_independence(config: dict) -> None:
         batch = tower(tower.collate(items))
         alone = torch.cat([tower(tower.collate([item])) for item in items])
         reordered = tower(tower.collate([items[3], items[1]]))
-    assert tower.batch_size_of(tower.collate(items)) == 4
+    assert tower.collate(items).num_graphs == 4
     assert batch.shape == (4, 16) and tower.width == 16
     torch.testing.assert_close(batch, alone, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(reordered, batch[[3, 1]], atol=1e-5, rtol=1e-5)
@@ -118,8 +118,7 @@ def test_pools_agree_with_their_definitions() -> None:
 def test_node_drop_removes_floor_ratio_nodes_and_their_edges(nodes: int, ratio: float) -> None:
     tower = build_tower({**BASE, "edge_features": 3, "augment_node_drop": ratio})
     graph = ring(nodes, chords=nodes)
-    tower.set_augment(True)
-    data = tower.preprocess(graph)
+    data = tower.preprocess(graph, augment=True)
     ids = original_ids(data)
     assert data.num_nodes == nodes - int(np.floor(ratio * nodes)) == len(set(ids))
     original = edge_set(torch.as_tensor(graph["edge_index"]))
@@ -132,10 +131,9 @@ def test_node_drop_removes_floor_ratio_nodes_and_their_edges(nodes: int, ratio: 
 def test_subgraph_keeps_a_connected_random_walk_subgraph(nodes: int, ratio: float) -> None:
     tower = build_tower({**BASE, "augment_subgraph": ratio})
     graph = ring(nodes, chords=2)
-    tower.set_augment(True)
     seen = set()
     for _ in range(5):
-        data = tower.preprocess(graph)
+        data = tower.preprocess(graph, augment=True)
         ids = original_ids(data)
         seen.add(tuple(sorted(ids)))
         assert data.num_nodes == nodes - int(np.floor(ratio * nodes))
@@ -153,8 +151,7 @@ def test_edge_perturbation_replaces_floor_ratio_edges(chords: int, ratio: float)
     graph = ring(16, chords=chords)
     edges = graph["edge_index"].shape[1]
     removed = int(np.floor(ratio * edges))
-    tower.set_augment(True)
-    data = tower.preprocess(graph)
+    data = tower.preprocess(graph, augment=True)
     original = edge_set(torch.as_tensor(graph["edge_index"]))
     result = data.edge_index.t().tolist()
     kept = [i for i, pair in enumerate(result) if tuple(pair) in original]
@@ -175,8 +172,7 @@ def test_edge_perturbation_replaces_floor_ratio_edges(chords: int, ratio: float)
 def test_attribute_masking_zeroes_floor_ratio_rows(nodes: int, ratio: float) -> None:
     tower = build_tower({**BASE, "augment_attr_mask": ratio})
     graph = ring(nodes)
-    tower.set_augment(True)
-    data = tower.preprocess(graph)
+    data = tower.preprocess(graph, augment=True)
     x = torch.as_tensor(graph["x"])
     zeroed = (data.x == 0).all(1)
     assert int(zeroed.sum()) == int(np.floor(ratio * nodes))
@@ -193,12 +189,10 @@ def test_no_augmentation_at_eval_and_one_at_a_time_when_picking() -> None:
         data = tower.preprocess(graph)  # augment is off by default
         assert torch.equal(data.x, torch.as_tensor(graph["x"]))
         assert torch.equal(data.edge_index, torch.as_tensor(graph["edge_index"]))
-    tower.set_augment(True)
-    both = tower.preprocess(graph)
+    both = tower.preprocess(graph, augment=True)
     assert both.num_nodes == 6 - int(np.floor(0.25 * 6))  # subgraph then node drop
     picking = build_tower({**BASE, **ratios, "augment_pick_one": True})
-    picking.set_augment(True)
-    node_counts = {picking.preprocess(graph).num_nodes for _ in range(40)}
+    node_counts = {picking.preprocess(graph, augment=True).num_nodes for _ in range(40)}
     assert node_counts == {12, 6, 9}  # edge/attribute changes, subgraph, node drop
 
 

@@ -128,14 +128,12 @@ def test_augment_switches_to_random_train_transform_but_encode_does_not() -> Non
     tower = model.towers["image"]
     pil = random_pil(3)
     plain = model.encode("image", [pil])
-    tower.set_augment(True)
     torch.manual_seed(0)
-    first, second = tower.preprocess(pil), tower.preprocess(pil)
+    first, second = tower.preprocess(pil, augment=True), tower.preprocess(pil, augment=True)
     assert first.shape == (3, 32, 32) and not torch.equal(first, second)
     assert torch.equal(model.encode("image", [pil]), plain)
-    assert tower.augment  # encode restores the caller's setting
-    tower.set_augment(False)
     assert torch.equal(tower.preprocess(pil), tower.preprocess(pil))
+    assert torch.equal(tower.preprocess(pil), model.tower("image").preprocess(pil, augment=False))
 
 
 @pytest.mark.parametrize(

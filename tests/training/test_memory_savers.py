@@ -15,8 +15,6 @@ from torch._dynamo.utils import counters
 from mmalign.config import ConfigError, TrainConfig
 from mmalign.model import AlignmentModel
 from mmalign.towers import build_tower
-from mmalign.towers.checkpointing import enable_gradient_checkpointing
-from mmalign.towers.layout import block_modules
 from mmalign.training import train
 from mmalign.training.memory_savers import apply_memory_savers
 from tests.finetune_support import TINY_AUDIO, TINY_OPEN_CLIP_TEXT, TINY_VIT, hf_text, raw_samples
@@ -45,12 +43,13 @@ def test_checkpointed_tower_recomputes_and_matches(kind: str, tmp_path: Path) ->
     torch.manual_seed(0)
     plain = build_tower(KINDS[kind](tmp_path), field="model.towers.m").train()
     checkpointed = copy.deepcopy(plain)
-    assert enable_gradient_checkpointing(checkpointed)
+    assert checkpointed.enable_gradient_checkpointing()
     inputs = plain.collate([plain.preprocess(raw) for raw in raw_samples(plain)])
 
     calls = {"plain": 0, "checkpointed": 0}
     for name, tower in (("plain", plain), ("checkpointed", checkpointed)):
-        last_linear = [m for m in block_modules(tower)[0].modules() if isinstance(m, nn.Linear)]
+        first_block = tower.blocks()[0][0]
+        last_linear = [m for m in first_block.modules() if isinstance(m, nn.Linear)]
         last_linear[-1].register_forward_pre_hook(
             lambda *_, n=name: calls.__setitem__(n, calls[n] + 1)
         )
@@ -71,7 +70,7 @@ def test_towers_without_checkpointing_say_so() -> None:
         {"type": "graph", "in_features": 2, "hidden": 8},
         {"type": "audio", "encoder": "cnn"},
     ):
-        assert not enable_gradient_checkpointing(build_tower(config))
+        assert not build_tower(config).enable_gradient_checkpointing()
 
 
 @pytest.fixture(scope="module")

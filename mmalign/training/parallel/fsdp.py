@@ -2,12 +2,12 @@
 
 :func:`shard_model` applies :func:`torch.distributed.fsdp.fully_shard` itself, on every
 device (CPU with gloo included, where ``accelerate launch`` with an FSDP config does not shard
-anything): first each tower's blocks (the parameterized members of its largest
-``ModuleList`` / ``Sequential``: open_clip's ``resblocks``, timm's ``blocks``, a Hugging Face
-``encoder.layer``, an MLP's linear layers), then each tower, then the whole
-:class:`~mmalign.AlignmentModel`. Every parameter becomes a ``DTensor`` sharded on its first
-dimension, each process holding 1/N of it; the forward all-gathers a unit's parameters, the
-backward reduce-scatters (averages) their gradients, as DDP's all-reduce averages them.
+anything): first each tower's blocks (``Tower.blocks()``: open_clip's ``resblocks``, timm's
+``blocks``, a Hugging Face ``encoder.layer``, a GNN layer's convolution with its norm), then
+each tower, then the whole :class:`~mmalign.AlignmentModel`. Every parameter becomes a
+``DTensor`` sharded on its first dimension, each process holding 1/N of it; the forward
+all-gathers a unit's parameters, the backward reduce-scatters (averages) their gradients, as
+DDP's all-reduce averages them.
 
 FSDP2 cannot shard a 0-dimensional parameter (the temperature ``logit_scale``, the sigmoid
 ``logit_bias``): those stay whole on every process and :meth:`FullySharded.clip_gradients`
@@ -44,31 +44,15 @@ from mmalign.training.parallel import sharded_checkpoint
 from mmalign.training.parallel.base import Strategy, launcher_asks_deepspeed
 
 
-def tower_blocks(tower: nn.Module) -> list[nn.Module]:
-    """The repeated blocks of ``tower``: the parameterized children of its ``ModuleList`` or
-    ``Sequential`` holding the most parameters (at least two children of one class).
+def whole_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The 0-dimensional parameters, which FSDP2 cannot shard (kept whole on every rank).
 
     Example:
-        >>> mlp = nn.Sequential(nn.Linear(2, 8), nn.GELU(), nn.Linear(8, 8))
-        >>> [type(block).__name__ for block in tower_blocks(nn.ModuleDict({"mlp": mlp}))]
-        ['Linear', 'Linear']
+        >>> model = nn.Linear(2, 2)
+        >>> model.scale = nn.Parameter(torch.tensor(1.0))
+        >>> [tuple(parameter.shape) for parameter in whole_parameters(model)]
+        [()]
     """
-    best: list[nn.Module] = []
-    best_size = 0
-    for module in tower.modules():
-        if not isinstance(module, nn.ModuleList | nn.Sequential):
-            continue
-        children = [child for child in module if any(True for _ in child.parameters())]
-        if len(children) < 2 or len({type(child) for child in children}) != 1:
-            continue
-        size = sum(p.numel() for child in children for p in child.parameters())
-        if size > best_size:
-            best, best_size = children, size
-    return best
-
-
-def whole_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The 0-dimensional parameters, which FSDP2 cannot shard (kept whole on every rank)."""
     return [parameter for parameter in model.parameters() if parameter.ndim == 0]
 
 
@@ -78,8 +62,8 @@ def shard_model(model: nn.Module) -> list[nn.Parameter]:
     whole = whole_parameters(model)
     ignored = set(whole)
     for tower in model.towers.values():
-        for block in tower_blocks(tower):
-            fully_shard(block, ignored_params=ignored)
+        for block in tower.blocks():
+            fully_shard(block[0] if len(block) == 1 else block, ignored_params=ignored)
         if any(parameter not in ignored for parameter in tower.parameters()):
             fully_shard(tower, ignored_params=ignored)
     fully_shard(model, ignored_params=ignored)
