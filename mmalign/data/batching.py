@@ -27,10 +27,8 @@ import torch
 from mmalign.batch import Batch
 from mmalign.data.decode import RecordError, decode_fields, decode_value, find_file
 from mmalign.data.negatives import negative_items
-from mmalign.data.samples import RecordSpec, Rejected, Sample, Tower
+from mmalign.data.samples import RecordSpec, Rejected, Sample
 from mmalign.data.views import Views, collate_expanded, decode_views, sample_group
-
-
 
 
 def _preprocess_all(values: dict[str, Any], spec: RecordSpec) -> dict[str, Any]:
