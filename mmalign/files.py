@@ -49,7 +49,7 @@ def fsync_tree(directory: Path) -> None:
     fsync_path(directory)
 
 
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None], tag: str = "") -> None:
+def atomic_write(path: Path, write: Callable[[IO[bytes]], object], tag: str = "") -> None:
     """Write ``path`` through a temporary file: write, flush, fsync, rename, fsync the folder.
 
     ``tag`` makes the temporary name unique per writer (processes writing the same file).

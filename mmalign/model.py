@@ -96,9 +96,9 @@ class AlignmentModel(nn.Module):
         self.modalities = list(config.towers)
         self.dim = config.dim
         base_dirs = base_dirs or {}
-        self.towers = nn.ModuleDict(
-            {name: self._build_tower(name, base_dirs.get(name)) for name in self.modalities}
-        )
+        towers = {name: self._build_tower(name, base_dirs.get(name)) for name in self.modalities}
+        # a ModuleDict (registered submodules) that the type checker reads as what it holds
+        self.towers = cast("Mapping[str, Tower]", nn.ModuleDict(towers))
         self.projections = nn.ModuleDict(
             {
                 name: build_projection(
@@ -181,7 +181,7 @@ class AlignmentModel(nn.Module):
             raise KeyError(
                 f"unknown modality {modality!r}; this model knows {', '.join(self.modalities)}"
             )
-        return cast(Tower, self.towers[modality])
+        return self.towers[modality]
 
     def embed(self, modality: str, inputs: Any) -> torch.Tensor:
         """Collated inputs of one modality to L2-normalized ``[B, dim]`` embeddings."""

@@ -67,13 +67,13 @@ def uninstall(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
         ),
         (
             "faiss",
-            "mmalign.export.mine_negatives",
+            "mmalign.prep.mine_negatives",
             "mmalign prep mine-negatives: the faiss-cpu package is not installed; "
             "pip install 'mmalign[index]'",
         ),
         (
             "faiss",
-            "mmalign.export.group_shards",
+            "mmalign.prep.group_shards",
             "mmalign prep group-shards: the faiss-cpu package is not installed; "
             "pip install 'mmalign[index]'",
         ),

@@ -33,7 +33,7 @@ class _Section(BaseModel):
 def field_error(title: str, field: str, message: str, value: Any = None) -> ValidationError:
     """A pydantic ``ValidationError`` of one field; raised inside a validator, pydantic puts
     it under the enclosing field's location (``model.objective.<field>``)."""
-    error = PydanticCustomError("invalid_value", message)  # type: ignore[arg-type]
+    error = PydanticCustomError("invalid_value", message)
     return ValidationError.from_exception_data(
         title, [InitErrorDetails(type=error, loc=(field,), input=value)]
     )

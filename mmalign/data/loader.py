@@ -139,7 +139,8 @@ def _settled(
         yield entry
 
 
-def _keep(delivery: Delivery) -> Delivery:
+def _keep(delivery: Any) -> Any:
+    """The DataLoader's ``collate_fn`` with ``batch_size=None``: each delivery as it is."""
     return delivery
 
 

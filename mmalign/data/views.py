@@ -99,7 +99,7 @@ def modality_items(
         if extension in alternatives:
             order = int(numbered.group(1)) if numbered else -1
             found.append((order, alternatives.index(extension), name))
-    items = []
+    items: list[Any] = []
     for _, _, name in sorted(found):
         value = decode_value(name, raw[name], limits)
         values = value if isinstance(value, list) else [value]
@@ -175,7 +175,8 @@ def collate_expanded(samples: list[Sample], spec: RecordSpec) -> Batch:
     present = torch.tensor(
         [[m in samples[r].items for m in modalities] for r in record_of.tolist()], dtype=torch.bool
     ).reshape(len(record_of), len(modalities))
-    inputs, item_index = {}, {}
+    inputs: dict[str, Any] = {}
+    item_index: dict[str, torch.Tensor] = {}
     for modality in modalities:
         holders = [s for s in samples if modality in s.items]
         if not holders:

@@ -68,7 +68,7 @@ open_clip``), written into the digits run directory; the digits-sum configs' tow
 with ``pretrained: local-dir:...``."""
 TIMINGS_FILE = "timings.json"
 """Wall and CPU seconds of each step of the last demo in ``out_dir`` (kept for ``reuse``)."""
-QUICK_DATA = {"limit": 30, "variants": 2}
+QUICK_DATA: dict[str, Any] = {"limit": 30, "variants": 2}
 """``quick=True``: at most 30 source images per split, two records each."""
 QUICK_OVERRIDES = {
     "train.steps": 2,

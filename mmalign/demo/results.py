@@ -51,7 +51,7 @@ def embed_test_split(run: Run, modalities: Sequence[str]) -> CollectedEmbeddings
     data = run.config.data
     return collect_embeddings(
         run.model,
-        data.test,
+        run.test_shards,
         list(modalities),
         fields=data.fields,
         label_field="cls",
@@ -68,7 +68,7 @@ def zeroshot_by_language(run: Run, collected: CollectedEmbeddings) -> dict[str, 
     """
     results = {}
     for language in LANGUAGES:
-        classnames, prompts = load_classes(run.config.data.classes, language)
+        classnames, prompts = load_classes(run.classes, language)
         classifier = ZeroShotClassifier(run.model, prompts, "text", classnames=classnames)
         results[language] = evaluate_zeroshot(classifier, collected, ["image"], ks=(1, 5))
     return results
@@ -104,7 +104,7 @@ def smallest_prefix(run: Run, collected: CollectedEmbeddings) -> dict[str, Any] 
     if not prefixes or len(prefixes) < 2:
         return None
     dim = prefixes[0]
-    classnames, prompts = load_classes(run.config.data.classes, "en")
+    classnames, prompts = load_classes(run.classes, "en")
     classifier = ZeroShotClassifier(run.model, prompts, "text", classnames=classnames, dim=dim)
     zeroshot = evaluate_zeroshot(classifier, collected, ["image"], ks=(1,))
     pair = ("text", "image")
@@ -213,7 +213,7 @@ def sum_zeroshot(run: Run) -> dict[str, Any]:
         >>> sum_zeroshot(symile_run)["metrics"]["top1"]  # doctest: +SKIP
         0.998
     """
-    references = reference_images(run.config.data.train, REFERENCES_PER_CLASS)
+    references = reference_images(run.train_shards, REFERENCES_PER_CLASS)
     classifier = ZeroShotClassifier(run.model, references, "image")
     collected = embed_test_split(run, ["text", "audio"])
     result = evaluate_zeroshot(classifier, collected, ["text", "audio"], ks=(1, 5))
@@ -244,7 +244,7 @@ def index_and_search(run: Run, out_dir: Path, digit: int = 7) -> dict[str, Any]:
     data = run.config.data
     manifest = export_embeddings(
         run.model,
-        data.test,
+        run.test_shards,
         ["image"],
         export_dir,
         fields=data.fields,
@@ -252,9 +252,9 @@ def index_and_search(run: Run, out_dir: Path, digit: int = 7) -> dict[str, Any]:
         progress=False,
     )
     index_path = build_index(export_dir, "image")
-    classnames, _ = load_classes(data.classes, "en")
+    classnames, _ = load_classes(run.classes, "en")
     text_query = f"the digit {classnames[digit]}"
-    waveform, sample_rate = first_test_clip(data.test, digit)
+    waveform, sample_rate = first_test_clip(run.test_shards, digit)
     wav_path = out_dir / "search" / f"query_tone_{digit}.wav"
     wav_path.parent.mkdir(parents=True, exist_ok=True)
     soundfile.write(wav_path, waveform, sample_rate)

@@ -8,11 +8,15 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
-from mmalign.config import Config
+from mmalign.config import Config, ConfigError
 from mmalign.model import AlignmentModel
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -29,3 +33,24 @@ class Run:
     model: AlignmentModel
     reused: bool = False
     """Trained by an earlier ``mmalign demo`` (``--reuse``): nothing was trained now."""
+
+    @property
+    def train_shards(self) -> Sequence[str]:
+        """The config's ``data.train``."""
+        return _named(self.config.data.train, f"{self.config_file}: data.train")
+
+    @property
+    def test_shards(self) -> Sequence[str]:
+        """The config's ``data.test`` (every demo config names a test split)."""
+        return _named(self.config.data.test, f"{self.config_file}: data.test")
+
+    @property
+    def classes(self) -> str:
+        """The config's ``data.classes`` (class names and prompts, ``classes.json``)."""
+        return _named(self.config.data.classes, f"{self.config_file}: data.classes")
+
+
+def _named(value: T | None, field: str) -> T:
+    if value is None:
+        raise ConfigError(f"{field} is missing; the demo's measurements need it")
+    return value

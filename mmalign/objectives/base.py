@@ -70,9 +70,9 @@ class Objective(nn.Module):
     """
 
     config_class: ClassVar[type[ObjectiveConfig]] = ObjectiveConfig
-    learns_bias: ClassVar[bool] = False
+    learns_bias: bool = False
     """Whether the model keeps a learned ``logit_bias`` for this objective (SigLIP)."""
-    scores_jointly: ClassVar[bool] = False
+    scores_jointly: bool = False
     """Whether :meth:`score` combines the query modalities jointly (Symile's product), so
     retrieval is reported N-way (each modality from all the others) instead of per pair."""
 

@@ -56,7 +56,7 @@ class MatryoshkaObjective(Objective):
         self.inner = inner
         self.dims = [int(dim) for dim in dims]
         self.weights = [1.0] * len(self.dims) if weights is None else [float(w) for w in weights]
-        if len(self.weights) != len(self.dims):
+        if not self.dims or len(self.weights) != len(self.dims):
             raise ValueError(f"{len(self.weights)} matryoshka weights for {len(self.dims)} dims")
         self.learns_bias = inner.learns_bias
         self.scores_jointly = inner.scores_jointly
@@ -89,7 +89,8 @@ class MatryoshkaObjective(Objective):
             raise ValueError(
                 f"matryoshka prefix {self.dims[-1]} exceeds the embeddings' dim {width}"
             )
-        loss, metrics = None, {}
+        loss: Tensor | None = None
+        metrics: dict[str, float] = {}
         for dim, weight in zip(self.dims, self.weights, strict=True):
             prefixes = {name: truncate(value, dim) for name, value in embeddings.items()}
             out = self.inner(prefixes, logit_scale, logit_bias, present, generator, groups=groups)
@@ -97,6 +98,7 @@ class MatryoshkaObjective(Objective):
             metrics[f"loss/dim{dim}"] = out.metrics["loss"]
             last = out.metrics
         total = sum(metrics[f"loss/dim{dim}"] * w for dim, w in zip(self.dims, self.weights))
+        assert loss is not None  # the constructor refuses an empty list of dims
         return LossOutput(loss=loss, metrics={**last, **metrics, "loss": total})
 
 

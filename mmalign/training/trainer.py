@@ -142,13 +142,13 @@ class Trainer:
     def _restore(self, resume: bool) -> EpochStream:
         """Resume from the newest checkpoint (when asked and present); the data stream."""
         latest = checkpoint.latest_checkpoint(self.checkpoints) if resume else None
-        state = checkpoint.read_trainer_state(latest) if latest else None
+        state = checkpoint.read_trainer_state(latest) if latest is not None else None
         position = state["stream"] if state else None
         on_batch = None
         if self.config.train.log_sample_keys:
             on_batch = SampleKeyLog(self.output, self.accelerator.process_index, position)
         stream = EpochStream(self._train_loader, self.config.data.seed, position, on_batch)
-        if state is None:
+        if state is None or latest is None:
             return stream
         stream.prime()  # skipping consumed batches may draw from the RNG restored below
         self.strategy.load_checkpoint(latest, self.model, self.optimizer, self.ema)

@@ -29,7 +29,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
@@ -42,6 +42,9 @@ from mmalign.config import Config
 from mmalign.errors import UserError
 from mmalign.training.parallel import sharded_checkpoint
 from mmalign.training.parallel.base import Strategy, launcher_asks_deepspeed
+
+if TYPE_CHECKING:
+    from mmalign.model import AlignmentModel
 
 
 def whole_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -56,7 +59,7 @@ def whole_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [parameter for parameter in model.parameters() if parameter.ndim == 0]
 
 
-def shard_model(model: nn.Module) -> list[nn.Parameter]:
+def shard_model(model: AlignmentModel) -> list[nn.Parameter]:
     """``fully_shard`` each tower's blocks, each tower, then ``model`` (which must hold
     ``towers``); returns the parameters left whole (see :func:`whole_parameters`)."""
     whole = whole_parameters(model)
@@ -122,7 +125,7 @@ class FullySharded(Strategy):
     ) -> tuple[nn.Module, torch.optim.Optimizer]:
         """Shard ``step_module.model`` in place; the step module and an optimizer built over
         the sharded parameters (Accelerate wraps neither)."""
-        model = step_module.get_submodule("model")
+        model = cast("AlignmentModel", step_module.get_submodule("model"))
         self.model = model
         self.whole = shard_model(model)
         return step_module, build_optimizer(model)
