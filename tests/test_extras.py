@@ -61,12 +61,6 @@ def uninstall(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
         ),
         (
             "faiss",
-            "mmalign.export.index",
-            "FAISS indexes (mmalign export --index, mmalign search): the faiss-cpu package is "
-            "not installed; pip install 'mmalign[index]'",
-        ),
-        (
-            "faiss",
             "mmalign.prep.mine_negatives",
             "mmalign prep mine-negatives: the faiss-cpu package is not installed; "
             "pip install 'mmalign[index]'",
@@ -127,3 +121,25 @@ def test_training_logs_name_their_extra_before_the_run_starts(
         f"pip install 'mmalign[{key}]' or set train.{key}: false\n"
     )
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_exporting_embeddings_needs_no_faiss_and_an_index_names_the_extra(
+    uninstall: Callable[..., None], tmp_path: Path
+) -> None:
+    from tests.eval.test_zeroshot import tabular, tiny_model
+    from tests.export.test_writer import export_options, make_data
+
+    model = tiny_model("clip", {"x": tabular(3), "y": tabular(3)})
+    shards, _ = make_data(tmp_path)
+    uninstall("faiss", "mmalign.export.index", "mmalign.export.writer", "mmalign.export.search")
+    from mmalign.export import build_index, export_embeddings
+
+    manifest = export_embeddings(model, shards, ["x"], tmp_path / "out", **export_options())
+    assert manifest["complete"] and manifest["rows"] == 23
+    assert "faiss" not in sys.modules
+    with pytest.raises(MissingExtraError) as caught:
+        build_index(tmp_path / "out", "x")
+    assert str(caught.value) == (
+        "FAISS indexes (mmalign export --index, mmalign search): the faiss-cpu package is "
+        "not installed; pip install 'mmalign[index]'"
+    )

@@ -31,10 +31,18 @@ from mmalign.errors import ConfigError
 from mmalign.extras import missing_extra
 from mmalign.files import atomic_write, read_json, write_json
 
-try:
-    import faiss
-except ImportError:
-    raise missing_extra("index", "FAISS indexes (mmalign export --index, mmalign search)") from None
+
+def _faiss() -> Any:
+    """The faiss module (the ``[index]`` extra), imported when an index is built or read, so
+    that exporting embeddings needs no FAISS."""
+    try:
+        import faiss
+    except ImportError:
+        raise missing_extra(
+            "index", "FAISS indexes (mmalign export --index, mmalign search)"
+        ) from None
+    return faiss
+
 
 INDEX_DIR = "index"
 """The folder of an export directory holding the indexes."""
@@ -75,6 +83,7 @@ def _inverted_lists(vectors: np.ndarray, nlist: int | None, pq: tuple[int, int] 
     lists = nlist or _default_nlist(rows)
     if lists > rows:
         raise ValueError(f"nlist={lists} exceeds the {rows} vectors to index")
+    faiss = _faiss()
     quantizer = faiss.IndexFlatIP(dim)
     index: Any
     if pq is None:
@@ -89,7 +98,7 @@ def _inverted_lists(vectors: np.ndarray, nlist: int | None, pq: tuple[int, int] 
 
 
 def _flat(vectors: np.ndarray, options: Mapping[str, Any]) -> Any:
-    return faiss.IndexFlatIP(vectors.shape[1])
+    return _faiss().IndexFlatIP(vectors.shape[1])
 
 
 def _ivf(vectors: np.ndarray, options: Mapping[str, Any]) -> Any:
@@ -97,6 +106,7 @@ def _ivf(vectors: np.ndarray, options: Mapping[str, Any]) -> Any:
 
 
 def _hnsw(vectors: np.ndarray, options: Mapping[str, Any]) -> Any:
+    faiss = _faiss()
     index = faiss.IndexHNSWFlat(vectors.shape[1], options["m"], faiss.METRIC_INNER_PRODUCT)
     index.hnsw.efConstruction = options["ef_construction"]
     return index
@@ -109,6 +119,7 @@ def _ivfpq(vectors: np.ndarray, options: Mapping[str, Any]) -> Any:
 
 
 def _sq8(vectors: np.ndarray, options: Mapping[str, Any]) -> Any:
+    faiss = _faiss()
     quantizer = faiss.ScalarQuantizer.QT_8bit
     index = faiss.IndexScalarQuantizer(vectors.shape[1], quantizer, faiss.METRIC_INNER_PRODUCT)
     index.train(vectors)
@@ -243,7 +254,7 @@ def build_index(
     options = {"nlist": nlist, "m": m, "ef_construction": ef_construction}
     index = recipe.build(vectors, options | {"pq_m": pq_m, "pq_bits": pq_bits})
     index.add(vectors)
-    serialized = faiss.serialize_index(index)
+    serialized = _faiss().serialize_index(index)
     rows = int(vectors.shape[0])
     info = {
         "modality": modality,
@@ -347,6 +358,6 @@ def load_index(out_dir: str | Path, modality: str | None = None) -> EmbeddingInd
         )
     paths = _index_paths(out_dir, modality)
     info = read_json(paths["json"])
-    index = faiss.deserialize_index(np.fromfile(paths["faiss"], dtype=np.uint8))
+    index = _faiss().deserialize_index(np.fromfile(paths["faiss"], dtype=np.uint8))
     index_recipe(info["kind"]).tune(index, info)
     return EmbeddingIndex(index=index, info=info, table=pq.read_table(paths["parquet"]))

@@ -1,5 +1,5 @@
-"""Shared test setup: offline, deterministic, small thread pools (CI has 2 cores), and the
-``launches`` marker kept honest.
+"""Shared setup of the tests and of the docstring examples of mmalign/: offline,
+deterministic, small thread pools (CI has 2 cores), and the ``launches`` marker kept honest.
 
 Every test that starts another process (``subprocess``, ``os.fork``, ``torchrun``,
 ``accelerate launch``, ``torch.multiprocessing.spawn``, DataLoader workers, compile workers)
@@ -8,6 +8,7 @@ carries ``@pytest.mark.launches`` (per test, or ``pytestmark`` for a whole modul
 process fails, so the marker cannot drift from what the tests do.
 """
 
+import doctest
 import multiprocessing.util
 import os
 import subprocess
@@ -65,11 +66,25 @@ def _launches_are_marked(request: pytest.FixtureRequest) -> Iterator[None]:
     if started and request.node.get_closest_marker("launches") is None:
         pytest.fail(
             f"{request.node.nodeid} started {started} process(es) but is not marked "
-            "@pytest.mark.launches (see tests/conftest.py)"
+            "@pytest.mark.launches (see conftest.py)"
         )
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests that launch processes (tens of seconds each) first, so that ``pytest -n 2`` does
+def _all_skipped(item: pytest.Item) -> bool:
+    """A docstring whose every example is ``# doctest: +SKIP`` (it needs files, a trained
+    model or processes): documentation, not a test."""
+    test = getattr(item, "dtest", None)
+    return test is not None and all(
+        example.options.get(doctest.SKIP, False) for example in test.examples
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Docstrings with no example that runs are deselected (not counted as skipped tests);
+    tests that launch processes (tens of seconds each) go first, so that ``pytest -n 2`` does
     not end with one worker busy on them while the other idles."""
+    shown_only = [item for item in items if _all_skipped(item)]
+    if shown_only:
+        config.hook.pytest_deselected(items=shown_only)
+        items[:] = [item for item in items if not _all_skipped(item)]
     items.sort(key=lambda item: item.get_closest_marker("launches") is None)
