@@ -122,6 +122,15 @@ def add_classes_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-samples", type=positive_int, help="stop after this many samples")
 
 
+def add_reshard_arguments(parser: argparse.ArgumentParser) -> None:
+    """The finished export a prep tool reads and the shards it writes
+    (:mod:`mmalign.prep.reshard`)."""
+    parser.add_argument("--embeddings", required=True, help="a finished export directory")
+    parser.add_argument("--out", required=True, help="output directory for the shards")
+    parser.add_argument("--name", default="data", help="shard names: NAME-000000.tar, ...")
+    parser.add_argument("--maxcount", type=int, default=10000, help="records per shard at most")
+
+
 def add_subcommands(
     parser: argparse.ArgumentParser, commands: Mapping[str, ModuleType], dest: str, metavar: str
 ) -> None:

@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import argparse
 
+from mmalign.cli.common import add_reshard_arguments
+
 HELP = "an export's source records ordered by k-means cluster (neighbour batches)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The export, the modality to cluster, the cluster count and the output shards."""
-    parser.add_argument("--embeddings", required=True, help="a finished export directory")
+    add_reshard_arguments(parser)
     parser.add_argument("--modality", required=True, help="the exported modality to cluster")
     parser.add_argument("--clusters", type=int, required=True, help="k-means clusters")
-    parser.add_argument("--out", required=True, help="output directory for the shards")
-    parser.add_argument("--name", default="data", help="shard names: NAME-000000.tar, ...")
-    parser.add_argument("--maxcount", type=int, default=10000, help="records per shard at most")
     parser.add_argument("--seed", type=int, default=0, help="k-means and cluster order seed")
 
 

@@ -14,20 +14,19 @@ from __future__ import annotations
 
 import argparse
 
+from mmalign.cli.common import add_reshard_arguments
+
 HELP = "an export's source records with hard negatives copied in"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The export, the query and candidate modalities, the filter and the output shards."""
-    parser.add_argument("--embeddings", required=True, help="a finished export directory")
+    add_reshard_arguments(parser)
     parser.add_argument("--query", required=True, help="query modality (M1)")
     parser.add_argument("--candidates", required=True, help="negatives' modality (M2)")
     parser.add_argument("--k", type=int, default=4, help="negatives per record at most")
     parser.add_argument("--max-ratio", type=float, default=0.95, help="NV-Retriever's cap")
     parser.add_argument("--group-field", default=None, help="export metadata column: groups")
-    parser.add_argument("--out", required=True, help="output directory for the shards")
-    parser.add_argument("--name", default="data", help="shard names: NAME-000000.tar, ...")
-    parser.add_argument("--maxcount", type=int, default=10000, help="records per shard at most")
 
 
 def run(args: argparse.Namespace) -> int:
