@@ -1,5 +1,5 @@
-"""Shared setup of the tests and of the docstring examples of mmalign/: offline,
-deterministic, small thread pools (CI has 2 cores), and the ``launches`` marker kept honest.
+"""Shared test setup: offline, deterministic, small thread pools (CI has 2 cores), the
+``launches`` marker kept honest, and docstrings with no runnable example left out.
 
 Every test that starts another process (``subprocess``, ``os.fork``, ``torchrun``,
 ``accelerate launch``, ``torch.multiprocessing.spawn``, DataLoader workers, compile workers)
@@ -66,7 +66,7 @@ def _launches_are_marked(request: pytest.FixtureRequest) -> Iterator[None]:
     if started and request.node.get_closest_marker("launches") is None:
         pytest.fail(
             f"{request.node.nodeid} started {started} process(es) but is not marked "
-            "@pytest.mark.launches (see conftest.py)"
+            "@pytest.mark.launches (see tests/conftest.py)"
         )
 
 
