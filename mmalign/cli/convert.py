@@ -53,9 +53,10 @@ def run(args: argparse.Namespace) -> int:
     from mmalign.eval.loading import load_model
 
     function, options = CONVERTERS[args.to]
+    own = set(options.values())
     for target, (_, others) in CONVERTERS.items():
-        for option in others.values():
-            if target != args.to and option not in options.values() and getattr(args, option):
+        for option in set(others.values()) - own:
+            if getattr(args, option):
                 raise UserError(
                     f"--{option} applies to --to {target} only (--{option}); "
                     f"drop it for --to {args.to}"
