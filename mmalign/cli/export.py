@@ -50,6 +50,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--m", type=int, default=32, help="HNSW links per node")
     parser.add_argument("--ef-search", type=int, default=64, help="HNSW search beam")
     parser.add_argument("--pq-m", type=int, help="IVFPQ bytes per vector (default about dim/4)")
+    parser.add_argument(
+        "--keep-items",
+        type=csv_list,
+        metavar="MODALITY,...",
+        help="also keep these modalities' source files, to show results (mmalign serve)",
+    )
+    parser.add_argument(
+        "--max-item-bytes",
+        type=positive_int,
+        default=1 << 20,
+        help="largest source file kept per row (bytes; larger ones are left out)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -64,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
         args.modalities,
         args.out,
         index=args.index,
+        items=args.keep_items or (),
+        max_item_bytes=args.max_item_bytes,
         index_options={
             "pq_m": args.pq_m,
             "nlist": args.nlist,
@@ -90,4 +104,6 @@ def run(args: argparse.Namespace) -> int:
             f"index: {index} ({info['kind']}, {info['rows']} x {info['dim']}, "
             f"{info['bytes']:,} bytes, {info['bytes_per_vector']:.1f} bytes/vector)"
         )
+    for modality, counts in manifest["items"].items():
+        print(f"items: {modality} ({', '.join(f'{k} {v}' for k, v in counts.items())})")
     return 0

@@ -1,7 +1,7 @@
 """The ``mmalign`` command: parser assembly, dispatch to a subcommand, and error handling.
 
 Subcommands (one module each in :mod:`mmalign.cli`): ``train``, ``eval``, ``zeroshot``,
-``export``, ``search``, ``convert``, ``prep``, ``demo``. Building the parser imports only
+``export``, ``search``, ``serve``, ``convert``, ``prep``, ``demo``. Building the parser imports only
 :mod:`mmalign.cli` and :mod:`mmalign.errors`, so ``mmalign --help`` answers without loading
 torch. Errors the user can fix end in one line on stderr and status 2:
 ``mmalign: error: <what> (<flag, config field or file:key>); <what to do>``. That holds for
@@ -25,7 +25,7 @@ import warnings
 from types import ModuleType
 from typing import NoReturn
 
-from mmalign.cli import convert, demo, export, prep, search, train, zeroshot
+from mmalign.cli import convert, demo, export, prep, search, serve, train, zeroshot
 from mmalign.cli import eval as eval_
 from mmalign.cli.common import add_subcommands
 from mmalign.errors import UserError
@@ -41,6 +41,7 @@ SUBCOMMANDS: dict[str, ModuleType] = {
     "zeroshot": zeroshot,
     "export": export,
     "search": search,
+    "serve": serve,
     "convert": convert,
     "prep": prep,
     "demo": demo,

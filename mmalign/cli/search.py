@@ -75,11 +75,9 @@ def resolve_query_modality(model: AlignmentModel, name: str, flag: str = "--quer
         >>> resolve_query_modality(model, "image"), resolve_query_modality(model, "caption")
         ('photo', 'caption')
     """
-    if name in model.modalities:
-        return name
-    of_type = model.config.modalities_of_type(name)
-    if of_type:
-        return str(of_type[0])
+    found = model.config.modality_named(name)
+    if found is not None:
+        return found
     types = sorted({model.config.towers[modality].type for modality in model.modalities})
     raise UserError(
         f"the model has no modality or tower type {name!r} ({flag}); use one of its "

@@ -217,6 +217,19 @@ class ModelConfig(_Section):
         """
         return [name for name, tower in self.towers.items() if tower.type == tower_type]
 
+    def modality_named(self, name: str) -> str | None:
+        """``name`` if it is a modality, else the first modality whose tower is of type
+        ``name`` (``"text"``, ``"image"``...), else ``None``.
+
+        Example:
+            >>> ModelConfig(towers={"caption": {"type": "text"}}).modality_named("text")
+            'caption'
+        """
+        if name in self.towers:
+            return name
+        of_type = self.modalities_of_type(name)
+        return str(of_type[0]) if of_type else None
+
     @field_validator("objective", mode="before")
     @classmethod
     def _objective_by_name(cls, value: Any, info: ValidationInfo) -> ObjectiveConfig:

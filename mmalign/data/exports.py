@@ -69,10 +69,21 @@ def load_embeddings(out_dir: str | Path, modality: str) -> tuple[np.ndarray, pa.
             f"{out_dir} has no {modality!r} embeddings; exported: "
             f"{manifest['settings']['modalities']}"
         )
-    chunks = manifest["chunks"]
-    vectors = [np.load(out_dir / chunk["files"][modality]) for chunk in chunks]
-    tables = [pq.read_table(out_dir / chunk["files"]["meta"]) for chunk in chunks]
+    vectors = [np.load(out_dir / chunk["files"][modality]) for chunk in manifest["chunks"]]
     dim = manifest["settings"]["dim"]
     array = np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)
-    table = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
-    return array, table
+    return array, load_metadata(out_dir, manifest)
+
+
+def load_metadata(out_dir: str | Path, manifest: dict[str, Any] | None = None) -> pa.Table:
+    """The Parquet metadata of every row of a finished export (key, present_*, fields), in
+    row order (the order of every modality's embeddings).
+
+    Example:
+        >>> load_metadata("emb").column("key")[0].as_py()  # doctest: +SKIP
+        'test-000000'
+    """
+    out_dir = Path(out_dir)
+    chunks = (manifest or read_manifest(out_dir))["chunks"]
+    tables = [pq.read_table(out_dir / chunk["files"]["meta"]) for chunk in chunks]
+    return pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})

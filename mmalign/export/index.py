@@ -326,6 +326,25 @@ class EmbeddingIndex:
         return results
 
 
+def prefix_index(out_dir: str | Path, modality: str, dim: int) -> EmbeddingIndex:
+    """An exact (flat) index in memory over the first ``dim`` coordinates of one modality's
+    exported embeddings, renormalized: what :func:`build_index` with ``kind="flat"`` and
+    ``dim`` writes, without writing it (to serve a Matryoshka prefix of a full-width export).
+
+    Example:
+        >>> prefix_index("emb", "image", 16).info["dim"]  # doctest: +SKIP
+        16
+    """
+    vectors, table, keep = _indexed_vectors(Path(out_dir), modality, dim)
+    index = _faiss().IndexFlatIP(vectors.shape[1])
+    index.add(vectors)
+    rows, width = int(vectors.shape[0]), int(vectors.shape[1])
+    info = {"modality": modality, "kind": "flat", "rows": rows, "dim": width}
+    return EmbeddingIndex(
+        index=index, info=info | {"metric": "inner_product"}, table=table.filter(pa.array(keep))
+    )
+
+
 def indexed_modalities(out_dir: str | Path) -> list[str]:
     """Modalities with a built index in an export directory.
 

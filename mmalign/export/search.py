@@ -54,6 +54,56 @@ def recorded_model(index_dir: str | Path) -> str:
     return model
 
 
+def check_query(
+    model: AlignmentModel, queries: Mapping[str, Any], weights: Mapping[str, float] | None
+) -> dict[str, float]:
+    """The per-modality weights of a query this model can score (default 1 each), or a
+    :class:`QueryError`: no query, a modality the model lacks, weights for a Symile model or
+    for a modality that is not queried.
+
+    Example:
+        >>> check_query(model, {"text": "three"}, None)  # doctest: +SKIP
+        {'text': 1.0}
+    """
+    if not queries:
+        raise QueryError("a search needs at least one query modality")
+    unknown = sorted(set(queries) - set(model.modalities))
+    if unknown:
+        raise QueryError(
+            f"the model has no modality {', '.join(map(repr, unknown))}; "
+            f"modalities: {list(model.modalities)}"
+        )
+    weights = dict(weights or {})
+    if weights and model.objective.scores_jointly:
+        raise QueryError(
+            "query weights apply to pairwise models (clip, anchored, sigmoid); this model "
+            "scores the product of the query modalities (Symile), where a weight changes no rank"
+        )
+    extra = sorted(set(weights) - set(queries))
+    if extra:
+        raise QueryError(f"weights name {extra}, which are not query modalities {list(queries)}")
+    return {name: float(weights.get(name, 1.0)) for name in queries}
+
+
+def combine_query(
+    model: AlignmentModel, embeddings: Mapping[str, torch.Tensor], weights: Mapping[str, float]
+) -> torch.Tensor:
+    """The query vector of already encoded query embeddings (``[1, dim]`` or ``[dim]`` each,
+    one per modality): each scaled by its weight, then combined by the objective's own score
+    read off against the identity (see :func:`query_vector`).
+
+    Example:
+        >>> combine_query(model, {"text": text_row}, {"text": 1.0}).shape  # doctest: +SKIP
+        torch.Size([128])
+    """
+    scaled = {
+        name: vector.float().cpu().reshape(1, -1) * weights[name]
+        for name, vector in embeddings.items()
+    }
+    width = next(iter(scaled.values())).shape[1]
+    return model.objective.score(scaled, torch.eye(width))[0]
+
+
 def query_vector(
     model: AlignmentModel,
     queries: Mapping[str, Any],
@@ -73,30 +123,11 @@ def query_vector(
         >>> query_vector(model, {"text": "three", "audio": "tone5.wav"}).shape  # doctest: +SKIP
         torch.Size([128])
     """
-    if not queries:
-        raise QueryError("a search needs at least one query modality")
-    unknown = sorted(set(queries) - set(model.modalities))
-    if unknown:
-        raise QueryError(
-            f"the model has no modality {', '.join(map(repr, unknown))}; "
-            f"modalities: {list(model.modalities)}"
-        )
-    weights = dict(weights or {})
-    if weights and model.objective.scores_jointly:
-        raise QueryError(
-            "query weights apply to pairwise models (clip, anchored, sigmoid); this model "
-            "scores the product of the query modalities (Symile), where a weight changes no rank"
-        )
-    extra = sorted(set(weights) - set(queries))
-    if extra:
-        raise QueryError(f"weights name {extra}, which are not query modalities {list(queries)}")
+    checked = check_query(model, queries, weights)
     embeddings = {
-        name: model.encode(name, [raw], batch_size=1, dim=dim).float().cpu()
-        * weights.get(name, 1.0)
-        for name, raw in queries.items()
+        name: model.encode(name, [raw], batch_size=1, dim=dim) for name, raw in queries.items()
     }
-    width = next(iter(embeddings.values())).shape[1]
-    return model.objective.score(embeddings, torch.eye(width))[0]
+    return combine_query(model, embeddings, checked)
 
 
 def search(

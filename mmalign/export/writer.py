@@ -52,6 +52,7 @@ from mmalign.dist import barrier, join_launched_group, resolve_world
 from mmalign.embeddings import check_prefix, truncate
 from mmalign.eval.loading import EmbeddedBatch, EmbeddingStream, load_model, model_directory
 from mmalign.export.index import build_index, index_recipe
+from mmalign.export.items import MAX_ITEM_BYTES, keep_items
 from mmalign.files import LOCK_NAME, DirectoryLock, atomic_write, read_json, write_json
 
 if TYPE_CHECKING:
@@ -381,14 +382,19 @@ def run_export(
     *,
     index: str | None = None,
     index_options: Mapping[str, Any] | None = None,
+    items: Sequence[str] = (),
+    max_item_bytes: int = MAX_ITEM_BYTES,
     **export_options: Any,
 ) -> dict[str, Any]:
     """``mmalign export``: export (or resume), then optionally index every modality.
 
     ``modalities=None`` exports all of the model's; ``export_options`` are those of
     :func:`export_embeddings`, ``index_options`` those of
-    :func:`~mmalign.export.build_index`. Returns the manifest with ``"indexes"`` (the
-    ``.faiss`` paths) added. An unknown ``index`` kind is refused before exporting.
+    :func:`~mmalign.export.build_index`. ``items`` names modalities whose source files are
+    kept too (at most ``max_item_bytes`` each; :func:`~mmalign.export.items.keep_items`), so
+    that ``mmalign serve`` can show a result. Returns the manifest with ``"indexes"`` (the
+    ``.faiss`` paths) and ``"items"`` (counts per kept modality) added. An unknown ``index``
+    kind is refused before exporting.
 
     In a multi-process launch only rank 0 builds the indexes.
 
@@ -404,11 +410,14 @@ def run_export(
         modalities = load_model(model).modalities
     manifest = export_embeddings(model, shards, modalities, out_dir, **export_options)
     rank, _ = resolve_world(export_options.get("rank"), export_options.get("world_size"))
-    indexes = []
+    indexes, kept = [], {}
     finished = read_json(Path(out_dir) / MANIFEST)
-    if index is not None and rank == 0 and finished and finished["complete"]:
-        indexes = [
-            str(build_index(out_dir, modality, index, **(index_options or {})))
-            for modality in modalities
-        ]
-    return {**manifest, "indexes": indexes}
+    if rank == 0 and finished and finished["complete"]:
+        if index is not None:
+            indexes = [
+                str(build_index(out_dir, modality, index, **(index_options or {})))
+                for modality in modalities
+            ]
+        if items:
+            kept = keep_items(out_dir, model, items, max_item_bytes)
+    return {**manifest, "indexes": indexes, "items": kept}
