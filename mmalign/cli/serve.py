@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 
 from mmalign.cli.common import check_path, positive_int
@@ -82,5 +83,12 @@ def run(args: argparse.Namespace) -> int:
         f"mmalign serve: http://{shown}:{port}/ (indexes: {', '.join(catalog.exports)})", flush=True
     )
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    stopped_by: list[int] = []
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT, then raises the signal again for the
+    # handlers it found: these record it, so the command ends with status 0, not the signal.
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, lambda received, frame: stopped_by.append(received))
     server.run(sockets=[sock])
+    names = ", ".join(signal.Signals(number).name for number in stopped_by) or "shut down"
+    print(f"mmalign serve: stopped ({names})", flush=True)
     return 0

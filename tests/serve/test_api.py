@@ -21,12 +21,7 @@ from mmalign.cli.main import main
 from mmalign.demo.digits import dtmf_clip
 from mmalign.serve.app import create_app
 from mmalign.serve.catalog import load_catalog
-from tests.serve_support import ServedFixture, digit_png, make_served_export
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> ServedFixture:
-    return make_served_export(tmp_path_factory.mktemp("serve"))
+from tests.serve_support import ServedFixture, digit_png
 
 
 @pytest.fixture(scope="module")

@@ -16,15 +16,10 @@ from fastapi.testclient import TestClient
 
 from mmalign.serve.app import create_app
 from mmalign.serve.catalog import load_catalog
-from tests.serve_support import ServedFixture, make_served_export
+from tests.serve_support import ServedFixture
 
 TOKEN = "s3cret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> ServedFixture:
-    return make_served_export(tmp_path_factory.mktemp("serve_bad"))
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,8 @@ function fillTargets() {
   const info = served.indexes[$("index").value];
   $("target").replaceChildren();
   Object.keys(info.targets).forEach((t) => option($("target"), t));
+  const image = Object.keys(info.targets).find((t) => served.modalities[t] === "image");
+  if (image) $("target").value = image;  // the usual gallery; any other can be picked
   fillDims();
 }
 
@@ -69,7 +71,10 @@ function card(row) {
   head.querySelector(".rank").textContent = "#" + row.rank;
   head.querySelector(".score").textContent = row.score.toFixed(4);
   div.appendChild(head);
-  for (const [modality, url] of Object.entries(row.items || {})) {
+  const order = { image: 0, audio: 1, text: 2 };
+  const items = Object.entries(row.items || {}).sort(
+    ([a], [b]) => (order[served.modalities[a]] ?? 3) - (order[served.modalities[b]] ?? 3));
+  for (const [modality, url] of items) {
     const kind = served.modalities[modality];
     if (kind === "image") {
       const img = document.createElement("img");
