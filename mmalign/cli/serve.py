@@ -39,6 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-wait-ms", type=float, default=2.0, help="wait for more samples after the first"
     )
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        help="torch threads of a forward pass (default: torch's; 1 on a busy shared CPU)",
+    )
 
 
 def _listening_socket(host: str, port: int) -> socket.socket:
@@ -71,6 +76,10 @@ def run(args: argparse.Namespace) -> int:
         raise missing_extra("serve", "mmalign serve") from None
     for spec in args.exports:
         check_path(spec.partition("=")[2] or spec, "EXPORT", kind="directory")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     catalog = load_catalog(args.exports, args.model)
     token = args.token or os.environ.get(TOKEN_VARIABLE) or None
     app = create_app(
