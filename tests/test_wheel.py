@@ -92,6 +92,8 @@ def test_wheel_ships_the_demo_configs(installed: dict) -> None:
     names = zipfile.ZipFile(installed["wheel"]).namelist()
     configs = {"demo_digits.yaml", "demo_digits_sum_symile.yaml", "demo_digits_sum_clip.yaml"}
     assert {f"mmalign/demo/configs/{name}" for name in configs} <= set(names)
+    page = {"index.html", "page.js", "page.css"}  # the search page of mmalign serve
+    assert {f"mmalign/serve/static/{name}" for name in page} <= set(names)
     assert not [name for name in names if name.startswith(("tests/", "configs/", "data_prep/"))]
 
 
