@@ -1,6 +1,6 @@
 """Query values of a request to the raw samples a tower takes, within limits.
 
-An image or audio query arrives as base64 (in JSON) or as a file upload: its size is capped
+An image or audio query arrives as base64 in the JSON body: its size is capped
 (:data:`MAX_UPLOAD_BYTES`, before decoding) and it is decoded by the same code, with the same
 per-record header limits, as a training record (:func:`mmalign.data.decode.decode_value`
 with :data:`~mmalign.data.limits.DEFAULT_LIMITS`: sample rate, duration, decoded size).
@@ -62,9 +62,8 @@ def decode_base64(field: str, value: Any, max_bytes: int = MAX_UPLOAD_BYTES) -> 
 
 def decode_file(field: str, kind: str, data: bytes, limits: RecordLimits = DEFAULT_LIMITS) -> Any:
     """The decoded image (``PIL.Image``) or audio (``(waveform, rate)``) of a file's bytes,
-    under the per-record limits; else a :class:`RequestError` naming ``field``."""
-    if len(data) > MAX_UPLOAD_BYTES:
-        raise RequestError(field, f"the file is over {MAX_UPLOAD_BYTES:,} bytes", "", 413)
+    under the per-record limits (the size of the file itself is capped by
+    :func:`decode_base64`); else a :class:`RequestError` naming ``field``."""
     try:
         return decode_value(FILE_EXTENSIONS[kind], data, limits)
     except RecordError as error:
@@ -107,8 +106,6 @@ def raw_sample(kind: str, field: str, value: Any) -> Any:
         [1.0, 2.5]
     """
     if kind in FILE_EXTENSIONS:
-        if isinstance(value, bytes):
-            return decode_file(field, kind, value)
         return decode_file(field, kind, decode_base64(field, value))
     if kind == "text":
         return _text(field, value)
