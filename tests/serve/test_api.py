@@ -163,6 +163,12 @@ def test_knn_service_takes_clip_retrievals_client_bodies(
     found = client.post("/knn-service", json=by_vector).json()
     assert len(found) == 3 and found[0]["similarity"] >= found[1]["similarity"]
     assert client.get("/indices-list").json() == ["emb", "small"]
+    # a Matryoshka prefix: the index "small" holds the first 16 coordinates
+    expected = cli_rows(
+        served.export16, "--text", "the digit seven", "--target", "image", "--k", "5"
+    )
+    small = client.post("/knn-service", json={**body, "indice_name": "small"}).json()
+    assert_same_rows(small, expected, score="similarity")
 
 
 def test_filters_items_and_metrics(client: TestClient) -> None:
