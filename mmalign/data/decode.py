@@ -172,8 +172,29 @@ def _json(data: bytes, limits: RecordLimits) -> Any:
     return json.loads(data)
 
 
+LABELS = range(-(2**63), 2**63)
+"""The integers a label may be: what an int64 tensor or Parquet column holds."""
+
+
+def as_label(value: Any) -> int:
+    """``value`` as a class label; a ``ValueError`` unless it is an integer in :data:`LABELS`.
+
+    Example:
+        >>> as_label(" 7")
+        7
+        >>> as_label("99999999999999999999")
+        Traceback (most recent call last):
+        ...
+        ValueError: label 99999999999999999999 is outside the int64 range
+    """
+    label = int(value)
+    if label not in LABELS:
+        raise ValueError(f"label {label} is outside the int64 range")
+    return label
+
+
 def _label(data: bytes, limits: RecordLimits) -> int:
-    return int(data.decode("ascii"))
+    return as_label(data.decode("ascii"))
 
 
 _DECODERS: dict[str, tuple[str, Callable[[bytes, RecordLimits], Any]]] = {

@@ -14,6 +14,8 @@ Example:
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mmalign.data.shards import expand_shards, is_url
 from mmalign.errors import UserError
 from mmalign.files import read_json
 
@@ -76,3 +79,42 @@ def load_embeddings(out_dir: str | Path, modality: str) -> tuple[np.ndarray, pa.
     array = np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)
     table = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
     return array, table
+
+
+def shard_stamps(shards: str | Sequence[str]) -> dict[str, list[int]]:
+    """``{path: [size, mtime_ns]}`` of every local shard of ``shards`` (URLs are left out):
+    what an export records of its sources (``settings.source_shards``).
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     _ = (Path(tmp) / "a.tar").write_bytes(b"12")
+        ...     [stamp[0] for stamp in shard_stamps(f"{tmp}/a.tar").values()]
+        [2]
+    """
+    stamps = {}
+    for url in expand_shards(shards, "shards"):
+        if not is_url(url):
+            status = os.stat(url)
+            stamps[str(Path(url).resolve())] = [status.st_size, status.st_mtime_ns]
+    return stamps
+
+
+def check_sources(export_dir: str | Path, manifest: dict[str, Any]) -> None:
+    """Raise an :class:`ExportError` naming the first source shard of the export that is gone
+    or changed (size or modification time) since it was exported: its rows would no longer
+    match the records read from it. Exports written before shards were recorded pass."""
+    recorded = manifest["settings"].get("source_shards") or {}
+    for path, stamp in recorded.items():
+        try:
+            status = os.stat(path)
+            found = [status.st_size, status.st_mtime_ns]
+        except OSError:
+            found = None
+        if found != stamp:
+            what = "is gone" if found is None else "changed (size or modification time)"
+            raise ExportError(
+                f"the source shard {path} {what} since the export ({export_dir}/{MANIFEST}: "
+                "settings.source_shards); export the shards again (mmalign export), or restore "
+                "the shard"
+            )

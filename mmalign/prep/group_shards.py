@@ -21,7 +21,13 @@ import numpy as np
 
 from mmalign.errors import UserError
 from mmalign.extras import missing_extra
-from mmalign.prep.reshard import ExportRows, source_records, write_shards, write_summary
+from mmalign.prep.reshard import (
+    ExportRows,
+    check_maxcount,
+    source_records,
+    write_shards,
+    write_summary,
+)
 
 try:
     import faiss
@@ -75,6 +81,7 @@ def group_shards(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Write the neighbour-ordered shards and ``OUT/summary.json``; returns the summary."""
+    check_maxcount(maxcount)
     rows = ExportRows.load(export_dir, modality)
     present = np.flatnonzero(rows.present)
     order, assignment = cluster_order(rows.vectors[present], clusters, seed)

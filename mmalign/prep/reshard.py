@@ -24,10 +24,11 @@ import numpy as np
 import pyarrow as pa
 import webdataset as wds
 
-from mmalign.data.exports import ExportError, load_embeddings, read_manifest
+from mmalign.data.exports import ExportError, check_sources, load_embeddings, read_manifest
 from mmalign.data.records import log_skip, read_shards
 from mmalign.data.shards import expand_shards
 from mmalign.data.views import group_id
+from mmalign.errors import UserError
 
 
 @dataclass
@@ -68,8 +69,11 @@ class ExportRows:
 
 def source_records(export_dir: str | Path, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
     """The raw records (payload bytes by extension) of ``keys`` from the export's source
-    shards; an unreadable record is logged and left out."""
-    shards = read_manifest(export_dir)["settings"]["shards"]
+    shards; an unreadable record is logged and left out. A source shard changed since the
+    export, or an exported key no longer in the shards, is an :class:`ExportError`."""
+    manifest = read_manifest(export_dir)
+    check_sources(export_dir, manifest)
+    shards = manifest["settings"]["shards"]
     wanted = set(keys)
     records = {}
     for raw in read_shards({"url": url} for url in expand_shards(shards, "settings.shards")):
@@ -78,7 +82,27 @@ def source_records(export_dir: str | Path, keys: Sequence[str]) -> dict[str, dic
             log_skip(raw["__url__"], key, *raw["__error__"])
         elif key in wanted:
             records[key] = {name: value for name, value in raw.items() if name != "__url__"}
+    missing = [key for key in keys if key not in records]
+    if missing:
+        raise ExportError(
+            f"{len(missing)} of the {len(keys)} exported records (first: {missing[0]!r}) are "
+            f"no longer in the source shards of {export_dir} (settings.shards); the shards "
+            "changed since the export: export them again (mmalign export)"
+        )
     return records
+
+
+def record_extensions(export_dir: str | Path, modality: str) -> str:
+    """The record extension(s) ``modality`` was read from in the export (``"jpg;png"``)."""
+    settings = read_manifest(export_dir)["settings"]
+    recorded = settings.get("extensions") or settings.get("fields") or {}
+    if modality not in recorded:
+        raise ExportError(
+            f"{export_dir} does not record the file extension of {modality!r} (an export made "
+            "before extensions were recorded, without --field); export again, or with "
+            f"--field {modality}=EXT"
+        )
+    return str(recorded[modality])
 
 
 def find_payload(record: dict[str, Any], extensions: str) -> tuple[str, bytes] | None:
@@ -90,10 +114,19 @@ def find_payload(record: dict[str, Any], extensions: str) -> tuple[str, bytes] |
     return None
 
 
+def check_maxcount(maxcount: int) -> None:
+    """Refuse a shard size below one record (``--maxcount``) before any work is done."""
+    if maxcount < 1:
+        raise UserError(
+            f"records per shard must be >= 1 (--maxcount), got {maxcount}; pass a positive count"
+        )
+
+
 def write_shards(
     records: Iterable[dict[str, Any]], out: str | Path, name: str, maxcount: int = 10000
 ) -> list[str]:
     """Write ``records`` in the given order to ``out/NAME-000000.tar`` ...; returns the names."""
+    check_maxcount(maxcount)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(f"{name}-*.tar"):
