@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -77,8 +78,33 @@ def load_embeddings(out_dir: str | Path, modality: str) -> tuple[np.ndarray, pa.
     tables = [pq.read_table(out_dir / chunk["files"]["meta"]) for chunk in chunks]
     dim = manifest["settings"]["dim"]
     array = np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)
-    table = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
-    return array, table
+    return array, _concatenate(tables)
+
+
+def _concatenate(tables: list[pa.Table]) -> pa.Table:
+    """The chunks' metadata as one table; a column whose chunks Arrow cannot merge (a chunk
+    stored its values as JSON text, another as numbers or structs) is JSON text throughout."""
+    if not tables:
+        return pa.table({})
+    try:
+        return pa.concat_tables(tables, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        pass
+    types: dict[str, set[pa.DataType]] = {}
+    for table in tables:
+        for field in table.schema:
+            types.setdefault(field.name, set()).add(field.type)
+    mixed = [name for name, found in types.items() if len(found) > 1]
+
+    def as_text(table: pa.Table) -> pa.Table:
+        for name in mixed:
+            if name in table.column_names and table.schema.field(name).type != pa.string():
+                values = [json.dumps(value) for value in table.column(name).to_pylist()]
+                position = table.column_names.index(name)
+                table = table.set_column(position, name, pa.array(values, pa.string()))
+        return table
+
+    return pa.concat_tables([as_text(t) for t in tables], promote_options="permissive")
 
 
 def shard_stamps(shards: str | Sequence[str]) -> dict[str, list[int]]:
