@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -86,6 +87,11 @@ def query_vector(
         raise QueryError(
             "query weights apply to pairwise models (clip, anchored, sigmoid); this model "
             "scores the product of the query modalities (Symile), where a weight changes no rank"
+        )
+    bad = {name: value for name, value in weights.items() if not math.isfinite(value)}
+    if bad:
+        raise QueryError(
+            f"query weights must be finite numbers, got {bad} (--weights); pass e.g. text=0.5"
         )
     extra = sorted(set(weights) - set(queries))
     if extra:

@@ -58,7 +58,7 @@ from mmalign.eval.loading import (
     model_directory,
     resolve_fields,
 )
-from mmalign.export.index import build_index, index_recipe
+from mmalign.export.index import build_index, check_index_options, index_recipe
 from mmalign.files import LOCK_NAME, DirectoryLock, atomic_write, read_json, write_json
 
 if TYPE_CHECKING:
@@ -415,6 +415,7 @@ def run_export(
     """
     if index not in (None, "auto"):
         index_recipe(index)
+    check_index_options(index_options or {})  # before the export, not after it
     model = model if isinstance(model, torch.nn.Module) else str(model_directory(model))
     if modalities is None:
         modalities = load_model(model).modalities

@@ -43,7 +43,8 @@ def test_export_counts_a_huge_label_and_keeps_huge_json_as_text(
     assert sorted(table.column("cls").to_pylist()) == sorted(i % 3 for i in range(24) if i != 5)
     cells = table.column("json").to_pylist()
     assert json.loads(cells[7]) == {"id": HUGE}  # row 8 (row 5 is gone): a string cell
-    assert pq.read_schema(out / manifest["chunks"][0]["files"]["meta"]).field("json").type == "string"
+    schema = pq.read_schema(out / manifest["chunks"][0]["files"]["meta"])
+    assert schema.field("json").type == "string"
 
 
 def test_eval_linear_probe_skips_a_huge_label(
@@ -51,7 +52,8 @@ def test_eval_linear_probe_skips_a_huge_label(
 ) -> None:
     run, shard = setup
     arguments = ["eval", str(run), "--data", shard, "--out", str(tmp_path / "eval")]
-    arguments += ["--linear-probe", "--probe-train", shard, "--probe-modality", "labs", "--no-plots"]
+    arguments += ["--linear-probe", "--probe-train", shard, "--probe-modality", "labs"]
+    arguments += ["--no-plots"]
     assert main(arguments) == 0, capsys.readouterr().err
     probe = json.loads((tmp_path / "eval" / "probe.json").read_text())["linear"]
     assert probe["fit_samples"] == probe["test_samples"] == 23  # 24 records, one skipped
