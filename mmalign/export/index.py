@@ -29,7 +29,7 @@ from mmalign.data.exports import load_embeddings, read_manifest
 from mmalign.embeddings import check_prefix, truncate
 from mmalign.errors import ConfigError
 from mmalign.extras import missing_extra
-from mmalign.files import atomic_write, read_json, write_json
+from mmalign.files import atomic_write, read_json, refuse_links, write_json
 
 
 def _faiss() -> Any:
@@ -288,6 +288,7 @@ def build_index(
     parameters = {"nlist": nlist, "nprobe": nprobe, "m": m, "ef_search": ef_search}
     parameters |= {"ef_construction": ef_construction, "pq_m": pq_m, "pq_bits": pq_bits}
     check_index_options(parameters)
+    refuse_links(out_dir, "export directory", "--out")
     vectors, table, keep = _indexed_vectors(out_dir, modality, dim)
     kind = default_kind(vectors.shape[0]) if kind in (None, "auto") else kind
     recipe = index_recipe(kind)

@@ -59,7 +59,14 @@ from mmalign.eval.loading import (
     resolve_fields,
 )
 from mmalign.export.index import build_index, check_index_options, index_recipe
-from mmalign.files import LOCK_NAME, DirectoryLock, atomic_write, read_json, write_json
+from mmalign.files import (
+    LOCK_NAME,
+    DirectoryLock,
+    atomic_write,
+    read_json,
+    refuse_links,
+    write_json,
+)
 
 if TYPE_CHECKING:
     from mmalign.model import AlignmentModel
@@ -298,6 +305,7 @@ def export_embeddings(
     }
     settings = _settings(model, model_path, shards, modalities, options, dim)
     with share.lock():
+        refuse_links(share.out_dir, "export directory", "--out")
         fresh: dict[str, Any] = {
             "settings": settings,
             "complete": False,

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from mmalign.errors import UserError
-from mmalign.files import atomic_write
+from mmalign.files import atomic_write, open_append
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -127,8 +127,8 @@ class RunLogger:
         self.log_every = log_every
         directory.mkdir(parents=True, exist_ok=True)
         self.metrics_path = directory / METRICS_FILE
-        self._metrics = self.metrics_path.open("a")
-        self._messages = (directory / LOG_FILE).open("a")
+        self._metrics = open_append(self.metrics_path)
+        self._messages = open_append(directory / LOG_FILE)
         self._data_log = _ToRunLog(self)
         logging.getLogger("mmalign.data").addHandler(self._data_log)
         self._trackers = trackers
