@@ -85,7 +85,7 @@ def test_files_are_never_opened_through_a_link(tmp_path: Path) -> None:
     target = tmp_path / "target"
     target.write_text("untouched")
     (tmp_path / "train.log").symlink_to(target)
-    with pytest.raises(LinkError, match="train.log is a symbolic link"):
+    with pytest.raises(LinkError, match=r"train\.log is a symbolic link"):
         open_append(tmp_path / "train.log")
     (tmp_path / ".model.json.tmp").symlink_to(target)  # a link under a temporary name
     atomic_write(tmp_path / "model.json", lambda handle: handle.write(b"{}"))
