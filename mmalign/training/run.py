@@ -252,10 +252,12 @@ def _train(
         with host_memory(config.train.host_memory, config.train.gradient_checkpointing):
             trainer.run()
         state = trainer.strategy.full_state_dict(trainer.model)  # collective under fsdp
-        if accelerator.is_main_process:
+        if accelerator.is_main_process:  # saved before the last validation, which may fail
             model_dir = _save_model(trainer.final_model, trainer.output / MODEL_DIR, state)
-            trainer.message(f"done: {trainer.step} steps; final model in {model_dir}")
         accelerator.wait_for_everyone()
+        trainer.validate_last()
+        if accelerator.is_main_process:
+            trainer.message(f"done: {trainer.step} steps; final model in {model_dir}")
     return _result(
         trainer.output,
         trainer.state(),

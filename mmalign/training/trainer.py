@@ -198,17 +198,21 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> None:
-        """Train to the last step, then validate (with ``data.val``) and save the last
-        checkpoint; a collective call."""
+        """Train to the last step and save its checkpoint (before the last validation, so a
+        failure there never loses the trained weights); a collective call."""
         self.message(self._start_message())
         while self.step < self.total:
             self._stop_if_signalled()
             if self._train_step():
                 self._after_step()
         self._stop_if_signalled()
+        self._save()
+
+    def validate_last(self) -> None:
+        """Validate the trained model (with ``data.val``; a new best marks the last
+        checkpoint ``best/``); a collective call, after the model is saved."""
         if self.validator is not None:
             self._validate(self.validator)
-        self._save()
 
     def _stop_if_signalled(self) -> None:
         """After SIGTERM/SIGINT (on any process): save this step's checkpoint and raise
