@@ -7,9 +7,9 @@ floats (BatchNorm running statistics, fitted normalization) are averaged the sam
 others are constants the towers derive when built (open_clip's causal attention mask of
 ``-inf``, mel filterbanks) or counters, and are copied: averaging a ``-inf`` mask gives NaN.
 It is updated after every optimizer step that happened (a step skipped as non-finite, or by
-the fp16 gradient scaler, does not count), by a post-step hook of the optimizer. The trainer validates the average, saves it in every
-checkpoint (``ema.safetensors``, so a resumed run continues it exactly) and writes it as the
-final model.
+the fp16 gradient scaler, does not count), by a post-step hook of the optimizer. The trainer
+validates the average, saves it in every checkpoint (``ema.safetensors``, so a resumed run
+continues it exactly) and writes it as the final model.
 
 Example:
     >>> import torch
