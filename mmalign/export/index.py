@@ -30,6 +30,7 @@ from mmalign.embeddings import check_prefix, truncate
 from mmalign.errors import ConfigError
 from mmalign.extras import missing_extra
 from mmalign.files import atomic_write, read_json, refuse_links, write_json
+from mmalign.progress import progress_bar
 
 
 def _faiss() -> Any:
@@ -198,6 +199,19 @@ def index_recipe(kind: str) -> IndexRecipe:
     return INDEX_KINDS[kind]
 
 
+ADD_BATCH = 65_536
+"""Vectors added to an index per call (one progress-bar update)."""
+
+
+def _add(index: Any, vectors: np.ndarray, desc: str) -> None:
+    """Add ``vectors`` in batches of :data:`ADD_BATCH`, with a progress bar (rate, ETA)."""
+    with progress_bar(total=len(vectors), desc=desc, unit="vector") as bar:
+        for start in range(0, len(vectors), ADD_BATCH):
+            batch = vectors[start : start + ADD_BATCH]
+            index.add(batch)
+            bar.update(len(batch))
+
+
 LOWEST = {"nlist": 1, "nprobe": 1, "m": 2, "ef_search": 1, "ef_construction": 1, "pq_m": 1}
 """The smallest value of each index parameter (``None`` means the default where allowed);
 ``pq_bits`` is 1 to 16. FAISS aborts the process on some values below these (``m`` 0)."""
@@ -294,7 +308,7 @@ def build_index(
     recipe = index_recipe(kind)
     options = {"nlist": nlist, "m": m, "ef_construction": ef_construction}
     index = recipe.build(vectors, options | {"pq_m": pq_m, "pq_bits": pq_bits})
-    index.add(vectors)
+    _add(index, vectors, f"index {modality} ({kind})")
     serialized = _faiss().serialize_index(index)
     rows = int(vectors.shape[0])
     info = {

@@ -44,7 +44,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from tqdm.auto import tqdm
 
 from mmalign.data.exports import MANIFEST, META_DIR, ExportError, shard_stamps
 from mmalign.data.shards import normalize_shards
@@ -67,6 +66,7 @@ from mmalign.files import (
     refuse_links,
     write_json,
 )
+from mmalign.progress import progress_bar
 
 if TYPE_CHECKING:
     from mmalign.model import AlignmentModel
@@ -361,11 +361,11 @@ def _run_export(
     )
     pending: list[EmbeddedBatch] = []
     pending_rows = 0
-    bar = tqdm(
+    bar = progress_bar(
         desc="export" if world_size == 1 else f"export r{rank}",
         unit="sample",
         initial=done_rows,
-        disable=not progress,
+        show=progress,
         position=rank,
     )
 

@@ -88,7 +88,8 @@ def group_shards(
     ordered = [rows.keys[i] for i in present[order]]
     ordered += [key for key, has in zip(rows.keys, rows.present) if not has]
     records = source_records(export_dir, ordered)
-    shards = write_shards((records[key] for key in ordered if key in records), out, name, maxcount)
+    kept = [key for key in ordered if key in records]
+    shards = write_shards((records[key] for key in kept), out, name, maxcount, len(kept))
     sizes = np.bincount(assignment, minlength=clusters)
     summary = {
         "export": str(export_dir),

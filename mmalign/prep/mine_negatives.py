@@ -137,7 +137,7 @@ def mine_negatives(
         return record
 
     order = [row for row, key in enumerate(keys) if key in records]
-    shards = write_shards((with_negatives(row) for row in order), out, name, maxcount)
+    shards = write_shards((with_negatives(row) for row in order), out, name, maxcount, len(order))
     counts = [len(mined[row]) for row in order if both[row]]
     summary = {
         "export": str(export_dir),

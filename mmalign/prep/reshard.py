@@ -29,6 +29,7 @@ from mmalign.data.records import log_skip, read_shards
 from mmalign.data.shards import expand_shards
 from mmalign.data.views import group_id
 from mmalign.errors import UserError
+from mmalign.progress import progress_bar
 
 
 @dataclass
@@ -76,7 +77,9 @@ def source_records(export_dir: str | Path, keys: Sequence[str]) -> dict[str, dic
     shards = manifest["settings"]["shards"]
     wanted = set(keys)
     records = {}
-    for raw in read_shards({"url": url} for url in expand_shards(shards, "settings.shards")):
+    urls = expand_shards(shards, "settings.shards")
+    raws = read_shards({"url": url} for url in urls)
+    for raw in progress_bar(raws, desc=f"read {len(urls)} source shards", unit="record"):
         key = raw["__key__"]
         if "__error__" in raw:
             log_skip(raw["__url__"], key, *raw["__error__"])
@@ -123,16 +126,21 @@ def check_maxcount(maxcount: int) -> None:
 
 
 def write_shards(
-    records: Iterable[dict[str, Any]], out: str | Path, name: str, maxcount: int = 10000
+    records: Iterable[dict[str, Any]],
+    out: str | Path,
+    name: str,
+    maxcount: int = 10000,
+    total: int | None = None,
 ) -> list[str]:
-    """Write ``records`` in the given order to ``out/NAME-000000.tar`` ...; returns the names."""
+    """Write ``records`` (``total`` of them, for the progress bar's ETA) in the given order
+    to ``out/NAME-000000.tar`` ...; returns the names."""
     check_maxcount(maxcount)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(f"{name}-*.tar"):
         stale.unlink()
     with wds.ShardWriter(str(out / f"{name}-%06d.tar"), maxcount=maxcount, verbose=0) as writer:
-        for record in records:
+        for record in progress_bar(records, total=total, desc=f"write {out}", unit="record"):
             writer.write(record)
     return sorted(path.name for path in out.glob(f"{name}-*.tar"))
 

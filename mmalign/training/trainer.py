@@ -419,7 +419,7 @@ class Trainer:
         better = previous is None or (value < previous if mode == "min" else value > previous)
         if math.isfinite(value) and better:
             self.best = {"metric": name, "value": value, "step": self.step}
-            saved = self._save()
+            saved = self._save(again=True)
             if self.accelerator.is_main_process:
                 checkpoint.mark_best(saved)
             self.accelerator.wait_for_everyone()
@@ -439,9 +439,11 @@ class Trainer:
             "world_size": self.accelerator.num_processes,
         }
 
-    def _save(self) -> Path:
+    def _save(self, again: bool = False) -> Path:
+        """The checkpoint of this step, written unless it was already (or ``again``: its
+        ``trainer.json`` must hold a new best metric)."""
         path = self.checkpoints / checkpoint.checkpoint_name(self.step)
-        if self.last_saved == self.step and path.exists():
+        if self.last_saved == self.step and path.exists() and not again:
             return path
         saved = self.strategy.save_checkpoint(
             self.checkpoints, self.step, self.model, self.optimizer, self.state(), self.ema
