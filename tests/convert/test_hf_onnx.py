@@ -55,7 +55,12 @@ def test_hf_folders_load_with_automodel_and_the_projection_gives_the_embedding(
 ) -> None:
     out = tmp_path / "hf"
     assert main(["convert", str(hf_model), "--to", "hf", "--out", str(out)]) == 0
-    assert sorted(path.name for path in out.iterdir()) == [".mmalign-convert.json", "README.md", "audio", "text"]
+    assert sorted(path.name for path in out.iterdir()) == [
+        ".mmalign-convert.json",
+        "README.md",
+        "audio",
+        "text",
+    ]
     model = AlignmentModel.from_pretrained(hf_model)
 
     bert = transformers.AutoModel.from_pretrained(out / "text").eval()
