@@ -75,3 +75,16 @@ def test_build_on_a_class_or_constant_is_refused(
     finally:
         if PLANTED in getattr(owner, "__dict__", {}):
             delattr(owner, PLANTED)
+
+
+def test_metadata_written_by_dcp_loads(tmp_path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    state = {"model/w": torch.arange(6.0).reshape(2, 3), "optimizer/w/step": torch.tensor(3)}
+    with pytest.warns(UserWarning):  # torch: no process group, saved as one process
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp_path)))
+    loaded = {name: torch.zeros_like(value) for name, value in state.items()}
+    with pytest.warns(UserWarning):
+        dcp.load(loaded, storage_reader=SafeReader(str(tmp_path)))
+    for name, value in state.items():
+        assert torch.equal(loaded[name], value), name
