@@ -6,6 +6,11 @@
 - :class:`DirectoryLock`: an exclusive lock file holding the PID and host of the job that
   uses a directory (a training run, an export); a lock left by a dead process on the same
   host is taken over.
+- :func:`refuse_links` / :func:`open_append`: no file of a run or export directory is written
+  through a symbolic link. A link inside one is refused with a :class:`LinkError` naming it
+  when the job takes the directory; appended files are opened with ``O_NOFOLLOW`` and
+  temporary files are created afresh (``O_EXCL``), so a link planted later is not followed
+  either.
 
 Example:
     >>> import tempfile
@@ -18,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -56,7 +62,9 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], object], tag: str = ""
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp{tag}")
-    with open(temporary, "wb") as handle:
+    temporary.unlink(missing_ok=True)  # a leftover, or a link planted under its name
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    with os.fdopen(descriptor, "wb") as handle:
         write(handle)
         handle.flush()
         os.fsync(handle.fileno())
@@ -91,6 +99,50 @@ def replace_directory(temporary: Path, final: Path) -> Path:
     shutil.rmtree(previous, ignore_errors=True)
     fsync_path(final.parent)
     return final
+
+
+class LinkError(UserError, OSError):
+    """A run or export directory holds a symbolic link where mmalign writes."""
+
+
+def refuse_links(directory: Path, what: str, flag: str) -> None:
+    """Raise :class:`LinkError` naming the first symbolic link inside ``directory`` (files and
+    folders, at any depth, no link followed); ``what`` and ``flag`` name the directory in the
+    message (``"run directory"``, ``"train.output"``). ``directory`` itself may be a link.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     (Path(tmp) / "train.log").symlink_to("/etc/hostname")
+        ...     refuse_links(Path(tmp), "run directory", "train.output")
+        Traceback (most recent call last):
+        ...
+        mmalign.files.LinkError: ... is a symbolic link (to /etc/hostname) inside the run ...
+    """
+    for root, folders, files in os.walk(directory):  # never descends into linked folders
+        for name in sorted(folders + files):
+            path = Path(root) / name
+            if path.is_symlink():
+                raise LinkError(
+                    f"{path} is a symbolic link (to {os.readlink(path)}) inside the {what} "
+                    f"({flag}); mmalign writes no file through a link there: replace it with "
+                    "a regular file or folder, or remove it"
+                )
+
+
+def open_append(path: Path) -> IO[str]:
+    """``path`` opened for appending text without following a symbolic link (a link there is
+    a :class:`LinkError`)."""
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as error:
+        if error.errno != errno.ELOOP:
+            raise
+        raise LinkError(
+            f"{path} is a symbolic link; mmalign appends to no file through a link: replace "
+            "it with a regular file, or remove it"
+        ) from None
+    return os.fdopen(descriptor, "a")
 
 
 class LockError(UserError, RuntimeError):

@@ -128,7 +128,9 @@ def add_reshard_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--embeddings", required=True, help="a finished export directory")
     parser.add_argument("--out", required=True, help="output directory for the shards")
     parser.add_argument("--name", default="data", help="shard names: NAME-000000.tar, ...")
-    parser.add_argument("--maxcount", type=int, default=10000, help="records per shard at most")
+    parser.add_argument(
+        "--maxcount", type=positive_int, default=10000, help="records per shard at most"
+    )
 
 
 def add_subcommands(

@@ -38,7 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The model, the target and the output folder, then the target's own options."""
     parser.add_argument("model", help="a run directory (with model/) or a model directory")
     parser.add_argument("--to", required=True, choices=list(CONVERTERS), help="the target format")
-    parser.add_argument("--out", required=True, help="output folder (replaced when it exists)")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="a new or empty output folder (a previous output of the same --to is replaced)",
+    )
     parser.add_argument("--image", help="open_clip: the image modality (default: the only one)")
     parser.add_argument("--text", help="open_clip: the text modality (default: the only one)")
     parser.add_argument(
@@ -50,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
     """Convert and print the output folder and the files written."""
     from pathlib import Path
 
+    from mmalign.convert.common import check_output
     from mmalign.eval.loading import load_model
 
     function, options = CONVERTERS[args.to]
@@ -61,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
                     f"--{option} applies to --to {target} only (--{option}); "
                     f"drop it for --to {args.to}"
                 )
+    check_output(args.out, args.to)  # before the model loads: refuse foreign folders at once
     module, name = function.split(":")
     convert = getattr(importlib.import_module(module), name)
     model = load_model(args.model)

@@ -45,11 +45,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also build an index: auto (flat below 20k vectors, hnsw below 1M, else ivfpq) "
         "or a kind of mmalign.export.index.INDEX_KINDS (flat, ivf, hnsw, ivfpq, sq8, ...)",
     )
-    parser.add_argument("--nlist", type=int, help="IVF lists (default about 4 sqrt(N))")
-    parser.add_argument("--nprobe", type=int, default=16, help="IVF lists searched")
+    parser.add_argument("--nlist", type=positive_int, help="IVF lists (default about 4 sqrt(N))")
+    parser.add_argument("--nprobe", type=positive_int, default=16, help="IVF lists searched")
     parser.add_argument("--m", type=int, default=32, help="HNSW links per node")
-    parser.add_argument("--ef-search", type=int, default=64, help="HNSW search beam")
-    parser.add_argument("--pq-m", type=int, help="IVFPQ bytes per vector (default about dim/4)")
+    parser.add_argument("--ef-search", type=positive_int, default=64, help="HNSW search beam")
+    parser.add_argument(
+        "--pq-m", type=positive_int, help="IVFPQ bytes per vector (default about dim/4)"
+    )
     parser.add_argument(
         "--keep-items",
         type=csv_list,

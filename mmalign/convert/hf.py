@@ -60,7 +60,7 @@ def to_hf(model: AlignmentModel, directory: str | Path) -> Path:
             "(model.towers.<modality>.backend / encoder: hf); use --to open_clip or --to onnx"
         )
     rows = []
-    with output_directory(directory) as staging:
+    with output_directory(directory, "hf") as staging:
         for name, part in towers.items():
             module, processor, pooling = part.model, part.processor, part.pooling
             folder = staging / name

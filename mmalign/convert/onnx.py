@@ -79,7 +79,7 @@ def to_onnx(
     model.eval()
     manifest = {}
     try:
-        with output_directory(directory) as staging:
+        with output_directory(directory, "onnx") as staging:
             for name in names:
                 manifest[name] = _export(model, name, raws[name], staging / f"{name}.onnx")
                 onnx.checker.check_model(str(staging / f"{name}.onnx"))

@@ -95,7 +95,7 @@ def to_open_clip(
         "model_cfg": model_cfg,
         "preprocess_cfg": dataclasses.asdict(image_tower.preprocess_cfg),
     }
-    with output_directory(directory) as staging:
+    with output_directory(directory, "open_clip") as staging:
         write_json(staging / OPEN_CLIP_CONFIG, config)
         save_file(state, str(staging / WEIGHTS))
     return Path(directory)

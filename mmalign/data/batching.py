@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from mmalign.batch import Batch
-from mmalign.data.decode import RecordError, decode_fields, decode_value, find_file
+from mmalign.data.decode import RecordError, as_label, decode_fields, decode_value, find_file
 from mmalign.data.negatives import negative_items
 from mmalign.data.samples import RecordSpec, Rejected, Sample
 from mmalign.data.views import Views, collate_expanded, decode_views, sample_group
@@ -55,9 +55,11 @@ def _label(raw: Mapping[str, Any], spec: RecordSpec) -> int:
         return -1
     value = decode_value(extension, raw[extension], spec.limits)
     try:
-        return int(value)
+        return as_label(value)
     except (TypeError, ValueError):
-        raise RecordError("bad_label", f".{extension} holds {value!r}, not an integer") from None
+        raise RecordError(
+            "bad_label", f".{extension} holds {value!r}, not an int64 integer"
+        ) from None
 
 
 def to_sample(raw: Mapping[str, Any], spec: RecordSpec) -> Sample | Rejected:

@@ -35,8 +35,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import warnings
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -172,8 +174,29 @@ def _json(data: bytes, limits: RecordLimits) -> Any:
     return json.loads(data)
 
 
+LABELS = range(-(2**63), 2**63)
+"""The integers a label may be: what an int64 tensor or Parquet column holds."""
+
+
+def as_label(value: Any) -> int:
+    """``value`` as a class label; a ``ValueError`` unless it is an integer in :data:`LABELS`.
+
+    Example:
+        >>> as_label(" 7")
+        7
+        >>> as_label("99999999999999999999")
+        Traceback (most recent call last):
+        ...
+        ValueError: label 99999999999999999999 is outside the int64 range
+    """
+    label = int(value)
+    if label not in LABELS:
+        raise ValueError(f"label {label} is outside the int64 range")
+    return label
+
+
 def _label(data: bytes, limits: RecordLimits) -> int:
-    return int(data.decode("ascii"))
+    return as_label(data.decode("ascii"))
 
 
 _DECODERS: dict[str, tuple[str, Callable[[bytes, RecordLimits], Any]]] = {
@@ -209,6 +232,32 @@ def decode_value(extension: str, data: bytes, limits: RecordLimits = DEFAULT_LIM
         raise
     except Exception as error:  # every library raises its own error type for bad bytes
         raise RecordError(reason, f".{extension}: {type(error).__name__}: {error}") from None
+
+
+FILE_KINDS = {"image": "png", "audio": "wav"}
+"""Tower types whose samples can be files, and an extension that picks their decoder
+(Pillow and soundfile read the real format from the content)."""
+
+
+def decode_file(path: str | Path, kind: str, limits: RecordLimits = DEFAULT_LIMITS) -> Any:
+    """A file given as one sample of an ``image`` or ``audio`` tower (a search query),
+    decoded exactly as a record's file is: its size against ``max_member_bytes``, then its
+    header against the other limits, before decoding; a :class:`RecordError` otherwise.
+
+    Example:
+        >>> decode_file("huge.png", "image")  # doctest: +SKIP
+        Traceback (most recent call last):
+        ...
+        mmalign.data.decode.RecordError: too_large: the image would decode to 412.0 MiB, ...
+    """
+    size = os.stat(path).st_size
+    if size > limits.max_member_bytes:
+        raise RecordError(
+            "member_too_large",
+            f"{path} is {size / 2**20:.1f} MiB, over data.max_member_bytes "
+            f"({limits.max_member_bytes / 2**20:.1f} MiB)",
+        )
+    return decode_value(FILE_KINDS[kind], Path(path).read_bytes(), limits)
 
 
 def parse_alternatives(spec: str) -> tuple[str, ...]:

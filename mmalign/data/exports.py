@@ -14,6 +14,9 @@ Example:
 
 from __future__ import annotations
 
+import json
+import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mmalign.data.shards import expand_shards, is_url
 from mmalign.errors import UserError
 from mmalign.files import read_json
 
@@ -86,4 +90,69 @@ def load_metadata(out_dir: str | Path, manifest: dict[str, Any] | None = None) -
     out_dir = Path(out_dir)
     chunks = (manifest or read_manifest(out_dir))["chunks"]
     tables = [pq.read_table(out_dir / chunk["files"]["meta"]) for chunk in chunks]
-    return pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
+    return _concatenate(tables)
+
+
+def _concatenate(tables: list[pa.Table]) -> pa.Table:
+    """The chunks' metadata as one table; a column whose chunks Arrow cannot merge (a chunk
+    stored its values as JSON text, another as numbers or structs) is JSON text throughout."""
+    if not tables:
+        return pa.table({})
+    try:
+        return pa.concat_tables(tables, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        pass
+    types: dict[str, set[pa.DataType]] = {}
+    for table in tables:
+        for field in table.schema:
+            types.setdefault(field.name, set()).add(field.type)
+    mixed = [name for name, found in types.items() if len(found) > 1]
+
+    def as_text(table: pa.Table) -> pa.Table:
+        for name in mixed:
+            if name in table.column_names and table.schema.field(name).type != pa.string():
+                values = [json.dumps(value) for value in table.column(name).to_pylist()]
+                position = table.column_names.index(name)
+                table = table.set_column(position, name, pa.array(values, pa.string()))
+        return table
+
+    return pa.concat_tables([as_text(t) for t in tables], promote_options="permissive")
+
+
+def shard_stamps(shards: str | Sequence[str]) -> dict[str, list[int]]:
+    """``{path: [size, mtime_ns]}`` of every local shard of ``shards`` (URLs are left out):
+    what an export records of its sources (``settings.source_shards``).
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     _ = (Path(tmp) / "a.tar").write_bytes(b"12")
+        ...     [stamp[0] for stamp in shard_stamps(f"{tmp}/a.tar").values()]
+        [2]
+    """
+    stamps = {}
+    for url in expand_shards(shards, "shards"):
+        if not is_url(url):
+            status = os.stat(url)
+            stamps[str(Path(url).resolve())] = [status.st_size, status.st_mtime_ns]
+    return stamps
+
+
+def check_sources(export_dir: str | Path, manifest: dict[str, Any]) -> None:
+    """Raise an :class:`ExportError` naming the first source shard of the export that is gone
+    or changed (size or modification time) since it was exported: its rows would no longer
+    match the records read from it. Exports written before shards were recorded pass."""
+    recorded = manifest["settings"].get("source_shards") or {}
+    for path, stamp in recorded.items():
+        try:
+            status = os.stat(path)
+            found = [status.st_size, status.st_mtime_ns]
+        except OSError:
+            found = None
+        if found != stamp:
+            what = "is gone" if found is None else "changed (size or modification time)"
+            raise ExportError(
+                f"the source shard {path} {what} since the export ({export_dir}/{MANIFEST}: "
+                "settings.source_shards); export the shards again (mmalign export), or restore "
+                "the shard"
+            )

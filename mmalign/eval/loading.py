@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from mmalign.batch import Batch
 from mmalign.errors import ConfigError
+from mmalign.progress import progress_bar
 
 if TYPE_CHECKING:
     from mmalign.model import AlignmentModel
@@ -272,8 +273,10 @@ def collect_embeddings(
     parts: dict[str, list[Tensor]] = {name: [] for name in modalities}
     masks: dict[str, list[Tensor]] = {name: [] for name in modalities}
     labels: list[Tensor] = []
+    bar = progress_bar(desc=f"embed {', '.join(modalities)}", unit="sample", total=max_samples)
     for batch in EmbeddingStream(model, shards, modalities, **loader_options):
         take = len(batch) if max_samples is None else min(len(batch), max_samples - len(keys))
+        bar.update(take)
         keys.extend(batch.keys[:take])
         for name in modalities:
             parts[name].append(batch.embeddings[name][:take])
@@ -282,6 +285,7 @@ def collect_embeddings(
         labels.append(batch_labels[:take].long())
         if max_samples is not None and len(keys) >= max_samples:
             break
+    bar.close()
     if not keys:
         raise ValueError(f"no record with any of {list(modalities)} was read from {shards}")
     return CollectedEmbeddings(

@@ -31,6 +31,7 @@ from sklearn.model_selection import train_test_split
 from torch import Tensor
 
 from mmalign.eval.loading import collect_embeddings, load_model
+from mmalign.progress import progress_bar
 
 if TYPE_CHECKING:
     from mmalign.model import AlignmentModel
@@ -91,9 +92,10 @@ def linear_probe(
         )
     else:
         fit_rows, check_rows = _few_shot_split(y, shots, generator)
+    name = "linear probe" if shots is None else f"{shots}-shot probe"
     validation = {
         c: float(_fit(x[fit_rows], y[fit_rows], c, seed).score(x[check_rows], y[check_rows]))
-        for c in C_GRID
+        for c in progress_bar(C_GRID, desc=f"{name}: C", unit="fit")
     }
     best = max(C_GRID, key=lambda c: (validation[c], -c))  # ties: the stronger regularization
     final_rows = np.arange(y.size) if shots is None else fit_rows

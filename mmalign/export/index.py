@@ -29,7 +29,8 @@ from mmalign.data.exports import load_embeddings, read_manifest
 from mmalign.embeddings import check_prefix, truncate
 from mmalign.errors import ConfigError
 from mmalign.extras import missing_extra
-from mmalign.files import atomic_write, read_json, write_json
+from mmalign.files import atomic_write, read_json, refuse_links, write_json
+from mmalign.progress import progress_bar
 
 
 def _faiss() -> Any:
@@ -82,7 +83,9 @@ def _inverted_lists(vectors: np.ndarray, nlist: int | None, pq: tuple[int, int] 
     rows, dim = vectors.shape
     lists = nlist or _default_nlist(rows)
     if lists > rows:
-        raise ValueError(f"nlist={lists} exceeds the {rows} vectors to index")
+        raise ConfigError(
+            f"nlist={lists} exceeds the {rows} vectors to index (--nlist); pass at most {rows}"
+        )
     faiss = _faiss()
     quantizer = faiss.IndexFlatIP(dim)
     index: Any
@@ -90,7 +93,9 @@ def _inverted_lists(vectors: np.ndarray, nlist: int | None, pq: tuple[int, int] 
         index = faiss.IndexIVFFlat(quantizer, dim, lists, faiss.METRIC_INNER_PRODUCT)
     else:
         if dim % pq[0]:
-            raise ValueError(f"pq_m={pq[0]} sub-quantizers must divide the dim {dim}")
+            raise ConfigError(
+                f"pq_m={pq[0]} sub-quantizers must divide the dim {dim} (--pq-m); pass a divisor"
+            )
         index = faiss.IndexIVFPQ(quantizer, dim, lists, pq[0], pq[1], faiss.METRIC_INNER_PRODUCT)
     index.cp.seed = 1234
     index.train(vectors)
@@ -135,7 +140,7 @@ def _probe_lists(index: Any, info: Mapping[str, Any]) -> None:
 
 
 def _search_beam(index: Any, info: Mapping[str, Any]) -> None:
-    index.hnsw.efSearch = info["ef_search"]
+    index.hnsw.efSearch = max(info["ef_search"], info.get("k", 1))  # a beam of k or more
 
 
 def _no_built_parameters(index: Any) -> dict[str, int]:
@@ -194,6 +199,52 @@ def index_recipe(kind: str) -> IndexRecipe:
     return INDEX_KINDS[kind]
 
 
+ADD_BATCH = 65_536
+"""Vectors added to an index per call (one progress-bar update)."""
+
+
+def _add(index: Any, vectors: np.ndarray, desc: str) -> None:
+    """Add ``vectors`` in batches of :data:`ADD_BATCH`, with a progress bar (rate, ETA)."""
+    with progress_bar(total=len(vectors), desc=desc, unit="vector") as bar:
+        for start in range(0, len(vectors), ADD_BATCH):
+            batch = vectors[start : start + ADD_BATCH]
+            index.add(batch)
+            bar.update(len(batch))
+
+
+LOWEST = {"nlist": 1, "nprobe": 1, "m": 2, "ef_search": 1, "ef_construction": 1, "pq_m": 1}
+"""The smallest value of each index parameter (``None`` means the default where allowed);
+``pq_bits`` is 1 to 16. FAISS aborts the process on some values below these (``m`` 0)."""
+
+
+def check_index_options(options: Mapping[str, Any], where: str = "") -> None:
+    """A :class:`~mmalign.errors.ConfigError` naming the flag (and ``where`` the values come
+    from) of the first index parameter out of range.
+
+    Example:
+        >>> check_index_options({"m": 0})
+        Traceback (most recent call last):
+        ...
+        mmalign.errors.ConfigError: index parameter m must be an integer >= 2, got 0 (--m); ...
+    """
+    for name, value in options.items():
+        if value is None and name in ("nlist", "pq_m", "pq_bits"):
+            continue
+        low, high = (1, 16) if name == "pq_bits" else (LOWEST[name], None)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or value < low
+            or (high is not None and value > high)
+        ):
+            bound = f"between {low} and {high}" if high is not None else f">= {low}"
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(
+                f"index parameter {name} must be an integer {bound}, got {value!r} ({flag}"
+                f"{f'; {where}' if where else ''}); pass a value in range"
+            )
+
+
 def _index_paths(out_dir: Path, modality: str) -> dict[str, Path]:
     base = out_dir / INDEX_DIR
     return {ext: base / f"{modality}.{ext}" for ext in ("faiss", "json", "parquet")}
@@ -248,12 +299,16 @@ def build_index(
         PosixPath('emb/index/image.faiss')
     """
     out_dir = Path(out_dir)
+    parameters = {"nlist": nlist, "nprobe": nprobe, "m": m, "ef_search": ef_search}
+    parameters |= {"ef_construction": ef_construction, "pq_m": pq_m, "pq_bits": pq_bits}
+    check_index_options(parameters)
+    refuse_links(out_dir, "export directory", "--out")
     vectors, table, keep = _indexed_vectors(out_dir, modality, dim)
     kind = default_kind(vectors.shape[0]) if kind in (None, "auto") else kind
     recipe = index_recipe(kind)
     options = {"nlist": nlist, "m": m, "ef_construction": ef_construction}
     index = recipe.build(vectors, options | {"pq_m": pq_m, "pq_bits": pq_bits})
-    index.add(vectors)
+    _add(index, vectors, f"index {modality} ({kind})")
     serialized = _faiss().serialize_index(index)
     rows = int(vectors.shape[0])
     info = {
@@ -312,6 +367,9 @@ class EmbeddingIndex:
             raise ValueError(
                 f"query vectors have dim {queries.shape[1]}; the index holds {self.info['dim']}"
             )
+        if k < 1:
+            raise ConfigError(f"k must be >= 1, got {k} (--k); ask for one result or more")
+        index_recipe(self.info["kind"]).tune(self.index, {**self.info, "k": k})
         scores, rows = self.index.search(queries, min(k, self.info["rows"]))
         results = []
         for query_scores, query_rows in zip(scores, rows):
@@ -377,6 +435,10 @@ def load_index(out_dir: str | Path, modality: str | None = None) -> EmbeddingInd
         )
     paths = _index_paths(out_dir, modality)
     info = read_json(paths["json"])
+    check_index_options(
+        {name: info.get(name) for name in (*LOWEST, "pq_bits") if name in info},
+        f"stored in {paths['json']}",
+    )
     index = _faiss().deserialize_index(np.fromfile(paths["faiss"], dtype=np.uint8))
     index_recipe(info["kind"]).tune(index, info)
     return EmbeddingIndex(index=index, info=info, table=pq.read_table(paths["parquet"]))

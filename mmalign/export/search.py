@@ -13,13 +13,16 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mmalign.data.decode import FILE_KINDS, RecordError, decode_file
 from mmalign.data.exports import read_manifest
+from mmalign.data.limits import DEFAULT_LIMITS, RecordLimits
 from mmalign.errors import UserError
 from mmalign.eval.loading import load_model
 from mmalign.export.index import load_index
@@ -79,6 +82,11 @@ def check_query(
             "query weights apply to pairwise models (clip, anchored, sigmoid); this model "
             "scores the product of the query modalities (Symile), where a weight changes no rank"
         )
+    bad = {name: value for name, value in weights.items() if not math.isfinite(value)}
+    if bad:
+        raise QueryError(
+            f"query weights must be finite numbers, got {bad} (--weights); pass e.g. text=0.5"
+        )
     extra = sorted(set(weights) - set(queries))
     if extra:
         raise QueryError(f"weights name {extra}, which are not query modalities {list(queries)}")
@@ -104,11 +112,39 @@ def combine_query(
     return model.objective.score(scaled, torch.eye(width))[0]
 
 
+def read_query_files(
+    model: AlignmentModel, queries: Mapping[str, Any], limits: RecordLimits = DEFAULT_LIMITS
+) -> dict[str, Any]:
+    """``queries`` with each path given to an image or audio tower decoded as a record's
+    file is (:func:`~mmalign.data.decode.decode_file`: the per-record ``limits`` checked
+    from its size and header before decoding); a file over a limit is a :class:`QueryError`.
+
+    Example:
+        >>> read_query_files(model, {"audio": "hour.flac"})  # doctest: +SKIP
+        Traceback (most recent call last):
+        ...
+        mmalign.export.search.QueryError: the 'audio' query hour.flac is refused (too_long): ...
+    """
+    decoded = dict(queries)
+    for name, raw in queries.items():
+        kind = model.config.towers[name].type
+        if kind in FILE_KINDS and isinstance(raw, str | Path):
+            try:
+                decoded[name] = decode_file(raw, kind, limits)
+            except RecordError as error:
+                raise QueryError(
+                    f"the {name!r} query {raw} is refused ({error.reason}): {error.detail}; "
+                    "pass a smaller file (the limits of records apply to queries)"
+                ) from None
+    return decoded
+
+
 def query_vector(
     model: AlignmentModel,
     queries: Mapping[str, Any],
     dim: int | None = None,
     weights: Mapping[str, float] | None = None,
+    limits: RecordLimits = DEFAULT_LIMITS,
 ) -> torch.Tensor:
     """The vector ``v`` with ``<v, c> = model.objective.score(queries, c)`` for every
     candidate ``c``: one raw sample per query modality, encoded (first ``dim`` coordinates,
@@ -117,7 +153,8 @@ def query_vector(
     A Symile model gives the elementwise product of the query embeddings (the multilinear
     inner product with the candidate); a pairwise model their sum, each scaled by
     ``weights`` (default 1). Weights are refused for a Symile model: a product has no
-    per-modality weight (scaling it changes no rank).
+    per-modality weight (scaling it changes no rank). Query files are read as records are,
+    within the per-record ``limits`` (:func:`read_query_files`).
 
     Example:
         >>> query_vector(model, {"text": "three", "audio": "tone5.wav"}).shape  # doctest: +SKIP
@@ -125,7 +162,8 @@ def query_vector(
     """
     checked = check_query(model, queries, weights)
     embeddings = {
-        name: model.encode(name, [raw], batch_size=1, dim=dim) for name, raw in queries.items()
+        name: model.encode(name, [raw], batch_size=1, dim=dim)
+        for name, raw in read_query_files(model, queries, limits).items()
     }
     return combine_query(model, embeddings, checked)
 

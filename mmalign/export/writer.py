@@ -44,16 +44,30 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from tqdm.auto import tqdm
 
-from mmalign.data.exports import MANIFEST, META_DIR, ExportError
+from mmalign.data.exports import MANIFEST, META_DIR, ExportError, shard_stamps
 from mmalign.data.shards import normalize_shards
 from mmalign.dist import barrier, join_launched_group, resolve_world
 from mmalign.embeddings import check_prefix, truncate
-from mmalign.eval.loading import EmbeddedBatch, EmbeddingStream, load_model, model_directory
-from mmalign.export.index import build_index, index_recipe
+from mmalign.eval.loading import (
+    EmbeddedBatch,
+    EmbeddingStream,
+    check_modalities,
+    load_model,
+    model_directory,
+    resolve_fields,
+)
+from mmalign.export.index import build_index, check_index_options, index_recipe
 from mmalign.export.items import MAX_ITEM_BYTES, keep_items
-from mmalign.files import LOCK_NAME, DirectoryLock, atomic_write, read_json, write_json
+from mmalign.files import (
+    LOCK_NAME,
+    DirectoryLock,
+    atomic_write,
+    read_json,
+    refuse_links,
+    write_json,
+)
+from mmalign.progress import progress_bar
 
 if TYPE_CHECKING:
     from mmalign.model import AlignmentModel
@@ -110,11 +124,12 @@ class _Share:
 
 
 def _arrow_column(values: list[Any]) -> pa.Array:
-    """Metadata values as an Arrow column; values Arrow cannot type are stored as JSON text."""
+    """Metadata values as an Arrow column; values Arrow cannot type (or hold: an integer
+    beyond int64) are stored as JSON text."""
     values = [value.tolist() if isinstance(value, np.ndarray) else value for value in values]
     try:
         return pa.array(values)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError):
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError):
         return pa.array([json.dumps(value, default=str) for value in values])
 
 
@@ -166,7 +181,9 @@ def _write_chunk(
 
 def _check_settings(path: Path, found: Mapping[str, Any], wanted: Mapping[str, Any]) -> None:
     changed = [
-        f"{name}: {found.get(name)!r} there, {wanted[name]!r} now"
+        f"{name}: changed"
+        if name == "source_shards"
+        else f"{name}: {found.get(name)!r} there, {wanted[name]!r} now"
         for name in wanted
         if name != "model_path" and found.get(name) != wanted[name]
     ]
@@ -185,12 +202,17 @@ def _settings(
     options: Mapping[str, Any],
     dim: int | None = None,
 ) -> dict[str, Any]:
+    """What an export records: its options, the model, the shards and their sizes and
+    modification times (``source_shards``, checked by the tools that read the source records
+    again), and the record extension of each modality (``extensions``: ``fields`` resolved)."""
     return {
         "format": FORMAT,
         "modalities": list(modalities),
         "dim": int(dim or model.dim),
         "matryoshka": model.config.matryoshka,
         "shards": normalize_shards(shards),
+        "source_shards": shard_stamps(shards),
+        "extensions": resolve_fields(model, modalities, options["fields"], model_path),
         "model_fingerprint": model_fingerprint(model),
         "model_path": model_path,
         **options,
@@ -267,6 +289,7 @@ def export_embeddings(
     model_path = None if isinstance(model, torch.nn.Module) else str(model_directory(model))
     model = load_model(model)
     _check_finite_weights(model, model_path)
+    check_modalities(model, modalities)
     if dim is not None:
         check_prefix(dim, model.dim, model.config.matryoshka)
     launched = rank is None and world_size is None
@@ -283,6 +306,7 @@ def export_embeddings(
     }
     settings = _settings(model, model_path, shards, modalities, options, dim)
     with share.lock():
+        refuse_links(share.out_dir, "export directory", "--out")
         fresh: dict[str, Any] = {
             "settings": settings,
             "complete": False,
@@ -338,11 +362,11 @@ def _run_export(
     )
     pending: list[EmbeddedBatch] = []
     pending_rows = 0
-    bar = tqdm(
+    bar = progress_bar(
         desc="export" if world_size == 1 else f"export r{rank}",
         unit="sample",
         initial=done_rows,
-        disable=not progress,
+        show=progress,
         position=rank,
     )
 
@@ -405,6 +429,7 @@ def run_export(
     """
     if index not in (None, "auto"):
         index_recipe(index)
+    check_index_options(index_options or {})  # before the export, not after it
     model = model if isinstance(model, torch.nn.Module) else str(model_directory(model))
     if modalities is None:
         modalities = load_model(model).modalities

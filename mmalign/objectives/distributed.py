@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import operator
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -48,7 +49,16 @@ def all_gather_rows(tensor: Tensor, counts: list[int], with_grad: bool = True) -
     for this rank's own rows, as open_clip does without ``gather_with_grad``."""
     padded = _pad_rows(tensor, max(counts))
     if with_grad and tensor.requires_grad:
-        parts = list(dist_fn.all_gather(padded))
+        with warnings.catch_warnings():
+            # torch deprecates this gather in favour of _functional_collectives, whose gather
+            # has no backward; this one is still torch's differentiable gather (the DDP/FSDP
+            # equality tests hold its gradients), so the notice is noise printed every step
+            warnings.filterwarnings(
+                "ignore",
+                message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated",
+                category=FutureWarning,
+            )
+            parts = list(dist_fn.all_gather(padded))
     else:
         parts = [torch.empty_like(padded) for _ in counts]
         dist.all_gather(parts, padded.detach().contiguous())

@@ -40,13 +40,13 @@ from typing import Any
 
 import numpy as np
 import webdataset as wds
-from tqdm import tqdm
 from webdataset.autodecode import IMAGE_EXTENSIONS
 from webdataset.writer import default_handlers, encode_based_on_extension1
 
 from mmalign.data.decode import AUDIO_EXTENSIONS, RecordError, decode_value
 from mmalign.errors import ConfigError
 from mmalign.prep.columns import infer_fields, pack_vector
+from mmalign.progress import progress_bar
 
 FILE_ONLY = {*IMAGE_EXTENSIONS, *AUDIO_EXTENSIONS, "npz"}
 MAX_EXAMPLES = 10
@@ -239,7 +239,8 @@ def convert(
         for split, directory in directories.items()
     }
     try:
-        for index, row in enumerate(tqdm(rows, desc=f"{manifest.name} -> {out}", unit="row")):
+        bar = progress_bar(rows, desc=f"{manifest.name} -> {out}", unit="row")
+        for index, row in enumerate(bar):
             key = str(row.get(key_column) or f"{index:09d}")
             try:
                 if key in seen_keys:

@@ -21,7 +21,13 @@ import numpy as np
 
 from mmalign.errors import UserError
 from mmalign.extras import missing_extra
-from mmalign.prep.reshard import ExportRows, source_records, write_shards, write_summary
+from mmalign.prep.reshard import (
+    ExportRows,
+    check_maxcount,
+    source_records,
+    write_shards,
+    write_summary,
+)
 
 try:
     import faiss
@@ -75,13 +81,15 @@ def group_shards(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Write the neighbour-ordered shards and ``OUT/summary.json``; returns the summary."""
+    check_maxcount(maxcount)
     rows = ExportRows.load(export_dir, modality)
     present = np.flatnonzero(rows.present)
     order, assignment = cluster_order(rows.vectors[present], clusters, seed)
     ordered = [rows.keys[i] for i in present[order]]
     ordered += [key for key, has in zip(rows.keys, rows.present) if not has]
     records = source_records(export_dir, ordered)
-    shards = write_shards((records[key] for key in ordered if key in records), out, name, maxcount)
+    kept = [key for key in ordered if key in records]
+    shards = write_shards((records[key] for key in kept), out, name, maxcount, len(kept))
     sizes = np.bincount(assignment, minlength=clusters)
     summary = {
         "export": str(export_dir),

@@ -27,12 +27,13 @@ from typing import Any
 
 import numpy as np
 
-from mmalign.data.exports import read_manifest
 from mmalign.errors import UserError
 from mmalign.extras import missing_extra
 from mmalign.prep.reshard import (
     ExportRows,
+    check_maxcount,
     find_payload,
+    record_extensions,
     source_records,
     write_shards,
     write_summary,
@@ -105,10 +106,11 @@ def mine_negatives(
     """Write the shards with mined negatives and ``OUT/summary.json``; returns the summary."""
     if k < 1 or not 0 < max_ratio <= 1:
         raise UserError(f"--k must be >= 1 and --max-ratio in (0, 1], got {k} and {max_ratio}")
+    check_maxcount(maxcount)
     query_rows = ExportRows.load(export_dir, query)
     candidate_rows = ExportRows.load(export_dir, candidates)
     groups = query_rows.groups(group_field)
-    extensions = read_manifest(export_dir)["settings"]["fields"][candidates]
+    extensions = record_extensions(export_dir, candidates)
     mined = positive_aware_negatives(
         query_rows.vectors,
         candidate_rows.vectors,
@@ -135,7 +137,7 @@ def mine_negatives(
         return record
 
     order = [row for row, key in enumerate(keys) if key in records]
-    shards = write_shards((with_negatives(row) for row in order), out, name, maxcount)
+    shards = write_shards((with_negatives(row) for row in order), out, name, maxcount, len(order))
     counts = [len(mined[row]) for row in order if both[row]]
     summary = {
         "export": str(export_dir),

@@ -24,10 +24,12 @@ import numpy as np
 import pyarrow as pa
 import webdataset as wds
 
-from mmalign.data.exports import ExportError, load_embeddings, read_manifest
+from mmalign.data.exports import ExportError, check_sources, load_embeddings, read_manifest
 from mmalign.data.records import log_skip, read_shards
 from mmalign.data.shards import expand_shards
 from mmalign.data.views import group_id
+from mmalign.errors import UserError
+from mmalign.progress import progress_bar
 
 
 @dataclass
@@ -68,17 +70,42 @@ class ExportRows:
 
 def source_records(export_dir: str | Path, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
     """The raw records (payload bytes by extension) of ``keys`` from the export's source
-    shards; an unreadable record is logged and left out."""
-    shards = read_manifest(export_dir)["settings"]["shards"]
+    shards; an unreadable record is logged and left out. A source shard changed since the
+    export, or an exported key no longer in the shards, is an :class:`ExportError`."""
+    manifest = read_manifest(export_dir)
+    check_sources(export_dir, manifest)
+    shards = manifest["settings"]["shards"]
     wanted = set(keys)
     records = {}
-    for raw in read_shards({"url": url} for url in expand_shards(shards, "settings.shards")):
+    urls = expand_shards(shards, "settings.shards")
+    raws = read_shards({"url": url} for url in urls)
+    for raw in progress_bar(raws, desc=f"read {len(urls)} source shards", unit="record"):
         key = raw["__key__"]
         if "__error__" in raw:
             log_skip(raw["__url__"], key, *raw["__error__"])
         elif key in wanted:
             records[key] = {name: value for name, value in raw.items() if name != "__url__"}
+    missing = [key for key in keys if key not in records]
+    if missing:
+        raise ExportError(
+            f"{len(missing)} of the {len(keys)} exported records (first: {missing[0]!r}) are "
+            f"no longer in the source shards of {export_dir} (settings.shards); the shards "
+            "changed since the export: export them again (mmalign export)"
+        )
     return records
+
+
+def record_extensions(export_dir: str | Path, modality: str) -> str:
+    """The record extension(s) ``modality`` was read from in the export (``"jpg;png"``)."""
+    settings = read_manifest(export_dir)["settings"]
+    recorded = settings.get("extensions") or settings.get("fields") or {}
+    if modality not in recorded:
+        raise ExportError(
+            f"{export_dir} does not record the file extension of {modality!r} (an export made "
+            "before extensions were recorded, without --field); export again, or with "
+            f"--field {modality}=EXT"
+        )
+    return str(recorded[modality])
 
 
 def find_payload(record: dict[str, Any], extensions: str) -> tuple[str, bytes] | None:
@@ -90,16 +117,30 @@ def find_payload(record: dict[str, Any], extensions: str) -> tuple[str, bytes] |
     return None
 
 
+def check_maxcount(maxcount: int) -> None:
+    """Refuse a shard size below one record (``--maxcount``) before any work is done."""
+    if maxcount < 1:
+        raise UserError(
+            f"records per shard must be >= 1 (--maxcount), got {maxcount}; pass a positive count"
+        )
+
+
 def write_shards(
-    records: Iterable[dict[str, Any]], out: str | Path, name: str, maxcount: int = 10000
+    records: Iterable[dict[str, Any]],
+    out: str | Path,
+    name: str,
+    maxcount: int = 10000,
+    total: int | None = None,
 ) -> list[str]:
-    """Write ``records`` in the given order to ``out/NAME-000000.tar`` ...; returns the names."""
+    """Write ``records`` (``total`` of them, for the progress bar's ETA) in the given order
+    to ``out/NAME-000000.tar`` ...; returns the names."""
+    check_maxcount(maxcount)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(f"{name}-*.tar"):
         stale.unlink()
     with wds.ShardWriter(str(out / f"{name}-%06d.tar"), maxcount=maxcount, verbose=0) as writer:
-        for record in records:
+        for record in progress_bar(records, total=total, desc=f"write {out}", unit="record"):
             writer.write(record)
     return sorted(path.name for path in out.glob(f"{name}-*.tar"))
 

@@ -4,7 +4,8 @@ Only the main process writes. TensorBoard goes through Accelerate's trackers: th
 ``Accelerator`` is built with ``log_with="tensorboard"`` and ``project_dir`` the run directory
 (``train.tensorboard``), and the logger sends every numeric record to ``accelerator.log``, so
 the event files land in the run directory. On a terminal a tqdm bar shows loss, temperature
-and samples/s; elsewhere (CI, files) a plain line is printed every ``train.log_every`` steps.
+and samples/s with the ETA; elsewhere (CI, files) a plain line with the ETA is printed every
+``train.log_every`` steps.
 Messages also go to ``train.log`` in the run directory, and so do the data loader's warnings
 (logger ``mmalign.data``: each skipped record with its shard, key and reason).
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,7 +33,8 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from mmalign.errors import UserError
-from mmalign.files import atomic_write
+from mmalign.files import atomic_write, open_append
+from mmalign.progress import remaining_time
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -124,11 +127,12 @@ class RunLogger:
     ) -> None:
         self.directory = directory
         self.total_steps = total_steps
+        self._start_step, self._started = start_step, time.perf_counter()
         self.log_every = log_every
         directory.mkdir(parents=True, exist_ok=True)
         self.metrics_path = directory / METRICS_FILE
-        self._metrics = self.metrics_path.open("a")
-        self._messages = (directory / LOG_FILE).open("a")
+        self._metrics = open_append(self.metrics_path)
+        self._messages = open_append(directory / LOG_FILE)
         self._data_log = _ToRunLog(self)
         logging.getLogger("mmalign.data").addHandler(self._data_log)
         self._trackers = trackers
@@ -162,7 +166,9 @@ class RunLogger:
             self._bar.set_postfix(shown, refresh=False)
         elif shown:
             fields = " ".join(f"{name} {value}" for name, value in shown.items())
-            self.message(f"step {step}/{self.total_steps} {fields}")
+            done, elapsed = step - self._start_step, time.perf_counter() - self._started
+            eta = remaining_time(done, self.total_steps - self._start_step, elapsed)
+            self.message(f"step {step}/{self.total_steps} {fields} eta {eta}")
         summary = [key for key in _VALIDATION_SUMMARY if key in record]
         if summary:
             fields = " ".join(f"{key} {_format_value(record[key])}" for key in summary)

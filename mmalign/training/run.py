@@ -49,7 +49,14 @@ from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_lis
 from mmalign.config import Config, load_config
 from mmalign.errors import UserError
 from mmalign.extras import missing_extra
-from mmalign.files import DirectoryLock, LockError, atomic_write, replace_directory, write_json
+from mmalign.files import (
+    DirectoryLock,
+    LockError,
+    atomic_write,
+    refuse_links,
+    replace_directory,
+    write_json,
+)
 from mmalign.model import AlignmentModel
 from mmalign.training import checkpoint
 from mmalign.training.checks import check_run_config, total_steps
@@ -155,6 +162,7 @@ def _prepare_directory(
             lock = DirectoryLock(output)
             lock.acquire()
             owner = lock.path.read_text()
+            refuse_links(output, "run directory", "train.output")
             checkpoint.recover(output / CHECKPOINTS)
             _check_resumable(output, config)
         except Exception as caught:  # every rank must hear of it, whatever it is
@@ -244,10 +252,12 @@ def _train(
         with host_memory(config.train.host_memory, config.train.gradient_checkpointing):
             trainer.run()
         state = trainer.strategy.full_state_dict(trainer.model)  # collective under fsdp
-        if accelerator.is_main_process:
+        if accelerator.is_main_process:  # saved before the last validation, which may fail
             model_dir = _save_model(trainer.final_model, trainer.output / MODEL_DIR, state)
-            trainer.message(f"done: {trainer.step} steps; final model in {model_dir}")
         accelerator.wait_for_everyone()
+        trainer.validate_last()
+        if accelerator.is_main_process:
+            trainer.message(f"done: {trainer.step} steps; final model in {model_dir}")
     return _result(
         trainer.output,
         trainer.state(),

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from mmalign.batch import Batch
-from mmalign.files import atomic_write
+from mmalign.files import atomic_write, open_append
 
 DIRECTORY = "sample_keys"
 
@@ -59,7 +59,7 @@ class SampleKeyLog:
     def __call__(self, epoch: int, batch_number: int, batch: Batch) -> None:
         """Record ``batch``, the ``batch_number``-th micro-batch of ``epoch``."""
         record = {"epoch": epoch, "batch": batch_number, "keys": list(batch.keys)}
-        with self.path.open("a") as handle:
+        with open_append(self.path) as handle:
             handle.write(json.dumps(record) + "\n")
 
 

@@ -198,17 +198,21 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> None:
-        """Train to the last step, then validate (with ``data.val``) and save the last
-        checkpoint; a collective call."""
+        """Train to the last step and save its checkpoint (before the last validation, so a
+        failure there never loses the trained weights); a collective call."""
         self.message(self._start_message())
         while self.step < self.total:
             self._stop_if_signalled()
             if self._train_step():
                 self._after_step()
         self._stop_if_signalled()
+        self._save()
+
+    def validate_last(self) -> None:
+        """Validate the trained model (with ``data.val``; a new best marks the last
+        checkpoint ``best/``); a collective call, after the model is saved."""
         if self.validator is not None:
             self._validate(self.validator)
-        self._save()
 
     def _stop_if_signalled(self) -> None:
         """After SIGTERM/SIGINT (on any process): save this step's checkpoint and raise
@@ -415,7 +419,7 @@ class Trainer:
         better = previous is None or (value < previous if mode == "min" else value > previous)
         if math.isfinite(value) and better:
             self.best = {"metric": name, "value": value, "step": self.step}
-            saved = self._save()
+            saved = self._save(again=True)
             if self.accelerator.is_main_process:
                 checkpoint.mark_best(saved)
             self.accelerator.wait_for_everyone()
@@ -435,9 +439,11 @@ class Trainer:
             "world_size": self.accelerator.num_processes,
         }
 
-    def _save(self) -> Path:
+    def _save(self, again: bool = False) -> Path:
+        """The checkpoint of this step, written unless it was already (or ``again``: its
+        ``trainer.json`` must hold a new best metric)."""
         path = self.checkpoints / checkpoint.checkpoint_name(self.step)
-        if self.last_saved == self.step and path.exists():
+        if self.last_saved == self.step and path.exists() and not again:
             return path
         saved = self.strategy.save_checkpoint(
             self.checkpoints, self.step, self.model, self.optimizer, self.state(), self.ema

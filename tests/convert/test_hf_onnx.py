@@ -55,7 +55,12 @@ def test_hf_folders_load_with_automodel_and_the_projection_gives_the_embedding(
 ) -> None:
     out = tmp_path / "hf"
     assert main(["convert", str(hf_model), "--to", "hf", "--out", str(out)]) == 0
-    assert sorted(path.name for path in out.iterdir()) == ["README.md", "audio", "text"]
+    assert sorted(path.name for path in out.iterdir()) == [
+        ".mmalign-convert.json",
+        "README.md",
+        "audio",
+        "text",
+    ]
     model = AlignmentModel.from_pretrained(hf_model)
 
     bert = transformers.AutoModel.from_pretrained(out / "text").eval()
@@ -183,4 +188,8 @@ def test_onnx_graphs_equal_torch_for_image_text_audio_tabular(
     )
     assert not (tmp_path / "g_onnx").exists()
     assert main([*argv, "--out", str(tmp_path / "g_onnx"), "--modality", "labs"]) == 0
-    assert sorted(p.name for p in (tmp_path / "g_onnx").iterdir()) == ["labs.onnx", "onnx.json"]
+    assert sorted(p.name for p in (tmp_path / "g_onnx").iterdir()) == [
+        ".mmalign-convert.json",
+        "labs.onnx",
+        "onnx.json",
+    ]

@@ -1,20 +1,26 @@
 """The weight average (train.ema): a float64 recurrence over the steps, validation and the
-final model use it, a resumed run continues it exactly."""
+final model use it, a resumed run continues it exactly; constant buffers (open_clip's causal
+mask) are copied, and a failing last validation never loses the trained model."""
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import webdataset as wds
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from mmalign.config import load_config
+from mmalign.model import AlignmentModel
 from mmalign.training import train
 from mmalign.training.trainer import Trainer
+from mmalign.training.validation import Validator
 from tests.train_support import model_weights, tiny_config, write_shards
 from tests.training.test_loop import _interrupt_after
 
@@ -87,3 +93,71 @@ def test_resumed_average_equals_uninterrupted_and_is_the_final_model(
     for name, value in final.items():  # the saved model is the average, not the last weights
         assert torch.equal(value, resumed_ema[f"module.{name}"]), name
     assert not torch.equal(final["projections.x.weight"], raw["projections.x.weight"])
+
+
+TEXT = {"type": "text", "width": 16, "heads": 2, "layers": 1, "context_length": 8}
+
+
+def write_text_shards(directory: Path, name: str, records: int) -> str:
+    """One shard of ``records`` records with a tabular vector and a caption naming its
+    largest coordinate."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(len(name))
+    with wds.TarWriter(str(directory / f"{name}-000000.tar")) as writer:
+        for index in range(records):
+            x = rng.normal(size=4).astype(np.float32)
+            caption = f"the largest is number {int(np.argmax(x))}"
+            writer.write({"__key__": f"{name}{index:04d}", "x.npy": x, "txt": caption})
+    return str(directory / f"{name}-000000.tar")
+
+
+def text_tower_config(tmp_path: Path) -> dict:
+    train_shards = write_text_shards(tmp_path / "data", "train", 32)
+    val_shards = write_text_shards(tmp_path / "data", "val", 16)
+    return tiny_config(
+        tmp_path / "run",
+        train_shards,
+        val_shards,
+        model={"towers": {"x": {"type": "tabular", "in_features": 4, "hidden": 16}, "t": TEXT}},
+        data={"fields": {"x": "x.npy", "t": "txt"}},
+        train={"steps": 4, "ema": 0.9, "warmup": 1},
+        eval={"every": 2},
+    )
+
+
+def test_ema_of_an_open_clip_text_tower_copies_its_mask_validates_and_saves(
+    tmp_path: Path,
+) -> None:
+    """open_clip's causal mask (a buffer of -inf) is copied into the average, not averaged
+    into NaN: validation runs and the trained average is saved with finite weights."""
+    result = train(text_tower_config(tmp_path))
+    assert result.steps == 4 and "val/loss" in result.metrics
+    assert all(math.isfinite(value) for value in result.metrics.values())
+    saved = AlignmentModel.from_pretrained(result.output_dir / "model")
+    mask = dict(saved.named_buffers())["towers.t.encoder.module.attn_mask"]
+    assert torch.equal(mask, torch.full((8, 8), float("-inf")).triu(1))
+    for name, value in model_weights(result.output_dir).items():
+        assert bool(torch.isfinite(value).all()), name
+
+
+def test_a_failing_last_validation_keeps_the_trained_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+
+    def failing(self: Validator, *args: object) -> dict:
+        calls.append(1)
+        if len(calls) == 2:  # step 2 validates; the last one (step 4) fails
+            raise RuntimeError("linalg.svd: the algorithm failed to converge")
+        return {"val/loss": 1.0}
+
+    monkeypatch.setattr(Validator, "__call__", failing)
+    config = text_tower_config(tmp_path)
+    with pytest.raises(RuntimeError, match="svd"):
+        train(config)
+    run = tmp_path / "run"
+    assert (run / "checkpoints" / "step-00000004").is_dir()
+    trained = AlignmentModel.from_pretrained(run / "model")
+    ema = load_file(run / "checkpoints" / "step-00000004" / "ema.safetensors")
+    for name, value in trained.state_dict().items():
+        assert torch.equal(value, ema[f"module.{name}"]), name

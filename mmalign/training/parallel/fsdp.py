@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -62,6 +63,16 @@ def whole_parameters(model: nn.Module) -> list[nn.Parameter]:
 def shard_model(model: AlignmentModel) -> list[nn.Parameter]:
     """``fully_shard`` each tower's blocks, each tower, then ``model`` (which must hold
     ``towers``); returns the parameters left whole (see :func:`whole_parameters`)."""
+    # FSDP2 warns, at every forward, that a sharded module returned a view (open_clip's
+    # image towers do) since an in-place op on that view would skip the backward all-gather.
+    # The model feeds every tower's output straight into its projection, out of place, so no
+    # such op exists; gradients equal the unsharded model's (tests/training/test_fsdp.py).
+    warnings.filterwarnings(
+        "ignore",
+        message=r"FSDP2-wrapped module \(\w+\) returned a view tensor",
+        category=UserWarning,
+        module=r"torch\.distributed\.fsdp",
+    )
     whole = whole_parameters(model)
     ignored = set(whole)
     for tower in model.towers.values():

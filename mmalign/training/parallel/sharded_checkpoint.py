@@ -14,7 +14,9 @@ Each process writes and reads only its own shards
 :func:`~torch.distributed.checkpoint.state_dict.set_state_dict`). Resuming needs the same
 world size. ``.metadata`` is a pickle written by torch; it is read with an unpickler that
 admits only torch's checkpoint-metadata classes, so no code from a file ever runs (tensor
-data is read by torch with ``weights_only=True``).
+data is read by torch with ``weights_only=True``), and that sets state (pickle's ``BUILD``)
+only on instances of those dataclasses it has just made: never on a class, a torch
+constant or an enum member, so a planted file cannot change anything in the reading process.
 
 Example:
     >>> save(directory, model, optimizer, world_size=2)  # doctest: +SKIP
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -62,8 +64,40 @@ dtypes and memory formats."""
 _TORCH_CONSTANTS = (torch.dtype, torch.memory_format)
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles DCP's ``.metadata``: its own dataclasses and torch constants, nothing else."""
+_BUILDABLE = (
+    "torch.distributed.checkpoint.metadata:ChunkStorageMetadata",
+    "torch.distributed.checkpoint.metadata:Metadata",
+    "torch.distributed.checkpoint.metadata:MetadataIndex",
+    "torch.distributed.checkpoint.metadata:StorageMeta",
+    "torch.distributed.checkpoint.metadata:TensorProperties",
+    "torch.distributed.checkpoint.metadata:TensorStorageMetadata",
+    "torch.distributed.checkpoint.metadata:BytesStorageMetadata",
+    "torch.distributed.checkpoint.filesystem:_StorageInfo",
+)
+"""The dataclasses whose fresh instances a ``BUILD`` may fill (``module:name``)."""
+
+
+_BUILD = pickle._Unpickler.dispatch[pickle.BUILD[0]]
+
+
+def _checked_build(unpickler: Any) -> None:
+    """pickle's ``BUILD`` opcode, only on a fresh instance of a metadata dataclass."""
+    stack = unpickler.stack
+    target = stack[-2] if len(stack) >= 2 else None
+    kind = type(target)
+    if f"{kind.__module__}:{kind.__qualname__}" not in _BUILDABLE:
+        raise pickle.UnpicklingError(
+            f"the metadata sets state on {target!r}, which is not a checkpoint-metadata instance"
+        )
+    _BUILD(unpickler)
+
+
+class _MetadataUnpickler(pickle._Unpickler):
+    """Unpickles DCP's ``.metadata``: its own dataclasses and torch constants, nothing else;
+    state is set only on instances of the dataclasses (pickle's pure-Python unpickler, whose
+    opcode table can be narrowed: the C one hands ``BUILD`` any object, a class included)."""
+
+    dispatch: ClassVar = {**pickle._Unpickler.dispatch, pickle.BUILD[0]: _checked_build}
 
     def find_class(self, module: str, name: str) -> Any:
         if name in _METADATA_CLASSES.get(module, ()):

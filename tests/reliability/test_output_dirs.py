@@ -1,0 +1,70 @@
+"""``mmalign convert --out``: a new or empty folder, or a previous output of the same
+converter, is written; anything else there (a folder of the user's files, the run being
+converted, a file, another converter's output) is refused with one line and left as it was."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from tiny_run import trained_run
+
+from mmalign.cli.main import main
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return trained_run(tmp_path_factory.mktemp("convert"))[0]
+
+
+def tree(directory: Path) -> dict[str, bytes]:
+    """Every file under ``directory`` with its bytes (what must survive a refusal)."""
+    return {
+        str(path.relative_to(directory)): path.read_bytes()
+        for path in sorted(directory.rglob("*"))
+        if path.is_file()
+    }
+
+
+def convert(run: Path, out: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    status = main(["convert", str(run), "--to", "onnx", "--modality", "labs", "--out", str(out)])
+    return status, capsys.readouterr().err.strip()
+
+
+def test_convert_refuses_what_it_did_not_write(
+    tmp_path: Path, run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    users = tmp_path / "papers"
+    users.mkdir()
+    (users / "thesis.tex").write_text("years of work")
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me")
+    before = {path: tree(path) for path in (users, run)}
+    for out, says in (
+        (users, "is a folder that convert did not write (--out); it holds other files"),
+        (run, "is a folder that convert did not write (--out)"),  # the source itself
+        (run / "model", "is a folder that convert did not write (--out)"),
+        (a_file, "exists and is not a folder (--out)"),
+    ):
+        status, error = convert(run, out, capsys)
+        assert status == 2, out
+        assert error.startswith("mmalign: error: ") and says in error, error
+        assert len(error.splitlines()) == 1
+    assert {path: tree(path) for path in (users, run)} == before
+    assert a_file.read_text() == "keep me" and not list(tmp_path.glob(".old-*"))
+
+
+def test_convert_writes_new_or_empty_folders_and_replaces_its_own_output(
+    tmp_path: Path, run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert convert(run, empty, capsys)[0] == 0
+    assert (empty / "labs.onnx").is_file()
+    (empty / "labs.onnx").write_bytes(b"stale")
+    assert convert(run, empty, capsys)[0] == 0  # a previous onnx output: replaced
+    assert (empty / "labs.onnx").read_bytes() != b"stale"
+    status = main(["convert", str(run), "--to", "hf", "--out", str(empty)])
+    error = capsys.readouterr().err.strip()
+    assert status == 2 and "it holds a --to onnx output" in error
+    assert (empty / "labs.onnx").is_file()

@@ -1,0 +1,86 @@
+"""Query files of ``search`` pass the per-record limits, from their size and header, before
+anything is decoded: an hour of FLAC (180 KB) and a PNG whose header claims 144 megapixels
+are refused with one line naming the query, and a small query file still searches."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import soundfile
+from PIL import Image
+
+from mmalign.data.limits import RecordLimits
+from mmalign.export.search import QueryError, query_vector
+from mmalign.model import AlignmentModel
+
+AUDIO = {"type": "audio", "clip_seconds": 0.25, "n_mels": 16, "width": 16, "heads": 2, "layers": 1}
+VISION = {"image_size": 16, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16}
+
+
+@pytest.fixture(scope="module")
+def model() -> AlignmentModel:
+    towers = {"sound": AUDIO, "photo": {"type": "image", "embed_dim": 8, "vision_cfg": VISION}}
+    return AlignmentModel.from_config({"dim": 4, "towers": towers}).eval()
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A 4x4 PNG whose IHDR is patched to claim ``width`` x ``height`` (CRC fixed)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4), (10, 20, 30)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    assert data[12:16] == b"IHDR"
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+def silent_flac(seconds: int, rate: int = 16000) -> bytes:
+    buffer = io.BytesIO()
+    with soundfile.SoundFile(buffer, "w", rate, 1, format="FLAC") as flac:
+        for _ in range(seconds // 60):
+            flac.write(np.zeros(60 * rate, np.float32))
+    return buffer.getvalue()
+
+
+def test_oversized_query_files_are_refused_before_decoding(
+    tmp_path: Path, model: AlignmentModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hour, big, wide = tmp_path / "hour.flac", tmp_path / "big.png", tmp_path / "wide.png"
+    hour.write_bytes(silent_flac(3600))
+    big.write_bytes(png_claiming(12_000, 12_000))  # 144 megapixels: a decompression bomb
+    wide.write_bytes(png_claiming(8_000, 8_000))  # 192 MB as RGB: over max_decoded_bytes
+    decoded: list[Any] = []
+    monkeypatch.setattr(soundfile, "read", lambda *a, **k: decoded.append(a))
+    monkeypatch.setattr(Image.Image, "load", lambda self: decoded.append(self))
+    assert hour.stat().st_size < 250_000
+    with pytest.raises(QueryError, match=r"the 'sound' query .*hour\.flac is refused \(too_long\)"):
+        query_vector(model, {"sound": str(hour)})
+    with pytest.raises(QueryError, match=r"the .photo. query .*big\.png is refused \(bad_image\)"):
+        query_vector(model, {"photo": big})
+    with pytest.raises(QueryError, match=r"the .photo. query .*wide\.png is refused \(too_large\)"):
+        query_vector(model, {"photo": str(wide)})
+    small = RecordLimits(64, 2**27, (1000, 384000), 600)
+    with pytest.raises(QueryError, match=r"is refused \(member_too_large\)"):
+        query_vector(model, {"photo": big}, limits=small)  # over max_member_bytes: not read
+    assert decoded == []
+
+
+def test_small_query_files_still_search(tmp_path: Path, model: AlignmentModel) -> None:
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (20, 20), (200, 10, 10)).save(photo)
+    tone = tmp_path / "tone.wav"
+    soundfile.write(tone, np.sin(np.arange(8000) * 0.05).astype(np.float32), 16000)
+    for name, path in (("photo", photo), ("sound", tone)):
+        vector = query_vector(model, {name: str(path)})
+        expected = model.encode(name, [str(path)], batch_size=1).float()[0]
+        assert torch_close(vector, expected)
+
+
+def torch_close(found: Any, expected: Any) -> bool:
+    return bool(np.allclose(found.detach().numpy(), expected.detach().numpy(), atol=1e-5))

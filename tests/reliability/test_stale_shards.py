@@ -1,0 +1,81 @@
+"""The prep tools that read an export's source records again (``group-shards``,
+``mine-negatives``): an export made without ``--field`` records the extensions it read, and a
+source shard changed since the export is refused naming it, never an empty output."""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+from conftest import good_record, write_shard
+from tiny_run import exported, trained_run
+
+from mmalign.cli.main import main
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    directory = tmp_path_factory.mktemp("stale")
+    run, shards = trained_run(directory)
+    return exported(run, shards, directory / "emb"), shards
+
+
+def mine(export_dir: Path, out: Path) -> list[str]:
+    return [
+        "prep", "mine-negatives", "--embeddings", str(export_dir), "--query", "labs",
+        "--candidates", "graph", "--k", "2", "--out", str(out),
+    ]  # fmt: skip
+
+
+def test_mine_negatives_reads_an_export_made_without_field(
+    tmp_path: Path, export: tuple[Path, str]
+) -> None:
+    export_dir, _ = export
+    settings = json.loads((export_dir / "manifest.json").read_text())["settings"]
+    assert settings["fields"] is None  # exported without --field
+    assert settings["extensions"] == {"labs": "npy", "graph": "graph.json"}
+    assert main(mine(export_dir, tmp_path / "mined")) == 0
+    with tarfile.open(tmp_path / "mined" / "data-000000.tar") as tar:
+        names = tar.getnames()
+    assert len([n for n in names if n.endswith(".negatives.json")]) == 48
+    summary = json.loads((tmp_path / "mined" / "summary.json").read_text())
+    negatives = [n for n in names if ".neg" in n and n.endswith(".graph.json")]
+    assert summary["records"] == 48 and len(negatives) == summary["negatives"] > 48
+
+
+def test_changed_source_shard_is_refused_naming_it(
+    tmp_path: Path, export: tuple[Path, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    export_dir, pattern = export
+    shard = Path(pattern.split("{")[0] + "000001.tar")
+    original, stamp = shard.read_bytes(), os.stat(shard)
+    try:
+        write_shard(shard, [good_record(1000 + i) for i in range(16)])  # other keys
+        commands = {
+            "group-shards": [
+                "prep", "group-shards", "--embeddings", str(export_dir), "--modality",
+                "labs", "--clusters", "2", "--out", str(tmp_path / "grouped"),
+            ],
+            "mine-negatives": mine(export_dir, tmp_path / "mined"),
+        }  # fmt: skip
+        for name, command in commands.items():
+            assert main(command) == 2, name
+            error = capsys.readouterr().err.strip()
+            assert error.startswith(f"mmalign: error: the source shard {shard} changed"), error
+            assert "export the shards again" in error and len(error.splitlines()) == 1
+        assert not (tmp_path / "grouped").exists() and not (tmp_path / "mined").exists()
+        # an export that did not record its shards: the missing keys are found instead
+        manifest = json.loads((export_dir / "manifest.json").read_text())
+        saved = json.dumps(manifest)
+        del manifest["settings"]["source_shards"]
+        (export_dir / "manifest.json").write_text(json.dumps(manifest))
+        assert main(commands["group-shards"]) == 2
+        error = capsys.readouterr().err.strip()
+        assert "16 of the 48 exported records (first: 'sample000" in error, error
+        (export_dir / "manifest.json").write_text(saved)
+    finally:
+        shard.write_bytes(original)
+        os.utime(shard, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))

@@ -1,0 +1,90 @@
+"""The reader of DCP's ``.metadata`` (sharded FSDP checkpoints) sets state only on fresh
+instances of torch's checkpoint-metadata dataclasses: a planted file that uses pickle's BUILD
+to ``setattr`` on an admitted class (``pathlib.PosixPath``), on a torch constant or on an enum
+member is refused, and nothing in the reading process changes; real metadata still loads."""
+
+from __future__ import annotations
+
+import pathlib
+import pickle
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+
+from mmalign.training.parallel.sharded_checkpoint import SafeReader
+
+PLANTED = "mmalign_planted"
+
+
+def real_metadata() -> Metadata:
+    chunk = ChunkStorageMetadata(offsets=torch.Size([0, 0]), sizes=torch.Size([2, 3]))
+    tensor = TensorStorageMetadata(
+        properties=TensorProperties(dtype=torch.float32),
+        size=torch.Size([2, 3]),
+        chunks=[chunk],
+    )
+    storage = {MetadataIndex("model/w", (0, 0)): pathlib.PosixPath("__0_0.distcp")}
+    return Metadata(state_dict_metadata={"model/w": tensor}, storage_data=storage)
+
+
+def build_on(global_name: bytes, body: bytes) -> bytes:
+    """A protocol-2 pickle that pushes ``global_name`` (``b"pathlib\\nPosixPath"``), sets
+    ``PLANTED = 1`` on it with BUILD (slot state: setattr), pops it, then holds ``body``."""
+    planted = PLANTED.encode()
+    attack = b"c" + global_name + b"\nN}X" + len(planted).to_bytes(4, "little") + planted
+    attack += b"K\x01s\x86b0"  # {PLANTED: 1}, (None, state), BUILD, POP
+    return b"\x80\x02" + attack + body[2:]
+
+
+def read(directory: Path, payload: bytes) -> Any:
+    (directory / ".metadata").write_bytes(payload)
+    return SafeReader(str(directory)).read_metadata()
+
+
+def test_real_metadata_loads(tmp_path: Path) -> None:
+    loaded = read(tmp_path, pickle.dumps(real_metadata(), protocol=2))
+    assert loaded.state_dict_metadata == real_metadata().state_dict_metadata
+    assert loaded.storage_data == real_metadata().storage_data
+
+
+@pytest.mark.parametrize(
+    ("global_name", "owner"),
+    [
+        (b"pathlib\nPosixPath", pathlib.PosixPath),  # an admitted class
+        (b"collections\nOrderedDict", __import__("collections").OrderedDict),
+        (b"torch\nfloat32", torch.float32),  # a torch constant, shared by the whole process
+    ],
+)
+def test_build_on_a_class_or_constant_is_refused(
+    tmp_path: Path, global_name: bytes, owner: Any
+) -> None:
+    body = pickle.dumps(real_metadata(), protocol=2)
+    try:
+        with pytest.raises(pickle.UnpicklingError, match="not a checkpoint-metadata instance"):
+            read(tmp_path, build_on(global_name, body))
+        assert not hasattr(owner, PLANTED)
+    finally:
+        if PLANTED in getattr(owner, "__dict__", {}):
+            delattr(owner, PLANTED)
+
+
+def test_metadata_written_by_dcp_loads(tmp_path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    state = {"model/w": torch.arange(6.0).reshape(2, 3), "optimizer/w/step": torch.tensor(3)}
+    with pytest.warns(UserWarning):  # torch: no process group, saved as one process
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp_path)))
+    loaded = {name: torch.zeros_like(value) for name, value in state.items()}
+    with pytest.warns(UserWarning):
+        dcp.load(loaded, storage_reader=SafeReader(str(tmp_path)))
+    for name, value in state.items():
+        assert torch.equal(loaded[name], value), name
