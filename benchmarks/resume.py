@@ -1,0 +1,121 @@
+"""Resume time in the middle of an epoch: replaying the consumed batches (before) against
+passing over their records without decoding (after, the loader's ``resume_mark``).
+
+One epoch of the digits shards (image + text, the small towers of ``benchmarks/data.py``,
+a shuffle buffer) is read to half its batches; the stream's position then holds the batch
+count and the loader's mark. Resuming is timed both ways, alternating, in this process:
+``replay`` (the position without its mark: what every resume did before, each consumed
+batch decoded, preprocessed and collated again) and ``fast`` (with the mark: the consumed
+records are read from the tars and passed over). Both must then give the same next batches
+(checked). Timed: from opening the stream to its first new batch (the same decoding work
+either way). Reported: medians of ``--repeats`` seconds and their ratio.
+
+Run: ``.venv/bin/python benchmarks/resume.py [--shards 'data/demo/digits/train-{000000..000007}.tar']
+[--workers 0] [--batch-size 64] [--repeats 3]`` (without ``--shards`` the demo data is made in
+a temporary directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmalign.data import make_loader
+from mmalign.towers import build_tower
+from mmalign.training.stream import EpochStream
+
+FIELDS = {"image": "png", "text": "txt"}
+CHECKED = 3
+"""Batches after the resume point compared between the two ways."""
+
+
+def towers() -> dict[str, Any]:
+    return {
+        "image": build_tower(
+            {
+                "type": "image",
+                "embed_dim": 32,
+                "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2},
+            }
+        ),
+        "text": build_tower({"type": "text", "width": 64, "heads": 2, "layers": 1}),
+    }
+
+
+def loaders(shards: str, args: argparse.Namespace) -> Callable[[int], Any]:
+    built = towers()
+    return lambda seed: make_loader(
+        shards,
+        built,
+        FIELDS,
+        args.batch_size,
+        workers=args.workers,
+        shuffle_buffer=256,
+        seed=seed,
+        drop_last=True,
+    )
+
+
+def half_epoch_position(make: Callable[[int], Any]) -> dict[str, Any]:
+    """The stream position after half of the first epoch's batches (with its mark)."""
+    total = sum(1 for _ in make(0))
+    stream = EpochStream(make)
+    for _ in range(total // 2):
+        next(stream)
+    return stream.position()
+
+
+def resume(make: Callable[[int], Any], position: dict[str, Any]) -> tuple[float, list]:
+    """Seconds to resume at ``position`` up to the first new batch (included: the records
+    are passed over as it is read), and the next batches' keys."""
+    start = time.perf_counter()
+    stream = EpochStream(make, position=dict(position))
+    keys = [next(stream).keys]
+    seconds = time.perf_counter() - start
+    return seconds, keys + [next(stream).keys for _ in range(CHECKED - 1)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shards", default=None, help="digits shards (default: make them)")
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    resource.setrlimit(resource.RLIMIT_AS, (8 * 2**30, 8 * 2**30))
+    with tempfile.TemporaryDirectory() as scratch:
+        shards = args.shards
+        if shards is None:
+            from mmalign.demo.data import make_demo
+
+            make_demo(Path(scratch), variants=1)
+            shards = str(Path(scratch) / "digits" / "train-{000000..000007}.tar")
+        make = loaders(shards, args)
+        fast = half_epoch_position(make)
+        replay = {key: value for key, value in fast.items() if key != "mark"}
+        times: dict[str, list[float]] = {"replay": [], "fast": []}
+        for _ in range(args.repeats):
+            seconds, replayed = resume(make, replay)
+            times["replay"].append(seconds)
+            seconds, skipped = resume(make, fast)
+            times["fast"].append(seconds)
+            if replayed != skipped:
+                raise RuntimeError("the two resumes continue with different batches")
+        before, after = (statistics.median(times[name]) for name in ("replay", "fast"))
+        print(f"resume at batch {fast['batches']} of epoch 0 (workers {args.workers})")
+        print("| replay s (before) | fast s (after) | speed-up |")
+        print("|---|---|---|")
+        print(f"| {before:.2f} | {after:.2f} | {before / after:.1f}x |")
+
+
+if __name__ == "__main__":
+    main()
