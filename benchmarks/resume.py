@@ -10,9 +10,9 @@ records are read from the tars and passed over). Both must then give the same ne
 (checked). Timed: from opening the stream to its first new batch (the same decoding work
 either way). Reported: medians of ``--repeats`` seconds and their ratio.
 
-Run: ``.venv/bin/python benchmarks/resume.py [--shards 'data/demo/digits/train-{000000..000007}.tar']
-[--workers 0] [--batch-size 64] [--repeats 3]`` (without ``--shards`` the demo data is made in
-a temporary directory).
+Run: ``.venv/bin/python benchmarks/resume.py
+[--shards 'data/demo/digits/train-{000000..000007}.tar'] [--workers 0] [--batch-size 64]
+[--repeats 3]`` (without ``--shards`` the demo data is made in a temporary directory).
 """
 
 from __future__ import annotations
