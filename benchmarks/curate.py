@@ -105,10 +105,8 @@ def main() -> None:
     kinds = corrupt(demo, args.out, args.swapped, args.duplicated)
     curated = args.out / "curated"
     corrupted = str(args.out / "corrupted-000000.tar")
-    status = mmalign(
-        ["prep", "curate", str(run), "--data", corrupted, "--out", str(curated)]
-        + ["--threshold", str(args.threshold)]
-    )
+    arguments = ["curate", str(run), "--data", corrupted, "--out", str(curated)]
+    status = mmalign(["prep", *arguments, "--threshold", str(args.threshold)])
     if status != 0:
         raise RuntimeError("curate failed")
     kept = kept_keys(curated)
@@ -116,10 +114,7 @@ def main() -> None:
     print(f"records: { {kind: len(keys) for kind, keys in kinds.items()} }")
     print("| swapped removed | duplicates removed | clean kept |")
     print("|---|---|---|")
-    print(
-        f"| {removed['swapped']:.1%} | {removed['duplicate']:.1%} "
-        f"| {1 - removed['clean']:.1%} |"
-    )
+    print(f"| {removed['swapped']:.1%} | {removed['duplicate']:.1%} | {1 - removed['clean']:.1%} |")
 
 
 if __name__ == "__main__":
