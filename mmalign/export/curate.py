@@ -2,9 +2,11 @@
 near-duplicates, write new shards and a report (``mmalign prep curate``).
 
 1. **Score.** Every record is embedded with the model (each modality it has). Its score is
-   the cosine of its two modalities' embeddings; with more modalities, the mean cosine over
-   the pairs it has (the quantity CLIP-style objectives train up, pair by pair). A record
-   with fewer than two of the modalities cannot be scored: ``missing="keep"`` (default)
+   the cosine of its two modalities' embeddings; with more modalities, the objective's own
+   score when it scores them jointly (Symile: the multilinear inner product of the others
+   with the last modality), else the mean cosine over the pairs it has (what pairwise
+   objectives train up, pair by pair). A record with fewer than two of the modalities (for
+   a joint score: without the last one) cannot be scored: ``missing="keep"`` (default)
    keeps it, ``"drop"`` drops it (reason ``missing_modality``).
 2. **Cut.** ``threshold`` keeps the records scoring at least that; ``keep_fraction`` keeps
    that fraction of the scored records, best first (the cut is the lowest kept score).
@@ -44,6 +46,7 @@ from mmalign.data.records import read_shards
 from mmalign.data.sources import resolve_sources
 from mmalign.eval.loading import collect_embeddings, load_model
 from mmalign.eval.plots import save_figure
+from mmalign.objectives import Objective
 
 EXAMPLES = 5
 """Dropped records shown per reason in the report."""
@@ -72,6 +75,52 @@ def pair_scores(
     scores = (total / pairs.clamp(min=1)).numpy().astype(np.float32)
     scores[pairs.numpy() == 0] = np.nan
     return scores
+
+
+def joint_scores(
+    objective: Objective,
+    embeddings: Mapping[str, torch.Tensor],
+    present: Mapping[str, torch.Tensor],
+    chunk: int = 1024,
+) -> np.ndarray:
+    """Per record: the objective's own score (``objective.score``) of its other modalities
+    as the query against its last modality as the candidate (NaN: that one or all others
+    absent); Symile's multilinear inner product for a Symile model.
+
+    Example:
+        >>> from mmalign.objectives import build_objective
+        >>> e = {m: torch.tensor([[1.0, 2.0], [1.0, 1.0]]) for m in "abc"}
+        >>> p = {"a": torch.tensor([True, True]), "b": torch.tensor([True, False]),
+        ...      "c": torch.tensor([True, True])}
+        >>> joint_scores(build_objective({"name": "symile"}), e, p)
+        array([9., 2.], dtype=float32)
+    """
+    *queries, candidate = list(embeddings)
+    rows = len(present[candidate])
+    scores = np.full(rows, np.nan, dtype=np.float32)
+    for start in range(0, rows, chunk):
+        part = slice(start, start + chunk)
+        grid = objective.score(
+            {m: embeddings[m][part].float() for m in queries},
+            embeddings[candidate][part],
+            {m: present[m][part] for m in queries},
+        )
+        scores[part] = torch.diagonal(grid).numpy()
+    others = torch.stack([present[m] for m in queries]).any(0)
+    scores[~(present[candidate] & others).numpy()] = np.nan
+    return scores
+
+
+def record_scores(
+    objective: Objective,
+    embeddings: Mapping[str, torch.Tensor],
+    present: Mapping[str, torch.Tensor],
+) -> np.ndarray:
+    """The score of each record: :func:`pair_scores` for two modalities or a pairwise
+    objective, :func:`joint_scores` for three or more with a jointly scoring one (Symile)."""
+    if len(embeddings) > 2 and objective.scores_jointly:
+        return joint_scores(objective, embeddings, present)
+    return pair_scores(embeddings, present)
 
 
 def score_cut(scores: np.ndarray, threshold: float | None, keep_fraction: float | None) -> float:
@@ -212,7 +261,7 @@ def curate(
     collected = collect_embeddings(
         trained, urls, names, fields=fields, run_dir=model, batch_size=batch_size
     )
-    scores = pair_scores(collected.embeddings, collected.present)
+    scores = record_scores(trained.objective, collected.embeddings, collected.present)
     cut = score_cut(scores, threshold, keep_fraction)
     dedup = names[0] if dedup == "" else dedup
     vectors = None

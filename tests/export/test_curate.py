@@ -15,7 +15,14 @@ from PIL import Image
 
 from mmalign.cli.main import main
 from mmalign.data.records import read_shard
-from mmalign.export.curate import decide, near_duplicates, pair_scores, score_cut
+from mmalign.export.curate import (
+    decide,
+    near_duplicates,
+    pair_scores,
+    record_scores,
+    score_cut,
+)
+from mmalign.objectives import build_objective
 from mmalign.training import train
 from tests.train_support import tiny_config, write_shards
 
@@ -40,6 +47,26 @@ def test_pair_scores_are_mean_cosines_over_present_pairs() -> None:
         np.nan,  # only a
     ]
     np.testing.assert_allclose(pair_scores(embeddings, present), expected, rtol=1e-5)
+
+
+def test_three_modalities_take_the_objectives_own_score() -> None:
+    generator = torch.Generator().manual_seed(1)
+    embeddings = {
+        name: torch.nn.functional.normalize(torch.randn(4, 3, generator=generator), dim=-1)
+        for name in "abc"
+    }
+    present = {name: torch.ones(4, dtype=torch.bool) for name in "abc"}
+    present["b"] = torch.tensor([True, False, True, True])
+    present["c"] = torch.tensor([True, True, False, True])
+    symile = build_objective({"name": "symile"})
+    b = torch.where(present["b"][:, None], embeddings["b"], torch.ones(4, 3))
+    product = (embeddings["a"] * b * embeddings["c"]).sum(-1).numpy()
+    expected = [product[0], product[1], np.nan, product[3]]  # row 2: no candidate (c)
+    np.testing.assert_allclose(record_scores(symile, embeddings, present), expected, rtol=1e-5)
+    clip = build_objective({"name": "clip"})
+    np.testing.assert_array_equal(
+        record_scores(clip, embeddings, present), pair_scores(embeddings, present)
+    )
 
 
 def test_near_duplicates_match_brute_force() -> None:
