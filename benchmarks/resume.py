@@ -1,21 +1,23 @@
 """Resume time in the middle of an epoch: replaying the consumed batches (before) against
-passing over their records without decoding (after, the loader's ``resume_mark``).
+the loader's resume mark (after).
 
 One epoch of image-text shards is read to half its batches: the digits shards (32 px PNGs,
 the small towers of ``benchmarks/data.py``), or with ``--photos N`` N synthetic 256 px JPEG
 photos with captions in img2dataset's layout, read at 224 px (the preprocessing of a
-ViT-B-32-sized image tower); a shuffle buffer either way. The stream's position then holds
-the batch count and the loader's mark. Resuming is timed both ways, alternating, in this process:
-``replay`` (the position without its mark: what every resume did before, each consumed
-batch decoded, preprocessed and collated again) and ``fast`` (with the mark: the consumed
-records are read from the tars and passed over). Both must then give the same next batches
-(checked). Timed: from opening the stream to its first new batch (the same decoding work
-either way). Reported: medians of ``--repeats`` seconds and their ratio.
+ViT-B-32-sized image tower); a shuffle buffer of ``--shuffle-buffer`` records either way.
+The stream's position then holds the batch count and the loader's mark. Resuming is timed
+both ways, alternating, in this process: ``replay`` (the position without its mark: what
+every resume did before, each consumed batch decoded, preprocessed and collated again) and
+``fast`` (with the mark: the consumed records are passed over without decoding, and a
+consumed shard none of whose records is still in the shuffle buffer is not even opened;
+:mod:`mmalign.data.resume`). Both must then give the same next batches (checked). Timed:
+from opening the stream to its first new batch (the same decoding work either way).
+Reported: medians of ``--repeats`` seconds and their ratio.
 
 Run: ``.venv/bin/python benchmarks/resume.py
 [--shards 'data/demo/digits/train-{000000..000007}.tar' | --photos 2000] [--workers 0]
-[--batch-size 64] [--repeats 3]`` (without either, the demo data is made in a temporary
-directory).
+[--batch-size 64] [--shuffle-buffer 256] [--repeats 3]`` (without ``--shards`` or
+``--photos``, the demo data is made in a temporary directory).
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ def loaders(shards: str, image_size: int, args: argparse.Namespace) -> Callable[
         FIELDS,
         args.batch_size,
         workers=args.workers,
-        shuffle_buffer=256,
+        shuffle_buffer=args.shuffle_buffer,
         seed=seed,
         drop_last=True,
     )
@@ -118,6 +120,7 @@ def main() -> None:
     parser.add_argument("--photos", type=int, default=0, help="256 px JPEG photos instead")
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--shuffle-buffer", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -144,7 +147,10 @@ def main() -> None:
                 raise RuntimeError("the two resumes continue with different batches")
         before, after = (statistics.median(times[name]) for name in ("replay", "fast"))
         what = f"{args.photos} photos at 224 px" if args.photos else "digits at 32 px"
-        print(f"{what}: resume at batch {fast['batches']} of epoch 0 (workers {args.workers})")
+        print(
+            f"{what}: resume at batch {fast['batches']} of epoch 0 (workers {args.workers}, "
+            f"shuffle buffer {args.shuffle_buffer})"
+        )
         print("| replay s (before) | fast s (after) | speed-up |")
         print("|---|---|---|")
         print(f"| {before:.2f} | {after:.2f} | {before / after:.1f}x |")

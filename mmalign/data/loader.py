@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -36,11 +37,12 @@ from mmalign.config import ConfigError, DataConfig, DataSource
 from mmalign.data.batching import batches, take_samples, to_sample
 from mmalign.data.decode import parse_alternatives
 from mmalign.data.limits import DEFAULT_LIMITS, RecordLimits
-from mmalign.data.records import log_skip, raw_records
+from mmalign.data.records import log_skip, raw_records, read_shard
 from mmalign.data.remote import Fault, take_faults
+from mmalign.data.resume import resumed_records
 from mmalign.data.samples import RecordSpec, Rejected, Sample, Tower
 from mmalign.data.sources import ShardSource, resolve_sources
-from mmalign.data.splitting import Split, current_split
+from mmalign.data.splitting import Split, current_split, plan_split
 from mmalign.data.survey import ShardSurvey, missing_modalities
 from mmalign.data.views import check_views, parse_group_field
 from mmalign.dist import resolve_world
@@ -63,8 +65,8 @@ class ShardBatches(IterableDataset):
 
     :class:`Loader` sets ``epoch`` and ``world`` (rank and world size: the given ones, else
     torch.distributed's when it is initialized by then) before each epoch, and
-    ``fast_forward`` (reader index -> raw records drawn and samples taken) to resume an epoch
-    without decoding what was consumed.
+    ``fast_forward`` (reader index -> raw records drawn, samples taken and records read per
+    shard) to resume an epoch without decoding what was consumed.
     """
 
     def __init__(
@@ -96,7 +98,7 @@ class ShardBatches(IterableDataset):
         self.require_modalities = require_modalities
         self.epoch = 0
         self.world = resolve_world(rank, world_size)
-        self.fast_forward: dict[int, tuple[int, int]] = {}
+        self.fast_forward: dict[int, tuple[int, int, list[list[int]] | None]] = {}
         self.source_of = {url: s.name for s in sources if s.named for url in s.urls}
 
     @property
@@ -110,7 +112,49 @@ class ShardBatches(IterableDataset):
         survey = None
         if self.resampled:
             survey = ShardSurvey(self.urls, self.spec.fields if self.require_modalities else {})
-        records: Iterator[dict[str, Any]] = raw_records(
+        drawn, taken, counts = self.fast_forward.get(split.index, (0, 0, None))
+        observed: list[list[int]] = [[] for _ in self.sources]
+        records = self._records(split, survey, observed, drawn, counts)
+        tally = Tally(drawn, taken)
+        entries = _settled(records, self.spec, survey, self.source_of, tally)
+        share = _share(self.epoch_samples, split)
+        entries = take_samples(entries, None if share is None else share - taken)
+        for batch, skipped in batches(entries, self.spec, self.batch_size, self.drop_last):
+            shards = [list(counts) for counts in observed]
+            yield Delivery(batch, skipped, None, split.index, tally.drawn, tally.samples, shards)
+        if survey is not None and survey.verdict is not None:
+            yield Delivery(Batch.empty(self.spec.modalities, {}), [], survey.verdict)
+
+    def _records(
+        self,
+        split: Split,
+        survey: ShardSurvey | None,
+        observed: list[list[int]],
+        drawn: int,
+        counts: list[list[int]] | None,
+    ) -> Iterator[dict[str, Any]]:
+        """This split's raw records, after the first ``drawn`` when resuming: without
+        opening the consumed shards when the mark counted them (:mod:`mmalign.data.resume`),
+        else read and passed over."""
+        shuffle = self.shuffle_buffer > 0
+        plans = [
+            plan_split(s.urls, split, shuffle=shuffle, seed=self.seed, epoch=self.epoch)
+            for s in self.sources
+        ]
+        if drawn and counts is not None and all(plan.stride == 1 for plan in plans):
+            return resumed_records(
+                self.sources,
+                [plan.urls for plan in plans],
+                counts,
+                drawn,
+                buffer=self.shuffle_buffer,
+                seed=self.seed,
+                epoch=self.epoch,
+                index=split.index,
+                read_shard=functools.partial(read_shard, limits=self.spec.limits),
+                observed=observed,
+            )
+        records = raw_records(
             self.sources,
             split,
             resampled=self.resampled,
@@ -119,18 +163,9 @@ class ShardBatches(IterableDataset):
             epoch=self.epoch,
             limits=self.spec.limits,
             survey=survey,
+            observed=observed,
         )
-        drawn, taken = self.fast_forward.get(split.index, (0, 0))
-        if drawn:
-            records = islice(records, drawn, None)  # read, not decoded
-        tally = Tally(drawn, taken)
-        entries = _settled(records, self.spec, survey, self.source_of, tally)
-        share = _share(self.epoch_samples, split)
-        entries = take_samples(entries, None if share is None else share - taken)
-        for batch, skipped in batches(entries, self.spec, self.batch_size, self.drop_last):
-            yield Delivery(batch, skipped, None, split.index, tally.drawn, tally.samples)
-        if survey is not None and survey.verdict is not None:
-            yield Delivery(Batch.empty(self.spec.modalities, {}), [], survey.verdict)
+        return islice(records, drawn, None) if drawn else records
 
 
 @dataclass
@@ -153,6 +188,8 @@ class Delivery:
     reader: int = 0
     drawn: int = 0
     samples: int = 0
+    shards: list[list[int]] | None = None
+    """Records read of each shard the reader started, per source (:mod:`~.resume`)."""
     faults: list[Fault] = field(default_factory=take_faults)
 
 
@@ -343,14 +380,14 @@ class _Progress:
         self.readers = readers
         self.yielded = 0
         self.sent: Counter[int] = Counter()
-        self.latest: dict[int, tuple[int, int]] = {}
+        self.latest: dict[int, tuple[int, int, list[list[int]] | None]] = {}
         self.present = [False] * modalities
         self.finished = False
 
     def add(self, delivery: Delivery, batch: Batch) -> None:
         self.yielded += 1
         self.sent[delivery.reader] += 1
-        self.latest[delivery.reader] = (delivery.drawn, delivery.samples)
+        self.latest[delivery.reader] = (delivery.drawn, delivery.samples, delivery.shards)
         self.present = [a or b for a, b in zip(self.present, batch.present.any(0).tolist())]
 
     def even(self) -> bool:
@@ -369,11 +406,14 @@ class _Progress:
 
     def restore(self, mark: Mapping[str, Any]) -> None:
         self.yielded = int(mark["batches"])
-        self.latest = {int(r): (int(t[0]), int(t[1])) for r, t in mark["readers"].items()}
+        self.latest = {
+            int(r): (int(t[0]), int(t[1]), t[2] if len(t) > 2 else None)
+            for r, t in mark["readers"].items()
+        }
         self.sent = Counter(dict.fromkeys(self.latest, self.yielded // self.readers))
         self.present = [bool(p) for p in mark["present"]]
 
-    def tallies(self) -> dict[int, tuple[int, int]]:
+    def tallies(self) -> dict[int, tuple[int, int, list[list[int]] | None]]:
         return dict(self.latest)
 
 

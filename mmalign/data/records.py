@@ -25,7 +25,7 @@ import logging
 import re
 import tarfile
 import time
-from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from itertools import islice
 from typing import Any
 
@@ -191,6 +191,22 @@ def _source_records(
     )
 
 
+def counting_reader(
+    read_one: Callable[[str], Iterator[dict[str, Any]]], observed: list[int]
+) -> Callable[[Iterable[Mapping[str, str]]], Iterator[dict[str, Any]]]:
+    """A reader of ``{"url": ...}`` shard entries (as :func:`read_shards`) that appends to
+    ``observed`` the number of records of each shard it starts, as they are read."""
+
+    def read(entries: Iterable[Mapping[str, str]]) -> Iterator[dict[str, Any]]:
+        for entry in entries:
+            observed.append(0)
+            for raw in read_one(entry["url"]):
+                observed[-1] += 1
+                yield raw
+
+    return read
+
+
 def raw_records(
     sources: Sequence[str] | Sequence[ShardSource],
     split: Split,
@@ -201,13 +217,15 @@ def raw_records(
     epoch: int = 0,
     limits: RecordLimits = DEFAULT_LIMITS,
     survey: ShardSurvey | None = None,
+    observed: Sequence[list[int]] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """The raw records (and error markers) one split reads in one epoch, shuffled if asked.
 
     ``sources`` are shard URLs (one source) or :class:`~mmalign.data.sources.ShardSource`
     objects, mixed by weight (:mod:`mmalign.data.sources`). Resampled streams draw shards
     with replacement, seeded per split and epoch, forever, or until ``survey`` has a verdict
-    (the caller settles each record with it).
+    (the caller settles each record with it). ``observed`` (one list per source) gets the
+    records read of each shard, in this split's order (:mod:`mmalign.data.resume`).
     """
     groups: list[ShardSource] = [
         item if isinstance(item, ShardSource) else ShardSource("source0", 1.0, [item], False)
@@ -220,19 +238,23 @@ def raw_records(
         reader = functools.partial(
             survey.read, read_shard=functools.partial(read_shard, limits=limits)
         )
+    readers: list[Any] = [reader] * len(groups)
+    if observed is not None and survey is None:
+        one = functools.partial(read_shard, limits=limits)
+        readers = [counting_reader(one, counts) for counts in observed]
     streams = [
         iter(
             _source_records(
                 group.urls,
                 split,
-                reader,
+                readers[index],
                 resampled=resampled,
                 shuffle=shuffle_buffer > 0,
                 seed=seed,
                 epoch=epoch,
             )
         )
-        for group in groups
+        for index, group in enumerate(groups)
     ]
     records: Iterator[dict[str, Any]] = streams[0]
     if len(streams) > 1:

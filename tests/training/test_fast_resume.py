@@ -51,7 +51,7 @@ def test_resume_mid_epoch_skips_decoding_and_continues_exactly(
     tmp_path: Path, sources: list[dict], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sections = {
-        "data": {"shuffle_buffer": 16},
+        "data": {"shuffle_buffer": 4},
         "train": {"steps": 12, "save_every": 8, "log_sample_keys": True},
     }
     straight = train(tiny_config(tmp_path / "straight", sources, **sections))  # type: ignore[arg-type]
@@ -73,9 +73,21 @@ def test_resume_mid_epoch_skips_decoding_and_continues_exactly(
     (interrupted / ".lock").write_text(f"{socket.gethostname()} 999999\n")
 
     decoded = _count_decoding(monkeypatch)
+    opened: list[str] = []
+    read_shard = mmalign.data.loader.read_shard
+
+    def opening(url: str, *args: Any, **kwargs: Any) -> Any:
+        opened.append(Path(url).name)
+        return read_shard(url, *args, **kwargs)
+
+    monkeypatch.setattr(mmalign.data.loader, "read_shard", opening)
     train(tiny_config(interrupted, sources, **sections), resume=True)  # type: ignore[arg-type]
 
     assert decoded["records"] == 4 * 8  # steps 9..12 only; the 64 consumed records were not
+    mark = position["stream"]["mark"]["readers"]["0"]
+    assert mark[:2] == [64, 64] and sum(map(sum, mark[2])) == 64 + 3  # + the shuffle buffer
+    # a consumed shard none of whose records was still in the shuffle buffer is not opened
+    assert "a-000000.tar" not in opened and len(opened) == 4
     assert _keys(interrupted) == _keys(straight.output_dir)
     expected, actual = model_weights(straight.output_dir), model_weights(interrupted)
     for name, value in expected.items():
