@@ -66,15 +66,15 @@ def shuffle_backlog(
     ]
     read: list[Position] = []
 
-    def inputs() -> Iterator[Position | None]:
+    def inputs() -> Iterator[Position]:
+        # ends where the mark's reading stood: had the shards given more before the
+        # ``drawn``-th output, the shuffle would have read them and the counts say so
         for position in _mixed(streams, weights):
             read.append(position)
             yield position
-        while True:  # what the mark had not read yet
-            yield None
 
     sent = set(islice(_shuffled(inputs(), buffer, seed), drawn))
-    if None in sent or len(read) != sum(map(sum, counts)):
+    if len(sent) != drawn or len(read) != sum(map(sum, counts)):
         raise OutOfStep(f"the mark's counts {counts} do not give {drawn} records")
     return set(read) - sent
 
