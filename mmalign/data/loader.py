@@ -1,10 +1,14 @@
 """The training/evaluation loader: WebDataset shards in, batches with presence masks out.
 
 Per DataLoader worker: shards of this split (rank x worker) -> raw records (tar members up to
-``data.max_member_bytes``) -> shuffle buffer -> per-extension decode (within the per-record
-limits) -> the towers' ``preprocess`` -> batches through the towers' ``collate``. The main
-process adds up the counters each batch carries and logs each skipped record with its shard
-and key (logger ``mmalign.data``; a training run writes it to ``train.log``).
+``data.max_member_bytes``; several sources mixed by weight, :mod:`mmalign.data.sources`;
+URL shards retried, :mod:`mmalign.data.remote`) -> shuffle buffer -> per-extension decode
+(within the per-record limits) -> the towers' ``preprocess`` -> batches through the towers'
+``collate``. The main process adds up the counters each batch carries (``<source>/...`` per
+named source, ``faults/...`` per failed shard read) and logs each skipped record with its
+shard and key (logger ``mmalign.data``; a training run writes it to ``train.log``). Finite
+epochs keep a resume mark (:meth:`Loader.resume_mark`) that a resumed run hands to
+:meth:`Loader.fast_forward` (:mod:`mmalign.data.resume`).
 
 An epoch that yields no batch raises :class:`NoUsableData` naming the shards and the
 counters. A resampled stream (endless) raises it too, instead of spinning, once a worker has
