@@ -42,6 +42,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from mmalign.config import ConfigError
 from mmalign.data.records import read_shards
 from mmalign.data.sources import resolve_sources
 from mmalign.eval.loading import collect_embeddings, load_model
@@ -257,13 +258,18 @@ def curate(
     near-duplicate search (``""``: the first of ``modalities``; None: no search)."""
     trained = load_model(model)
     names = list(modalities or trained.modalities)
-    urls = [url for source in resolve_sources(shards) for url in source.urls]
+    urls = [url for source in resolve_sources(shards, "--data") for url in source.urls]
+    dedup = names[0] if dedup == "" else dedup
+    if dedup is not None and dedup not in names:
+        raise ConfigError(
+            f"{dedup!r} is not one of the scored modalities {names} (--dedup); name one of "
+            "them or pass --no-dedup"
+        )
     collected = collect_embeddings(
         trained, urls, names, fields=fields, run_dir=model, batch_size=batch_size
     )
     scores = record_scores(trained.objective, collected.embeddings, collected.present)
     cut = score_cut(scores, threshold, keep_fraction)
-    dedup = names[0] if dedup == "" else dedup
     vectors = None
     if dedup is not None:
         present = collected.present[dedup].numpy()[:, None]

@@ -160,3 +160,16 @@ def test_curate_removes_swapped_pairs_and_copies_and_keeps_the_originals(
     assert report["cut"] == 0.8 and report["dedup"] == {"modality": "x", "threshold": 0.995}
     with Image.open(out / "scores.png") as image:
         assert image.size[0] > 400
+
+
+def test_a_dedup_modality_that_is_not_scored_is_one_line(
+    tmp_path: Path, trained: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shards = write_shards(tmp_path, "few", shards=1, per_shard=4)
+    arguments = ["curate", str(trained), "--data", shards, "--out", str(tmp_path / "out")]
+    assert main(["prep", *arguments, "--dedup", "z"]) == 2
+    assert capsys.readouterr().err == (
+        "mmalign: error: 'z' is not one of the scored modalities ['x', 'y'] (--dedup); name one "
+        "of them or pass --no-dedup\n"
+    )
+    assert not (tmp_path / "out").exists()
