@@ -113,6 +113,7 @@ class ShardBatches(IterableDataset):
     def __iter__(self) -> Iterator[Delivery]:
         split = current_split(*self.world)
         self.spec.epoch = self.epoch  # data.views: sample picks per pass
+        take_faults()  # faults of earlier reading in this process are not this epoch's
         survey = None
         if self.resampled:
             survey = ShardSurvey(self.urls, self.spec.fields if self.require_modalities else {})

@@ -26,6 +26,7 @@ import logging
 import tarfile
 import urllib.error
 import urllib.request
+from collections import deque
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -60,8 +61,9 @@ class Fault:
     message: str
 
 
-FAULTS: list[Fault] = []
-"""Faults of this process not yet collected by :func:`take_faults`."""
+FAULTS: deque[Fault] = deque(maxlen=10_000)
+"""Faults of this process not yet collected by :func:`take_faults` (the latest 10,000: code
+that reads shards without a loader does not collect them)."""
 
 
 def take_faults() -> list[Fault]:
