@@ -13,6 +13,7 @@ import json
 import math
 import re
 import shlex
+import tarfile
 import time
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,21 @@ def output_of(outputs: dict[str, str], prefix: str) -> str:
 
 
 # -- the files a user starts from ------------------------------------------------------------
+def shape_image(index: int, rng: np.random.Generator) -> tuple[Image.Image, str, int]:
+    """A 48 px square (even ``index``) or circle (odd) of colour ``index % 4``, its caption
+    and the colour's label."""
+    label = index % len(COLOURS)
+    colour = list(COLOURS)[label]
+    image = Image.new("RGB", (48, 48), tuple(int(v) for v in rng.integers(0, 60, 3)))
+    x, y = rng.integers(4, 24, 2)
+    size = int(rng.integers(14, 22))
+    draw = ImageDraw.Draw(image)
+    shape = draw.ellipse if index % 2 else draw.rectangle
+    shape([int(x), int(y), int(x) + size, int(y) + size], fill=COLOURS[colour])
+    template = ["a {} square", "a {} circle"][index % 2]
+    return image, template.format(colour), label
+
+
 def write_photos(folder: Path, count: int = 160) -> None:
     """``photos/images/*.jpg`` of coloured shapes and ``photos/captions.csv``, plus a row
     whose image is missing and one whose image is corrupt."""
@@ -95,18 +111,10 @@ def write_photos(folder: Path, count: int = 160) -> None:
     (folder / "images").mkdir(parents=True)
     rows = []
     for index in range(count):
-        label = index % len(COLOURS)
-        colour = list(COLOURS)[label]
-        image = Image.new("RGB", (48, 48), tuple(int(v) for v in rng.integers(0, 60, 3)))
-        x, y = rng.integers(4, 24, 2)
-        size = int(rng.integers(14, 22))
-        draw = ImageDraw.Draw(image)
-        shape = draw.ellipse if index % 2 else draw.rectangle
-        shape([int(x), int(y), int(x) + size, int(y) + size], fill=COLOURS[colour])
+        image, caption, label = shape_image(index, rng)
         name = f"images/{index:04d}.jpg"
         image.save(folder / name, quality=90)
-        template = ["a {} square", "a {} circle"][index % 2]
-        rows.append([f"{index:04d}", name, template.format(colour), label])
+        rows.append([f"{index:04d}", name, caption, label])
     (folder / "images" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     rows += [["9998", "images/missing.jpg", "a red square", 0]]
     rows += [["9999", "images/broken.jpg", "a red square", 0]]
@@ -208,6 +216,34 @@ def write_patients(folder: Path, count: int = 240) -> np.ndarray:
     return np.array(labs)
 
 
+def write_img2dataset(folder: Path, shards: int = 4, per_shard: int = 48) -> dict[str, int]:
+    """What ``img2dataset --output_format webdataset`` writes: ``00000.tar`` ... with
+    ``<key>.jpg``, ``<key>.txt`` and ``<key>.json`` per record, and beside each tar a
+    ``.parquet`` and a ``_stats.json``; returns each key's colour label."""
+    rng = np.random.default_rng(4)
+    folder.mkdir(parents=True)
+    labels = {}
+    for shard in range(shards):
+        with tarfile.open(folder / f"{shard:05d}.tar", "w") as archive:
+            for row in range(per_shard):
+                index = shard * per_shard + row
+                image, caption, labels[f"{index:09d}"] = shape_image(index, rng)
+                jpeg = io.BytesIO()
+                image.save(jpeg, format="JPEG", quality=90)
+                meta = {"url": f"https://example.org/{index}.jpg", "caption": caption}
+                for extension, data in [
+                    ("jpg", jpeg.getvalue()),
+                    ("txt", caption.encode()),
+                    ("json", json.dumps({**meta, "key": f"{index:09d}"}).encode()),
+                ]:
+                    info = tarfile.TarInfo(f"{index:09d}.{extension}")
+                    info.size = len(data)
+                    archive.addfile(info, io.BytesIO(data))
+        (folder / f"{shard:05d}.parquet").write_bytes(b"PAR1 not read by mmalign PAR1")
+        (folder / f"{shard:05d}_stats.json").write_text(json.dumps({"successes": per_shard}))
+    return labels
+
+
 # -- the guides ---------------------------------------------------------------------------------
 def read_metrics(run: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -306,3 +342,13 @@ def test_guide_configs_read_the_directories_prep_writes() -> None:
         for command in commands[2:]:
             if "--data" in command:
                 assert command[command.index("--data") + 1] == f"{out}/val"
+
+
+def test_img2dataset_guide(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    labels = write_img2dataset(tmp_path / "laion")
+    outputs = run_guide(ROOT / "docs" / "img2dataset.md", tmp_path, monkeypatch)
+    losses = training_losses(tmp_path / "runs/guides/img2dataset")
+    assert losses[-1] < math.log(32) - 1.0 and losses[-1] < losses[0]  # chance: log(batch)
+    assert read_export(tmp_path / "emb/laion")["rows"] == 48  # the held-out shard
+    rows = search_rows(output_of(outputs, "mmalign search"))
+    assert len(rows) == 5 and sum(labels[row["key"]] == 0 for row in rows) >= 4  # red

@@ -16,6 +16,7 @@ from mmalign.config.loading import apply_overrides, load_config
 from mmalign.config.sections import (
     Config,
     DataConfig,
+    DataSource,
     EvalConfig,
     ModelConfig,
     ObjectiveConfig,
@@ -30,6 +31,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataConfig",
+    "DataSource",
     "EvalConfig",
     "LoraSettings",
     "ModelConfig",

@@ -236,11 +236,39 @@ class ModelConfig(_Section):
         return objective_config(value, list(info.data.get("towers") or {}) or None)
 
 
+_RESERVED_SOURCE_NAMES = ("seen", "used", "skipped", "dropped", "faults")
+
+
+class DataSource(_Section):
+    """One weighted source of ``data.train`` (a list of these mixes several datasets)."""
+
+    shards: str | list[str]
+    """The source's shards (any form ``data.train`` accepts)."""
+    weight: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    """Relative weight: the share of the records drawn from this source (resampled streams)
+    or of the interleaving (finite epochs) is ``weight / sum of weights``."""
+    name: str | None = None
+    """Name in the counters ``data/<name>/used`` and the plan (default ``source<i>``)."""
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str | None) -> str | None:
+        if name is not None and (
+            not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in _RESERVED_SOURCE_NAMES
+        ):
+            raise ValueError(
+                f"{name!r} must be letters, digits, '_', '.' or '-' and none of "
+                f"{', '.join(_RESERVED_SOURCE_NAMES)}"
+            )
+        return name
+
+
 class DataConfig(_Section):
     """Where the shards are and how records map to modalities."""
 
-    train: str | list[str] | None = None
-    """Shards: brace notation, a directory, a list, or any URL webdataset opens."""
+    train: str | list[str] | list[DataSource] | None = None
+    """Shards: brace notation, a directory, a list, or any URL webdataset opens; or a list of
+    weighted sources ``{shards, weight, name}`` mixed by weight (``docs/data_sources.md``)."""
     val: str | list[str] | None = None
     test: str | list[str] | None = None
     fields: dict[str, str] = {}
@@ -278,6 +306,26 @@ class DataConfig(_Section):
     max_audio_seconds: float = Field(default=600.0, gt=0)
     """Per-record limit: longest audio clip (from the header, before decoding); longer:
     ``too_long``."""
+
+    read_timeout: float = Field(default=60.0, gt=0, allow_inf_nan=False)
+    """Seconds an ``http(s)://`` shard may go without sending a byte before the read is
+    retried (``docs/data_sources.md``)."""
+    retries: int = Field(default=3, ge=0)
+    """Retries of a shard whose reading fails (connection refused or dropped, timeout, HTTP
+    error, failed ``pipe:`` command) before it is skipped as ``unreachable_shard``."""
+    retry_backoff: float = Field(default=1.0, ge=0, allow_inf_nan=False)
+    """Seconds before the first retry, doubled for each further one."""
+
+    @field_validator("train")
+    @classmethod
+    def _unique_source_names(
+        cls, train: str | list[str] | list[DataSource] | None
+    ) -> str | list[str] | list[DataSource] | None:
+        if isinstance(train, list) and train and isinstance(train[0], DataSource):
+            names = [getattr(s, "name", None) or f"source{i}" for i, s in enumerate(train)]
+            if len(set(names)) < len(names):
+                raise ValueError(f"the sources' names must differ; got {names}")
+        return train
 
     @field_validator("audio_sample_rates")
     @classmethod

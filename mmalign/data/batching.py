@@ -136,6 +136,12 @@ def collate_samples(samples: list[Sample], spec: RecordSpec) -> Batch:
     )
 
 
+def _count_used(counts: Counter[str], samples: list[Sample]) -> None:
+    """Add ``samples`` to ``used`` and to their sources' ``<source>/used``."""
+    counts["used"] += len(samples)
+    counts.update(f"{sample.source}/used" for sample in samples if sample.source)
+
+
 def batches(
     entries: Iterable[Sample | Rejected],
     spec: RecordSpec,
@@ -150,8 +156,12 @@ def batches(
     reported: set[tuple[str, str, str]] = set()
     for entry in entries:
         counts["seen"] += 1
+        if entry.source:
+            counts[f"{entry.source}/seen"] += 1
         if isinstance(entry, Rejected):
             counts[entry.counter] += 1
+            if entry.source:
+                counts[f"{entry.source}/{entry.counter}"] += 1
             where = (entry.url, entry.key, entry.counter)
             if entry.key and where not in reported:
                 reported.add(where)
@@ -159,13 +169,13 @@ def batches(
             continue
         pending.append(entry)
         if len(pending) == batch_size:
-            counts["used"] += len(pending)
+            _count_used(counts, pending)
             batch = collate_samples(pending, spec)
             batch.counters = dict(counts)
             yield batch, skipped
             pending, counts, skipped = [], Counter(), []
     if pending and not drop_last:
-        counts["used"] += len(pending)
+        _count_used(counts, pending)
         batch = collate_samples(pending, spec)
         batch.counters = dict(counts)
         yield batch, skipped

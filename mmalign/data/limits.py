@@ -27,9 +27,10 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mmalign.config import DataConfig
+from mmalign.data.remote import NetworkPolicy
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,8 @@ class RecordLimits:
     max_decoded_bytes: int
     audio_sample_rates: tuple[int, int]
     max_audio_seconds: float
+    network: NetworkPolicy = field(default_factory=NetworkPolicy)
+    """How URL shards are read (``data.read_timeout``, ``data.retries``, ...)."""
 
     @classmethod
     def from_config(cls, data: DataConfig) -> RecordLimits:
@@ -54,6 +57,7 @@ class RecordLimits:
             max_decoded_bytes=data.max_decoded_bytes,
             audio_sample_rates=data.audio_sample_rates,
             max_audio_seconds=float(data.max_audio_seconds),
+            network=NetworkPolicy(data.read_timeout, data.retries, data.retry_backoff),
         )
 
 

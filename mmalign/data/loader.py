@@ -1,10 +1,14 @@
 """The training/evaluation loader: WebDataset shards in, batches with presence masks out.
 
 Per DataLoader worker: shards of this split (rank x worker) -> raw records (tar members up to
-``data.max_member_bytes``) -> shuffle buffer -> per-extension decode (within the per-record
-limits) -> the towers' ``preprocess`` -> batches through the towers' ``collate``. The main
-process adds up the counters each batch carries and logs each skipped record with its shard
-and key (logger ``mmalign.data``; a training run writes it to ``train.log``).
+``data.max_member_bytes``; several sources mixed by weight, :mod:`mmalign.data.sources`;
+URL shards retried, :mod:`mmalign.data.remote`) -> shuffle buffer -> per-extension decode
+(within the per-record limits) -> the towers' ``preprocess`` -> batches through the towers'
+``collate``. The main process adds up the counters each batch carries (``<source>/...`` per
+named source, ``faults/...`` per failed shard read) and logs each skipped record with its
+shard and key (logger ``mmalign.data``; a training run writes it to ``train.log``). Finite
+epochs keep a resume mark (:meth:`Loader.resume_mark`) that a resumed run hands to
+:meth:`Loader.fast_forward` (:mod:`mmalign.data.resume`).
 
 An epoch that yields no batch raises :class:`NoUsableData` naming the shards and the
 counters. A resampled stream (endless) raises it too, instead of spinning, once a worker has
@@ -22,24 +26,27 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from itertools import islice
 from types import EllipsisType
 from typing import Any
 
-import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from mmalign.batch import Batch
-from mmalign.config import ConfigError, DataConfig
+from mmalign.config import ConfigError, DataConfig, DataSource
 from mmalign.data.batching import batches, take_samples, to_sample
 from mmalign.data.decode import parse_alternatives
 from mmalign.data.limits import DEFAULT_LIMITS, RecordLimits
-from mmalign.data.records import log_skip, raw_records
+from mmalign.data.records import log_skip, raw_records, read_shard
+from mmalign.data.remote import Fault, take_faults
+from mmalign.data.resume import resumed_records
 from mmalign.data.samples import RecordSpec, Rejected, Sample, Tower
-from mmalign.data.shards import expand_shards
-from mmalign.data.splitting import Split, current_split
+from mmalign.data.sources import ShardSource, resolve_sources
+from mmalign.data.splitting import Split, current_split, plan_split
 from mmalign.data.survey import ShardSurvey, missing_modalities
 from mmalign.data.views import check_views, parse_group_field
 from mmalign.dist import resolve_world
@@ -61,12 +68,14 @@ class ShardBatches(IterableDataset):
     """The batches of one rank for one epoch.
 
     :class:`Loader` sets ``epoch`` and ``world`` (rank and world size: the given ones, else
-    torch.distributed's when it is initialized by then) before each epoch.
+    torch.distributed's when it is initialized by then) before each epoch, and
+    ``fast_forward`` (reader index -> raw records drawn, samples taken and records read per
+    shard) to resume an epoch without decoding what was consumed.
     """
 
     def __init__(
         self,
-        urls: list[str],
+        sources: list[ShardSource],
         spec: RecordSpec,
         batch_size: int,
         *,
@@ -80,7 +89,7 @@ class ShardBatches(IterableDataset):
         require_modalities: bool = False,
     ) -> None:
         super().__init__()
-        self.urls = urls
+        self.sources = sources
         self.spec = spec
         self.batch_size = batch_size
         self.rank = rank
@@ -93,15 +102,65 @@ class ShardBatches(IterableDataset):
         self.require_modalities = require_modalities
         self.epoch = 0
         self.world = resolve_world(rank, world_size)
+        self.fast_forward: dict[int, tuple[int, int, list[list[int]] | None]] = {}
+        self.source_of = {url: s.name for s in sources if s.named for url in s.urls}
+
+    @property
+    def urls(self) -> list[str]:
+        """The shard URLs of every source."""
+        return [url for source in self.sources for url in source.urls]
 
     def __iter__(self) -> Iterator[Delivery]:
         split = current_split(*self.world)
         self.spec.epoch = self.epoch  # data.views: sample picks per pass
+        take_faults()  # faults of earlier reading in this process are not this epoch's
         survey = None
         if self.resampled:
             survey = ShardSurvey(self.urls, self.spec.fields if self.require_modalities else {})
+        drawn, taken, counts = self.fast_forward.get(split.index, (0, 0, None))
+        observed: list[list[int]] = [[] for _ in self.sources]
+        records = self._records(split, survey, observed, drawn, counts)
+        tally = Tally(drawn, taken)
+        entries = _settled(records, self.spec, survey, self.source_of, tally)
+        share = _share(self.epoch_samples, split)
+        entries = take_samples(entries, None if share is None else share - taken)
+        for batch, skipped in batches(entries, self.spec, self.batch_size, self.drop_last):
+            shards = [list(counts) for counts in observed]
+            yield Delivery(batch, skipped, None, split.index, tally.drawn, tally.samples, shards)
+        if survey is not None and survey.verdict is not None:
+            yield Delivery(Batch.empty(self.spec.modalities, {}), [], survey.verdict)
+
+    def _records(
+        self,
+        split: Split,
+        survey: ShardSurvey | None,
+        observed: list[list[int]],
+        drawn: int,
+        counts: list[list[int]] | None,
+    ) -> Iterator[dict[str, Any]]:
+        """This split's raw records, after the first ``drawn`` when resuming: without
+        opening the consumed shards when the mark counted them (:mod:`mmalign.data.resume`),
+        else read and passed over."""
+        shuffle = self.shuffle_buffer > 0
+        plans = [
+            plan_split(s.urls, split, shuffle=shuffle, seed=self.seed, epoch=self.epoch)
+            for s in self.sources
+        ]
+        if drawn and counts is not None and all(plan.stride == 1 for plan in plans):
+            return resumed_records(
+                self.sources,
+                [plan.urls for plan in plans],
+                counts,
+                drawn,
+                buffer=self.shuffle_buffer,
+                seed=self.seed,
+                epoch=self.epoch,
+                index=split.index,
+                read_shard=functools.partial(read_shard, limits=self.spec.limits),
+                observed=observed,
+            )
         records = raw_records(
-            self.urls,
+            self.sources,
             split,
             resampled=self.resampled,
             shuffle_buffer=self.shuffle_buffer,
@@ -109,33 +168,55 @@ class ShardBatches(IterableDataset):
             epoch=self.epoch,
             limits=self.spec.limits,
             survey=survey,
+            observed=observed,
         )
-        entries = _settled(records, self.spec, survey)
-        entries = take_samples(entries, _share(self.epoch_samples, split))
-        for batch, skipped in batches(entries, self.spec, self.batch_size, self.drop_last):
-            yield Delivery(batch, skipped)
-        if survey is not None and survey.verdict is not None:
-            yield Delivery(Batch.empty(self.spec.modalities, {}), [], survey.verdict)
+        return islice(records, drawn, None) if drawn else records
+
+
+@dataclass
+class Tally:
+    """Raw records a reader drew and samples it took so far in an epoch."""
+
+    drawn: int = 0
+    samples: int = 0
 
 
 @dataclass
 class Delivery:
     """What a worker sends: a batch, the records skipped since the previous one, and why the
-    stream stopped when it cannot give what is asked (``verdict``)."""
+    stream stopped when it cannot give what is asked (``verdict``); the reader that sent it,
+    its :class:`Tally` after the batch, and the shard faults since its previous delivery."""
 
     batch: Batch
     skipped: list[Rejected]
     verdict: str | None = None
+    reader: int = 0
+    drawn: int = 0
+    samples: int = 0
+    shards: list[list[int]] | None = None
+    """Records read of each shard the reader started, per source (:mod:`~.resume`)."""
+    faults: list[Fault] = field(default_factory=take_faults)
 
 
 def _settled(
-    records: Iterable[dict[str, Any]], spec: RecordSpec, survey: ShardSurvey | None
+    records: Iterable[dict[str, Any]],
+    spec: RecordSpec,
+    survey: ShardSurvey | None,
+    source_of: Mapping[str, str],
+    tally: Tally,
 ) -> Iterator[Sample | Rejected]:
-    """``to_sample`` of each record, reported to ``survey`` (used or not)."""
+    """``to_sample`` of each record, tagged with its source, reported to ``survey`` (used
+    or not) and counted in ``tally``."""
     for raw in records:
         entry = to_sample(raw, spec)
+        tally.drawn += 1
+        if isinstance(entry, Sample):
+            tally.samples += 1
         if survey is not None:
             survey.settle(raw, list(entry.items) if isinstance(entry, Sample) else None)
+        source = source_of.get(raw["__url__"], "")
+        if source:
+            entry = replace(entry, source=source)
         yield entry
 
 
@@ -170,6 +251,10 @@ class Loader:
         self.epoch = 0
         self._counters: Counter[str] = Counter()
         self._first_skip: Rejected | None = None
+        self.faults: Counter[str] = Counter()
+        """Failed reads per shard URL so far (:mod:`mmalign.data.remote`)."""
+        self._mark: dict[str, Any] | None = None
+        self._resume: dict[str, Any] | None = None
 
     @property
     def modalities(self) -> list[str]:
@@ -177,7 +262,8 @@ class Loader:
 
     @property
     def counters(self) -> dict[str, int]:
-        """Records ``seen``, ``used``, ``skipped/<reason>`` and ``dropped/<reason>`` so far."""
+        """Records ``seen``, ``used``, ``skipped/<reason>`` and ``dropped/<reason>`` so far
+        (and ``<source>/...`` of named sources, ``faults/<outcome>`` of shard reads)."""
         return {"seen": 0, "used": 0, **dict(sorted(self._counters.items()))}
 
     def state_dict(self) -> dict[str, Any]:
@@ -188,6 +274,25 @@ class Loader:
         self.epoch = int(state["epoch"])
         self._counters = Counter(state.get("counters", {}))
 
+    def resume_mark(self) -> dict[str, Any] | None:
+        """Where the next epoch-resume can start without decoding: the latest batch count
+        of this epoch after which every reader had sent the same number of batches, with
+        each reader's :class:`Tally` and the counters then (None: none yet, or resampled)."""
+        return self._mark
+
+    def fast_forward(self, mark: Mapping[str, Any]) -> bool:
+        """Make the next ``iter()`` start after a :meth:`resume_mark` of the same epoch (its
+        batches are not yielded: the readers pass over their records without decoding).
+        False (and nothing changes) when the mark was made by other readers (another
+        ``data.workers`` or rank) or the stream is resampled."""
+        rank, _ = resolve_world(self.stream.rank, self.stream.world_size)
+        readers = max(self.workers, 1)
+        expected = {str(rank * readers + worker) for worker in range(readers)}
+        if self.stream.resampled or set(mark.get("readers", {})) != expected:
+            return False
+        self._resume = dict(mark)
+        return True
+
     def _source(self) -> Iterator[Delivery]:
         if self.workers == 0:
             return iter(self.stream)
@@ -195,29 +300,51 @@ class Loader:
             DataLoader(self.stream, batch_size=None, num_workers=self.workers, collate_fn=_keep)
         )
 
-    def __iter__(self) -> Iterator[Batch]:
+    def _start(self) -> _Progress:
+        """Set up the stream for the next epoch; the progress it starts from."""
         self.stream.epoch = self.epoch
         self.stream.world = resolve_world(self.stream.rank, self.stream.world_size)
         self.epoch += 1
-        yielded = 0
-        present = torch.zeros(len(self.modalities), dtype=torch.bool)
+        progress = _Progress(max(self.workers, 1), len(self.modalities))
+        self._mark, resume, self._resume = None, self._resume, None
+        self.stream.fast_forward = {}
+        if resume is not None:
+            progress.restore(resume)
+            self.stream.fast_forward = progress.tallies()
+            self._counters = Counter(resume["counters"])
+            self._mark = resume
+        return progress
+
+    def _take(self, delivery: Delivery) -> None:
+        """Add up a delivery's counters, log its skipped records, count its faults."""
+        batch = delivery.batch
+        self._counters.update(batch.counters)
+        batch.counters = {}
+        for skip in delivery.skipped:
+            log_skip(skip.url, skip.key, skip.counter.removeprefix("skipped/"), skip.message)
+        self._first_skip = self._first_skip or next(iter(delivery.skipped), None)
+        for fault in delivery.faults:
+            self._counters[f"faults/{fault.outcome}"] += 1
+            self.faults[fault.url] += 1
+
+    def __iter__(self) -> Iterator[Batch]:
+        progress = self._start()
         for delivery in self._source():
-            batch = delivery.batch
-            self._counters.update(batch.counters)
-            batch.counters = {}
-            for skip in delivery.skipped:
-                log_skip(skip.url, skip.key, skip.counter.removeprefix("skipped/"), skip.message)
-            self._first_skip = self._first_skip or next(iter(delivery.skipped), None)
+            self._take(delivery)
             if delivery.verdict is not None:
                 raise self._no_batch(delivery.verdict)
-            if batch.keys:
-                yielded += 1
-                present |= batch.present.any(0)
-                yield batch
-        if yielded == 0:
+            batch = delivery.batch
+            if not batch.keys:
+                progress.finished = True
+                continue
+            progress.add(delivery, batch)
+            if not self.stream.resampled and progress.even():
+                self._mark = progress.mark(self._counters)
+            yield batch
+        if progress.yielded == 0:
             raise self._no_batch()
-        if self._whole_epoch_checked() and not present.all():
-            missing = [m for m, found in zip(self.modalities, present.tolist()) if not found]
+        if self._whole_epoch_checked() and not all(progress.present):
+            missing = [m for m, found in zip(self.modalities, progress.present) if not found]
             fields = self.stream.spec.fields
             raise self._no_batch(missing_modalities(len(self.stream.urls), missing, fields))
 
@@ -250,6 +377,51 @@ class Loader:
         return NoUsableData(f"{what} ({_listed(stream.urls)}; records {shown}){example}; {hint}")
 
 
+class _Progress:
+    """What one epoch of a :class:`Loader` has yielded: batches in all and per reader, each
+    reader's latest :class:`Tally`, the modalities present so far."""
+
+    def __init__(self, readers: int, modalities: int) -> None:
+        self.readers = readers
+        self.yielded = 0
+        self.sent: Counter[int] = Counter()
+        self.latest: dict[int, tuple[int, int, list[list[int]] | None]] = {}
+        self.present = [False] * modalities
+        self.finished = False
+
+    def add(self, delivery: Delivery, batch: Batch) -> None:
+        self.yielded += 1
+        self.sent[delivery.reader] += 1
+        self.latest[delivery.reader] = (delivery.drawn, delivery.samples, delivery.shards)
+        self.present = [a or b for a, b in zip(self.present, batch.present.any(0).tolist())]
+
+    def even(self) -> bool:
+        """Whether every reader sent the same number of batches and none has finished (the
+        DataLoader's round robin starts again at the first reader)."""
+        counts = set(self.sent.values())
+        return not self.finished and len(self.sent) == self.readers and len(counts) == 1
+
+    def mark(self, counters: Mapping[str, int]) -> dict[str, Any]:
+        return {
+            "batches": self.yielded,
+            "readers": {str(r): list(t) for r, t in sorted(self.latest.items())},
+            "counters": dict(counters),
+            "present": list(self.present),
+        }
+
+    def restore(self, mark: Mapping[str, Any]) -> None:
+        self.yielded = int(mark["batches"])
+        self.latest = {
+            int(r): (int(t[0]), int(t[1]), t[2] if len(t) > 2 else None)
+            for r, t in mark["readers"].items()
+        }
+        self.sent = Counter(dict.fromkeys(self.latest, self.yielded // self.readers))
+        self.present = [bool(p) for p in mark["present"]]
+
+    def tallies(self) -> dict[int, tuple[int, int, list[list[int]] | None]]:
+        return dict(self.latest)
+
+
 def check_negatives(modality: str | None, towers: Mapping[str, Tower]) -> str | None:
     """``data.negatives`` must name a tower."""
     if modality is not None and modality not in towers:
@@ -269,7 +441,7 @@ def _check_fields(towers: Mapping[str, Tower], fields: Mapping[str, str]) -> Non
 
 
 def make_loader(
-    shards: str | Sequence[str],
+    shards: str | Sequence[str] | Sequence[DataSource],
     towers: Mapping[str, Tower],
     fields: Mapping[str, str],
     batch_size: int,
@@ -322,7 +494,7 @@ def make_loader(
         seed=seed,
     )
     stream = ShardBatches(
-        expand_shards(shards, field),
+        resolve_sources(shards, field),
         spec,
         batch_size,
         rank=rank,

@@ -1,7 +1,8 @@
 """Raw records out of tar shards, and decoded records for code that needs raw values.
 
-Shards are opened with webdataset's ``gopen`` (local files, ``pipe:``, ``http(s)://`` and the
-other schemes webdataset knows) and read member by member with ``tarfile`` in stream mode.
+Shards are opened by :func:`mmalign.data.remote.open_shard` (local files, ``pipe:`` and the
+other schemes through webdataset's ``gopen``, ``http(s)://`` with a read timeout; URL shards
+are retried when reading fails) and read member by member with ``tarfile`` in stream mode.
 Files are grouped into records by key here rather than by ``tarfile_to_samples`` so that a
 shard that ends in the middle of a record turns that record into an error marker (reason
 ``truncated_tar``) instead of a silently incomplete record, and so that a member's size is
@@ -23,7 +24,8 @@ import functools
 import logging
 import re
 import tarfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from itertools import islice
 from typing import Any
 
@@ -33,7 +35,9 @@ from webdataset.utils import make_seed
 
 from mmalign.data.decode import RecordError, decode_fields, parse_fields
 from mmalign.data.limits import DEFAULT_LIMITS, RecordLimits
-from mmalign.data.shards import expand_shards
+from mmalign.data.remote import READ_ERRORS, is_permanent, open_shard, record_fault
+from mmalign.data.shards import expand_shards, is_url
+from mmalign.data.sources import ShardSource, interleave, mix_resampled
 from mmalign.data.splitting import Split, plan_split
 from mmalign.data.survey import ShardSurvey
 from mmalign.dist import resolve_world
@@ -83,38 +87,70 @@ def _members(stream: Any, limits: RecordLimits) -> Iterator[tuple[str, bytes | R
             archive.members = []  # type: ignore[attr-defined]
 
 
-def read_shard(url: str, limits: RecordLimits = DEFAULT_LIMITS) -> Iterator[dict[str, Any]]:
-    """Raw records of one shard; a read error ends the shard with one error marker
-    (``truncated_tar`` after some records, ``unreadable_shard`` before any)."""
+def _attempt(
+    url: str, limits: RecordLimits, skip: int
+) -> Generator[dict[str, Any], None, tuple[int, BaseException | None, str | None]]:
+    """One reading of a shard, passing over its first ``skip`` records (given by an earlier
+    attempt); returns the records it got through, the error that ended it (or None) and the
+    key of the record being read then (or ``<after 'k'>``, or None before any record)."""
+    count = 0
     current: dict[str, Any] | None = None
     last_key = None
     stream = None
     try:
-        stream = wds.gopen(url)
+        stream = open_shard(url, limits.network)
         for name, data in _members(stream, limits):
             key, extension = base_plus_ext(name)
             if key is None:
                 continue
             if current is not None and key != current["__key__"]:
-                last_key = current["__key__"]
-                yield current
+                last_key, count = current["__key__"], count + 1
+                if count > skip:
+                    yield current
                 current = None
             current = current or {"__key__": key, "__url__": url}
             if isinstance(data, RecordError):
                 current.setdefault("__error__", (data.reason, data.detail))
             else:
                 current[extension.lower()] = data
-    except (tarfile.TarError, OSError, EOFError) as error:
-        started = current is not None or last_key is not None
-        key = current["__key__"] if current else f"<after {last_key!r}>" if started else "<shard>"
-        reason = "truncated_tar" if started else "unreadable_shard"
-        current = None
-        yield {"__key__": key, "__url__": url, "__error__": (reason, str(error))}
+    except READ_ERRORS as error:
+        where = current["__key__"] if current else f"<after {last_key!r}>" if last_key else None
+        return count, error, where
     finally:
         if stream is not None:
             _close_quietly(stream)
     if current is not None:
-        yield current
+        count += 1
+        if count > skip:
+            yield current
+    return count, None, None
+
+
+def read_shard(url: str, limits: RecordLimits = DEFAULT_LIMITS) -> Iterator[dict[str, Any]]:
+    """Raw records of one shard; a read error ends the shard with one error marker
+    (``truncated_tar`` after some records, ``unreadable_shard`` before any, or
+    ``unreachable_shard`` for a URL shard), after the retries of
+    :mod:`mmalign.data.remote` for a URL."""
+    policy, given, retry = limits.network, 0, 0
+    while True:
+        count, error, where = yield from _attempt(url, limits, given)
+        given = max(given, count)
+        if error is None:
+            return
+        remote = is_url(url)
+        if remote and retry < policy.retries and not is_permanent(error):
+            record_fault(url, "retried", error)
+            time.sleep(policy.delay(retry))
+            retry += 1
+            continue
+        if remote:
+            record_fault(url, "gave_up", error)
+        started = where is not None or given > 0
+        unread = "unreachable_shard" if remote else "unreadable_shard"
+        reason = "truncated_tar" if started else unread
+        key = where or (f"<after record {given}>" if started else "<shard>")
+        yield {"__key__": key, "__url__": url, "__error__": (reason, str(error))}
+        return
 
 
 def read_shards(
@@ -125,27 +161,17 @@ def read_shards(
         yield from read_shard(source["url"], limits)
 
 
-def raw_records(
+def _source_records(
     urls: list[str],
     split: Split,
+    reader: Any,
     *,
-    resampled: bool = False,
-    shuffle_buffer: int = 0,
-    seed: int = 0,
-    epoch: int = 0,
-    limits: RecordLimits = DEFAULT_LIMITS,
-    survey: ShardSurvey | None = None,
+    resampled: bool,
+    shuffle: bool,
+    seed: int,
+    epoch: int,
 ) -> wds.DataPipeline:
-    """The raw records (and error markers) one split reads in one epoch, shuffled if asked.
-
-    Resampled streams draw shards with replacement, seeded per split and epoch, forever, or
-    until ``survey`` has a verdict (the caller settles each record with it).
-    """
-    reader = functools.partial(read_shards, limits=limits)
-    if survey is not None:
-        reader = functools.partial(
-            survey.read, read_shard=functools.partial(read_shard, limits=limits)
-        )
+    """The raw records of one source's shards for one split (not shuffled by record)."""
     stride, offset = 1, 0
     if resampled:
         shard_source = wds.ResampledShards(
@@ -155,21 +181,95 @@ def raw_records(
             deterministic=True,
         )
     else:
-        plan = plan_split(urls, split, shuffle=shuffle_buffer > 0, seed=seed, epoch=epoch)
+        plan = plan_split(urls, split, shuffle=shuffle, seed=seed, epoch=epoch)
         shard_source = wds.SimpleShardList(plan.urls)
         stride, offset = plan.stride, plan.offset
     return wds.DataPipeline(
         shard_source,
         reader,
         (lambda records: islice(records, offset, None, stride)) if stride > 1 else None,
-        wds.shuffle(
-            shuffle_buffer,
-            initial=shuffle_buffer,
-            seed=make_seed(seed, epoch, split.index),
-        )
-        if shuffle_buffer > 1
-        else None,
     )
+
+
+def counting_reader(
+    read_one: Callable[[str], Iterator[dict[str, Any]]], observed: list[int]
+) -> Callable[[Iterable[Mapping[str, str]]], Iterator[dict[str, Any]]]:
+    """A reader of ``{"url": ...}`` shard entries (as :func:`read_shards`) that appends to
+    ``observed`` the number of records of each shard it starts, as they are read."""
+
+    def read(entries: Iterable[Mapping[str, str]]) -> Iterator[dict[str, Any]]:
+        for entry in entries:
+            observed.append(0)
+            for raw in read_one(entry["url"]):
+                observed[-1] += 1
+                yield raw
+
+    return read
+
+
+def raw_records(
+    sources: Sequence[str] | Sequence[ShardSource],
+    split: Split,
+    *,
+    resampled: bool = False,
+    shuffle_buffer: int = 0,
+    seed: int = 0,
+    epoch: int = 0,
+    limits: RecordLimits = DEFAULT_LIMITS,
+    survey: ShardSurvey | None = None,
+    observed: Sequence[list[int]] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """The raw records (and error markers) one split reads in one epoch, shuffled if asked.
+
+    ``sources`` are shard URLs (one source) or :class:`~mmalign.data.sources.ShardSource`
+    objects, mixed by weight (:mod:`mmalign.data.sources`). Resampled streams draw shards
+    with replacement, seeded per split and epoch, forever, or until ``survey`` has a verdict
+    (the caller settles each record with it). ``observed`` (one list per source) gets the
+    records read of each shard, in this split's order (:mod:`mmalign.data.resume`).
+    """
+    groups: list[ShardSource] = [
+        item if isinstance(item, ShardSource) else ShardSource("source0", 1.0, [item], False)
+        for item in sources
+    ]
+    if not isinstance(sources[0], ShardSource):
+        groups = [ShardSource("source0", 1.0, [url for g in groups for url in g.urls], False)]
+    reader = functools.partial(read_shards, limits=limits)
+    if survey is not None:
+        reader = functools.partial(
+            survey.read, read_shard=functools.partial(read_shard, limits=limits)
+        )
+    readers: list[Any] = [reader] * len(groups)
+    if observed is not None and survey is None:
+        one = functools.partial(read_shard, limits=limits)
+        readers = [counting_reader(one, counts) for counts in observed]
+    streams = [
+        iter(
+            _source_records(
+                group.urls,
+                split,
+                readers[index],
+                resampled=resampled,
+                shuffle=shuffle_buffer > 0,
+                seed=seed,
+                epoch=epoch,
+            )
+        )
+        for index, group in enumerate(groups)
+    ]
+    records: Iterator[dict[str, Any]] = streams[0]
+    if len(streams) > 1:
+        weights = [group.weight for group in groups]
+        records = (
+            mix_resampled(streams, weights, make_seed(seed, epoch, split.index, len(streams)))
+            if resampled
+            else interleave(streams, weights)
+        )
+    if shuffle_buffer > 1:
+        shuffle = wds.shuffle(
+            shuffle_buffer, initial=shuffle_buffer, seed=make_seed(seed, epoch, split.index)
+        )
+        records = shuffle(records)
+    return records
 
 
 def iterate_records(

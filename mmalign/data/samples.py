@@ -37,6 +37,8 @@ class Sample:
     group: int | None = None
     negatives: list[Sample] = field(default_factory=list)
     """Rows of the record's mined negatives (:mod:`mmalign.data.negatives`)."""
+    source: str = ""
+    """The named source it came from (:mod:`mmalign.data.sources`; empty: unnamed)."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,7 @@ class Rejected:
     url: str = ""
     key: str = ""
     message: str = ""
+    source: str = ""
 
 
 @dataclass

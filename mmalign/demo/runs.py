@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from mmalign.config import Config, ConfigError
+from mmalign.data.sources import resolve_sources
 from mmalign.model import AlignmentModel
 
 T = TypeVar("T")
@@ -37,7 +38,10 @@ class Run:
     @property
     def train_shards(self) -> Sequence[str]:
         """The config's ``data.train``."""
-        return _named(self.config.data.train, f"{self.config_file}: data.train")
+        _named(self.config.data.train, f"{self.config_file}: data.train")
+        assert self.config.data.train is not None
+        sources = resolve_sources(self.config.data.train)
+        return [url for source in sources for url in source.urls]
 
     @property
     def test_shards(self) -> Sequence[str]:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from mmalign.config import Config, ConfigError
-from mmalign.data.shards import expand_shards
+from mmalign.data.sources import resolve_sources
 from mmalign.training.parallel import strategy_problems
 
 
@@ -34,7 +34,7 @@ def _shard_problems(config: Config) -> list[str]:
         spec = getattr(config.data, split)
         if spec is not None:
             try:
-                expand_shards(spec, f"data.{split}")
+                resolve_sources(spec, f"data.{split}")
             except (FileNotFoundError, ValueError) as error:
                 problems.append(str(error))
     return problems

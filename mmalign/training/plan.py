@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from mmalign.config import Config, ConfigError
-from mmalign.data.shards import expand_shards
+from mmalign.data.sources import count_records, resolve_sources
 from mmalign.data.splitting import describe_split
 from mmalign.training.checks import total_steps
 
@@ -64,10 +64,30 @@ def _data_split(config: Config, processes: int) -> str:
     data = config.data
     if data.train is None:
         return "no data.train"
-    shards = len(expand_shards(data.train, "data.train"))
+    shards = sum(len(source.urls) for source in resolve_sources(data.train, "data.train"))
     if data.resampled:
         return f"each process and worker draws from all {shards} shards (resampled)"
     return describe_split(shards, processes, data.workers)
+
+
+def _source_lines(config: Config) -> list[str]:
+    """One line per named source of ``data.train``: its shards, weight and records."""
+    data = config.data
+    sources = resolve_sources(data.train, "data.train") if data.train is not None else []
+    total = sum(source.weight for source in sources)
+    lines = []
+    for source in sources:
+        if not source.named:
+            continue
+        share = f"weight {source.weight:g} ({source.weight / total:.1%})"
+        if data.resampled:
+            part = f"{share} of the records drawn"
+        else:
+            records = count_records(source.urls)
+            counted = "? (remote shards)" if records is None else str(records)
+            part = f"{share} of the interleaving; {counted} records per epoch"
+        lines.append(f"  source {source.name}: {len(source.urls)} shards, {part}")
+    return lines
 
 
 def describe_plan(config: Config, processes: int, device: torch.device | str) -> str:
@@ -101,6 +121,7 @@ def describe_plan(config: Config, processes: int, device: torch.device | str) ->
         f"{steps * global_batch} samples in all",
         f"  epoch: {epoch}",
         f"  data split: {_data_split(config, processes)}",
+        *_source_lines(config),
         f"  precision: {train.precision} on {device}",
         f"  validation: {validation}",
         f"  logs: every {train.log_every} steps to {output / 'train.log'} and "

@@ -3,7 +3,11 @@
 Each epoch is a fresh loader seeded from ``(data.seed, epoch)``; a finite loader that runs
 out starts the next epoch. The position is ``(epoch, batches consumed in that epoch)``, so a
 resumed run rebuilds the epoch's loader and skips the consumed batches: the same stream as
-an uninterrupted run, as long as the loader is deterministic for a seed. ``on_batch`` (if
+an uninterrupted run, as long as the loader is deterministic for a seed. A loader with a
+``resume_mark()`` (:class:`mmalign.data.Loader` of finite data) adds it to the position as
+``mark``; a resume hands it to the loader's ``fast_forward``, which passes over the records
+of the marked batches without decoding them, and only the batches after the mark are
+rebuilt and skipped. ``on_batch`` (if
 given) is called with ``(epoch, batches, batch)`` for each batch handed out (not for the
 batches a resume skips).
 
@@ -34,7 +38,7 @@ class EpochStream:
         self,
         make_loader: Callable[[int], Iterable[Any]],
         seed: int = 0,
-        position: dict[str, int] | None = None,
+        position: dict[str, Any] | None = None,
         on_batch: Callable[[int, int, Any], None] | None = None,
     ) -> None:
         self.make_loader = make_loader
@@ -42,14 +46,16 @@ class EpochStream:
         self.seed = seed
         self.epoch = (position or {}).get("epoch", 0)
         self.batches = (position or {}).get("batches", 0)
+        self._mark: dict[str, Any] | None = (position or {}).get("mark")
         self._loader: Iterable[Any] | None = None
         self._iterator: Iterator[Any] | None = None
         self._finished_counters: Counter[str] = Counter()
 
     def _open(self) -> Iterator[Any]:
         self._loader = self.make_loader(epoch_seed(self.seed, self.epoch))
+        start = self._fast_forward(self._loader)
         self._iterator = iterator = iter(self._loader)
-        for skipped in range(self.batches):
+        for skipped in range(start, self.batches):
             if next(iterator, None) is None:
                 raise RuntimeError(
                     f"cannot resume the data stream: epoch {self.epoch} ended after {skipped} "
@@ -57,6 +63,15 @@ class EpochStream:
                     "or data settings changed?"
                 )
         return iterator
+
+    def _fast_forward(self, loader: Any) -> int:
+        """Batches of the epoch the loader passes over without decoding (its
+        ``fast_forward`` to the position's mark, when it has one and accepts it)."""
+        mark, self._mark = self._mark, None
+        if mark is None or not 0 < mark["batches"] <= self.batches:
+            return 0
+        accepted = getattr(loader, "fast_forward", lambda mark: False)(mark)
+        return int(mark["batches"]) if accepted else 0
 
     def prime(self) -> Iterator[Any]:
         """Open the current epoch's loader now (and skip consumed batches); its iterator."""
@@ -85,9 +100,11 @@ class EpochStream:
     def _current_counters(self) -> dict[str, int]:
         return dict(getattr(self._loader, "counters", {}) or {})
 
-    def position(self) -> dict[str, int]:
-        """The resumable position: epoch and batches consumed in it."""
-        return {"epoch": self.epoch, "batches": self.batches}
+    def position(self) -> dict[str, Any]:
+        """The resumable position: epoch and batches consumed in it, and the loader's
+        ``resume_mark()`` (where a resume may skip to without decoding) if it has one."""
+        mark = getattr(self._loader, "resume_mark", lambda: None)() if self.batches else None
+        return {"epoch": self.epoch, "batches": self.batches} | ({"mark": mark} if mark else {})
 
     def counters(self) -> dict[str, int]:
         """The loader's record counters summed over the epochs of this process."""

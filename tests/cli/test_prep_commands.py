@@ -23,6 +23,7 @@ def _help(argv: list[str]) -> str:
 def test_prep_help_lists_every_tool() -> None:
     shown = _help(["prep", "--help"])
     assert sorted(TOOLS) == [
+        "curate",
         "from-manifest",
         "group-shards",
         "make-demo",
@@ -41,6 +42,7 @@ def test_prep_help_lists_every_tool() -> None:
         ("train-tokenizer", ["--shards", "--manifest", "--vocab-size", "--model-type"]),
         ("group-shards", ["--embeddings", "--modality", "--clusters", "--maxcount", "--seed"]),
         ("mine-negatives", ["--embeddings", "--query", "--candidates", "--k", "--max-ratio"]),
+        ("curate", ["--data", "--threshold", "--keep-fraction", "--dedup-threshold", "--missing"]),
     ],
 )
 def test_each_tool_help_shows_its_own_options(tool: str, options: list[str]) -> None:

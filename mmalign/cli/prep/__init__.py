@@ -15,6 +15,7 @@ from types import ModuleType
 
 from mmalign.cli.common import add_subcommands
 from mmalign.cli.prep import (
+    curate,
     from_manifest,
     group_shards,
     make_demo,
@@ -22,13 +23,17 @@ from mmalign.cli.prep import (
     train_tokenizer,
 )
 
-HELP = "write WebDataset shards (demo data, manifests, neighbours, hard negatives) or a tokenizer"
+HELP = (
+    "write WebDataset shards (demo data, manifests, neighbours, hard negatives, curated) "
+    "or a tokenizer"
+)
 TOOLS: dict[str, ModuleType] = {
     "make-demo": make_demo,
     "from-manifest": from_manifest,
     "train-tokenizer": train_tokenizer,
     "group-shards": group_shards,
     "mine-negatives": mine_negatives,
+    "curate": curate,
 }
 """Each ``mmalign prep`` tool and its module."""
 
