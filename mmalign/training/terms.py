@@ -86,7 +86,7 @@ def load_teacher(model: AlignmentModel) -> Teacher | None:
             f"{model.modalities}; use a teacher with the student's modalities"
         )
     assert isinstance(model.objective, TermsObjective)  # a model with terms wraps its objective
-    model.objective.teacher_logit_scale = float(teacher.logit_scale_value())
+    model.objective.teacher_logit_scale = float(teacher.logit_scale_value().detach())
     return Teacher(teacher)
 
 
