@@ -15,7 +15,8 @@ The terms (:mod:`mmalign.config.terms`):
 * ``queue`` (:mod:`mmalign.objectives.queue`): InfoNCE against the batch plus past embeddings.
 
 Embeddings whose key has an ``@`` (``graph@view2``, ``image@teacher``) go to the terms only;
-the main objective sees the modalities. ``distill`` and ``queue`` use the main objective's
+the main objective sees the modalities. A term whose inputs a batch lacks (validation batches
+have no second views and no teacher embeddings) is left out of that batch's loss. ``distill`` and ``queue`` use the main objective's
 pairs (``clip``/``anchored``/``sigmoid``; every pair for ``symile``).
 
 What is exact: ``two_view`` and ``distill`` are ordinary functions of the global batch, so they
@@ -133,6 +134,8 @@ class TermsObjective(Objective):
         loss, metrics = out.loss, {**out.metrics, "loss/main": out.metrics["loss"]}
         for term in self.term_configs:
             parts = self._parts(term, batch, teachers, scale, self.pairs(main))
+            if parts is None:  # validation batches have no second views nor teacher
+                continue
             value = _combine(parts, {part.name: 1.0 for part in parts}, batch, scale, None)
             loss = loss + term.weight * value.loss
             metrics[f"loss/{term.name}"] = value.metrics["loss"]
@@ -166,11 +169,13 @@ class TermsObjective(Objective):
         teachers: BatchView | None,
         scale: Tensor,
         pairs: list[tuple[str, str]],
-    ) -> list[TermLoss]:
+    ) -> list[TermLoss] | None:
+        """The parts of one term; ``None`` when the batch lacks its inputs (no second view,
+        no teacher embeddings)."""
         if isinstance(term, TwoViewTerm):
             second = second_view(term.modality)
             if second not in batch.modalities:
-                raise ValueError(f"{term.name} needs the loader's second view {second!r}")
+                return None
             return [nt_xent_term(batch, term.modality, second, term.temperature, term.name)]
         if isinstance(term, DistillTerm):
             return self._distill(term, batch, teachers, scale, pairs)
@@ -186,7 +191,9 @@ class TermsObjective(Objective):
         teachers: BatchView | None,
         scale: Tensor,
         pairs: list[tuple[str, str]],
-    ) -> list[TermLoss]:
+    ) -> list[TermLoss] | None:
+        if teachers is None:
+            return None
         if term.temperature is not None:
             student: Tensor | float = 1.0 / term.temperature
             teacher: Tensor | float = 1.0 / term.temperature
@@ -194,9 +201,9 @@ class TermsObjective(Objective):
             raise ValueError("distill without a temperature needs teacher_logit_scale")
         else:
             student, teacher = scale, self.teacher_logit_scale
-        known = [] if teachers is None else teachers.modalities
+        known = teachers.modalities
         taught = [pair for pair in pairs if all(teacher_name(name) in known for name in pair)]
-        if teachers is None or not taught:
+        if not taught:
             raise ValueError(f"distill: the teacher gave no embeddings for the pairs {pairs}")
         return [distill_term(batch, teachers, pair, student, teacher) for pair in taught]
 

@@ -134,7 +134,9 @@ def test_a_run_logs_each_term_and_resumes_exactly(
     tmp_path: Path, shards: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sections = _sections(_save_teacher(tmp_path / "teacher", 4, dim=12, names="xy"))
-    straight = train(tiny_config(tmp_path / "straight", shards, **sections))
+    sections["eval"] = {"every": 2}
+    straight = train(tiny_config(tmp_path / "straight", shards, shards, **sections))
+    assert any("val/loss" in r for r in metrics(straight.output_dir))  # without views, teacher
     records = [r for r in metrics(straight.output_dir) if "train/loss" in r]
     for record in records:
         parts = [record[f"train/loss/{name}"] for name in ("two_view_x", "distill", "queue")]
@@ -151,10 +153,10 @@ def test_a_run_logs_each_term_and_resumes_exactly(
     interrupted = tmp_path / "interrupted"
     monkeypatch.setattr(Trainer, "_after_step", stop_after_two)
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_config(interrupted, shards, **sections))
+        train(tiny_config(interrupted, shards, shards, **sections))
     monkeypatch.undo()
     (interrupted / ".lock").unlink(missing_ok=True)
-    train(tiny_config(interrupted, shards, **sections), resume=True)
+    train(tiny_config(interrupted, shards, shards, **sections), resume=True)
 
     expected, actual = model_weights(straight.output_dir), model_weights(interrupted)
     assert "objective.queue.y_embeddings" in expected
