@@ -16,8 +16,9 @@ The terms (:mod:`mmalign.config.terms`):
 
 Embeddings whose key has an ``@`` (``graph@view2``, ``image@teacher``) go to the terms only;
 the main objective sees the modalities. A term whose inputs a batch lacks (validation batches
-have no second views and no teacher embeddings) is left out of that batch's loss. ``distill`` and ``queue`` use the main objective's
-pairs (``clip``/``anchored``/``sigmoid``; every pair for ``symile``).
+have no second views and no teacher embeddings) is left out of that batch's loss.
+``distill`` and ``queue`` use the main objective's pairs (``clip``/``anchored``/``sigmoid``;
+every pair for ``symile``).
 
 What is exact: ``two_view`` and ``distill`` are ordinary functions of the global batch, so they
 are exact under exact accumulation (the second views are cached and spliced like any modality,
