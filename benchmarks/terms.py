@@ -130,7 +130,9 @@ def variant_config(args: argparse.Namespace, name: str) -> dict:
     config = base_config(args, ["image", "text"], digits, out)
     config["data"]["batch_size"] = args.small_batch
     if name == "queue_on":
-        config["model"]["objective"]["terms"] = [{"type": "queue", "size": args.queue}]
+        config["model"]["objective"]["terms"] = [
+            {"type": "queue", "size": args.queue, "weight": args.queue_weight}
+        ]
     if name == "queue_big_batch":
         config["train"]["accumulate"] = args.queue // args.small_batch
     return config
@@ -201,6 +203,8 @@ def main() -> None:
     parser.add_argument("--student-width", type=int, default=4)
     parser.add_argument("--small-batch", type=int, default=32)
     parser.add_argument("--queue", type=int, default=4096)
+    parser.add_argument("--queue-weight", type=float, default=1.0)
+    parser.add_argument("--only", nargs="+", help="run only these variants (e.g. queue_on)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--memory-gib", type=float, default=8.0)
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # one run, in a child process
@@ -215,6 +219,8 @@ def main() -> None:
     report: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}}
     for experiment in args.experiments:
         for name in EXPERIMENTS[experiment]:
+            if args.only and name not in args.only:
+                continue
             command = [sys.executable, *sys.argv, "--variant", name]
             done = subprocess.run(command, capture_output=True, text=True, check=False)
             lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
