@@ -83,7 +83,10 @@ class Batch:
         return len(self.keys)
 
     def present_of(self, modality: str) -> Tensor:
-        """``BoolTensor[B]``: the rows that have ``modality``."""
+        """``BoolTensor[B]``: the rows that have ``modality`` (a derived key such as
+        ``image@teacher`` without its own column: those of ``image``)."""
+        if modality not in self.modalities and base_modality(modality) in self.modalities:
+            modality = base_modality(modality)
         if modality not in self.modalities:
             raise KeyError(f"the batch has no modality {modality!r}; it has {self.modalities}")
         return self.present[:, self.modalities.index(modality)]
@@ -115,3 +118,23 @@ class Batch:
             present=torch.zeros(0, len(modalities), dtype=torch.bool),
             counters=dict(counters or {}),
         )
+
+
+def base_modality(name: str) -> str:
+    """The modality a derived embedding key belongs to: ``"graph@view2"`` -> ``"graph"``.
+
+    Example:
+        >>> base_modality("graph@view2"), base_modality("text")
+        ('graph', 'text')
+    """
+    return name.partition("@")[0]
+
+
+def second_view(modality: str) -> str:
+    """The batch column of ``modality``'s second view (the ``two_view`` term's).
+
+    Example:
+        >>> second_view("graph")
+        'graph@view2'
+    """
+    return modality + "@view2"

@@ -26,12 +26,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from mmalign.batch import Batch, move_to
+from mmalign.batch import Batch, base_modality, move_to
 from mmalign.config import Config, ConfigError, ModelConfig, TowerConfig, load_config
 from mmalign.embeddings import check_prefix, truncate
 from mmalign.errors import config_error
 from mmalign.objectives import LossOutput, build_objective
 from mmalign.objectives.matryoshka import with_matryoshka
+from mmalign.objectives.terms import with_terms
 from mmalign.towers import Tower, build_tower
 from mmalign.towers.lora import merge_lora
 from mmalign.towers.pretrained import initial_logit_scale
@@ -113,8 +114,13 @@ class AlignmentModel(nn.Module):
         self.logit_scale = nn.Parameter(
             torch.tensor(logit_scale), requires_grad=config.learn_logit_scale
         )
-        self.objective = with_matryoshka(
-            build_objective(config.objective), config.matryoshka, config.matryoshka_weights
+        self.objective = with_terms(
+            with_matryoshka(
+                build_objective(config.objective), config.matryoshka, config.matryoshka_weights
+            ),
+            config.objective.terms,
+            self.modalities,
+            config.dim,
         )
         self.logit_bias = (
             nn.Parameter(torch.tensor(float(config.logit_bias_init)))
@@ -125,8 +131,10 @@ class AlignmentModel(nn.Module):
         self.train()  # one mode everywhere (Hugging Face loads its models in eval mode)
 
     def _build_tower(self, name: str, base_dir: Path | None) -> Tower:
-        if not name or "." in name:
-            raise ConfigError(f"model.towers: modality name {name!r} must be non-empty, no '.'")
+        if not name or "." in name or "@" in name:
+            raise ConfigError(
+                f"model.towers: modality name {name!r} must be non-empty, no '.' or '@'"
+            )
         return build_tower(self.config.towers[name], f"model.towers.{name}", base_dir)
 
     def _freeze(self, frozen: list[str]) -> None:
@@ -184,7 +192,9 @@ class AlignmentModel(nn.Module):
         return self.towers[modality]
 
     def embed(self, modality: str, inputs: Any) -> torch.Tensor:
-        """Collated inputs of one modality to L2-normalized ``[B, dim]`` embeddings."""
+        """Collated inputs of one modality to L2-normalized ``[B, dim]`` embeddings (a second
+        view ``graph@view2`` goes through the tower of ``graph``)."""
+        modality = base_modality(modality)
         features = self.tower(modality)(inputs)
         return F.normalize(self.projections[modality](features), dim=-1)
 
@@ -208,7 +218,7 @@ class AlignmentModel(nn.Module):
         else:
             item_index = {}
         for modality in inputs:
-            self.tower(modality)
+            self.tower(base_modality(modality))
         if present is None:
             embedded = {modality: self._embed_all(modality, x) for modality, x in inputs.items()}
             rows = {modality: value.shape[0] for modality, value in embedded.items()}

@@ -22,6 +22,7 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from mmalign.config.terms import TermConfig
 from mmalign.config.tower import TowerConfig, tower_config
 from mmalign.registry import OBJECTIVES
 
@@ -53,6 +54,9 @@ class ObjectiveConfig(_Section):
     """Weight per term, keyed ``"a-b"`` (pairwise terms) or by anchor modality (symile)."""
     gather_with_grad: bool = True
     """All-gather embeddings across processes with gradient (exact large-batch semantics)."""
+    terms: list[TermConfig] = []
+    """Auxiliary terms added to this objective's loss (``two_view``, ``distill``, ``queue``;
+    :mod:`mmalign.objectives.terms`), each ``{type, weight, ...}``."""
 
     def term_names(self, modalities: Sequence[str]) -> list[str]:
         """Names of the loss terms for these modalities (the keys of ``weights``)."""
@@ -76,6 +80,7 @@ class ObjectiveConfig(_Section):
 
     def check_modalities(self, modalities: Sequence[str]) -> None:
         """Raise ``field_error`` for a field that does not fit the model's ``modalities``."""
+        check_terms(self.terms, modalities)
         names = self.term_names(modalities)
         unknown = sorted(set(self.weights or {}) - set(names))
         if unknown:
@@ -106,6 +111,28 @@ class ObjectiveConfig(_Section):
         if modalities is not None:
             self.check_modalities(modalities)
         return self
+
+
+def check_terms(terms: Sequence[Any], modalities: Sequence[str]) -> None:
+    """Raise ``field_error`` (``terms``) for a term on an unknown modality or a name used twice.
+
+    Example:
+        >>> check_terms([], ["image", "text"])
+    """
+    names = [term.name for term in terms]
+    for term in terms:
+        modality = getattr(term, "modality", None)
+        if modality is not None and modality not in modalities:
+            raise field_error(
+                "ObjectiveConfig",
+                "terms",
+                f"{term.name}: no tower named {modality!r}; use one of {list(modalities)}",
+                modality,
+            )
+        if names.count(term.name) > 1:
+            raise field_error(
+                "ObjectiveConfig", "terms", f"{term.name} is given twice; keep one", term.name
+            )
 
 
 def objective_config(value: Any, modalities: Sequence[str] | None = None) -> ObjectiveConfig:

@@ -24,14 +24,15 @@ from typing import Any
 
 import torch
 
-from mmalign.batch import Batch
+from mmalign.batch import Batch, base_modality, second_view
 from mmalign.data.decode import RecordError, as_label, decode_fields, decode_value, find_file
 from mmalign.data.negatives import negative_items
 from mmalign.data.samples import RecordSpec, Rejected, Sample
+from mmalign.data.two_views import augmented_views
 from mmalign.data.views import Views, collate_expanded, decode_views, sample_group
 
 
-def _preprocess_all(values: dict[str, Any], spec: RecordSpec) -> dict[str, Any]:
+def _preprocess_all(values: dict[str, Any], spec: RecordSpec, key: str = "") -> dict[str, Any]:
     items = {}
     for modality, value in values.items():
         tower = spec.towers[modality]
@@ -39,6 +40,11 @@ def _preprocess_all(values: dict[str, Any], spec: RecordSpec) -> dict[str, Any]:
             if isinstance(value, Views):
                 items[modality] = Views(
                     [tower.preprocess(v, augment=spec.augment) for v in value.items]
+                )
+                continue
+            if modality in spec.two_view:
+                items[modality], items[second_view(modality)] = augmented_views(
+                    tower, value, key, modality, spec.seed, spec.epoch
                 )
                 continue
             items[modality] = tower.preprocess(value, augment=spec.augment)
@@ -69,7 +75,11 @@ def to_sample(raw: Mapping[str, Any], spec: RecordSpec) -> Sample | Rejected:
     try:
         if "__error__" in raw:
             raise RecordError(*raw["__error__"])
-        plain = {name: alts for name, alts in spec.fields.items() if name not in spec.views}
+        plain = {
+            name: alts
+            for name, alts in spec.fields.items()
+            if name not in spec.views and base_modality(name) == name
+        }
         values = {**decode_fields(raw, plain, spec.limits), **decode_views(raw, spec)}
         if not values:
             return Rejected("dropped/no_modality")
@@ -77,7 +87,7 @@ def to_sample(raw: Mapping[str, Any], spec: RecordSpec) -> Sample | Rejected:
         metadata = decode_fields(raw, spec.metadata, spec.limits)
         group = sample_group(raw, spec)
         negatives = _negatives(raw, spec)
-        return Sample(key, _preprocess_all(values, spec), label, metadata, group, negatives)
+        return Sample(key, _preprocess_all(values, spec, key), label, metadata, group, negatives)
     except RecordError as error:
         return Rejected(f"skipped/{error.reason}", url, key, error.detail)
 

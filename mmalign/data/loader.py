@@ -36,7 +36,7 @@ from typing import Any
 
 from torch.utils.data import DataLoader, IterableDataset
 
-from mmalign.batch import Batch
+from mmalign.batch import Batch, base_modality, second_view
 from mmalign.config import ConfigError, DataConfig, DataSource
 from mmalign.data.batching import batches, take_samples, to_sample
 from mmalign.data.decode import parse_alternatives
@@ -463,6 +463,7 @@ def make_loader(
     field: str = "shards",
     limits: RecordLimits = DEFAULT_LIMITS,
     require_modalities: bool = False,
+    two_view: Sequence[str] = (),
 ) -> Loader:
     """A :class:`Loader` over WebDataset shards for the given towers.
 
@@ -472,7 +473,8 @@ def make_loader(
     per-record limits (default: those of a default ``DataConfig``); ``require_modalities``
     raises :class:`NoUsableData` when no usable record has some modality (see the module
     docstring); ``group_field`` and ``views`` are described in :mod:`mmalign.data.views`,
-    ``negatives`` in :mod:`mmalign.data.negatives`.
+    ``negatives`` in :mod:`mmalign.data.negatives`; ``two_view`` (modalities) in
+    :mod:`mmalign.data.two_views`.
 
     Example:
         >>> loader = make_loader("shards/", {"text": text_tower}, {"text": "txt"}, 32,
@@ -481,9 +483,12 @@ def make_loader(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     _check_fields(towers, fields)
+    towers = {**towers, **{second_view(modality): towers[modality] for modality in two_view}}
     spec = RecordSpec(
         towers=towers,
-        fields={modality: parse_alternatives(fields[modality]) for modality in towers},
+        fields={
+            modality: parse_alternatives(fields[base_modality(modality)]) for modality in towers
+        },
         label=parse_alternatives(label_field) if label_field else None,
         metadata={name: parse_alternatives(name) for name in metadata_fields},
         augment=augment,
@@ -492,6 +497,7 @@ def make_loader(
         views=check_views(views or {}, list(towers)),
         negatives=check_negatives(negatives, towers),
         seed=seed,
+        two_view=tuple(two_view),
     )
     stream = ShardBatches(
         resolve_sources(shards, field),
@@ -518,6 +524,7 @@ def loader_from_config(
     world_size: int | None = None,
     seed: int | None = None,
     label_field: str | EllipsisType | None = ...,
+    two_view: Sequence[str] = (),
 ) -> Loader:
     """The loader of one split of a :class:`~mmalign.config.DataConfig`: the one mapping of
     the data settings to a loader (training, validation, evaluation).
@@ -528,7 +535,8 @@ def loader_from_config(
     ``test`` read every record once, in order, without augmentation, and drop the last
     partial batch only with several processes (so every rank has the same number of full
     batches). ``rank`` / ``world_size`` default to torch.distributed's, ``seed`` to
-    ``data.seed`` and ``label_field`` to ``data.label_field`` (``None``: no labels).
+    ``data.seed`` and ``label_field`` to ``data.label_field`` (``None``: no labels);
+    ``two_view``: modalities given a second view in training (``model.objective.terms``).
 
     Example:
         >>> loader = loader_from_config(cfg.data, model.towers, "val")  # doctest: +SKIP
@@ -563,4 +571,5 @@ def loader_from_config(
         field=f"data.{split}",
         limits=RecordLimits.from_config(data_cfg),
         require_modalities=training,
+        two_view=two_view if training else (),
     )

@@ -69,6 +69,8 @@ class RecordSpec:
     negatives: str | None = None
     seed: int = 0
     epoch: int = 0
+    two_view: tuple[str, ...] = ()
+    """Modalities that also get a second view (:mod:`mmalign.data.two_views`)."""
 
     @property
     def modalities(self) -> list[str]:

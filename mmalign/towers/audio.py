@@ -77,6 +77,11 @@ class AudioTowerConfig(TowerConfig):
     """Rate (Hz) waveforms are resampled to (``hf``: the feature extractor's rate is used)."""
     clip_seconds: float = Field(default=2.0, gt=0)
     """Clips are cropped or zero-padded to this duration."""
+    augment_gain_db: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    """Train-time gain: each clip scaled by a uniform random gain in ``[-g, +g]`` dB."""
+    augment_time_mask: float = Field(default=0.0, ge=0, lt=1)
+    """Train-time time masking: a random span of up to ``r`` of the clip set to silence
+    (SpecAugment's time mask, on the waveform)."""
     n_mels: int = Field(default=64, ge=1)
     n_fft: int = Field(default=400, ge=2)
     """FFT size in samples (400 = 25 ms at 16 kHz)."""
@@ -253,6 +258,27 @@ def _has_weights(directory: Path) -> bool:
     return any((directory / name).is_file() for name in _HF_WEIGHT_FILES)
 
 
+def augment_clip(clip: np.ndarray, gain_db: float, time_mask: float) -> np.ndarray:
+    """``clip`` scaled by a uniform random gain in ``[-gain_db, gain_db]`` dB, with a random
+    span of up to ``time_mask`` of its samples silenced (torch's generator).
+
+    Example:
+        >>> out = augment_clip(np.ones(100, dtype=np.float32), 6.0, 0.5)
+        >>> bool(0.5 <= out.max() <= 2.0), int((out == 0).sum()) <= 50
+        (True, True)
+    """
+    out = clip
+    if gain_db > 0:
+        decibels = (torch.rand(()) * 2 - 1) * gain_db
+        out = out * np.float32(10 ** (float(decibels) / 20))
+    if time_mask > 0 and len(out):
+        width = int(torch.randint(int(time_mask * len(out)) + 1, ()))
+        start = int(torch.randint(len(out) - width + 1, ()))
+        out = out.copy() if out is clip else out
+        out[start : start + width] = 0.0
+    return out
+
+
 @register_tower("audio")
 class AudioTower(Tower):
     """Audio tower: ``(waveform, sample_rate)`` or a wav/flac path to ``[B, width]``.
@@ -337,7 +363,8 @@ class AudioTower(Tower):
 
     def preprocess(self, raw: Any, augment: bool = False) -> dict[str, torch.Tensor]:
         """Load, mix to mono, resample, crop/pad to ``clip_seconds`` (``augment``: a random
-        window of a longer clip, else the centre one); ``hf``: run the feature extractor."""
+        window of a longer clip, else the centre one, then the gain and time mask of
+        :func:`augment_clip`); ``hf``: run the feature extractor."""
         waveform, sample_rate = load_waveform(raw)
         if sample_rate * MAX_UPSAMPLING < self.sample_rate:
             raise ValueError(
@@ -346,6 +373,8 @@ class AudioTower(Tower):
                 "rate or the tower's sample_rate"
             )
         clip = self._crop(resample(waveform, sample_rate, self.sample_rate), augment)
+        if augment:
+            clip = augment_clip(clip, self.config.augment_gain_db, self.config.augment_time_mask)
         if self.config.encoder == "hf":
             return self._extract(clip)
         padded = np.zeros(self.clip_samples, dtype=np.float32)

@@ -49,6 +49,25 @@ class TabularTowerConfig(TowerConfig):
     buffers stay as they are (0 and 1, or as loaded)."""
     normalize_records: int = Field(default=1000, ge=1)
     """Training records read (in shard order) to fit the statistics."""
+    augment_feature_mask: float = Field(default=0.0, ge=0, lt=1)
+    """Train-time feature masking: ``floor(r * in_features)`` random features of each sample
+    are marked missing (NaN), at least one observed value is kept (the ``two_view`` term's
+    augmentation for tables)."""
+
+
+def mask_features(vector: torch.Tensor, ratio: float) -> torch.Tensor:
+    """``vector`` with ``floor(ratio * n)`` random observed entries set to NaN (missing), at
+    least one observed entry kept; random from torch's generator.
+
+    Example:
+        >>> int(mask_features(torch.ones(10), 0.3).isnan().sum())
+        3
+    """
+    observed = (~vector.isnan()).nonzero().squeeze(1)
+    count = min(int(np.floor(ratio * vector.numel())), observed.numel() - 1)
+    masked = vector.clone()
+    masked[observed[torch.randperm(observed.numel())[: max(count, 0)]]] = float("nan")
+    return masked
 
 
 def _as_float_array(raw: Any, where: str) -> np.ndarray:
@@ -126,8 +145,8 @@ class TabularTower(Tower):
         self.std.copy_(torch.from_numpy(std))
 
     def preprocess(self, raw: Any, augment: bool = False) -> torch.Tensor:
-        """A 1-D sequence of ``in_features`` numbers (NaN = missing) to a float32 tensor (no
-        augmentation)."""
+        """A 1-D sequence of ``in_features`` numbers (NaN = missing) to a float32 tensor;
+        ``augment``: ``augment_feature_mask`` of the features marked missing."""
         where = f"{self.field}: tabular sample"
         vector = _as_float_array(raw, where)
         if vector.ndim != 1 or vector.shape[0] != self.in_features:
@@ -142,7 +161,9 @@ class TabularTower(Tower):
             )
         if np.isnan(vector).all():
             raise ValueError(f"{where} has no values (every entry is NaN); drop the sample")
-        return torch.from_numpy(vector)
+        tensor = torch.from_numpy(vector)
+        ratio = self.config.augment_feature_mask
+        return mask_features(tensor, ratio) if augment and ratio > 0 else tensor
 
     def collate(self, items: Sequence[torch.Tensor]) -> torch.Tensor:
         return torch.stack(list(items))

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
     from mmalign.model import AlignmentModel
+    from mmalign.training.terms import Teacher
 
 
 @dataclass
@@ -87,12 +88,14 @@ class ContrastiveStep(nn.Module):
     """The model and its objective in one ``forward``, so DDP sees every parameter used
     (the temperature lives outside the towers), and the loss runs under the same autocast.
 
-    ``forward(batch, cache=None, index=0, generator=None) -> (loss, metrics)``.
+    ``forward(batch, cache=None, index=0, generator=None) -> (loss, metrics)``. A
+    ``teacher`` (the ``distill`` term's, :mod:`mmalign.training.teacher`) adds its embeddings.
     """
 
-    def __init__(self, model: AlignmentModel) -> None:
+    def __init__(self, model: AlignmentModel, teacher: Teacher | None = None) -> None:
         super().__init__()
         self.model = model
+        self.teacher = teacher
         self.timer: StepTimer | None = None
 
     def section(self, name: str) -> AbstractContextManager[None]:
@@ -100,9 +103,13 @@ class ContrastiveStep(nn.Module):
         return self.timer.section(name) if self.timer is not None else nullcontext()
 
     def encode(self, batch: Batch) -> dict[str, Tensor]:
-        """Embeddings of one micro-batch."""
+        """Embeddings of one micro-batch (with the teacher's, when there is one)."""
         with self.section("forward"):
-            return self.model(batch)
+            embeddings = self.model(batch)
+        if self.teacher is not None:
+            with self.section("teacher"):
+                embeddings.update(self.teacher.embed(batch))
+        return embeddings
 
     def objective(
         self,

@@ -53,6 +53,7 @@ from mmalign.training.resume import apply_optimizer_settings
 from mmalign.training.sample_keys import SampleKeyLog
 from mmalign.training.signals import StopSignals, TrainingInterrupted
 from mmalign.training.stream import EpochStream, epoch_seed
+from mmalign.training.terms import end_step, load_teacher, two_view_modalities
 from mmalign.training.timing import StepTimer
 from mmalign.training.validation import Validator
 
@@ -109,7 +110,8 @@ class Trainer:
         set_seed(config.train.seed, device_specific=True)
         self.strategy = build_strategy(config, accelerator)
         self.step_module, self.optimizer = self.strategy.prepare(
-            ContrastiveStep(model), lambda module: build_optimizer(module, config.train)
+            ContrastiveStep(model, load_teacher(model)),
+            lambda module: build_optimizer(module, config.train),
         )
         unwrapped = getattr(self.optimizer, "optimizer", self.optimizer)  # Accelerate's wrapper
         self.scheduler = build_scheduler(unwrapped, config.train, self.total)
@@ -137,6 +139,7 @@ class Trainer:
             world_size=self.accelerator.num_processes,
             seed=seed,
             label_field=None,
+            two_view=two_view_modalities(self.config.model.objective.terms),
         )
 
     def _restore(self, resume: bool) -> EpochStream:
@@ -272,6 +275,7 @@ class Trainer:
                 if finite:
                     self.optimizer.step()
                     self.scheduler.step()
+                    end_step(self.model)
                 self.optimizer.zero_grad(set_to_none=True)
         else:
             self.optimizer.zero_grad(set_to_none=True)

@@ -338,3 +338,18 @@ def test_transformer_tower_learns_to_tell_tones_apart() -> None:
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.1 * losses[0]
+
+
+def test_gain_and_time_mask_augment_only_in_training() -> None:
+    config = {"type": "audio", "encoder": "cnn", "clip_seconds": 0.5, "width": 8}
+    tower = build_tower({**config, "augment_gain_db": 6.0, "augment_time_mask": 0.5})
+    clip = (np.ones(8000, dtype=np.float32), 16000)
+    assert torch.equal(tower.preprocess(clip)["waveform"], torch.ones(8000))
+    torch.manual_seed(0)
+    ratios, silenced = [], []
+    for _ in range(20):
+        waveform = tower.preprocess(clip, augment=True)["waveform"]
+        ratios.append(float(waveform.max()))
+        silenced.append(int((waveform == 0).sum()))
+    assert 10 ** (-6 / 20) - 1e-6 <= min(ratios) < max(ratios) <= 10 ** (6 / 20) + 1e-6
+    assert max(silenced) <= 4000 and len(set(silenced)) > 1

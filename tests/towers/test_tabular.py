@@ -141,3 +141,15 @@ def test_normalize_fit_in_the_config_fits_the_first_records_and_is_kept(tmp_path
     # resuming the finished run keeps the statistics (no refit)
     again = AlignmentModel.from_pretrained(train(config, ["train.steps=2"], resume=True).model_dir)
     torch.testing.assert_close(again.towers["labs"].mean, labs.mean)
+
+
+def test_feature_masking_marks_features_missing_in_training_only() -> None:
+    tower = build_tower({"type": "tabular", "in_features": 6, "augment_feature_mask": 0.5})
+    row = [1.0, 2.0, float("nan"), 4.0, 5.0, 6.0]
+    assert int(tower.preprocess(row).isnan().sum()) == 1
+    torch.manual_seed(0)
+    masks = [tower.preprocess(row, augment=True).isnan() for _ in range(10)]
+    assert all(int(mask.sum()) == 1 + 3 for mask in masks)  # floor(0.5 * 6) more
+    assert len({tuple(mask.tolist()) for mask in masks}) > 1
+    tiny = build_tower({"type": "tabular", "in_features": 2, "augment_feature_mask": 0.9})
+    assert int(tiny.preprocess([1.0, float("nan")], augment=True).isnan().sum()) == 1  # one kept
