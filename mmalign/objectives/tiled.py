@@ -1,0 +1,284 @@
+"""Exact pairwise losses in tiles: no ``B x B`` logit matrix, in the forward or the backward.
+
+The pairwise objectives (``clip``, ``anchored``, ``sigmoid``) need, per pair of modalities,
+reductions of the logits ``S = scale * Q @ K^T`` of this process's rows ``Q`` ``[R, d]``
+against the global columns ``K`` ``[C, d]``:
+
+* :func:`pair_logsumexp`: the log-sum-exp of every row (direction ``Q -> K``) **and** of every
+  column (direction ``K -> Q``) of ``S``, from one matmul per tile. Each tile of
+  ``tile x tile`` logits is folded into running (max, sum of exponentials) pairs in float32
+  (the online log-sum-exp); the column pairs of all processes are then combined (every rank
+  holds different rows of the same columns; :func:`mmalign.objectives.distributed.
+  all_reduce_logsumexp`), so every rank gets the columns' log-sum-exps over the global batch,
+  exactly as one process holding it would.
+* :func:`pair_softplus_sum`: ``sum_ij softplus(S_ij + bias)``, SigLIP's loss of every entry
+  as a negative (the positives' correction ``-S_ii`` is linear and computed outside); tiles
+  are independent.
+
+The backward pass recomputes each tile's logits and forms its gradient in place
+(``g_row[i] exp(S - lse_row[i]) + g_col[j] exp(S - lse_col[j])``, or
+``g sigmoid(S + bias)``), then ``dQ += dS @ K`` and ``dK += dS^T @ Q``. Across processes the
+incoming gradient of the column log-sum-exps is summed over ranks first (the adjoint of the
+forward combination), so each rank's ``dQ``/``dK`` is its rows' share of the one-process
+gradient, and the gather's backward sums ``dK`` into the owners.
+
+``drop`` (:class:`EntryDrop`) removes entries from both directions: same-group entries other
+than a row's own (``positives: exclude``) or the own entry (``debiased``'s negatives). The
+candidates themselves are chosen by the caller by selecting rows of ``Q`` and ``K``.
+
+Memory: the inputs, their gradients and a few ``tile x tile`` float32 buffers, i.e.
+``O((R + C) d + tile^2)``; work: ``R C d`` multiply-adds forward and ``3 R C d`` backward
+(one recompute, two gradient matmuls), against ``2 R C d`` and ``4 R C d`` for the dense
+two-direction loss.
+
+Example:
+    >>> import torch
+    >>> q, k = torch.randn(5, 3, dtype=torch.float64), torch.randn(7, 3, dtype=torch.float64)
+    >>> rows, columns = pair_logsumexp(q, k, torch.tensor(2.0, dtype=torch.float64), tile=2)
+    >>> logits = 2.0 * q @ k.T
+    >>> torch.allclose(rows, logits.logsumexp(1)), torch.allclose(columns, logits.logsumexp(0))
+    (True, True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from mmalign.dist import world_size
+from mmalign.errors import ConfigError
+from mmalign.objectives.distributed import all_reduce_logsumexp, all_reduce_sum
+
+DropKind = Literal["same_group", "own"]
+TileSetting = Literal["auto", "none"] | int
+"""``model.objective.tile``: ``auto``, ``none`` (dense) or a tile size in rows."""
+
+AUTO_MIN_ROWS = 2048
+"""``tile: auto`` tiles from this global batch size on (below it the dense loss is faster)."""
+AUTO_TILE = 1024
+"""The tile size ``tile: auto`` uses."""
+
+
+def tile_size(setting: TileSetting, global_rows: int, gather_with_grad: bool = True) -> int | None:
+    """The tile size for a batch of ``global_rows`` rows, ``None`` for the dense path.
+
+    ``auto`` tiles from :data:`AUTO_MIN_ROWS` rows on. Tiles need the all-gather with gradient
+    across processes (each rank's column gradient goes to the owner of the column): ``auto``
+    stays dense without it and a fixed size is refused.
+
+    Example:
+        >>> tile_size("auto", 512), tile_size("auto", 65536), tile_size(256, 8)
+        (None, 1024, 256)
+    """
+    if setting == "none":
+        return None
+    without_grad = world_size() > 1 and not gather_with_grad
+    if setting == "auto":
+        return AUTO_TILE if global_rows >= AUTO_MIN_ROWS and not without_grad else None
+    if without_grad:
+        raise ConfigError(
+            f"model.objective.tile {setting} across processes needs "
+            "model.objective.gather_with_grad: true; set it or use tile: auto"
+        )
+    return int(setting)
+
+
+@dataclass(frozen=True)
+class EntryDrop:
+    """Entries ``(i, j)`` left out of both directions, decided per tile from ids.
+
+    ``row_index``/``column_index`` are the global row indices of ``Q``'s and ``K``'s rows;
+    ``row_groups``/``column_groups`` their group ids (used by ``same_group``). ``same_group``
+    drops entries of one group but different indices, ``own`` the entries of equal index.
+
+    Example:
+        >>> drop = EntryDrop("own", torch.arange(2), torch.arange(3))
+        >>> drop.tile(slice(0, 2), slice(0, 3)).tolist()
+        [[True, False, False], [False, True, False]]
+    """
+
+    kind: DropKind
+    row_index: Tensor
+    column_index: Tensor
+    row_groups: Tensor | None = None
+    column_groups: Tensor | None = None
+
+    def tile(self, rows: slice, columns: slice) -> Tensor:
+        """``BoolTensor[rows, columns]``: the dropped entries of one tile."""
+        own = self.row_index[rows, None] == self.column_index[None, columns]
+        if self.kind == "own":
+            return own
+        assert self.row_groups is not None and self.column_groups is not None
+        same = self.row_groups[rows, None] == self.column_groups[None, columns]
+        return same & ~own
+
+
+def _tiles(rows: int, columns: int, tile: int) -> Iterator[tuple[slice, slice]]:
+    for row in range(0, rows, tile):
+        for column in range(0, columns, tile):
+            yield slice(row, row + tile), slice(column, column + tile)
+
+
+def _tile_logits(
+    scaled: Tensor, keys: Tensor, rows: slice, columns: slice, drop: EntryDrop | None
+) -> Tensor:
+    logits = scaled[rows] @ keys[columns].T
+    if drop is not None:
+        logits.masked_fill_(drop.tile(rows, columns), float("-inf"))
+    return logits
+
+
+def _fold(running_max: Tensor, running_sum: Tensor, logits: Tensor, dim: int) -> None:
+    """Fold one tile's logits into running (max, sum of exp(logit - max)) along ``dim``."""
+    top = torch.maximum(running_max, logits.amax(dim=dim))
+    shift = torch.where(torch.isfinite(top), top, 0.0)  # an all -inf line keeps sum 0
+    running_sum.mul_((running_max - shift).exp_())
+    exps = (logits - (shift[:, None] if dim == 1 else shift[None, :])).exp_()
+    running_sum.add_(exps.sum(dim=dim))
+    running_max.copy_(top)
+
+
+def _logsumexp(running_max: Tensor, running_sum: Tensor) -> Tensor:
+    return running_max + running_sum.log()
+
+
+class _PairLogSumExp(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any, queries: Tensor, keys: Tensor, scale: Tensor, drop: EntryDrop | None, tile: int
+    ) -> tuple[Tensor, Tensor]:
+        scaled = queries * scale
+        rows, columns = queries.shape[0], keys.shape[0]
+        row_max = queries.new_full((rows,), float("-inf"))
+        row_sum = queries.new_zeros(rows)
+        column_max = queries.new_full((columns,), float("-inf"))
+        column_sum = queries.new_zeros(columns)
+        for row, column in _tiles(rows, columns, tile):
+            logits = _tile_logits(scaled, keys, row, column, drop)
+            _fold(row_max[row], row_sum[row], logits, dim=1)
+            _fold(column_max[column], column_sum[column], logits, dim=0)
+        row_lse = _logsumexp(row_max, row_sum)
+        column_lse = all_reduce_logsumexp(_logsumexp(column_max, column_sum))
+        ctx.drop, ctx.tile = drop, tile
+        ctx.save_for_backward(queries, keys, scale, row_lse, column_lse)
+        return row_lse, column_lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_rows: Tensor, grad_columns: Tensor) -> tuple[Tensor | None, ...]:
+        queries, keys, scale, row_lse, column_lse = ctx.saved_tensors
+        grad_columns = all_reduce_sum(grad_columns)
+        # an empty line (lse -inf) has no gradient: +inf makes its exp(S - lse) zero
+        row_lse = row_lse.masked_fill(~torch.isfinite(row_lse), float("inf"))
+        column_lse = column_lse.masked_fill(~torch.isfinite(column_lse), float("inf"))
+        scaled = queries * scale
+        grad_logits_keys = torch.zeros_like(queries)
+        grad_keys = torch.zeros_like(keys)
+        for row, column in _tiles(queries.shape[0], keys.shape[0], ctx.tile):
+            logits = _tile_logits(scaled, keys, row, column, ctx.drop)
+            grad = (logits - row_lse[row, None]).exp_().mul_(grad_rows[row, None])
+            logits.sub_(column_lse[None, column]).exp_().mul_(grad_columns[None, column])
+            grad.add_(logits)
+            grad_logits_keys[row].addmm_(grad, keys[column])
+            grad_keys[column].addmm_(grad.T, scaled[row])
+        grad_scale = (queries * grad_logits_keys).sum().reshape(scale.shape)
+        return grad_logits_keys.mul_(scale), grad_keys, grad_scale, None, None
+
+
+class _PairSoftplusSum(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any,
+        queries: Tensor,
+        keys: Tensor,
+        scale: Tensor,
+        bias: Tensor,
+        drop: EntryDrop | None,
+        tile: int,
+    ) -> Tensor:
+        scaled = queries * scale
+        total = queries.new_zeros(())
+        for row, column in _tiles(queries.shape[0], keys.shape[0], tile):
+            logits = _tile_logits(scaled, keys, row, column, drop).add_(bias)
+            total += F.softplus(logits).sum()  # softplus(-inf) = 0: dropped entries add nothing
+        ctx.drop, ctx.tile = drop, tile
+        ctx.save_for_backward(queries, keys, scale, bias)
+        return total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_total: Tensor) -> tuple[Tensor | None, ...]:
+        queries, keys, scale, bias = ctx.saved_tensors
+        scaled = queries * scale
+        grad_logits_keys = torch.zeros_like(queries)
+        grad_keys = torch.zeros_like(keys)
+        grad_bias = queries.new_zeros(())
+        for row, column in _tiles(queries.shape[0], keys.shape[0], ctx.tile):
+            logits = _tile_logits(scaled, keys, row, column, ctx.drop).add_(bias)
+            grad = logits.sigmoid_().mul_(grad_total)
+            grad_bias += grad.sum()
+            grad_logits_keys[row].addmm_(grad, keys[column])
+            grad_keys[column].addmm_(grad.T, scaled[row])
+        grad_scale = (queries * grad_logits_keys).sum().reshape(scale.shape)
+        grad_queries = grad_logits_keys.mul_(scale)
+        return grad_queries, grad_keys, grad_scale, grad_bias.reshape(bias.shape), None, None
+
+
+def pair_logsumexp(
+    queries: Tensor,
+    keys: Tensor,
+    scale: Tensor,
+    drop: EntryDrop | None = None,
+    tile: int = 1024,
+) -> tuple[Tensor, Tensor]:
+    """Row and column log-sum-exps of ``scale * queries @ keys.T`` without forming it.
+
+    Returns ``(rows [R], columns [C])``; ``columns`` are over every process's ``queries``
+    when ``torch.distributed`` runs (all ranks pass the same ``keys``). A row or column whose
+    entries are all dropped gets ``-inf`` (and no gradient). Half precision is computed in
+    float32. Differentiable in ``queries``, ``keys`` and ``scale``.
+    """
+    if tile < 1:
+        raise ValueError(f"model.objective.tile must be >= 1, got {tile}")
+    queries, keys, scale = _float32(queries, keys, scale)
+    with torch.autocast(queries.device.type, enabled=False):
+        return _PairLogSumExp.apply(queries, keys, scale, drop, tile)
+
+
+def pair_softplus_sum(
+    queries: Tensor,
+    keys: Tensor,
+    scale: Tensor,
+    bias: Tensor,
+    drop: EntryDrop | None = None,
+    tile: int = 1024,
+) -> Tensor:
+    """``sum_ij softplus(scale * queries_i . keys_j + bias)`` over the entries not dropped,
+    without forming the matrix; differentiable in every tensor argument.
+
+    Example:
+        >>> q, k = torch.randn(3, 2), torch.randn(4, 2)
+        >>> dense = torch.nn.functional.softplus(2 * q @ k.T - 1).sum()
+        >>> tiled = pair_softplus_sum(q, k, torch.tensor(2.0), torch.tensor(-1.0), tile=2)
+        >>> torch.allclose(tiled, dense)
+        True
+    """
+    if tile < 1:
+        raise ValueError(f"model.objective.tile must be >= 1, got {tile}")
+    queries, keys, scale = _float32(queries, keys, scale)
+    bias = bias.to(queries.dtype)
+    with torch.autocast(queries.device.type, enabled=False):
+        return _PairSoftplusSum.apply(queries, keys, scale, bias, drop, tile)
+
+
+def _float32(queries: Tensor, keys: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Half-precision inputs are computed in float32 (sums of exponentials need it)."""
+    if queries.dtype in (torch.float16, torch.bfloat16):
+        queries, keys = queries.float(), keys.float()
+    return queries, keys.to(queries.dtype), scale.to(queries.dtype)
