@@ -61,7 +61,7 @@ TileSetting = Literal["auto", "none"] | int
 
 AUTO_MIN_ROWS = 2048
 """``tile: auto`` tiles from this global batch size on (below it the dense loss is faster)."""
-AUTO_TILE = 1024
+AUTO_TILE = 2048
 """The tile size ``tile: auto`` uses."""
 
 
@@ -74,7 +74,7 @@ def tile_size(setting: TileSetting, global_rows: int, gather_with_grad: bool = T
 
     Example:
         >>> tile_size("auto", 512), tile_size("auto", 65536), tile_size(256, 8)
-        (None, 1024, 256)
+        (None, 2048, 256)
     """
     if setting == "none":
         return None
@@ -135,17 +135,31 @@ def _tile_logits(
 
 
 def _fold(running_max: Tensor, running_sum: Tensor, logits: Tensor, dim: int) -> None:
-    """Fold one tile's logits into running (max, sum of exp(logit - max)) along ``dim``."""
+    """Fold one tile's logits into running (max, sum of exp(logit - max)) along ``dim``; the
+    sum is a matrix-vector product (faster than a reduction, above all over columns)."""
     top = torch.maximum(running_max, logits.amax(dim=dim))
     shift = torch.where(torch.isfinite(top), top, 0.0)  # an all -inf line keeps sum 0
     running_sum.mul_((running_max - shift).exp_())
-    exps = (logits - (shift[:, None] if dim == 1 else shift[None, :])).exp_()
-    running_sum.add_(exps.sum(dim=dim))
+    if dim == 1:
+        exps = (logits - shift[:, None]).exp_()
+        running_sum.add_(exps @ exps.new_ones(exps.shape[1]))
+    else:
+        exps = (logits - shift[None, :]).exp_()
+        running_sum.add_(exps.new_ones(exps.shape[0]) @ exps)
     running_max.copy_(top)
 
 
 def _logsumexp(running_max: Tensor, running_sum: Tensor) -> Tensor:
     return running_max + running_sum.log()
+
+
+def _gradient_shift(lse: Tensor, grad: Tensor) -> tuple[Tensor, Tensor | None]:
+    """``g exp(S - lse) = sign * exp(S - (lse - log|g|))``: the gradient's factor rides in
+    the shift (one pass less per tile); ``sign`` is ``None`` when no ``g`` is negative. An
+    empty line (``lse = -inf``) or ``g = 0`` gets shift ``+inf``: no gradient, no NaN."""
+    shift = lse - grad.abs().log()
+    shift = shift.masked_fill(~torch.isfinite(lse) | (grad == 0), float("inf"))
+    return shift, (grad.sign() if bool((grad < 0).any()) else None)
 
 
 class _PairLogSumExp(torch.autograd.Function):
@@ -174,16 +188,19 @@ class _PairLogSumExp(torch.autograd.Function):
     def backward(ctx: Any, grad_rows: Tensor, grad_columns: Tensor) -> tuple[Tensor | None, ...]:
         queries, keys, scale, row_lse, column_lse = ctx.saved_tensors
         grad_columns = all_reduce_sum(grad_columns)
-        # an empty line (lse -inf) has no gradient: +inf makes its exp(S - lse) zero
-        row_lse = row_lse.masked_fill(~torch.isfinite(row_lse), float("inf"))
-        column_lse = column_lse.masked_fill(~torch.isfinite(column_lse), float("inf"))
+        row_shift, row_sign = _gradient_shift(row_lse, grad_rows)
+        column_shift, column_sign = _gradient_shift(column_lse, grad_columns)
         scaled = queries * scale
         grad_logits_keys = torch.zeros_like(queries)
         grad_keys = torch.zeros_like(keys)
         for row, column in _tiles(queries.shape[0], keys.shape[0], ctx.tile):
             logits = _tile_logits(scaled, keys, row, column, ctx.drop)
-            grad = (logits - row_lse[row, None]).exp_().mul_(grad_rows[row, None])
-            logits.sub_(column_lse[None, column]).exp_().mul_(grad_columns[None, column])
+            grad = (logits - row_shift[row, None]).exp_()
+            if row_sign is not None:
+                grad.mul_(row_sign[row, None])
+            logits.sub_(column_shift[None, column]).exp_()
+            if column_sign is not None:
+                logits.mul_(column_sign[None, column])
             grad.add_(logits)
             grad_logits_keys[row].addmm_(grad, keys[column])
             grad_keys[column].addmm_(grad.T, scaled[row])
