@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -39,7 +40,7 @@ from mmalign.objectives.positives import (
     group_positive_sums,
     row_losses,
 )
-from mmalign.objectives.tiled import EntryDrop, pair_logsumexp
+from mmalign.objectives.tiled import EntryDrop, own_dot_products, pair_logsumexp, select_rows
 
 
 def _direction_loss_sum(
@@ -72,24 +73,30 @@ def _direction_loss_sum(
 
 
 class _Direction:
-    """One direction's queries (valid rows, global indices ``index``), their log-sum-exps over
-    the candidates ``candidates`` (global mask) of the other modality."""
+    """One direction's valid queries (global indices ``index``, this rank's rows) against the
+    candidates (global mask ``candidates``) of the other modality."""
 
     def __init__(self, batch: BatchView, query: str, key: str, index: Tensor) -> None:
         self.batch, self.query, self.key, self.index = batch, query, key, index
 
     def losses(
-        self, lse: Tensor, candidates: Tensor, scale: Tensor, positives: PositivesConfig | None
+        self,
+        lse: Tensor,
+        own: Tensor,
+        candidates: Tensor,
+        scale: Tensor,
+        positives: PositivesConfig | None,
     ) -> Tensor:
+        """Row losses from the log-sum-exps ``lse`` and every local row's own logit ``own``."""
         batch, local = self.batch, self.index - self.batch.offset
-        queries = batch.embeddings[self.query][local]
-        own = scale * (queries * batch.embeddings[self.key][local]).sum(dim=1)
+        own = own[local]
         mode = "instance" if positives is None else positives.positives
         if mode == "debiased":
             assert positives is not None
             negatives = int(candidates.sum()) - 1
             return debiased_losses(lse, negatives, own, positives.tau_plus, scale)
         if mode == "multi" and batch.global_groups is not None:
+            queries = batch.embeddings[self.query][local]
             keys = batch.global_embeddings[self.key][candidates]
             groups = batch.global_groups
             sums, counts = group_positive_sums(
@@ -125,21 +132,24 @@ def _tiled_loss_sum(
     if positives is not None and positives.hard_negatives:
         has_first = batch.column(first, global_batch=True)
         has_second = batch.column(second, global_batch=True)
-    own_rows = batch.local_global_index()
-    rows = own_rows[has_first[own_rows]]
-    columns = has_second.nonzero().squeeze(1)
-    row_lse, column_lse = pair_logsumexp(
-        batch.embeddings[first][rows - batch.offset],
-        batch.global_embeddings[second][columns],
-        scale,
-        _entry_drop(batch, positives, rows, columns),
-        tile,
+    rows, queries = select_rows(
+        batch.local_global_index(),
+        batch.embeddings[first],
+        has_first[batch.offset : batch.offset + batch.rows],
     )
+    columns, keys = select_rows(
+        torch.arange(batch.global_rows, device=batch.device),
+        batch.global_embeddings[second],
+        has_second,
+    )
+    drop = _entry_drop(batch, positives, rows, columns)
+    row_lse, column_lse = pair_logsumexp(queries, keys, scale, drop, tile)
+    own = scale * own_dot_products(batch.embeddings[first], batch.embeddings[second])
     owned = valid[columns] & (columns >= batch.offset) & (columns < batch.offset + batch.rows)
     forward = _Direction(batch, first, second, rows[valid[rows]])
     backward = _Direction(batch, second, first, columns[owned])
-    loss_sum = forward.losses(row_lse[valid[rows]], has_second, scale, positives).sum()
-    return loss_sum + backward.losses(column_lse[owned], has_first, scale, positives).sum()
+    loss_sum = forward.losses(row_lse[valid[rows]], own, has_second, scale, positives).sum()
+    return loss_sum + backward.losses(column_lse[owned], own, has_first, scale, positives).sum()
 
 
 def infonce_term(

@@ -44,7 +44,13 @@ from mmalign.objectives.base import (
 )
 from mmalign.objectives.distributed import BatchView
 from mmalign.objectives.positives import PositivesMode, group_positive_sums
-from mmalign.objectives.tiled import EntryDrop, pair_softplus_sum, tile_size
+from mmalign.objectives.tiled import (
+    EntryDrop,
+    own_dot_products,
+    pair_softplus_sum,
+    select_rows,
+    tile_size,
+)
 
 
 class SigmoidConfig(PairwiseConfig):
@@ -77,11 +83,16 @@ def _tiled_loss_sum(
     correction: their loss is ``softplus(-z) = softplus(z) - z``, so their ``z`` is subtracted
     (summed per group for ``multi``, without a ``B x B`` mask)."""
     first, second = pair
-    rows = batch.local_global_index()[valid[batch.offset : batch.offset + batch.rows]]
-    columns = (batch.column(second, global_batch=True) if hard_negatives else valid).nonzero()
-    columns = columns.squeeze(1)
-    queries = batch.embeddings[first][rows - batch.offset]
-    keys = batch.global_embeddings[second][columns]
+    rows, queries = select_rows(
+        batch.local_global_index(),
+        batch.embeddings[first],
+        valid[batch.offset : batch.offset + batch.rows],
+    )
+    columns, keys = select_rows(
+        torch.arange(batch.global_rows, device=batch.device),
+        batch.global_embeddings[second],
+        batch.column(second, global_batch=True) if hard_negatives else valid,
+    )
     groups = None if positives == "instance" else batch.global_groups
     drop = None
     if groups is not None and positives == "exclude":
@@ -90,8 +101,8 @@ def _tiled_loss_sum(
     if groups is not None and positives == "multi":
         sums, counts = group_positive_sums(queries, groups[rows], keys, groups[columns])
         return total - (scale * sums + bias * counts).sum()
-    own = scale * (queries * batch.embeddings[second][rows - batch.offset]).sum(dim=1)
-    return total - (own + bias).sum()
+    own = own_dot_products(batch.embeddings[first], batch.embeddings[second])
+    return total - (scale * own[rows - batch.offset] + bias).sum()
 
 
 def sigmoid_term(

@@ -126,12 +126,37 @@ def _tiles(rows: int, columns: int, tile: int) -> Iterator[tuple[slice, slice]]:
 
 
 def _tile_logits(
-    scaled: Tensor, keys: Tensor, rows: slice, columns: slice, drop: EntryDrop | None
+    queries: Tensor, keys: Tensor, scale: float, rows: slice, columns: slice, drop: EntryDrop | None
 ) -> Tensor:
-    logits = scaled[rows] @ keys[columns].T
+    """``scale * queries[rows] @ keys[columns].T`` (the scale rides in the matmul's alpha)."""
+    logits = torch.addmm(queries.new_zeros(()), queries[rows], keys[columns].T, beta=0, alpha=scale)
     if drop is not None:
         logits.masked_fill_(drop.tile(rows, columns), float("-inf"))
     return logits
+
+
+def _gradient_matmuls(
+    grad: Tensor,
+    queries: Tensor,
+    keys: Tensor,
+    scale: float,
+    rows: slice,
+    columns: slice,
+    grad_queries: Tensor,
+    grad_keys: Tensor,
+) -> None:
+    """``grad_queries += grad @ K`` (scaled at the end) and ``grad_keys += scale grad^T @ Q``."""
+    grad_queries[rows].addmm_(grad, keys[columns])
+    grad_keys[columns].addmm_(grad.T, queries[rows], alpha=scale)
+
+
+def _finish_gradients(
+    queries: Tensor, scale: Tensor, grad_queries: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``d/d scale = sum_i q_i . (dS K)_i`` (no ``[R, d]`` temporary) and ``dQ = scale dS K``
+    in place."""
+    grad_scale = torch.dot(queries.reshape(-1), grad_queries.reshape(-1)).reshape(scale.shape)
+    return grad_queries.mul_(scale), grad_scale
 
 
 def _fold(running_max: Tensor, running_sum: Tensor, logits: Tensor, dim: int) -> None:
@@ -167,14 +192,14 @@ class _PairLogSumExp(torch.autograd.Function):
     def forward(
         ctx: Any, queries: Tensor, keys: Tensor, scale: Tensor, drop: EntryDrop | None, tile: int
     ) -> tuple[Tensor, Tensor]:
-        scaled = queries * scale
+        scale_value = float(scale)
         rows, columns = queries.shape[0], keys.shape[0]
         row_max = queries.new_full((rows,), float("-inf"))
         row_sum = queries.new_zeros(rows)
         column_max = queries.new_full((columns,), float("-inf"))
         column_sum = queries.new_zeros(columns)
         for row, column in _tiles(rows, columns, tile):
-            logits = _tile_logits(scaled, keys, row, column, drop)
+            logits = _tile_logits(queries, keys, scale_value, row, column, drop)
             _fold(row_max[row], row_sum[row], logits, dim=1)
             _fold(column_max[column], column_sum[column], logits, dim=0)
         row_lse = _logsumexp(row_max, row_sum)
@@ -190,11 +215,11 @@ class _PairLogSumExp(torch.autograd.Function):
         grad_columns = all_reduce_sum(grad_columns)
         row_shift, row_sign = _gradient_shift(row_lse, grad_rows)
         column_shift, column_sign = _gradient_shift(column_lse, grad_columns)
-        scaled = queries * scale
-        grad_logits_keys = torch.zeros_like(queries)
+        scale_value = float(scale)
+        grad_queries = torch.zeros_like(queries)
         grad_keys = torch.zeros_like(keys)
         for row, column in _tiles(queries.shape[0], keys.shape[0], ctx.tile):
-            logits = _tile_logits(scaled, keys, row, column, ctx.drop)
+            logits = _tile_logits(queries, keys, scale_value, row, column, ctx.drop)
             grad = (logits - row_shift[row, None]).exp_()
             if row_sign is not None:
                 grad.mul_(row_sign[row, None])
@@ -202,10 +227,12 @@ class _PairLogSumExp(torch.autograd.Function):
             if column_sign is not None:
                 logits.mul_(column_sign[None, column])
             grad.add_(logits)
-            grad_logits_keys[row].addmm_(grad, keys[column])
-            grad_keys[column].addmm_(grad.T, scaled[row])
-        grad_scale = (queries * grad_logits_keys).sum().reshape(scale.shape)
-        return grad_logits_keys.mul_(scale), grad_keys, grad_scale, None, None
+            del logits
+            _gradient_matmuls(
+                grad, queries, keys, scale_value, row, column, grad_queries, grad_keys
+            )
+        grad_queries, grad_scale = _finish_gradients(queries, scale, grad_queries)
+        return grad_queries, grad_keys, grad_scale, None, None
 
 
 class _PairSoftplusSum(torch.autograd.Function):
@@ -219,10 +246,10 @@ class _PairSoftplusSum(torch.autograd.Function):
         drop: EntryDrop | None,
         tile: int,
     ) -> Tensor:
-        scaled = queries * scale
+        scale_value = float(scale)
         total = queries.new_zeros(())
         for row, column in _tiles(queries.shape[0], keys.shape[0], tile):
-            logits = _tile_logits(scaled, keys, row, column, drop).add_(bias)
+            logits = _tile_logits(queries, keys, scale_value, row, column, drop).add_(bias)
             total += F.softplus(logits).sum()  # softplus(-inf) = 0: dropped entries add nothing
         ctx.drop, ctx.tile = drop, tile
         ctx.save_for_backward(queries, keys, scale, bias)
@@ -232,18 +259,18 @@ class _PairSoftplusSum(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad_total: Tensor) -> tuple[Tensor | None, ...]:
         queries, keys, scale, bias = ctx.saved_tensors
-        scaled = queries * scale
-        grad_logits_keys = torch.zeros_like(queries)
+        scale_value = float(scale)
+        grad_queries = torch.zeros_like(queries)
         grad_keys = torch.zeros_like(keys)
         grad_bias = queries.new_zeros(())
         for row, column in _tiles(queries.shape[0], keys.shape[0], ctx.tile):
-            logits = _tile_logits(scaled, keys, row, column, ctx.drop).add_(bias)
+            logits = _tile_logits(queries, keys, scale_value, row, column, ctx.drop).add_(bias)
             grad = logits.sigmoid_().mul_(grad_total)
             grad_bias += grad.sum()
-            grad_logits_keys[row].addmm_(grad, keys[column])
-            grad_keys[column].addmm_(grad.T, scaled[row])
-        grad_scale = (queries * grad_logits_keys).sum().reshape(scale.shape)
-        grad_queries = grad_logits_keys.mul_(scale)
+            _gradient_matmuls(
+                grad, queries, keys, scale_value, row, column, grad_queries, grad_keys
+            )
+        grad_queries, grad_scale = _finish_gradients(queries, scale, grad_queries)
         return grad_queries, grad_keys, grad_scale, grad_bias.reshape(bias.shape), None, None
 
 
@@ -292,6 +319,29 @@ def pair_softplus_sum(
     bias = bias.to(queries.dtype)
     with torch.autocast(queries.device.type, enabled=False):
         return _PairSoftplusSum.apply(queries, keys, scale, bias, drop, tile)
+
+
+def select_rows(index: Tensor, rows: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """``(index[mask], rows[mask])``, or both unchanged (no copy of ``rows``) when every row
+    is selected.
+
+    Example:
+        >>> select_rows(torch.arange(3), torch.eye(3), torch.tensor([True, False, True]))[0]
+        tensor([0, 2])
+    """
+    if bool(mask.all()):
+        return index, rows
+    return index[mask], rows[mask]
+
+
+def own_dot_products(first: Tensor, second: Tensor) -> Tensor:
+    """``first_i . second_i`` for every row, without an ``[R, d]`` temporary.
+
+    Example:
+        >>> own_dot_products(torch.eye(2), torch.ones(2, 2)).tolist()
+        [1.0, 1.0]
+    """
+    return torch.einsum("id,id->i", first, second)
 
 
 def _float32(queries: Tensor, keys: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
