@@ -12,7 +12,7 @@ from open_clip.loss import ClipLoss, SigLipLoss
 from mmalign.errors import ConfigError
 from mmalign.objectives import build_objective
 from mmalign.objectives.matryoshka import MatryoshkaObjective
-from mmalign.objectives.tiled import EntryDrop, pair_logsumexp, pair_softplus_sum
+from mmalign.objectives.tiled import EntryDrop, pair_logsumexp, pair_softplus_sum, tile_size
 from tests.objectives.test_distributed import _batch, _free_port, _step, _TinyModel
 from tests.objectives.test_positives import HOLES, TAU_PLUS, _embeddings, _groups, _present
 
@@ -213,3 +213,10 @@ def test_tiled_across_two_processes_equals_one_dense_process(tmp_path):
                 [ranks[0][index]["embedding_grads"][m], ranks[1][index]["embedding_grads"][m]]
             )
             torch.testing.assert_close(gathered / 2, grad, rtol=1e-9, atol=1e-12, msg=str(config))
+
+
+def test_auto_tiles_from_2048_rows_and_none_stays_dense():
+    assert tile_size("auto", 2047) is None
+    assert tile_size("auto", 2048) == 2048
+    assert tile_size("none", 10**6) is None
+    assert tile_size(96, 10) == 96
