@@ -17,6 +17,7 @@ Usage:
     python benchmarks/tiled_losses.py                 # every row, 65k last (about 25 min)
     python benchmarks/tiled_losses.py --batches 1024 4096 --losses clip   # quick
     python benchmarks/tiled_losses.py --threads 2     # default 1: steady on a shared machine
+    python benchmarks/tiled_losses.py --interleave 4096   # speed: auto vs ClipLoss, one process
 """
 
 from __future__ import annotations
@@ -110,6 +111,42 @@ def run_case(case: dict) -> dict:
     }
 
 
+def interleaved(batch: int, repeats: int, threads: int) -> None:
+    """``tile: auto`` vs open_clip's ``ClipLoss`` in one process, passes alternated (the
+    speed comparison; the table's rows are separate processes, for the memory)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    case = {"loss": "clip", "batch": batch}
+    a, b = (
+        torch.nn.functional.normalize(torch.randn(batch, DIM), dim=-1).requires_grad_()
+        for _ in range(2)
+    )
+    scale, bias = torch.tensor(20.0, requires_grad=True), torch.tensor(0.0)
+    from mmalign.objectives import build_objective
+
+    auto = build_objective({"name": "clip", "tile": "auto"})
+    functions = {
+        "tile: auto": lambda: auto({"a": a, "b": b}, scale).loss,
+        "open_clip ClipLoss": _loss_function(case["loss"], "open_clip"),
+    }
+    times: dict[str, list[float]] = {name: [] for name in functions}
+    for _ in range(repeats + 1):  # the first round warms up
+        for name, function in functions.items():
+            start = time.perf_counter()
+            loss = function() if name == "tile: auto" else function(a, b, scale, bias)
+            loss.backward()
+            times[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(values[1:]) for name, values in times.items()}
+    ours, theirs = medians["tile: auto"], medians["open_clip ClipLoss"]
+    print(f"B = {batch:,}, d = {DIM}, {repeats} interleaved passes each, {_load_line()}")
+    print(f"tile: auto {ours:.3f} s, open_clip ClipLoss {theirs:.3f} s: {theirs / ours:.2f}x")
+
+
+def _load_line() -> str:
+    return "load " + ", ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
 def _spawn(case: dict, limit_gib: float) -> dict:
     command = [
         sys.executable,
@@ -183,8 +220,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument("--budget-mib", type=float, default=2048, help="memory budget")
     parser.add_argument("--limit-gib", type=float, default=8, help="each worker's RLIMIT_AS")
+    parser.add_argument("--interleave", type=int, help="B: tile auto vs ClipLoss, one process")
+    parser.add_argument("--repeats", type=int, default=5, help="--interleave: passes each")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.interleave:
+        interleaved(args.interleave, args.repeats, args.threads)
+        return
     if args.worker:
         limit = int(args.limit_gib * 2**30)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
