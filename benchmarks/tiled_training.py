@@ -80,7 +80,10 @@ def main() -> None:
         print(json.dumps(run_batch(args, args.worker)))
         return
     print(f"load average before: {os.getloadavg()}; objective {args.objective}\n")
-    print("| global batch | micro x accumulate | train() s per step (with set-up) | peak RSS MiB | vs first | load |")
+    print(
+        "| global batch | micro x accumulate | train() s per step (with set-up) "
+        "| peak RSS MiB | vs first | load |"
+    )
     print("|---|---|---|---|---|---|", flush=True)
     first = None
     for batch in args.batches:
