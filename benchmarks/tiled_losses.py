@@ -8,7 +8,8 @@ fit the memory budget are skipped (the table says so). Each worker also times a 
 pass in the same process, right after the loss: ``B^2 d`` multiply-adds as
 ``(tile x d) @ (d x tile)`` matmuls (a sample of them, scaled to ``B^2``), the unit of the
 "passes" column. The floor is 6 passes for ``clip`` (``2 B^2 d`` forward, the two directions'
-logits, and twice that backward) and 3 for ``sigmoid``; ratio = time / floor.
+logits, and twice that backward) and 3 for ``sigmoid``; ratio = time / floor, in wall
+clock and (in brackets) in CPU seconds of the worker, steadier when the load changes.
 
 The largest batch within the budget is fitted from the measured peaks (linear in B for the
 tiled loss, quadratic for the dense ones) over the two largest batches measured.
@@ -64,20 +65,20 @@ def _loss_function(loss: str, method: str):
     return ours
 
 
-def _matmul_pass_seconds(batch: int, dim: int) -> float:
-    """Seconds of ``batch^2 dim`` multiply-adds in ``TILE``-sized matmuls (a timed sample of
-    at least 8 matmuls and 1 s, scaled)."""
+def _matmul_pass_seconds(batch: int, dim: int) -> tuple[float, float]:
+    """Wall and CPU seconds of ``batch^2 dim`` multiply-adds in ``TILE``-sized matmuls (a
+    timed sample of at least 8 matmuls and 1 s, scaled)."""
     import torch
 
     left, right = torch.randn(TILE, dim), torch.randn(dim, TILE)
     out = torch.empty(TILE, TILE)
     torch.mm(left, right, out=out)
-    count, start = 0, time.perf_counter()
+    count, start, cpu_start = 0, time.perf_counter(), time.process_time()
     while count < 8 or time.perf_counter() - start < 1.0:
         torch.mm(left, right, out=out)
         count += 1
-    per_matmul = (time.perf_counter() - start) / count
-    return per_matmul * (batch / TILE) ** 2
+    scale = (batch / TILE) ** 2 / count
+    return (time.perf_counter() - start) * scale, (time.process_time() - cpu_start) * scale
 
 
 def run_case(case: dict) -> dict:
@@ -95,18 +96,22 @@ def run_case(case: dict) -> dict:
     repeats = 3 if batch <= 4096 else 1
     if batch <= 4096:  # warm-up: thread pools and first touch out of the timing
         loss_of(a, b, scale, bias).backward()
-    times = []
+    times, cpu_times = [], []
     for _ in range(repeats):
         for tensor in (a, b, scale, bias):
             tensor.grad = None
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         loss_of(a, b, scale, bias).backward()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     peak = _peak_rss_mib()
+    matmul_pass, matmul_pass_cpu = _matmul_pass_seconds(batch, DIM)
     return {
         "seconds": statistics.median(times),
+        "cpu_seconds": statistics.median(cpu_times),
         "peak_mib": peak,
-        "matmul_pass": _matmul_pass_seconds(batch, DIM),
+        "matmul_pass": matmul_pass,
+        "matmul_pass_cpu": matmul_pass_cpu,
         "load": os.getloadavg()[0],
     }
 
@@ -180,20 +185,24 @@ def _row(case: dict, result: dict | None, budget_mib: float) -> str:
     label = f"| {case['loss']} | {case['batch']:,} | {case['method']} |"
     if result is None:
         need = DENSE_MATRICES * case["batch"] ** 2 * 4 / 2**30
-        return f"{label} skipped: dense logits need ~{need:.0f} GiB > {budget_mib:.0f} MiB | | | |"
+        return (
+            f"{label} skipped: dense logits need ~{need:.0f} GiB > {budget_mib:.0f} MiB | | | | |"
+        )
     passes = result["seconds"] / result["matmul_pass"]
     ratio = passes / FLOOR_PASSES[case["loss"]]
+    cpu_ratio = result["cpu_seconds"] / result["matmul_pass_cpu"] / FLOOR_PASSES[case["loss"]]
     return (
-        f"{label} {result['seconds']:.3f} | {result['peak_mib']:.0f} | {passes:.2f} | "
-        f"{ratio:.2f}x | {result['load']:.1f} |"
+        f"{label} {result['seconds']:.3f} ({result['cpu_seconds']:.3f}) | "
+        f"{result['peak_mib']:.0f} | {passes:.2f} | {ratio:.2f}x ({cpu_ratio:.2f}x) | "
+        f"{result['load']:.1f} |"
     )
 
 
 def compare(args: argparse.Namespace) -> None:
     print(f"load average before: {os.getloadavg()}; threads {args.threads}", flush=True)
     print(
-        "| loss | B | method | fwd+bwd s | peak RSS MiB | B^2 d matmul passes | time / floor "
-        "| load |\n|---|---|---|---|---|---|---|---|",
+        "| loss | B | method | fwd+bwd s (CPU s) | peak RSS MiB | B^2 d matmul passes | "
+        "time / floor (in CPU s) | load |\n|---|---|---|---|---|---|---|---|",
         flush=True,
     )
     fits: dict[tuple[str, str], list[tuple[int, float]]] = {}
