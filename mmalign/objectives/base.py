@@ -29,10 +29,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import ValidationError
+from pydantic import PositiveInt, ValidationError
 from torch import Tensor, nn
 
 from mmalign.config import ObjectiveConfig, field_error, objective_config
@@ -198,6 +198,11 @@ def _combine(
 class PairTermsConfig(PositivesConfig):
     """Config of an objective with one term per pair of modalities; the subclass says which
     pairs (:class:`PairwiseConfig`: the listed ones or all, ``anchored``: the anchor's)."""
+
+    tile: Literal["auto", "none"] | PositiveInt = "auto"
+    """Exact tiled loss (:mod:`mmalign.objectives.tiled`): ``auto`` tiles from a global batch
+    of 2048 rows on, ``none`` builds the dense ``B x B`` logits, an integer is the tile size
+    (memory ``O(B d + tile^2)`` instead of ``O(B^2)``)."""
 
     def resolve_pairs(self, modalities: Sequence[str]) -> list[tuple[str, str]]:
         """The pairs of ``modalities`` that get a term."""

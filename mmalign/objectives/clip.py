@@ -23,6 +23,7 @@ from torch import Tensor
 from mmalign.objectives.base import PairwiseObjective, TermLoss, register_objective
 from mmalign.objectives.distributed import BatchView
 from mmalign.objectives.infonce import infonce_term
+from mmalign.objectives.tiled import tile_size
 
 
 @register_objective("clip")
@@ -36,7 +37,8 @@ class ClipObjective(PairwiseObjective):
         logit_bias: Tensor | None,
         generator: torch.Generator | None,
     ) -> list[TermLoss]:
+        tile = tile_size(self.config.tile, batch.global_rows, self.config.gather_with_grad)
         return [
-            infonce_term(batch, pair, logit_scale, self.config)
+            infonce_term(batch, pair, logit_scale, self.config, tile)
             for pair in self.pairs(batch.modalities)
         ]

@@ -91,6 +91,23 @@ def all_reduce_sum(tensor: Tensor) -> Tensor:
     return tensor
 
 
+def all_reduce_logsumexp(partial: Tensor) -> Tensor:
+    """``log(sum over ranks of exp(partial))`` elementwise: combines log-sum-exps that each
+    rank computed over its own rows (identity in one process; no gradient). Gathering the
+    partial values and reducing them with ``logsumexp`` is the all-reduce of (max, sum of
+    exponentials) pairs in one collective, and exact for ``-inf`` entries.
+
+    Example:
+        >>> all_reduce_logsumexp(torch.tensor([0.0, float("-inf")])).tolist()
+        [0.0, -inf]
+    """
+    if world_size() == 1:
+        return partial
+    parts = [torch.empty_like(partial) for _ in range(world_size())]
+    dist.all_gather(parts, partial.contiguous())
+    return torch.stack(parts).logsumexp(dim=0)
+
+
 @dataclass
 class BatchView:
     """This process's rows and the global batch they belong to.

@@ -97,6 +97,27 @@ def row_losses(
     raise ValueError(f"unknown positives mode {mode!r}; use instance, multi, exclude, debiased")
 
 
+def group_positive_sums(
+    queries: Tensor, query_groups: Tensor, keys: Tensor, key_groups: Tensor
+) -> tuple[Tensor, Tensor]:
+    """For each query ``i``: ``sum_{k in group(i)} queries_i . keys_k`` and the number of such
+    keys, in ``O((Q + K) d)`` from per-group sums of ``keys`` (no ``Q x K`` mask); the tiled
+    losses use it for ``multi``'s positives.
+
+    Example:
+        >>> keys = torch.tensor([[1.0], [2.0], [4.0]])
+        >>> sums, counts = group_positive_sums(torch.ones(2, 1), torch.tensor([7, 9]),
+        ...                                    keys, torch.tensor([7, 7, 9]))
+        >>> sums.tolist(), counts.tolist()
+        ([3.0, 4.0], [2, 1])
+    """
+    ids, inverse = torch.unique(torch.cat([query_groups, key_groups]), return_inverse=True)
+    query_bins, key_bins = inverse[: len(query_groups)], inverse[len(query_groups) :]
+    key_sums = keys.new_zeros(len(ids), keys.shape[1]).index_add(0, key_bins, keys)
+    counts = torch.bincount(key_bins, minlength=len(ids))
+    return (queries * key_sums[query_bins]).sum(dim=1), counts[query_bins]
+
+
 def debiased_losses(
     log_negatives: Tensor,
     negatives: Tensor | int,

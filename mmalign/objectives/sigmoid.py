@@ -12,6 +12,9 @@ is labelled +1; with ``exclude`` same-group entries other than the diagonal are 
 the row's sum. ``debiased`` is a softmax estimator and is refused here. With
 ``hard_negatives`` the columns of ``(a, b)`` are every row that has ``b`` (label -1).
 
+With a ``tile`` size the entries are summed in tiles (:func:`mmalign.objectives.tiled.
+pair_softplus_sum`): every kept entry as a negative, minus the positives' logits.
+
 Example:
     >>> import torch
     >>> from mmalign.objectives import build_objective
@@ -40,7 +43,14 @@ from mmalign.objectives.base import (
     register_objective,
 )
 from mmalign.objectives.distributed import BatchView
-from mmalign.objectives.positives import PositivesMode
+from mmalign.objectives.positives import PositivesMode, group_positive_sums
+from mmalign.objectives.tiled import (
+    EntryDrop,
+    own_dot_products,
+    pair_softplus_sum,
+    select_rows,
+    tile_size,
+)
 
 
 class SigmoidConfig(PairwiseConfig):
@@ -59,6 +69,42 @@ class SigmoidConfig(PairwiseConfig):
         return self
 
 
+def _tiled_loss_sum(
+    batch: BatchView,
+    pair: tuple[str, str],
+    valid: Tensor,
+    scale: Tensor,
+    bias: Tensor,
+    positives: PositivesMode,
+    hard_negatives: bool,
+    tile: int,
+) -> Tensor:
+    """Every kept entry as a negative, ``softplus(z)``, in tiles; then the positives'
+    correction: their loss is ``softplus(-z) = softplus(z) - z``, so their ``z`` is subtracted
+    (summed per group for ``multi``, without a ``B x B`` mask)."""
+    first, second = pair
+    rows, queries = select_rows(
+        batch.local_global_index(),
+        batch.embeddings[first],
+        valid[batch.offset : batch.offset + batch.rows],
+    )
+    columns, keys = select_rows(
+        torch.arange(batch.global_rows, device=batch.device),
+        batch.global_embeddings[second],
+        batch.column(second, global_batch=True) if hard_negatives else valid,
+    )
+    groups = None if positives == "instance" else batch.global_groups
+    drop = None
+    if groups is not None and positives == "exclude":
+        drop = EntryDrop("same_group", rows, columns, groups[rows], groups[columns])
+    total = pair_softplus_sum(queries, keys, scale, bias, drop, tile)
+    if groups is not None and positives == "multi":
+        sums, counts = group_positive_sums(queries, groups[rows], keys, groups[columns])
+        return total - (scale * sums + bias * counts).sum()
+    own = own_dot_products(batch.embeddings[first], batch.embeddings[second])
+    return total - (scale * own[rows - batch.offset] + bias).sum()
+
+
 def sigmoid_term(
     batch: BatchView,
     pair: tuple[str, str],
@@ -66,10 +112,17 @@ def sigmoid_term(
     logit_bias: Tensor,
     positives: PositivesMode = "instance",
     hard_negatives: bool = False,
+    tile: int | None = None,
 ) -> TermLoss:
-    """The sigmoid term of one pair: row losses summed over this rank's valid rows."""
+    """The sigmoid term of one pair: row losses summed over this rank's valid rows, dense or
+    (with ``tile``) in tiles of that many rows and columns."""
     first, second = pair
     valid = batch.column(first, global_batch=True) & batch.column(second, global_batch=True)
+    if tile is not None:
+        loss_sum = _tiled_loss_sum(
+            batch, pair, valid, logit_scale, logit_bias, positives, hard_negatives, tile
+        )
+        return TermLoss(pair_name(pair), loss_sum, int(valid.sum()))
     valid_local = valid[batch.offset : batch.offset + batch.rows]
     queries = batch.embeddings[first][valid_local]
     logits = (logit_scale * queries) @ batch.global_embeddings[second].T + logit_bias
@@ -112,9 +165,11 @@ class SigmoidObjective(PairwiseObjective):
                 "pass logit_bias=Tensor"
             )
         bias = torch.as_tensor(logit_bias, dtype=batch.dtype, device=batch.device)
+        config = self.config
+        tile = tile_size(config.tile, batch.global_rows, config.gather_with_grad)
         return [
             sigmoid_term(
-                batch, pair, logit_scale, bias, self.config.positives, self.config.hard_negatives
+                batch, pair, logit_scale, bias, config.positives, config.hard_negatives, tile
             )
             for pair in self.pairs(batch.modalities)
         ]

@@ -56,12 +56,10 @@ import math
 from typing import Protocol
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from mmalign.dist import world_size
-from mmalign.objectives.distributed import all_reduce_sum
+from mmalign.objectives.distributed import all_reduce_logsumexp, all_reduce_sum
 from mmalign.objectives.symile_n2_blocks import Block, Workspace, prefix_products
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
@@ -96,14 +94,6 @@ def _block_logsumexps(workspace: Workspace, block: Block, ones: Tensor) -> tuple
     return rows, columns
 
 
-def _combine_ranks(partial: Tensor) -> Tensor:
-    if world_size() == 1:
-        return partial
-    parts = [torch.empty_like(partial) for _ in range(world_size())]
-    dist.all_gather(parts, partial.contiguous())
-    return torch.stack(parts).logsumexp(dim=0)
-
-
 def _forward_pass(workspace: Workspace) -> Tensor:
     rows, count = workspace.rows, len(workspace.others) + 1
     lse = workspace.anchor.new_full((count, rows), float("-inf"))
@@ -116,7 +106,7 @@ def _forward_pass(workspace: Workspace) -> Tensor:
         prefix_lse = columns_lse.logsumexp(dim=1)
         for m, index in enumerate(block.indices, start=1):
             lse[m] = torch.logaddexp(lse[m], _scatter_logsumexp(prefix_lse, index, rows))
-    return _combine_ranks(lse)
+    return all_reduce_logsumexp(lse)
 
 
 def _safe_gap(dtype: torch.dtype) -> float:
