@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
+from mmalign.cli.common import output_directory
 from mmalign.errors import UserError
 
 HELP = "write a model for open_clip, Hugging Face transformers or ONNX"
@@ -38,7 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The model, the target and the output folder, then the target's own options."""
     parser.add_argument("model", help="a run directory (with model/) or a model directory")
     parser.add_argument("--to", required=True, choices=list(CONVERTERS), help="the target format")
-    parser.add_argument("--out", required=True, help="output folder (replaced when it exists)")
+    parser.add_argument(
+        "--out",
+        type=output_directory,
+        required=True,
+        help="output folder (replaced when it exists)",
+    )
     parser.add_argument("--image", help="open_clip: the image modality (default: the only one)")
     parser.add_argument("--text", help="open_clip: the text modality (default: the only one)")
     parser.add_argument(

@@ -20,6 +20,7 @@ from mmalign.cli.common import (
     check_path,
     csv_list,
     fields,
+    output_directory,
 )
 
 HELP = "retrieval (instance and class level), zero-shot and diagnostics of a trained model"
@@ -28,7 +29,9 @@ HELP = "retrieval (instance and class level), zero-shot and diagnostics of a tra
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Data arguments, then the report's output, modalities and zero-shot options."""
     add_data_arguments(parser, batch_size=64)
-    parser.add_argument("--out", help="report directory (default: MODEL/eval)")
+    parser.add_argument(
+        "--out", type=output_directory, help="report directory (default: MODEL/eval)"
+    )
     parser.add_argument("--modalities", type=csv_list, help="comma-separated (default: all)")
     parser.add_argument("--classes", help="classes.json for zero-shot classification")
     parser.add_argument("--zeroshot-modalities", type=csv_list, help="queries (default: non-text)")

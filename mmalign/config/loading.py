@@ -10,6 +10,7 @@ import yaml
 from pydantic import ValidationError
 
 from mmalign.config.sections import Config
+from mmalign.config.strict_yaml import read_yaml
 from mmalign.errors import ConfigError, config_error
 
 
@@ -76,10 +77,7 @@ def load_config(
             raise ConfigError(f"the config is a directory ({path}); pass the YAML file itself")
         if not path.is_file():
             raise ConfigError(f"the config file does not exist ({path}); check the path")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"config file {path} is not valid YAML: {error}") from error
+        data = read_yaml(path) or {}
         name = str(path)
     else:
         data = json.loads(json.dumps(source))

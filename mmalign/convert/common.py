@@ -10,7 +10,7 @@ Example:
 from __future__ import annotations
 
 import shutil
-import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -71,10 +71,12 @@ def projection_matrix(projection: nn.Module, field: str) -> torch.Tensor | None:
 
 @contextmanager
 def output_directory(directory: str | Path) -> Iterator[Path]:
-    """A temporary folder beside ``directory`` that replaces it when the block succeeds."""
+    """A temporary folder beside ``directory`` that replaces it when the block succeeds;
+    created with the mode the umask gives (0755 under the usual 022), as runs are."""
     final = Path(directory)
     final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    staging = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()  # not mkdtemp (mode 0700): the umask's mode, as a run's directories
     try:
         yield staging
         replace_directory(staging, final)

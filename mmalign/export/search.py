@@ -23,6 +23,7 @@ from mmalign.data.exports import read_manifest
 from mmalign.errors import UserError
 from mmalign.eval.loading import load_model
 from mmalign.export.index import load_index
+from mmalign.export.writer import model_fingerprint
 
 if TYPE_CHECKING:
     from mmalign.model import AlignmentModel
@@ -91,12 +92,46 @@ def query_vector(
     if extra:
         raise QueryError(f"weights name {extra}, which are not query modalities {list(queries)}")
     embeddings = {
-        name: model.encode(name, [raw], batch_size=1, dim=dim).float().cpu()
-        * weights.get(name, 1.0)
+        name: _encode_query(model, name, raw, dim) * weights.get(name, 1.0)
         for name, raw in queries.items()
     }
     width = next(iter(embeddings.values())).shape[1]
     return model.objective.score(embeddings, torch.eye(width))[0]
+
+
+def _encode_query(model: AlignmentModel, modality: str, raw: Any, dim: int | None) -> torch.Tensor:
+    """The embedding of one raw query sample; a sample the tower refuses (a vector of the
+    wrong length, a malformed graph) is a :class:`QueryError` naming the query."""
+    try:
+        return model.encode(modality, [raw], batch_size=1, dim=dim).float().cpu()
+    except (ValueError, TypeError) as error:
+        raise QueryError(
+            f"the {modality} query cannot be used: {error} (--query {modality}=...); pass a "
+            "sample of the kind the model was trained on"
+        ) from None
+
+
+def check_export_model(index_dir: str | Path, model: AlignmentModel) -> None:
+    """A :class:`QueryError` unless ``model`` is the model whose fingerprint the export
+    recorded (its embeddings would not compare with the query's).
+
+    Example:
+        >>> check_export_model("emb", load_model("runs/other"))  # doctest: +SKIP
+        Traceback (most recent call last):
+        QueryError: the model is not the one that made the export emb ...
+    """
+    settings = read_manifest(index_dir)["settings"]
+    recorded = settings.get("model_fingerprint")
+    if recorded is None:
+        return
+    found = model_fingerprint(model)
+    if found != recorded:
+        raise QueryError(
+            f"the model is not the one that made the export {index_dir} (weights fingerprint "
+            f"{recorded[:12]} there, {found[:12]} now) (--model); search with "
+            f"{settings.get('model_path') or 'the exported model'}, or export again with "
+            "this model"
+        )
 
 
 def search(
@@ -128,6 +163,7 @@ def search(
     """
     loaded = load_index(index_dir, target)
     model = load_model(recorded_model(index_dir) if model is None else model)
+    check_export_model(index_dir, model)
     if modality is not None:
         query = {modality: query}
     elif not isinstance(query, Mapping):
