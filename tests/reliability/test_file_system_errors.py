@@ -54,7 +54,6 @@ def test_export_file_system_error_is_one_line_naming_the_file(
     run, shards = run_and_shards
     monkeypatch.setattr("mmalign.export.writer.atomic_write", refuse(number))
     out = tmp_path / "emb"
-    reader, writer = os.pipe()  # not a file: the limit would cut the child's stderr too
     assert main(["export", run, "--data", shards, "--out", str(out), "--no-progress"]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and error.startswith(f"mmalign: error: {out}/"), error
