@@ -103,6 +103,8 @@ def path_problem(error: OSError) -> str | None:
         >>> path_problem(OSError(30, "Read-only file system", "/ro/run"))
         '/ro/run is on a read-only file system (/ro/run); write to a writable directory'
     """
+    if error.filename is None and error.errno is None:  # raised with a message of its own
+        return one_line(str(error))
     path = error.filename or "a file"
     if isinstance(error, IsADirectoryError):
         return f"{path} is a directory, not a file ({path}); pass the file itself"
@@ -114,7 +116,8 @@ def path_problem(error: OSError) -> str | None:
     if problem is None:
         return None
     what, _, todo = problem.partition("; ")
-    return f"{path} {what} ({path}); {todo}"
+    where = f" ({path})" if error.filename else ""
+    return f"{path} {what}{where}; {todo}"
 
 
 def build_parser() -> argparse.ArgumentParser:

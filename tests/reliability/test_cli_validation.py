@@ -116,3 +116,26 @@ def test_out_that_is_a_file_or_the_working_directory(
         assert named in error and "(--out)" in error
     assert sorted(os.listdir(tmp_path)) == ["notes.txt"]
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_a_glob_matching_nothing_is_named(
+    workspace: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    pattern = str(Path(workspace["root"]) / "shards" / "nothing-*.tar")
+    assert main(["eval", workspace["run"], "--data", pattern]) == 2
+    error = one_line_error(capsys)
+    assert f"the glob '{pattern}' matches no file" in error and "a file does not exist" not in error
+
+
+@pytest.mark.parametrize("tool", ["group-shards", "mine-negatives"])
+def test_prep_tools_name_a_modality_the_export_lacks(
+    workspace: dict[str, str], tmp_path: Path, tool: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    given = {
+        "group-shards": ["--modality", "audio", "--clusters", "2"],
+        "mine-negatives": ["--query", "labs", "--candidates", "audio"],
+    }[tool]
+    out = str(tmp_path / "out")
+    assert main(["prep", tool, "--embeddings", workspace["emb"], *given, "--out", out]) == 2
+    error = one_line_error(capsys)
+    assert "has no 'audio' embeddings" in error and "exported: labs, graph" in error
