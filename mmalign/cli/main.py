@@ -32,10 +32,11 @@ from mmalign.cli import eval as eval_
 from mmalign.cli.common import add_subcommands
 from mmalign.errors import UserError
 
-# Deprecations users cannot act on: a dependency scripts a module at import time (torch
-# warns on every command) and Accelerate still passes DDP's `broadcast_buffers`.
-for _message in ("`torch.jit.script` is deprecated", "`broadcast_buffers` is deprecated"):
-    warnings.filterwarnings("ignore", message=_message, category=FutureWarning)
+# A deprecation users cannot act on: Accelerate still passes DDP's `broadcast_buffers`.
+# (torch_geometric's import-time `torch.jit.script` is silenced where it is imported.)
+warnings.filterwarnings(
+    "ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning
+)
 
 SUBCOMMANDS: dict[str, ModuleType] = {
     "train": train,
