@@ -86,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--val-fraction",
         type=float,
         default=0.0,
-        help="hold out about this fraction of rows as val-*.tar (the rest: train-*.tar)",
+        help="hold out about this fraction of rows in OUT/val/ (the rest: OUT/train/)",
     )
 
 
