@@ -91,3 +91,28 @@ def test_import_prints_no_warning() -> None:
     env = {**subprocess_env(), "PYTHONWARNINGS": "default"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert done.returncode == 0 and done.stderr == "", done.stderr
+
+
+def test_matryoshka_loss_plot_has_the_total_and_the_prefixes_apart() -> None:
+    from mmalign.training.curves import PLOTS, _figure, collect_series
+
+    record = {"step": 1, "train/loss": 2.0, "val/loss": 2.1}
+    record |= {f"train/loss/dim{dim}": 2.0 + dim / 100 for dim in (8, 16, 32, 64)}
+    record |= {f"train/loss/{pair}": 2.0 for pair in ("a-b", "a-c", "b-c")}
+    series = collect_series([record, {**record, "step": 2}], PLOTS["loss.png"][0])
+    _, (total, terms) = _figure("loss.png", series)
+    assert [line.get_label() for line in total.get_lines()] == ["training", "validation"]
+    labels = [line.get_label() for line in terms.get_lines()]
+    assert labels == ["first 8 dims", "first 16 dims", "first 32 dims", "first 64 dims"]
+
+
+def test_one_validation_point_shows_class_and_instance_apart() -> None:
+    from mmalign.training.curves import PLOTS, _figure, collect_series
+
+    record = {"step": 5, "val/instance/R@1/mean": 0.4, "val/class/R@1/mean": 0.7}
+    series = collect_series([record], PLOTS["validation.png"][0])
+    _, (axes,) = _figure("validation.png", series)
+    lines = {line.get_label(): line for line in axes.get_lines()}
+    instance, level = lines["R@1 instance, mean"], lines["R@1 class, mean"]
+    assert instance.get_color() != level.get_color()
+    assert instance.get_marker() != level.get_marker() and instance.get_markersize() >= 6
