@@ -4,10 +4,12 @@ the parser's recursion, and Matryoshka weights that are not finite."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import tiny_config, write_config
+from conftest import subprocess_env, tiny_config, write_config
 
 from mmalign.cli.main import main
 from mmalign.config import ConfigError, load_config
@@ -92,3 +94,32 @@ def test_cli_names_the_duplicate_key_in_one_line(
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and "key 'train' appears twice (lines " in error
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.launches
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ("model: {}\ntrain: {stepz: 3}\n", "train.stepz: unknown key"),
+        ("model: {}\ndata: {batch_size: -1}\n", "data.batch_size: "),
+        ("model: {}\ntrian: {steps: 3}\n", "trian: unknown section"),
+        ("model: {}\ntrain: {steps: 1}\ntrain: {steps: 2}\n", "key 'train' appears twice"),
+    ],
+    ids=["train key", "data value", "section", "duplicate"],
+)
+def test_a_typo_is_reported_before_torch_loads(tmp_path: Path, text: str, named: str) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text(text)
+    code = (
+        "import sys; from mmalign.cli.main import main; status = main(['train', sys.argv[1]]); "
+        "print(status, 'torch' in sys.modules)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(config)],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.stdout.split() == ["2", "False"], done.stdout + done.stderr
+    assert named in done.stderr and done.stderr.count("\n") == 1
