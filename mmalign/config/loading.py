@@ -93,7 +93,7 @@ def precheck_config(path: str | Path, overrides: list[str] | None = None) -> Non
         try:
             section.model_validate(data.get(name) or {})
         except ValidationError as error:
-            where = _source(error, str(path), overrides)
+            where = _source(error, str(path), overrides, prefix=f"{name}.")
             raise config_error(error, name, f"config ({where})") from None
 
 
@@ -137,10 +137,12 @@ def load_config(
     return config
 
 
-def _source(error: ValidationError, name: str, overrides: list[str] | None) -> str:
+def _source(
+    error: ValidationError, name: str, overrides: list[str] | None, prefix: str = ""
+) -> str:
     """Where the fields of ``error`` were set: the ``--set`` overrides that set them (a typo
     there is not the file's), else the file ``name``."""
-    fields = [".".join(map(str, item["loc"])) for item in error.errors()]
+    fields = [prefix + ".".join(map(str, item["loc"])) for item in error.errors()]
     keys = {override: override.split("=", 1)[0].strip() for override in overrides or []}
     setting = [
         override
