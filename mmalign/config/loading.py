@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from mmalign.config.sections import Config, DataConfig, EvalConfig, TrainConfig
 from mmalign.config.strict_yaml import read_yaml
@@ -60,7 +60,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-LIGHT_SECTIONS = {"data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
+LIGHT_SECTIONS: dict[str, type[BaseModel]] = {
+    "data": DataConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+}
 """The sections whose validation needs no tower or objective class (so no torch)."""
 
 

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from yaml.nodes import MappingNode
 
 from mmalign.errors import ConfigError
 
@@ -29,7 +28,7 @@ class StrictLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the
     last one silently), naming the key and the lines (1-based) of both."""
 
-    def construct_mapping(self, node: MappingNode, deep: bool = False) -> dict[Any, Any]:
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         """The mapping of ``node``; raises :class:`DuplicateKeyError` on a repeated key."""
         first_line: dict[Any, int] = {}
         for key_node, _ in node.value:
