@@ -18,10 +18,12 @@ $(INSTALLED): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(INSTALLED)
+	@echo "mmalign is installed in $(VENV): run 'source $(VENV)/bin/activate' (or call $(BIN)/mmalign)"
 
 # The main job: demo data, three trainings, evaluation, index + search, runs/demo/REPORT.md.
 demo: $(INSTALLED)
 	$(BIN)/mmalign demo
+	@echo "next: 'source $(VENV)/bin/activate' and the guides' mmalign commands run as written"
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check .

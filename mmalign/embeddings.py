@@ -16,6 +16,20 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmalign.errors import UserError
+
+
+class PrefixError(UserError, ValueError):
+    """A ``dim`` that is no prefix of the embeddings (below 1 or above the model's dim).
+
+    Example:
+        >>> check_prefix(100, 64, None)
+        Traceback (most recent call last):
+        ...
+        mmalign.embeddings.PrefixError: dim 100 is outside 1..64, the model's dim (--dim); \
+pass a dim in that range, e.g. a trained prefix [64]
+    """
+
 
 def truncate(embeddings: Tensor, dim: int) -> Tensor:
     """The first ``dim`` coordinates of each row, renormalized (all-zero rows stay zero).
@@ -26,7 +40,10 @@ def truncate(embeddings: Tensor, dim: int) -> Tensor:
         [[0.6000000238418579, 0.800000011920929]]
     """
     if not 1 <= dim <= embeddings.shape[-1]:
-        raise ValueError(f"dim must be between 1 and {embeddings.shape[-1]}, got {dim}")
+        raise PrefixError(
+            f"dim {dim} is outside 1..{embeddings.shape[-1]}, the embeddings' width (--dim); "
+            "pass a dim in that range"
+        )
     return F.normalize(embeddings[..., :dim], dim=-1)
 
 
@@ -38,9 +55,12 @@ def check_prefix(dim: int, full_dim: int, trained: Sequence[int] | None) -> None
     Example:
         >>> check_prefix(32, 128, [16, 32, 64, 128])
     """
-    if not 1 <= dim <= full_dim:
-        raise ValueError(f"dim must be between 1 and the model's dim {full_dim}, got {dim}")
     prefixes = list(trained) if trained else [full_dim]
+    if not 1 <= dim <= full_dim:
+        raise PrefixError(
+            f"dim {dim} is outside 1..{full_dim}, the model's dim (--dim); pass a dim in that "
+            f"range, e.g. a trained prefix {prefixes}"
+        )
     if dim not in prefixes:
         warnings.warn(
             f"dim {dim} is not a trained Matryoshka prefix (trained: {prefixes}); its "

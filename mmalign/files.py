@@ -58,16 +58,24 @@ def fsync_tree(directory: Path) -> None:
 def atomic_write(path: Path, write: Callable[[IO[bytes]], object], tag: str = "") -> None:
     """Write ``path`` through a temporary file: write, flush, fsync, rename, fsync the folder.
 
-    ``tag`` makes the temporary name unique per writer (processes writing the same file).
+    ``tag`` makes the temporary name unique per writer (processes writing the same file). A
+    failed write (a full disk, a file beyond the size limit) removes the temporary file and
+    raises an ``OSError`` that names ``path`` (``write()`` errors name no file).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp{tag}")
     temporary.unlink(missing_ok=True)  # a leftover, or a link planted under its name
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    with os.fdopen(descriptor, "wb") as handle:
-        write(handle)
-        handle.flush()
-        os.fsync(handle.fileno())
+    try:
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        with os.fdopen(descriptor, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        if error.filename is not None:
+            raise
+        raise OSError(error.errno, error.strerror, str(path)) from error
     os.replace(temporary, path)
     fsync_path(path.parent)
 

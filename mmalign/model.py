@@ -392,8 +392,11 @@ class AlignmentModel(nn.Module):
     def from_pretrained(
         cls, directory: str | Path, device: str | torch.device = "cpu"
     ) -> AlignmentModel:
-        """Load a model written by :meth:`save_pretrained` (in eval mode)."""
+        """Load a model written by :meth:`save_pretrained` (in eval mode): its directory,
+        or a run directory holding it as ``model/`` (what every ``mmalign`` command takes)."""
         directory = Path(directory)
+        if not (directory / WEIGHTS_FILE).is_file() and (directory / "model").is_dir():
+            directory = directory / "model"
         weights, config_file = directory / WEIGHTS_FILE, directory / CONFIG_FILE
         for needed in (config_file, weights):
             if not needed.is_file():

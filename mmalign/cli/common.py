@@ -50,6 +50,38 @@ def positive_int(text: str) -> int:
     return value
 
 
+def output_directory(text: str) -> Path:
+    """An output directory to create or continue (an argparse ``type``): refused when it is a
+    file, or the working directory or one above it (replacing or filling it would mix the
+    output with everything else there).
+
+    Example:
+        >>> output_directory("runs/emb")
+        PosixPath('runs/emb')
+        >>> output_directory(".")
+        Traceback (most recent call last):
+        ...
+        argparse.ArgumentTypeError: '.' is the working directory or above it; name a new \
+directory for the output, e.g. ./out
+    """
+    path = Path(text)
+    try:
+        exists = path.exists()
+    except OSError as error:  # a name too long, a loop of links
+        raise argparse.ArgumentTypeError(f"{text!r} cannot be used: {error.strerror}") from None
+    if exists and not path.is_dir():
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is a file, not a directory; name a directory for the output"
+        )
+    resolved, working = path.resolve(), Path.cwd().resolve()
+    if resolved == working or resolved in working.parents:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is the working directory or above it; name a new directory for the "
+            "output, e.g. ./out"
+        )
+    return path
+
+
 def check_path(path: str | Path, flag: str, kind: str = "file") -> Path:
     """``path`` as a :class:`Path` when it exists and is a ``kind`` (``"file"`` or
     ``"directory"``); else a :class:`~mmalign.errors.UserError` naming ``flag``.
@@ -126,7 +158,9 @@ def add_reshard_arguments(parser: argparse.ArgumentParser) -> None:
     """The finished export a prep tool reads and the shards it writes
     (:mod:`mmalign.prep.reshard`)."""
     parser.add_argument("--embeddings", required=True, help="a finished export directory")
-    parser.add_argument("--out", required=True, help="output directory for the shards")
+    parser.add_argument(
+        "--out", type=output_directory, required=True, help="output directory for the shards"
+    )
     parser.add_argument("--name", default="data", help="shard names: NAME-000000.tar, ...")
     parser.add_argument(
         "--maxcount", type=positive_int, default=10000, help="records per shard at most"

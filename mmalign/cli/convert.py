@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
+from mmalign.cli.common import output_directory
 from mmalign.errors import UserError
 
 HELP = "write a model for open_clip, Hugging Face transformers or ONNX"
@@ -40,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--to", required=True, choices=list(CONVERTERS), help="the target format")
     parser.add_argument(
         "--out",
+        type=output_directory,
         required=True,
         help="a new or empty output folder (a previous output of the same --to is replaced)",
     )

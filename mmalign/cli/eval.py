@@ -20,6 +20,8 @@ from mmalign.cli.common import (
     check_path,
     csv_list,
     fields,
+    output_directory,
+    positive_int,
 )
 
 HELP = "retrieval (instance and class level), zero-shot and diagnostics of a trained model"
@@ -28,13 +30,20 @@ HELP = "retrieval (instance and class level), zero-shot and diagnostics of a tra
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Data arguments, then the report's output, modalities and zero-shot options."""
     add_data_arguments(parser, batch_size=64)
-    parser.add_argument("--out", help="report directory (default: MODEL/eval)")
+    parser.add_argument(
+        "--out", type=output_directory, help="report directory (default: MODEL/eval)"
+    )
     parser.add_argument("--modalities", type=csv_list, help="comma-separated (default: all)")
     parser.add_argument("--classes", help="classes.json for zero-shot classification")
     parser.add_argument("--zeroshot-modalities", type=csv_list, help="queries (default: non-text)")
     parser.add_argument("--text-modality", help="encodes the class prompts (default: first text)")
     add_classes_arguments(parser)
     parser.add_argument("--no-plots", action="store_true", help="skip the figures")
+    parser.add_argument(
+        "--dim",
+        type=positive_int,
+        help="use the first DIM coordinates, renormalized (a Matryoshka prefix; default: all)",
+    )
     parser.add_argument("--linear-probe", action="store_true", help="logistic-regression probe")
     parser.add_argument("--few-shot", type=csv_list, default=[], help="shots per class: 1,5,10")
     parser.add_argument("--probe-train", help="labelled train shards the probes are fitted on")
@@ -65,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         workers=args.workers,
         max_samples=args.max_samples,
+        dim=args.dim,
         plots=not args.no_plots,
     )
     print((out / "eval.md").read_text())

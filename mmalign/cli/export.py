@@ -15,7 +15,14 @@ import argparse
 import json
 from pathlib import Path
 
-from mmalign.cli.common import add_data_arguments, check_path, csv_list, fields, positive_int
+from mmalign.cli.common import (
+    add_data_arguments,
+    check_path,
+    csv_list,
+    fields,
+    output_directory,
+    positive_int,
+)
 
 HELP = "embeddings of shards to files, plus a nearest-neighbour index"
 
@@ -23,7 +30,12 @@ HELP = "embeddings of shards to files, plus a nearest-neighbour index"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Data arguments, the output and chunking, then the index options."""
     add_data_arguments(parser, batch_size=256)
-    parser.add_argument("--out", required=True, help="export directory (resumes if unfinished)")
+    parser.add_argument(
+        "--out",
+        type=output_directory,
+        required=True,
+        help="export directory (resumes if unfinished)",
+    )
     parser.add_argument("--modalities", type=csv_list, help="comma-separated (default: all)")
     parser.add_argument(
         "--chunk-size", type=positive_int, default=4096, help="rows per Parquet chunk"

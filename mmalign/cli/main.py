@@ -6,8 +6,9 @@ Subcommands (one module each in :mod:`mmalign.cli`): ``train``, ``eval``, ``zero
 torch. Errors the user can fix end in one line on stderr and status 2:
 ``mmalign: error: <what> (<flag, config field or file:key>); <what to do>``. That holds for
 usage errors (argparse's, see :class:`OneLineParser`), a :class:`~mmalign.errors.UserError`
-and a path that is missing, a directory where a file belongs (or the other way round) or not
-readable (:func:`path_problem`). A training run stopped by non-finite losses ends with status
+and a file-system error naming its path (:func:`path_problem`: missing, a directory where a
+file belongs or the other way round, unreadable, read-only, full, a name too long...). A
+training run stopped by non-finite losses ends with status
 1; ``mmalign --debug ...`` shows the traceback instead. Several processes:
 ``accelerate launch -m mmalign train CONFIG``.
 
@@ -19,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import errno
 import re
 import sys
 import warnings
@@ -30,10 +32,11 @@ from mmalign.cli import eval as eval_
 from mmalign.cli.common import add_subcommands
 from mmalign.errors import UserError
 
-# Deprecations users cannot act on: a dependency scripts a module at import time (torch
-# warns on every command) and Accelerate still passes DDP's `broadcast_buffers`.
-for _message in ("`torch.jit.script` is deprecated", "`broadcast_buffers` is deprecated"):
-    warnings.filterwarnings("ignore", message=_message, category=FutureWarning)
+# A deprecation users cannot act on: Accelerate still passes DDP's `broadcast_buffers`.
+# (torch_geometric's import-time `torch.jit.script` is silenced where it is imported.)
+warnings.filterwarnings(
+    "ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning
+)
 
 SUBCOMMANDS: dict[str, ModuleType] = {
     "train": train,
@@ -75,24 +78,48 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"mmalign: error: {one_line(what)}{where}; see {self.prog} --help\n")
 
 
-def path_problem(error: OSError) -> str:
-    """The one-line message of an error opening a path: what is wrong with which path and
-    what to do.
+FILE_SYSTEM_PROBLEMS: dict[int, str] = {
+    errno.EROFS: "is on a read-only file system; write to a writable directory",
+    errno.EFBIG: "would grow beyond the largest file its file system allows; write to "
+    "another file system (or split the output, e.g. a smaller --chunk-size)",
+    errno.ENOSPC: "cannot be written: no space left on its device; free space and run the "
+    "same command again",
+    errno.EDQUOT: "cannot be written: the disk quota is used up; free space and run the same "
+    "command again",
+    errno.ENAMETOOLONG: "has a name too long for its file system; use a shorter name",
+    errno.EEXIST: "exists already as a file; remove it or name another path",
+    errno.ELOOP: "is a symbolic link (or a loop of them); pass the real path",
+    errno.EACCES: "cannot be opened: permission denied; check its permissions",
+    errno.EPERM: "cannot be changed: operation not permitted; check its permissions",
+}
+"""What a file-system error (by errno) means for the path it names, and what to do."""
+
+
+def path_problem(error: OSError) -> str | None:
+    """The one-line message of a file-system error: what is wrong with which path and what
+    to do; ``None`` for an error that is no file-system problem (a bug: its traceback shows).
 
     Example:
         >>> path_problem(IsADirectoryError(21, "Is a directory", "data/classes"))
         'data/classes is a directory, not a file (data/classes); pass the file itself'
+        >>> path_problem(OSError(30, "Read-only file system", "/ro/run"))
+        '/ro/run is on a read-only file system (/ro/run); write to a writable directory'
     """
-    path = error.filename
+    if error.filename is None and error.errno is None:  # raised with a message of its own
+        return one_line(str(error))
+    path = error.filename or "a file"
     if isinstance(error, IsADirectoryError):
         return f"{path} is a directory, not a file ({path}); pass the file itself"
     if isinstance(error, NotADirectoryError):
         return f"a part of {path} is a file, not a directory ({path}); check the path"
-    if isinstance(error, PermissionError):
-        return f"{path} cannot be read: permission denied ({path}); check its permissions"
-    if isinstance(error, FileNotFoundError) and path is not None:
+    if isinstance(error, FileNotFoundError):
         return f"{path} does not exist ({path}); check the path"
-    return one_line(str(error))
+    problem = FILE_SYSTEM_PROBLEMS.get(error.errno or 0)
+    if problem is None:
+        return None
+    what, _, todo = problem.partition("; ")
+    where = f" ({path})" if error.filename else ""
+    return f"{path} {what}{where}; {todo}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,10 +176,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"mmalign: error: {one_line(str(error))}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as error:
-        if args.debug:
+    except OSError as error:
+        problem = path_problem(error)
+        if args.debug or problem is None:
             raise
-        print(f"mmalign: error: {path_problem(error)}", file=sys.stderr)
+        print(f"mmalign: error: {problem}", file=sys.stderr)
         return 2
     except Exception as error:
         if args.debug or not _training_stopped(error):

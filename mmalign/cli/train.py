@@ -42,6 +42,9 @@ def run(args: argparse.Namespace) -> int:
     """Train, then print the steps, processes, model directory and validation metrics.
 
     Status ``128 + signal`` (143, 130) when SIGTERM/SIGINT stopped the run after saving."""
+    from mmalign.config.loading import precheck_config
+
+    precheck_config(args.config, args.set)  # a typo is reported before torch loads
     from mmalign.training import TrainingInterrupted, train
 
     try:

@@ -13,7 +13,13 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from mmalign.cli.common import add_classes_arguments, add_data_arguments, check_path, fields
+from mmalign.cli.common import (
+    add_classes_arguments,
+    add_data_arguments,
+    check_path,
+    fields,
+    positive_int,
+)
 
 HELP = "zero-shot classification accuracy from class prompts"
 
@@ -29,6 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--candidate-modality", help="encodes the prompts instead of text")
     add_classes_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    parser.add_argument(
+        "--dim",
+        type=positive_int,
+        help="use the first DIM coordinates, renormalized (a Matryoshka prefix; default: all)",
+    )
 
 
 def format_result(result: dict[str, Any]) -> str:
@@ -87,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         workers=args.workers,
         max_samples=args.max_samples,
+        dim=args.dim,
     )
     if args.json:
         print(json.dumps({"samples": result["samples"], **result["metrics"]}, indent=2))

@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from mmalign.config.sections import Config
+from mmalign.config.sections import Config, DataConfig, EvalConfig, TrainConfig
+from mmalign.config.strict_yaml import read_yaml
 from mmalign.errors import ConfigError, config_error
 
 
@@ -59,6 +60,59 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+LIGHT_SECTIONS: dict[str, type[BaseModel]] = {
+    "data": DataConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+}
+"""The sections whose validation needs no tower or objective class (so no torch)."""
+
+
+def precheck_config(path: str | Path, overrides: list[str] | None = None) -> None:
+    """The checks of :func:`load_config` that need no tower or objective class, so none of
+    torch: the file (missing, a directory, not UTF-8, not YAML, a key given twice), the
+    top-level sections and the keys of ``data``, ``train`` and ``eval``. The command line runs
+    them before importing torch, so a typo is reported in a fraction of a second.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as file:
+        ...     _ = file.write("model: {}\\ntrain: {stepz: 3}\\n")
+        >>> try:
+        ...     precheck_config(file.name)
+        ... except ConfigError as error:
+        ...     print(str(error).split("): ", 1)[1])
+        train.stepz: unknown key; check the spelling against the documented fields
+    """
+    data = _read_file(Path(path))
+    _override_schedule(data, overrides or [])
+    apply_overrides(data, overrides or [])
+    unknown = sorted(set(data) - {"model", *LIGHT_SECTIONS})
+    if unknown:
+        raise ConfigError(
+            f"invalid config ({path}): {unknown[0]}: unknown section; the sections are model, "
+            "data, train and eval"
+        )
+    for name, section in LIGHT_SECTIONS.items():
+        try:
+            section.model_validate(data.get(name) or {})
+        except ValidationError as error:
+            where = _source(error, str(path), overrides, prefix=f"{name}.")
+            raise config_error(error, name, f"config ({where})") from None
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    """The mapping of a YAML config file; a :class:`ConfigError` naming it otherwise."""
+    if path.is_dir():
+        raise ConfigError(f"the config is a directory ({path}); pass the YAML file itself")
+    if not path.is_file():
+        raise ConfigError(f"the config file does not exist ({path}); check the path")
+    data = read_yaml(path) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping with model/data/train/eval sections")
+    return data
+
+
 def load_config(
     source: str | Path | dict[str, Any] | Config, overrides: list[str] | None = None
 ) -> Config:
@@ -71,16 +125,8 @@ def load_config(
             return source
         source = source.to_dict()
     if isinstance(source, str | Path):
-        path = Path(source)
-        if path.is_dir():
-            raise ConfigError(f"the config is a directory ({path}); pass the YAML file itself")
-        if not path.is_file():
-            raise ConfigError(f"the config file does not exist ({path}); check the path")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"config file {path} is not valid YAML: {error}") from error
-        name = str(path)
+        data = _read_file(Path(source))
+        name = str(source)
     else:
         data = json.loads(json.dumps(source))
         name = "dict"
@@ -95,10 +141,12 @@ def load_config(
     return config
 
 
-def _source(error: ValidationError, name: str, overrides: list[str] | None) -> str:
+def _source(
+    error: ValidationError, name: str, overrides: list[str] | None, prefix: str = ""
+) -> str:
     """Where the fields of ``error`` were set: the ``--set`` overrides that set them (a typo
     there is not the file's), else the file ``name``."""
-    fields = [".".join(map(str, item["loc"])) for item in error.errors()]
+    fields = [prefix + ".".join(map(str, item["loc"])) for item in error.errors()]
     keys = {override: override.split("=", 1)[0].strip() for override in overrides or []}
     setting = [
         override

@@ -14,6 +14,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    FiniteFloat,
     SerializeAsAny,
     ValidationError,
     ValidationInfo,
@@ -183,8 +184,8 @@ class ModelConfig(_Section):
     matryoshka: list[int] | None = None
     """Matryoshka prefixes, ascending, the last equal to ``dim`` (e.g. ``[16, 32, 64, 128]``):
     the objective is applied to each renormalized prefix (:mod:`mmalign.objectives.matryoshka`)."""
-    matryoshka_weights: list[float] | None = None
-    """One weight (>= 0) per ``matryoshka`` prefix; default 1 each."""
+    matryoshka_weights: list[FiniteFloat] | None = None
+    """One finite weight (>= 0) per ``matryoshka`` prefix; default 1 each."""
 
     @model_validator(mode="after")
     def _matryoshka_prefixes(self) -> ModelConfig:

@@ -15,7 +15,7 @@ Example:
 from __future__ import annotations
 
 import shutil
-import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -116,7 +116,8 @@ def output_directory(directory: str | Path, target: str) -> Iterator[Path]:
     ``directory`` must pass :func:`check_output` for the converter ``target``."""
     final = check_output(directory, target)
     final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    staging = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()  # not mkdtemp (mode 0700): the umask's mode, as a run's directories
     try:
         yield staging
         write_json(staging / MARKER, {"format": target})

@@ -59,6 +59,10 @@ def read_manifest(out_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
+class MissingModalityError(ExportError, ValueError):
+    """An export holds no embeddings of the modality asked for."""
+
+
 def load_embeddings(out_dir: str | Path, modality: str) -> tuple[np.ndarray, pa.Table]:
     """All rows of one modality of a finished export: ``[N, dim]`` embeddings (NaN rows where
     the modality is absent) and the Parquet metadata table (key, present_*, fields).
@@ -69,9 +73,10 @@ def load_embeddings(out_dir: str | Path, modality: str) -> tuple[np.ndarray, pa.
     out_dir = Path(out_dir)
     manifest = read_manifest(out_dir)
     if modality not in manifest["settings"]["modalities"]:
-        raise ValueError(
-            f"{out_dir} has no {modality!r} embeddings; exported: "
-            f"{manifest['settings']['modalities']}"
+        exported = ", ".join(manifest["settings"]["modalities"])
+        raise MissingModalityError(
+            f"{out_dir} has no {modality!r} embeddings (the modality asked for); pick one it "
+            f"exported: {exported}"
         )
     vectors = [np.load(out_dir / chunk["files"][modality]) for chunk in manifest["chunks"]]
     dim = manifest["settings"]["dim"]

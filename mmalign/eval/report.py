@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from mmalign.embeddings import truncate
+from mmalign.embeddings import check_prefix, truncate
 from mmalign.errors import ConfigError
 from mmalign.eval.diagnostics import embedding_diagnostics
 from mmalign.eval.loading import (
@@ -177,10 +177,12 @@ def zeroshot_report(
     text_modality: str,
     language: str | None,
     ks: Sequence[int],
+    dim: int | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Zero-shot results per set of query modalities, keyed ``"image"`` or ``"image+audio"``."""
+    """Zero-shot results per set of query modalities, keyed ``"image"`` or ``"image+audio"``
+    (``dim``: classified with that Matryoshka prefix of every embedding)."""
     classnames, prompts = load_classes(classes, language)
-    classifier = ZeroShotClassifier(model, prompts, text_modality, classnames=classnames)
+    classifier = ZeroShotClassifier(model, prompts, text_modality, classnames=classnames, dim=dim)
     results = {}
     for queries in query_sets:
         has_any = torch.stack([collected.present[m] for m in queries]).any(dim=0)
@@ -298,6 +300,12 @@ def _write_figures(
     return [figure.name for figure in figures]
 
 
+def _truncated(collected: CollectedEmbeddings, dim: int) -> CollectedEmbeddings:
+    """``collected`` with the first ``dim`` coordinates of each embedding, renormalized."""
+    embeddings = {name: truncate(value, dim) for name, value in collected.embeddings.items()}
+    return dataclasses.replace(collected, embeddings=embeddings)
+
+
 def run_eval(
     model_or_run_dir: Any,
     shards: str | Sequence[str],
@@ -316,6 +324,7 @@ def run_eval(
     workers: int = 0,
     max_samples: int | None = None,
     plots: bool = True,
+    dim: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate a model (object, model directory or run directory) on shards; write the report.
 
@@ -323,7 +332,9 @@ def run_eval(
     With ``classes`` (a classes.json path or dict), zero-shot classification encodes the class
     prompts with ``text_modality`` (default: the model's first text tower) and classifies
     each of ``zeroshot_modalities`` (default: every other modality) alone and, when there are
-    several, all of them together. Returns the report that ``eval.json`` holds.
+    several, all of them together. ``dim`` evaluates the first ``dim`` coordinates of every
+    embedding, renormalized (a Matryoshka prefix, as ``export --dim``). Returns the report that
+    ``eval.json`` holds.
 
     Example:
         >>> run_eval(model, "val-000000.tar", "out")["samples"]  # doctest: +SKIP
@@ -344,15 +355,17 @@ def run_eval(
         label_field=label_field,
         max_samples=max_samples,
     )
+    if dim is not None:
+        check_prefix(dim, model.dim, model.config.matryoshka)
+        collected = _truncated(collected, dim)
     pairs = list(retrieval_pairs or itertools.combinations(modalities, 2))
     metrics = retrieval_report(collected, pairs, ks)
     if model.objective.scores_jointly:
         metrics.update(nway_report(collected, ks))
     metrics.update(embedding_diagnostics(collected.embeddings, present=collected.present))
-    for dim in (model.config.matryoshka or [])[:-1]:  # retrieval at each trained prefix
-        embeddings = {name: truncate(value, dim) for name, value in collected.embeddings.items()}
-        prefix = retrieval_report(dataclasses.replace(collected, embeddings=embeddings), pairs, ks)
-        metrics.update({f"dim{dim}/{name}": value for name, value in prefix.items()})
+    for prefix_dim in [] if dim else (model.config.matryoshka or [])[:-1]:  # trained prefixes
+        prefix = retrieval_report(_truncated(collected, prefix_dim), pairs, ks)
+        metrics.update({f"dim{prefix_dim}/{name}": value for name, value in prefix.items()})
     zeroshot: dict[str, dict[str, Any]] = {}
     if classes is not None:
         text = check_text_modality(model, text_modality or _default_text_modality(model))
@@ -363,7 +376,9 @@ def run_eval(
             )
         queries = list(zeroshot_modalities or [m for m in modalities if m != text])
         query_sets = [[m] for m in queries] + ([queries] if len(queries) > 1 else [])
-        zeroshot = zeroshot_report(model, collected, classes, query_sets, text, language, (1, 5))
+        zeroshot = zeroshot_report(
+            model, collected, classes, query_sets, text, language, (1, 5), dim=dim
+        )
         for name, result in zeroshot.items():
             metrics.update({f"zeroshot/{name}/{k}": v for k, v in result["metrics"].items()})
     out_dir = Path(out_dir)
@@ -372,6 +387,7 @@ def run_eval(
         "model": str(model_source) if model_source is not None else "<in-memory model>",
         "shards": shards if isinstance(shards, str) else list(shards),
         "samples": len(collected.keys),
+        "dim": dim or model.dim,
         "metrics": metrics,
         "zeroshot": zeroshot,
         "figures": (

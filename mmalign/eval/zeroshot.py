@@ -318,8 +318,10 @@ def run_zeroshot(
     workers: int = 0,
     max_samples: int | None = None,
     ks: Sequence[int] = (1, 5),
+    dim: int | None = None,
 ) -> dict[str, Any]:
-    """Zero-shot accuracy over shards, labels from the ``label_field`` of each record.
+    """Zero-shot accuracy over shards, labels from the ``label_field`` of each record
+    (``dim``: with the first ``dim`` coordinates of every embedding, renormalized).
 
     Class prompts from ``classes`` (a classes.json path or dict, see :func:`load_classes`)
     are encoded with ``text_modality`` (or with ``candidate_modality`` when that tower takes
@@ -340,7 +342,7 @@ def run_zeroshot(
     else:
         check_modalities(model, [candidate_modality], "--candidate-modality")
     classifier = ZeroShotClassifier(
-        model, prompts, candidate_modality or text_modality, classnames=classnames
+        model, prompts, candidate_modality or text_modality, classnames=classnames, dim=dim
     )
     collected = collect_embeddings(
         model,

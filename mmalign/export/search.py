@@ -26,6 +26,7 @@ from mmalign.data.limits import DEFAULT_LIMITS, RecordLimits
 from mmalign.errors import UserError
 from mmalign.eval.loading import load_model
 from mmalign.export.index import load_index
+from mmalign.export.writer import model_fingerprint
 
 if TYPE_CHECKING:
     from mmalign.model import AlignmentModel
@@ -162,10 +163,45 @@ def query_vector(
     """
     checked = check_query(model, queries, weights)
     embeddings = {
-        name: model.encode(name, [raw], batch_size=1, dim=dim)
+        name: _encode_query(model, name, raw, dim)
         for name, raw in read_query_files(model, queries, limits).items()
     }
     return combine_query(model, embeddings, checked)
+
+
+def _encode_query(model: AlignmentModel, modality: str, raw: Any, dim: int | None) -> torch.Tensor:
+    """The embedding of one raw query sample; a sample the tower refuses (a vector of the
+    wrong length, a malformed graph) is a :class:`QueryError` naming the query."""
+    try:
+        return model.encode(modality, [raw], batch_size=1, dim=dim).float().cpu()
+    except (ValueError, TypeError) as error:
+        raise QueryError(
+            f"the {modality} query cannot be used: {error} (--query {modality}=...); pass a "
+            "sample of the kind the model was trained on"
+        ) from None
+
+
+def check_export_model(index_dir: str | Path, model: AlignmentModel) -> None:
+    """A :class:`QueryError` unless ``model`` is the model whose fingerprint the export
+    recorded (its embeddings would not compare with the query's).
+
+    Example:
+        >>> check_export_model("emb", load_model("runs/other"))  # doctest: +SKIP
+        Traceback (most recent call last):
+        QueryError: the model is not the one that made the export emb ...
+    """
+    settings = read_manifest(index_dir)["settings"]
+    recorded = settings.get("model_fingerprint")
+    if recorded is None:
+        return
+    found = model_fingerprint(model)
+    if found != recorded:
+        raise QueryError(
+            f"the model is not the one that made the export {index_dir} (weights fingerprint "
+            f"{recorded[:12]} there, {found[:12]} now) (--model); search with "
+            f"{settings.get('model_path') or 'the exported model'}, or export again with "
+            "this model"
+        )
 
 
 def search(
@@ -197,6 +233,7 @@ def search(
     """
     loaded = load_index(index_dir, target)
     model = load_model(recorded_model(index_dir) if model is None else model)
+    check_export_model(index_dir, model)
     if modality is not None:
         query = {modality: query}
     elif not isinstance(query, Mapping):

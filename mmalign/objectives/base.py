@@ -16,7 +16,9 @@ How a loss is averaged (every objective follows this rule):
   ``metrics`` hold the global values.
 
 Example:
-    >>> import torch
+    >>> import warnings
+
+import torch
     >>> from mmalign.objectives import build_objective
     >>> objective = build_objective({"name": "clip"})
     >>> embeddings = {"image": torch.eye(3), "text": torch.eye(3)}
@@ -27,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -38,7 +41,7 @@ from torch import Tensor, nn
 from mmalign.config import ObjectiveConfig, field_error, objective_config
 from mmalign.errors import config_error
 from mmalign.objectives.distributed import BatchView, all_reduce_mean
-from mmalign.objectives.positives import PositivesConfig
+from mmalign.objectives.positives import PositivesConfig, rows_without_negatives
 from mmalign.registry import OBJECTIVES
 
 CONFIG_FIELD = "model.objective"
@@ -79,6 +82,7 @@ class Objective(nn.Module):
     def __init__(self, config: ObjectiveConfig) -> None:
         super().__init__()
         self.config = config
+        self._warned_lone_group = False
 
     def score(
         self,
@@ -133,7 +137,28 @@ class Objective(nn.Module):
         )
         logit_scale = torch.as_tensor(logit_scale, dtype=batch.dtype, device=batch.device)
         terms = self.terms(batch, logit_scale, logit_bias, generator)
-        return _combine(terms, weights, batch, logit_scale, logit_bias)
+        output = _combine(terms, weights, batch, logit_scale, logit_bias)
+        if isinstance(self.config, PositivesConfig) and self.config.positives == "exclude":
+            output.metrics["positives/rows_without_negatives"] = self._lone_group(batch)
+        return output
+
+    def _lone_group(self, batch: BatchView) -> float:
+        """The rows of the global batch left with no negative by ``positives: exclude`` (their
+        loss is 0); warns the first time there are any."""
+        lone = rows_without_negatives(batch.global_groups)
+        if lone and not self._warned_lone_group:
+            self._warned_lone_group = True
+            warnings.warn(
+                f"positives: exclude: {lone} of {batch.global_rows} rows share their group "
+                "with every row of the batch, so they have no negative left (a loss of exactly 0 "
+                "for clip, anchored and symile) "
+                "(model.objective.positives; counted as train/positives/rows_without_negatives "
+                "in metrics.jsonl); use larger batches, data whose groups mix, or "
+                "positives: multi",
+                UserWarning,
+                stacklevel=2,
+            )
+        return float(lone)
 
     def _weights(self, modalities: list[str]) -> dict[str, float]:
         try:

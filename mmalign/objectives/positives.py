@@ -60,6 +60,21 @@ def same_group(row_groups: Tensor, column_groups: Tensor) -> Tensor:
     return row_groups[:, None] == column_groups[None, :]
 
 
+def rows_without_negatives(groups: Tensor | None) -> int:
+    """How many rows share their group with every row of the batch: under ``exclude`` such a
+    row has no negative left and its loss is exactly 0.
+
+    Example:
+        >>> rows_without_negatives(torch.tensor([3, 3, 3])), rows_without_negatives(None)
+        (3, 0)
+        >>> rows_without_negatives(torch.tensor([1, 1, 2]))
+        0
+    """
+    if groups is None:
+        return 0
+    return int(same_group(groups, groups).all(dim=1).sum())
+
+
 def _own_mask(logits: Tensor, own: Tensor) -> Tensor:
     columns = torch.arange(logits.shape[1], device=logits.device)
     return columns[None, :] == own[:, None]

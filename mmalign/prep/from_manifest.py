@@ -211,7 +211,7 @@ def convert(
 
     ``fields=None`` infers every other column's extension from its values; ``vectors``
     packs numeric columns into one ``npy`` vector per extension; ``val_fraction > 0`` writes
-    ``train-*`` and ``val-*`` shards instead of ``NAME-*``.
+    the shards into ``out/train/`` and ``out/val/`` (each ``NAME-000000.tar``, ...).
     """
     rows = read_manifest(manifest)
     vectors = dict(vectors or {})

@@ -68,24 +68,48 @@ class ExportRows:
         return np.array([group_id(value) for value in values], dtype=np.int64)
 
 
+def unsafe_key(key: str) -> str | None:
+    """Why a record key cannot name tar members of a new shard (it would write outside the
+    folder a user extracts it into): absolute, a ``..`` part, a backslash or NUL, empty;
+    ``None`` for a key that can (``a/b/sample-1`` can: webdataset keys hold folders).
+
+    Example:
+        >>> unsafe_key("train/sample-000001"), unsafe_key("../../etc/x")
+        (None, "key '../../etc/x' climbs out of the shard (a '..' part)")
+    """
+    if not key or "\0" in key or "\\" in key:
+        return f"key {key!r} is empty or holds a NUL or a backslash"
+    if key.startswith("/"):
+        return f"key {key!r} is an absolute path"
+    if ".." in key.split("/"):
+        return f"key {key!r} climbs out of the shard (a '..' part)"
+    return None
+
+
 def source_records(export_dir: str | Path, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
     """The raw records (payload bytes by extension) of ``keys`` from the export's source
-    shards; an unreadable record is logged and left out. A source shard changed since the
-    export, or an exported key no longer in the shards, is an :class:`ExportError`."""
+    shards; an unreadable record, or one whose key cannot name a tar member
+    (:func:`unsafe_key`), is logged and left out. A source shard changed since the export, or
+    an exported key no longer in the shards, is an :class:`ExportError`."""
     manifest = read_manifest(export_dir)
     check_sources(export_dir, manifest)
     shards = manifest["settings"]["shards"]
     wanted = set(keys)
     records = {}
+    refused = set()
     urls = expand_shards(shards, "settings.shards")
     raws = read_shards({"url": url} for url in urls)
     for raw in progress_bar(raws, desc=f"read {len(urls)} source shards", unit="record"):
         key = raw["__key__"]
+        problem = unsafe_key(key)
         if "__error__" in raw:
             log_skip(raw["__url__"], key, *raw["__error__"])
+        elif problem is not None:
+            log_skip(raw["__url__"], key, "unsafe_key", f"{problem}; not written to a new shard")
+            refused.add(key)
         elif key in wanted:
             records[key] = {name: value for name, value in raw.items() if name != "__url__"}
-    missing = [key for key in keys if key not in records]
+    missing = [key for key in keys if key not in records and key not in refused]
     if missing:
         raise ExportError(
             f"{len(missing)} of the {len(keys)} exported records (first: {missing[0]!r}) are "

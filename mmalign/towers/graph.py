@@ -35,6 +35,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -48,18 +49,22 @@ from mmalign.config.tower import TowerConfig
 from mmalign.extras import missing_extra
 from mmalign.towers.base import Tower, register_tower, running_batch_norm
 
+# torch_geometric scripts its pooling selectors with `torch.jit.script` at import, which
+# torch >= 2.9 answers with a FutureWarning on every import: not the user's to act on.
 try:
-    from torch_geometric.data import Batch, Data
-    from torch_geometric.nn import (
-        AttentionalAggregation,
-        GINEConv,
-        global_add_pool,
-        global_max_pool,
-        global_mean_pool,
-    )
-    from torch_geometric.nn.models import GAT, GCN, GIN, MLP
-    from torch_geometric.nn.models.basic_gnn import BasicGNN
-    from torch_geometric.utils import negative_sampling, subgraph
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
+        from torch_geometric.data import Batch, Data
+        from torch_geometric.nn import (
+            AttentionalAggregation,
+            GINEConv,
+            global_add_pool,
+            global_max_pool,
+            global_mean_pool,
+        )
+        from torch_geometric.nn.models import GAT, GCN, GIN, MLP
+        from torch_geometric.nn.models.basic_gnn import BasicGNN
+        from torch_geometric.utils import negative_sampling, subgraph
 except ImportError:
     raise missing_extra("graph", "the graph tower (type: graph)") from None
 

@@ -73,7 +73,10 @@ def mask_features(vector: torch.Tensor, ratio: float) -> torch.Tensor:
 def _as_float_array(raw: Any, where: str) -> np.ndarray:
     if isinstance(raw, torch.Tensor):
         raw = raw.detach().cpu().numpy()
-    array = np.asarray(raw)
+    try:
+        array = np.asarray(raw)
+    except ValueError:  # ragged nesting, [[1, 2], [3]]
+        raise ValueError(f"{where}: must be a flat list of numbers, got a ragged nesting") from None
     if array.dtype.kind == "O":
         try:  # e.g. a list mixing numbers and None (None becomes NaN)
             array = array.astype(np.float64)

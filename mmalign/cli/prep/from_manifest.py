@@ -16,6 +16,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from mmalign.cli.common import output_directory
 from mmalign.errors import UserError
 
 HELP = "shards from a CSV/TSV/JSONL manifest of files and inline values"
@@ -62,7 +63,7 @@ def vector_columns(text: str) -> tuple[str, list[str]]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The manifest, ``--out``, the fields and vectors, shard sizes and the validation split."""
     parser.add_argument("manifest", type=Path, help="a .csv, .tsv or .jsonl file")
-    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--out", type=output_directory, required=True, help="output directory")
     parser.add_argument(
         "--fields",
         type=field_map,
@@ -85,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--val-fraction",
         type=float,
         default=0.0,
-        help="hold out about this fraction of rows as val-*.tar (the rest: train-*.tar)",
+        help="hold out about this fraction of rows in OUT/val/ (the rest: OUT/train/)",
     )
 
 

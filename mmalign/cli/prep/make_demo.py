@@ -10,9 +10,8 @@ Example:
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from mmalign.cli.common import positive_int
+from mmalign.cli.common import output_directory, positive_int
 from mmalign.errors import UserError
 
 HELP = "the digit demo's shards (digits, digits-sum) from scikit-learn's bundled digits"
@@ -22,7 +21,7 @@ MIN_LIMIT = 10
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``--out``, ``--seed``, ``--variants``, ``--limit`` and ``--force``."""
-    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--out", type=output_directory, required=True, help="output directory")
     parser.add_argument("--seed", type=int, default=0, help="split and variation seed")
     parser.add_argument(
         "--variants",

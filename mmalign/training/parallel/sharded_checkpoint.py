@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import pickle
 from pathlib import Path
 from typing import Any, ClassVar
@@ -37,7 +38,7 @@ from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from mmalign.errors import UserError
-from mmalign.files import read_json, write_json
+from mmalign.files import write_json
 
 SHARDS = "sharded"
 INFO = "sharded.json"
@@ -165,11 +166,23 @@ def save(
 def read_info(directory: Path) -> dict[str, Any]:
     """``sharded.json`` of the checkpoint ``directory``; a :class:`~mmalign.errors.UserError`
     when the checkpoint was not saved sharded."""
-    info = read_json(directory / INFO)
-    if info is None:
+    path = directory / INFO
+    if not path.exists():
         raise UserError(
             f"checkpoint {directory} was not saved sharded (no {INFO}); it comes from a run "
             "with train.strategy ddp: resume it with --set train.strategy=ddp"
+        )
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(
+            f"{path} cannot be read ({error}); the checkpoint is damaged: remove {directory} "
+            "to resume from the one before it"
+        ) from None
+    if not isinstance(info, dict) or not isinstance(info.get("world_size"), int):
+        raise UserError(
+            f"{path} holds no world_size; the checkpoint is damaged: remove {directory} to "
+            "resume from the one before it"
         )
     return info
 
