@@ -21,6 +21,7 @@ EXTRAS = {
     "lora": "peft",
     "tensorboard": "tensorboard",
     "plots": "matplotlib",
+    "video": "av",
 }
 """Each extra of pyproject.toml and the package(s) it installs."""
 
