@@ -150,8 +150,8 @@ def sample_indices(
     step = fps / target_fps if target_fps else 0.0
     span = step * (frames - 1) + 1
     if target_fps and span <= count:
-        start = float(torch.rand(())) * (count - span) if augment else (count - span) / 2
-        return [min(count - 1, round(start + step * k)) for k in range(frames)]
+        start = int(float(torch.rand(())) * (count - span) if augment else (count - span) / 2)
+        return [min(count - 1, start + int(step * k)) for k in range(frames)]
     segment = count / frames
     offsets = torch.rand(frames).tolist() if augment else [0.5] * frames
     return [min(count - 1, int(segment * (k + offsets[k]))) for k in range(frames)]
