@@ -18,9 +18,9 @@ Example:
 from __future__ import annotations
 
 import io
-from fractions import Fraction
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
