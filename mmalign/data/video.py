@@ -62,7 +62,6 @@ class EncodedVideo:
         last: np.ndarray | None = None
         with _av().open(io.BytesIO(self.data)) as container:
             stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
             for position, frame in enumerate(container.decode(stream)):
                 if (frame.width, frame.height) != (self.width, self.height):
                     raise ValueError(

@@ -23,6 +23,9 @@ from mmalign.eval.report import markdown_table
 TARGETS = {
     "zero-shot image accuracy, English prompts (digits)": ("zeroshot_en", ">=", 0.90),
     "audio->image class-level R@1 (digits)": ("audio_image_r1", ">=", 0.90),
+    "zero-shot video accuracy, English prompts (digits)": ("zeroshot_video", ">=", 0.90),
+    "zero-shot trajectory accuracy, English prompts (digits)": ("zeroshot_trajectory", ">=", 0.90),
+    "audio->video class-level R@1 (digits)": ("audio_video_r1", ">=", 0.90),
     "Symile zero-shot accuracy, caption + tone -> image (digits-sum)": ("symile", ">=", 0.60),
     "CLIP zero-shot accuracy, caption + tone -> image (digits-sum)": ("clip", "<=", 0.15),
 }
@@ -52,6 +55,9 @@ def measured_targets(results: dict[str, Any]) -> dict[str, float]:
     return {
         "zeroshot_en": digits["zeroshot"]["en"]["metrics"]["top1"],
         "audio_image_r1": digits["retrieval"]["audio->image"]["R@1"],
+        "zeroshot_video": digits["zeroshot_other"]["video"]["metrics"]["top1"],
+        "zeroshot_trajectory": digits["zeroshot_other"]["trajectory"]["metrics"]["top1"],
+        "audio_video_r1": digits["retrieval"]["audio->video"]["R@1"],
         "symile": results["digits-sum-symile"]["metrics"]["top1"],
         "clip": results["digits-sum-clip"]["metrics"]["top1"],
     }
@@ -147,16 +153,27 @@ def _digits_section(out_dir: Path, digits: dict[str, Any]) -> list[str]:
         ]
         for language, result in digits["zeroshot"].items()
     ]
+    zeroshot_rows += [
+        [
+            f"en ({modality})",
+            _percent(result["metrics"]["top1"]),
+            _percent(result["metrics"]["top5"]),
+            _percent(result["metrics"]["balanced_accuracy"]),
+        ]
+        for modality, result in digits["zeroshot_other"].items()
+    ]
     retrieval_rows = [
         [pair, _percent(m["R@1"]), _percent(m["R@5"]), _percent(m["R@10"]), f"{m['mAP']:.3f}"]
         for pair, m in digits["retrieval"].items()
     ]
     figures = digits["figures"]
     return [
-        f"## digits: image, text, audio, graph ({digits['samples']} test samples)",
+        f"## digits: image, text, audio, graph, video, trajectory ({digits['samples']} test "
+        "samples)",
         "",
         "Zero-shot image classification from the class prompts of each language "
-        "(`classes.json`; the prompts of one language averaged per class):",
+        "(`classes.json`; the prompts of one language averaged per class), and of the videos "
+        "and the pen trajectories with the English prompts:",
         "",
         *markdown_table(["language", "top-1", "top-5", "balanced accuracy"], zeroshot_rows),
         "Class-level retrieval on the test split (a hit is any gallery item of the query's class):",

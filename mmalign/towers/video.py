@@ -8,8 +8,10 @@ an array ``[T, H, W, 3]`` of uint8 RGB frames, or a ``(frames, fps)`` tuple.
 clip (the segment's middle frame; a random frame of each segment when augmenting); with
 ``fps``, ``frames`` consecutive frames at that rate (a random window when augmenting, the
 centre one otherwise; a clip too short for the window is sampled over its whole length).
-Each frame is resized and cropped as the image tower does (open_clip's transform); spatial
-augmentation is not applied, so every frame of a clip keeps one view.
+Each frame is resized and cropped as the image tower does (``frames``: the image tower's own
+open_clip transform; ``conv3d``: the same steps in torch on all frames at once: bicubic
+resize of the short side, centre crop, CLIP's mean and std); spatial augmentation is not
+applied, so every frame of a clip keeps one view.
 
 Encoders (``encoder:``):
 
@@ -41,14 +43,13 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from open_clip.transform import PreprocessCfg, image_transform_v2
+from open_clip.transform import PreprocessCfg
 from pydantic import Field, model_validator
 from torch import nn
 
 from mmalign.config.tower import TowerConfig
 from mmalign.towers.base import Tower, build_tower, register_tower
 from mmalign.towers.grad_checkpointing import checkpoint_blocks, checkpoint_module
-from mmalign.towers.image import to_rgb
 from mmalign.towers.layout import Block
 
 
@@ -192,20 +193,33 @@ class VideoTower(Tower):
         else:
             self.encoder = Conv3dEncoder(config)
             self.width = config.width
-            self.eval_transform = image_transform_v2(
-                PreprocessCfg(size=config.image_size), is_train=False
-            )
+            standard = PreprocessCfg()
+            self.register_buffer("pixel_mean", torch.tensor(standard.mean)[:, None, None], False)
+            self.register_buffer("pixel_std", torch.tensor(standard.std)[:, None, None], False)
 
     def preprocess(self, raw: Any, augment: bool = False) -> torch.Tensor:
         """Sample ``frames`` frames (``augment``: randomly, module docstring), decode only
         those, resize and crop each: ``[frames, 3, H, W]``."""
         frames = self._sampled_frames(raw, augment)
-        return torch.stack([self._frame(frame) for frame in frames])
-
-    def _frame(self, frame: np.ndarray) -> torch.Tensor:
         if self.config.encoder == "frames":
-            return self.frame_tower.preprocess(frame)
-        return self.eval_transform(to_rgb(frame))
+            return torch.stack([self.frame_tower.preprocess(frame) for frame in frames])
+        return self._resized(frames)
+
+    def _resized(self, frames: np.ndarray) -> torch.Tensor:
+        """``conv3d``: all frames at once, as open_clip's default eval transform does one image
+        (bicubic resize of the short side to ``image_size``, centre crop, CLIP's mean/std)."""
+        size = self.config.image_size
+        pixels = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255.0
+        height, width = pixels.shape[-2:]
+        if min(height, width) != size:
+            scale = size / min(height, width)
+            shape = (max(size, round(height * scale)), max(size, round(width * scale)))
+            pixels = nn.functional.interpolate(
+                pixels, shape, mode="bicubic", antialias=True, align_corners=False
+            ).clamp(0.0, 1.0)
+        top, left = (pixels.shape[-2] - size) // 2, (pixels.shape[-1] - size) // 2
+        pixels = pixels[..., top : top + size, left : left + size]
+        return (pixels - self.pixel_mean) / self.pixel_std
 
     def _sampled_frames(self, raw: Any, augment: bool) -> np.ndarray:
         fps = None

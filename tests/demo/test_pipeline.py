@@ -63,13 +63,18 @@ def test_every_linked_file_exists(demo: tuple[Path, Path, str]) -> None:
 def test_tables_hold_numbers(demo: tuple[Path, Path, str]) -> None:
     tables = _tables(demo[2])
     targets, training, zeroshot, retrieval, digits_sum, *searches, timings = tables
-    assert len(targets) == 4 and len(training) == 3 and len(digits_sum) == 2
+    assert len(targets) == 7 and len(training) == 3 and len(digits_sum) == 2
     for row in targets:
         assert NUMBER.match(row[1]) and 0.0 <= float(row[1].rstrip("%")) <= 100.0
         assert row[3] in ("yes", "no")
     assert [row[3] for row in training] == [str(QUICK_OVERRIDES["train.steps"])] * 3
-    assert [row[0] for row in zeroshot] == ["en", "fr", "de", "es"]
-    assert [row[0] for row in retrieval][:2] == ["audio->image", "graph->text"]
+    assert [row[0] for row in zeroshot] == [
+        *("en", "fr", "de", "es"),
+        *("en (video)", "en (trajectory)"),
+    ]
+    assert [row[0] for row in retrieval] == [
+        *("audio->image", "graph->text", "image->text", "text->image", "audio->video")
+    ]
     assert [row[0] for row in digits_sum] == ["symile", "clip"]
     assert digits_sum[0][1].startswith("MIP") and digits_sum[1][1].startswith("sum")
     assert len(searches) == 2 and all(len(rows) == 5 for rows in searches)
