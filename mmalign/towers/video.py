@@ -173,6 +173,8 @@ class VideoTower(Tower):
 
     config_class = VideoTowerConfig
     config: VideoTowerConfig
+    pixel_mean: torch.Tensor
+    pixel_std: torch.Tensor
     onnx_input = "frames"
 
     def __init__(
