@@ -20,8 +20,9 @@ Encoders (``encoder:``):
   vectors) or ``temporal: transformer`` (``temporal_layers`` blocks over the frame vectors
   with learned frame positions, then their mean).
 - ``conv3d``: a small 3-D convolutional network from scratch (``conv_channels``; each block
-  halves height and width, the last ones also time), global average pooling, a linear map
-  to ``width``.
+  halves height and width, the first ones also time), global average pooling, a linear map
+  to ``width``. Its items stay uint8 (``[frames, 3, S, S]``); ``forward`` scales them and
+  applies CLIP's mean and std.
 
 Example:
     >>> import numpy as np
@@ -208,20 +209,22 @@ class VideoTower(Tower):
         return self._resized(frames)
 
     def _resized(self, frames: np.ndarray) -> torch.Tensor:
-        """``conv3d``: all frames at once, as open_clip's default eval transform does one image
-        (bicubic resize of the short side to ``image_size``, centre crop, CLIP's mean/std)."""
+        """``conv3d``: all frames at once, as open_clip's default eval transform resizes one
+        image (bicubic resize of the short side to ``image_size`` rounded to uint8 as PIL
+        does, centre crop); uint8 ``[T, 3, S, S]`` (``forward`` applies CLIP's mean/std):
+        a quarter of float32's memory between the loader's processes."""
         size = self.config.image_size
-        pixels = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255.0
+        pixels = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
         height, width = pixels.shape[-2:]
         if min(height, width) != size:
             scale = size / min(height, width)
             shape = (max(size, round(height * scale)), max(size, round(width * scale)))
-            pixels = nn.functional.interpolate(
-                pixels, shape, mode="bicubic", antialias=True, align_corners=False
-            ).clamp(0.0, 1.0)
+            resized = nn.functional.interpolate(
+                pixels.float(), shape, mode="bicubic", antialias=True, align_corners=False
+            )
+            pixels = resized.round().clamp(0, 255).to(torch.uint8)
         top, left = (pixels.shape[-2] - size) // 2, (pixels.shape[-1] - size) // 2
-        pixels = pixels[..., top : top + size, left : left + size]
-        return (pixels - self.pixel_mean) / self.pixel_std
+        return pixels[..., top : top + size, left : left + size].contiguous()
 
     def _sampled_frames(self, raw: Any, augment: bool) -> np.ndarray:
         fps = None
@@ -249,9 +252,10 @@ class VideoTower(Tower):
         return torch.stack(list(items))
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        """``[B, frames, 3, H, W]`` to ``[B, width]``."""
+        """``[B, frames, 3, H, W]`` (``conv3d``: uint8) to ``[B, width]``."""
         if self.config.encoder == "conv3d":
-            return self.encoder(inputs)
+            pixels = inputs.to(self.pixel_mean.dtype) / 255.0
+            return self.encoder((pixels - self.pixel_mean) / self.pixel_std)
         batch, frames = inputs.shape[:2]
         vectors = self.frame_tower(inputs.flatten(0, 1)).reshape(batch, frames, -1)
         return vectors.mean(1) if self.temporal is None else self.temporal(vectors)

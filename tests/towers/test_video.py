@@ -76,6 +76,24 @@ def test_frames_are_preprocessed_as_the_image_tower_does() -> None:
         build_tower({"type": "video"})
 
 
+def test_conv3d_frames_are_resized_and_cropped_as_open_clip_does() -> None:
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+    from PIL import Image
+
+    tower = build_tower({**CONV3D, "frames": 3})
+    clip = np.random.default_rng(0).integers(0, 256, (3, 40, 50, 3), dtype=np.uint8)
+    item = tower.preprocess((clip, 8.0))
+    assert item.dtype == torch.uint8 and item.shape == (3, 3, 16, 16)
+    reference = image_transform_v2(PreprocessCfg(size=16), is_train=False)
+    expected = torch.stack([reference(Image.fromarray(frame)) for frame in clip])
+    normalized = (item / 255.0 - tower.pixel_mean) / tower.pixel_std
+    assert (normalized - expected).abs().mean() < 0.02  # torch's bicubic vs PIL's, uint8 both
+    same_size = moving_square(0, frames=3, size=16)
+    assert torch.equal(
+        tower.preprocess((same_size, 8.0)), torch.from_numpy(same_size).permute(0, 3, 1, 2)
+    )
+
+
 def _clips(rows: int) -> tuple[list[np.ndarray], list[list[float]]]:
     positions = np.arange(rows) * 24 // rows
     return [moving_square(int(p)) for p in positions], [[p / 24, 1 - p / 24] for p in positions]
