@@ -358,6 +358,7 @@ def video_decoding(
     frames_mb = VIDEO_FRAMES * VIDEO_SIZE * VIDEO_SIZE * 3 / 2**20
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
     encoded_kb = np.mean([len(clip) for clip in clips]) / 1024
+    dtype = str(item.dtype).removeprefix("torch.")
     return "\n".join(
         [
             f"\nvideo decoding: {VIDEO_CLIPS} MP4 clips of {VIDEO_FRAMES} frames "
@@ -374,7 +375,7 @@ def video_decoding(
             f"{SAMPLED_FRAMES / VIDEO_FRAMES * frames_mb:.2f} MiB |",
             f"| loader (tar, header check, sampled frames, resize, collate) | "
             f"{rate['loader']:,.1f} | | item "
-            f"{item.numel() * item.element_size() / 2**20:.2f} MiB (float32 "
+            f"{item.numel() * item.element_size() / 2**20:.2f} MiB ({dtype} "
             f"{list(item.shape)}) + encoded clip |",
             f"\npeak resident memory of the process: {peak:.0f} MiB",
         ]
