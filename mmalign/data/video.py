@@ -7,7 +7,7 @@ per-record limits (:mod:`mmalign.data.limits`: ``max_video_seconds``, ``max_vide
 :class:`EncodedVideo`; the video tower decodes the frames it samples with
 :meth:`EncodedVideo.decode_frames`, which stops at the last frame it needs and never reads
 past the frame count the header gave (a header that understates the length cannot make it
-decode more). :meth:`EncodedVideo.audio` reads the file's audio track.
+decode more).
 
 Example:
     >>> video = read_video("clip.mp4")  # doctest: +SKIP
@@ -75,22 +75,6 @@ class EncodedVideo:
         if last is None:
             raise ValueError("the video stream has no decodable frame")
         return np.stack([frames.get(index, last) for index in indices])
-
-    def audio(self) -> tuple[np.ndarray, int]:
-        """The first audio track as ``(float32 waveform [channels, T], sample_rate)``."""
-        av = _av()
-        with av.open(io.BytesIO(self.data)) as container:
-            if not container.streams.audio:
-                raise ValueError("the video file has no audio track")
-            stream = container.streams.audio[0]
-            chunks = [
-                frame.to_ndarray().reshape(len(frame.layout.channels), -1).astype(np.float32)
-                for frame in container.decode(stream)
-                if frame.format.is_planar
-            ]
-            if not chunks:
-                raise ValueError("the audio track has no decodable planar frames")
-            return np.concatenate(chunks, axis=1), int(stream.rate)
 
 
 def _header(container: Any) -> EncodedVideo:
