@@ -15,14 +15,23 @@ overhead is ``encode time / reference time - 1`` (goal: at most 15%); it include
 projection, which is model compute rather than wrapping, so the table also shows the model
 forward.
 
+A second table measures video decoding: clips per second of the data loader (tar shard ->
+header check -> the video tower's ``preprocess``: decode of the sampled frames, resize and
+normalization -> ``collate``) against a bare PyAV loop over the same clips in memory (open
+each, decode every frame to an RGB array), in turns in the same process; overhead = loader
+time / bare time - 1 (goal: at most 15%), and the memory each clip holds (the item the tower
+makes, the decoded frames) and the process's peak resident memory.
+
 Run: ``.venv/bin/python benchmarks/towers.py`` (``--samples`` / ``--repeats`` to change the
-work; ``--threads`` sets torch's CPU threads).
+work; ``--threads`` sets torch's CPU threads; ``--only video`` for the video table alone).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import math
+import resource
 import tempfile
 import time
 from collections.abc import Callable
@@ -35,9 +44,14 @@ import open_clip
 import sentencepiece
 import torch
 import transformers
+import webdataset as wds
 from PIL import Image
 
+from mmalign.data import make_loader
+from mmalign.data.video import decode_video, encode_video
 from mmalign.model import AlignmentModel
+from mmalign.towers import build_tower
+from mmalign.towers.video import sample_indices
 
 WORDS = ["a", "the", "handwritten", "digit", "zero", "one", "two", "three", "four"]
 WORDS += ["five", "six", "seven", "eight", "nine"]
@@ -261,6 +275,8 @@ def main() -> None:
         for case in cases(Path(directory), args.samples, rng):
             if args.only in case.name:
                 print(table_row(case, measure(case, args.batch_size, args.repeats, clock), args))
+        if args.only in "video decoding":
+            print(video_decoding(Path(directory), args.repeats, clock, rng))
 
 
 def table_row(case: Case, seconds: dict[str, float], args: argparse.Namespace) -> str:
@@ -271,6 +287,98 @@ def table_row(case: Case, seconds: dict[str, float], args: argparse.Namespace) -
     return (
         f"| {case.name} | {rate['encode']} | {rate['reference']} | {overhead:+.1%} "
         f"| {rate['backbone']} | {rate['model']} | {rate['preprocess']} | {library} |"
+    )
+
+
+VIDEO_CLIPS = 48
+VIDEO_FRAMES = 48
+VIDEO_SIZE = 112
+SAMPLED_FRAMES = 8
+
+
+def video_clips(rng: np.random.Generator) -> list[bytes]:
+    """``VIDEO_CLIPS`` MP4s of ``VIDEO_FRAMES`` frames: a noise texture moving over a
+    gradient (a few KB per frame, like a real low-motion clip)."""
+    base = np.linspace(0, 255, VIDEO_SIZE, dtype=np.float32)[None, :, None]
+    clips = []
+    for _ in range(VIDEO_CLIPS):
+        texture = rng.integers(0, 64, (VIDEO_SIZE, VIDEO_SIZE, 3)).astype(np.float32)
+        frames = [
+            np.clip(base + np.roll(texture, 2 * t, axis=1), 0, 255).astype(np.uint8)
+            for t in range(VIDEO_FRAMES)
+        ]
+        clips.append(encode_video(np.stack(frames), 24.0))
+    return clips
+
+
+def bare_decode(clips: list[bytes], keep: set[int] | None = None) -> int:
+    """The loop a PyAV user writes: open each clip, decode its frames, convert every frame
+    (or the frames of ``keep``, stopping after the last) to RGB; frames converted."""
+    import av
+
+    count = 0
+    last = max(keep) if keep else None
+    for data in clips:
+        with av.open(io.BytesIO(data)) as container:
+            for position, frame in enumerate(container.decode(video=0)):
+                if keep is None or position in keep:
+                    frame.to_ndarray(format="rgb24")
+                    count += 1
+                if last is not None and position >= last:
+                    break
+    return count
+
+
+def video_decoding(
+    directory: Path, repeats: int, clock: Callable[[], float], rng: np.random.Generator
+) -> str:
+    """The video table: loader vs bare PyAV, clips per second, memory per clip."""
+    resource.setrlimit(resource.RLIMIT_AS, (8 * 2**30, resource.RLIM_INFINITY))
+    clips = video_clips(rng)
+    shard = directory / "video.tar"
+    with wds.TarWriter(str(shard)) as writer:
+        for index, data in enumerate(clips):
+            writer.write({"__key__": f"{index:04d}", "mp4": data})
+    config = {"type": "video", "encoder": "conv3d", "frames": SAMPLED_FRAMES}
+    tower = build_tower({**config, "image_size": VIDEO_SIZE})
+
+    def loader() -> None:
+        batches = make_loader(str(shard), {"video": tower}, {"video": "mp4"}, 16)
+        assert sum(len(batch.keys) for batch in batches) == VIDEO_CLIPS
+
+    sampled = set(sample_indices(VIDEO_FRAMES, 24.0, SAMPLED_FRAMES, None, augment=False))
+    paths = {
+        "loader": loader,
+        "bare": lambda: bare_decode(clips),
+        "sampled": lambda: bare_decode(clips, sampled),
+    }
+    seconds = interleaved_best(paths, repeats, clock)
+    item = tower.preprocess(decode_video(clips[0]))
+    rate = {name: VIDEO_CLIPS / value for name, value in seconds.items()}
+    frames_mb = VIDEO_FRAMES * VIDEO_SIZE * VIDEO_SIZE * 3 / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    encoded_kb = np.mean([len(clip) for clip in clips]) / 1024
+    dtype = str(item.dtype).removeprefix("torch.")
+    return "\n".join(
+        [
+            f"\nvideo decoding: {VIDEO_CLIPS} MP4 clips of {VIDEO_FRAMES} frames "
+            f"{VIDEO_SIZE}x{VIDEO_SIZE} (MPEG-4 Part 2, {encoded_kb:.0f} KB each), "
+            f"loader samples {SAMPLED_FRAMES} frames (conv3d tower, batch 16, no "
+            "workers); clips per second\n",
+            "| path | clips/s | loader overhead vs this path | memory per clip |",
+            "|---|---:|---:|---|",
+            f"| bare PyAV loop (every frame to RGB) | {rate['bare']:,.1f} | "
+            f"{seconds['loader'] / seconds['bare'] - 1:+.1%} | all frames {frames_mb:.2f} MiB "
+            "if kept |",
+            f"| bare PyAV loop (the same {SAMPLED_FRAMES} frames to RGB, stop after the last) "
+            f"| {rate['sampled']:,.1f} | {seconds['loader'] / seconds['sampled'] - 1:+.1%} | "
+            f"{SAMPLED_FRAMES / VIDEO_FRAMES * frames_mb:.2f} MiB |",
+            f"| loader (tar, header check, sampled frames, resize, collate) | "
+            f"{rate['loader']:,.1f} | | item "
+            f"{item.numel() * item.element_size() / 2**20:.2f} MiB ({dtype} "
+            f"{list(item.shape)}) + encoded clip |",
+            f"\npeak resident memory of the process: {peak:.0f} MiB",
+        ]
     )
 
 

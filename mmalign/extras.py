@@ -22,6 +22,7 @@ EXTRAS = {
     "tensorboard": "tensorboard",
     "plots": "matplotlib",
     "serve": "fastapi",
+    "video": "av",
 }
 """Each extra of pyproject.toml and the package(s) it installs."""
 

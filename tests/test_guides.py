@@ -145,6 +145,81 @@ def write_clips(folder: Path, count: int = 160) -> None:
     (folder / "captions.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
 
 
+SQUARES = {  # label -> (caption, colour, direction (rows, columns) per frame)
+    0: ("a red square moving right", (220, 30, 30), (0, 3)),
+    1: ("a blue square moving down", (40, 60, 220), (3, 0)),
+    2: ("a green square moving left", (30, 180, 40), (0, -3)),
+    3: ("a yellow square moving up", (230, 210, 30), (-3, 0)),
+}
+RHYTHMS = {  # label -> (caption, beats per second, beat-to-beat jitter)
+    0: ("a normal heart rhythm", 1.1, 0.02),
+    1: ("a fast heart rhythm", 2.6, 0.02),
+    2: ("an irregular heart rhythm", 1.3, 0.35),
+    3: ("a slow heart rhythm", 0.6, 0.02),
+}
+
+
+def write_videos(folder: Path, count: int = 96) -> None:
+    """``videos/*.mp4``: 8 frames 32x32 of a coloured square moving one way, and
+    ``videos/captions.jsonl`` (plus a row whose file is not a video)."""
+    from mmalign.data.video import encode_video
+
+    rng = np.random.default_rng(5)
+    folder.mkdir(parents=True)
+    lines = []
+    for index in range(count):
+        label = index % len(SQUARES)
+        caption, colour, (down, right) = SQUARES[label]
+        start = rng.integers(8, 16, size=2)
+        frames = np.full((8, 32, 32, 3), 20, np.uint8)
+        for t, frame in enumerate(frames):
+            top, left = (start + t * np.array([down, right])) % 24
+            frame[top : top + 8, left : left + 8] = colour
+        (folder / f"{index:04d}.mp4").write_bytes(encode_video(frames, 8.0))
+        lines.append({"key": f"{index:04d}", "video": f"{index:04d}.mp4", "caption": caption,
+                      "label": label})  # fmt: skip
+    (folder / "broken.mp4").write_bytes(b"not a video")
+    lines.append({"key": "9999", "video": "broken.mp4", "caption": "a red square", "label": 0})
+    (folder / "captions.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+
+
+def ecg_like(beats_per_second: float, jitter: float, rng: np.random.Generator) -> np.ndarray:
+    """Two leads ``[2, 400]`` at 100 Hz: a narrow spike per beat, a T wave, baseline wander."""
+    time = np.arange(400) / 100
+    beats = np.cumsum(rng.normal(1 / beats_per_second, jitter / beats_per_second, size=20))
+    beats = beats - rng.uniform(0, 1 / beats_per_second)
+    lead = np.zeros_like(time)
+    for beat in beats:
+        lead += np.exp(-(((time - beat) / 0.015) ** 2)) + 0.3 * np.exp(
+            -(((time - beat - 0.25) / 0.06) ** 2)
+        )
+    lead += 0.1 * np.sin(2 * np.pi * 0.2 * time + rng.uniform(0, 6)) + rng.normal(0, 0.03, 400)
+    return np.stack([lead, 0.6 * lead + rng.normal(0, 0.03, 400)])
+
+
+def write_recordings(folder: Path, count: int = 160) -> None:
+    """``ecg/*.csv`` (columns lead_i, lead_ii; some recordings lack lead_ii) and
+    ``recordings.csv`` (key, signal, rhythm, label), plus a row whose file is missing."""
+    rng = np.random.default_rng(6)
+    (folder / "ecg").mkdir(parents=True)
+    rows = []
+    for index in range(count):
+        label = index % len(RHYTHMS)
+        caption, rate, jitter = RHYTHMS[label]
+        leads = ecg_like(rate, jitter, rng)
+        names = ["lead_i", "lead_ii"] if rng.random() > 0.1 else ["lead_i"]
+        with (folder / f"ecg/{index:04d}.csv").open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(names)
+            writer.writerows(np.round(leads[: len(names)].T, 4).tolist())
+        rows.append([f"r{index:04d}", f"ecg/{index:04d}.csv", caption, label])
+    rows.append(["r9999", "ecg/gone.csv", "a normal heart rhythm", 0])
+    with (folder / "recordings.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["key", "signal", "rhythm", "label"])
+        writer.writerows(rows)
+
+
 def graph_of(kind: str, nodes: int, rng: np.random.Generator) -> dict[str, Any]:
     """A small graph as JSON: ``x`` [nodes, 2] and ``edge_index`` (both directions)."""
     if kind == "ring":
@@ -329,15 +404,44 @@ def test_many_modalities_guide(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert len(rows) == 5 and sum(row["cls"] == "1" for row in rows) >= 4
 
 
+def test_video_guide(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_videos(tmp_path / "videos")
+    outputs = run_guide(ROOT / "docs" / "video.md", tmp_path, monkeypatch)
+    summary = json.loads((tmp_path / "data/videos/summary.json").read_text())
+    assert summary["fields"] == {"video": "mp4", "caption": "txt", "label": "cls"}
+    assert summary["records"] == 96
+    assert summary["skipped"]["reasons"] == {"unreadable_file/bad_video": 1}
+    losses = training_losses(tmp_path / "runs/guides/video_text")
+    assert losses[-1] < math.log(32) - 1.0 and losses[-1] < losses[0]  # chance: log(batch)
+    rows = search_rows(output_of(outputs, "mmalign search"))
+    assert len(rows) == 5 and sum(row["cls"] == "1" for row in rows) >= 4  # blue, down
+
+
+def test_timeseries_guide(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_recordings(tmp_path)
+    outputs = run_guide(ROOT / "docs" / "timeseries.md", tmp_path, monkeypatch)
+    summary = json.loads((tmp_path / "data/ecg/summary.json").read_text())
+    assert summary["fields"] == {"signal": "csv", "rhythm": "txt", "label": "cls"}
+    assert summary["records"] == 160 and summary["skipped"]["reasons"] == {"missing_file": 1}
+    run = tmp_path / "runs/guides/timeseries_text"
+    assert "ecg: normalization statistics fit over 64 records" in (run / "train.log").read_text()
+    losses = training_losses(run)  # chance: log(32); 4 captions: at best log(32 / 4)
+    assert losses[-1] < math.log(32) - 0.7 and losses[-1] < losses[0]
+    rows = search_rows(output_of(outputs, "mmalign search"))
+    assert len(rows) == 5 and sum(row["cls"] == "1" for row in rows) >= 4  # fast rhythm
+
+
 def test_guide_configs_read_the_directories_prep_writes() -> None:
-    for guide in ["image_text", "audio_text", "graph_text", "many_modalities"]:
+    guides = ["image_text", "audio_text", "graph_text", "many_modalities"]
+    configs = {"video": "video_text", "timeseries": "timeseries_text"}
+    for guide in [*guides, *configs]:
         commands = [shlex.split(c) for c in guide_commands(ROOT / "docs" / f"{guide}.md")]
         (prep,) = [c for c in commands if c[:3] == ["mmalign", "prep", "from-manifest"]]
         (train,) = [c for c in commands if c[:2] == ["mmalign", "train"]]
         assert "--val-fraction" in prep and "--name" not in prep
         out = prep[prep.index("--out") + 1]
         config = load_config(ROOT / train[2])
-        assert train[2] == f"configs/guides/{guide}.yaml"
+        assert train[2] == f"configs/guides/{configs.get(guide, guide)}.yaml"
         assert (config.data.train, config.data.val) == (f"{out}/train", f"{out}/val")
         for command in commands[2:]:
             if "--data" in command:

@@ -335,6 +335,22 @@ class DataConfig(_Section):
     """Per-record limit: longest audio clip (from the header, before decoding); longer:
     ``too_long``."""
 
+    max_video_seconds: float = Field(default=600.0, gt=0)
+    """Per-record limit: longest video (from the container header, before decoding); longer:
+    ``too_long``."""
+    max_video_frames: int = Field(default=36_000, ge=1)
+    """Per-record limit: most frames of a video (the header's count, or duration x rate),
+    before decoding; more: ``too_long``."""
+    max_video_pixels: int = Field(default=3840 * 2160, ge=1)
+    """Per-record limit: largest video frame (width x height from the header), before
+    decoding; larger: ``too_large``."""
+    max_signal_samples: int = Field(default=10_000_000, ge=1)
+    """Per-record limit: longest signal (samples: the last axis of a 1- or 2-axis ``npy``,
+    from its header; rows of a ``csv``), before loading; longer: ``too_long``."""
+    max_signal_channels: int = Field(default=4096, ge=1)
+    """Per-record limit: most channels (the first axis of a 2-axis ``npy``, from its header;
+    columns of a ``csv``), before loading; more: ``too_large``."""
+
     read_timeout: float = Field(default=60.0, gt=0, allow_inf_nan=False)
     """Seconds an ``http(s)://`` shard may go without sending a byte before the read is
     retried (``docs/data_sources.md``)."""

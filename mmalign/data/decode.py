@@ -11,16 +11,19 @@ json jsn                    the parsed object                                   
 graph.json, npz             ``{"x": [N, F] float32, "edge_index": [2, E]        bad_json /
                             int64, "edge_attr"?: [E, D] float32}``              bad_graph
 wav flac ogg                ``(waveform float32 [T] or [C, T], sample_rate)``   bad_audio
-npy                         ``np.ndarray``                                      bad_array
+npy                         ``np.ndarray`` (numbers only)                       bad_array
+csv                         ``{column name: float32 [rows]}`` (empty: NaN)      bad_csv
+mp4 webm mkv mov avi        :class:`~mmalign.data.video.EncodedVideo`           bad_video
+                            (header read, frames decoded on demand)
 cls                         ``int``                                             bad_label
 anything else               the raw ``bytes``
 ==========================  ==================================================  ============
 
 A zero-byte file fails as ``empty_file`` whatever its extension. Images larger than
 ``PIL.Image.MAX_IMAGE_PIXELS`` (decompression bombs; raise that limit to accept bigger ones)
-or with a zero side fail as ``bad_image``. Audio, images and npz files are first checked
-against the per-record limits (:mod:`mmalign.data.limits`) from their headers, before
-decoding: ``bad_sample_rate``, ``too_long``, ``too_large``.
+or with a zero side fail as ``bad_image``. Audio, images, videos, npy, npz and csv files
+are first checked against the per-record limits (:mod:`mmalign.data.limits`) from their
+headers, before decoding: ``bad_sample_rate``, ``too_long``, ``too_large``.
 
 Example:
     >>> decode_value("cls", b"7")
@@ -28,7 +31,7 @@ Example:
     >>> decode_value("json", b"{broken")
     Traceback (most recent call last):
     ...
-    mmalign.data.decode.RecordError: bad_json: ...
+    mmalign.data.record_error.RecordError: bad_json: ...
 """
 
 from __future__ import annotations
@@ -47,29 +50,13 @@ from PIL import Image
 from webdataset.autodecode import IMAGE_EXTENSIONS
 
 from mmalign.data.limits import DEFAULT_LIMITS, RecordLimits
+from mmalign.data.record_error import RecordError, check_decoded_size
+from mmalign.data.video import VIDEO_EXTENSIONS, decode_video
 
 AUDIO_EXTENSIONS = ("wav", "flac", "ogg")
 TEXT_EXTENSIONS = ("txt", "text")
 JSON_EXTENSIONS = ("json", "jsn")
 LABEL_EXTENSIONS = ("cls",)
-
-
-class RecordError(ValueError):
-    """A record file could not be decoded; ``reason`` is the counter name (``bad_image``)."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
-        self.detail = message
-
-
-def _check_size(decoded_bytes: int, what: str, limits: RecordLimits) -> None:
-    if decoded_bytes > limits.max_decoded_bytes:
-        raise RecordError(
-            "too_large",
-            f"{what} would decode to {decoded_bytes / 2**20:.1f} MiB, over "
-            f"data.max_decoded_bytes ({limits.max_decoded_bytes / 2**20:.1f} MiB)",
-        )
 
 
 def _image(data: bytes, limits: RecordLimits) -> Image.Image:
@@ -79,7 +66,7 @@ def _image(data: bytes, limits: RecordLimits) -> Image.Image:
             if min(image.size) < 1:
                 raise ValueError(f"the image is {image.width}x{image.height} pixels")
             bands = max(len(image.getbands()), 3)  # converted to RGB
-            _check_size(image.width * image.height * bands, "the image", limits)
+            check_decoded_size(image.width * image.height * bands, "the image", limits)
             image.load()
             return image.convert("RGB")
 
@@ -94,7 +81,7 @@ def check_audio_header(info: Any, limits: RecordLimits) -> None:
         >>> check_audio_header(header, DEFAULT_LIMITS)
         Traceback (most recent call last):
         ...
-        mmalign.data.decode.RecordError: bad_sample_rate: ...
+        mmalign.data.record_error.RecordError: bad_sample_rate: ...
     """
     lowest, highest = limits.audio_sample_rates
     if not lowest <= info.samplerate <= highest:
@@ -110,7 +97,7 @@ def check_audio_header(info: Any, limits: RecordLimits) -> None:
             f"the header says {seconds:.1f} s ({info.frames} frames at {info.samplerate} Hz), "
             f"over data.max_audio_seconds ({limits.max_audio_seconds:g} s)",
         )
-    _check_size(info.frames * info.channels * 4, "the clip", limits)
+    check_decoded_size(info.frames * info.channels * 4, "the clip", limits)
 
 
 def _audio(data: bytes, limits: RecordLimits) -> tuple[np.ndarray, int]:
@@ -158,12 +145,75 @@ def _graph_json(data: bytes, limits: RecordLimits) -> dict[str, np.ndarray]:
 
 def _graph_npz(data: bytes, limits: RecordLimits) -> dict[str, np.ndarray]:
     with np.load(io.BytesIO(data), allow_pickle=False) as arrays:  # reads the zip directory
-        _check_size(sum(item.file_size for item in arrays.zip.infolist()), "the npz", limits)
+        check_decoded_size(sum(item.file_size for item in arrays.zip.infolist()), "the npz", limits)
         return graph_from_arrays(dict(arrays))
 
 
+_NPY_HEADER_READERS = {
+    (1, 0): np.lib.format.read_array_header_1_0,
+    (2, 0): np.lib.format.read_array_header_2_0,
+}
+
+
+def check_signal_shape(samples: int, channels: int, what: str, limits: RecordLimits) -> None:
+    """Raise :class:`RecordError` when a signal of ``channels x samples`` is over
+    ``max_signal_samples`` (``too_long``) or ``max_signal_channels`` (``too_large``).
+
+    Example:
+        >>> check_signal_shape(10**9, 2, "the npy", DEFAULT_LIMITS)
+        Traceback (most recent call last):
+        ...
+        mmalign.data.record_error.RecordError: too_long: ...
+    """
+    if samples > limits.max_signal_samples:
+        raise RecordError(
+            "too_long",
+            f"{what} holds {samples} samples, over data.max_signal_samples "
+            f"({limits.max_signal_samples})",
+        )
+    if channels > limits.max_signal_channels:
+        raise RecordError(
+            "too_large",
+            f"{what} holds {channels} channels, over data.max_signal_channels "
+            f"({limits.max_signal_channels})",
+        )
+
+
 def _npy(data: bytes, limits: RecordLimits) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)  # stored raw: the tar limit bounds it
+    """Check the header (numeric dtype, size, signal shape of 1 or 2 axes), then load."""
+    stream = io.BytesIO(data)
+    version = np.lib.format.read_magic(stream)
+    if version not in _NPY_HEADER_READERS:
+        raise ValueError(f"npy format version {version} is not supported")
+    shape, _, dtype = _NPY_HEADER_READERS[version](stream)
+    if dtype.kind not in "biuf":
+        raise ValueError(f"the npy holds dtype {dtype}; only numbers (bool, int, float) load")
+    check_decoded_size(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize, "the npy", limits)
+    if 1 <= len(shape) <= 2:
+        check_signal_shape(shape[-1], shape[0] if len(shape) == 2 else 1, "the npy", limits)
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def _csv(data: bytes, limits: RecordLimits) -> dict[str, np.ndarray]:
+    """A CSV with a header row of column names: name -> float32 column (empty cells NaN);
+    rows and columns are checked against the signal limits before parsing."""
+    lines = data.count(b"\n") + (not data.endswith(b"\n"))
+    header = data.split(b"\n", 1)[0]
+    check_signal_shape(lines - 1, header.count(b",") + 1, "the csv", limits)
+    names = [name.strip() for name in header.decode("utf-8").split(",")]
+    if len(set(names)) != len(names) or not all(names):
+        raise ValueError(f"the header row must name every column once, got {names}")
+    table = np.loadtxt(
+        io.BytesIO(data),
+        delimiter=",",
+        skiprows=1,
+        dtype=np.float32,
+        ndmin=2,
+        converters=lambda cell: float(cell) if cell.strip() else np.nan,
+    )
+    if table.shape[0] == 0 or table.shape[1] != len(names):
+        raise ValueError(f"the csv has {table.shape[0]} rows of {table.shape[1]} columns")
+    return {name: np.ascontiguousarray(table[:, index]) for index, name in enumerate(names)}
 
 
 def _text(data: bytes, limits: RecordLimits) -> str:
@@ -202,6 +252,8 @@ def _label(data: bytes, limits: RecordLimits) -> int:
 _DECODERS: dict[str, tuple[str, Callable[[bytes, RecordLimits], Any]]] = {
     "npz": ("bad_graph", _graph_npz),
     "npy": ("bad_array", _npy),
+    "csv": ("bad_csv", _csv),
+    **{ext: ("bad_video", decode_video) for ext in VIDEO_EXTENSIONS},
     **{ext: ("bad_text", _text) for ext in TEXT_EXTENSIONS},
     **{ext: ("bad_json", _json) for ext in JSON_EXTENSIONS},
     **{ext: ("bad_label", _label) for ext in LABEL_EXTENSIONS},

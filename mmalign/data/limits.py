@@ -10,8 +10,14 @@ limit                   checked from                                            
 ``audio_sample_rates``  the audio header (``soundfile.info``), before decoding  ``bad_sample_rate``
 ``max_audio_seconds``   the audio header (frames / rate), before decoding       ``too_long``
 ``max_decoded_bytes``   audio header (frames x channels x 4), image header      ``too_large``
-                        (width x height x bands), npz directory (sizes),
-                        before decoding
+                        (width x height x bands), npz directory (sizes), npy
+                        header (shape x item size), video header (frames x
+                        width x height x 3), before decoding
+``max_video_seconds``   the video container's header (duration)                 ``too_long``
+``max_video_frames``    the video stream's frame count (or duration x rate)     ``too_long``
+``max_video_pixels``    the video stream's width x height                       ``too_large``
+``max_signal_samples``  an npy header's last axis (1 or 2 axes), csv rows       ``too_long``
+``max_signal_channels`` an npy header's first axis (2 axes), csv columns        ``too_large``
 ======================  ======================================================  ===================
 
 The limits are fields of the run config's ``data`` section (:class:`~mmalign.config.DataConfig`,
@@ -41,6 +47,11 @@ class RecordLimits:
     max_decoded_bytes: int
     audio_sample_rates: tuple[int, int]
     max_audio_seconds: float
+    max_video_seconds: float
+    max_video_frames: int
+    max_video_pixels: int
+    max_signal_samples: int
+    max_signal_channels: int
     network: NetworkPolicy = field(default_factory=NetworkPolicy)
     """How URL shards are read (``data.read_timeout``, ``data.retries``, ...)."""
 
@@ -57,6 +68,11 @@ class RecordLimits:
             max_decoded_bytes=data.max_decoded_bytes,
             audio_sample_rates=data.audio_sample_rates,
             max_audio_seconds=float(data.max_audio_seconds),
+            max_video_seconds=float(data.max_video_seconds),
+            max_video_frames=data.max_video_frames,
+            max_video_pixels=data.max_video_pixels,
+            max_signal_samples=data.max_signal_samples,
+            max_signal_channels=data.max_signal_channels,
             network=NetworkPolicy(data.read_timeout, data.retries, data.retry_backoff),
         )
 

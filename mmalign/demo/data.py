@@ -27,19 +27,23 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 
+from mmalign.data.video import encode_video
 from mmalign.demo.digits import (
     SPLITS,
+    VIDEO_FPS,
     caption,
     classes_json,
     dtmf_clip,
     flac_bytes,
     load_sources,
+    moving_digit,
+    pen_trajectory,
     render_digit,
     seven_segment_graph,
     split_sources,
 )
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SHARDS_PER_SPLIT = {"train": 8, "val": 1, "test": 1}
 Records = Callable[[str, np.ndarray, np.ndarray, np.ndarray, int, int], Iterator[dict[str, Any]]]
 
@@ -68,6 +72,8 @@ def digits_records(
                 "txt": text,
                 "flac": flac_bytes(dtmf_clip(digit, rng)),
                 "graph.json": seven_segment_graph(digit, rng),
+                "mp4": encode_video(moving_digit(images[source], rng), VIDEO_FPS),
+                "npy": pen_trajectory(digit, rng),
                 "cls": digit,
                 "json": {"digit": digit, "language": language, "source_index": int(source)},
             }
@@ -139,9 +145,10 @@ def dataset_card(name: str, summary: dict[str, Any]) -> str:
     )
     if name == "digits":
         what = (
-            "Each record shows one digit in four modalities that all agree with `cls`: an image "
-            "of a real handwritten digit, a caption, the DTMF tone of the digit, and its "
-            "seven-segment drawing as a graph."
+            "Each record shows one digit in six modalities that all agree with `cls`: an image "
+            "of a real handwritten digit, a caption, the DTMF tone of the digit, its "
+            "seven-segment drawing as a graph, a short video of the handwritten digit moving, "
+            "and the pen trajectory that draws its seven segments."
         )
         fields = (
             "| `png` | 32x32 grey image: a scikit-learn 8x8 digit upsampled, shifted by up to 2 "
@@ -151,6 +158,10 @@ def dataset_card(name: str, summary: dict[str, Any]) -> str:
             "Hz), 0.25-0.6 s, random level and phase, white noise, 0-0.1 s start offset |\n"
             "| `graph.json` | seven-segment drawing: `x` [N, 2] jittered end points of the lit "
             "segments (random node order), `edge_index` [2, E] lit segments, both directions |\n"
+            "| `mp4` | 6 frames, 32x32, 6 fps (MPEG-4 Part 2): the handwritten digit, rendered as "
+            "`png`, moving at a random velocity of up to 2 px per frame |\n"
+            "| `npy` | float32 [2, T]: the pen's (x, y) drawing the lit segments in order a..g, "
+            "8 samples per stroke, random scale 0.8-1.2 and offset, noise 0.03 |\n"
             "| `cls` | the digit |\n"
             "| `json` | `digit`, `language`, `source_index` (row of "
             "`sklearn.datasets.load_digits`) |"

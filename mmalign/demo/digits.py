@@ -1,4 +1,6 @@
-"""Synthesis of the demo modalities of a digit: image, caption, DTMF tone, seven-segment graph.
+"""Synthesis of the demo modalities of a digit: image, caption, DTMF tone, seven-segment
+graph, a short video of the digit moving, and the pen trajectory that draws its seven
+segments (a 2-channel time series).
 
 Everything starts from scikit-learn's 1,797 handwritten 8x8 digits (shipped with the
 package, no download). Each function takes a ``numpy.random.Generator`` so that a record is
@@ -11,6 +13,8 @@ Example:
     True
     >>> dtmf_clip(5, rng).dtype
     dtype('float32')
+    >>> moving_digit(np.eye(8) * 16, rng).shape, pen_trajectory(1, rng).shape[0]
+    ((6, 32, 32, 3), 2)
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ from sklearn.model_selection import train_test_split
 
 SAMPLE_RATE = 16000
 IMAGE_SIZE = 32
+VIDEO_FRAMES = 6
+VIDEO_FPS = 6.0
+POINTS_PER_SEGMENT = 8
 SPLITS = ("train", "val", "test")
 
 DIGIT_WORDS = {
@@ -119,6 +126,33 @@ def dtmf_clip(digit: int, rng: np.random.Generator, sample_rate: int = SAMPLE_RA
     clip[offset:] = rng.uniform(0.1, 0.4) * tone
     clip += rng.normal(0.0, rng.uniform(0.002, 0.03), size=clip.shape)
     return np.clip(clip, -1.0, 1.0).astype(np.float32)
+
+
+def moving_digit(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A ``VIDEO_FRAMES``-frame RGB clip ``[T, 32, 32, 3]`` of the digit (rendered as
+    :func:`render_digit` does) moving at a random constant velocity (up to 2 px per frame in
+    each direction, centred on the clip's middle frame)."""
+    still = render_digit(image, rng)
+    velocity = rng.integers(-2, 3, size=2)
+    middle = (VIDEO_FRAMES - 1) / 2
+    frames = [
+        np.roll(still, tuple(np.round(velocity * (t - middle)).astype(int)), axis=(0, 1))
+        for t in range(VIDEO_FRAMES)
+    ]
+    return np.repeat(np.stack(frames)[..., None], 3, axis=-1)
+
+
+def pen_trajectory(digit: int, rng: np.random.Generator) -> np.ndarray:
+    """The pen's (x, y) drawing the lit seven-segment strokes of ``digit`` in the order a..g,
+    ``POINTS_PER_SEGMENT`` samples per stroke, at a random scale and offset with noise:
+    float32 ``[2, T]``."""
+    path = [
+        np.linspace(SEGMENT_POINTS[start], SEGMENT_POINTS[end], POINTS_PER_SEGMENT)
+        for start, end in (SEGMENTS[name] for name in LIT_SEGMENTS[digit])
+    ]
+    points = np.concatenate(path) * rng.uniform(0.8, 1.2) + rng.uniform(-0.3, 0.3, size=2)
+    points += rng.normal(0.0, 0.03, size=points.shape)
+    return points.T.astype(np.float32)
 
 
 def flac_bytes(waveform: np.ndarray, sample_rate: int = SAMPLE_RATE) -> bytes:

@@ -10,7 +10,10 @@
    class prompts of every language of ``classes.json``, class-level audio->image and
    graph->text retrieval (a hit is any item of the query's class), the zero-shot and
    text->image figures at the smallest Matryoshka prefix (``model.matryoshka``: the first 16
-   of 64 dimensions), a confusion matrix and an image-text similarity matrix;
+   of 64 dimensions), a confusion matrix and an image-text similarity matrix; then trains
+   the video and time-series model (text, audio, video, pen trajectory;
+   ``demo_digits_motion.yaml``) on the same records and measures zero-shot video and
+   trajectory classification and class-level audio->video retrieval;
 4. trains ``digits-sum`` with Symile and with CLIP (``demo_digits_sum_*.yaml``) and
    classifies the image's digit zero-shot from caption + tone, with reference training images
    as the class candidates: Symile scores by the multilinear inner product, CLIP by the sum
@@ -50,18 +53,30 @@ from mmalign.config import ConfigError, load_config
 from mmalign.convert import to_open_clip
 from mmalign.demo.data import make_demo
 from mmalign.demo.report import write_report
-from mmalign.demo.results import evaluate_digits, index_and_search, print_hits, sum_zeroshot
+from mmalign.demo.results import (
+    evaluate_digits,
+    evaluate_motion,
+    index_and_search,
+    print_hits,
+    sum_zeroshot,
+)
 from mmalign.demo.runs import Run
 from mmalign.demo.timings import Timings
 from mmalign.model import AlignmentModel
 
 CONFIGS = {
     "digits": "demo_digits.yaml",
+    "digits-motion": "demo_digits_motion.yaml",
     "digits-sum-symile": "demo_digits_sum_symile.yaml",
     "digits-sum-clip": "demo_digits_sum_clip.yaml",
 }
 """Run name (its directory in ``out_dir``) -> config file in the configs directory."""
-DATASET = {"digits": "digits", "digits-sum-symile": "digits-sum", "digits-sum-clip": "digits-sum"}
+DATASET = {
+    "digits": "digits",
+    "digits-motion": "digits",
+    "digits-sum-symile": "digits-sum",
+    "digits-sum-clip": "digits-sum",
+}
 PRETRAINED_TOWERS = "open_clip"
 """The digits model's image and text towers as an open_clip folder (``mmalign convert --to
 open_clip``), written into the digits run directory; the digits-sum configs' towers load it
@@ -242,6 +257,13 @@ def run_demo(
         _say("[3/6] evaluating digits on the test split")
         with timings.measure("evaluate digits"):
             results["digits"] = evaluate_digits(runs["digits"], out_dir)
+        _say("[3/6] training digits-motion: text + audio + video + trajectory, evaluating")
+        with timings.measure("train digits-motion"):
+            runs["digits-motion"] = train_run(
+                "digits-motion", configs_dir, datasets["digits"], out_dir, quick, reuse
+            )
+        with timings.measure("evaluate digits-motion"):
+            results["digits-motion"] = evaluate_motion(runs["digits-motion"])
         for part, name in enumerate(("digits-sum-symile", "digits-sum-clip"), start=1):
             objective = name.rsplit("-", 1)[1]
             _say(f"[4/6] ({part}/2) training digits-sum with {objective}, classifying zero-shot")

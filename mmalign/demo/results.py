@@ -36,6 +36,10 @@ from mmalign.export import build_index, export_embeddings, search
 
 LANGUAGES = ("en", "fr", "de", "es")
 RETRIEVAL_PAIRS = (("audio", "image"), ("graph", "text"), ("image", "text"), ("text", "image"))
+MOTION_PAIRS = (("audio", "video"), ("video", "text"), ("trajectory", "text"))
+"""Class-level retrieval pairs of the video and time-series run (``digits-motion``)."""
+MOTION_ZEROSHOT = ("video", "trajectory")
+"""Modalities of ``digits-motion`` classified zero-shot (English prompts)."""
 REFERENCES_PER_CLASS = 8
 """Training images per class averaged into the digits-sum zero-shot candidates."""
 SEARCH_K = 5
@@ -74,8 +78,10 @@ def zeroshot_by_language(run: Run, collected: CollectedEmbeddings) -> dict[str, 
     return results
 
 
-def class_retrieval(collected: CollectedEmbeddings) -> dict[str, dict[str, float]]:
-    """Class-level retrieval (relevant = same class) for :data:`RETRIEVAL_PAIRS`.
+def class_retrieval(
+    collected: CollectedEmbeddings, pairs: Sequence[tuple[str, str]] = RETRIEVAL_PAIRS
+) -> dict[str, dict[str, float]]:
+    """Class-level retrieval (relevant = same class) for ``pairs``.
 
     Example:
         >>> class_retrieval(collected)["audio->image"]["R@1"]  # doctest: +SKIP
@@ -84,7 +90,7 @@ def class_retrieval(collected: CollectedEmbeddings) -> dict[str, dict[str, float
     results = pairwise_recall(
         collected.embeddings,
         collected.present,
-        RETRIEVAL_PAIRS,
+        pairs,
         (1, 5, 10),
         labels=collected.labels,
     )
@@ -181,6 +187,30 @@ def evaluate_digits(run: Run, out_dir: Path) -> dict[str, Any]:
         "matryoshka": prefix,
         "figures": figures,
     }
+
+
+def evaluate_motion(run: Run) -> dict[str, Any]:
+    """Zero-shot video and trajectory classification (English prompts) and class-level
+    retrieval (:data:`MOTION_PAIRS`) of the video and time-series model on its test split.
+
+    Example:
+        >>> evaluate_motion(motion_run)["zeroshot"]["video"]["metrics"]["top1"]
+        ... # doctest: +SKIP
+        0.99
+    """
+    collected = embed_test_split(run, run.model.modalities)
+    classnames, prompts = load_classes(run.classes, "en")
+    classifier = ZeroShotClassifier(run.model, prompts, "text", classnames=classnames)
+    zeroshot = {
+        modality: evaluate_zeroshot(classifier, collected, [modality], ks=(1, 5))
+        for modality in MOTION_ZEROSHOT
+    }
+    retrieval = class_retrieval(collected, MOTION_PAIRS)
+    for modality, result in zeroshot.items():
+        print(f"zero-shot {modality} accuracy, en prompts: {result['metrics']['top1']:.1%}")
+    for pair, metrics in retrieval.items():
+        print(f"{pair} class-level R@1 {metrics['R@1']:.1%}")
+    return {"samples": len(collected.keys), "zeroshot": zeroshot, "retrieval": retrieval}
 
 
 def reference_images(shards: Sequence[str], per_class: int, classes: int = 10) -> list[list]:

@@ -7,8 +7,8 @@ Inference looks at every non-empty cell of a column:
 cells                                                  extension
 =====================================================  ====================================
 at least half name a file by its suffix (``.jpg``,     that suffix (the most common one); the
-``.wav``, ``.graph.json``, ``.npy``, ``.txt``, ...)    column is a *file column*: a missing
-                                                       or unreadable file skips the row
+``.wav``, ``.mp4``, ``.graph.json``, ``.npy``,         column is a *file column*: a missing
+``.csv``, ``.txt``, ...)                               or unreadable file skips the row
 most are integers                                      ``cls`` (the others: bad rows)
 all lists of numbers (JSONL) or ``[...]`` text         ``npy``
 all objects (JSONL) or ``{...}`` text                  ``graph.json`` with ``edge_index``,
@@ -37,9 +37,11 @@ from typing import Any
 from webdataset.autodecode import IMAGE_EXTENSIONS
 
 from mmalign.data.decode import AUDIO_EXTENSIONS
+from mmalign.data.video import VIDEO_EXTENSIONS
 
 FILE_EXTENSIONS = frozenset(
-    {*IMAGE_EXTENSIONS, *AUDIO_EXTENSIONS, "npz", "npy", "graph.json", "json", "txt"}
+    {*IMAGE_EXTENSIONS, *AUDIO_EXTENSIONS, *VIDEO_EXTENSIONS}
+    | {"npz", "npy", "csv", "graph.json", "json", "txt"}
 )
 """Suffixes that make a cell name a file (``.graph.json`` counts as one suffix)."""
 INTEGER = re.compile(r"-?\d+")

@@ -44,11 +44,12 @@ from webdataset.autodecode import IMAGE_EXTENSIONS
 from webdataset.writer import default_handlers, encode_based_on_extension1
 
 from mmalign.data.decode import AUDIO_EXTENSIONS, RecordError, decode_value
+from mmalign.data.video import VIDEO_EXTENSIONS
 from mmalign.errors import ConfigError
 from mmalign.prep.columns import infer_fields, pack_vector
 from mmalign.progress import progress_bar
 
-FILE_ONLY = {*IMAGE_EXTENSIONS, *AUDIO_EXTENSIONS, "npz"}
+FILE_ONLY = {*IMAGE_EXTENSIONS, *AUDIO_EXTENSIONS, *VIDEO_EXTENSIONS, "npz", "csv"}
 MAX_EXAMPLES = 10
 
 

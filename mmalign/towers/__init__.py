@@ -1,7 +1,8 @@
 """Modality towers behind one registry: a config's ``type:`` picks the class.
 
 Built-in types: ``image`` (open_clip vision encoders), ``text`` (Hugging Face or open_clip
-text transformers), ``audio``, ``graph`` (torch_geometric) and ``tabular``.
+text transformers), ``audio``, ``graph`` (torch_geometric), ``tabular``, ``timeseries`` and
+``video``.
 
 Example:
     >>> from mmalign.towers import TOWERS
@@ -10,7 +11,7 @@ Example:
 """
 
 from mmalign.registry import TOWERS
-from mmalign.towers import audio, image, tabular, text  # noqa: F401  (fill TOWERS)
+from mmalign.towers import audio, image, tabular, text, timeseries, video  # noqa: F401  (fill TOWERS)
 from mmalign.towers.base import HFParts, Tower, build_tower, register_tower
 
 TOWERS.register_deferred("graph", "mmalign.towers.graph")  # torch_geometric: imported on use

@@ -58,6 +58,11 @@ CHANGEABLE = (
     "data.max_decoded_bytes",
     "data.audio_sample_rates",
     "data.max_audio_seconds",
+    "data.max_video_seconds",
+    "data.max_video_frames",
+    "data.max_video_pixels",
+    "data.max_signal_samples",
+    "data.max_signal_channels",
     "eval.",
 )
 """Fields (``eval.`` is every field of ``eval``) a resumed run may change."""

@@ -41,7 +41,7 @@ def test_report_is_written_in_out_dir(demo: tuple[Path, Path, str]) -> None:
     assert report == root / "out" / "REPORT.md"
     for dataset in ("digits", "digits-sum"):
         assert (root / "data" / dataset / "classes.json").is_file()
-    for run in ("digits", "digits-sum-symile", "digits-sum-clip"):
+    for run in ("digits", "digits-motion", "digits-sum-symile", "digits-sum-clip"):
         assert (root / "out" / run / "model" / "model.safetensors").is_file()
     assert (root / "out" / "digits" / PRETRAINED_TOWERS / "open_clip_config.json").is_file()
     assert "start their image and text towers from the digits model" in demo[2]
@@ -62,18 +62,23 @@ def test_every_linked_file_exists(demo: tuple[Path, Path, str]) -> None:
 @pytest.mark.launches  # the demo's data loaders start worker processes
 def test_tables_hold_numbers(demo: tuple[Path, Path, str]) -> None:
     tables = _tables(demo[2])
-    targets, training, zeroshot, retrieval, digits_sum, *searches, timings = tables
-    assert len(targets) == 4 and len(training) == 3 and len(digits_sum) == 2
+    targets, training, zeroshot, retrieval, motion_zeroshot, motion_retrieval, *rest = tables
+    digits_sum, *searches, timings = rest
+    assert len(targets) == 7 and len(training) == 4 and len(digits_sum) == 2
     for row in targets:
         assert NUMBER.match(row[1]) and 0.0 <= float(row[1].rstrip("%")) <= 100.0
         assert row[3] in ("yes", "no")
-    assert [row[3] for row in training] == [str(QUICK_OVERRIDES["train.steps"])] * 3
+    assert [row[3] for row in training] == [str(QUICK_OVERRIDES["train.steps"])] * 4
     assert [row[0] for row in zeroshot] == ["en", "fr", "de", "es"]
     assert [row[0] for row in retrieval][:2] == ["audio->image", "graph->text"]
+    assert [row[0] for row in motion_zeroshot] == ["video", "trajectory"]
+    assert [row[0] for row in motion_retrieval] == [
+        *("audio->video", "video->text", "trajectory->text")
+    ]
     assert [row[0] for row in digits_sum] == ["symile", "clip"]
     assert digits_sum[0][1].startswith("MIP") and digits_sum[1][1].startswith("sum")
     assert len(searches) == 2 and all(len(rows) == 5 for rows in searches)
-    for table in (zeroshot, retrieval, digits_sum, timings):
+    for table in (zeroshot, retrieval, motion_zeroshot, motion_retrieval, digits_sum, timings):
         for row in table:
             assert sum(bool(NUMBER.match(cell)) for cell in row) >= 2, row
     total = float(timings[-1][1])

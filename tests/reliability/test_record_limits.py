@@ -133,10 +133,7 @@ def test_audio_headers_over_the_limits_are_skipped_before_decoding(
     shard = write_shard(tmp_path / "audio.tar", records)
     decoded = counting_reads(monkeypatch)
     limits = RecordLimits(
-        max_member_bytes=DEFAULT_LIMITS.max_member_bytes,
-        max_decoded_bytes=16 * MIB,
-        audio_sample_rates=DEFAULT_LIMITS.audio_sample_rates,
-        max_audio_seconds=600.0,
+        **{**DEFAULT_LIMITS.__dict__, "max_decoded_bytes": 16 * MIB, "max_audio_seconds": 600.0}
     )
     loader = make_loader(
         str(shard), {"audio": build_tower(AUDIO)}, {"audio": "wav;flac"}, 8, limits=limits

@@ -1,0 +1,301 @@
+"""The time-series tower (``type: timeseries``): multichannel signals to vectors.
+
+A raw sample is a ``[channels, T]`` array (``[T]`` for one channel), a ``(array,
+sample_rate)`` tuple (resampled to the tower's ``sample_rate`` with
+:func:`~mmalign.towers.waveform.resample`), or a mapping of column name -> values (a decoded
+CSV, picked by ``columns``). A channel that is all NaN (or a ``columns`` name the sample lacks)
+is *missing*: the encoders see a 0/1 missing indicator beside every channel, as the tabular
+tower does for its features. NaN inside an observed channel is a bad sample (``preprocess``
+raises, the loader skips and counts the record).
+
+``preprocess`` crops every signal to ``window`` samples (a random window when augmenting, the
+centre one otherwise); shorter signals are padded with NaN, which the encoders treat like a
+missing value. ``forward`` standardizes each channel with the ``mean`` / ``std`` buffers
+(``normalize: fit`` fits them from the first training records, as the tabular tower does;
+:meth:`TimeSeriesTower.fit_normalization`).
+
+Encoders (``encoder:``):
+
+- ``resnet``: a 1-D ResNet (a stem convolution, then one residual block per entry of
+  ``resnet_channels``, each halving the length; group norm, so gradient checkpointing can
+  recompute a block), global average pooling, a linear map to ``width``.
+- ``patch``: a PatchTST-style transformer. Each channel is cut into patches of ``patch``
+  samples, embedded channel-independently (one shared linear map, plus a learned position and
+  channel embedding); the tokens of missing channels are masked out of attention and pooling.
+
+Example:
+    >>> import numpy as np
+    >>> from mmalign.towers import build_tower
+    >>> tower = build_tower({"type": "timeseries", "channels": 2, "window": 64, "width": 16})
+    >>> tower(tower.collate([tower.preprocess(np.zeros((2, 100), np.float32))])).shape
+    torch.Size([1, 16])
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from mmalign.config.tower import TowerConfig
+from mmalign.towers.base import Tower, register_tower
+from mmalign.towers.waveform import resample
+
+
+class TimeSeriesTowerConfig(TowerConfig):
+    """Config of ``type: timeseries`` (see the module docstring)."""
+
+    channels: int = Field(default=1, ge=1)
+    """Channels of every signal (``len(columns)`` when ``columns`` is set)."""
+    columns: list[str] | None = Field(default=None, min_length=1)
+    """CSV column names read as the channels, in order (a missing column: a missing channel)."""
+    sample_rate: int | None = Field(default=None, gt=0)
+    """Rate (Hz) signals given with their own rate are resampled to; ``None``: no resampling."""
+    window: int = Field(default=256, ge=1)
+    """Samples per item: longer signals are cropped, shorter ones padded (as missing)."""
+    encoder: Literal["resnet", "patch"] = "resnet"
+    width: int = Field(default=128, ge=1)
+    """Output size of the tower."""
+    resnet_channels: list[int] = Field(default_factory=lambda: [32, 64, 128], min_length=1)
+    """``resnet``: channels of the residual blocks (each halves the length)."""
+    patch: int = Field(default=16, ge=1)
+    """``patch``: samples per patch (must divide ``window``)."""
+    layers: int = Field(default=2, ge=1)
+    """``patch``: transformer blocks."""
+    heads: int = Field(default=4, ge=1)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    normalize: Literal["none", "fit"] = "none"
+    """``fit``: ``mmalign train`` standardizes each channel with its mean and std over the
+    first ``normalize_records`` training records (NaN ignored); ``none``: 0 and 1."""
+    normalize_records: int = Field(default=1000, ge=1)
+    """Training records read (in shard order) to fit the statistics."""
+
+    @model_validator(mode="after")
+    def _check(self) -> TimeSeriesTowerConfig:
+        if self.columns is not None:
+            if "channels" in self.model_fields_set and self.channels != len(self.columns):
+                raise ValueError(f"channels {self.channels} != len(columns) {len(self.columns)}")
+            self.channels = len(self.columns)
+        if self.encoder == "patch":
+            if self.window % self.patch:
+                raise ValueError(f"patch {self.patch} must divide window {self.window}")
+            if self.width % self.heads:
+                raise ValueError(f"width {self.width} must be divisible by heads {self.heads}")
+        return self
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    """Group norm (up to 8 groups): per-sample statistics, so a block can be recomputed by
+    gradient checkpointing and a batch of one trains."""
+    return nn.GroupNorm(math.gcd(8, channels), channels)
+
+
+class ResidualBlock1d(nn.Module):
+    """Two 1-D convolutions (kernel 3, the first of stride 2) with group norm and a shortcut."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv1d(c_in, c_out, 3, stride=2, padding=1, bias=False)
+        self.norm1 = _group_norm(c_out)
+        self.conv2 = nn.Conv1d(c_out, c_out, 3, padding=1, bias=False)
+        self.norm2 = _group_norm(c_out)
+        self.shortcut = nn.Conv1d(c_in, c_out, 1, stride=2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = nn.functional.relu(self.norm1(self.conv1(x)))
+        return nn.functional.relu(self.norm2(self.conv2(hidden)) + self.shortcut(x))
+
+
+class ResNet1d(nn.Module):
+    """Stem, residual blocks, global average pooling, linear map to ``width``."""
+
+    def __init__(self, config: TimeSeriesTowerConfig) -> None:
+        super().__init__()
+        channels = config.resnet_channels
+        self.stem = nn.Conv1d(2 * config.channels, channels[0], 7, padding=3, bias=False)
+        self.stem_norm = _group_norm(channels[0])
+        self.layers = nn.ModuleList(
+            ResidualBlock1d(c_in, c_out)
+            for c_in, c_out in itertools.pairwise([channels[0], *channels])
+        )
+        self.dropout = nn.Dropout(config.dropout)
+        self.head = nn.Linear(channels[-1], config.width)
+
+    def forward(self, values: torch.Tensor, missing: torch.Tensor) -> torch.Tensor:
+        hidden = self.stem(torch.cat([values, missing.to(values.dtype)], dim=1))
+        hidden = nn.functional.relu(self.stem_norm(hidden))
+        for layer in self.layers:
+            hidden = layer(hidden)
+        return self.head(self.dropout(hidden.mean(-1)))
+
+
+class PatchTransformer(nn.Module):
+    """PatchTST-style: channel-independent patch tokens, one transformer, masked mean."""
+
+    def __init__(self, config: TimeSeriesTowerConfig) -> None:
+        super().__init__()
+        self.patch = config.patch
+        patches = config.window // config.patch
+        self.embed = nn.Linear(2 * config.patch, config.width)
+        self.position = nn.Parameter(torch.randn(1, 1, patches, config.width) * 0.02)
+        self.channel = nn.Parameter(torch.randn(1, config.channels, 1, config.width) * 0.02)
+        block = nn.TransformerEncoderLayer(
+            config.width,
+            config.heads,
+            4 * config.width,
+            config.dropout,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
+        self.layers = nn.TransformerEncoder(block, config.layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(config.width)
+
+    def forward(self, values: torch.Tensor, missing: torch.Tensor) -> torch.Tensor:
+        batch, channels, length = values.shape
+        pieces = torch.cat([values, missing.to(values.dtype)], dim=-1)  # [B, C, 2T]
+        pieces = pieces.reshape(batch, channels, 2, length // self.patch, self.patch)
+        patches = pieces.permute(0, 1, 3, 2, 4).flatten(3)  # [B, C, P, 2 * patch]
+        tokens = self.embed(patches) + self.position + self.channel
+        valid = (~missing).any(-1, keepdim=True).expand(-1, -1, tokens.shape[2])  # [B, C, P]
+        tokens, valid = tokens.flatten(1, 2), valid.flatten(1)
+        hidden = self.norm(self.layers(tokens, src_key_padding_mask=~valid))
+        weights = valid.to(hidden.dtype).unsqueeze(-1)
+        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+def _numeric(raw: Any, where: str) -> np.ndarray:
+    array = np.asarray(raw.detach().cpu().numpy() if isinstance(raw, torch.Tensor) else raw)
+    if array.dtype.kind not in "biuf":
+        raise ValueError(f"{where}: values must be numbers, got dtype {array.dtype}")
+    return array.astype(np.float32)
+
+
+@register_tower("timeseries")
+class TimeSeriesTower(Tower):
+    """Multichannel signals ``[channels, T]`` to ``[B, width]`` (see the module docstring).
+
+    Example:
+        >>> import numpy as np
+        >>> from mmalign.towers import build_tower
+        >>> tower = build_tower({"type": "timeseries", "columns": ["a", "b"], "window": 4})
+        >>> item = tower.preprocess({"a": np.arange(6.0)})  # column b is missing
+        >>> item[0].tolist(), bool(item[1].isnan().all())
+        ([1.0, 2.0, 3.0, 4.0], True)
+    """
+
+    config_class = TimeSeriesTowerConfig
+    config: TimeSeriesTowerConfig
+    mean: torch.Tensor
+    std: torch.Tensor
+    onnx_input = "signal"
+
+    def __init__(
+        self, config: TimeSeriesTowerConfig, field: str = "tower", base_dir: Path | None = None
+    ) -> None:
+        super().__init__(config, field, base_dir)
+        self.width = config.width
+        self.register_buffer("mean", torch.zeros(config.channels))
+        self.register_buffer("std", torch.ones(config.channels))
+        self.encoder: nn.Module = (
+            ResNet1d(config) if config.encoder == "resnet" else PatchTransformer(config)
+        )
+
+    def fit_normalization(self, signals: Any) -> None:
+        """Set ``mean`` / ``std`` per channel from preprocessed signals ``[N, channels, T]``,
+        ignoring NaN (missing channels and padding); a channel never observed keeps mean 0,
+        one with zero spread gets std 1."""
+        array = _numeric(signals, f"{self.field}: fit_normalization data").astype(np.float64)
+        if array.ndim != 3 or array.shape[1] != self.config.channels:
+            raise ValueError(
+                f"{self.field}: fit_normalization needs [N, {self.config.channels}, T] "
+                f"signals, got shape {array.shape}"
+            )
+        per_channel = array.transpose(1, 0, 2).reshape(self.config.channels, -1)
+        observed = ~np.isnan(per_channel)
+        count = np.maximum(observed.sum(1), 1)
+        mean = np.where(observed, per_channel, 0.0).sum(1) / count
+        spread = np.where(observed, per_channel - mean[:, None], 0.0)
+        std = np.sqrt((spread**2).sum(1) / count)
+        std[~(std > 1e-8)] = 1.0
+        self.mean.copy_(torch.from_numpy(mean))
+        self.std.copy_(torch.from_numpy(std))
+
+    def _channels(self, raw: Any) -> np.ndarray:
+        """The raw sample as ``[channels, T]`` float32 (missing channels all NaN)."""
+        where = f"{self.field}: time series sample"
+        rate = None
+        if isinstance(raw, tuple) and len(raw) == 2:
+            raw, rate = raw
+        if isinstance(raw, Mapping):
+            raw = self._columns(raw, where)
+        signal = _numeric(raw, where)
+        signal = signal[None] if signal.ndim == 1 else signal
+        if signal.ndim != 2 or signal.shape[0] != self.config.channels or signal.shape[1] < 1:
+            raise ValueError(
+                f"{where} must be [{self.config.channels}, T] (channels), got shape "
+                f"{list(signal.shape)}"
+            )
+        if rate is not None and self.config.sample_rate is not None:
+            signal = np.ascontiguousarray(resample(signal.T, int(rate), self.config.sample_rate).T)
+        return signal
+
+    def _columns(self, table: Mapping[str, Any], where: str) -> np.ndarray:
+        if self.config.columns is None:
+            raise ValueError(f"{where} is a table; set columns: [...] to pick its channels")
+        present = [np.asarray(table[name]) for name in self.config.columns if name in table]
+        if not present:
+            raise ValueError(f"{where} has none of the columns {self.config.columns}")
+        length = len(present[0])
+        return np.stack(
+            [
+                _numeric(table[name], where)
+                if name in table
+                else np.full(length, np.nan, np.float32)
+                for name in self.config.columns
+            ]
+        )
+
+    def preprocess(self, raw: Any, augment: bool = False) -> torch.Tensor:
+        """To ``[channels, window]`` float32: resample, check, crop (``augment``: a random
+        window, else the centre one) or pad with NaN."""
+        signal = self._channels(raw)
+        where = f"{self.field}: time series sample"
+        if np.isinf(signal).any():
+            raise ValueError(f"{where} has infinite values")
+        missing = np.isnan(signal)
+        partial = missing.any(1) & ~missing.all(1)
+        if partial.any():
+            raise ValueError(
+                f"{where} has NaN samples in channels {np.flatnonzero(partial).tolist()} "
+                "(a missing channel is all NaN)"
+            )
+        if missing.all():
+            raise ValueError(f"{where} has no observed channel (every value is NaN)")
+        excess = signal.shape[1] - self.config.window
+        if excess > 0:
+            start = int(torch.randint(excess + 1, ())) if augment else excess // 2
+            signal = signal[:, start : start + self.config.window]
+        elif excess < 0:
+            signal = np.pad(signal, ((0, 0), (0, -excess)), constant_values=np.nan)
+        return torch.from_numpy(np.ascontiguousarray(signal))
+
+    def collate(self, items: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(list(items))
+
+    def example_raw(self) -> Any:
+        """A random signal of ``window`` samples."""
+        rng = np.random.default_rng(0)
+        return rng.standard_normal((self.config.channels, self.config.window)).astype(np.float32)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        missing = torch.isnan(inputs)
+        standardized = (inputs - self.mean[:, None]) / self.std[:, None]
+        return self.encoder(standardized.masked_fill(missing, 0.0), missing)
