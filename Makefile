@@ -20,7 +20,7 @@ $(INSTALLED): pyproject.toml
 	touch $(INSTALLED)
 	@echo "mmalign is installed in $(VENV): run 'source $(VENV)/bin/activate' (or call $(BIN)/mmalign)"
 
-# The main job: demo data, three trainings, evaluation, index + search, runs/demo/REPORT.md.
+# The main job: demo data, four trainings, evaluation, index + search, runs/demo/REPORT.md.
 demo: $(INSTALLED)
 	$(BIN)/mmalign demo
 	@echo "next: 'source $(VENV)/bin/activate' and the guides' mmalign commands run as written"

@@ -1,4 +1,4 @@
-"""The end-to-end demo on handwritten digits: data, three trainings, evaluation, search, report.
+"""The end-to-end demo on handwritten digits: data, four trainings, evaluation, search, report.
 
 ``mmalign demo [--quick]`` (or :func:`mmalign.demo.pipeline.run_demo`) runs it from any
 directory: everything it needs ships with the package. The modules, one concept each:
