@@ -15,7 +15,7 @@ import pytest
 import soundfile
 from PIL import Image
 
-from mmalign.data.limits import RecordLimits
+from mmalign.data.limits import DEFAULT_LIMITS, RecordLimits
 from mmalign.export.search import QueryError, query_vector
 from mmalign.model import AlignmentModel
 
@@ -65,7 +65,7 @@ def test_oversized_query_files_are_refused_before_decoding(
         query_vector(model, {"photo": big})
     with pytest.raises(QueryError, match=r"the .photo. query .*wide\.png is refused \(too_large\)"):
         query_vector(model, {"photo": str(wide)})
-    small = RecordLimits(64, 2**27, (1000, 384000), 600)
+    small = RecordLimits(**{**DEFAULT_LIMITS.__dict__, "max_member_bytes": 64})
     with pytest.raises(QueryError, match=r"is refused \(member_too_large\)"):
         query_vector(model, {"photo": big}, limits=small)  # over max_member_bytes: not read
     assert decoded == []
