@@ -18,7 +18,11 @@ Config (``type: text``):
   ``hf-hub:ORG/NAME`` (from the local Hugging Face cache) takes architecture and weights of a
   whole open_clip model (:mod:`mmalign.towers.pretrained`).
 - ``context_length``: tokens per caption (longer ones are truncated); default: the open_clip
-  config's (77), or the Hugging Face tokenizer's maximum.
+  config's (77), or the Hugging Face tokenizer's maximum. The open_clip transformer encodes
+  a batch only up to its longest caption's end-of-text token: it is causal and pools there
+  (``pool_type`` ``argmax`` or ``eos``), so the padding after it changes no output or
+  gradient, and short captions cost a fraction of the full context. Other poolings,
+  class-token and padding-mask towers, tracing and ONNX export keep the full context.
 
 Example:
     >>> from mmalign.towers import build_tower
