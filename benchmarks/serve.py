@@ -135,6 +135,12 @@ def rss_mib(process: subprocess.Popen) -> float:
     return psutil.Process(process.pid).memory_info().rss / 2**20
 
 
+def cpu_s(process: subprocess.Popen) -> float:
+    """CPU seconds (user + system) the process has used."""
+    times = psutil.Process(process.pid).cpu_times()
+    return times.user + times.system
+
+
 async def load(url: str, texts: list[str], clients: int, target: str) -> dict[str, Any]:
     """Send every text to ``/search`` from ``clients`` concurrent clients."""
     latencies: list[float] = []
@@ -157,14 +163,15 @@ async def load(url: str, texts: list[str], clients: int, target: str) -> dict[st
 
     limits = httpx.Limits(max_connections=clients)
     async with httpx.AsyncClient(timeout=60, limits=limits) as http:
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         await asyncio.gather(*(client(http) for _ in range(clients)))
-        wall = time.perf_counter() - started
+        wall, cpu = time.perf_counter() - started, time.process_time() - cpu
     return {
         "requests": len(texts),
         "errors": errors,
         "rps": len(texts) / wall,
         **percentiles(latencies),
+        "client_cpu_s": cpu,
     }
 
 
@@ -175,8 +182,9 @@ def serve_row(
     try:
         warm = min(100, len(texts) // 10)
         asyncio.run(load(url, texts[:warm], clients, target))
-        memory_warm = rss_mib(process)
+        memory_warm, cpu = rss_mib(process), cpu_s(process)
         row = asyncio.run(load(url, texts[warm:], clients, target))
+        row |= {"server_cpu_s": cpu_s(process) - cpu}
         row |= {"rss_warm_mib": memory_warm, "rss_end_mib": rss_mib(process)}
         metrics = httpx.get(f"{url}/metrics").text
         count = [ln for ln in metrics.splitlines() if ln.startswith("mmalign_batch_size_count")]

@@ -15,6 +15,7 @@ answers ``{"index": "emb", "target": "image", "dim": 32, "results": [{"rank": 1,
 
 from __future__ import annotations
 
+import functools
 import mimetypes
 from typing import Any
 from urllib.parse import quote
@@ -46,10 +47,17 @@ class SearchRequest(BaseModel):
     filters: dict[str, Any] = Field(default_factory=dict, description="field -> value")
 
 
+@functools.lru_cache(maxsize=1024)
+def _item_route(index: str, modality: str) -> str:
+    """``/items/INDEX/MODALITY/``, quoted once per pair (not for every result row)."""
+    return f"/items/{quote(index)}/{quote(modality)}/"
+
+
 def item_links(served: ServedExport, key: str) -> dict[str, str]:
     """Modality -> URL of each kept item of the row ``key``."""
+    quoted = quote(key)
     return {
-        modality: f"/items/{quote(served.name)}/{quote(modality)}/{quote(key)}"
+        modality: _item_route(served.name, modality) + quoted
         for modality, items in served.items.items()
         if key in items
     }

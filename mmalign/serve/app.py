@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mmalign.serve import api, compat, page
 from mmalign.serve.batcher import MAX_BATCH, MAX_WAIT_S, DynamicBatcher
@@ -68,6 +69,40 @@ def _token_problem(request: Request, token: str | None) -> RequestError | None:
     return None
 
 
+class GuardAndMeasure:
+    """ASGI middleware: refuse an oversized or unauthorized request before it is read, and
+    count every answer and its latency by route. Plain ASGI (no per-request task and
+    streams, as ``@app.middleware("http")`` would add)."""
+
+    def __init__(self, app: ASGIApp, token: str | None, metrics: ServiceMetrics) -> None:
+        self.app, self.token, self.metrics = app, token, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        request = Request(scope)
+        problem = _body_problem(request) or _token_problem(request, self.token)
+        try:
+            if problem is not None:
+                answer = JSONResponse(problem.payload(), status_code=problem.status)
+                await answer(scope, receive, send_status)
+            else:
+                await self.app(scope, receive, send_status)
+        finally:
+            name = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.observe(name, status, time.perf_counter() - started)
+
+
 def create_app(
     catalog: Catalog,
     *,
@@ -99,20 +134,7 @@ def create_app(
     app.state.catalog, app.state.batcher, app.state.metrics = catalog, batcher, metrics
     install_handlers(app)
 
-    @app.middleware("http")
-    async def guard_and_measure(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        started = time.perf_counter()
-        problem = _body_problem(request) or _token_problem(request, token)
-        if problem is not None:
-            response: Response = JSONResponse(problem.payload(), status_code=problem.status)
-        else:
-            response = await call_next(request)
-        route = request.scope.get("route")
-        name = getattr(route, "path", "unmatched")
-        metrics.observe(name, response.status_code, time.perf_counter() - started)
-        return response
+    app.add_middleware(GuardAndMeasure, token=token, metrics=metrics)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

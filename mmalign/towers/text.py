@@ -18,7 +18,11 @@ Config (``type: text``):
   ``hf-hub:ORG/NAME`` (from the local Hugging Face cache) takes architecture and weights of a
   whole open_clip model (:mod:`mmalign.towers.pretrained`).
 - ``context_length``: tokens per caption (longer ones are truncated); default: the open_clip
-  config's (77), or the Hugging Face tokenizer's maximum.
+  config's (77), or the Hugging Face tokenizer's maximum. The open_clip transformer encodes
+  a batch only up to its longest caption's end-of-text token: it is causal and pools there
+  (``pool_type`` ``argmax`` or ``eos``), so the padding after it changes no output or
+  gradient, and short captions cost a fraction of the full context. Other poolings,
+  class-token and padding-mask towers, tracing and ONNX export keep the full context.
 
 Example:
     >>> from mmalign.towers import build_tower
@@ -277,6 +281,7 @@ class OpenCLIPText(nn.Module):
         self.module = _build_text_tower(
             embed_dim or text_cfg.width, text_cfg, quick_gelu=self.quick_gelu
         )
+        self.module.transformer.register_forward_pre_hook(_causal_mask_to_length, with_kwargs=True)
         projected = self.module.text_projection is not None
         self.width = int(embed_dim) if projected and embed_dim else text_cfg.width
         self.resolve_on_save = bool(config.model or pretrained)
@@ -332,7 +337,34 @@ class OpenCLIPText(nn.Module):
         return torch.stack(items)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.module(inputs)
+        return self.module(self._without_trailing_padding(inputs))
+
+    def _trims_padding(self) -> bool:
+        """Whether the positions after the last pooled token cannot change an output: a
+        causal transformer pooling at the end-of-text token (``argmax`` or ``eos``), without
+        an appended class token or padding mask, returning no per-token outputs."""
+        module = self.module
+        return (
+            module.attn_mask is not None
+            and module.cls_emb is None
+            and not module.use_pad_mask
+            and not module.output_tokens
+            and module.pool_type in ("argmax", "eos")
+        )
+
+    def _without_trailing_padding(self, inputs: torch.Tensor) -> torch.Tensor:
+        """``inputs[:, :L]``, L = one past the batch's last pooled position (the longest
+        caption's end-of-text token): the same pooled outputs and gradients, without the
+        cost of the padding. Tracing and ONNX export keep the full context (``L`` depends
+        on the data)."""
+        exporting = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+        if exporting or not inputs.shape[0] or not self._trims_padding():
+            return inputs
+        if self.module.pool_type == "argmax":
+            pooled_at = inputs.argmax(dim=-1)
+        else:
+            pooled_at = (inputs == self.module.eos_id).int().argmax(dim=-1)
+        return inputs[:, : int(pooled_at.max()) + 1]
 
     def save_files(self, directory: Path) -> dict[str, Any]:
         updates = self._resolved_config() if self.resolve_on_save else {}
@@ -353,6 +385,20 @@ class OpenCLIPText(nn.Module):
             "quick_gelu": self.quick_gelu,
             **dict.fromkeys(shorthands),
         }
+
+
+def _causal_mask_to_length(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """Forward pre-hook of open_clip's ``Transformer``: cut a ``[n_ctx, n_ctx]`` causal mask
+    to the length of a shorter (trimmed) batch ``[B, L, width]``. open_clip's ``TextTransformer``
+    passes its whole causal-mask buffer unless it builds a padding mask; the cut reads only
+    the call's own tensors, so concurrent forwards do not interfere."""
+    mask = kwargs.get("attn_mask")
+    if not args or mask is None or mask.dim() != 2 or mask.shape[0] == args[0].shape[1]:
+        return None
+    length = args[0].shape[1]
+    return args, {**kwargs, "attn_mask": mask[:length, :length]}
 
 
 def _sentencepiece_cfg(processor: sentencepiece.SentencePieceProcessor) -> dict[str, Any]:
