@@ -18,6 +18,7 @@ and gets no gradient.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -73,6 +74,9 @@ class Workspace:
             )
             self.bounds = [0, *sizes.cumsum(0).tolist()]  # group g: rows bounds[g]..bounds[g+1]
         self.prefixes_per_block = prefixes_per_block
+        last = others[-1]
+        self.anchor_norm = anchor.norm(dim=1).max()
+        self.last_norms = last.norm(dim=1), last.abs().amax(dim=1)
         candidates = prefixes_per_block * rows
         self.logits = anchor.new_empty(rows, candidates)
         if backward:
@@ -137,8 +141,27 @@ class Workspace:
             low, high = (start, stop) if before is None else (before[start], before[stop])
             grid[low:high, first:last, start:stop] = float("-inf")
 
+    def column_bound(self, block: Block) -> Tensor | None:
+        """An upper bound on each column's ``|logit|`` (Cauchy-Schwarz and Hoelder:
+        ``|<x, p * z>| <= |x|_2 min(|p|_inf |z|_2, |p|_2 |z|_inf)``), or ``None`` where it is too
+        loose to shift by: beyond half the exponent range, ``exp(logit - bound)`` of a column's
+        largest logit could lose precision."""
+        two, infinity = self.last_norms
+        prefix = block.prefix
+        bound = torch.minimum(
+            prefix.abs().amax(dim=1)[:, None] * two, prefix.norm(dim=1)[:, None] * infinity
+        ).mul_(self.anchor_norm)
+        if 2 * float(bound.max()) > -0.5 * math.log(torch.finfo(self.anchor.dtype).tiny):
+            return None
+        return bound.view(-1)
+
     def column_shifted_logits(self, block: Block) -> tuple[Tensor, Tensor]:
-        """``logits - colmax`` in the full-precision logits buffer, and ``colmax``."""
+        """``logits - shift`` in the full-precision logits buffer, and the column ``shift``: the
+        column's bound (:meth:`column_bound`, carried into the matmul, no pass over the block)
+        where it is tight enough, else the column's maximum."""
+        bound = self.column_bound(block)
+        if bound is not None:
+            return self.shifted_logits(block, bound), bound
         candidates = block.products.shape[0]
         logits = self.logits[:, :candidates]
         if self.low is None:
@@ -172,15 +195,23 @@ class Workspace:
         self.mask_same_group(logits, block, rows)
         return logits
 
+    def gradient_buffer(self, candidates: int) -> Tensor | None:
+        """The matmul-dtype buffer a block's logit gradient may be written to directly (bf16
+        blocks; ``None`` in full precision, where it overwrites the logits)."""
+        return None if self.low is None else self.low_logits[:, :candidates]
+
     def gradient_matmuls(self, grad_logits: Tensor, block: Block, grad_anchor: Tensor) -> Tensor:
         """Add ``grad_logits @ products`` to ``grad_anchor``; return ``grad_logits.T @ anchor``
-        (``[q * B, d]``, full precision, in a reused buffer)."""
+        (``[q * B, d]``, full precision, in a reused buffer). ``grad_logits`` is full precision
+        or already the :meth:`gradient_buffer`."""
         candidates = grad_logits.shape[1]
         grad_products = self.grad_products[:candidates]
         if self.low is None:
             grad_anchor.addmm_(grad_logits, block.products)
             return torch.mm(grad_logits.T, self.anchor, out=grad_products)
-        low = self.low_logits[:, :candidates].copy_(grad_logits)
+        low = self.low_logits[:, :candidates]
+        if grad_logits.dtype != self.low:
+            low.copy_(grad_logits)
         grad_anchor += low @ block.products
         low_products = torch.mm(low.T, self.matmul_anchor, out=self.low_products[:candidates])
         return grad_products.copy_(low_products)
