@@ -146,12 +146,10 @@ def _logit_gradient(workspace: Workspace, block: Block, lse: Tensor, grad_lse: T
     row_factor = torch.where(exact, 0.0, grad_lse[0] * gap.clamp(max=_safe_gap(logits.dtype)).exp())
     factor = workspace.factor[:, : logits.shape[1]]
     torch.addr(column_factor.view(1, -1), row_factor, (shift - top).exp(), out=factor)
-    if not exact.any():  # the product is written in the matmul dtype: no conversion pass
-        out = workspace.gradient_buffer(logits.shape[1])
-        return torch.mul(logits.exp_(), factor, out=logits if out is None else out)
     grad = logits.exp_().mul_(factor)
-    exact_logits = workspace.row_logits(exact, block)
-    grad[exact] += grad_lse[0][exact, None] * (exact_logits - lse[0][exact, None]).exp()
+    if exact.any():
+        exact_logits = workspace.row_logits(exact, block)
+        grad[exact] += grad_lse[0][exact, None] * (exact_logits - lse[0][exact, None]).exp()
     return grad
 
 

@@ -38,9 +38,8 @@ class Block:
     """``[q, d]`` products of the prefix modalities (ones when M = 2)."""
     products: Tensor
     """``[q * B, d]`` candidate products, candidate ``p * B + k``, in the matmul dtype."""
-    shift_column: Tensor | None
-    """Full precision: the spare column beside ``products`` that carries ``-shift`` into the
-    matmul (``None`` for bf16 matmuls, which subtract the shift in full precision)."""
+    shift_column: Tensor
+    """The spare column beside ``products`` that carries ``-shift`` into the matmul."""
     masked: list[tuple[int, int, int, int]] = field(default_factory=list)
     """With groups: boxes ``(s_g, e_g, first, stop)`` to mask, rows and last-axis rows
     ``[s_g, e_g)`` of the block's prefixes ``[first, stop)`` (block-local)."""
@@ -49,11 +48,12 @@ class Block:
 class Workspace:
     """Buffers reused by every block (no per-block allocations of ``B x block`` tensors).
 
-    Full precision: ``products`` lives in a ``[block, d + 1]`` buffer whose last column and
-    the anchor's extra column of ones let one matmul return ``logits - shift`` (no separate
-    subtraction pass). bf16 (``low``): the products and the anchor are bf16, each matmul
-    writes a bf16 buffer (the backend accumulates in float32) and everything after it reads
-    it in full precision.
+    ``products`` lives in a ``[block, d + 1]`` buffer (in the matmul dtype) whose last column
+    and the anchor's extra column of ones let one full-precision matmul return ``logits -
+    shift`` (no separate subtraction pass). bf16 (``low``): the products and the anchor are
+    bf16, the matmul writes a bf16 buffer (the backend accumulates in float32, the last column
+    stays zero) and one conversion pass copies it into the full-precision logits that
+    everything after it reads.
     """
 
     def __init__(
@@ -78,20 +78,20 @@ class Workspace:
         self.anchor_norm = anchor.norm(dim=1).max()
         self.last_norms = last.norm(dim=1), last.abs().amax(dim=1)
         candidates = prefixes_per_block * rows
+        dtype = anchor.dtype if low is None else low
         self.logits = anchor.new_empty(rows, candidates)
+        self.matmul_anchor = torch.cat([anchor, anchor.new_ones(rows, 1)], dim=1).to(dtype)
+        self.augmented = anchor.new_empty(candidates, dim + 1, dtype=dtype)
+        self.augmented[:, -1] = 0.0  # bf16 blocks keep the shift out of the matmul
+        self.products = self.augmented[:, :dim]
         if backward:
             self.factor = torch.empty_like(self.logits)
             self.grad_products = anchor.new_empty(candidates, dim)
-        if low is None:
-            self.matmul_anchor = torch.cat([anchor, anchor.new_ones(rows, 1)], dim=1)
-            self.augmented = anchor.new_empty(candidates, dim + 1)
-            self.products = self.augmented[:, :dim]
-        else:
-            self.matmul_anchor = anchor.to(low)
-            self.products = anchor.new_empty(candidates, dim, dtype=low)
+        if low is not None:
+            self.low_anchor = anchor.to(low)
             self.low_logits = anchor.new_empty(rows, candidates, dtype=low)
             if backward:
-                self.low_products = torch.empty_like(self.products)
+                self.low_products = anchor.new_empty(candidates, dim, dtype=low)
 
     def blocks(self) -> Iterator[Block]:
         """This rank's blocks, each with its products filled in."""
@@ -107,7 +107,7 @@ class Workspace:
                 self.others[-1][None, :, :],
                 out=products.view(end - begin, self.rows, -1),
             )
-            shift = None if self.low is not None else self.augmented[:candidates, -1]
+            shift = self.augmented[:candidates, -1]
             yield Block(indices, prefix, products, shift, self._masked_entries(indices))
 
     def _masked_entries(self, indices: list[Tensor]) -> list[tuple[int, int, int, int]]:
@@ -162,58 +162,45 @@ class Workspace:
         bound = self.column_bound(block)
         if bound is not None:
             return self.shifted_logits(block, bound), bound
-        candidates = block.products.shape[0]
-        logits = self.logits[:, :candidates]
-        if self.low is None:
-            torch.mm(self.anchor, block.products.T, out=logits)
-            self.mask_same_group(logits, block)
-            column_max = _finite(logits.amax(dim=0))
-            return logits.sub_(column_max), column_max
-        low = torch.mm(self.matmul_anchor, block.products.T, out=self.low_logits[:, :candidates])
-        self.mask_same_group(low, block)
-        column_max = _finite(low.amax(dim=0).to(logits.dtype))
-        return torch.sub(low, column_max, out=logits), column_max
+        logits = self.shifted_logits(block, self.anchor.new_zeros(block.products.shape[0]))
+        column_max = _finite(logits.amax(dim=0))
+        return logits.sub_(column_max), column_max
 
     def shifted_logits(self, block: Block, shift: Tensor) -> Tensor:
-        """``logits - shift[c]`` for a shift known before the matmul, in the logits buffer."""
+        """``logits - shift[c]`` for a shift known before the matmul, in the logits buffer: in
+        full precision the shift rides in the matmul; bf16 blocks subtract it in full precision
+        after the conversion (a bf16 matmul would round ``logits - shift``, coarser than the
+        logits where the shift is far from them), with no temporary."""
         candidates = block.products.shape[0]
         logits = self.logits[:, :candidates]
-        if block.shift_column is None:
-            low = self.low_logits[:, :candidates]
-            torch.mm(self.matmul_anchor, block.products.T, out=low)
-            torch.sub(low, shift, out=logits)
+        augmented = self.augmented[:candidates].T
+        if self.low is None:
+            block.shift_column.copy_(shift).neg_()
+            torch.mm(self.matmul_anchor, augmented, out=logits)
         else:
-            torch.neg(shift, out=block.shift_column)
-            torch.mm(self.matmul_anchor, self.augmented[:candidates].T, out=logits)
+            low = torch.mm(self.matmul_anchor, augmented, out=self.low_logits[:, :candidates])
+            logits.copy_(low).sub_(shift)
         self.mask_same_group(logits, block)
         return logits
 
     def row_logits(self, rows: Tensor, block: Block) -> Tensor:
         """Full-precision logits of the selected anchor ``rows`` (the exact fallbacks)."""
-        anchor = self.anchor if self.low is None else self.matmul_anchor
+        anchor = self.matmul_anchor[:, : self.anchor.shape[1]]
         logits = (anchor[rows] @ block.products.T).to(self.anchor.dtype)
         self.mask_same_group(logits, block, rows)
         return logits
 
-    def gradient_buffer(self, candidates: int) -> Tensor | None:
-        """The matmul-dtype buffer a block's logit gradient may be written to directly (bf16
-        blocks; ``None`` in full precision, where it overwrites the logits)."""
-        return None if self.low is None else self.low_logits[:, :candidates]
-
     def gradient_matmuls(self, grad_logits: Tensor, block: Block, grad_anchor: Tensor) -> Tensor:
         """Add ``grad_logits @ products`` to ``grad_anchor``; return ``grad_logits.T @ anchor``
-        (``[q * B, d]``, full precision, in a reused buffer). ``grad_logits`` is full precision
-        or already the :meth:`gradient_buffer`."""
+        (``[q * B, d]``, full precision, in a reused buffer)."""
         candidates = grad_logits.shape[1]
         grad_products = self.grad_products[:candidates]
         if self.low is None:
             grad_anchor.addmm_(grad_logits, block.products)
             return torch.mm(grad_logits.T, self.anchor, out=grad_products)
-        low = self.low_logits[:, :candidates]
-        if grad_logits.dtype != self.low:
-            low.copy_(grad_logits)
+        low = self.low_logits[:, :candidates].copy_(grad_logits)
         grad_anchor += low @ block.products
-        low_products = torch.mm(low.T, self.matmul_anchor, out=self.low_products[:candidates])
+        low_products = torch.mm(low.T, self.low_anchor, out=self.low_products[:candidates])
         return grad_products.copy_(low_products)
 
 
