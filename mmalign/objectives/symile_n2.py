@@ -164,8 +164,9 @@ def _backward_pass(workspace: Workspace, lse: Tensor, grad_lse: Tensor) -> list[
         prefixes = block.prefix.shape[0]
         grad_logits = _logit_gradient(workspace, block, lse, grad_lse)
         grid = workspace.gradient_matmuls(grad_logits, block, grads[0]).view(prefixes, rows, -1)
-        grad_prefix = (grid * others[-1][None, :, :]).sum(dim=1)
-        grads[-1] += grid.mul_(block.prefix[:, None, :]).sum(dim=0)
+        for prefix, grid_rows in zip(block.prefix, grid):  # one read of grid, no temporary
+            grads[-1].addcmul_(grid_rows, prefix)
+        grad_prefix = grid.mul_(others[-1]).sum(dim=1)
         for m, index in enumerate(block.indices):
             rest = prefix_products(others[:-1], block.indices, prefixes, anchor, skip=m)
             grads[m + 1].index_add_(0, index, grad_prefix * rest)
