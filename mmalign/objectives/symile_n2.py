@@ -22,8 +22,11 @@ rank-one-plus-row factor (see ``_logit_gradient``) that neither overflows nor un
 Then ``dE_0 = dT @ P`` and ``dP = dT^T @ E_0``, scattered into the other modalities.
 Memory is ``O(B * d + B * block_size)`` (block buffers are reused, not reallocated); time is
 four ``B^M * d`` matmul-equivalents plus two exponentials per entry and a few memory passes
-over each block (the forward's column max and subtraction, the two sums as matrix-vector
-products, the backward's factor and product).
+over each block (the two sums as matrix-vector products, the backward's factor and product).
+The forward pass shifts each column by a bound on its ``|logit|`` known before the matmul
+(:meth:`~mmalign.objectives.symile_n2_blocks.Workspace.column_bound`), carried into it like
+the backward's shift; only where that bound is too loose (wide logit ranges) does it take
+the column maximum and subtract it (two more passes).
 
 ``block_precision="bf16"`` runs the block matmuls (forward, recompute, both gradient
 matmuls) in bfloat16: the backends accumulate in float32 and round each result entry to

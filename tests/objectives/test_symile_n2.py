@@ -58,10 +58,7 @@ def test_forward_shifts_by_the_column_bound_where_tight_else_by_the_column_max(s
         if bound is not None:
             assert ((anchor @ block.products.T).abs() <= bound).all()
     ours = symile_logsumexp(tensors[0], tensors[1:], block_size=12)
-    naive = _naive(
-        *(tensor.detach().double() for tensor in tensors[:1]),
-        [tensor.detach().double() for tensor in tensors[1:]],
-    )
+    naive = _naive(anchor.double(), [other.double() for other in others])
     torch.testing.assert_close(ours.double(), naive, rtol=1e-6, atol=1e-5)
 
 
