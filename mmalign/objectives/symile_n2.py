@@ -22,8 +22,11 @@ rank-one-plus-row factor (see ``_logit_gradient``) that neither overflows nor un
 Then ``dE_0 = dT @ P`` and ``dP = dT^T @ E_0``, scattered into the other modalities.
 Memory is ``O(B * d + B * block_size)`` (block buffers are reused, not reallocated); time is
 four ``B^M * d`` matmul-equivalents plus two exponentials per entry and a few memory passes
-over each block (the forward's column max and subtraction, the two sums as matrix-vector
-products, the backward's factor and product).
+over each block (the two sums as matrix-vector products, the backward's factor and product).
+The forward pass shifts each column by a bound on its ``|logit|`` known before the matmul
+(:meth:`~mmalign.objectives.symile_n2_blocks.Workspace.column_bound`), carried into it like
+the backward's shift; only where that bound is too loose (wide logit ranges) does it take
+the column maximum and subtract it (two more passes).
 
 ``block_precision="bf16"`` runs the block matmuls (forward, recompute, both gradient
 matmuls) in bfloat16: the backends accumulate in float32 and round each result entry to
@@ -164,8 +167,9 @@ def _backward_pass(workspace: Workspace, lse: Tensor, grad_lse: Tensor) -> list[
         prefixes = block.prefix.shape[0]
         grad_logits = _logit_gradient(workspace, block, lse, grad_lse)
         grid = workspace.gradient_matmuls(grad_logits, block, grads[0]).view(prefixes, rows, -1)
-        grad_prefix = (grid * others[-1][None, :, :]).sum(dim=1)
-        grads[-1] += grid.mul_(block.prefix[:, None, :]).sum(dim=0)
+        for prefix, grid_rows in zip(block.prefix, grid):  # one read of grid, no temporary
+            grads[-1].addcmul_(grid_rows, prefix)
+        grad_prefix = grid.mul_(others[-1]).sum(dim=1)
         for m, index in enumerate(block.indices):
             rest = prefix_products(others[:-1], block.indices, prefixes, anchor, skip=m)
             grads[m + 1].index_add_(0, index, grad_prefix * rest)

@@ -18,6 +18,7 @@ and gets no gradient.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -37,9 +38,8 @@ class Block:
     """``[q, d]`` products of the prefix modalities (ones when M = 2)."""
     products: Tensor
     """``[q * B, d]`` candidate products, candidate ``p * B + k``, in the matmul dtype."""
-    shift_column: Tensor | None
-    """Full precision: the spare column beside ``products`` that carries ``-shift`` into the
-    matmul (``None`` for bf16 matmuls, which subtract the shift in full precision)."""
+    shift_column: Tensor
+    """The spare column beside ``products`` that carries ``-shift`` into the matmul."""
     masked: list[tuple[int, int, int, int]] = field(default_factory=list)
     """With groups: boxes ``(s_g, e_g, first, stop)`` to mask, rows and last-axis rows
     ``[s_g, e_g)`` of the block's prefixes ``[first, stop)`` (block-local)."""
@@ -48,11 +48,12 @@ class Block:
 class Workspace:
     """Buffers reused by every block (no per-block allocations of ``B x block`` tensors).
 
-    Full precision: ``products`` lives in a ``[block, d + 1]`` buffer whose last column and
-    the anchor's extra column of ones let one matmul return ``logits - shift`` (no separate
-    subtraction pass). bf16 (``low``): the products and the anchor are bf16, each matmul
-    writes a bf16 buffer (the backend accumulates in float32) and everything after it reads
-    it in full precision.
+    ``products`` lives in a ``[block, d + 1]`` buffer (in the matmul dtype) whose last column
+    and the anchor's extra column of ones let one full-precision matmul return ``logits -
+    shift`` (no separate subtraction pass). bf16 (``low``): the products and the anchor are
+    bf16, the matmul writes a bf16 buffer (the backend accumulates in float32, the last column
+    stays zero) and one conversion pass copies it into the full-precision logits that
+    everything after it reads.
     """
 
     def __init__(
@@ -73,21 +74,24 @@ class Workspace:
             )
             self.bounds = [0, *sizes.cumsum(0).tolist()]  # group g: rows bounds[g]..bounds[g+1]
         self.prefixes_per_block = prefixes_per_block
+        last = others[-1]
+        self.anchor_norm = anchor.norm(dim=1).max()
+        self.last_norms = last.norm(dim=1), last.abs().amax(dim=1)
         candidates = prefixes_per_block * rows
+        dtype = anchor.dtype if low is None else low
         self.logits = anchor.new_empty(rows, candidates)
+        self.matmul_anchor = torch.cat([anchor, anchor.new_ones(rows, 1)], dim=1).to(dtype)
+        self.augmented = anchor.new_empty(candidates, dim + 1, dtype=dtype)
+        self.augmented[:, -1] = 0.0  # bf16 blocks keep the shift out of the matmul
+        self.products = self.augmented[:, :dim]
         if backward:
             self.factor = torch.empty_like(self.logits)
             self.grad_products = anchor.new_empty(candidates, dim)
-        if low is None:
-            self.matmul_anchor = torch.cat([anchor, anchor.new_ones(rows, 1)], dim=1)
-            self.augmented = anchor.new_empty(candidates, dim + 1)
-            self.products = self.augmented[:, :dim]
-        else:
-            self.matmul_anchor = anchor.to(low)
-            self.products = anchor.new_empty(candidates, dim, dtype=low)
+        if low is not None:
+            self.low_anchor = anchor.to(low)
             self.low_logits = anchor.new_empty(rows, candidates, dtype=low)
             if backward:
-                self.low_products = torch.empty_like(self.products)
+                self.low_products = anchor.new_empty(candidates, dim, dtype=low)
 
     def blocks(self) -> Iterator[Block]:
         """This rank's blocks, each with its products filled in."""
@@ -103,7 +107,7 @@ class Workspace:
                 self.others[-1][None, :, :],
                 out=products.view(end - begin, self.rows, -1),
             )
-            shift = None if self.low is not None else self.augmented[:candidates, -1]
+            shift = self.augmented[:candidates, -1]
             yield Block(indices, prefix, products, shift, self._masked_entries(indices))
 
     def _masked_entries(self, indices: list[Tensor]) -> list[tuple[int, int, int, int]]:
@@ -137,37 +141,51 @@ class Workspace:
             low, high = (start, stop) if before is None else (before[start], before[stop])
             grid[low:high, first:last, start:stop] = float("-inf")
 
+    def column_bound(self, block: Block) -> Tensor | None:
+        """An upper bound on each column's ``|logit|`` (Cauchy-Schwarz and Hoelder:
+        ``|<x, p * z>| <= |x|_2 min(|p|_inf |z|_2, |p|_2 |z|_inf)``), or ``None`` where it is too
+        loose to shift by: beyond half the exponent range, ``exp(logit - bound)`` of a column's
+        largest logit could lose precision."""
+        two, infinity = self.last_norms
+        prefix = block.prefix
+        bound = torch.minimum(
+            prefix.abs().amax(dim=1)[:, None] * two, prefix.norm(dim=1)[:, None] * infinity
+        ).mul_(self.anchor_norm)
+        if 2 * float(bound.max()) > -0.5 * math.log(torch.finfo(self.anchor.dtype).tiny):
+            return None
+        return bound.view(-1)
+
     def column_shifted_logits(self, block: Block) -> tuple[Tensor, Tensor]:
-        """``logits - colmax`` in the full-precision logits buffer, and ``colmax``."""
-        candidates = block.products.shape[0]
-        logits = self.logits[:, :candidates]
-        if self.low is None:
-            torch.mm(self.anchor, block.products.T, out=logits)
-            self.mask_same_group(logits, block)
-            column_max = _finite(logits.amax(dim=0))
-            return logits.sub_(column_max), column_max
-        low = torch.mm(self.matmul_anchor, block.products.T, out=self.low_logits[:, :candidates])
-        self.mask_same_group(low, block)
-        column_max = _finite(low.amax(dim=0).to(logits.dtype))
-        return torch.sub(low, column_max, out=logits), column_max
+        """``logits - shift`` in the full-precision logits buffer, and the column ``shift``: the
+        column's bound (:meth:`column_bound`, carried into the matmul, no pass over the block)
+        where it is tight enough, else the column's maximum."""
+        bound = self.column_bound(block)
+        if bound is not None:
+            return self.shifted_logits(block, bound), bound
+        logits = self.shifted_logits(block, self.anchor.new_zeros(block.products.shape[0]))
+        column_max = _finite(logits.amax(dim=0))
+        return logits.sub_(column_max), column_max
 
     def shifted_logits(self, block: Block, shift: Tensor) -> Tensor:
-        """``logits - shift[c]`` for a shift known before the matmul, in the logits buffer."""
+        """``logits - shift[c]`` for a shift known before the matmul, in the logits buffer: in
+        full precision the shift rides in the matmul; bf16 blocks subtract it in full precision
+        after the conversion (a bf16 matmul would round ``logits - shift``, coarser than the
+        logits where the shift is far from them), with no temporary."""
         candidates = block.products.shape[0]
         logits = self.logits[:, :candidates]
-        if block.shift_column is None:
-            low = self.low_logits[:, :candidates]
-            torch.mm(self.matmul_anchor, block.products.T, out=low)
-            torch.sub(low, shift, out=logits)
+        augmented = self.augmented[:candidates].T
+        if self.low is None:
+            block.shift_column.copy_(shift).neg_()
+            torch.mm(self.matmul_anchor, augmented, out=logits)
         else:
-            torch.neg(shift, out=block.shift_column)
-            torch.mm(self.matmul_anchor, self.augmented[:candidates].T, out=logits)
+            low = torch.mm(self.matmul_anchor, augmented, out=self.low_logits[:, :candidates])
+            logits.copy_(low).sub_(shift)
         self.mask_same_group(logits, block)
         return logits
 
     def row_logits(self, rows: Tensor, block: Block) -> Tensor:
         """Full-precision logits of the selected anchor ``rows`` (the exact fallbacks)."""
-        anchor = self.anchor if self.low is None else self.matmul_anchor
+        anchor = self.matmul_anchor[:, : self.anchor.shape[1]]
         logits = (anchor[rows] @ block.products.T).to(self.anchor.dtype)
         self.mask_same_group(logits, block, rows)
         return logits
@@ -182,7 +200,7 @@ class Workspace:
             return torch.mm(grad_logits.T, self.anchor, out=grad_products)
         low = self.low_logits[:, :candidates].copy_(grad_logits)
         grad_anchor += low @ block.products
-        low_products = torch.mm(low.T, self.matmul_anchor, out=self.low_products[:candidates])
+        low_products = torch.mm(low.T, self.low_anchor, out=self.low_products[:candidates])
         return grad_products.copy_(low_products)
 
 
