@@ -131,7 +131,7 @@ def test_quick_demo_runs_from_the_installed_wheel(installed: dict) -> None:
         if line.startswith("| ") and not line.startswith("|---")
     ]
     targets = [row for row in rows if "(digits" in row[0]]
-    assert len(targets) == 4, text
+    assert len(targets) == 7, text  # digits 2, digits-motion 3, digits-sum 2
     for row in targets:
         assert PERCENT.match(row[1]) and 0.0 <= float(row[1][:-1]) <= 100.0, row
         assert row[3] in ("yes", "no"), row
