@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,9 @@ class EncodedVideo:
     fps: float
     width: int
     height: int
+    opened: list[Any] = field(default_factory=list, compare=False, repr=False)
+    """The container :func:`decode_video` opened to read the header, handed to the first
+    :meth:`decode_frames` (the file is opened once); later calls open the bytes again."""
 
     def decode_frames(self, indices: Sequence[int]) -> np.ndarray:
         """The frames at ``indices`` (sorted or not, repeats allowed) as ``[N, H, W, 3]``
@@ -60,9 +63,8 @@ class EncodedVideo:
             raise ValueError(f"frame indices must lie in [0, {self.frame_count}), got {wanted}")
         frames: dict[int, np.ndarray] = {}
         last: np.ndarray | None = None
-        with _av().open(io.BytesIO(self.data)) as container:
-            stream = container.streams.video[0]
-            for position, frame in enumerate(container.decode(stream)):
+        with self.opened.pop() if self.opened else _av().open(io.BytesIO(self.data)) as container:
+            for position, frame in enumerate(container.decode(container.streams.video[0])):
                 if (frame.width, frame.height) != (self.width, self.height):
                     raise ValueError(
                         f"frame {position} is {frame.width}x{frame.height}, the header said "
@@ -130,11 +132,18 @@ def check_video_header(header: EncodedVideo, limits: RecordLimits) -> None:
 
 
 def decode_video(data: bytes, limits: RecordLimits = DEFAULT_LIMITS) -> EncodedVideo:
-    """Read a video file's header, check it against ``limits``; no frame is decoded."""
-    with _av().open(io.BytesIO(data)) as container:
+    """Open a video file, check its header against ``limits``; no frame is decoded (the
+    opened container is kept for :meth:`EncodedVideo.decode_frames`)."""
+    container = _av().open(io.BytesIO(data))
+    try:
         header = _header(container)
-    check_video_header(header, limits)
-    return EncodedVideo(data, header.frame_count, header.fps, header.width, header.height)
+        check_video_header(header, limits)
+    except BaseException:
+        container.close()
+        raise
+    return EncodedVideo(
+        data, header.frame_count, header.fps, header.width, header.height, [container]
+    )
 
 
 def read_video(path: str | Path, limits: RecordLimits = DEFAULT_LIMITS) -> EncodedVideo:
