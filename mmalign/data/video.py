@@ -22,10 +22,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
+from mmalign.data.audio_header import check_audio_header
 from mmalign.data.limits import DEFAULT_LIMITS, RecordLimits
 from mmalign.data.record_error import RecordError, check_decoded_size
 from mmalign.extras import missing_extra
@@ -151,9 +153,16 @@ def read_video(path: str | Path, limits: RecordLimits = DEFAULT_LIMITS) -> Encod
     return decode_video(Path(path).read_bytes(), limits)
 
 
-def encode_video(frames: np.ndarray, fps: float, codec: str = "mpeg4") -> bytes:
+def encode_video(
+    frames: np.ndarray,
+    fps: float,
+    codec: str = "mpeg4",
+    audio: tuple[np.ndarray, int] | None = None,
+    audio_codec: str = "aac",
+) -> bytes:
     """``[T, H, W, 3]`` uint8 RGB frames (even H and W) to MP4 bytes (what the demo and the
-    guides write; ``mpeg4`` ships with every FFmpeg build PyAV bundles).
+    guides write; ``mpeg4`` ships with every FFmpeg build PyAV bundles), with ``audio``
+    (``(mono float32 [T], sample_rate)``) as a track (``audio_codec``: ``alac`` is lossless).
 
     Example:
         >>> clip = np.zeros((4, 16, 16, 3), np.uint8)
@@ -166,7 +175,63 @@ def encode_video(frames: np.ndarray, fps: float, codec: str = "mpeg4") -> bytes:
         stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
+        track = None
+        if audio is not None:
+            track = container.add_stream(audio_codec, rate=audio[1], layout="mono")
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())
+        if track is not None and audio is not None:  # PyAV converts to the codec's format
+            samples = np.asarray(audio[0], np.float32)[None]
+            sound = av.AudioFrame.from_ndarray(samples, format="fltp", layout="mono")
+            sound.sample_rate = audio[1]
+            container.mux(track.encode(sound))
+            container.mux(track.encode())
     return buffer.getvalue()
+
+
+def _track_header(container: Any) -> SimpleNamespace:
+    """What the first audio stream's header says, as ``soundfile.info`` names it."""
+    if not container.streams.audio:
+        raise RecordError("no_audio_track", "the video file has no audio stream")
+    stream = container.streams.audio[0]
+    rate = int(stream.codec_context.sample_rate or 0)
+    if stream.duration is not None and stream.time_base is not None:
+        seconds = float(stream.duration * stream.time_base)
+    else:
+        seconds = (container.duration or 0) / 1_000_000
+    channels = int(stream.codec_context.layout.nb_channels)
+    return SimpleNamespace(samplerate=rate, frames=round(seconds * rate), channels=channels)
+
+
+def decode_audio_track(data: bytes, limits: RecordLimits = DEFAULT_LIMITS) -> tuple[Any, int]:
+    """A video file's own audio track as ``(mono float32 [T], sample_rate)`` (what
+    ``data.fields: {audio: mp4}`` gives an audio tower): the track's header is checked
+    against the audio limits (``audio_sample_rates``, ``max_audio_seconds``,
+    ``max_decoded_bytes``) before decoding, and decoding stops with ``too_long`` at
+    ``max_audio_seconds`` whatever the header said; a file without an audio stream fails as
+    ``no_audio_track``.
+
+    Example:
+        >>> waveform, rate = decode_audio_track(Path("clip.mp4").read_bytes())  # doctest: +SKIP
+    """
+    with _av().open(io.BytesIO(data)) as container:
+        header = _track_header(container)
+        check_audio_header(header, limits)
+        most = int(limits.max_audio_seconds * header.samplerate)
+        resampler = _av().AudioResampler(format="fltp")  # planar float, layout and rate kept
+        chunks: list[np.ndarray] = []
+        total = 0
+        for frame in container.decode(container.streams.audio[0]):
+            for converted in resampler.resample(frame):
+                chunks.append(converted.to_ndarray().mean(0, dtype=np.float32))
+                total += len(chunks[-1])
+            if total > most:
+                raise RecordError(
+                    "too_long",
+                    f"the audio track decodes past data.max_audio_seconds "
+                    f"({limits.max_audio_seconds:g} s; its header said {header.frames} samples)",
+                )
+    if total == 0:
+        raise ValueError("the audio track has no samples")
+    return np.concatenate(chunks), header.samplerate
