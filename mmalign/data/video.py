@@ -65,6 +65,7 @@ class EncodedVideo:
             raise ValueError(f"frame indices must lie in [0, {self.frame_count}), got {wanted}")
         frames: dict[int, np.ndarray] = {}
         last: np.ndarray | None = None
+        reformatter = _av().video.reformatter.VideoReformatter()  # one swscale set-up per clip
         with self.opened.pop() if self.opened else _av().open(io.BytesIO(self.data)) as container:
             for position, frame in enumerate(container.decode(container.streams.video[0])):
                 if (frame.width, frame.height) != (self.width, self.height):
@@ -73,7 +74,8 @@ class EncodedVideo:
                         f"{self.width}x{self.height}"
                     )
                 if position in wanted or position == wanted[-1]:
-                    last = frames[position] = frame.to_ndarray(format="rgb24")
+                    rgb = reformatter.reformat(frame, format="rgb24")
+                    last = frames[position] = rgb.to_ndarray()
                 if position >= wanted[-1]:
                     break
         if last is None:
