@@ -56,6 +56,10 @@ class EncodedVideo:
     """The container :func:`decode_video` opened to read the header, handed to the first
     :meth:`decode_frames` (the file is opened once); later calls open the bytes again."""
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without the opened container (a copy opens the bytes again)."""
+        return {**self.__dict__, "opened": []}
+
     def decode_frames(self, indices: Sequence[int]) -> np.ndarray:
         """The frames at ``indices`` (sorted or not, repeats allowed) as ``[N, H, W, 3]``
         uint8 RGB. Decoding stops after the largest index; a stream that ends early repeats
