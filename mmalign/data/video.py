@@ -67,9 +67,12 @@ class EncodedVideo:
         wanted = sorted(set(indices))
         if not wanted or wanted[0] < 0 or wanted[-1] >= self.frame_count:
             raise ValueError(f"frame indices must lie in [0, {self.frame_count}), got {wanted}")
-        frames: dict[int, np.ndarray] = {}
-        last: np.ndarray | None = None
-        reformatter = _av().video.reformatter.VideoReformatter()  # one swscale set-up per clip
+        slots = {position: slot for slot, position in enumerate(wanted)}
+        # each frame is converted straight into its row (the converted frame's buffer is
+        # freed at once and reused by the next), one swscale set-up per clip
+        out = np.empty((len(wanted), self.height, self.width, 3), np.uint8)
+        filled = 0
+        reformatter = _av().video.reformatter.VideoReformatter()
         with self.opened.pop() if self.opened else _av().open(io.BytesIO(self.data)) as container:
             for position, frame in enumerate(container.decode(container.streams.video[0])):
                 if (frame.width, frame.height) != (self.width, self.height):
@@ -77,14 +80,15 @@ class EncodedVideo:
                         f"frame {position} is {frame.width}x{frame.height}, the header said "
                         f"{self.width}x{self.height}"
                     )
-                if position in wanted or position == wanted[-1]:
-                    rgb = reformatter.reformat(frame, format="rgb24")
-                    last = frames[position] = rgb.to_ndarray()
+                if position in slots:
+                    out[filled] = reformatter.reformat(frame, format="rgb24").to_ndarray()
+                    filled += 1
                 if position >= wanted[-1]:
                     break
-        if last is None:
+        if filled == 0:
             raise ValueError("the video stream has no decodable frame")
-        return np.stack([frames.get(index, last) for index in indices])
+        out[filled:] = out[filled - 1]  # a stream that ended early: its last frame
+        return out if list(indices) == wanted else out[[slots[index] for index in indices]]
 
 
 def _header(container: Any) -> EncodedVideo:
