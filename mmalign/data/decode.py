@@ -15,6 +15,9 @@ npy                         ``np.ndarray`` (numbers only)                       
 csv                         ``{column name: float32 [rows]}`` (empty: NaN)      bad_csv
 mp4 webm mkv mov avi        :class:`~mmalign.data.video.EncodedVideo`           bad_video
                             (header read, frames decoded on demand)
+mp4 ... (``audio`` tower)   ``(mono float32 [T], sample_rate)``: the video's    bad_audio /
+                            audio track (``video.decode_audio_track``)          no_audio_track
+npz (``timeseries`` tower)  ``{name: array}`` (numbers, signal limits)          bad_array
 cls                         ``int``                                             bad_label
 anything else               the raw ``bytes``
 ==========================  ==================================================  ============
@@ -49,9 +52,10 @@ import soundfile
 from PIL import Image
 from webdataset.autodecode import IMAGE_EXTENSIONS
 
+from mmalign.data.audio_header import check_audio_header
 from mmalign.data.limits import DEFAULT_LIMITS, RecordLimits
 from mmalign.data.record_error import RecordError, check_decoded_size
-from mmalign.data.video import VIDEO_EXTENSIONS, decode_video
+from mmalign.data.video import VIDEO_EXTENSIONS, decode_audio_track, decode_video
 
 AUDIO_EXTENSIONS = ("wav", "flac", "ogg")
 TEXT_EXTENSIONS = ("txt", "text")
@@ -69,35 +73,6 @@ def _image(data: bytes, limits: RecordLimits) -> Image.Image:
             check_decoded_size(image.width * image.height * bands, "the image", limits)
             image.load()
             return image.convert("RGB")
-
-
-def check_audio_header(info: Any, limits: RecordLimits) -> None:
-    """Raise :class:`RecordError` when a ``soundfile.info`` header is over a limit: sample
-    rate (``bad_sample_rate``), duration (``too_long``), float32 size (``too_large``).
-
-    Example:
-        >>> from types import SimpleNamespace
-        >>> header = SimpleNamespace(samplerate=2147483647, frames=800, channels=1)
-        >>> check_audio_header(header, DEFAULT_LIMITS)
-        Traceback (most recent call last):
-        ...
-        mmalign.data.record_error.RecordError: bad_sample_rate: ...
-    """
-    lowest, highest = limits.audio_sample_rates
-    if not lowest <= info.samplerate <= highest:
-        raise RecordError(
-            "bad_sample_rate",
-            f"the header says {info.samplerate} Hz, outside data.audio_sample_rates "
-            f"[{lowest}, {highest}]",
-        )
-    seconds = info.frames / info.samplerate
-    if seconds > limits.max_audio_seconds:
-        raise RecordError(
-            "too_long",
-            f"the header says {seconds:.1f} s ({info.frames} frames at {info.samplerate} Hz), "
-            f"over data.max_audio_seconds ({limits.max_audio_seconds:g} s)",
-        )
-    check_decoded_size(info.frames * info.channels * 4, "the clip", limits)
 
 
 def _audio(data: bytes, limits: RecordLimits) -> tuple[np.ndarray, int]:
@@ -143,10 +118,15 @@ def _graph_json(data: bytes, limits: RecordLimits) -> dict[str, np.ndarray]:
     return graph_from_arrays(parsed)
 
 
-def _graph_npz(data: bytes, limits: RecordLimits) -> dict[str, np.ndarray]:
+def _npz_arrays(data: bytes, limits: RecordLimits) -> dict[str, np.ndarray]:
+    """The arrays of an npz, its expanded size (the zip directory) checked first."""
     with np.load(io.BytesIO(data), allow_pickle=False) as arrays:  # reads the zip directory
         check_decoded_size(sum(item.file_size for item in arrays.zip.infolist()), "the npz", limits)
-        return graph_from_arrays(dict(arrays))
+        return dict(arrays)
+
+
+def _graph_npz(data: bytes, limits: RecordLimits) -> dict[str, np.ndarray]:
+    return graph_from_arrays(_npz_arrays(data, limits))
 
 
 _NPY_HEADER_READERS = {
@@ -192,6 +172,19 @@ def _npy(data: bytes, limits: RecordLimits) -> np.ndarray:
     if 1 <= len(shape) <= 2:
         check_signal_shape(shape[-1], shape[0] if len(shape) == 2 else 1, "the npy", limits)
     return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def _signal_npz(data: bytes, limits: RecordLimits) -> dict[str, np.ndarray]:
+    """An npz read by a time-series tower: name -> numeric array, each within the signal
+    limits (the tower takes its single array, or its ``npz_key``)."""
+    arrays = _npz_arrays(data, limits)
+    for name, array in arrays.items():
+        if array.dtype.kind not in "biuf":
+            raise ValueError(f"array {name!r} holds dtype {array.dtype}; only numbers load")
+        if 1 <= array.ndim <= 2:
+            channels = array.shape[0] if array.ndim == 2 else 1
+            check_signal_shape(array.shape[-1], channels, f"the npz's {name!r}", limits)
+    return arrays
 
 
 def _csv(data: bytes, limits: RecordLimits) -> dict[str, np.ndarray]:
@@ -262,19 +255,34 @@ _DECODERS: dict[str, tuple[str, Callable[[bytes, RecordLimits], Any]]] = {
 }
 
 
-def _decoder(extension: str) -> tuple[str, Callable[[bytes, RecordLimits], Any]] | None:
-    """(failure reason, decode function) for an extension, None for raw bytes."""
+_TOWER_DECODERS: dict[tuple[str, str], tuple[str, Callable[[bytes, RecordLimits], Any]]] = {
+    **{("audio", ext): ("bad_audio", decode_audio_track) for ext in VIDEO_EXTENSIONS},
+    ("timeseries", "npz"): ("bad_array", _signal_npz),
+}
+"""Files a tower type reads its own way: a video's audio track for an ``audio`` tower
+(``no_audio_track`` without one), an npz's arrays (not a graph) for a ``timeseries`` one."""
+
+
+def _decoder(
+    extension: str, kind: str | None
+) -> tuple[str, Callable[[bytes, RecordLimits], Any]] | None:
+    """(failure reason, decode function) for an extension read by a tower type, None for
+    raw bytes."""
     if extension == "graph.json" or extension.endswith(".graph.json"):
         return "bad_graph", _graph_json
-    return _DECODERS.get(extension.rsplit(".", 1)[-1])
+    last = extension.rsplit(".", 1)[-1]
+    return _TOWER_DECODERS.get((kind or "", last)) or _DECODERS.get(last)
 
 
-def decode_value(extension: str, data: bytes, limits: RecordLimits = DEFAULT_LIMITS) -> Any:
-    """Decode one record file by its extension; raises :class:`RecordError` with a reason
-    (also when a header is over one of ``limits``)."""
+def decode_value(
+    extension: str, data: bytes, limits: RecordLimits = DEFAULT_LIMITS, kind: str | None = None
+) -> Any:
+    """Decode one record file by its extension (and the ``kind`` of tower that reads it, see
+    ``_TOWER_DECODERS``); raises :class:`RecordError` with a reason (also when a header is
+    over one of ``limits``)."""
     if len(data) == 0:
         raise RecordError("empty_file", f"the .{extension} file is empty (zero bytes)")
-    decoder = _decoder(extension.lower())
+    decoder = _decoder(extension.lower(), kind)
     if decoder is None:
         return data
     reason, decode = decoder
@@ -339,8 +347,10 @@ def decode_fields(
     sample: Mapping[str, Any],
     fields: Mapping[str, tuple[str, ...]],
     limits: RecordLimits = DEFAULT_LIMITS,
+    kinds: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Decode the configured fields present in a raw sample; absent fields are left out.
+    """Decode the configured fields present in a raw sample (``kinds``: field -> the type of
+    tower that reads it, see :func:`decode_value`); absent fields are left out.
 
     Example:
         >>> decode_fields({"txt": b"seven", "cls": b"7"}, {"text": ("txt",), "audio": ("flac",)})
@@ -350,5 +360,6 @@ def decode_fields(
     for name, alternatives in fields.items():
         extension = find_file(sample, alternatives)
         if extension is not None:
-            values[name] = decode_value(extension, sample[extension], limits)
+            kind = (kinds or {}).get(name)
+            values[name] = decode_value(extension, sample[extension], limits, kind)
     return values

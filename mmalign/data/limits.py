@@ -7,8 +7,10 @@ limit                   checked from                                            
 ======================  ======================================================  ===================
 ``max_member_bytes``    the tar header's size (a GNU-sparse member's expanded   ``member_too_large``
                         size), before the file is read
-``audio_sample_rates``  the audio header (``soundfile.info``), before decoding  ``bad_sample_rate``
-``max_audio_seconds``   the audio header (frames / rate), before decoding       ``too_long``
+``audio_sample_rates``  the audio header (``soundfile.info``, or a video's      ``bad_sample_rate``
+                        audio track), before decoding
+``max_audio_seconds``   the audio header (frames / rate), before decoding; a    ``too_long``
+                        video's audio track also stops decoding there
 ``max_decoded_bytes``   audio header (frames x channels x 4), image header      ``too_large``
                         (width x height x bands), npz directory (sizes), npy
                         header (shape x item size), video header (frames x

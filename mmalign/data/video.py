@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
+from mmalign.data.audio_header import check_audio_header
 from mmalign.data.limits import DEFAULT_LIMITS, RecordLimits
 from mmalign.data.record_error import RecordError, check_decoded_size
 from mmalign.extras import missing_extra
@@ -50,6 +52,13 @@ class EncodedVideo:
     fps: float
     width: int
     height: int
+    opened: list[Any] = field(default_factory=list, compare=False, repr=False)
+    """The container :func:`decode_video` opened to read the header, handed to the first
+    :meth:`decode_frames` (the file is opened once); later calls open the bytes again."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without the opened container (a copy opens the bytes again)."""
+        return {**self.__dict__, "opened": []}
 
     def decode_frames(self, indices: Sequence[int]) -> np.ndarray:
         """The frames at ``indices`` (sorted or not, repeats allowed) as ``[N, H, W, 3]``
@@ -58,23 +67,28 @@ class EncodedVideo:
         wanted = sorted(set(indices))
         if not wanted or wanted[0] < 0 or wanted[-1] >= self.frame_count:
             raise ValueError(f"frame indices must lie in [0, {self.frame_count}), got {wanted}")
-        frames: dict[int, np.ndarray] = {}
-        last: np.ndarray | None = None
-        with _av().open(io.BytesIO(self.data)) as container:
-            stream = container.streams.video[0]
-            for position, frame in enumerate(container.decode(stream)):
+        slots = {position: slot for slot, position in enumerate(wanted)}
+        # each frame is converted straight into its row (the converted frame's buffer is
+        # freed at once and reused by the next), one swscale set-up per clip
+        out = np.empty((len(wanted), self.height, self.width, 3), np.uint8)
+        filled = 0
+        reformatter = _av().video.reformatter.VideoReformatter()
+        with self.opened.pop() if self.opened else _av().open(io.BytesIO(self.data)) as container:
+            for position, frame in enumerate(container.decode(container.streams.video[0])):
                 if (frame.width, frame.height) != (self.width, self.height):
                     raise ValueError(
                         f"frame {position} is {frame.width}x{frame.height}, the header said "
                         f"{self.width}x{self.height}"
                     )
-                if position in wanted or position == wanted[-1]:
-                    last = frames[position] = frame.to_ndarray(format="rgb24")
+                if position in slots:
+                    out[filled] = reformatter.reformat(frame, format="rgb24").to_ndarray()
+                    filled += 1
                 if position >= wanted[-1]:
                     break
-        if last is None:
+        if filled == 0:
             raise ValueError("the video stream has no decodable frame")
-        return np.stack([frames.get(index, last) for index in indices])
+        out[filled:] = out[filled - 1]  # a stream that ended early: its last frame
+        return out if list(indices) == wanted else out[[slots[index] for index in indices]]
 
 
 def _header(container: Any) -> EncodedVideo:
@@ -130,11 +144,18 @@ def check_video_header(header: EncodedVideo, limits: RecordLimits) -> None:
 
 
 def decode_video(data: bytes, limits: RecordLimits = DEFAULT_LIMITS) -> EncodedVideo:
-    """Read a video file's header, check it against ``limits``; no frame is decoded."""
-    with _av().open(io.BytesIO(data)) as container:
+    """Open a video file, check its header against ``limits``; no frame is decoded (the
+    opened container is kept for :meth:`EncodedVideo.decode_frames`)."""
+    container = _av().open(io.BytesIO(data))
+    try:
         header = _header(container)
-    check_video_header(header, limits)
-    return EncodedVideo(data, header.frame_count, header.fps, header.width, header.height)
+        check_video_header(header, limits)
+    except BaseException:
+        container.close()
+        raise
+    return EncodedVideo(
+        data, header.frame_count, header.fps, header.width, header.height, [container]
+    )
 
 
 def read_video(path: str | Path, limits: RecordLimits = DEFAULT_LIMITS) -> EncodedVideo:
@@ -142,9 +163,16 @@ def read_video(path: str | Path, limits: RecordLimits = DEFAULT_LIMITS) -> Encod
     return decode_video(Path(path).read_bytes(), limits)
 
 
-def encode_video(frames: np.ndarray, fps: float, codec: str = "mpeg4") -> bytes:
+def encode_video(
+    frames: np.ndarray,
+    fps: float,
+    codec: str = "mpeg4",
+    audio: tuple[np.ndarray, int] | None = None,
+    audio_codec: str = "aac",
+) -> bytes:
     """``[T, H, W, 3]`` uint8 RGB frames (even H and W) to MP4 bytes (what the demo and the
-    guides write; ``mpeg4`` ships with every FFmpeg build PyAV bundles).
+    guides write; ``mpeg4`` ships with every FFmpeg build PyAV bundles), with ``audio``
+    (``(mono float32 [T], sample_rate)``) as a track (``audio_codec``: ``alac`` is lossless).
 
     Example:
         >>> clip = np.zeros((4, 16, 16, 3), np.uint8)
@@ -157,7 +185,63 @@ def encode_video(frames: np.ndarray, fps: float, codec: str = "mpeg4") -> bytes:
         stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
+        track = None
+        if audio is not None:
+            track = container.add_stream(audio_codec, rate=audio[1], layout="mono")
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())
+        if track is not None and audio is not None:  # PyAV converts to the codec's format
+            samples = np.asarray(audio[0], np.float32)[None]
+            sound = av.AudioFrame.from_ndarray(samples, format="fltp", layout="mono")
+            sound.sample_rate = audio[1]
+            container.mux(track.encode(sound))
+            container.mux(track.encode())
     return buffer.getvalue()
+
+
+def _track_header(container: Any) -> SimpleNamespace:
+    """What the first audio stream's header says, as ``soundfile.info`` names it."""
+    if not container.streams.audio:
+        raise RecordError("no_audio_track", "the video file has no audio stream")
+    stream = container.streams.audio[0]
+    rate = int(stream.codec_context.sample_rate or 0)
+    if stream.duration is not None and stream.time_base is not None:
+        seconds = float(stream.duration * stream.time_base)
+    else:
+        seconds = (container.duration or 0) / 1_000_000
+    channels = int(stream.codec_context.layout.nb_channels)
+    return SimpleNamespace(samplerate=rate, frames=round(seconds * rate), channels=channels)
+
+
+def decode_audio_track(data: bytes, limits: RecordLimits = DEFAULT_LIMITS) -> tuple[Any, int]:
+    """A video file's own audio track as ``(mono float32 [T], sample_rate)`` (what
+    ``data.fields: {audio: mp4}`` gives an audio tower): the track's header is checked
+    against the audio limits (``audio_sample_rates``, ``max_audio_seconds``,
+    ``max_decoded_bytes``) before decoding, and decoding stops with ``too_long`` at
+    ``max_audio_seconds`` whatever the header said; a file without an audio stream fails as
+    ``no_audio_track``.
+
+    Example:
+        >>> waveform, rate = decode_audio_track(Path("clip.mp4").read_bytes())  # doctest: +SKIP
+    """
+    with _av().open(io.BytesIO(data)) as container:
+        header = _track_header(container)
+        check_audio_header(header, limits)
+        most = int(limits.max_audio_seconds * header.samplerate)
+        resampler = _av().AudioResampler(format="fltp")  # planar float, layout and rate kept
+        chunks: list[np.ndarray] = []
+        total = 0
+        for frame in container.decode(container.streams.audio[0]):
+            for converted in resampler.resample(frame):
+                chunks.append(converted.to_ndarray().mean(0, dtype=np.float32))
+                total += len(chunks[-1])
+            if total > most:
+                raise RecordError(
+                    "too_long",
+                    f"the audio track decodes past data.max_audio_seconds "
+                    f"({limits.max_audio_seconds:g} s; its header said {header.frames} samples)",
+                )
+    if total == 0:
+        raise ValueError("the audio track has no samples")
+    return np.concatenate(chunks), header.samplerate

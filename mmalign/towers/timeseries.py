@@ -3,10 +3,11 @@
 A raw sample is a ``[channels, T]`` array (``[T]`` for one channel), a ``(array,
 sample_rate)`` tuple (resampled to the tower's ``sample_rate`` with
 :func:`~mmalign.towers.waveform.resample`), or a mapping of column name -> values (a decoded
-CSV, picked by ``columns``). A channel that is all NaN (or a ``columns`` name the sample lacks)
-is *missing*: the encoders see a 0/1 missing indicator beside every channel, as the tabular
-tower does for its features. NaN inside an observed channel is a bad sample (``preprocess``
-raises, the loader skips and counts the record).
+CSV, picked by ``columns``; a decoded npz: its single array, or the one ``npz_key`` names).
+A channel that is all NaN (or a ``columns`` name the sample lacks) is *missing*: the encoders
+see a 0/1 missing indicator beside every channel, as the tabular tower does for its features.
+NaN inside an observed channel is a bad sample (``preprocess`` raises, the loader skips and
+counts the record).
 
 ``preprocess`` crops every signal to ``window`` samples (a random window when augmenting, the
 centre one otherwise); shorter signals are padded with NaN, which the encoders treat like a
@@ -56,6 +57,8 @@ class TimeSeriesTowerConfig(TowerConfig):
     """Channels of every signal (``len(columns)`` when ``columns`` is set)."""
     columns: list[str] | None = Field(default=None, min_length=1)
     """CSV column names read as the channels, in order (a missing column: a missing channel)."""
+    npz_key: str | None = None
+    """The npz array read as the signal; ``None``: the npz's single array."""
     sample_rate: int | None = Field(default=None, gt=0)
     """Rate (Hz) signals given with their own rate are resampled to; ``None``: no resampling."""
     window: int = Field(default=256, ge=1)
@@ -235,7 +238,7 @@ class TimeSeriesTower(Tower):
         if isinstance(raw, tuple) and len(raw) == 2:
             raw, rate = raw
         if isinstance(raw, Mapping):
-            raw = self._columns(raw, where)
+            raw = self._columns(raw, where) if self.config.columns else self._array(raw, where)
         signal = _numeric(raw, where)
         signal = signal[None] if signal.ndim == 1 else signal
         if signal.ndim != 2 or signal.shape[0] != self.config.channels or signal.shape[1] < 1:
@@ -247,19 +250,30 @@ class TimeSeriesTower(Tower):
             signal = np.ascontiguousarray(resample(signal.T, int(rate), self.config.sample_rate).T)
         return signal
 
+    def _array(self, arrays: Mapping[str, Any], where: str) -> Any:
+        """An npz's array: ``npz_key``, or its only one."""
+        key = self.config.npz_key
+        if key is None and len(arrays) != 1:
+            raise ValueError(
+                f"{where} holds arrays {sorted(arrays)}; set npz_key: NAME (npz) or "
+                "columns: [...] (csv) to pick the signal"
+            )
+        if key is not None and key not in arrays:
+            raise ValueError(f"{where} has no array {key!r} (npz_key); it holds {sorted(arrays)}")
+        return arrays[key] if key is not None else next(iter(arrays.values()))
+
     def _columns(self, table: Mapping[str, Any], where: str) -> np.ndarray:
-        if self.config.columns is None:
-            raise ValueError(f"{where} is a table; set columns: [...] to pick its channels")
-        present = [np.asarray(table[name]) for name in self.config.columns if name in table]
+        columns = self.config.columns or []
+        present = [np.asarray(table[name]) for name in columns if name in table]
         if not present:
-            raise ValueError(f"{where} has none of the columns {self.config.columns}")
+            raise ValueError(f"{where} has none of the columns {columns}")
         length = len(present[0])
         return np.stack(
             [
                 _numeric(table[name], where)
                 if name in table
                 else np.full(length, np.nan, np.float32)
-                for name in self.config.columns
+                for name in columns
             ]
         )
 

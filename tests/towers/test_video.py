@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import io
+import pickle
 from pathlib import Path
 
 import av
@@ -52,6 +53,8 @@ def test_uniform_segments_random_within_them_and_fps_windows() -> None:
 
 
 def test_decoded_frames_equal_a_bare_pyav_decode() -> None:
+    """Equal to ``frame.to_ndarray(format="rgb24")`` (the loader converts with one
+    ``VideoReformatter`` per clip)."""
     clip = moving_square(3)
     data = encode_video(clip, 12.0)
     video = decode_video(data)
@@ -59,6 +62,10 @@ def test_decoded_frames_equal_a_bare_pyav_decode() -> None:
     with av.open(io.BytesIO(data)) as container:
         reference = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     np.testing.assert_array_equal(video.decode_frames([7, 2, 2]), np.stack(reference)[[7, 2, 2]])
+    # the container opened for the header served the first decode; later ones reopen the bytes
+    np.testing.assert_array_equal(video.decode_frames([11]), reference[11][None])
+    copy_of = pickle.loads(pickle.dumps(decode_video(data)))  # pickled without the container
+    np.testing.assert_array_equal(copy_of.decode_frames([0]), reference[0][None])
     assert np.abs(reference[5].astype(int) - clip[5]).mean() < 8  # lossy, but the same picture
 
 
