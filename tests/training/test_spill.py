@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,10 @@ from torch_geometric.data import Data
 
 from mmalign.batch import Batch
 from mmalign.model import AlignmentModel
+from mmalign.training import train
 from mmalign.training.accumulation import ContrastiveStep, accumulated_step
 from mmalign.training.spill import InputSpill, should_spill
+from tests.train_support import model_weights, tiny_config, write_shards
 
 MODALITIES = ["graph", "table"]
 
@@ -108,3 +111,30 @@ def test_spill_round_trip_and_auto_threshold() -> None:
     assert should_spill("auto", batch, 3) is False  # a few hundred bytes: not worth it
     assert should_spill(True, batch, 3) and not should_spill(True, batch, 1)
     assert not should_spill(False, batch, 3)
+
+
+def test_training_with_spilled_inputs_equals_training_without(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``train.spill_inputs: true`` through the trainer: the same weights, bit for bit, and
+    no spill directory left behind."""
+    shards = write_shards(tmp_path / "shards", "train", shards=1, per_shard=32, missing=0.2)
+    spill_root = tmp_path / "tmp"
+    spill_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spill_root))
+    spilled: list[int] = []
+    put = InputSpill.put
+    monkeypatch.setattr(
+        InputSpill,
+        "put",
+        lambda self, index, batch: (spilled.append(index), put(self, index, batch)),
+    )
+    weights = {}
+    for spill in (False, True):
+        train_section = {"steps": 2, "accumulate": 3, "spill_inputs": spill}
+        run = train(tiny_config(tmp_path / f"run-{spill}", shards, train=train_section))
+        weights[spill] = model_weights(run.output_dir)
+    assert spilled == [0, 1, 2, 0, 1, 2]  # the spilling run's two steps of K = 3
+    for name, value in weights[False].items():
+        assert torch.equal(weights[True][name], value), name
+    assert not [path for path in spill_root.iterdir() if path.name.startswith("mmalign-spill")]
