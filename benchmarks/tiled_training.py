@@ -79,6 +79,12 @@ def main() -> None:
     parser.add_argument(
         "--spill", default="auto", choices=["auto", "true", "false"], help="train.spill_inputs"
     )
+    parser.add_argument(
+        "--mmap-threshold",
+        type=int,
+        default=131072,
+        help="MALLOC_MMAP_THRESHOLD_ of the runs (glibc; 0: glibc's dynamic default)",
+    )
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -86,7 +92,7 @@ def main() -> None:
         return
     print(
         f"load average before: {os.getloadavg()}; objective {args.objective}; "
-        f"spill_inputs {args.spill}\n"
+        f"spill_inputs {args.spill}; MALLOC_MMAP_THRESHOLD_ {args.mmap_threshold or 'dynamic'}\n"
     )
     print(
         "| global batch | micro x accumulate | train() s per step (with set-up) "
@@ -96,7 +102,11 @@ def main() -> None:
     first = None
     for batch in args.batches:
         command = [sys.executable, __file__, *sys.argv[1:], "--worker", str(batch)]
-        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        env = dict(os.environ)
+        if args.mmap_threshold:
+            env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
+        run = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
+        output = run.stdout
         result = json.loads(output.strip().splitlines()[-1])
         first = first or result["peak_mib"]
         accumulate = max(1, batch // args.micro)
