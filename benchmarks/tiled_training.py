@@ -12,6 +12,7 @@ its ratio to the smallest batch's.
 Usage (data from ``mmalign prep make-demo --out data/demo``):
     python benchmarks/tiled_training.py --data data/demo
     python benchmarks/tiled_training.py --data data/demo --batches 1024 4096 --micro 512
+    python benchmarks/tiled_training.py --data data/demo --spill false   # inputs kept in memory
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def _overrides(args: argparse.Namespace, batch: int, output: str) -> list[str]:
         "eval.max_samples=64",
         "model.matryoshka=null",
         f"model.objective={args.objective}",
+        f"train.spill_inputs={args.spill}",
     ]
 
 
@@ -74,12 +76,24 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0, help="data.workers")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--objective", default=OBJECTIVE, help="model.objective (YAML)")
+    parser.add_argument(
+        "--spill", default="auto", choices=["auto", "true", "false"], help="train.spill_inputs"
+    )
+    parser.add_argument(
+        "--mmap-threshold",
+        type=int,
+        default=131072,
+        help="MALLOC_MMAP_THRESHOLD_ of the runs (glibc; 0: glibc's dynamic default)",
+    )
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(run_batch(args, args.worker)))
         return
-    print(f"load average before: {os.getloadavg()}; objective {args.objective}\n")
+    print(
+        f"load average before: {os.getloadavg()}; objective {args.objective}; "
+        f"spill_inputs {args.spill}; MALLOC_MMAP_THRESHOLD_ {args.mmap_threshold or 'dynamic'}\n"
+    )
     print(
         "| global batch | micro x accumulate | train() s per step (with set-up) "
         "| peak RSS MiB | vs first | load |"
@@ -88,7 +102,11 @@ def main() -> None:
     first = None
     for batch in args.batches:
         command = [sys.executable, __file__, *sys.argv[1:], "--worker", str(batch)]
-        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        env = dict(os.environ)
+        if args.mmap_threshold:
+            env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
+        run = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
+        output = run.stdout
         result = json.loads(output.strip().splitlines()[-1])
         first = first or result["peak_mib"]
         accumulate = max(1, batch // args.micro)

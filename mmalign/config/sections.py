@@ -440,6 +440,11 @@ class TrainConfig(_Section):
     schedule: Literal["cosine", "constant"] = "cosine"
     accumulate: int = Field(default=1, ge=1)
     """Micro-batches per optimizer step; negatives span all of them (contrastive-exact)."""
+    spill_inputs: Literal["auto"] | bool = "auto"
+    """With ``accumulate`` > 1: write each micro-batch's input tensors to a temporary
+    safetensors file between the two passes of exact accumulation, so peak memory stays flat
+    in the global batch (bit-identical gradients; the files go at the end of each step).
+    ``auto``: when a step's inputs exceed 64 MiB; ``true``: always; ``false``: never."""
     grad_clip: float | None = Field(default=1.0, gt=0, allow_inf_nan=False)
     """Clip the global gradient norm to this value (``null``: no clipping)."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"

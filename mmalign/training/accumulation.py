@@ -30,15 +30,17 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from mmalign.batch import Batch
+from mmalign.training.spill import InputSpill
 from mmalign.training.timing import StepTimer
 
 if TYPE_CHECKING:
@@ -183,13 +185,51 @@ def _finite_everywhere(accelerator: Accelerator, loss: Tensor) -> bool:
     return bool(flag.item() > 0)
 
 
+@dataclass
+class _FirstPass:
+    """What the first pass keeps of each micro-batch: its RNG state, embeddings, presence
+    (columns in embedding order), groups, and the batch itself unless it was spilled."""
+
+    states: list[tuple[Tensor, Tensor | None]] = field(default_factory=list)
+    features: list[dict[str, Tensor]] = field(default_factory=list)
+    presents: list[Tensor] = field(default_factory=list)
+    groups: list[Tensor | None] = field(default_factory=list)
+    kept: list[Batch] = field(default_factory=list)
+
+
+def _encode_all(
+    inner: ContrastiveStep,
+    micro_batches: Iterable[Batch],
+    device: torch.device,
+    spill: InputSpill | None,
+) -> _FirstPass:
+    """First pass, without gradient; with a ``spill``, each micro-batch's inputs go to disk
+    right after it is encoded."""
+    done = _FirstPass()
+    for index, batch in enumerate(micro_batches):
+        done.states.append(_rng_state(device))
+        done.features.append(inner.encode(batch))
+        done.presents.append(batch.present_for(list(done.features[-1])))
+        done.groups.append(batch.groups)
+        if spill is not None:
+            spill.put(index, batch)
+        else:
+            done.kept.append(batch)
+    return done
+
+
+def _micro_batch(kept: list[Batch], spill: InputSpill | None, index: int) -> Batch:
+    return spill.take(index) if spill is not None else kept[index]
+
+
 def accumulated_step(
     accelerator: Accelerator,
     step_module: nn.Module,
-    micro_batches: Sequence[Batch],
+    micro_batches: Iterable[Batch],
     make_generator: Callable[[], torch.Generator | None],
     timer: StepTimer | None = None,
     no_sync: Callable[[nn.Module], AbstractContextManager] | None = None,
+    spill: InputSpill | None = None,
 ) -> StepOutcome:
     """Forward and backward of one optimizer step over ``micro_batches`` (see module doc).
 
@@ -198,11 +238,17 @@ def accumulated_step(
     Gradients are left in ``.grad``; nothing is backpropagated when the loss is not finite.
     ``no_sync(step_module)`` is the context of the backward passes that must not synchronize
     gradients (default ``accelerator.no_sync``; FSDP: ``set_requires_gradient_sync``).
+    ``micro_batches`` may be a lazy iterator; with a ``spill``
+    (:class:`~mmalign.training.spill.InputSpill`) their inputs wait on disk between the two
+    passes instead of in memory (the caller closes it).
     """
     inner: ContrastiveStep = accelerator.unwrap_model(step_module)
     inner.timer = timer
-    if len(micro_batches) == 1:
-        loss, metrics = step_module(micro_batches[0], generator=make_generator())
+    batches = iter(micro_batches)
+    first = next(batches)
+    second = next(batches, None)
+    if second is None:
+        loss, metrics = step_module(first, generator=make_generator())
         finite = _finite_everywhere(accelerator, loss)
         if finite:
             with inner.section("backward"):
@@ -210,28 +256,26 @@ def accumulated_step(
         return StepOutcome(float(loss.detach()), metrics, finite)
 
     device = accelerator.device
-    states, features = [], []
     with torch.no_grad(), accelerator.autocast():
-        for batch in micro_batches:
-            states.append(_rng_state(device))
-            features.append(inner.encode(batch))
+        done = _encode_all(inner, chain([first, second], batches), device, spill)
+        del first, second
         after = _rng_state(device)
-        names = list(features[0])
-        presents = [batch.present_for(names) for batch in micro_batches]
-        groups = [batch.groups for batch in micro_batches]
-        cache = FeatureCache.build(features, presents, groups)
+        cache = FeatureCache.build(done.features, done.presents, done.groups)
+        done.features.clear()
         loss, metrics = inner.objective(
             cache.embeddings, cache.present, make_generator(), groups=cache.groups
         )
     finite = _finite_everywhere(accelerator, loss)
     if finite:
-        last = len(micro_batches) - 1
-        for index, batch in enumerate(micro_batches):
-            _set_rng_state(states[index], device)
+        last = len(done.states) - 1
+        for index in range(last + 1):
+            batch = _micro_batch(done.kept, spill, index)
+            _set_rng_state(done.states[index], device)
             sync = nullcontext() if index == last else (no_sync or accelerator.no_sync)(step_module)
             with sync:
                 sliced_loss, _ = step_module(batch, cache, index, make_generator(), index == last)
                 with inner.section("backward"):
                     accelerator.backward(sliced_loss)
+            del batch, sliced_loss
     _set_rng_state(after, device)
     return StepOutcome(float(loss.detach()), metrics, finite)

@@ -27,7 +27,8 @@ import math
 import signal
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from itertools import chain
 from pathlib import Path
 from typing import Any, cast
 
@@ -52,6 +53,7 @@ from mmalign.training.parallel.base import describe_run, run_summary
 from mmalign.training.resume import apply_optimizer_settings
 from mmalign.training.sample_keys import SampleKeyLog
 from mmalign.training.signals import StopSignals, TrainingInterrupted
+from mmalign.training.spill import InputSpill, should_spill
 from mmalign.training.stream import EpochStream, epoch_seed
 from mmalign.training.terms import end_step, load_teacher, two_view_modalities
 from mmalign.training.timing import StepTimer
@@ -255,6 +257,13 @@ class Trainer:
         """The next micro-batch of the stream, on the device."""
         return next(self.stream).to(self.accelerator.device)
 
+    def _micro_batches(self, count: int) -> Iterator[Batch]:
+        """The next ``count`` micro-batches, read one at a time as the step asks for them."""
+        for _ in range(count):
+            with self.timer.section("data"):
+                batch = self._micro_batch()
+            yield batch
+
     def _generator(self) -> torch.Generator:
         generator = torch.Generator(device=self.accelerator.device)
         return generator.manual_seed(epoch_seed(self.config.train.seed, self.step))
@@ -262,9 +271,14 @@ class Trainer:
     def _train_step(self) -> bool:
         """One optimizer step; ``False`` when it was skipped (non-finite loss or gradient)."""
         with self.timer.section("data"):
-            micro_batches = [self._micro_batch() for _ in range(self.config.train.accumulate)]
-        step = (self.accelerator, self.step_module, micro_batches, self._generator, self.timer)
-        outcome = accumulated_step(*step, self.strategy.no_sync)
+            first = self._micro_batch()
+        count = self.config.train.accumulate
+        spilling = should_spill(self.config.train.spill_inputs, first, count)
+        with InputSpill() if spilling else nullcontext() as spill:
+            micro_batches = chain([first], self._micro_batches(count - 1))
+            del first
+            step = (self.accelerator, self.step_module, micro_batches, self._generator, self.timer)
+            outcome = accumulated_step(*step, self.strategy.no_sync, spill)
         grad_norm = math.nan
         finite = outcome.finite
         if finite:
