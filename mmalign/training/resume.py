@@ -49,6 +49,7 @@ CHANGEABLE = (
     "train.log_sample_keys",
     "train.gradient_checkpointing",
     "train.host_memory",
+    "train.spill_inputs",
     "train.compile",
     "train.output",
     "data.val",
