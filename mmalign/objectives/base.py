@@ -313,3 +313,33 @@ def build_objective(
     except ValidationError as error:
         raise config_error(error, CONFIG_FIELD, "objective config") from None
     return OBJECTIVES.get(config.name)(config)
+
+
+class WrappingObjective(Objective):
+    """An objective around another, ``inner``: it scores, names its terms, learns a bias and
+    scores jointly as ``inner`` does, and changes only the loss (Matryoshka prefixes,
+    auxiliary terms).
+
+    Example:
+        >>> from mmalign.objectives import build_objective
+        >>> WrappingObjective(build_objective({"name": "symile"})).scores_jointly
+        True
+    """
+
+    def __init__(self, inner: Objective) -> None:
+        super().__init__(inner.config)
+        self.inner = inner
+        self.learns_bias = inner.learns_bias
+        self.scores_jointly = inner.scores_jointly
+
+    def score(
+        self,
+        query_embeddings: Mapping[str, Tensor],
+        candidate_embeddings: Tensor,
+        present: Mapping[str, Tensor] | None = None,
+    ) -> Tensor:
+        """The inner objective's score (see :meth:`Objective.score`)."""
+        return self.inner.score(query_embeddings, candidate_embeddings, present)
+
+    def term_names(self, modalities: Sequence[str]) -> list[str]:
+        return self.inner.term_names(modalities)

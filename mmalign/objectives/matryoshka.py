@@ -27,16 +27,16 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from mmalign.embeddings import truncate
-from mmalign.objectives.base import LossOutput, Objective
+from mmalign.objectives.base import LossOutput, Objective, WrappingObjective
 
 
-class MatryoshkaObjective(Objective):
+class MatryoshkaObjective(WrappingObjective):
     """Apply ``inner`` to each renormalized prefix ``dims`` and sum the losses by ``weights``.
 
     It scores, learns a bias and scores jointly exactly as ``inner`` (at the full size of the
@@ -52,26 +52,11 @@ class MatryoshkaObjective(Objective):
     def __init__(
         self, inner: Objective, dims: Sequence[int], weights: Sequence[float] | None = None
     ) -> None:
-        super().__init__(inner.config)
-        self.inner = inner
+        super().__init__(inner)
         self.dims = [int(dim) for dim in dims]
         self.weights = [1.0] * len(self.dims) if weights is None else [float(w) for w in weights]
         if not self.dims or len(self.weights) != len(self.dims):
             raise ValueError(f"{len(self.weights)} matryoshka weights for {len(self.dims)} dims")
-        self.learns_bias = inner.learns_bias
-        self.scores_jointly = inner.scores_jointly
-
-    def score(
-        self,
-        query_embeddings: Mapping[str, Tensor],
-        candidate_embeddings: Tensor,
-        present: Mapping[str, Tensor] | None = None,
-    ) -> Tensor:
-        """The inner objective's score (see :meth:`Objective.score`)."""
-        return self.inner.score(query_embeddings, candidate_embeddings, present)
-
-    def term_names(self, modalities: Sequence[str]) -> list[str]:
-        return self.inner.term_names(modalities)
 
     def forward(
         self,

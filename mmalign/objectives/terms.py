@@ -43,7 +43,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -57,6 +57,7 @@ from mmalign.objectives.base import (
     Objective,
     PairTermsConfig,
     TermLoss,
+    WrappingObjective,
     _combine,
 )
 from mmalign.objectives.distill import TEACHER, distill_term, teacher_name
@@ -65,7 +66,7 @@ from mmalign.objectives.queue import EmbeddingQueue, present_rows, queue_term
 from mmalign.objectives.two_view import nt_xent_term
 
 
-class TermsObjective(Objective):
+class TermsObjective(WrappingObjective):
     """``inner`` (the main objective) plus the auxiliary ``terms``; see the module docstring.
 
     ``teacher_logit_scale`` (the teacher's multiplier) is set by whoever loads the teacher;
@@ -75,11 +76,8 @@ class TermsObjective(Objective):
     def __init__(
         self, inner: Objective, terms: Sequence[Any], modalities: Sequence[str], dim: int
     ) -> None:
-        super().__init__(inner.config)
-        self.inner = inner
+        super().__init__(inner)
         self.term_configs = list(terms)
-        self.learns_bias = inner.learns_bias
-        self.scores_jointly = inner.scores_jointly
         self.modalities = list(modalities)
         self.teacher_logit_scale: float | None = None
         self._pending: dict[str, Tensor] = {}
@@ -90,18 +88,6 @@ class TermsObjective(Objective):
                 f"sigmoid), not {inner.config.name!r}; remove the queue term"
             )
         self.queue = EmbeddingQueue(self.modalities, dim, sizes[0]) if sizes else None
-
-    def score(
-        self,
-        query_embeddings: Mapping[str, Tensor],
-        candidate_embeddings: Tensor,
-        present: Mapping[str, Tensor] | None = None,
-    ) -> Tensor:
-        """The main objective's score (see :meth:`Objective.score`)."""
-        return self.inner.score(query_embeddings, candidate_embeddings, present)
-
-    def term_names(self, modalities: Sequence[str]) -> list[str]:
-        return self.inner.term_names(modalities)
 
     def pairs(self, modalities: Sequence[str]) -> list[tuple[str, str]]:
         """The main objective's pairs (every pair when it is not pairwise)."""
