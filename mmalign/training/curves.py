@@ -97,7 +97,7 @@ def _draw_loss_terms(axes: Axes, series: Series) -> None:
         label = f"first {prefix} dims" if prefix.isdigit() else f"term {name}"
         axes.plot(*series[key], color=colours[key], linewidth=1.2, label=label)
     axes.set_ylabel("loss of each term (nats)")
-    axes.set_title("loss terms (the total above is their weighted mean)")
+    axes.set_title("loss terms (the total above is their weighted sum)")
 
 
 def _draw_temperature(axes: Axes, series: Series) -> None:
