@@ -22,6 +22,11 @@ near-duplicates, write new shards and a report (``mmalign prep curate``).
    reason, the cut and examples of dropped records, ``out/scores.png`` the score histogram
    with the cut.
 
+Under ``torchrun`` / ``accelerate launch`` each rank embeds its share of the records (the
+export's split); rank 0 gathers the embeddings, puts them back in reading order and does
+steps 1-4, so the result is the one of a single process; the other ranks wait and return
+its report.
+
 Example:
     >>> report = curate("runs/digits", "data/digits/train-{000000..000007}.tar", "clean",
     ...                 keep_fraction=0.8)  # doctest: +SKIP
@@ -35,19 +40,25 @@ import json
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import faiss
 import numpy as np
 import torch
+import torch.distributed as dist
 import webdataset as wds
 
 from mmalign.config import ConfigError
 from mmalign.data.records import read_shards
 from mmalign.data.sources import resolve_sources
-from mmalign.eval.loading import collect_embeddings, load_model
+from mmalign.dist import barrier, join_launched_group
+from mmalign.eval.loading import CollectedEmbeddings, collect_embeddings, load_model
 from mmalign.eval.plots import save_figure
+from mmalign.files import read_json
 from mmalign.objectives import Objective
+
+if TYPE_CHECKING:
+    from mmalign.model import AlignmentModel
 
 EXAMPLES = 5
 """Dropped records shown per reason in the report."""
@@ -238,6 +249,39 @@ def _write(
     return counts, examples
 
 
+def _in_reading_order(
+    parts: Sequence[CollectedEmbeddings], urls: Sequence[str]
+) -> CollectedEmbeddings:
+    """The ranks' embeddings joined, in the order one process reads ``urls``."""
+    position = {raw["__key__"]: i for i, raw in enumerate(read_shards({"url": u} for u in urls))}
+    keys = [key for part in parts for key in part.keys]
+    order = torch.tensor(sorted(range(len(keys)), key=lambda row: position[keys[row]]))
+    joined = {m: torch.cat([part.embeddings[m] for part in parts]) for m in parts[0].embeddings}
+    present = {m: torch.cat([part.present[m] for part in parts]) for m in parts[0].present}
+    return CollectedEmbeddings(
+        keys=[keys[row] for row in order.tolist()],
+        embeddings={m: value[order] for m, value in joined.items()},
+        present={m: value[order] for m, value in present.items()},
+        labels=torch.cat([part.labels for part in parts])[order],
+    )
+
+
+def _embed(
+    trained: AlignmentModel, urls: Sequence[str], names: Sequence[str], **options: Any
+) -> CollectedEmbeddings | None:
+    """Every record's embeddings on rank 0 (None on the other ranks); in a launched group each
+    rank embeds its share and rank 0 gathers them."""
+    rank, world_size = join_launched_group()
+    collected = collect_embeddings(
+        trained, urls, names, rank=rank, world_size=world_size, **options
+    )
+    if world_size == 1:
+        return collected
+    parts: list[Any] = [None] * world_size if rank == 0 else []
+    dist.gather_object(collected, parts if rank == 0 else None, dst=0)
+    return _in_reading_order(parts, urls) if rank == 0 else None
+
+
 def curate(
     model: str | Path,
     shards: str | Sequence[str],
@@ -265,9 +309,11 @@ def curate(
             f"{dedup!r} is not one of the scored modalities {names} (--dedup); name one of "
             "them or pass --no-dedup"
         )
-    collected = collect_embeddings(
-        trained, urls, names, fields=fields, run_dir=model, batch_size=batch_size
-    )
+    collected = _embed(trained, urls, names, fields=fields, run_dir=model, batch_size=batch_size)
+    out = Path(out)
+    if collected is None:  # another rank than 0: rank 0 writes the result
+        barrier()
+        return dict(read_json(out / "curate.json") or {})
     scores = record_scores(trained.objective, collected.embeddings, collected.present)
     cut = score_cut(scores, threshold, keep_fraction)
     vectors = None
@@ -276,7 +322,6 @@ def curate(
         vectors = np.where(present, collected.embeddings[dedup].numpy(), 0.0)
     reasons = decide(scores, vectors, cut, missing=missing, dedup_threshold=dedup_threshold)
     verdicts = dict(zip(collected.keys, zip(reasons, scores.tolist(), strict=True), strict=True))
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     counts, examples = _write(urls, verdicts, out, maxcount)
     _plot_scores(scores, cut, out / "scores.png")
@@ -291,4 +336,5 @@ def curate(
         "written": sorted(path.name for path in out.glob("curated-*.tar")),
     }
     (out / "curate.json").write_text(json.dumps(report, indent=1) + "\n")
+    barrier()
     return report

@@ -24,7 +24,7 @@ from mmalign.export.curate import (
 )
 from mmalign.objectives import build_objective
 from mmalign.training import train
-from tests.train_support import tiny_config, write_shards
+from tests.train_support import finish, start_launch, tiny_config, write_shards
 
 
 def test_pair_scores_are_mean_cosines_over_present_pairs() -> None:
@@ -173,3 +173,56 @@ def test_a_dedup_modality_that_is_not_scored_is_one_line(
         "of them or pass --no-dedup\n"
     )
     assert not (tmp_path / "out").exists()
+
+
+LAUNCHED = """
+import sys
+import torch.distributed as dist
+from mmalign.cli.main import main
+status = main(["prep", "curate", *sys.argv[1:]])
+print(f"rank {dist.get_rank()} of {dist.get_world_size()}: status {status}")
+"""
+
+
+@pytest.mark.launches
+def test_two_processes_curate_like_one(tmp_path: Path, trained: Path) -> None:
+    shards = [str(tmp_path / f"part-{i:06d}.tar") for i in range(3)]
+    write_shards(tmp_path, "part", shards=2, per_shard=24, seed=3)
+    with wds.TarWriter(shards[2]) as writer:  # copies of shard 1, read after it
+        for record in list(read_shard(shards[1]))[::3]:
+            kept = {k: v for k, v in record.items() if k != "__url__"}
+            writer.write({**kept, "__key__": record["__key__"] + "_copy"})
+    script = tmp_path / "launched.py"
+    script.write_text(LAUNCHED)
+    options = [
+        "--data",
+        str(tmp_path / "part-{000000..000002}.tar"),
+        "--keep-fraction",
+        "0.7",
+        "--maxcount",
+        "20",
+    ]
+    log = tmp_path / "launch.log"
+    process = start_launch(
+        [str(script), str(trained), *options, "--out", str(tmp_path / "two")], log
+    )
+    assert main(["prep", "curate", str(trained), *options, "--out", str(tmp_path / "one")]) == 0
+    status, output = finish(process, log)
+    assert status == 0, output
+    assert "rank 0 of 2: status 0" in output and "rank 1 of 2: status 0" in output
+
+    def result(out: Path) -> tuple[dict, list[str]]:
+        report = json.loads((out / "curate.json").read_text())
+        keys = [r["__key__"] for p in sorted(out.glob("curated-*.tar")) for r in read_shard(str(p))]
+        return report, keys
+
+    (one, one_keys), (two, two_keys) = result(tmp_path / "one"), result(tmp_path / "two")
+    assert two_keys == one_keys and len(one_keys) > 0
+    assert {k: two[k] for k in ("kept", "dropped", "written")} == {
+        k: one[k] for k in ("kept", "dropped", "written")
+    }
+    duplicates = [e["key"] for e in one["examples"]["duplicate"]]
+    assert duplicates and all(key.endswith("_copy") for key in duplicates)  # not the originals
+    assert two["cut"] == pytest.approx(one["cut"], abs=1e-6)
+    for reason, shown in one["examples"].items():
+        assert [e["key"] for e in two["examples"][reason]] == [e["key"] for e in shown]
