@@ -1,6 +1,6 @@
-"""A damaged ``sharded.json`` or ``sharded/.metadata`` of an FSDP checkpoint (a directory, not JSON, not UTF-8, no
-world size) is one error naming the file and the fix, never a traceback or the wrong advice
-("not saved sharded")."""
+"""A damaged ``sharded.json`` (a directory, not JSON, not UTF-8, no world size) or
+``sharded/.metadata`` (empty, not a pickle, truncated) of an FSDP checkpoint is one error
+naming the file and the fix, never a traceback or the wrong advice ("not saved sharded")."""
 
 from __future__ import annotations
 
