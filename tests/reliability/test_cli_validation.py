@@ -178,3 +178,21 @@ def test_a_damaged_run_config_names_the_file(
     assert f"the run's config {run / 'config.yaml'}" in error and named in error
     with pytest.raises(ConfigError, match=named):
         read_run_config(run / "config.yaml")
+
+
+def test_a_weight_for_an_unknown_modality_names_weights(
+    workspace: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    query = ["--query", "labs=[1, 2, 3, 4, 5, 6]", "--weights", "nope=1"]
+    assert main(search(workspace, *query)) == 2
+    error = one_line_error(capsys)
+    assert "no modality or tower type 'nope' (--weights)" in error
+
+
+@pytest.mark.parametrize("query", ["labs=[1, 2, nan]", "labs=values.npy"])
+def test_a_tabular_query_that_is_not_json_names_the_query(
+    workspace: dict[str, str], query: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(search(workspace, "--query", query)) == 2
+    error = one_line_error(capsys)
+    assert "is not a JSON list of numbers" in error and "(--query labs=...)" in error
