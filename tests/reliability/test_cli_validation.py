@@ -196,3 +196,23 @@ def test_a_tabular_query_that_is_not_json_names_the_query(
     assert main(search(workspace, "--query", query)) == 2
     error = one_line_error(capsys)
     assert "is not a JSON list of numbers" in error and "(--query labs=...)" in error
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "named"),
+    [
+        ("rows.csv", b"\xff\xfe\x00key,x\n", "is not UTF-8 text (byte 0) (MANIFEST)"),
+        ("rows.jsonl", b"[1, 2]\n", "not a JSON object: a list"),
+    ],
+    ids=["binary csv", "a jsonl line that is a list"],
+)
+def test_a_manifest_prep_cannot_read_names_the_file(
+    tmp_path: Path, name: str, content: bytes, named: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = tmp_path / name
+    manifest.write_bytes(content)
+    out = tmp_path / "out"
+    assert main(["prep", "from-manifest", str(manifest), "--out", str(out)]) == 2
+    error = one_line_error(capsys)
+    assert named in error and str(manifest) in error
+    assert not out.exists()
