@@ -216,3 +216,13 @@ def test_a_manifest_prep_cannot_read_names_the_file(
     error = one_line_error(capsys)
     assert named in error and str(manifest) in error
     assert not out.exists()
+
+
+def test_a_probe_modality_the_model_lacks_names_probe_modality(
+    workspace: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shards, out = workspace["shards"], str(tmp_path / "eval")
+    arguments = ["eval", workspace["run"], "--data", shards, "--out", out, "--modalities", "labs"]
+    assert main([*arguments, "--linear-probe", "--probe-train", shards]) == 2
+    error = one_line_error(capsys)
+    assert "unknown modality 'image' (--probe-modality)" in error
