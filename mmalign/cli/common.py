@@ -128,6 +128,23 @@ def fields(pairs: Sequence[tuple[str, str]] | None) -> dict[str, str] | None:
     return dict(pairs) if pairs else None
 
 
+def present_fields(args: argparse.Namespace) -> dict[str, str] | None:
+    """:func:`fields` of ``args.field``, each checked to occur in some record of ``args.data``
+    (:func:`~mmalign.data.field_presence.check_fields_present`): a typo is one error naming
+    ``--field``, not a run with no row of that modality."""
+    from mmalign.data.field_presence import check_fields_present
+    from mmalign.data.shards import expand_shards
+
+    given = fields(args.field)
+    if given:
+        try:
+            urls = expand_shards(args.data, "--data")
+        except ValueError:  # the command itself words a bad --data
+            return given
+        check_fields_present(urls, given)
+    return given
+
+
 def add_data_arguments(parser: argparse.ArgumentParser, batch_size: int) -> None:
     """``MODEL --data SHARDS [--field MODALITY=EXT ...] [--batch-size N] [--workers N]``."""
     parser.add_argument("model", help="a run directory (with model/) or a model directory")

@@ -19,9 +19,9 @@ from mmalign.cli.common import (
     add_data_arguments,
     check_path,
     csv_list,
-    fields,
     output_directory,
     positive_int,
+    present_fields,
 )
 
 HELP = "retrieval (instance and class level), zero-shot and diagnostics of a trained model"
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         args.data,
         out,
         modalities=args.modalities,
-        fields=fields(args.field),
+        fields=present_fields(args),
         classes=args.classes,
         zeroshot_modalities=args.zeroshot_modalities,
         text_modality=args.text_modality,
@@ -104,7 +104,7 @@ def print_probes(args: argparse.Namespace, out: Any) -> None:
         args.probe_modality,
         shots,
         linear=args.linear_probe,
-        fields=fields(args.field),
+        fields=present_fields(args),
         label_field=args.label_field,
         batch_size=args.batch_size,
         workers=args.workers,

@@ -19,9 +19,9 @@ from mmalign.cli.common import (
     add_data_arguments,
     check_path,
     csv_list,
-    fields,
     output_directory,
     positive_int,
+    present_fields,
 )
 
 HELP = "embeddings of shards to files, plus a nearest-neighbour index"
@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         dim=args.dim,
         metadata_fields=args.metadata,
-        fields=fields(args.field),
+        fields=present_fields(args),
         workers=args.workers,
         progress=not args.no_progress,
     )

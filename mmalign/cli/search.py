@@ -127,9 +127,9 @@ def parse_raw(model: AlignmentModel, modality: str, raw: str) -> Any:
             return json.loads(raw)
         except json.JSONDecodeError as error:
             raise UserError(
-                f"the query of tabular modality {modality!r} must be a JSON list of numbers, "
-                f"e.g. [0.1, 2.5]; got {raw!r} ({error})"
-            ) from error
+                f"the query of tabular modality {modality!r} is not a JSON list of numbers: "
+                f"{raw!r} ({error}) (--query {modality}=...); pass e.g. [0.1, 2.5]"
+            ) from None
     if kind == "graph" and raw.endswith(".json"):
         try:
             return json.loads(Path(check_path(raw, f"--query {modality}=...")).read_text())
@@ -187,7 +187,7 @@ def weights_of(model: AlignmentModel, items: Sequence[str] | None) -> dict[str, 
     for item in items:
         name, _, value = item.partition("=")
         try:
-            weights[resolve_query_modality(model, name)] = float(value)
+            weights[resolve_query_modality(model, name, "--weights")] = float(value)
         except ValueError:
             raise UserError(
                 f"--weights entry {item!r} must look like MODALITY=NUMBER (text=0.5)"

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import yaml
 from torch import Tensor, nn
 
 from mmalign.batch import Batch
+from mmalign.config.strict_yaml import read_yaml
 from mmalign.errors import ConfigError
 from mmalign.progress import progress_bar
 
@@ -91,13 +91,12 @@ def run_fields(source: str | Path | None) -> dict[str, str]:
         candidates.append(source.parent / "config.yaml")
     for candidate in candidates:
         if candidate.is_file():
-            try:
-                data = yaml.safe_load(candidate.read_text()) or {}
-            except yaml.YAMLError as error:
+            data = read_yaml(candidate, "the run's config") or {}
+            if not isinstance(data, dict):
                 raise ConfigError(
-                    f"{candidate} is not plain YAML ({str(error).splitlines()[0]}); restore "
-                    "the run's config.yaml or pass the fields with --field MODALITY=EXT"
-                ) from None
+                    f"{candidate} does not hold a run config (a mapping); restore the run's "
+                    "config.yaml or pass the fields with --field MODALITY=EXT"
+                )
             return dict((data.get("data") or {}).get("fields") or {})
     return {}
 

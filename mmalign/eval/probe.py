@@ -30,7 +30,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 from torch import Tensor
 
-from mmalign.eval.loading import collect_embeddings, load_model
+from mmalign.eval.loading import check_modalities, collect_embeddings, load_model
 from mmalign.progress import progress_bar
 
 if TYPE_CHECKING:
@@ -134,6 +134,7 @@ def run_probe(
         0.97
     """
     model = load_model(model)
+    check_modalities(model, [modality], "--probe-modality")
     loader_options.setdefault("label_field", "cls")
     splits = {}
     for name, shards in (("train", train_shards), ("test", test_shards)):

@@ -69,29 +69,42 @@ def read_manifest(path: Path) -> list[dict[str, Any]]:
         raise ConfigError(f"manifest {path} is a directory (MANIFEST); pass the manifest file")
     if not path.is_file():
         raise FileNotFoundError(f"manifest {path} does not exist")
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".ndjson"):
-        lines = path.read_text(encoding="utf-8").splitlines()
-        rows = []
-        for number, line in enumerate(lines, start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    raise ConfigError(
-                        f"not a JSON object: {error} ({path}:{number}); fix or delete the line"
-                    ) from None
-    elif suffix in (".csv", ".tsv"):
-        with path.open(newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ","))
-    else:
-        raise ConfigError(f"manifest {path}: unknown format (MANIFEST); use .csv, .tsv or .jsonl")
+    try:
+        rows = _manifest_rows(path, path.suffix.lower())
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"manifest {path} is not UTF-8 text (byte {error.start}) (MANIFEST); save it as "
+            "UTF-8 CSV, TSV or JSON lines"
+        ) from None
     if not rows:
         raise ConfigError(
             f"manifest has no rows ({path}); write a header line, then one row per record "
             "(e.g. key,image,caption)"
         )
     return rows
+
+
+def _manifest_rows(path: Path, suffix: str) -> list[Any]:
+    """The rows of the manifest ``path`` read by its ``suffix`` (see :func:`read_manifest`)."""
+    if suffix in (".jsonl", ".ndjson"):
+        rows = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as error:
+                    row = error
+                if not isinstance(row, dict):
+                    got = row if isinstance(row, ValueError) else f"a {type(row).__name__}"
+                    raise ConfigError(
+                        f"not a JSON object: {got} ({path}:{number}); fix or delete the line"
+                    )
+                rows.append(row)
+        return rows
+    if suffix in (".csv", ".tsv"):
+        with path.open(newline="", encoding="utf-8") as handle:
+            return list(csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ","))
+    raise ConfigError(f"manifest {path}: unknown format (MANIFEST); use .csv, .tsv or .jsonl")
 
 
 def _inline(value: Any, extension: str) -> Any:

@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch.optim.lr_scheduler import LambdaLR
 
 from mmalign.config import Config, ConfigError, TrainConfig
+from mmalign.config.strict_yaml import read_yaml
 
 CHANGEABLE = (
     "train.steps",
@@ -96,13 +96,7 @@ def refused_fields(fields: list[str]) -> list[str]:
 def read_run_config(path: Path) -> dict[str, Any]:
     """A run's ``config.yaml`` as a dict; an unreadable one is a :class:`ConfigError` naming
     the file."""
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError(
-            f"{path} is not plain YAML ({str(error).splitlines()[0]}); restore the run's "
-            "config or set train.output to a new directory"
-        ) from None
+    data = read_yaml(path, "the run's config")
     if not isinstance(data, dict):
         raise ConfigError(f"{path} does not hold a run config (a mapping); restore it")
     return data

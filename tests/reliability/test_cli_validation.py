@@ -5,12 +5,14 @@ no traceback): a query the model's tower refuses, a model that did not make the 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 from conftest import tiny_config, write_shards
 
 from mmalign.cli.main import main
+from mmalign.config import ConfigError
 from mmalign.training import train
 
 
@@ -139,3 +141,88 @@ def test_prep_tools_name_a_modality_the_export_lacks(
     assert main(["prep", tool, "--embeddings", workspace["emb"], *given, "--out", out]) == 2
     error = one_line_error(capsys)
     assert "has no 'audio' embeddings" in error and "exported: labs, graph" in error
+
+
+@pytest.mark.parametrize("command", ["export", "eval"])
+def test_a_field_no_record_has_names_the_flag_and_the_fields(
+    workspace: dict[str, str], tmp_path: Path, command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = str(tmp_path / "out")
+    arguments = [command, workspace["run"], "--data", workspace["shards"], "--out", out]
+    assert main([*arguments, "--field", "labs=zzz"]) == 2
+    error = one_line_error(capsys)
+    assert "no record of the 3 shards has the labs field 'zzz' (--field labs=zzz)" in error
+    assert "give one of the records' fields: cls, graph.json, npy" in error
+    assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize(
+    ("damage", "named"),
+    [(b"\xff\xfe binary", "is not UTF-8 text"), (b"data: {}\ndata: {}\n", "key 'data' appears")],
+    ids=["binary", "duplicate key"],
+)
+def test_a_damaged_run_config_names_the_file(
+    workspace: dict[str, str],
+    tmp_path: Path,
+    damage: bytes,
+    named: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from mmalign.training.resume import read_run_config
+
+    run = tmp_path / "run"
+    shutil.copytree(workspace["run"], run)
+    (run / "config.yaml").write_bytes(damage)
+    assert main(["eval", str(run), "--data", workspace["shards"]]) == 2
+    error = one_line_error(capsys)
+    assert f"the run's config {run / 'config.yaml'}" in error and named in error
+    with pytest.raises(ConfigError, match=named):
+        read_run_config(run / "config.yaml")
+
+
+def test_a_weight_for_an_unknown_modality_names_weights(
+    workspace: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    query = ["--query", "labs=[1, 2, 3, 4, 5, 6]", "--weights", "nope=1"]
+    assert main(search(workspace, *query)) == 2
+    error = one_line_error(capsys)
+    assert "no modality or tower type 'nope' (--weights)" in error
+
+
+@pytest.mark.parametrize("query", ["labs=[1, 2, nan]", "labs=values.npy"])
+def test_a_tabular_query_that_is_not_json_names_the_query(
+    workspace: dict[str, str], query: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(search(workspace, "--query", query)) == 2
+    error = one_line_error(capsys)
+    assert "is not a JSON list of numbers" in error and "(--query labs=...)" in error
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "named"),
+    [
+        ("rows.csv", b"\xff\xfe\x00key,x\n", "is not UTF-8 text (byte 0) (MANIFEST)"),
+        ("rows.jsonl", b"[1, 2]\n", "not a JSON object: a list"),
+    ],
+    ids=["binary csv", "a jsonl line that is a list"],
+)
+def test_a_manifest_prep_cannot_read_names_the_file(
+    tmp_path: Path, name: str, content: bytes, named: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = tmp_path / name
+    manifest.write_bytes(content)
+    out = tmp_path / "out"
+    assert main(["prep", "from-manifest", str(manifest), "--out", str(out)]) == 2
+    error = one_line_error(capsys)
+    assert named in error and str(manifest) in error
+    assert not out.exists()
+
+
+def test_a_probe_modality_the_model_lacks_names_probe_modality(
+    workspace: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shards, out = workspace["shards"], str(tmp_path / "eval")
+    arguments = ["eval", workspace["run"], "--data", shards, "--out", out, "--modalities", "labs"]
+    assert main([*arguments, "--linear-probe", "--probe-train", shards]) == 2
+    error = one_line_error(capsys)
+    assert "unknown modality 'image' (--probe-modality)" in error

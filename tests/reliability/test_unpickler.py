@@ -20,6 +20,7 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
+from mmalign.errors import UserError
 from mmalign.training.parallel.sharded_checkpoint import SafeReader
 
 PLANTED = "mmalign_planted"
@@ -69,7 +70,7 @@ def test_build_on_a_class_or_constant_is_refused(
 ) -> None:
     body = pickle.dumps(real_metadata(), protocol=2)
     try:
-        with pytest.raises(pickle.UnpicklingError, match="not a checkpoint-metadata instance"):
+        with pytest.raises(UserError, match="not a checkpoint-metadata instance"):
             read(tmp_path, build_on(global_name, body))
         assert not hasattr(owner, PLANTED)
     finally:

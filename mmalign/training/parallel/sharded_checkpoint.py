@@ -108,16 +108,28 @@ class _MetadataUnpickler(pickle._Unpickler):
         raise pickle.UnpicklingError(f"{module}.{name} is not checkpoint metadata")
 
 
+def _damaged(path: Path, what: str) -> UserError:
+    """The error for a damaged file of the checkpoint two levels above ``path``."""
+    checkpoint = path.parent.parent
+    return UserError(
+        f"{path} {what}; the checkpoint is damaged: remove {checkpoint} to resume from the "
+        "one before it"
+    )
+
+
 class SafeReader(dcp.FileSystemReader):
     """A :class:`~torch.distributed.checkpoint.FileSystemReader` whose metadata is read with
     :class:`_MetadataUnpickler`."""
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         path = Path(self.path) / ".metadata"
-        with open(path, "rb") as handle:
-            metadata = _MetadataUnpickler(handle).load()
+        try:
+            with open(path, "rb") as handle:
+                metadata = _MetadataUnpickler(handle).load()
+        except Exception as error:  # any damage: a truncated, foreign or unreadable pickle
+            raise _damaged(path, f"cannot be read ({error!r})") from None
         if not isinstance(metadata, Metadata):
-            raise pickle.UnpicklingError(f"{path} holds no checkpoint metadata")
+            raise _damaged(path, "holds no checkpoint metadata")
         storage_meta = getattr(metadata, "storage_meta", None)
         if storage_meta is not None:
             storage_meta.load_id = self.load_id
@@ -200,6 +212,8 @@ def load(
             f"{info['world_size']} processes, or start a new run (train.output)"
         )
     template, _ = _split(*get_state_dict(model, optimizer))
-    dcp.load(template, storage_reader=SafeReader(directory / SHARDS))
+    reader = SafeReader(directory / SHARDS)
+    reader.read_metadata()  # DCP words a damaged .metadata as an AssertionError: ours first
+    dcp.load(template, storage_reader=reader)
     model_state, optimizer_state = _join(template, info["optimizer"])
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
