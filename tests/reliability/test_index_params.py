@@ -90,3 +90,24 @@ def test_nan_weight_and_zero_maxcount_are_refused(
     with pytest.raises(UserError, match=r"records per shard must be >= 1 \(--maxcount\)"):
         group_shards(out, "labs", clusters=2, out=tmp_path / "grouped", maxcount=0)
     assert not (tmp_path / "grouped").exists()
+
+
+@pytest.mark.parametrize("tool", ["from-manifest", "curate", "group-shards", "mine-negatives"])
+def test_every_prep_tool_refuses_zero_maxcount(
+    tool: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--maxcount 0`` would write empty shards: refused by the argument, before any work."""
+    required = {
+        "from-manifest": ["manifest.csv"],
+        "curate": ["model", "--data", "x.tar"],
+        "group-shards": ["--embeddings", "emb", "--modality", "labs"],
+        "mine-negatives": ["--embeddings", "emb", "--modality", "labs"],
+    }[tool]
+    argv = ["prep", tool, *required, "--out", str(tmp_path / "out"), "--maxcount", "0"]
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    assert exit.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("mmalign: error:") and "(--maxcount)" in error, error
+    assert len(error.splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from mmalign.cli.common import add_data_arguments, csv_list, fields
+from mmalign.cli.common import add_data_arguments, csv_list, fields, positive_int
 
 HELP = "shards scored by a trained model: keep the aligned records, drop near-duplicates"
 
@@ -50,7 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.995,
         help="cosine at or above which two records are near-duplicates",
     )
-    parser.add_argument("--maxcount", type=int, default=10000, help="records per output shard")
+    parser.add_argument(
+        "--maxcount", type=positive_int, default=10000, help="records per output shard"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

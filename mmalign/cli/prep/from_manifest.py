@@ -16,7 +16,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from mmalign.cli.common import output_directory
+from mmalign.cli.common import output_directory, positive_int
 from mmalign.errors import UserError
 
 HELP = "shards from a CSV/TSV/JSONL manifest of files and inline values"
@@ -70,7 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="column=extension,... (default: every column, inferred from its values)",
     )
-    parser.add_argument("--maxcount", type=int, default=10000, help="records per shard at most")
+    parser.add_argument(
+        "--maxcount", type=positive_int, default=10000, help="records per shard at most"
+    )
     parser.add_argument("--maxsize", type=float, default=1e9, help="bytes per shard at most")
     parser.add_argument("--key-column", default="key", help="column with record keys")
     parser.add_argument("--name", default="data", help="shard names: NAME-000000.tar, ...")
