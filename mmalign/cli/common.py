@@ -132,17 +132,30 @@ def present_fields(args: argparse.Namespace) -> dict[str, str] | None:
     """:func:`fields` of ``args.field``, each checked to occur in some record of ``args.data``
     (:func:`~mmalign.data.field_presence.check_fields_present`): a typo is one error naming
     ``--field``, not a run with no row of that modality."""
+    given = fields(args.field)
+    if given:
+        _check_present(args.data, given, "--field")
+    return given
+
+
+def present_metadata(args: argparse.Namespace) -> list[str]:
+    """``args.metadata`` (record extensions kept as metadata columns), each checked to occur
+    in some record of ``args.data``: a typo is one error naming ``--metadata``, not a column
+    of nulls."""
+    if args.metadata:
+        _check_present(args.data, {name: name for name in args.metadata}, "--metadata")
+    return list(args.metadata)
+
+
+def _check_present(data: str, extensions: dict[str, str], flag: str) -> None:
     from mmalign.data.field_presence import check_fields_present
     from mmalign.data.shards import expand_shards
 
-    given = fields(args.field)
-    if given:
-        try:
-            urls = expand_shards(args.data, "--data")
-        except ValueError:  # the command itself words a bad --data
-            return given
-        check_fields_present(urls, given)
-    return given
+    try:
+        urls = expand_shards(data, "--data")
+    except ValueError:  # the command itself words a bad --data
+        return
+    check_fields_present(urls, extensions, flag)
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, batch_size: int) -> None:

@@ -22,6 +22,7 @@ from mmalign.cli.common import (
     output_directory,
     positive_int,
     present_fields,
+    present_metadata,
 )
 
 HELP = "embeddings of shards to files, plus a nearest-neighbour index"
@@ -103,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         chunk_size=args.chunk_size,
         dtype=args.dtype,
         dim=args.dim,
-        metadata_fields=args.metadata,
+        metadata_fields=present_metadata(args),
         fields=present_fields(args),
         workers=args.workers,
         progress=not args.no_progress,

@@ -46,10 +46,12 @@ def _matches(alternatives: Sequence[str], extensions: set[str]) -> bool:
     return any(ext == alt or ext.endswith("." + alt) for alt in alternatives for ext in extensions)
 
 
-def check_fields_present(urls: Sequence[str], fields: Mapping[str, str]) -> None:
-    """Raise a :class:`~mmalign.errors.UserError` naming ``--field`` when a modality's
+def check_fields_present(
+    urls: Sequence[str], fields: Mapping[str, str], flag: str = "--field"
+) -> None:
+    """Raise a :class:`~mmalign.errors.UserError` naming ``flag`` when a modality's
     extensions (``fields``: ``{modality: "jpg;png"}``) occur in no record of the local
-    shards ``urls``."""
+    shards ``urls`` (``--metadata``: ``{extension: extension}``, named alone)."""
     local = [url for url in urls if not is_url(url)]
     wanted = {name: parse_alternatives(spec) for name, spec in fields.items()}
     seen: set[str] = set()
@@ -64,6 +66,7 @@ def check_fields_present(urls: Sequence[str], fields: Mapping[str, str]) -> None
     shards = "1 shard" if len(local) == 1 else f"{len(local)} shards"
     raise UserError(
         f"no record of the {shards} has the {name} field '{fields[name]}' "
-        f"(--field {name}={fields[name]}); give one of the records' fields: "
+        f"({flag} {f'{name}={fields[name]}' if flag == '--field' else fields[name]}); "
+        "give one of the records' fields: "
         f"{', '.join(sorted(seen)[:_SHOWN])}"
     )

@@ -156,6 +156,19 @@ def test_a_field_no_record_has_names_the_flag_and_the_fields(
     assert not os.path.exists(out)
 
 
+def test_a_metadata_field_no_record_has_names_the_flag(
+    workspace: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: ``export --metadata nope`` wrote a column of nulls without a word."""
+    out = str(tmp_path / "out")
+    arguments = ["export", workspace["run"], "--data", workspace["shards"], "--out", out]
+    assert main([*arguments, "--metadata", "cls,nope"]) == 2
+    error = one_line_error(capsys)
+    assert "no record of the 3 shards has the nope field 'nope' (--metadata nope)" in error
+    assert "give one of the records' fields: cls, graph.json, npy" in error
+    assert not os.path.exists(out)
+
+
 @pytest.mark.parametrize(
     ("damage", "named"),
     [(b"\xff\xfe binary", "is not UTF-8 text"), (b"data: {}\ndata: {}\n", "key 'data' appears")],
