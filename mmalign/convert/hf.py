@@ -1,10 +1,13 @@
 """mmalign -> Hugging Face: each tower that came from ``transformers`` as a folder that
 ``AutoModel.from_pretrained`` loads, plus its projection and a README on applying it.
 
-For a text tower with ``backend: hf`` and an audio tower with ``encoder: hf``,
-``<directory>/<modality>/`` holds the encoder's ``save_pretrained`` output (config + weights),
-its tokenizer or feature extractor, and ``projection.safetensors``: ``weight`` ``[dim, width]``
-(the identity for ``projection: none``), with the pooling in the file's metadata. mmalign's
+For a text tower with ``backend: hf`` and an audio, video or time-series tower with
+``encoder: hf``, ``<directory>/<modality>/`` holds the encoder's ``save_pretrained`` output
+(config + weights), its tokenizer, feature extractor or video processor, and
+``projection.safetensors``: ``weight`` ``[dim, width]`` (the identity for
+``projection: none``), with the pooling in the file's metadata. A tower that transforms its
+inputs itself before the model (the time-series tower's per-channel standardization) also
+gets ``inputs.safetensors`` with those tensors (``mean``, ``std``). mmalign's
 embedding of a sample is ``normalize(pool(last_hidden_state) @ weight.T)``; ``README.md``
 spells the pooling out per tower. Towers of other kinds are not written (``--to onnx`` or
 ``--to open_clip`` carries those).
@@ -28,12 +31,22 @@ from mmalign.model import AlignmentModel
 from mmalign.towers import HFParts
 
 PROJECTION = "projection.safetensors"
+INPUTS = "inputs.safetensors"
 POOLING = {
     "cls": "the first token's hidden state: `hidden[:, 0]`",
     "mean": "the mean over real tokens: `(hidden * mask[..., None]).sum(1) / mask.sum(1)`",
     "eos": "the last real token's hidden state (the last 1 of `attention_mask`)",
     "frames": "the mean over the frames the feature extractor's `attention_mask` marks as real "
     "(mapped to encoder frames with `_get_feat_extract_output_lengths`)",
+    "tokens": "the mean over all tokens: `hidden.mean(1)`",
+    "channels": "`hidden` is `[B, C, patches, width]`: the mean over patches, then over the "
+    "channels with an observed value: `w = mask.any(1)[..., None]` (`mask`: "
+    "`past_observed_mask`), `(hidden.mean(2) * w).sum(1) / w.sum(1)`",
+}
+PREPROCESSING = {
+    "channels": "none: `past_values = ((signal - mean[:, None]) / std[:, None])` with missing "
+    "values (NaN) set to 0, transposed to `[B, T, C]`; `past_observed_mask` is 1 where the "
+    "signal is not NaN (`mean`, `std`: `inputs.safetensors`)",
 }
 
 
@@ -65,14 +78,22 @@ def to_hf(model: AlignmentModel, directory: str | Path) -> Path:
             module, processor, pooling = part.model, part.processor, part.pooling
             folder = staging / name
             module.save_pretrained(folder)
-            processor.save_pretrained(folder)
+            if processor is not None:
+                processor.save_pretrained(folder)
+            if part.inputs:
+                inputs = {
+                    key: value.detach().float().contiguous().cpu()
+                    for key, value in part.inputs.items()
+                }
+                save_file(inputs, folder / INPUTS, {"modality": name})
             weight = projection_matrix(model.projections[name], "model.projection")
             if weight is None:
                 weight = torch.eye(model.tower(name).width)
             metadata = {"pooling": pooling, "normalize": "l2", "modality": name}
             tensors = {"weight": weight.detach().float().contiguous().cpu()}
             save_file(tensors, folder / PROJECTION, metadata)
-            rows.append((name, type(module).__name__, type(processor).__name__, pooling, weight))
+            preprocessing = PREPROCESSING.get(pooling, f"`{type(processor).__name__}`")
+            rows.append((name, type(module).__name__, preprocessing, pooling, weight))
         (staging / "README.md").write_text(_readme(rows))
     return Path(directory)
 
@@ -83,13 +104,14 @@ def _readme(rows: list[tuple[str, str, str, str, torch.Tensor]]) -> str:
         "",
         "Written by `mmalign convert MODEL --to hf`. Each folder loads with",
         "`transformers.AutoModel.from_pretrained(folder)` and its `AutoTokenizer` /",
-        "`AutoFeatureExtractor` (an encoder taken from an encoder-decoder model, such as",
-        "Whisper's, loads with its own class, named below). mmalign's embedding of a sample:",
+        "`AutoFeatureExtractor` / `AutoVideoProcessor` (an encoder taken from an",
+        "encoder-decoder model, such as Whisper's, loads with its own class, named below).",
+        "mmalign's embedding of a sample:",
         "",
         "```python",
         "import torch, torch.nn.functional as F",
         "from safetensors.torch import load_file",
-        "hidden = model(**inputs).last_hidden_state       # [B, T, width]",
+        "hidden = model(**inputs).last_hidden_state  # [B, T, width]; PatchTST: [B, C, P, width]",
         "pooled = ...                                     # the folder's pooling, below",
         'weight = load_file(f"{folder}/projection.safetensors")["weight"]  # [dim, width]',
         "embedding = F.normalize(pooled @ weight.T, dim=-1)",
@@ -100,5 +122,5 @@ def _readme(rows: list[tuple[str, str, str, str, torch.Tensor]]) -> str:
     ]
     for name, cls, processor, pooling, weight in rows:
         size = f"{weight.shape[1]} -> {weight.shape[0]}"
-        lines.append(f"| `{name}/` | `{cls}` | `{processor}` | {POOLING[pooling]} | {size} |")
+        lines.append(f"| `{name}/` | `{cls}` | {processor} | {POOLING[pooling]} | {size} |")
     return "\n".join(lines) + "\n"

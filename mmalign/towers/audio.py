@@ -52,15 +52,10 @@ from mmalign.config import ConfigError
 from mmalign.config.tower import TowerConfig
 from mmalign.towers.base import HFParts, Tower, register_tower
 from mmalign.towers.grad_checkpointing import library_checkpointing
+from mmalign.towers.hf_local import hf_folder, hf_model
 from mmalign.towers.log_mel import ConvLogMel, LogMel
 from mmalign.towers.waveform import load_waveform, resample
 
-_HF_WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
 MAX_UPSAMPLING = 32
 """A clip whose rate is this many times below the tower's has a wrong header (a 1 Hz rate
 would also blow a short clip up to hours of samples); ``preprocess`` rejects it."""
@@ -254,10 +249,6 @@ class HFAudioEncoder(nn.Module):
         return lengths.long().clamp(1, hidden.shape[1])
 
 
-def _has_weights(directory: Path) -> bool:
-    return any((directory / name).is_file() for name in _HF_WEIGHT_FILES)
-
-
 def augment_clip(clip: np.ndarray, gain_db: float, time_mask: float) -> np.ndarray:
     """``clip`` scaled by a uniform random gain in ``[-gain_db, gain_db]`` dB, with a random
     span of up to ``time_mask`` of its samples silenced (torch's generator).
@@ -331,14 +322,9 @@ class AudioTower(Tower):
         self.width = config.width
 
     def _init_hf(self, config: AudioTowerConfig) -> None:
-        from transformers import AutoConfig, AutoFeatureExtractor, AutoModel
+        from transformers import AutoFeatureExtractor
 
-        directory = self.resolve_path(str(config.path))
-        if not (directory / "config.json").is_file():
-            raise ConfigError(
-                f"{self.field}.path: {directory} is not a Hugging Face model directory "
-                "(no config.json); save one with model.save_pretrained(dir)"
-            )
+        directory = hf_folder(self)
         try:
             self.feature_extractor = AutoFeatureExtractor.from_pretrained(directory)
         except (OSError, ValueError) as error:
@@ -346,12 +332,7 @@ class AudioTower(Tower):
                 f"{self.field}.path: no feature extractor in {directory} "
                 f"(save one with feature_extractor.save_pretrained(dir)): {error}"
             ) from error
-        if _has_weights(directory):
-            model = AutoModel.from_pretrained(directory, dtype=torch.float32)
-        else:  # a saved mmalign model: weights come from its model.safetensors
-            model = AutoModel.from_config(
-                AutoConfig.from_pretrained(directory), dtype=torch.float32
-            )
+        model = hf_model(self, directory, None)
         if getattr(model.config, "is_encoder_decoder", False):
             model = model.get_encoder()
         self.encoder = HFAudioEncoder(

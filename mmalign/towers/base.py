@@ -26,9 +26,9 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -48,15 +48,19 @@ from mmalign.towers.layout import Block, stack_blocks, train_last_blocks
 from mmalign.towers.lora import inject_lora
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class HFParts:
     """What ``mmalign convert --to hf`` writes of a tower that came from ``transformers``:
-    the model (``save_pretrained``), its tokenizer or feature extractor, and the pooling
-    (``cls``, ``mean``, ``eos`` or ``frames``) that turns its hidden states into a vector."""
+    the model (``save_pretrained``), its tokenizer, feature extractor or video processor
+    (``None``: the model takes the tower's own tensors), the pooling (``cls``, ``mean``,
+    ``eos``, ``frames``, ``tokens`` or ``channels``) that turns its hidden states into a
+    vector, and ``inputs``: tensors the tower applies to its inputs before the model (the
+    time-series tower's per-channel ``mean`` / ``std``)."""
 
     model: PreTrainedModel
     processor: Any
     pooling: str
+    inputs: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
 class Tower(nn.Module):

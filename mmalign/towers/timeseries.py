@@ -23,6 +23,15 @@ Encoders (``encoder:``):
 - ``patch``: a PatchTST-style transformer. Each channel is cut into patches of ``patch``
   samples, embedded channel-independently (one shared linear map, plus a learned position and
   channel embedding); the tokens of missing channels are masked out of attention and pooling.
+- ``hf``: transformers' ``PatchTSTModel``, from a local folder ``path`` (its weights, or only
+  its config), else built from scratch from ``window``, ``patch``, ``width``, ``heads``,
+  ``layers`` and ``dropout`` (layer norm, no input scaling, no input masking). The window,
+  normalization and missing mask stay the tower's: the model takes the standardized signal
+  with missing values set to 0 as ``past_values`` ``[B, T, C]`` and ``past_observed_mask``;
+  its hidden states ``[B, C, patches, width]`` are averaged over each channel's patches, then
+  over the channels with an observed value (PatchTST encodes each channel on its own, so a
+  missing channel changes nothing else). ``mmalign convert --to hf`` writes it with the
+  ``mean`` / ``std`` buffers (:meth:`TimeSeriesTower.hf_parts`).
 
 Example:
     >>> import numpy as np
@@ -38,7 +47,7 @@ import itertools
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -46,8 +55,12 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from mmalign.config.tower import TowerConfig
-from mmalign.towers.base import Tower, register_tower
+from mmalign.towers.base import HFParts, Tower, register_tower
+from mmalign.towers.hf_local import checked_size, hf_config, hf_folder, hf_model
 from mmalign.towers.waveform import resample
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 class TimeSeriesTowerConfig(TowerConfig):
@@ -63,15 +76,19 @@ class TimeSeriesTowerConfig(TowerConfig):
     """Rate (Hz) signals given with their own rate are resampled to; ``None``: no resampling."""
     window: int = Field(default=256, ge=1)
     """Samples per item: longer signals are cropped, shorter ones padded (as missing)."""
-    encoder: Literal["resnet", "patch"] = "resnet"
+    encoder: Literal["resnet", "patch", "hf"] = "resnet"
+    """``resnet``, ``patch`` (PatchTST-like) or ``hf`` (transformers' PatchTST)."""
+    path: str | None = None
+    """``encoder: hf``: a local folder with a PatchTST ``config.json`` (and weights); ``None``:
+    a PatchTST built from this config's fields."""
     width: int = Field(default=128, ge=1)
-    """Output size of the tower."""
+    """Output size of the tower (``hf`` with ``path``: the model's ``d_model``)."""
     resnet_channels: list[int] = Field(default_factory=lambda: [32, 64, 128], min_length=1)
     """``resnet``: channels of the residual blocks (each halves the length)."""
     patch: int = Field(default=16, ge=1)
-    """``patch``: samples per patch (must divide ``window``)."""
+    """``patch``, ``hf``: samples per patch (must divide ``window``)."""
     layers: int = Field(default=2, ge=1)
-    """``patch``: transformer blocks."""
+    """``patch``, ``hf``: transformer blocks."""
     heads: int = Field(default=4, ge=1)
     dropout: float = Field(default=0.0, ge=0, lt=1)
     normalize: Literal["none", "fit"] = "none"
@@ -86,11 +103,15 @@ class TimeSeriesTowerConfig(TowerConfig):
             if "channels" in self.model_fields_set and self.channels != len(self.columns):
                 raise ValueError(f"channels {self.channels} != len(columns) {len(self.columns)}")
             self.channels = len(self.columns)
-        if self.encoder == "patch":
+        if self.path is not None and self.encoder != "hf":
+            raise ValueError("'path' is only used with encoder: hf")
+        if self.encoder == "patch" or (self.encoder == "hf" and self.path is None):
             if self.window % self.patch:
                 raise ValueError(f"patch {self.patch} must divide window {self.window}")
             if self.width % self.heads:
                 raise ValueError(f"width {self.width} must be divisible by heads {self.heads}")
+        if self.encoder == "hf" and self.path is None and self.patch == self.window:
+            raise ValueError(f"encoder hf: patch {self.patch} must be shorter than window")
         return self
 
 
@@ -174,6 +195,47 @@ class PatchTransformer(nn.Module):
         return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
 
+class HFPatchTST(nn.Module):
+    """transformers' ``PatchTSTModel`` on the tower's standardized signal, pooled over each
+    channel's patches, then over the observed channels (module docstring)."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, values: torch.Tensor, missing: torch.Tensor) -> torch.Tensor:
+        observed = ~missing
+        hidden = self.model(
+            past_values=values.transpose(1, 2),
+            past_observed_mask=observed.transpose(1, 2).to(values.dtype),
+        ).last_hidden_state  # [B, C, patches, width]
+        weights = observed.any(-1, keepdim=True).to(hidden.dtype)  # [B, C, 1]
+        return (hidden.mean(2) * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+def patchtst_config(config: TimeSeriesTowerConfig) -> Any:
+    """A from-scratch ``PatchTSTConfig`` of the tower's fields: non-overlapping patches,
+    layer norm (per-sample, so gradient checkpointing can recompute a block), no input
+    scaling (the tower normalizes), no input masking."""
+    from transformers import PatchTSTConfig
+
+    return PatchTSTConfig(
+        num_input_channels=config.channels,
+        context_length=config.window,
+        patch_length=config.patch,
+        patch_stride=config.patch,
+        d_model=config.width,
+        num_attention_heads=config.heads,
+        num_hidden_layers=config.layers,
+        ffn_dim=4 * config.width,
+        attention_dropout=config.dropout,
+        ff_dropout=config.dropout,
+        norm_type="layernorm",
+        scaling=None,
+        do_mask_input=False,
+    )
+
+
 def _numeric(raw: Any, where: str) -> np.ndarray:
     array = np.asarray(raw.detach().cpu().numpy() if isinstance(raw, torch.Tensor) else raw)
     if array.dtype.kind not in "biuf":
@@ -207,9 +269,32 @@ class TimeSeriesTower(Tower):
         self.width = config.width
         self.register_buffer("mean", torch.zeros(config.channels))
         self.register_buffer("std", torch.ones(config.channels))
-        self.encoder: nn.Module = (
-            ResNet1d(config) if config.encoder == "resnet" else PatchTransformer(config)
+        self.encoder: nn.Module
+        if config.encoder == "resnet":
+            self.encoder = ResNet1d(config)
+        elif config.encoder == "patch":
+            self.encoder = PatchTransformer(config)
+        else:
+            model = self._patchtst()
+            self.encoder = HFPatchTST(model)
+            self.width = int(model.config.d_model)
+
+    def _patchtst(self) -> PreTrainedModel:
+        """``encoder: hf``: the ``path`` folder's PatchTST (checked against ``channels`` and
+        ``window``; its input masking off), or one built from the config's fields."""
+        from transformers import AutoModel
+
+        if self.config.path is None:
+            return AutoModel.from_config(patchtst_config(self.config), dtype=torch.float32)
+        directory = hf_folder(self)
+        model_config = hf_config(self, directory, "patchtst")
+        channels = model_config.num_input_channels
+        checked_size(self, "channels", self.config.channels, channels, "num_input_channels")
+        checked_size(
+            self, "window", self.config.window, model_config.context_length, "context_length"
         )
+        model_config.do_mask_input = False  # the encoder, not the masked pretraining
+        return hf_model(self, directory, "patchtst", model_config)
 
     def fit_normalization(self, signals: Any) -> None:
         """Set ``mean`` / ``std`` per channel from preprocessed signals ``[N, channels, T]``,
@@ -313,3 +398,20 @@ class TimeSeriesTower(Tower):
         missing = torch.isnan(inputs)
         standardized = (inputs - self.mean[:, None]) / self.std[:, None]
         return self.encoder(standardized.masked_fill(missing, 0.0), missing)
+
+    def hf_parts(self) -> HFParts | None:
+        """``encoder: hf``: the ``PatchTSTModel``, no processor (the model takes
+        ``(signal - mean) / std`` with missing values 0), pooled per channel, and the
+        ``mean`` / ``std`` buffers."""
+        if not isinstance(self.encoder, HFPatchTST):
+            return None
+        inputs = {"mean": self.mean, "std": self.std}
+        return HFParts(self.encoder.model, None, "channels", inputs)
+
+    def save_files(self, directory: Path) -> dict[str, Any]:
+        """``hf``: the PatchTST config (its weights live in the model's safetensors), so the
+        tower rebuilds without the original folder."""
+        if not isinstance(self.encoder, HFPatchTST):
+            return {}
+        self.encoder.model.config.save_pretrained(directory)
+        return {"path": "."}

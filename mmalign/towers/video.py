@@ -23,6 +23,18 @@ Encoders (``encoder:``):
   halves height and width, the first ones also time), global average pooling, a linear map
   to ``width``. Its items stay uint8 (``[frames, 3, S, S]``); ``forward`` scales them and
   applies CLIP's mean and std.
+- ``hf``: transformers' VideoMAE (``VideoMAEModel``), from a local folder ``path`` (its
+  config and video processor, with or without weights) or built from scratch from
+  ``frames``, ``image_size``, ``patch_size``, ``tubelet_size``, ``width``, ``heads`` and
+  ``layers`` (its processor then resizes and crops to ``image_size`` with bicubic
+  resampling and CLIP's mean and std). The tower samples the frames as for the others; the
+  video processor turns them into ``pixel_values`` ``[frames, 3, S, S]``, the layout the
+  tower's items already have; the hidden states are averaged over all tokens. VideoMAE
+  takes a fixed number of frames at a fixed size, as this tower samples them (a folder whose
+  ``num_frames`` / ``image_size`` differ from ``frames`` / ``image_size`` is refused), its
+  position table is fixed (no interpolation), it has no BatchNorm (its blocks can be
+  recomputed) and plain ops (ONNX). ``mmalign convert --to hf`` writes it with its
+  processor.
 
 Example:
     >>> import numpy as np
@@ -40,7 +52,7 @@ import itertools
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -49,9 +61,14 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from mmalign.config.tower import TowerConfig
-from mmalign.towers.base import Tower, build_tower, register_tower
+from mmalign.errors import ConfigError
+from mmalign.towers.base import HFParts, Tower, build_tower, register_tower
 from mmalign.towers.grad_checkpointing import checkpoint_blocks, checkpoint_module
-from mmalign.towers.layout import Block
+from mmalign.towers.hf_local import checked_size, hf_config, hf_folder, hf_model
+from mmalign.towers.layout import Block, stack_blocks
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 class VideoTowerConfig(TowerConfig):
@@ -62,7 +79,11 @@ class VideoTowerConfig(TowerConfig):
     fps: float | None = Field(default=None, gt=0)
     """Sampling rate of the frames (a window of ``frames / fps`` seconds); ``None``: spread
     over the whole clip."""
-    encoder: Literal["frames", "conv3d"] = "frames"
+    encoder: Literal["frames", "conv3d", "hf"] = "frames"
+    """``frames`` (an image tower per frame), ``conv3d`` or ``hf`` (transformers' VideoMAE)."""
+    path: str | None = None
+    """``encoder: hf``: a local folder with a VideoMAE ``config.json``, its video processor
+    (and weights); ``None``: a VideoMAE built from this config's fields."""
     image: dict[str, Any] = Field(default_factory=dict)
     """``frames``: the per-frame image tower's config (the keys of ``type: image``)."""
     temporal: Literal["mean", "transformer"] = "mean"
@@ -70,20 +91,35 @@ class VideoTowerConfig(TowerConfig):
     temporal_layers: int = Field(default=1, ge=1)
     """``temporal: transformer``: its blocks."""
     heads: int = Field(default=4, ge=1)
-    """``temporal: transformer``: attention heads (must divide the image tower's width)."""
+    """``temporal: transformer``: attention heads (must divide the image tower's width);
+    ``hf``: VideoMAE's."""
     image_size: int = Field(default=64, ge=1)
-    """``conv3d``: side of the square frames (resize + centre crop, as the image tower)."""
+    """``conv3d``, ``hf``: side of the square frames (resize + centre crop)."""
+    patch_size: int = Field(default=16, ge=1)
+    """``hf`` from scratch: pixels per side of a patch (must divide ``image_size``)."""
+    tubelet_size: int = Field(default=2, ge=1)
+    """``hf`` from scratch: frames per patch (must divide ``frames``)."""
+    layers: int = Field(default=2, ge=1)
+    """``hf`` from scratch: transformer blocks."""
     conv_channels: list[int] = Field(default_factory=lambda: [16, 32, 64], min_length=1)
     """``conv3d``: channels of the 3-D conv blocks."""
     width: int = Field(default=128, ge=1)
-    """``conv3d``: output size."""
+    """``conv3d``, ``hf`` from scratch: output size."""
 
     @model_validator(mode="after")
     def _check(self) -> VideoTowerConfig:
         if self.encoder == "frames" and not self.image:
             raise ValueError("encoder 'frames' needs 'image:' (a type: image tower config)")
-        if self.encoder == "conv3d" and self.image:
+        if self.encoder != "frames" and self.image:
             raise ValueError("'image' is only used with encoder: frames")
+        if self.encoder != "hf" and self.path is not None:
+            raise ValueError("'path' is only used with encoder: hf")
+        if self.encoder == "hf" and self.path is None:
+            for size, part in ((self.image_size, "patch_size"), (self.frames, "tubelet_size")):
+                if size % getattr(self, part):
+                    raise ValueError(f"encoder hf: {part} {getattr(self, part)} must divide {size}")
+            if self.width % self.heads:
+                raise ValueError(f"encoder hf: heads {self.heads} must divide width {self.width}")
         return self
 
 
@@ -138,6 +174,46 @@ class Conv3dEncoder(nn.Module):
         return self.head(hidden.mean((2, 3, 4)))
 
 
+class HFVideoEncoder(nn.Module):
+    """transformers' ``VideoMAEModel`` on ``pixel_values [B, frames, 3, S, S]``, its hidden
+    states averaged over all tokens."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixel_values).last_hidden_state.mean(1)
+
+
+def videomae_parts(config: VideoTowerConfig) -> tuple[Any, Any]:
+    """A from-scratch ``VideoMAEConfig`` of the tower's fields (a final layer norm) and its
+    video processor: short side resized to ``image_size`` (bicubic), centre crop, CLIP's mean
+    and std, as the image tower."""
+    from transformers import VideoMAEConfig, VideoMAEVideoProcessor
+
+    model_config = VideoMAEConfig(
+        image_size=config.image_size,
+        patch_size=config.patch_size,
+        num_frames=config.frames,
+        tubelet_size=config.tubelet_size,
+        hidden_size=config.width,
+        num_hidden_layers=config.layers,
+        num_attention_heads=config.heads,
+        intermediate_size=4 * config.width,
+        use_mean_pooling=False,
+    )
+    standard = PreprocessCfg()
+    processor = VideoMAEVideoProcessor(
+        size={"shortest_edge": config.image_size},
+        crop_size={"height": config.image_size, "width": config.image_size},
+        resample=3,  # PIL's BICUBIC
+        image_mean=list(standard.mean),
+        image_std=list(standard.std),
+    )
+    return model_config, processor
+
+
 def sample_indices(
     count: int, fps: float, frames: int, target_fps: float | None, augment: bool
 ) -> list[int]:
@@ -176,6 +252,8 @@ class VideoTower(Tower):
     config: VideoTowerConfig
     pixel_mean: torch.Tensor
     pixel_std: torch.Tensor
+    processor: Any
+    """``hf``: the video processor (frames to ``pixel_values``)."""
     onnx_input = "frames"
 
     def __init__(
@@ -193,6 +271,10 @@ class VideoTower(Tower):
                 self.temporal = TemporalTransformer(
                     self.width, config.frames, config.heads, config.temporal_layers
                 )
+        elif config.encoder == "hf":
+            model = self._videomae()
+            self.encoder: nn.Module = HFVideoEncoder(model)
+            self.width = int(model.config.hidden_size)
         else:
             self.encoder = Conv3dEncoder(config)
             self.width = config.width
@@ -200,12 +282,36 @@ class VideoTower(Tower):
             self.register_buffer("pixel_mean", torch.tensor(standard.mean)[:, None, None], False)
             self.register_buffer("pixel_std", torch.tensor(standard.std)[:, None, None], False)
 
+    def _videomae(self) -> PreTrainedModel:
+        """``encoder: hf``: the ``path`` folder's VideoMAE and video processor (checked against
+        ``frames`` and ``image_size``), or both built from the config's fields."""
+        from transformers import AutoModel, AutoVideoProcessor
+
+        if self.config.path is None:
+            model_config, self.processor = videomae_parts(self.config)
+            return AutoModel.from_config(model_config, dtype=torch.float32)
+        directory = hf_folder(self)
+        model_config = hf_config(self, directory, "videomae")
+        checked_size(self, "frames", self.config.frames, model_config.num_frames, "num_frames")
+        size = self.config.image_size
+        checked_size(self, "image_size", size, model_config.image_size, "image_size")
+        try:
+            self.processor = AutoVideoProcessor.from_pretrained(directory, local_files_only=True)
+        except (OSError, ValueError) as error:
+            raise ConfigError(
+                f"{self.field}.path: no video processor in {directory} (save one with "
+                f"processor.save_pretrained(dir)): {error}"
+            ) from error
+        return hf_model(self, directory, "videomae", model_config)
+
     def preprocess(self, raw: Any, augment: bool = False) -> torch.Tensor:
         """Sample ``frames`` frames (``augment``: randomly, module docstring), decode only
         those, resize and crop each: ``[frames, 3, H, W]``."""
         frames = self._sampled_frames(raw, augment)
         if self.config.encoder == "frames":
             return torch.stack([self.frame_tower.preprocess(frame) for frame in frames])
+        if self.config.encoder == "hf":
+            return self.processor(videos=[frames], return_tensors="pt")["pixel_values"][0]
         return self._resized(frames)
 
     def _resized(self, frames: np.ndarray) -> torch.Tensor:
@@ -260,6 +366,8 @@ class VideoTower(Tower):
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """``[B, frames, 3, H, W]`` (``conv3d``: uint8) to ``[B, width]``."""
+        if self.config.encoder == "hf":
+            return self.encoder(inputs)
         if self.config.encoder == "conv3d":
             pixels = inputs.to(self.pixel_mean.dtype) / 255.0
             return self.encoder((pixels - self.pixel_mean) / self.pixel_std)
@@ -269,15 +377,18 @@ class VideoTower(Tower):
 
     def blocks(self) -> list[Block]:
         """``frames``: the image tower's blocks, then the temporal transformer's; ``conv3d``:
-        its conv blocks."""
+        its conv blocks; ``hf``: VideoMAE's layers."""
+        if self.config.encoder == "hf":
+            return stack_blocks(self)
         if self.config.encoder == "conv3d":
-            return [[layer] for layer in self.encoder.layers]
+            return [[layer] for layer in self.encoder.get_submodule("layers").children()]
         temporal = [] if self.temporal is None else [[b] for b in self.temporal.layers.layers]
         return self.frame_tower.blocks() + temporal
 
     def enable_gradient_checkpointing(self) -> bool:
-        """The image tower's own switch and each temporal block; the conv blocks."""
-        if self.config.encoder == "conv3d":
+        """The image tower's own switch and each temporal block; the conv blocks and
+        VideoMAE's layers through :meth:`blocks`."""
+        if self.config.encoder != "frames":
             return checkpoint_blocks(self.blocks())
         done = self.frame_tower.enable_gradient_checkpointing()
         if self.temporal is not None:
@@ -290,9 +401,20 @@ class VideoTower(Tower):
         rng = np.random.default_rng(0)
         return rng.integers(0, 256, (self.config.frames, 48, 40, 3), dtype=np.uint8), 8.0
 
+    def hf_parts(self) -> HFParts | None:
+        """``encoder: hf``: the ``VideoMAEModel`` and its video processor, pooled over all
+        tokens."""
+        if not isinstance(self.encoder, HFVideoEncoder):
+            return None
+        return HFParts(self.encoder.model, self.processor, "tokens")
+
     def save_files(self, directory: Path) -> dict[str, Any]:
-        """``frames``: the image tower's resolved config (its weights live in the model's
-        safetensors)."""
+        """``frames``: the image tower's resolved config; ``hf``: VideoMAE's config and video
+        processor (weights live in the model's safetensors)."""
+        if isinstance(self.encoder, HFVideoEncoder):
+            self.encoder.model.config.save_pretrained(directory)
+            self.processor.save_pretrained(directory)
+            return {"path": "."}
         if self.config.encoder == "conv3d":
             return {}
         updates = self.frame_tower.save_files(directory)
