@@ -45,7 +45,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -211,6 +212,23 @@ class HFPatchTST(nn.Module):
         ).last_hidden_state  # [B, C, patches, width]
         weights = observed.any(-1, keepdim=True).to(hidden.dtype)  # [B, C, 1]
         return (hidden.mean(2) * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+class GatherPatchify(nn.Module):
+    """PatchTST's patching (``PatchTSTPatchify``: ``[B, T, C]`` to ``[B, C, patches,
+    patch_length]``) as one gather of constant indices instead of ``Tensor.unfold``, whose
+    ONNX form gets the shapes wrong; the same numbers."""
+
+    indices: torch.Tensor
+
+    def __init__(self, patchify: nn.Module) -> None:
+        super().__init__()
+        start, stride = int(patchify.sequence_start), int(patchify.patch_stride)
+        starts = start + stride * torch.arange(int(patchify.num_patches))
+        self.register_buffer("indices", starts[:, None] + torch.arange(patchify.patch_length))
+
+    def forward(self, past_values: torch.Tensor) -> torch.Tensor:
+        return past_values[:, self.indices].permute(0, 3, 1, 2)
 
 
 def patchtst_config(config: TimeSeriesTowerConfig) -> Any:
@@ -398,6 +416,20 @@ class TimeSeriesTower(Tower):
         missing = torch.isnan(inputs)
         standardized = (inputs - self.mean[:, None]) / self.std[:, None]
         return self.encoder(standardized.masked_fill(missing, 0.0), missing)
+
+    @contextmanager
+    def exportable(self) -> Iterator[None]:
+        """``hf``: PatchTST's patching as :class:`GatherPatchify` (no ``unfold``)."""
+        if not isinstance(self.encoder, HFPatchTST):
+            yield
+            return
+        model = self.encoder.model
+        patchify = model.patchifier
+        model.patchifier = GatherPatchify(patchify)
+        try:
+            yield
+        finally:
+            model.patchifier = patchify
 
     def hf_parts(self) -> HFParts | None:
         """``encoder: hf``: the ``PatchTSTModel``, no processor (the model takes

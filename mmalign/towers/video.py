@@ -115,9 +115,10 @@ class VideoTowerConfig(TowerConfig):
         if self.encoder != "hf" and self.path is not None:
             raise ValueError("'path' is only used with encoder: hf")
         if self.encoder == "hf" and self.path is None:
-            for size, part in ((self.image_size, "patch_size"), (self.frames, "tubelet_size")):
-                if size % getattr(self, part):
-                    raise ValueError(f"encoder hf: {part} {getattr(self, part)} must divide {size}")
+            for whole, part in (("image_size", "patch_size"), ("frames", "tubelet_size")):
+                size, piece = getattr(self, whole), getattr(self, part)
+                if size % piece:
+                    raise ValueError(f"encoder hf: {part} {piece} must divide {whole} {size}")
             if self.width % self.heads:
                 raise ValueError(f"encoder hf: heads {self.heads} must divide width {self.width}")
         return self

@@ -29,6 +29,9 @@ VIT = {"embed_dim": 16, "vision_cfg": {"image_size": 16, "patch_size": 8, "width
 FRAMES = {"type": "video", "frames": 4, "temporal": "transformer", "heads": 2, "image": VIT}
 CONV3D = {"type": "video", "encoder": "conv3d", "frames": 4, "image_size": 16,
           "conv_channels": [8, 16], "width": 16}  # fmt: skip
+HF = {"type": "video", "encoder": "hf", "frames": 4, "image_size": 16, "patch_size": 8,
+      "width": 16, "heads": 2}  # fmt: skip
+ENCODERS = pytest.mark.parametrize("config", [FRAMES, CONV3D, HF], ids=["frames", "conv3d", "hf"])
 
 
 def moving_square(position: int, frames: int = 12, size: int = 32) -> np.ndarray:
@@ -106,7 +109,7 @@ def _clips(rows: int) -> tuple[list[np.ndarray], list[list[float]]]:
     return [moving_square(int(p)) for p in positions], [[p / 24, 1 - p / 24] for p in positions]
 
 
-@pytest.mark.parametrize("config", [FRAMES, CONV3D], ids=["frames", "conv3d"])
+@ENCODERS
 def test_it_trains_against_a_paired_modality(config: dict) -> None:
     torch.manual_seed(0)
     model = AlignmentModel.from_config(
@@ -144,13 +147,16 @@ def test_last_blocks_count_the_image_blocks_then_the_temporal_ones() -> None:
     }
 
 
-@pytest.mark.parametrize("config", [FRAMES, CONV3D], ids=["frames", "conv3d"])
+@ENCODERS
 def test_gradient_checkpointing_gives_the_same_gradients(config: dict) -> None:
     torch.manual_seed(0)
     plain = AlignmentModel.from_config({"dim": 8, "towers": {"v": config, "u": config}})
     checkpointed = copy.deepcopy(plain)
     applied = apply_memory_savers(checkpointed, TrainConfig(gradient_checkpointing=True))
     assert sorted(applied["gradient_checkpointing"]) == ["u", "v"]
+    if config is not FRAMES:  # through the tower's blocks(): each block's forward checkpointed
+        blocks = checkpointed.tower("v").blocks()
+        assert blocks and all("forward" in vars(m) for block in blocks for m in block)
     clips, _ = _clips(4)
     grads = {}
     for name, model in (("plain", plain), ("checkpointed", checkpointed)):
@@ -171,7 +177,7 @@ def test_a_saved_model_loads_and_embeds_the_same(tmp_path: Path) -> None:
     torch.testing.assert_close(loaded.encode("v", clips), model.encode("v", clips))
 
 
-@pytest.mark.parametrize("config", [FRAMES, CONV3D], ids=["frames", "conv3d"])
+@ENCODERS
 def test_onnx_equals_torch(config: dict, tmp_path: Path) -> None:
     import onnxruntime
 
@@ -186,3 +192,104 @@ def test_onnx_equals_torch(config: dict, tmp_path: Path) -> None:
     with torch.no_grad():
         expected = model.embed("v", inputs)
     np.testing.assert_allclose(exported, expected.numpy(), atol=1e-4)
+
+
+def test_hf_frames_are_resized_and_cropped_as_open_clip_does() -> None:
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+    from PIL import Image
+
+    tower = build_tower({**HF, "frames": 2, "tubelet_size": 1})
+    clip = np.random.default_rng(0).integers(0, 256, (2, 40, 50, 3), dtype=np.uint8)
+    item = tower.preprocess((clip, 8.0))
+    assert item.dtype == torch.float32 and item.shape == (2, 3, 16, 16)
+    reference = image_transform_v2(PreprocessCfg(size=16), is_train=False)
+    expected = torch.stack([reference(Image.fromarray(frame)) for frame in clip])
+    assert (item - expected).abs().mean() < 0.03  # torchvision's bicubic vs PIL's
+
+
+def test_hf_last_blocks_train_the_top_videomae_layers_and_the_final_norm() -> None:
+    tower = build_tower({**HF, "layers": 3, "trainable": {"last_blocks": 1}})
+    assert len(tower.blocks()) == 3
+    trained = {n for n, p in tower.named_parameters() if p.requires_grad}
+    assert trained == {
+        n
+        for n, _ in tower.named_parameters()
+        if n.startswith(("encoder.model.encoder.layer.2.", "encoder.model.layernorm."))
+    }
+
+
+def save_videomae(directory: Path, frames: int = 4, size: int = 16) -> Path:
+    """A VideoMAE with random weights and its video processor, saved as a user would."""
+    import transformers
+
+    torch.manual_seed(1)
+    config = transformers.VideoMAEConfig(
+        image_size=size, patch_size=8, num_frames=frames, hidden_size=16, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=32,
+    )  # fmt: skip
+    transformers.VideoMAEModel(config).save_pretrained(directory)
+    processor = transformers.VideoMAEVideoProcessor(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+    )
+    processor.save_pretrained(directory)
+    return directory
+
+
+def test_hf_from_a_local_folder_equals_transformers_and_survives_save_and_load(
+    tmp_path: Path,
+) -> None:
+    import transformers
+
+    folder = save_videomae(tmp_path / "videomae")
+    config = {"type": "video", "encoder": "hf", "path": str(folder), "frames": 4, "image_size": 16}
+    model = AlignmentModel.from_config({"dim": 8, "towers": {"v": config}}).eval()
+    reference = transformers.AutoModel.from_pretrained(folder).eval()
+    processor = transformers.AutoVideoProcessor.from_pretrained(folder)
+    clips, _ = _clips(2)
+    tower = model.tower("v")
+    inputs = tower.collate([tower.preprocess(c) for c in clips])
+    frames = [c[sample_indices(len(c), 1.0, 4, None, augment=False)] for c in clips]
+    torch.testing.assert_close(
+        inputs, processor(videos=frames, return_tensors="pt")["pixel_values"]
+    )
+    with torch.no_grad():
+        expected = reference(pixel_values=inputs).last_hidden_state.mean(1)
+        torch.testing.assert_close(tower(inputs), expected, rtol=0, atol=1e-6)
+    saved = model.save_pretrained(tmp_path / "saved")
+    torch.testing.assert_close(AlignmentModel.from_pretrained(saved).encode("v", clips),
+                               model.encode("v", clips))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"frames": 8}, r"model.towers.v.frames: 8, but the model at model.towers.v.path "
+                        r"takes 4 \(num_frames\); set frames: 4"),
+        ({"image_size": 32}, r"model.towers.v.image_size: 32, .* set image_size: 16"),
+        ({"path": None, "patch_size": 5}, "encoder hf: patch_size 5 must divide image_size 16"),
+        ({"encoder": "conv3d"}, "'path' is only used with encoder: hf"),
+        ({"path": "nowhere"}, r"model.towers.v.path: nowhere is not a Hugging Face model"),
+    ],
+)  # fmt: skip
+def test_hf_config_errors_are_one_line_naming_the_field(
+    tmp_path: Path, changes: dict, message: str
+) -> None:
+    folder = save_videomae(tmp_path / "videomae")
+    config = {**HF, "path": str(folder), **changes}
+    with pytest.raises(ConfigError, match=message) as error:
+        AlignmentModel.from_config({"dim": 8, "towers": {"v": config}})
+    assert "\n" not in str(error.value)
+
+
+def test_hf_refuses_a_folder_of_another_model_or_without_a_video_processor(
+    tmp_path: Path,
+) -> None:
+    import transformers
+
+    transformers.PatchTSTConfig().save_pretrained(tmp_path / "patchtst")
+    with pytest.raises(ConfigError, match=r"v.path: .* holds a 'patchtst' model; a video"):
+        build_tower({**HF, "path": str(tmp_path / "patchtst")}, "model.towers.v")
+    folder = save_videomae(tmp_path / "videomae")
+    (folder / "video_preprocessor_config.json").unlink()
+    with pytest.raises(ConfigError, match="v.path: no video processor in"):
+        build_tower({**HF, "path": str(folder)}, "model.towers.v")
