@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -23,6 +24,8 @@ RESNET = {"type": "timeseries", "channels": 2, "window": 32, "width": 16,
           "resnet_channels": [8, 16]}  # fmt: skip
 PATCH = {"type": "timeseries", "channels": 2, "window": 32, "width": 16, "encoder": "patch",
          "patch": 8, "heads": 2}  # fmt: skip
+HF = {**PATCH, "encoder": "hf"}
+ENCODERS = pytest.mark.parametrize("config", [RESNET, PATCH, HF], ids=["resnet", "patch", "hf"])
 
 
 def test_windows_are_centred_at_eval_random_when_augmenting_and_padded_as_missing() -> None:
@@ -68,7 +71,7 @@ def test_fitted_statistics_equal_numpy_and_ignore_missing_values() -> None:
     np.testing.assert_allclose(tower.std.numpy(), np.nanstd(per_channel, 1), rtol=1e-5)
 
 
-@pytest.mark.parametrize("config", [RESNET, PATCH], ids=["resnet", "patch"])
+@ENCODERS
 def test_a_missing_channel_is_masked_and_items_do_not_depend_on_their_batch(config: dict) -> None:
     torch.manual_seed(0)
     tower = build_tower(config).eval()
@@ -96,7 +99,7 @@ def _waves(rows: int, seed: int = 0) -> tuple[list[np.ndarray], list[np.ndarray]
     return waves, list(params)
 
 
-@pytest.mark.parametrize("config", [RESNET, PATCH], ids=["resnet", "patch"])
+@ENCODERS
 def test_it_trains_against_a_paired_modality(config: dict) -> None:
     torch.manual_seed(0)
     model = AlignmentModel.from_config(
@@ -131,13 +134,15 @@ def test_last_blocks_train_the_top_residual_blocks_and_the_head() -> None:
     assert trained_layers == {"1", "2"}
 
 
-@pytest.mark.parametrize("config", [RESNET, PATCH], ids=["resnet", "patch"])
+@ENCODERS
 def test_gradient_checkpointing_gives_the_same_gradients(config: dict) -> None:
     torch.manual_seed(0)
     plain = AlignmentModel.from_config({"dim": 8, "towers": {"ts": config, "u": config}})
     checkpointed = copy.deepcopy(plain)
     applied = apply_memory_savers(checkpointed, TrainConfig(gradient_checkpointing=True))
     assert sorted(applied["gradient_checkpointing"]) == ["ts", "u"]
+    blocks = checkpointed.tower("ts").blocks()  # each block's forward checkpointed
+    assert blocks and all("forward" in vars(m) for block in blocks for m in block)
     waves, _ = _waves(6)
     grads = {}
     for name, model in (("plain", plain), ("checkpointed", checkpointed)):
@@ -149,7 +154,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(config: dict) -> None:
         torch.testing.assert_close(grads["checkpointed"][name], grad, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("config", [RESNET, PATCH], ids=["resnet", "patch"])
+@ENCODERS
 def test_onnx_equals_torch_with_missing_channels(config: dict, tmp_path: Path) -> None:
     import onnxruntime
 
@@ -169,3 +174,91 @@ def test_onnx_equals_torch_with_missing_channels(config: dict, tmp_path: Path) -
     with torch.no_grad():
         expected = model.embed("ts", inputs)
     np.testing.assert_allclose(exported, expected.numpy(), atol=1e-4)
+
+
+def test_hf_last_blocks_train_the_top_patchtst_layers() -> None:
+    tower = build_tower({**HF, "layers": 3, "trainable": {"last_blocks": 2}})
+    assert [type(block[0]).__name__ for block in tower.blocks()] == ["PatchTSTEncoderLayer"] * 3
+    trained = {n for n, p in tower.named_parameters() if p.requires_grad}
+    assert trained == {
+        n
+        for n, _ in tower.named_parameters()
+        if n.startswith(("encoder.model.encoder.layers.1.", "encoder.model.encoder.layers.2."))
+    }
+
+
+def save_patchtst(directory: Path, **changes: Any) -> Path:
+    """A PatchTST with random weights, saved as a user would: overlapping patches, its own
+    std scaling and (pretraining) input masking on."""
+    import transformers
+
+    torch.manual_seed(1)
+    settings = {"num_input_channels": 2, "context_length": 32, "patch_length": 8,
+                "patch_stride": 4, "d_model": 16, "num_attention_heads": 2,
+                "num_hidden_layers": 1, "ffn_dim": 32, "do_mask_input": True,
+                "norm_type": "layernorm", "scaling": "std"}  # fmt: skip
+    config = transformers.PatchTSTConfig(**{**settings, **changes})
+    transformers.PatchTSTModel(config).save_pretrained(directory)
+    return directory
+
+
+def test_hf_from_a_local_folder_equals_transformers_and_survives_save_and_load(
+    tmp_path: Path,
+) -> None:
+    import transformers
+
+    folder = save_patchtst(tmp_path / "patchtst")
+    config = {"type": "timeseries", "encoder": "hf", "path": str(folder), "channels": 2,
+              "window": 32}  # fmt: skip
+    model = AlignmentModel.from_config({"dim": 8, "towers": {"ts": config}}).eval()
+    tower = model.tower("ts")
+    tower.fit_normalization(np.random.default_rng(0).normal(2, 3, (4, 2, 32)))
+    reference = transformers.AutoModel.from_pretrained(folder, do_mask_input=False).eval()
+    waves, _ = _waves(3)
+    waves[1][1] = np.nan  # a missing channel
+    inputs = tower.collate([tower.preprocess(w) for w in waves])
+    observed = ~inputs.isnan()
+    values = ((inputs - tower.mean[:, None]) / tower.std[:, None]).nan_to_num(0.0)
+    with torch.no_grad():
+        hidden = reference(
+            past_values=values.transpose(1, 2), past_observed_mask=observed.transpose(1, 2).float()
+        ).last_hidden_state
+        expected = torch.stack(
+            [hidden[0].mean((0, 1)), hidden[1, 0].mean(0), hidden[2].mean((0, 1))]
+        )
+        torch.testing.assert_close(tower(inputs), expected, rtol=0, atol=1e-6)
+    saved = model.save_pretrained(tmp_path / "saved")
+    torch.testing.assert_close(AlignmentModel.from_pretrained(saved).encode("ts", waves),
+                               model.encode("ts", waves))  # fmt: skip
+
+
+def test_the_onnx_patching_equals_transformers_unfold_with_overlapping_patches(
+    tmp_path: Path,
+) -> None:
+    tower = build_tower({**HF, "path": str(save_patchtst(tmp_path / "p"))}).eval()
+    patchify = tower.encoder.model.patchifier
+    values = torch.randn(3, 32, 2)
+    with tower.exportable():
+        torch.testing.assert_close(tower.encoder.model.patchifier(values), patchify(values))
+    assert tower.encoder.model.patchifier is patchify
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"channels": 3}, r"model.towers.ts.channels: 3, but the model at model.towers.ts.path "
+                          r"takes 2 \(num_input_channels\); set channels: 2"),
+        ({"window": 64}, r"model.towers.ts.window: 64, .* \(context_length\); set window: 32"),
+        ({"path": None, "patch": 32}, "encoder hf: patch 32 must be shorter than window"),
+        ({"path": None, "patch": 5}, "patch 5 must divide window 32"),
+        ({"encoder": "patch"}, "'path' is only used with encoder: hf"),
+        ({"path": "nowhere"}, r"model.towers.ts.path: nowhere is not a Hugging Face model"),
+    ],
+)  # fmt: skip
+def test_hf_config_errors_are_one_line_naming_the_field(
+    tmp_path: Path, changes: dict, message: str
+) -> None:
+    config = {**HF, "path": str(save_patchtst(tmp_path / "p")), **changes}
+    with pytest.raises(ConfigError, match=message) as error:
+        AlignmentModel.from_config({"dim": 8, "towers": {"ts": config}})
+    assert "\n" not in str(error.value)

@@ -291,5 +291,5 @@ def test_hf_refuses_a_folder_of_another_model_or_without_a_video_processor(
         build_tower({**HF, "path": str(tmp_path / "patchtst")}, "model.towers.v")
     folder = save_videomae(tmp_path / "videomae")
     (folder / "video_preprocessor_config.json").unlink()
-    with pytest.raises(ConfigError, match="v.path: no video processor in"):
+    with pytest.raises(ConfigError, match=r"v\.path: no video processor in"):
         build_tower({**HF, "path": str(folder)}, "model.towers.v")
