@@ -62,10 +62,16 @@ def guide_commands(path: Path) -> list[str]:
     return commands
 
 
+def guide_python(path: Path) -> list[str]:
+    """The code of the ```python test blocks of a markdown file."""
+    return re.findall(r"^```python test\n(.*?)^```", path.read_text(), flags=re.S | re.M)
+
+
 def run_guide(path: Path, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """Run the guide's commands in ``workdir`` (beside a link to ``configs/``) through the
-    ``mmalign`` entry point, in this process (one torch import for all of them); each
-    command's standard output."""
+    ``mmalign`` entry point, in this process (one torch import for all of them), then its
+    ```python test blocks (their asserts check what they compute); each command's standard
+    output."""
     (workdir / "configs").symlink_to(ROOT / "configs")
     monkeypatch.chdir(workdir)
     outputs = {}
@@ -79,6 +85,8 @@ def run_guide(path: Path, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> dic
         print(f"{time.perf_counter() - started:5.1f} s  {command}")
         outputs[command] = printed.getvalue()
     assert outputs, f"{path} has no ```sh test block"
+    for code in guide_python(path):
+        exec(compile(code, str(path), "exec"), {"__name__": "__guide__"})
     return outputs
 
 
@@ -437,7 +445,7 @@ def test_guide_configs_read_the_directories_prep_writes() -> None:
     for guide in [*guides, *configs]:
         commands = [shlex.split(c) for c in guide_commands(ROOT / "docs" / f"{guide}.md")]
         (prep,) = [c for c in commands if c[:3] == ["mmalign", "prep", "from-manifest"]]
-        (train,) = [c for c in commands if c[:2] == ["mmalign", "train"]]
+        train = next(c for c in commands if c[:2] == ["mmalign", "train"])
         assert "--val-fraction" in prep and "--name" not in prep
         out = prep[prep.index("--out") + 1]
         config = load_config(ROOT / train[2])
