@@ -221,7 +221,7 @@ class GatherPatchify(nn.Module):
 
     indices: torch.Tensor
 
-    def __init__(self, patchify: nn.Module) -> None:
+    def __init__(self, patchify: Any) -> None:
         super().__init__()
         start, stride = int(patchify.sequence_start), int(patchify.patch_stride)
         starts = start + stride * torch.arange(int(patchify.num_patches))

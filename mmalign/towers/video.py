@@ -405,15 +405,17 @@ class VideoTower(Tower):
     def hf_parts(self) -> HFParts | None:
         """``encoder: hf``: the ``VideoMAEModel`` and its video processor, pooled over all
         tokens."""
-        if not isinstance(self.encoder, HFVideoEncoder):
+        encoder = getattr(self, "encoder", None)  # ``frames`` has none
+        if not isinstance(encoder, HFVideoEncoder):
             return None
-        return HFParts(self.encoder.model, self.processor, "tokens")
+        return HFParts(encoder.model, self.processor, "tokens")
 
     def save_files(self, directory: Path) -> dict[str, Any]:
         """``frames``: the image tower's resolved config; ``hf``: VideoMAE's config and video
         processor (weights live in the model's safetensors)."""
-        if isinstance(self.encoder, HFVideoEncoder):
-            self.encoder.model.config.save_pretrained(directory)
+        encoder = getattr(self, "encoder", None)  # ``frames`` has none
+        if isinstance(encoder, HFVideoEncoder):
+            encoder.model.config.save_pretrained(directory)
             self.processor.save_pretrained(directory)
             return {"path": "."}
         if self.config.encoder == "conv3d":
