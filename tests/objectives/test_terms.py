@@ -117,6 +117,50 @@ def test_queue_equals_dense_loss_over_batch_and_queue() -> None:
     assert float(out.loss) == pytest.approx(out.metrics["loss"])
 
 
+def _naive_queue_exclude(a, b, groups, qa, qb, queued_groups, scale: float) -> float:
+    """Each row's own column is its positive; same-group columns of the batch and the queue
+    (other than its own) leave the denominator."""
+    total = 0.0
+    for queries, keys, queued in ((a, b, qb), (b, a, qa)):
+        candidates = torch.cat([keys, queued])
+        candidate_groups = torch.cat([groups, queued_groups])
+        for i, query in enumerate(queries):
+            kept = [
+                j
+                for j in range(candidates.shape[0])
+                if j == i or candidate_groups[j] != groups[i]
+            ]
+            logits = torch.stack([scale * query @ candidates[j] for j in kept])
+            total += float(torch.logsumexp(logits, 0) - scale * query @ keys[i])
+    return total / (2 * a.shape[0])
+
+
+def test_queue_excludes_queued_entries_of_the_rows_group() -> None:
+    """positives: exclude: an earlier copy of a row's caption (same group) in the queue is not
+    one of its negatives (before, the queue kept it as a negative whatever the mode)."""
+    configs = [term_config({"type": "queue", "size": 9})]
+    inner = build_objective({"name": "clip", "positives": "exclude"})
+    objective = TermsObjective(inner, configs, ["a", "b"], DIM)
+    assert objective.queue is not None
+    objective.queue.double()
+    groups = torch.tensor([0, 1, 2, 0, 3, 4, 5])
+    earlier = {"a": _unit(ROWS, DIM, 1), "b": _unit(ROWS, DIM, 2)}
+    objective(earlier, torch.tensor(10.0), groups=groups + 10)
+    objective.end_step()
+    objective(earlier, torch.tensor(10.0), groups=groups)  # the same records again
+    objective.end_step()
+    qa, qb = objective.queue.stored("a"), objective.queue.stored("b")
+    queued_groups = objective.queue.stored_groups("b")
+    assert queued_groups.tolist() == [14, 15, *groups.tolist()]
+    now = {"a": _unit(ROWS, DIM, 3), "b": earlier["b"]}
+    out = objective(now, torch.tensor(10.0, dtype=torch.float64), groups=groups)
+    expected = _naive_queue_exclude(now["a"], now["b"], groups, qa, qb, queued_groups, 10.0)
+    assert out.metrics["loss/queue"] == pytest.approx(expected, rel=1e-9)
+    # under instance the same queue counts every queued copy as a negative: a larger loss
+    plain = _naive_queue_infonce(now["a"], now["b"], qa, qb, 10.0)
+    assert plain > expected + 0.1
+
+
 def test_terms_are_weighted_and_the_loss_falls_with_gradient() -> None:
     objective = _objective(
         [{"type": "two_view", "modality": "b", "weight": 2.0}, {"type": "queue", "size": 4}]
