@@ -10,9 +10,11 @@ Three experiments, each a few short runs with the same seed and steps (one seed)
   about 4x fewer parameters at half the width), trained alone and distilled from the teacher
   ``--teacher`` (a trained demo model, ``runs/demo/digits/model`` after ``mmalign demo``);
   zero-shot image top-1 (English prompts) and text->image class R@1.
-- ``queue``: image + text at batch ``--small-batch``, alone and with ``queue: --queue``, and
-  at batch ``--queue`` reached by exact accumulation (``--queue / --small-batch``
-  micro-batches); zero-shot top-1 after the same steps, training time and peak RSS.
+- ``queue``: image + text at batch ``--small-batch``, alone, with ``queue: --queue`` (every
+  queued entry a negative), with the queue and ``positives: exclude`` over caption groups
+  (``data.group_field: txt``: queued copies of a row's caption are not its negatives), and at
+  batch ``--queue`` reached by exact accumulation (``--queue / --small-batch`` micro-batches);
+  zero-shot top-1 after the same steps, training time and peak RSS.
 
 Each run is its own process (so its peak memory is its own); results go to
 ``<out>/terms.json`` and a markdown table. Run (CPU; data from
@@ -129,10 +131,13 @@ def variant_config(args: argparse.Namespace, name: str) -> dict:
         return config
     config = base_config(args, ["image", "text"], digits, out)
     config["data"]["batch_size"] = args.small_batch
-    if name == "queue_on":
+    if name in ("queue_on", "queue_exclude"):
         config["model"]["objective"]["terms"] = [
             {"type": "queue", "size": args.queue, "weight": args.queue_weight}
         ]
+    if name == "queue_exclude":
+        config["data"]["group_field"] = "txt"
+        config["model"]["objective"]["positives"] = "exclude"
     if name == "queue_big_batch":
         config["train"]["accumulate"] = args.queue // args.small_batch
     return config
@@ -187,7 +192,7 @@ def run_variant(args: argparse.Namespace, name: str) -> dict[str, Any]:
 EXPERIMENTS = {
     "two_view": ["two_view_off", "two_view_on"],
     "distill": ["distill_off", "distill_on"],
-    "queue": ["queue_off", "queue_on", "queue_big_batch"],
+    "queue": ["queue_off", "queue_on", "queue_exclude", "queue_big_batch"],
 }
 
 

@@ -72,9 +72,7 @@ class EmbeddingQueue(nn.Module):
         return groups[: int(getattr(self, f"{modality}_count"))]
 
     @torch.no_grad()
-    def push(
-        self, rows: Mapping[str, Tensor], groups: Mapping[str, Tensor] | None = None
-    ) -> None:
+    def push(self, rows: Mapping[str, Tensor], groups: Mapping[str, Tensor] | None = None) -> None:
         """Append ``rows[m]`` (``[n, dim]``) and their ``groups[m]`` (``[n]``, 0 without) to
         each modality's queue, dropping the oldest."""
         for name, new in rows.items():

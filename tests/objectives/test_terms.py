@@ -126,9 +126,7 @@ def _naive_queue_exclude(a, b, groups, qa, qb, queued_groups, scale: float) -> f
         candidate_groups = torch.cat([groups, queued_groups])
         for i, query in enumerate(queries):
             kept = [
-                j
-                for j in range(candidates.shape[0])
-                if j == i or candidate_groups[j] != groups[i]
+                j for j in range(candidates.shape[0]) if j == i or candidate_groups[j] != groups[i]
             ]
             logits = torch.stack([scale * query @ candidates[j] for j in kept])
             total += float(torch.logsumexp(logits, 0) - scale * query @ keys[i])
