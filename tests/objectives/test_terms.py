@@ -194,3 +194,44 @@ def test_config_errors_name_the_field() -> None:
     with pytest.raises(ConfigError, match="queue needs a pairwise objective"):
         symile = build_objective({"name": "symile"})
         TermsObjective(symile, [term_config({"type": "queue", "size": 4})], ["a", "b", "c"], 4)
+
+
+def test_two_view_and_distill_with_symile_equal_naive_references() -> None:
+    """Under symile the main loss is symile's own, two_view is NT-Xent and distill is the mean
+    over every pair of the naive KL (a row missing c leaves the pairs with c)."""
+    names = ["a", "b", "c"]
+    terms = [
+        {"type": "two_view", "modality": "a", "weight": 0.5, "temperature": 0.3},
+        {"type": "distill", "teacher": "unused", "temperature": 0.5, "weight": 2.0},
+    ]
+    configs = [term_config(term) for term in terms]
+    objective = TermsObjective(build_objective({"name": "symile"}), configs, names, DIM)
+    student = {m: _unit(ROWS, DIM, seed) for seed, m in enumerate(names)}
+    teacher = {f"{m}@teacher": _unit(ROWS, 12, 10 + seed) for seed, m in enumerate(names)}
+    view = _unit(ROWS, DIM, 20)
+    has_c = [True, True, True, False, True, True, True]
+    full = [True] * ROWS
+    present = _present(full, full, has_c, full, full, full, has_c)
+    scale = torch.tensor(10.0, dtype=torch.float64)
+    embeddings = {**student, "a@view2": view, **teacher}
+    out = objective(embeddings, scale, present=present, generator=torch.Generator().manual_seed(0))
+    symile = build_objective({"name": "symile"})
+    main = symile(
+        student, scale, present=present[:, :3], generator=torch.Generator().manual_seed(0)
+    )
+    assert out.metrics["loss/main"] == pytest.approx(main.metrics["loss"], rel=1e-12)
+    two_view = _naive_nt_xent(student["a"], view, 0.3)
+    assert out.metrics["loss/two_view_a"] == pytest.approx(two_view, rel=1e-9)
+    pairs = []
+    for first, second in (("a", "b"), ("a", "c"), ("b", "c")):
+        keep = torch.tensor(has_c) if "c" in (first, second) else torch.ones(ROWS, dtype=bool)
+        s1, s2 = student[first][keep], student[second][keep]
+        t1, t2 = teacher[f"{first}@teacher"][keep], teacher[f"{second}@teacher"][keep]
+        pairs.append(
+            0.5
+            * (_naive_kl(2 * s1 @ s2.T, 2 * t1 @ t2.T) + _naive_kl(2 * s2 @ s1.T, 2 * t2 @ t1.T))
+        )
+    distill = sum(pairs) / 3
+    assert out.metrics["loss/distill"] == pytest.approx(distill, rel=1e-9)
+    expected = main.metrics["loss"] + 0.5 * two_view + 2.0 * distill
+    assert float(out.loss) == pytest.approx(expected, rel=1e-9)
