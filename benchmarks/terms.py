@@ -17,11 +17,20 @@ Three experiments, each a few short runs with the same seed and steps (one seed)
   zero-shot top-1 after the same steps, training time and peak RSS.
 
 Each run is its own process (so its peak memory is its own); results go to
-``<out>/terms.json`` and a markdown table. Run (CPU; data from
+``<out>/terms.json`` and a markdown table, with the mean pairwise cosine of each measured
+modality's test embeddings (near 1: a collapsed tower). Run (CPU; data from
 ``mmalign prep make-demo --out data/demo``):
 
     .venv/bin/python benchmarks/terms.py --data data/demo --out runs/bench_terms \
         --teacher runs/demo/digits/model
+
+(c) at the issue's sizes, bounded (a step of 4,096 by exact accumulation takes minutes on a
+CPU, so the big batch runs 2 steps):
+
+    .venv/bin/python benchmarks/terms.py --data data/demo --out runs/bench_queue \
+        --experiments queue --steps 200 --only queue_off queue_on queue_exclude
+    .venv/bin/python benchmarks/terms.py --data data/demo --out runs/bench_queue_big \
+        --experiments queue --steps 2 --only queue_off queue_big_batch
 """
 
 from __future__ import annotations
@@ -163,6 +172,9 @@ def measure(model_dir: Path, args: argparse.Namespace) -> dict[str, float]:
         collected.embeddings[query], collected.embeddings[gallery], labels, labels, ks=(1,)
     )["q2g/R@1"]
     results = {f"{query}->{gallery} R@1": recall}
+    for name in (query, gallery):  # near 1: the tower collapsed (every input one embedding)
+        unit = torch.nn.functional.normalize(collected.embeddings[name].float(), dim=-1)
+        results[f"{name} mean cosine"] = float((unit @ unit.T).mean())
     if "image" in modalities:
         classnames, prompts = load_classes(digits / "classes.json", "en")
         classifier = ZeroShotClassifier(model, prompts, "text", classnames=classnames)
