@@ -8,8 +8,9 @@ teacher of the ``distill`` term (:mod:`mmalign.objectives.distill`), described h
 through the teacher once, under ``no_grad`` and in eval mode, for the modalities the teacher
 has; its embeddings join the student's as ``<modality>@teacher`` (any ``dim``). Exact
 accumulation encodes every micro-batch twice; the teacher's embeddings of the last
-micro-batches are kept, so it runs once per micro-batch. Its towers get the student's preprocessed inputs, so they must
-preprocess alike (same image size and normalization, same tokenizer).
+micro-batches are kept, so it runs once per micro-batch. Its towers get the student's
+preprocessed inputs, so they must preprocess alike (same image size and normalization, same
+tokenizer).
 
 Example:
     >>> teacher = load_teacher(model)  # doctest: +SKIP
@@ -93,6 +94,11 @@ def _teacher_model(term: DistillTerm, student: AlignmentModel) -> AlignmentModel
     config = open_clip_teacher_config(term, types)
     if config is not None:
         return AlignmentModel.from_config(config)
+    if term.teacher_encoders is not None:
+        raise ConfigError(
+            f"model.objective.terms: distill teacher_encoders maps an open_clip teacher's "
+            f"encoders, but {term.teacher} is not an open_clip folder; remove teacher_encoders"
+        )
     try:
         return AlignmentModel.from_pretrained(Path(term.teacher))
     except FileNotFoundError as error:

@@ -110,6 +110,11 @@ def test_open_clip_teacher_errors_name_the_field(tmp_path: Path) -> None:
     wrong = {"type": "distill", "teacher": str(folder), "teacher_encoders": {"audio": "image"}}
     with pytest.raises(ConfigError, match=r"teacher_encoders names \['audio'\]"):
         load_teacher(_student(wrong))
+    saved = tmp_path / "mmalign-teacher"
+    _student({"type": "distill", "teacher": "unused"}).save_pretrained(saved)
+    mapped = {"type": "distill", "teacher": str(saved), "teacher_encoders": ENCODERS}
+    with pytest.raises(ConfigError, match="is not an open_clip folder; remove teacher_encoders"):
+        load_teacher(_student(mapped))
     unknown = {"type": "distill", "teacher": str(folder), "teacher_model": "no-such-clip"}
     with pytest.raises(ConfigError, match="teacher_model 'no-such-clip' is not an open_clip"):
         load_teacher(_student(unknown))
