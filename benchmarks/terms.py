@@ -10,16 +10,27 @@ Three experiments, each a few short runs with the same seed and steps (one seed)
   about 4x fewer parameters at half the width), trained alone and distilled from the teacher
   ``--teacher`` (a trained demo model, ``runs/demo/digits/model`` after ``mmalign demo``);
   zero-shot image top-1 (English prompts) and text->image class R@1.
-- ``queue``: image + text at batch ``--small-batch``, alone and with ``queue: --queue``, and
-  at batch ``--queue`` reached by exact accumulation (``--queue / --small-batch``
-  micro-batches); zero-shot top-1 after the same steps, training time and peak RSS.
+- ``queue``: image + text at batch ``--small-batch``, alone, with ``queue: --queue`` (every
+  queued entry a negative), with the queue and ``positives: exclude`` over caption groups
+  (``data.group_field: txt``: queued copies of a row's caption are not its negatives), and at
+  batch ``--queue`` reached by exact accumulation (``--queue / --small-batch`` micro-batches);
+  zero-shot top-1 after the same steps, training time and peak RSS.
 
 Each run is its own process (so its peak memory is its own); results go to
-``<out>/terms.json`` and a markdown table. Run (CPU; data from
+``<out>/terms.json`` and a markdown table, with the mean pairwise cosine of each measured
+modality's test embeddings (near 1: a collapsed tower). Run (CPU; data from
 ``mmalign prep make-demo --out data/demo``):
 
     .venv/bin/python benchmarks/terms.py --data data/demo --out runs/bench_terms \
         --teacher runs/demo/digits/model
+
+(c) at the issue's sizes, bounded (a step of 4,096 by exact accumulation takes minutes on a
+CPU, so the big batch runs 2 steps):
+
+    .venv/bin/python benchmarks/terms.py --data data/demo --out runs/bench_queue \
+        --experiments queue --steps 200 --only queue_off queue_on queue_exclude
+    .venv/bin/python benchmarks/terms.py --data data/demo --out runs/bench_queue_big \
+        --experiments queue --steps 2 --only queue_off queue_big_batch
 """
 
 from __future__ import annotations
@@ -129,10 +140,13 @@ def variant_config(args: argparse.Namespace, name: str) -> dict:
         return config
     config = base_config(args, ["image", "text"], digits, out)
     config["data"]["batch_size"] = args.small_batch
-    if name == "queue_on":
+    if name in ("queue_on", "queue_exclude"):
         config["model"]["objective"]["terms"] = [
             {"type": "queue", "size": args.queue, "weight": args.queue_weight}
         ]
+    if name == "queue_exclude":
+        config["data"]["group_field"] = "txt"
+        config["model"]["objective"]["positives"] = "exclude"
     if name == "queue_big_batch":
         config["train"]["accumulate"] = args.queue // args.small_batch
     return config
@@ -158,6 +172,9 @@ def measure(model_dir: Path, args: argparse.Namespace) -> dict[str, float]:
         collected.embeddings[query], collected.embeddings[gallery], labels, labels, ks=(1,)
     )["q2g/R@1"]
     results = {f"{query}->{gallery} R@1": recall}
+    for name in (query, gallery):  # near 1: the tower collapsed (every input one embedding)
+        unit = torch.nn.functional.normalize(collected.embeddings[name].float(), dim=-1)
+        results[f"{name} mean cosine"] = float((unit @ unit.T).mean())
     if "image" in modalities:
         classnames, prompts = load_classes(digits / "classes.json", "en")
         classifier = ZeroShotClassifier(model, prompts, "text", classnames=classnames)
@@ -187,7 +204,7 @@ def run_variant(args: argparse.Namespace, name: str) -> dict[str, Any]:
 EXPERIMENTS = {
     "two_view": ["two_view_off", "two_view_on"],
     "distill": ["distill_off", "distill_on"],
-    "queue": ["queue_off", "queue_on", "queue_big_batch"],
+    "queue": ["queue_off", "queue_on", "queue_exclude", "queue_big_batch"],
 }
 
 

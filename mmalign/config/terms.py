@@ -51,8 +51,17 @@ class DistillTerm(_Term):
 
     type: Literal["distill"]
     teacher: str
-    """A saved mmalign model directory (``save_pretrained`` / ``--output``), read from disk
-    only; its towers must take the same preprocessed inputs as the student's."""
+    """The frozen teacher, read from disk only: a saved mmalign model directory
+    (``save_pretrained`` / ``--output``); an open_clip folder (``open_clip_config.json`` and a
+    checkpoint, the hf-hub layout; also ``local-dir:DIR``, or ``hf-hub:ORG/NAME`` from the local
+    Hugging Face cache); or, with ``teacher_model``, an open_clip checkpoint file. Its towers
+    must take the same preprocessed inputs as the student's."""
+    teacher_model: str | None = None
+    """The open_clip model name (built-in or registered) of a ``teacher`` checkpoint file."""
+    teacher_encoders: dict[str, Literal["image", "text"]] | None = None
+    """An open_clip teacher: which of its encoders embeds each student modality
+    (``{photo: image, caption: text}``); default: each student tower of type ``image`` or
+    ``text`` gets that encoder."""
     temperature: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     """Softmax temperature of both teacher and student; ``None``: each model's own learned
     temperature (open_clip's ``--distill-model``)."""

@@ -62,6 +62,7 @@ from mmalign.objectives.base import (
 )
 from mmalign.objectives.distill import TEACHER, distill_term, teacher_name
 from mmalign.objectives.distributed import BatchView, all_reduce_mean
+from mmalign.objectives.positives import PositivesConfig
 from mmalign.objectives.queue import EmbeddingQueue, present_rows, queue_term
 from mmalign.objectives.two_view import nt_xent_term
 
@@ -80,7 +81,7 @@ class TermsObjective(WrappingObjective):
         self.term_configs = list(terms)
         self.modalities = list(modalities)
         self.teacher_logit_scale: float | None = None
-        self._pending: dict[str, Tensor] = {}
+        self._pending: tuple[dict[str, Tensor], dict[str, Tensor] | None] = ({}, None)
         sizes = [term.size for term in terms if isinstance(term, QueueTerm)]
         if sizes and not isinstance(inner.config, PairTermsConfig):
             raise ConfigError(
@@ -116,7 +117,7 @@ class TermsObjective(WrappingObjective):
             generator,
             groups=groups,
         )
-        batch, teachers = self._gather(embeddings, present)
+        batch, teachers = self._gather(embeddings, present, groups)
         scale = torch.as_tensor(logit_scale, dtype=batch.dtype, device=batch.device)
         loss, metrics = out.loss, {**out.metrics, "loss/main": out.metrics["loss"]}
         for term in self.term_configs:
@@ -130,10 +131,10 @@ class TermsObjective(WrappingObjective):
         return LossOutput(loss=loss, metrics=metrics)
 
     def _gather(
-        self, embeddings: dict[str, Tensor], present: Tensor | None
+        self, embeddings: dict[str, Tensor], present: Tensor | None, groups: Tensor | None
     ) -> tuple[BatchView, BatchView | None]:
-        """The student's embeddings (modalities and second views) and the teacher's (their
-        own width), each gathered over processes."""
+        """The student's embeddings (modalities and second views, with ``groups``) and the
+        teacher's (their own width), each gathered over processes."""
         names = list(embeddings)
         rows = next(iter(embeddings.values())).shape[0]
         if present is None:
@@ -145,7 +146,8 @@ class TermsObjective(WrappingObjective):
             columns = present[:, [names.index(name) for name in chosen]]
             part = {name: embeddings[name] for name in chosen}
             with_grad = self.config.gather_with_grad
-            views.append(BatchView.gather(part, columns, with_grad) if chosen else None)
+            own_groups = None if wanted else groups
+            views.append(BatchView.gather(part, columns, with_grad, own_groups) if chosen else None)
         assert views[0] is not None  # the modalities are always there
         return views[0], views[1]
 
@@ -169,7 +171,8 @@ class TermsObjective(WrappingObjective):
         assert self.queue is not None  # the constructor makes it for a queue term
         used = sorted({name for pair in pairs for name in pair})
         self._pending = present_rows(batch, used)
-        return [queue_term(batch, pair, scale, self.queue) for pair in pairs]
+        positives = self.config if isinstance(self.config, PositivesConfig) else None
+        return [queue_term(batch, pair, scale, self.queue, positives) for pair in pairs]
 
     def _distill(
         self,
@@ -196,9 +199,9 @@ class TermsObjective(WrappingObjective):
 
     def end_step(self) -> None:
         """After an optimizer step: push the step's global batch into the queue (if any)."""
-        if self.queue is not None and self._pending:
-            self.queue.push(self._pending)
-        self._pending = {}
+        if self.queue is not None and self._pending[0]:
+            self.queue.push(*self._pending)
+        self._pending = ({}, None)
 
 
 def with_terms(

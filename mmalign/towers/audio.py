@@ -77,6 +77,11 @@ class AudioTowerConfig(TowerConfig):
     augment_time_mask: float = Field(default=0.0, ge=0, lt=1)
     """Train-time time masking: a random span of up to ``r`` of the clip set to silence
     (SpecAugment's time mask, on the waveform)."""
+    augment_freq_mask: float = Field(default=0.0, ge=0, lt=1)
+    """Train-time frequency masking (SpecAugment): a random band of up to ``r * n_mels``
+    consecutive mel bins set to the clip's mean (0 after the per-clip standardization). The
+    band is drawn in ``preprocess`` (the loader's seeded workers; item key ``mel_keep``) and
+    applied to the log-mel in ``forward``; ``transformer`` and ``cnn`` encoders only."""
     n_mels: int = Field(default=64, ge=1)
     n_fft: int = Field(default=400, ge=2)
     """FFT size in samples (400 = 25 ms at 16 kHz)."""
@@ -114,6 +119,11 @@ class AudioTowerConfig(TowerConfig):
             raise ValueError("encoder 'hf' needs 'path:' (a local Hugging Face model directory)")
         if self.encoder != "hf" and self.path is not None:
             raise ValueError("'path' is only used with encoder: hf")
+        if self.encoder == "hf" and self.augment_freq_mask > 0:
+            raise ValueError(
+                "augment_freq_mask masks the log-mel of the transformer and cnn encoders; "
+                "encoder hf has its own feature extractor"
+            )
         if self.f_max is not None and not self.f_min < self.f_max <= self.sample_rate / 2:
             raise ValueError(
                 f"f_max must lie in (f_min, sample_rate / 2] = ({self.f_min}, "
@@ -270,6 +280,24 @@ def augment_clip(clip: np.ndarray, gain_db: float, time_mask: float) -> np.ndarr
     return out
 
 
+def frequency_band_mask(n_mels: int, ratio: float) -> torch.Tensor:
+    """``BoolTensor[n_mels]``: False on a random band of up to ``floor(ratio * n_mels)``
+    consecutive mel bins (SpecAugment's frequency mask: width ``f ~ U{0..F}``, start
+    ``f0 ~ U{0..n_mels - f}``; torch's generator), True elsewhere.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> keep = frequency_band_mask(64, 0.25)
+        >>> keep.shape, int((~keep).sum()) <= 16
+        (torch.Size([64]), True)
+    """
+    width = int(torch.randint(int(ratio * n_mels) + 1, ()))
+    start = int(torch.randint(n_mels - width + 1, ()))
+    keep = torch.ones(n_mels, dtype=torch.bool)
+    keep[start : start + width] = False
+    return keep
+
+
 @register_tower("audio")
 class AudioTower(Tower):
     """Audio tower: ``(waveform, sample_rate)`` or a wav/flac path to ``[B, width]``.
@@ -345,7 +373,8 @@ class AudioTower(Tower):
     def preprocess(self, raw: Any, augment: bool = False) -> dict[str, torch.Tensor]:
         """Load, mix to mono, resample, crop/pad to ``clip_seconds`` (``augment``: a random
         window of a longer clip, else the centre one, then the gain and time mask of
-        :func:`augment_clip`); ``hf``: run the feature extractor."""
+        :func:`augment_clip` and the frequency band of :func:`frequency_band_mask`); ``hf``:
+        run the feature extractor."""
         waveform, sample_rate = load_waveform(raw)
         if sample_rate * MAX_UPSAMPLING < self.sample_rate:
             raise ValueError(
@@ -360,7 +389,12 @@ class AudioTower(Tower):
             return self._extract(clip)
         padded = np.zeros(self.clip_samples, dtype=np.float32)
         padded[: len(clip)] = clip
-        return {"waveform": torch.from_numpy(padded), "length": torch.tensor(len(clip))}
+        item = {"waveform": torch.from_numpy(padded), "length": torch.tensor(len(clip))}
+        if augment and self.config.augment_freq_mask > 0:
+            item["mel_keep"] = frequency_band_mask(
+                self.config.n_mels, self.config.augment_freq_mask
+            )
+        return item
 
     def _crop(self, waveform: np.ndarray, augment: bool) -> np.ndarray:
         excess = len(waveform) - self.clip_samples
@@ -391,7 +425,10 @@ class AudioTower(Tower):
         frame_lengths = self.log_mel.frame_lengths(inputs["length"])
         log_mel = self.log_mel(inputs["waveform"])
         frame_mask = _positions_mask(frame_lengths, log_mel.shape[-1])
-        return self.encoder(standardize_log_mel(log_mel, frame_mask), frame_lengths)
+        features = standardize_log_mel(log_mel, frame_mask)
+        if "mel_keep" in inputs:  # augment_freq_mask: the masked bands take the clip's mean
+            features = features * inputs["mel_keep"][:, :, None].to(features.dtype)
+        return self.encoder(features, frame_lengths)
 
     def enable_gradient_checkpointing(self) -> bool:
         """Each layer of the transformer, or the Hugging Face model's own switch (the CNN

@@ -3,13 +3,14 @@ the loader's second views (``two_view``), the queue's end of step (``queue``) an
 teacher of the ``distill`` term (:mod:`mmalign.objectives.distill`), described here.
 
 ``model.objective.terms: [{type: distill, teacher: <dir>}]`` loads a saved mmalign model from
-``<dir>`` (never downloaded; an open_clip checkpoint is used through an mmalign model whose
-towers load it from a local path). Each micro-batch's inputs go through the teacher once,
-under ``no_grad`` and in eval mode, for the modalities the teacher has; its embeddings join the
-student's as ``<modality>@teacher`` (any ``dim``). Exact accumulation encodes every
-micro-batch twice; the teacher's embeddings of the last micro-batches are kept, so it runs
-once per micro-batch. Its towers get the student's preprocessed inputs, so they must
-preprocess alike (same image size and normalization, same tokenizer).
+``<dir>``, or an open_clip model from a local folder or checkpoint file
+(:mod:`mmalign.training.open_clip_teacher`); never downloaded. Each micro-batch's inputs go
+through the teacher once, under ``no_grad`` and in eval mode, for the modalities the teacher
+has; its embeddings join the student's as ``<modality>@teacher`` (any ``dim``). Exact
+accumulation encodes every micro-batch twice; the teacher's embeddings of the last
+micro-batches are kept, so it runs once per micro-batch. Its towers get the student's
+preprocessed inputs, so they must preprocess alike (same image size and normalization, same
+tokenizer).
 
 Example:
     >>> teacher = load_teacher(model)  # doctest: +SKIP
@@ -32,6 +33,7 @@ from mmalign.errors import ConfigError
 from mmalign.model import AlignmentModel
 from mmalign.objectives.distill import teacher_name
 from mmalign.objectives.terms import TermsObjective
+from mmalign.training.open_clip_teacher import open_clip_teacher_config
 
 
 class Teacher:
@@ -72,12 +74,7 @@ def load_teacher(model: AlignmentModel) -> Teacher | None:
     if not terms:
         return None
     directory = Path(terms[0].teacher)
-    try:
-        teacher = AlignmentModel.from_pretrained(directory)
-    except FileNotFoundError as error:
-        raise ConfigError(
-            f"model.objective.terms: distill teacher: {error}; give a saved model directory"
-        ) from None
+    teacher = _teacher_model(terms[0], model)
     shared = [name for name in model.modalities if name in teacher.towers]
     if len(shared) < 2:
         raise ConfigError(
@@ -88,6 +85,27 @@ def load_teacher(model: AlignmentModel) -> Teacher | None:
     assert isinstance(model.objective, TermsObjective)  # a model with terms wraps its objective
     model.objective.teacher_logit_scale = float(teacher.logit_scale_value().detach())
     return Teacher(teacher)
+
+
+def _teacher_model(term: DistillTerm, student: AlignmentModel) -> AlignmentModel:
+    """The teacher ``term`` names: an open_clip model (:mod:`mmalign.training.open_clip_teacher`)
+    or a saved mmalign model directory."""
+    types = {name: tower.type for name, tower in student.config.towers.items()}
+    config = open_clip_teacher_config(term, types)
+    if config is not None:
+        return AlignmentModel.from_config(config)
+    if term.teacher_encoders is not None:
+        raise ConfigError(
+            f"model.objective.terms: distill teacher_encoders maps an open_clip teacher's "
+            f"encoders, but {term.teacher} is not an open_clip folder; remove teacher_encoders"
+        )
+    try:
+        return AlignmentModel.from_pretrained(Path(term.teacher))
+    except FileNotFoundError as error:
+        raise ConfigError(
+            f"model.objective.terms: distill teacher: {error}; give a saved model directory, "
+            "an open_clip folder, or an open_clip checkpoint file with teacher_model"
+        ) from None
 
 
 def two_view_modalities(terms: list[Any]) -> list[str]:

@@ -117,6 +117,48 @@ def test_queue_equals_dense_loss_over_batch_and_queue() -> None:
     assert float(out.loss) == pytest.approx(out.metrics["loss"])
 
 
+def _naive_queue_exclude(a, b, groups, qa, qb, queued_groups, scale: float) -> float:
+    """Each row's own column is its positive; same-group columns of the batch and the queue
+    (other than its own) leave the denominator."""
+    total = 0.0
+    for queries, keys, queued in ((a, b, qb), (b, a, qa)):
+        candidates = torch.cat([keys, queued])
+        candidate_groups = torch.cat([groups, queued_groups])
+        for i, query in enumerate(queries):
+            kept = [
+                j for j in range(candidates.shape[0]) if j == i or candidate_groups[j] != groups[i]
+            ]
+            logits = torch.stack([scale * query @ candidates[j] for j in kept])
+            total += float(torch.logsumexp(logits, 0) - scale * query @ keys[i])
+    return total / (2 * a.shape[0])
+
+
+def test_queue_excludes_queued_entries_of_the_rows_group() -> None:
+    """positives: exclude: an earlier copy of a row's caption (same group) in the queue is not
+    one of its negatives (before, the queue kept it as a negative whatever the mode)."""
+    configs = [term_config({"type": "queue", "size": 9})]
+    inner = build_objective({"name": "clip", "positives": "exclude"})
+    objective = TermsObjective(inner, configs, ["a", "b"], DIM)
+    assert objective.queue is not None
+    objective.queue.double()
+    groups = torch.tensor([0, 1, 2, 0, 3, 4, 5])
+    earlier = {"a": _unit(ROWS, DIM, 1), "b": _unit(ROWS, DIM, 2)}
+    objective(earlier, torch.tensor(10.0), groups=groups + 10)
+    objective.end_step()
+    objective(earlier, torch.tensor(10.0), groups=groups)  # the same records again
+    objective.end_step()
+    qa, qb = objective.queue.stored("a"), objective.queue.stored("b")
+    queued_groups = objective.queue.stored_groups("b")
+    assert queued_groups.tolist() == [14, 15, *groups.tolist()]
+    now = {"a": _unit(ROWS, DIM, 3), "b": earlier["b"]}
+    out = objective(now, torch.tensor(10.0, dtype=torch.float64), groups=groups)
+    expected = _naive_queue_exclude(now["a"], now["b"], groups, qa, qb, queued_groups, 10.0)
+    assert out.metrics["loss/queue"] == pytest.approx(expected, rel=1e-9)
+    # under instance the same queue counts every queued copy as a negative: a larger loss
+    plain = _naive_queue_infonce(now["a"], now["b"], qa, qb, 10.0)
+    assert plain > expected + 0.1
+
+
 def test_terms_are_weighted_and_the_loss_falls_with_gradient() -> None:
     objective = _objective(
         [{"type": "two_view", "modality": "b", "weight": 2.0}, {"type": "queue", "size": 4}]
@@ -152,3 +194,44 @@ def test_config_errors_name_the_field() -> None:
     with pytest.raises(ConfigError, match="queue needs a pairwise objective"):
         symile = build_objective({"name": "symile"})
         TermsObjective(symile, [term_config({"type": "queue", "size": 4})], ["a", "b", "c"], 4)
+
+
+def test_two_view_and_distill_with_symile_equal_naive_references() -> None:
+    """Under symile the main loss is symile's own, two_view is NT-Xent and distill is the mean
+    over every pair of the naive KL (a row missing c leaves the pairs with c)."""
+    names = ["a", "b", "c"]
+    terms = [
+        {"type": "two_view", "modality": "a", "weight": 0.5, "temperature": 0.3},
+        {"type": "distill", "teacher": "unused", "temperature": 0.5, "weight": 2.0},
+    ]
+    configs = [term_config(term) for term in terms]
+    objective = TermsObjective(build_objective({"name": "symile"}), configs, names, DIM)
+    student = {m: _unit(ROWS, DIM, seed) for seed, m in enumerate(names)}
+    teacher = {f"{m}@teacher": _unit(ROWS, 12, 10 + seed) for seed, m in enumerate(names)}
+    view = _unit(ROWS, DIM, 20)
+    has_c = [True, True, True, False, True, True, True]
+    full = [True] * ROWS
+    present = _present(full, full, has_c, full, full, full, has_c)
+    scale = torch.tensor(10.0, dtype=torch.float64)
+    embeddings = {**student, "a@view2": view, **teacher}
+    out = objective(embeddings, scale, present=present, generator=torch.Generator().manual_seed(0))
+    symile = build_objective({"name": "symile"})
+    main = symile(
+        student, scale, present=present[:, :3], generator=torch.Generator().manual_seed(0)
+    )
+    assert out.metrics["loss/main"] == pytest.approx(main.metrics["loss"], rel=1e-12)
+    two_view = _naive_nt_xent(student["a"], view, 0.3)
+    assert out.metrics["loss/two_view_a"] == pytest.approx(two_view, rel=1e-9)
+    pairs = []
+    for first, second in (("a", "b"), ("a", "c"), ("b", "c")):
+        keep = torch.tensor(has_c) if "c" in (first, second) else torch.ones(ROWS, dtype=bool)
+        s1, s2 = student[first][keep], student[second][keep]
+        t1, t2 = teacher[f"{first}@teacher"][keep], teacher[f"{second}@teacher"][keep]
+        pairs.append(
+            0.5
+            * (_naive_kl(2 * s1 @ s2.T, 2 * t1 @ t2.T) + _naive_kl(2 * s2 @ s1.T, 2 * t2 @ t1.T))
+        )
+    distill = sum(pairs) / 3
+    assert out.metrics["loss/distill"] == pytest.approx(distill, rel=1e-9)
+    expected = main.metrics["loss"] + 0.5 * two_view + 2.0 * distill
+    assert float(out.loss) == pytest.approx(expected, rel=1e-9)

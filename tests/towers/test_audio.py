@@ -353,3 +353,58 @@ def test_gain_and_time_mask_augment_only_in_training() -> None:
         silenced.append(int((waveform == 0).sum()))
     assert 10 ** (-6 / 20) - 1e-6 <= min(ratios) < max(ratios) <= 10 ** (6 / 20) + 1e-6
     assert max(silenced) <= 4000 and len(set(silenced)) > 1
+
+
+def _encoder_inputs(tower, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The standardized (and masked) log-mel the tower's encoder receives."""
+    seen = []
+    handle = tower.encoder.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    with torch.no_grad():
+        tower(inputs)
+    handle.remove()
+    return seen[0]
+
+
+def test_frequency_mask_sets_a_band_of_mel_bins_to_the_clip_mean() -> None:
+    config = {"type": "audio", "encoder": "cnn", "clip_seconds": 0.5, "width": 8, "n_mels": 32}
+    tower = build_tower({**config, "augment_freq_mask": 0.5}).eval()
+    rng = np.random.default_rng(0)
+    clips = [(rng.standard_normal(8000).astype(np.float32), 16000) for _ in range(6)]
+    plain = tower.collate([tower.preprocess(clip) for clip in clips])
+    assert "mel_keep" not in plain  # evaluation: no mask, the inputs of export and serving
+    torch.manual_seed(3)
+    augmented = tower.collate([tower.preprocess(clip, augment=True) for clip in clips])
+    torch.manual_seed(3)
+    again = tower.collate([tower.preprocess(clip, augment=True) for clip in clips])
+    keep = augmented["mel_keep"]
+    assert torch.equal(keep, again["mel_keep"])  # same seed, same bands
+    masked_counts = (~keep).sum(dim=1)
+    assert masked_counts.max() <= 16 and len(set(masked_counts.tolist())) > 1
+    for row in keep:  # one band of consecutive bins
+        masked = torch.nonzero(~row).flatten()
+        assert masked.numel() == 0 or masked[-1] - masked[0] + 1 == masked.numel()
+    reference = _encoder_inputs(tower, plain)
+    features = _encoder_inputs(tower, augmented)
+    assert features.shape == reference.shape == (6, 32, features.shape[-1])
+    band = ~keep[:, :, None].expand_as(features)
+    assert torch.all(features[band] == 0)  # the clip's mean after standardization
+    real = int(tower.log_mel.frame_lengths(plain["length"])[0])  # the mean of the real frames
+    assert reference[:, :, :real].mean(dim=(1, 2)).abs().max() < 1e-5
+    torch.testing.assert_close(features[~band], reference[~band])
+
+
+def test_frequency_mask_views_are_seeded_per_record() -> None:
+    from mmalign.data.two_views import augmented_views
+
+    tower = build_tower(
+        {"type": "audio", "encoder": "cnn", "clip_seconds": 0.5, "augment_freq_mask": 0.5}
+    )
+    clip = (np.ones(8000, dtype=np.float32), 16000)
+    views = [augmented_views(tower, clip, f"k{i}", "audio", seed=0, epoch=0) for i in range(8)]
+    again = [augmented_views(tower, clip, f"k{i}", "audio", seed=0, epoch=0) for i in range(8)]
+    for (first, second), (first_again, second_again) in zip(views, again):
+        assert torch.equal(first["mel_keep"], first_again["mel_keep"])
+        assert torch.equal(second["mel_keep"], second_again["mel_keep"])
+    assert any(not torch.equal(a["mel_keep"], b["mel_keep"]) for a, b in views)
+    with pytest.raises(ValueError, match="augment_freq_mask masks the log-mel"):
+        build_tower({"type": "audio", "encoder": "hf", "path": "x", "augment_freq_mask": 0.2})

@@ -1,8 +1,8 @@
-"""``train.strategy: fsdp`` with two real processes (torchrun, gloo on CPU): the model is
-really sharded, trains to the parameters of a DDP run (clip and Symile n2, accumulation and
-clipping on, validation included), checkpoints are saved sharded and survive a kill in the
-middle of a save, the final model is consolidated for ``from_pretrained``, and the run says
-what ran."""
+"""``train.strategy: fsdp`` with two real processes (torchrun, gloo on CPU): the model is really
+sharded, trains to the parameters of a DDP run (clip, Symile n2, and clip with the two_view,
+distill and queue terms; accumulation and clipping on, validation included), checkpoints are
+saved sharded and survive a kill in the middle of a save, the final model is consolidated for
+``from_pretrained``, and the run says what ran."""
 
 from __future__ import annotations
 
@@ -42,18 +42,40 @@ from tests.train_support import (
 )
 
 INJECT = Path(__file__).parents[1] / "reliability" / "inject.py"
-OBJECTIVES = {"clip": {"name": "clip"}, "symile": {"name": "symile", "negatives": "n2"}}
+OBJECTIVES = {
+    "clip": {"name": "clip"},
+    "symile": {"name": "symile", "negatives": "n2"},
+    "terms": {"name": "clip"},  # with two_view, distill and queue terms (_terms)
+}
 TRAIN = {"steps": 5, "accumulate": 2, "grad_clip": 0.05, "save_every": 2}
+
+
+def _terms(root: Path) -> dict:
+    """The model section of the ``terms`` runs: x's second view (feature masking), a saved
+    teacher of another width, and a queue."""
+    towers = {name: {"type": "tabular", "in_features": 4, "hidden": 16} for name in "xy"}
+    teacher = root / "teacher"
+    if not teacher.exists():
+        torch.manual_seed(7)
+        AlignmentModel.from_config({"dim": 6, "towers": towers}).save_pretrained(teacher)
+    terms = [
+        {"type": "two_view", "modality": "x", "weight": 0.5},
+        {"type": "distill", "teacher": str(teacher), "temperature": 0.2},
+        {"type": "queue", "size": 12},
+    ]
+    towers["x"]["augment_feature_mask"] = 0.5
+    return {"towers": towers, "objective": {**OBJECTIVES["terms"], "terms": terms}}
 
 
 def _config(root: Path, name: str, objective: str, strategy: str) -> Path:
     """A 2-process run config: 2 x 8 training records per step (4 per micro-batch)."""
     data = root / "data"
+    model = _terms(root) if objective == "terms" else {"objective": OBJECTIVES[objective]}
     config = tiny_config(
         root / name,
         str(data / "train-{000000..000001}.tar"),
         str(data / "val-{000000..000001}.tar") if objective == "clip" else None,
-        model={"objective": OBJECTIVES[objective]},
+        model=model,
         train={**TRAIN, "strategy": strategy},
         data={"batch_size": 4},
     )
@@ -106,6 +128,12 @@ def test_fsdp_trains_to_the_parameters_of_ddp(runs: Path, objective: str) -> Non
     if objective == "clip":  # validation: same loss and recall as DDP
         fsdp_val, ddp_val = ([r for r in records[s] if "val/loss" in r][-1] for s in records)
         assert fsdp_val == pytest.approx(ddp_val, rel=1e-4)
+    if objective == "terms":  # each term's loss too; the queue took every step's batch
+        for name in ("main", "two_view_x", "distill", "queue"):
+            found = [r[f"train/loss/{name}"] for r in records["fsdp"] if "train/loss" in r]
+            wanted = [r[f"train/loss/{name}"] for r in records["ddp"] if "train/loss" in r]
+            assert len(found) == TRAIN["steps"] and found == pytest.approx(wanted, rel=1e-4)
+        assert int(fsdp["objective.queue.x_count"]) == 12
 
 
 def _shard_report(rank: int, port: int, output: str) -> None:

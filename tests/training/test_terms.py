@@ -165,3 +165,63 @@ def test_a_run_logs_each_term_and_resumes_exactly(
         torch.testing.assert_close(actual[name], value, rtol=1e-6, atol=1e-7, msg=name)
     saved = load_file(interrupted / "checkpoints" / "step-00000002" / "model.safetensors")
     assert int(saved["objective.queue.x_count"]) == 16  # the checkpoint carries the queue
+
+
+def _audio_shards(directory: Path) -> str:
+    """One shard of 16 short wav clips with captions."""
+    import io
+
+    import numpy as np
+    import soundfile
+    import webdataset as wds
+
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    with wds.TarWriter(str(directory / "train-000000.tar")) as writer:
+        for index in range(16):
+            buffer = io.BytesIO()
+            clip = rng.uniform(-0.5, 0.5, 4000).astype(np.float32)
+            soundfile.write(buffer, clip, 16000, format="WAV")
+            writer.write({"__key__": f"c{index:03d}", "wav": buffer.getvalue(), "txt": "a beep"})
+    return str(directory / "train-000000.tar")
+
+
+def test_audio_views_get_seeded_frequency_masks_and_train(tmp_path: Path) -> None:
+    """two_view on audio with augment_freq_mask: each view's band comes from the loader's
+    per-record seed (the same in a second pass, so resumable; not the same in both views),
+    and a run trains with it."""
+    audio = {"type": "audio", "encoder": "cnn", "clip_seconds": 0.25, "width": 8}
+    audio |= {"n_mels": 16, "augment_freq_mask": 0.5, "cnn_channels": [4]}
+    towers = {"audio": audio, "caption": {"type": "text", "width": 8, "heads": 2, "layers": 1}}
+    config = {
+        "model": {
+            "dim": 4,
+            "towers": towers,
+            "objective": {"name": "clip", "terms": [{"type": "two_view", "modality": "audio"}]},
+        },
+        "data": {
+            "train": _audio_shards(tmp_path / "data"),
+            "fields": {"audio": "wav", "caption": "txt"},
+            "batch_size": 8,
+            "shuffle_buffer": 0,
+            "resampled": False,
+        },
+        "train": {"steps": 2, "output": str(tmp_path / "run"), "log_every": 1},
+    }
+    config["train"] |= {"tensorboard": False, "plots": False}
+    loaded = load_config(config)
+    model = AlignmentModel.from_config(loaded.model)
+    passes = []
+    for _ in range(2):
+        loader = loader_from_config(
+            loaded.data, model.towers, "train", two_view=["audio"], label_field=None
+        )
+        batch = next(iter(loader))
+        passes.append((batch.inputs["audio"]["mel_keep"], batch.inputs["audio@view2"]["mel_keep"]))
+    assert torch.equal(passes[0][0], passes[1][0]) and torch.equal(passes[0][1], passes[1][1])
+    assert not torch.equal(passes[0][0], passes[0][1]) and not bool(passes[0][0].all())
+    result = train(config)
+    losses = [
+        r["train/loss/two_view_audio"] for r in metrics(result.output_dir) if "train/loss" in r
+    ]
+    assert len(losses) == 2 and all(math.isfinite(value) for value in losses)
