@@ -18,7 +18,7 @@ While training, :func:`host_memory` sets the allocator for one of two aims:
 - ``auto``: ``release`` with ``train.gradient_checkpointing`` (the run traded compute for
   memory already) and from the first step that spills its inputs (``train.spill_inputs``:
   the run asked for a peak flat in the global batch, which with the inputs read back and
-  freed every step needs this threshold; 1 MiB was not enough), else ``keep``.
+  freed every step needs this threshold: docs/tiled_losses.md), else ``keep``.
 
 On leaving, glibc's defaults are set again and ``malloc_trim`` returns what is free. The
 figures are in docs/BENCHMARKS.md. Nothing changes where the C library is not glibc, or when
