@@ -9,8 +9,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from symile import Symile
 
-from mmalign.objectives import build_objective
-from mmalign.objectives.tiled import tile_size
+from mmalign.objectives import build_objective, symile_n
 from tests.objectives.test_distributed import _batch, _free_port, _step, _TinyModel
 from tests.objectives.test_positives import HOLES, MODES, TAU_PLUS, _embeddings, _groups, _present
 from tests.objectives.test_tiled import _assert_same
@@ -69,9 +68,17 @@ def test_tiled_n_with_missing_modalities_equals_dense_in_float32():
     assert tiled.metrics.keys() == dense.metrics.keys()
 
 
-def test_auto_tiles_symile_n_from_2048_rows():
-    assert build_objective({"name": "symile"}).config.tile == "auto"
-    assert tile_size("auto", 2047) is None and tile_size("auto", 4096) == 2048
+def test_auto_tiles_symile_n_from_2048_rows(monkeypatch):
+    calls = []
+    kernel = symile_n.pair_logsumexp
+    monkeypatch.setattr(
+        symile_n, "pair_logsumexp", lambda *args: (calls.append(args[-1]), kernel(*args))[1]
+    )
+    objective = build_objective({"name": "symile"})
+    for rows in (2047, 2048):
+        emb = {m: F.normalize(torch.randn(rows, 4), dim=-1) for m in "xyz"}
+        objective(emb, torch.tensor(5.0))
+    assert calls == [2048] * 3  # one tiled pass per anchor at 2048 rows, none below
 
 
 DISTRIBUTED = [
