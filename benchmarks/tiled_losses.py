@@ -1,14 +1,17 @@
-"""Memory and speed of the tiled pairwise losses (``model.objective.tile``) at large batches.
+"""Memory and speed of the tiled losses (``model.objective.tile``) at large batches.
 
 For ``clip`` and ``sigmoid`` at B = 1k, 4k, 16k, 65k (d = 512, float32, forward + backward):
 mmalign tiled (``tile: 2048``, what ``tile: auto`` picks from B = 2048 on), mmalign dense
-(``tile: none``) and open_clip's ``ClipLoss``/``SigLipLoss``, each row in its own subprocess
+(``tile: none``) and open_clip's ``ClipLoss``/``SigLipLoss``; ``--losses symile_n``: Symile
+with ``negatives: n`` on M = 3 modalities, against the ``symile`` package's ``Symile("n")``.
+Each row runs in its own subprocess
 (peak RSS is per process) under an address-space limit. Dense rows whose logits would not
 fit the memory budget are skipped (the table says so). Each worker also times a bare matmul
 pass in the same process, right after the loss: ``B^2 d`` multiply-adds as
 ``(tile x d) @ (d x tile)`` matmuls (a sample of them, scaled to ``B^2``), the unit of the
 "passes" column. The floor is 6 passes for ``clip`` (``2 B^2 d`` forward, the two directions'
-logits, and twice that backward) and 3 for ``sigmoid``; ratio = time / floor, in wall
+logits, and twice that backward), 3 for ``sigmoid`` and 9 for ``symile_n`` (one ``B x B``
+logit matrix per anchor, three anchors, and twice that backward); ratio = time / floor, in wall
 clock and (in brackets) in CPU seconds of the worker, steadier when the load changes.
 
 The largest batch within the budget is fitted from the measured peaks (linear in B for the
@@ -17,6 +20,7 @@ tiled loss, quadratic for the dense ones) over the two largest batches measured.
 Usage:
     python benchmarks/tiled_losses.py                 # every row, 65k last (about 25 min)
     python benchmarks/tiled_losses.py --batches 1024 4096 --losses clip   # quick
+    python benchmarks/tiled_losses.py --batches 4096 16384 --losses symile_n
     python benchmarks/tiled_losses.py --threads 2     # default 1: steady on a shared machine
     python benchmarks/tiled_losses.py --interleave 4096   # speed: auto vs ClipLoss, one process
 """
@@ -34,7 +38,10 @@ import time
 
 BATCHES = [1024, 4096, 16384, 65536]
 DIM, TILE = 512, 2048
-FLOOR_PASSES = {"clip": 6, "sigmoid": 3}
+FLOOR_PASSES = {"clip": 6, "sigmoid": 3, "symile_n": 9}
+REFERENCE = {"clip": "open_clip", "sigmoid": "open_clip", "symile_n": "symile"}
+"""Per loss, the method name of the reference implementation."""
+MODALITIES = {"clip": 2, "sigmoid": 2, "symile_n": 3}
 DENSE_MATRICES = 10
 """Dense rows are skipped when ``DENSE_MATRICES`` float32 ``B x B`` matrices (the logits of
 both directions, their softmax and gradients, as measured at B = 4096) exceed the budget."""
@@ -45,22 +52,30 @@ def _peak_rss_mib() -> float:
 
 
 def _loss_function(loss: str, method: str):
+    """``f(embeddings, scale, bias) -> loss`` for one loss and method."""
     import torch
 
+    if method == "symile":
+        from symile import Symile
+
+        package = Symile("n")
+        return lambda embeddings, scale, bias: package(embeddings, scale)
     if method == "open_clip":
         from open_clip.loss import ClipLoss, SigLipLoss
 
         reference = ClipLoss() if loss == "clip" else SigLipLoss()
         if loss == "clip":
-            return lambda a, b, scale, bias: reference(a, b, scale)
-        return lambda a, b, scale, bias: reference(a, b, scale, bias)
+            return lambda embeddings, scale, bias: reference(*embeddings, scale)
+        return lambda embeddings, scale, bias: reference(*embeddings, scale, bias)
     from mmalign.objectives import build_objective
 
-    objective = build_objective({"name": loss, "tile": TILE if method == "tiled" else "none"})
+    config = {"name": "symile", "negatives": "n"} if loss == "symile_n" else {"name": loss}
+    objective = build_objective({**config, "tile": TILE if method == "tiled" else "none"})
     with_bias = loss == "sigmoid"
 
-    def ours(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor):
-        return objective({"a": a, "b": b}, scale, bias if with_bias else None).loss
+    def ours(embeddings: list[torch.Tensor], scale: torch.Tensor, bias: torch.Tensor):
+        named = {f"m{index}": embedding for index, embedding in enumerate(embeddings)}
+        return objective(named, scale, bias if with_bias else None).loss
 
     return ours
 
@@ -89,19 +104,22 @@ def run_case(case: dict) -> dict:
     torch.set_num_threads(case["threads"])
     torch.manual_seed(0)
     batch = case["batch"]
-    a, b = (F.normalize(torch.randn(batch, DIM), dim=-1).requires_grad_() for _ in range(2))
-    scale = torch.tensor(20.0 if case["loss"] == "clip" else 10.0, requires_grad=True)
+    embeddings = [
+        F.normalize(torch.randn(batch, DIM), dim=-1).requires_grad_()
+        for _ in range(MODALITIES[case["loss"]])
+    ]
+    scale = torch.tensor(10.0 if case["loss"] == "sigmoid" else 20.0, requires_grad=True)
     bias = torch.tensor(-10.0, requires_grad=True)
     loss_of = _loss_function(case["loss"], case["method"])
     repeats = 3 if batch <= 4096 else 1
     if batch <= 4096:  # warm-up: thread pools and first touch out of the timing
-        loss_of(a, b, scale, bias).backward()
+        loss_of(embeddings, scale, bias).backward()
     times, cpu_times = [], []
     for _ in range(repeats):
-        for tensor in (a, b, scale, bias):
+        for tensor in (*embeddings, scale, bias):
             tensor.grad = None
         start, cpu_start = time.perf_counter(), time.process_time()
-        loss_of(a, b, scale, bias).backward()
+        loss_of(embeddings, scale, bias).backward()
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu_start)
     peak = _peak_rss_mib()
@@ -139,7 +157,7 @@ def interleaved(batch: int, repeats: int, threads: int) -> None:
     for _ in range(repeats + 1):  # the first round warms up
         for name, function in functions.items():
             start = time.perf_counter()
-            loss = function() if name == "tile: auto" else function(a, b, scale, bias)
+            loss = function() if name == "tile: auto" else function([a, b], scale, bias)
             loss.backward()
             times[name].append(time.perf_counter() - start)
     medians = {name: statistics.median(values[1:]) for name, values in times.items()}
@@ -208,7 +226,7 @@ def compare(args: argparse.Namespace) -> None:
     fits: dict[tuple[str, str], list[tuple[int, float]]] = {}
     for batch in sorted(args.batches):
         for loss in args.losses:
-            for method in ("tiled", "dense", "open_clip"):
+            for method in ("tiled", "dense", REFERENCE[loss]):
                 case = {"loss": loss, "batch": batch, "method": method, "threads": args.threads}
                 result = None
                 if method == "tiled" or _dense_fits(batch, args.budget_mib):
@@ -225,7 +243,9 @@ def compare(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batches", type=int, nargs="+", default=BATCHES)
-    parser.add_argument("--losses", nargs="+", default=["clip", "sigmoid"])
+    parser.add_argument(
+        "--losses", nargs="+", default=["clip", "sigmoid"], choices=sorted(FLOOR_PASSES)
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument("--budget-mib", type=float, default=2048, help="memory budget")
     parser.add_argument("--limit-gib", type=float, default=8, help="each worker's RLIMIT_AS")

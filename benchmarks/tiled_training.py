@@ -13,6 +13,10 @@ Usage (data from ``mmalign prep make-demo --out data/demo``):
     python benchmarks/tiled_training.py --data data/demo
     python benchmarks/tiled_training.py --data data/demo --batches 1024 4096 --micro 512
     python benchmarks/tiled_training.py --data data/demo --spill false   # inputs kept in memory
+    python benchmarks/tiled_training.py --data data/demo --host-memory keep   # heap kept
+
+The allocator is the trainer's (``train.host_memory: auto`` releases memory from the first
+step that spills; see mmalign/training/host_memory.py): no environment variable is needed.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ def _overrides(args: argparse.Namespace, batch: int, output: str) -> list[str]:
         "model.matryoshka=null",
         f"model.objective={args.objective}",
         f"train.spill_inputs={args.spill}",
+        f"train.host_memory={args.host_memory}",
     ]
 
 
@@ -80,10 +85,10 @@ def main() -> None:
         "--spill", default="auto", choices=["auto", "true", "false"], help="train.spill_inputs"
     )
     parser.add_argument(
-        "--mmap-threshold",
-        type=int,
-        default=131072,
-        help="MALLOC_MMAP_THRESHOLD_ of the runs (glibc; 0: glibc's dynamic default)",
+        "--host-memory",
+        default="auto",
+        choices=["auto", "keep", "release"],
+        help="train.host_memory",
     )
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -92,7 +97,7 @@ def main() -> None:
         return
     print(
         f"load average before: {os.getloadavg()}; objective {args.objective}; "
-        f"spill_inputs {args.spill}; MALLOC_MMAP_THRESHOLD_ {args.mmap_threshold or 'dynamic'}\n"
+        f"spill_inputs {args.spill}; host_memory {args.host_memory}\n"
     )
     print(
         "| global batch | micro x accumulate | train() s per step (with set-up) "
@@ -102,10 +107,7 @@ def main() -> None:
     first = None
     for batch in args.batches:
         command = [sys.executable, __file__, *sys.argv[1:], "--worker", str(batch)]
-        env = dict(os.environ)
-        if args.mmap_threshold:
-            env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
-        run = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
+        run = subprocess.run(command, check=True, capture_output=True, text=True)
         output = run.stdout
         result = json.loads(output.strip().splitlines()[-1])
         first = first or result["peak_mib"]

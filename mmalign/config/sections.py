@@ -488,7 +488,8 @@ class TrainConfig(_Section):
     """What glibc does with host memory a step frees (:mod:`mmalign.training.host_memory`):
     ``keep`` it for the next step (faster CPU steps; the resident size stays at its peak),
     ``release`` it to the OS at once (the resident size follows the memory in use), ``auto``:
-    ``release`` with ``gradient_checkpointing``, else ``keep``."""
+    ``release`` with ``gradient_checkpointing`` and from the first step that spills its inputs
+    (``spill_inputs``), else ``keep``."""
     layer_decay: float | None = None
     """Layer-wise learning-rate decay in (0, 1]: a tower parameter at depth ``d`` of ``n``
     blocks trains at ``lr * layer_decay ** (n + 1 - d)`` (:mod:`mmalign.training.optim`)."""

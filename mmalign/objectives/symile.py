@@ -7,6 +7,8 @@ multilinear inner product ``logit_scale * MIP(anchor_i, others_i...)`` against n
   ``MIP(anchor_i, other_1[perm_1[j]], ...)`` with one random permutation of the global batch
   per (anchor, other modality), drawn in anchor order then modality order from ``generator``
   (or torch's default generator) and broadcast from rank 0; the positive replaces the diagonal.
+  ``tile`` (``auto`` from 2048 rows) computes it exactly in tiles, never forming the ``B x B``
+  logits (:mod:`mmalign.objectives.symile_n`).
 * ``negatives: n2`` — every one of the ``B^(M-1)`` combinations of the other modalities' rows,
   computed exactly in blocks (:mod:`mmalign.objectives.symile_n2`); ``block_precision: bf16``
   runs the block matmuls in bfloat16 (the default when ``train.precision`` is ``bf16``).
@@ -45,7 +47,7 @@ from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, PositiveInt, model_validator
 from torch import Tensor
 
 from mmalign.config import field_error
@@ -55,9 +57,11 @@ from mmalign.objectives.base import (
     combine_queries,
     register_objective,
 )
-from mmalign.objectives.distributed import BatchView, broadcast_from_first
-from mmalign.objectives.positives import PositivesConfig, debiased_losses, row_losses
+from mmalign.objectives.distributed import BatchView
+from mmalign.objectives.positives import PositivesConfig, debiased_losses
+from mmalign.objectives.symile_n import n_row_losses
 from mmalign.objectives.symile_n2 import symile_logsumexp
+from mmalign.objectives.tiled import tile_size
 
 
 def _identity_for_absent(embeddings: Tensor, present: Tensor) -> Tensor:
@@ -93,24 +97,15 @@ def group_mean_logits(
     return result
 
 
-def draw_permutations(
-    modalities: int, rows: int, generator: torch.Generator | None, device: torch.device
-) -> Tensor:
-    """``[M, M - 1, rows]`` permutations for ``n`` negatives, identical on every rank."""
-    generator_device = generator.device if generator is not None else "cpu"
-    perms = [
-        torch.randperm(rows, generator=generator, device=generator_device)
-        for _ in range(modalities * (modalities - 1))
-    ]
-    stacked = torch.stack(perms).reshape(modalities, modalities - 1, rows).to(device)
-    return broadcast_from_first(stacked)
-
-
 class SymileConfig(PositivesConfig):
     """``symile``: which negatives, and the block size of the exact ``n2`` computation."""
 
     negatives: Literal["n", "n2"] = "n"
     """``n`` (shuffled rows, O(N)) or ``n2`` (all B^(M-1) combinations, exact, blockwise)."""
+    tile: Literal["auto", "none"] | PositiveInt = "auto"
+    """``n``: the exact tiled loss (:mod:`mmalign.objectives.symile_n`): ``auto`` tiles from a
+    global batch of 2048 rows on, ``none`` builds the dense ``B x B`` logits per anchor, an
+    integer is the tile size (memory ``O(B d + tile^2)`` instead of ``O(B^2)``)."""
     block_size: int = Field(default=16384, ge=1)
     """``n2``: rows of the B^(M-1) candidate set processed per block."""
     block_precision: Literal["fp32", "bf16"] | None = None
@@ -201,7 +196,10 @@ class SymileObjective(Objective):
         if self.config.negatives == "n2":
             losses = self._n2_row_losses(batch, local, full, positives, logit_scale)
         else:
-            losses = self._n_row_losses(batch, local, full, positives, logit_scale, generator)
+            # the n path reduces over rows only, so tiles need no gradient through the gather
+            tile = tile_size(self.config.tile, batch.global_rows)
+            config, inputs = self.config, (local, full, positives, logit_scale, generator)
+            losses = n_row_losses(batch, *inputs, config, tile)
         valid_global = _valid_anchor_rows(batch.global_present)
         valid_local = valid_global[batch.offset : batch.offset + batch.rows]
         return [
@@ -248,34 +246,3 @@ class SymileObjective(Objective):
                 for lse in normalizers
             ]
         return [normalizer - positives for normalizer in normalizers]
-
-    def _n_row_losses(
-        self,
-        batch: BatchView,
-        local: list[Tensor],
-        full: list[Tensor],
-        positives: Tensor,
-        logit_scale: Tensor,
-        generator: torch.Generator | None,
-    ) -> list[Tensor]:
-        count = len(full)
-        perms = draw_permutations(count, batch.global_rows, generator, batch.device)
-        own = batch.local_global_index()
-        own_column = own[:, None] == torch.arange(batch.global_rows, device=batch.device)
-        mode = self.config.positives
-        losses = []
-        for a in range(count):
-            others = [full[m] for m in range(count) if m != a]
-            shuffled = torch.stack([o[p] for o, p in zip(others, perms[a])]).prod(dim=0)
-            logits = (logit_scale * local[a]) @ shuffled.T
-            logits = torch.where(own_column, positives[:, None], logits)
-            if mode == "instance":
-                losses.append(logits.logsumexp(dim=1) - positives)
-                continue
-            positive = own_column
-            if batch.groups is not None:
-                same = batch.same_group()
-                positive = own_column | torch.stack([same[:, p] for p in perms[a]]).all(dim=0)
-            tau_plus = self.config.tau_plus
-            losses.append(row_losses(logits, own, positive, mode, tau_plus, logit_scale))
-        return losses

@@ -55,7 +55,7 @@ from mmalign.dist import world_size
 from mmalign.errors import ConfigError
 from mmalign.objectives.distributed import all_reduce_logsumexp, all_reduce_sum
 
-DropKind = Literal["same_group", "own"]
+DropKind = Literal["same_group", "own", "same_group_and_own"]
 TileSetting = Literal["auto", "none"] | int
 """``model.objective.tile``: ``auto``, ``none`` (dense) or a tile size in rows."""
 
@@ -95,7 +95,9 @@ class EntryDrop:
 
     ``row_index``/``column_index`` are the global row indices of ``Q``'s and ``K``'s rows;
     ``row_groups``/``column_groups`` their group ids (used by ``same_group``). ``same_group``
-    drops entries of one group but different indices, ``own`` the entries of equal index.
+    drops entries of one group but different indices, ``own`` the entries of equal index,
+    ``same_group_and_own`` both (Symile ``n``: a column whose tuple lies in the row's group,
+    and the row's own column, whose logit the caller adds back).
 
     Example:
         >>> drop = EntryDrop("own", torch.arange(2), torch.arange(3))
@@ -116,7 +118,7 @@ class EntryDrop:
             return own
         assert self.row_groups is not None and self.column_groups is not None
         same = self.row_groups[rows, None] == self.column_groups[None, columns]
-        return same & ~own
+        return same & ~own if self.kind == "same_group" else same | own
 
 
 def _tiles(rows: int, columns: int, tile: int) -> Iterator[tuple[slice, slice]]:

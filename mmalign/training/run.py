@@ -249,8 +249,8 @@ def _train(
         if trainer.step == 0:  # a resumed run keeps the statistics of its checkpoint
             for modality, count in fit_normalizers(trainer.model, config.data).items():
                 trainer.message(f"{modality}: normalization statistics fit over {count} records")
-        with host_memory(config.train.host_memory, config.train.gradient_checkpointing):
-            trainer.run()
+        with host_memory(config.train.host_memory, config.train.gradient_checkpointing) as memory:
+            trainer.run(memory)
         state = trainer.strategy.full_state_dict(trainer.model)  # collective under fsdp
         if accelerator.is_main_process:  # saved before the last validation, which may fail
             model_dir = _save_model(trainer.final_model, trainer.output / MODEL_DIR, state)

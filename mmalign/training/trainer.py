@@ -45,6 +45,7 @@ from mmalign.training.accumulation import ContrastiveStep, accumulated_step
 from mmalign.training.checks import total_steps
 from mmalign.training.ema import attach_ema
 from mmalign.training.health import divergence_message, suggested_lr, unhealthy_tensor
+from mmalign.training.host_memory import HostMemory
 from mmalign.training.logging import RunLogger, truncate_metrics
 from mmalign.training.memory_savers import apply_memory_savers
 from mmalign.training.optim import build_optimizer, build_scheduler
@@ -99,6 +100,7 @@ class Trainer:
         self.last_loss: float | None = None
         self.last_objective_metrics: dict[str, float] = {}
         self.logger: RunLogger | None = None
+        self.host_memory: HostMemory | None = None
         self._skipped_reported = 0
         self._interval = self._new_interval()
         self._build()
@@ -194,6 +196,10 @@ class Trainer:
         if self.logger is not None:
             self.logger.message(text)
 
+    def _note(self, text: str | None) -> None:
+        if text is not None:
+            self.message(text)
+
     def _stop(self, text: str) -> TrainingStopped:
         """:class:`TrainingStopped` with ``text``, which also goes to ``train.log`` (the
         command line prints it)."""
@@ -202,9 +208,12 @@ class Trainer:
         return TrainingStopped(text)
 
     # -- the loop ---------------------------------------------------------------------------
-    def run(self) -> None:
+    def run(self, host_memory: HostMemory | None = None) -> None:
         """Train to the last step and save its checkpoint (before the last validation, so a
-        failure there never loses the trained weights); a collective call."""
+        failure there never loses the trained weights); a collective call. ``host_memory``:
+        the allocator's settings (:func:`mmalign.training.host_memory.host_memory`), told
+        when a step spills its inputs."""
+        self.host_memory = host_memory
         self.message(self._start_message())
         while self.step < self.total:
             self._stop_if_signalled()
@@ -274,6 +283,8 @@ class Trainer:
             first = self._micro_batch()
         count = self.config.train.accumulate
         spilling = should_spill(self.config.train.spill_inputs, first, count)
+        if spilling and self.host_memory is not None:
+            self._note(self.host_memory.spilling())
         with InputSpill() if spilling else nullcontext() as spill:
             micro_batches = chain([first], self._micro_batches(count - 1))
             del first

@@ -13,7 +13,7 @@ from pytorch_metric_learning.losses import SupConLoss
 
 from mmalign.errors import ConfigError
 from mmalign.objectives import build_objective
-from mmalign.objectives.symile import draw_permutations
+from mmalign.objectives.symile_n import draw_permutations
 
 MODES = ["instance", "multi", "exclude", "debiased"]
 TAU_PLUS = 0.3

@@ -27,7 +27,7 @@ def _assert_same(ours, theirs, tensors, rtol):
         torch.testing.assert_close(mine, reference, rtol=rtol, atol=rtol * 1e-2)
 
 
-@pytest.mark.parametrize("kind", [None, "own", "same_group"])
+@pytest.mark.parametrize("kind", [None, "own", "same_group", "same_group_and_own"])
 def test_kernel_equals_dense_row_and_column_logsumexp_and_softplus(kind):
     generator = torch.Generator().manual_seed(3)
     queries = torch.randn(13, 5, dtype=torch.float64, generator=generator).requires_grad_()

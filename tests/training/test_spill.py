@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from mmalign.batch import Batch
 from mmalign.model import AlignmentModel
 from mmalign.training import train
 from mmalign.training.accumulation import ContrastiveStep, accumulated_step
+from mmalign.training.host_memory import _glibc
 from mmalign.training.spill import InputSpill, should_spill
 from tests.train_support import model_weights, tiny_config, write_shards
 
@@ -129,12 +131,16 @@ def test_training_with_spilled_inputs_equals_training_without(
         "put",
         lambda self, index, batch: (spilled.append(index), put(self, index, batch)),
     )
-    weights = {}
+    weights, releases = {}, {}
     for spill in (False, True):
         train_section = {"steps": 2, "accumulate": 3, "spill_inputs": spill}
         run = train(tiny_config(tmp_path / f"run-{spill}", shards, train=train_section))
         weights[spill] = model_weights(run.output_dir)
+        log = (run.output_dir / "train.log").read_text()
+        releases[spill] = log.count("host memory: release (glibc: a mapping per allocation")
     assert spilled == [0, 1, 2, 0, 1, 2]  # the spilling run's two steps of K = 3
+    if _glibc() is not None and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        assert releases == {False: 0, True: 1}  # host_memory auto: release once spilling
     for name, value in weights[False].items():
         assert torch.equal(weights[True][name], value), name
     assert not [path for path in spill_root.iterdir() if path.name.startswith("mmalign-spill")]
