@@ -19,8 +19,10 @@ measured in the same process after the timed passes (median of 3): a bare matmul
 ``B^M * d`` multiply-adds as ``(B x d) @ (d x block)`` matmuls in the block precision) and an
 exponential pass (``exp`` over ``B^M`` entries). The floor is four matmul passes (forward,
 recompute, two gradient matmuls) plus two exponential passes (one each way); share = floor /
-mmalign time (wall clock; the last column is the same in CPU seconds of this process,
-steadier on a loaded machine with one thread). ``--errors`` prints instead the error of
+mmalign time (wall clock; then the floor, mmalign and the share in CPU seconds of this
+process, steadier on a loaded machine with one thread, and the ``symile`` package's CPU
+seconds, so that ``--only-symile --cases 3x512 --threads 1`` prints every figure of the
+target in one table). ``--errors`` prints instead the error of
 bf16 blocks against fp32 ones; ``--digits-sum`` trains the demo's digits-sum Symile config
 with ``n2`` negatives in each block precision and prints the final loss and the zero-shot
 accuracy of ``mmalign demo``. Every table is preceded and followed by ``os.getloadavg()``.
@@ -231,13 +233,20 @@ def _memory(result: dict) -> str:
     return f"{result['peak_mib']:.0f} (+{result['extra_mib']:.0f})"
 
 
-def _roofline_line(label: str, case: dict, ours: dict) -> str:
+def _roofline_line(label: str, case: dict, ours: dict, reference: dict | None) -> str:
+    """One roofline row: the floor and mmalign's time, wall and CPU seconds, and the
+    ``symile`` package's CPU seconds beside them (so one command prints every figure)."""
     floor = 4 * ours["matmul_pass"] + 2 * ours["exp_pass"]
     cpu_floor = 4 * ours["matmul_pass_cpu"] + 2 * ours["exp_pass_cpu"]
+    package = "-"
+    if reference is not None:
+        speed_up = reference["cpu_seconds"] / ours["cpu_seconds"]
+        package = f"{reference['cpu_seconds']:.3f} ({speed_up:.2f}x)"
     return (
         f"| {label} | {case['precision']} | {ours['matmul_pass']:.3f} | {ours['exp_pass']:.3f} "
         f"| {floor:.3f} | {ours['seconds']:.3f} | {ours['seconds'] / ours['matmul_pass']:.2f} "
-        f"| **{floor / ours['seconds']:.0%}** | {cpu_floor / ours['cpu_seconds']:.0%} |"
+        f"| **{floor / ours['seconds']:.0%}** | {cpu_floor:.3f} | {ours['cpu_seconds']:.3f} "
+        f"| **{cpu_floor / ours['cpu_seconds']:.0%}** | {package} |"
     )
 
 
@@ -258,7 +267,7 @@ def compare(args: argparse.Namespace) -> None:
             ours = _spawn(case)
             precision = case.get("precision", "fp32")
             if "matmul_pass" in ours:
-                roofline.append(_roofline_line(label, case, ours))
+                roofline.append(_roofline_line(label, case, ours, reference))
             if reference is None:
                 print(
                     f"| {label} | {precision} | not run: its logits alone need "
@@ -279,9 +288,10 @@ def compare(args: argparse.Namespace) -> None:
     print(
         "| configuration | block precision | matmul pass s | exp pass s | "
         "floor s (4 matmul + 2 exp passes) | mmalign s | mmalign in matmul passes | "
-        "share of floor | share of floor in CPU s |"
+        "share of floor | floor CPU s | mmalign CPU s | share of floor in CPU s | "
+        "symile package CPU s (mmalign's speed-up) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(roofline))
     print()
     print(_load(), flush=True)
