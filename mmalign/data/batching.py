@@ -30,6 +30,7 @@ from mmalign.data.negatives import negative_items
 from mmalign.data.samples import RecordSpec, Rejected, Sample
 from mmalign.data.two_views import augmented_views
 from mmalign.data.views import Views, collate_expanded, decode_views, sample_group
+from mmalign.errors import SampleError
 
 
 def _preprocess_all(values: dict[str, Any], spec: RecordSpec, key: str = "") -> dict[str, Any]:
@@ -48,6 +49,8 @@ def _preprocess_all(values: dict[str, Any], spec: RecordSpec, key: str = "") -> 
                 )
                 continue
             items[modality] = tower.preprocess(value, augment=spec.augment)
+        except SampleError as error:  # a refusal with a reason of its own (nonfinite ...)
+            raise RecordError(error.reason, f"tower {modality!r}: {error}") from None
         except Exception as error:  # one record never takes the run down
             raise RecordError(
                 "preprocess", f"tower {modality!r}: {type(error).__name__}: {error}"
