@@ -120,11 +120,12 @@ def test_decode_file_uses_the_tower_types_decoder(tmp_path: Path) -> None:
         (tmp_path / name).write_bytes(data)
     assert decode_file(tmp_path / "clip.mp4", "video").frame_count == 6
     waveform, rate = decode_file(tmp_path / "clip.mp4", "audio")
+    assert rate == 16000
     np.testing.assert_allclose(waveform, sine(440), atol=1e-6)
     np.testing.assert_array_equal(decode_file(tmp_path / "ecg.npz", "timeseries")["ecg"], signal)
     np.testing.assert_array_equal(
         decode_file(tmp_path / "lead.csv", "timeseries")["v1"], np.array([2.0, 4.0], np.float32)
     )
-    with pytest.raises(RecordError, match="^bad_array: "):
+    with pytest.raises(RecordError, match=r"^bad_array: "):
         decode_file(tmp_path / "ecg.npy", "timeseries")
     assert [file_extension("x.flac", "audio"), file_extension("x.bin", "video")] == ["flac", "mp4"]
