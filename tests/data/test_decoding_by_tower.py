@@ -1,8 +1,8 @@
 """The tower type picks how a file is decoded everywhere a file is read, not only in the
 training loader: ``data.views`` items (an ``audio: mp4`` modality sampled or expanded reads
 each video's audio track; a time series' ``npz`` items are arrays, not graphs),
-:func:`iterate_records` with ``kinds`` and :func:`decode_file` (query files). Each decoded
-value is compared with the sine or array the file was written from."""
+:func:`iterate_records` with ``kinds``, mined negatives and :func:`decode_file` (query
+files). Each decoded value is compared with the sine or array the file was written from."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import webdataset as wds
 
 from mmalign.data import iterate_records, make_loader
 from mmalign.data.decode import decode_file, file_extension
+from mmalign.data.negatives import negative_items
 from mmalign.data.record_error import RecordError
 from mmalign.data.video import EncodedVideo, encode_video
 from mmalign.towers import build_tower
@@ -129,3 +130,14 @@ def test_decode_file_uses_the_tower_types_decoder(tmp_path: Path) -> None:
     with pytest.raises(RecordError, match=r"^bad_array: "):
         decode_file(tmp_path / "ecg.npy", "timeseries")
     assert [file_extension("x.flac", "audio"), file_extension("x.bin", "video")] == ["flac", "mp4"]
+
+
+def test_mined_negatives_are_decoded_by_the_kind_given() -> None:
+    first, second = signals(2)
+    raw = {"__key__": "k", "__url__": "s.tar", "neg1.npz": npz(x=second), "neg0.npz": npz(x=first)}
+    found = negative_items(raw, ("npz",), kind="timeseries")
+    assert [name for name, _, _ in found] == ["neg0", "neg1"]
+    for (_, value, _), expected in zip(found, (first, second), strict=True):
+        np.testing.assert_array_equal(value["x"], expected)
+    with pytest.raises(RecordError, match=r"^bad_graph: "):  # no kind: an npz is a graph
+        negative_items(raw, ("npz",))
