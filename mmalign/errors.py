@@ -3,7 +3,9 @@
 Every error whose message tells the user what to change (a config field, a busy directory, an
 unreadable checkpoint or export) derives from :class:`UserError`; the command line prints
 those as one line instead of a traceback. This module imports nothing heavy, so the command
-line can catch them before torch or pydantic load.
+line can catch them before torch or pydantic load. :class:`SampleError` is the one error
+that is about data, not the user's command: a tower refusing one sample for a reason the data
+loader counts on its own.
 
 Example:
     >>> str(ConfigError("data.batch_size: must be >= 1"))
@@ -21,6 +23,23 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """A configuration is invalid; the message names the field and the fix."""
+
+
+class SampleError(ValueError):
+    """A tower's ``preprocess`` refuses a sample for a reason of its own, which the data loader
+    counts as ``skipped/<reason>`` instead of ``skipped/preprocess``: ``nonfinite`` (NaN or
+    Inf values the tower has no use for) or ``bad_channels`` (a channel count the tower was
+    not configured for).
+
+    Example:
+        >>> error = SampleError("nonfinite", "audio: 3 NaN samples")
+        >>> error.reason, str(error)
+        ('nonfinite', 'audio: 3 NaN samples')
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def validation_problems(error: Any, prefix: str = "") -> list[str]:

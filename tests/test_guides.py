@@ -421,8 +421,10 @@ def test_video_guide(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert summary["skipped"]["reasons"] == {"unreadable_file/bad_video": 1}
     losses = training_losses(tmp_path / "runs/guides/video_text")
     assert losses[-1] < math.log(32) - 1.0 and losses[-1] < losses[0]  # chance: log(batch)
-    rows = search_rows(output_of(outputs, "mmalign search"))
+    rows = search_rows(output_of(outputs, "mmalign search emb/video_text --text"))
     assert len(rows) == 5 and sum(row["cls"] == "1" for row in rows) >= 4  # blue, down
+    rows = search_rows(output_of(outputs, "mmalign search emb/video_text --query"))
+    assert len(rows) == 5 and sum(row["cls"] == "1" for row in rows) >= 4  # 0001.mp4: label 1
 
 
 def test_timeseries_guide(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -435,8 +437,10 @@ def test_timeseries_guide(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert "ecg: normalization statistics fit over 64 records" in (run / "train.log").read_text()
     losses = training_losses(run)  # chance: log(32); 4 captions: at best log(32 / 4)
     assert losses[-1] < math.log(32) - 0.7 and losses[-1] < losses[0]
-    rows = search_rows(output_of(outputs, "mmalign search"))
+    rows = search_rows(output_of(outputs, "mmalign search emb/ecg_text --text"))
     assert len(rows) == 5 and sum(row["cls"] == "1" for row in rows) >= 4  # fast rhythm
+    rows = search_rows(output_of(outputs, "mmalign search emb/ecg_text --query"))
+    assert len(rows) == 5 and sum(row["cls"] == "1" for row in rows) >= 4  # ecg/0001: label 1
 
 
 def test_guide_configs_read_the_directories_prep_writes() -> None:

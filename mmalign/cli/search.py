@@ -34,7 +34,10 @@ HELP = "query an exported index"
 QUERY_KINDS = ("text", "image", "audio")
 """The shorthand query options; each names a modality or a tower type."""
 FILE_QUERIES = ("image", "audio")
-"""Tower types whose query value is a file path."""
+"""Tower types whose query value is a file path, opened here to check it."""
+PATH_QUERIES = ("video", "timeseries")
+"""Tower types whose query value is a file path the search decodes as the tower's records
+(:func:`mmalign.data.decode.decode_file`); here only checked to exist."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -87,8 +90,13 @@ def resolve_query_modality(model: AlignmentModel, name: str, flag: str = "--quer
 
 def check_readable(path: str, kind: str, flag: str) -> None:
     """A :class:`~mmalign.errors.UserError` naming ``flag`` unless ``path`` is a file that
-    opens as an ``image`` (Pillow) or ``audio`` (soundfile)."""
+    opens as an ``image`` (Pillow) or ``audio`` (soundfile); a video container given to an
+    audio tower (its audio track, read by the search) is only checked to exist."""
+    from mmalign.data.decode import AUDIO_EXTENSIONS, file_extension
+
     check_path(path, flag)
+    if kind == "audio" and file_extension(path, kind) not in AUDIO_EXTENSIONS:
+        return
     try:
         if kind == "image":
             from PIL import Image
@@ -108,8 +116,9 @@ def check_readable(path: str, kind: str, flag: str) -> None:
 
 def parse_raw(model: AlignmentModel, modality: str, raw: str) -> Any:
     """The raw sample a command-line value stands for: a JSON list for tabular towers, the
-    content of a ``.json`` file for graph towers, else the string (text, or a path the tower
-    reads).
+    content of a ``.json`` file for graph towers, else the string (text, or a path the search
+    decodes as the tower's records: an image, an audio clip or a video's audio track, a
+    video, a time series).
 
     Example:
         >>> from types import SimpleNamespace
@@ -122,6 +131,8 @@ def parse_raw(model: AlignmentModel, modality: str, raw: str) -> Any:
     kind = model.config.towers[modality].type
     if kind in FILE_QUERIES:
         check_readable(raw, kind, f"--query {modality}=...")
+    elif kind in PATH_QUERIES:
+        check_path(raw, f"--query {modality}=...")
     if kind == "tabular":
         try:
             return json.loads(raw)

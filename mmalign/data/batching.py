@@ -30,6 +30,7 @@ from mmalign.data.negatives import negative_items
 from mmalign.data.samples import RecordSpec, Rejected, Sample
 from mmalign.data.two_views import augmented_views
 from mmalign.data.views import Views, collate_expanded, decode_views, sample_group
+from mmalign.errors import SampleError
 
 
 def _preprocess_all(values: dict[str, Any], spec: RecordSpec, key: str = "") -> dict[str, Any]:
@@ -48,6 +49,8 @@ def _preprocess_all(values: dict[str, Any], spec: RecordSpec, key: str = "") -> 
                 )
                 continue
             items[modality] = tower.preprocess(value, augment=spec.augment)
+        except SampleError as error:  # a refusal with a reason of its own (nonfinite ...)
+            raise RecordError(error.reason, f"tower {modality!r}: {error}") from None
         except Exception as error:  # one record never takes the run down
             raise RecordError(
                 "preprocess", f"tower {modality!r}: {type(error).__name__}: {error}"
@@ -68,11 +71,6 @@ def _label(raw: Mapping[str, Any], spec: RecordSpec) -> int:
         ) from None
 
 
-def _kind(tower: Any) -> str:
-    """A tower's config ``type`` (what picks a decoder for some files), "" without one."""
-    return str(getattr(getattr(tower, "config", None), "type", ""))
-
-
 def to_sample(raw: Mapping[str, Any], spec: RecordSpec) -> Sample | Rejected:
     """Decode and preprocess one raw record; a failure becomes :class:`Rejected` with its
     reason, shard and key."""
@@ -85,8 +83,7 @@ def to_sample(raw: Mapping[str, Any], spec: RecordSpec) -> Sample | Rejected:
             for name, alts in spec.fields.items()
             if name not in spec.views and base_modality(name) == name
         }
-        kinds = {name: _kind(tower) for name, tower in spec.towers.items()}
-        values = {**decode_fields(raw, plain, spec.limits, kinds), **decode_views(raw, spec)}
+        values = {**decode_fields(raw, plain, spec.limits, spec.kinds), **decode_views(raw, spec)}
         if not values:
             return Rejected("dropped/no_modality")
         label = _label(raw, spec)
@@ -104,7 +101,9 @@ def _negatives(raw: Mapping[str, Any], spec: RecordSpec) -> list[Sample]:
     modality = spec.negatives
     return [
         Sample(f"{raw['__key__']}/{name}", _preprocess_all({modality: value}, spec), group=group)
-        for name, value, group in negative_items(raw, spec.fields[modality], spec.limits)
+        for name, value, group in negative_items(
+            raw, spec.fields[modality], spec.limits, spec.kinds[modality]
+        )
     ]
 
 

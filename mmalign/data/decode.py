@@ -294,15 +294,42 @@ def decode_value(
         raise RecordError(reason, f".{extension}: {type(error).__name__}: {error}") from None
 
 
-FILE_KINDS = {"image": "png", "audio": "wav"}
-"""Tower types whose samples can be files, and an extension that picks their decoder
-(Pillow and soundfile read the real format from the content)."""
+SIGNAL_EXTENSIONS = ("npy", "npz", "csv")
+"""Files a ``timeseries`` tower reads."""
+FILE_KINDS: dict[str, tuple[str, ...]] = {
+    "image": ("png", "jpg", "webp", *IMAGE_EXTENSIONS),
+    "audio": (*AUDIO_EXTENSIONS, *VIDEO_EXTENSIONS),
+    "video": VIDEO_EXTENSIONS,
+    "timeseries": SIGNAL_EXTENSIONS,
+}
+"""Tower types whose samples can be files -> the extensions they read, in a record or as a
+query file. A file named otherwise is read as the first: Pillow, soundfile and PyAV find the
+real format from the content."""
+
+
+def file_extension(path: str | Path, kind: str) -> str:
+    """The extension that picks the decoder of a file given as a sample of a ``kind`` tower:
+    the file's own when the tower reads it (``clip.mp4`` for an ``audio`` tower: the
+    video's audio track), else the first of :data:`FILE_KINDS`.
+
+    Example:
+        >>> file_extension("clip.MP4", "audio"), file_extension("tone", "audio")
+        ('mp4', 'wav')
+        >>> file_extension("ecg.npz", "timeseries"), file_extension("ecg.dat", "timeseries")
+        ('npz', 'npy')
+    """
+    readable = FILE_KINDS[kind]
+    suffix = Path(path).suffix.lower().lstrip(".")
+    return suffix if suffix in readable else readable[0]
 
 
 def decode_file(path: str | Path, kind: str, limits: RecordLimits = DEFAULT_LIMITS) -> Any:
-    """A file given as one sample of an ``image`` or ``audio`` tower (a search query),
-    decoded exactly as a record's file is: its size against ``max_member_bytes``, then its
-    header against the other limits, before decoding; a :class:`RecordError` otherwise.
+    """A file given as one sample of a tower of type ``kind`` (one of :data:`FILE_KINDS`; a
+    search query), decoded exactly as a record's file of that tower is: its size against
+    ``max_member_bytes``, then its header against the other limits, before decoding; the
+    decoder is the tower's choice for the file's extension (:func:`file_extension`: an mp4 is
+    a video for a ``video`` tower and its audio track for an ``audio`` one); a
+    :class:`RecordError` otherwise.
 
     Example:
         >>> decode_file("huge.png", "image")  # doctest: +SKIP
@@ -317,7 +344,8 @@ def decode_file(path: str | Path, kind: str, limits: RecordLimits = DEFAULT_LIMI
             f"{path} is {size / 2**20:.1f} MiB, over data.max_member_bytes "
             f"({limits.max_member_bytes / 2**20:.1f} MiB)",
         )
-    return decode_value(FILE_KINDS[kind], Path(path).read_bytes(), limits)
+    extension = file_extension(path, kind)
+    return decode_value(extension, Path(path).read_bytes(), limits, kind)
 
 
 def parse_alternatives(spec: str) -> tuple[str, ...]:
@@ -347,7 +375,7 @@ def decode_fields(
     sample: Mapping[str, Any],
     fields: Mapping[str, tuple[str, ...]],
     limits: RecordLimits = DEFAULT_LIMITS,
-    kinds: Mapping[str, str] | None = None,
+    kinds: Mapping[str, str | None] | None = None,
 ) -> dict[str, Any]:
     """Decode the configured fields present in a raw sample (``kinds``: field -> the type of
     tower that reads it, see :func:`decode_value`); absent fields are left out.

@@ -27,10 +27,14 @@ _NEGATIVE = re.compile(r"^neg(\d+)\.(.+)$")
 
 
 def negative_items(
-    raw: Mapping[str, Any], alternatives: Sequence[str], limits: RecordLimits = DEFAULT_LIMITS
+    raw: Mapping[str, Any],
+    alternatives: Sequence[str],
+    limits: RecordLimits = DEFAULT_LIMITS,
+    kind: str | None = None,
 ) -> list[tuple[str, Any, int]]:
     """``(name, decoded value, group)`` of each ``neg<i>.<ext>`` file of the modality whose
-    extensions are ``alternatives``, in ``i`` order; the group is a hash of shard, key and name."""
+    extensions are ``alternatives``, in ``i`` order, decoded as its tower's type ``kind``
+    reads them; the group is a hash of shard, key and name."""
     found = []
     for name in raw:
         match = _NEGATIVE.match(name)
@@ -40,5 +44,5 @@ def negative_items(
     for number, name in sorted(found):
         label = f"neg{number}"
         group = stable_hash(f"negative:{raw['__url__']}:{raw['__key__']}:{label}")
-        items.append((label, decode_value(name, raw[name], limits), group))
+        items.append((label, decode_value(name, raw[name], limits, kind), group))
     return items

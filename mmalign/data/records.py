@@ -280,10 +280,14 @@ def iterate_records(
     world_size: int | None = None,
     field: str = "shards",
     limits: RecordLimits = DEFAULT_LIMITS,
+    kinds: Mapping[str, str | None] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Decoded records with their keys, without towers (for export and zero-shot code).
 
-    ``fields`` maps names to extensions (``{"image": "png", "meta": "json"}``); each record is
+    ``fields`` maps names to extensions (``{"image": "png", "meta": "json"}``); ``kinds``
+    names the type of tower that reads a field, which picks the decoder of some files as
+    the loader's does (``{"sound": "audio"}``: an ``mp4`` is read as its audio track, not
+    as a video; ``{"ecg": "timeseries"}``: an ``npz`` as arrays, not a graph). Each record is
     ``{"__key__": key, "__url__": shard, name: decoded value, ...}`` with absent files left
     out. Records that fail to decode are logged and skipped; records with none of the fields
     are skipped. Reading is in shard order; with ``world_size > 1`` each rank gets its part.
@@ -301,7 +305,7 @@ def iterate_records(
         try:
             if "__error__" in raw:
                 raise RecordError(*raw["__error__"])
-            values = decode_fields(raw, parsed, limits)
+            values = decode_fields(raw, parsed, limits, kinds)
         except RecordError as error:
             log_skip(url, key, error.reason, str(error))
             continue

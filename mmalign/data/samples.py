@@ -26,6 +26,20 @@ class Tower(Protocol):
     def collate(self, items: Sequence[Any]) -> Any: ...
 
 
+def tower_kind(tower: Any) -> str | None:
+    """A tower's config ``type``, which picks the decoder of some files (an mp4 is a video
+    for a ``video`` tower, its audio track for an ``audio`` one; see
+    :func:`mmalign.data.decode.decode_value`); None for a tower without one.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> tower_kind(SimpleNamespace(config=SimpleNamespace(type="audio"))), tower_kind(None)
+        ('audio', None)
+    """
+    kind = getattr(getattr(tower, "config", None), "type", None)
+    return None if kind is None else str(kind)
+
+
 @dataclass
 class Sample:
     """One usable record: preprocessed items of the modalities it has."""
@@ -75,3 +89,8 @@ class RecordSpec:
     @property
     def modalities(self) -> list[str]:
         return list(self.towers)
+
+    @property
+    def kinds(self) -> dict[str, str | None]:
+        """Modality -> the type of its tower (:func:`tower_kind`), which decodes its files."""
+        return {name: tower_kind(tower) for name, tower in self.towers.items()}

@@ -86,10 +86,14 @@ def record_group(
 
 
 def modality_items(
-    raw: Mapping[str, Any], alternatives: Sequence[str], limits: RecordLimits = DEFAULT_LIMITS
+    raw: Mapping[str, Any],
+    alternatives: Sequence[str],
+    limits: RecordLimits = DEFAULT_LIMITS,
+    kind: str | None = None,
 ) -> list[tuple[str, Any]]:
-    """Every item of one modality in a raw record, decoded: the plain file first, then
-    ``1.<ext>``, ``2.<ext>`` ... in number order; a JSON list counts as its elements."""
+    """Every item of one modality in a raw record, decoded as its tower's type ``kind`` reads
+    them (an mp4 as a video, or as an ``audio`` tower's audio track): the plain file first,
+    then ``1.<ext>``, ``2.<ext>`` ... in number order; a JSON list counts as its elements."""
     found = []
     for name in raw:
         if name.startswith("__"):
@@ -101,7 +105,7 @@ def modality_items(
             found.append((order, alternatives.index(extension), name))
     items: list[Any] = []
     for _, _, name in sorted(found):
-        value = decode_value(name, raw[name], limits)
+        value = decode_value(name, raw[name], limits, kind)
         values = value if isinstance(value, list) else [value]
         items.extend((name, item) for item in values)
     return items
@@ -149,7 +153,8 @@ def decode_views(raw: Mapping[str, Any], spec: RecordSpec) -> dict[str, Any]:
     one item for ``sample`` / ``first``, a :class:`Views` for ``expand``."""
     values: dict[str, Any] = {}
     for modality, mode in spec.views.items():
-        items = [item for _, item in modality_items(raw, spec.fields[modality], spec.limits)]
+        found = modality_items(raw, spec.fields[modality], spec.limits, spec.kinds[modality])
+        items = [item for _, item in found]
         if not items:
             continue
         if mode == "expand":

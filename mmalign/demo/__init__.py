@@ -11,7 +11,7 @@ directory: everything it needs ships with the package. The modules, one concept 
 - :mod:`mmalign.demo.report`: ``REPORT.md`` and its sections;
 - :mod:`mmalign.demo.data`: the shard builder (``mmalign prep make-demo``);
 - :mod:`mmalign.demo.digits`: the digit's image, caption, tone and seven-segment graph;
-- ``configs/``: the three demo configs (:func:`mmalign.demo.pipeline.default_configs_dir`).
+- ``configs/``: the four demo configs (:func:`mmalign.demo.pipeline.default_configs_dir`).
 
 Example:
     >>> from mmalign.demo.pipeline import run_demo

@@ -1,4 +1,4 @@
-"""The demo: build the digit datasets, train three models, evaluate, index, search, report.
+"""The demo: build the digit datasets, train four models, evaluate, index, search, report.
 
 ``run_demo`` (``mmalign demo``; ``make demo`` installs first) does, in order:
 
@@ -11,9 +11,9 @@
    graph->text retrieval (a hit is any item of the query's class), the zero-shot and
    text->image figures at the smallest Matryoshka prefix (``model.matryoshka``: the first 16
    of 64 dimensions), a confusion matrix and an image-text similarity matrix; then trains
-   the video and time-series model (text, audio, video, pen trajectory;
-   ``demo_digits_motion.yaml``) on the same records and measures zero-shot video and
-   trajectory classification and class-level audio->video retrieval;
+   one model of all six modalities (image, text, audio, graph, video, pen trajectory;
+   ``demo_digits_motion.yaml``) on the same records and measures zero-shot image, graph,
+   video and trajectory classification and class-level retrieval (audio->video ...);
 4. trains ``digits-sum`` with Symile and with CLIP (``demo_digits_sum_*.yaml``) and
    classifies the image's digit zero-shot from caption + tone, with reference training images
    as the class candidates: Symile scores by the multilinear inner product, CLIP by the sum
@@ -224,7 +224,7 @@ def run_demo(
     """Run the whole demo (see the module docstring); returns the path of ``REPORT.md``.
 
     ``quick`` runs everything at a tiny scale (little data, a few steps: a smoke test, not
-    meaningful numbers). ``configs_dir`` holds the three demo configs (default: those
+    meaningful numbers). ``configs_dir`` holds the four demo configs (default: those
     installed with the package, :func:`default_configs_dir`). ``reuse`` keeps finished runs
     in ``out_dir`` instead of retraining. ``threads`` sets torch's intra-op threads (default:
     the CPU cores minus the data workers). Relative paths are relative to the current
@@ -257,7 +257,7 @@ def run_demo(
         _say("[3/6] evaluating digits on the test split")
         with timings.measure("evaluate digits"):
             results["digits"] = evaluate_digits(runs["digits"], out_dir)
-        _say("[3/6] training digits-motion: text + audio + video + trajectory, evaluating")
+        _say("[3/6] training digits-motion: the six modalities (CLIP objective), evaluating")
         with timings.measure("train digits-motion"):
             runs["digits-motion"] = train_run(
                 "digits-motion", configs_dir, datasets["digits"], out_dir, quick, reuse

@@ -181,7 +181,8 @@ def _digits_section(out_dir: Path, digits: dict[str, Any]) -> list[str]:
 
 
 def _motion_section(motion: dict[str, Any]) -> list[str]:
-    """``## digits-motion``: zero-shot video and trajectory, class-level retrieval."""
+    """``## digits-motion``: zero-shot image, graph, video and trajectory, class-level
+    retrieval."""
     zeroshot_rows = [
         [
             modality,
@@ -196,11 +197,13 @@ def _motion_section(motion: dict[str, Any]) -> list[str]:
         for pair, m in motion["retrieval"].items()
     ]
     return [
-        f"## digits-motion: text, audio, video, trajectory ({motion['samples']} test samples)",
+        f"## digits-motion: image, text, audio, graph, video, trajectory "
+        f"({motion['samples']} test samples)",
         "",
-        "The same records' caption, tone, video (6 frames of the handwritten digit moving, "
-        "decoded with PyAV) and pen trajectory (2 channels), trained by a run of their own. "
-        "Zero-shot classification from the English class prompts:",
+        "One model of all six modalities of the same records: image, caption, tone, "
+        "seven-segment graph, video (6 frames of the handwritten digit moving, decoded with "
+        "PyAV) and pen trajectory (2 channels), trained by a run of its own beside the "
+        "four-modality digits model. Zero-shot classification from the English class prompts:",
         "",
         *markdown_table(["modality", "top-1", "top-5", "balanced accuracy"], zeroshot_rows),
         "Class-level retrieval on the test split:",

@@ -36,9 +36,16 @@ from mmalign.export import build_index, export_embeddings, search
 
 LANGUAGES = ("en", "fr", "de", "es")
 RETRIEVAL_PAIRS = (("audio", "image"), ("graph", "text"), ("image", "text"), ("text", "image"))
-MOTION_PAIRS = (("audio", "video"), ("video", "text"), ("trajectory", "text"))
-"""Class-level retrieval pairs of the video and time-series run (``digits-motion``)."""
-MOTION_ZEROSHOT = ("video", "trajectory")
+MOTION_PAIRS = (
+    ("audio", "video"),
+    ("audio", "image"),
+    ("video", "image"),
+    ("graph", "text"),
+    ("video", "text"),
+    ("trajectory", "text"),
+)
+"""Class-level retrieval pairs of the six-modality run (``digits-motion``)."""
+MOTION_ZEROSHOT = ("image", "graph", "video", "trajectory")
 """Modalities of ``digits-motion`` classified zero-shot (English prompts)."""
 REFERENCES_PER_CLASS = 8
 """Training images per class averaged into the digits-sum zero-shot candidates."""
@@ -190,8 +197,8 @@ def evaluate_digits(run: Run, out_dir: Path) -> dict[str, Any]:
 
 
 def evaluate_motion(run: Run) -> dict[str, Any]:
-    """Zero-shot video and trajectory classification (English prompts) and class-level
-    retrieval (:data:`MOTION_PAIRS`) of the video and time-series model on its test split.
+    """Zero-shot image, graph, video and trajectory classification (English prompts) and
+    class-level retrieval (:data:`MOTION_PAIRS`) of the six-modality model on its test split.
 
     Example:
         >>> evaluate_motion(motion_run)["zeroshot"]["video"]["metrics"]["top1"]

@@ -113,12 +113,24 @@ def combine_query(
     return model.objective.score(scaled, torch.eye(width))[0]
 
 
+LIMIT_REASONS = ("member_too_large", "too_large", "too_long", "bad_sample_rate")
+"""The reasons of a query file refused by a per-record limit (not by its content)."""
+
+
+def _query_file_advice(reason: str, kind: str) -> str:
+    if reason in LIMIT_REASONS:
+        return "pass a smaller file (the limits of records apply to queries)"
+    return f"pass a file a {kind} tower reads (.{', .'.join(FILE_KINDS[kind][:3])} ...)"
+
+
 def read_query_files(
     model: AlignmentModel, queries: Mapping[str, Any], limits: RecordLimits = DEFAULT_LIMITS
 ) -> dict[str, Any]:
-    """``queries`` with each path given to an image or audio tower decoded as a record's
-    file is (:func:`~mmalign.data.decode.decode_file`: the per-record ``limits`` checked
-    from its size and header before decoding); a file over a limit is a :class:`QueryError`.
+    """``queries`` with each path given to an image, audio, video or time-series tower
+    decoded as a record's file of that tower is (:func:`~mmalign.data.decode.decode_file`:
+    the tower type's decoder for the file's extension, the per-record ``limits`` checked
+    from its size and header before decoding); a file over a limit or that does not decode
+    is a :class:`QueryError`.
 
     Example:
         >>> read_query_files(model, {"audio": "hour.flac"})  # doctest: +SKIP
@@ -135,7 +147,7 @@ def read_query_files(
             except RecordError as error:
                 raise QueryError(
                     f"the {name!r} query {raw} is refused ({error.reason}): {error.detail}; "
-                    "pass a smaller file (the limits of records apply to queries)"
+                    + _query_file_advice(error.reason, kind)
                 ) from None
     return decoded
 

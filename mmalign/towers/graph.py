@@ -46,6 +46,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from mmalign.config.tower import TowerConfig
+from mmalign.errors import SampleError
 from mmalign.extras import missing_extra
 from mmalign.towers.base import Tower, register_tower, running_batch_norm
 
@@ -282,7 +283,7 @@ class GraphTower(Tower):
                 f"{where}: 'x' must be [N, {features}] (in_features), got shape {tuple(x.shape)}"
             )
         if not torch.isfinite(x).all():
-            raise ValueError(f"{where}: 'x' contains NaN or Inf node features")
+            raise SampleError("nonfinite", f"{where}: 'x' contains NaN or Inf node features")
         edge_index = self._validate_edges(edge_index, x.shape[0], where)
         edge_attr = self._validate_edge_attr(raw, edge_index.shape[1], where)
         return Data(x=x, edge_index=edge_index, edge_attr=edge_attr)
@@ -320,7 +321,7 @@ class GraphTower(Tower):
                 f"got shape {tuple(edge_attr.shape)}"
             )
         if not torch.isfinite(edge_attr).all():
-            raise ValueError(f"{where}: 'edge_attr' contains NaN or Inf")
+            raise SampleError("nonfinite", f"{where}: 'edge_attr' contains NaN or Inf")
         return edge_attr
 
     def collate(self, items: Sequence[Data]) -> Batch:

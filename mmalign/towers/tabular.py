@@ -29,6 +29,7 @@ from torch import nn
 from torchvision.ops import MLP
 
 from mmalign.config.tower import TowerConfig
+from mmalign.errors import SampleError
 from mmalign.towers.base import Tower, register_tower
 from mmalign.towers.layout import Block
 
@@ -159,8 +160,9 @@ class TabularTower(Tower):
             )
         if np.isinf(vector).any():
             positions = np.flatnonzero(np.isinf(vector)).tolist()
-            raise ValueError(
-                f"{where} has infinite values at positions {positions}; use NaN for missing"
+            raise SampleError(
+                "nonfinite",
+                f"{where} has infinite values at positions {positions}; use NaN for missing",
             )
         if np.isnan(vector).all():
             raise ValueError(f"{where} has no values (every entry is NaN); drop the sample")

@@ -56,6 +56,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from mmalign.config.tower import TowerConfig
+from mmalign.errors import SampleError
 from mmalign.towers.base import HFParts, Tower, register_tower
 from mmalign.towers.hf_local import checked_size, hf_config, hf_folder, hf_model
 from mmalign.towers.waveform import resample
@@ -344,10 +345,16 @@ class TimeSeriesTower(Tower):
             raw = self._columns(raw, where) if self.config.columns else self._array(raw, where)
         signal = _numeric(raw, where)
         signal = signal[None] if signal.ndim == 1 else signal
-        if signal.ndim != 2 or signal.shape[0] != self.config.channels or signal.shape[1] < 1:
+        if signal.ndim != 2 or signal.shape[1] < 1:
             raise ValueError(
                 f"{where} must be [{self.config.channels}, T] (channels), got shape "
                 f"{list(signal.shape)}"
+            )
+        if signal.shape[0] != self.config.channels:
+            raise SampleError(
+                "bad_channels",
+                f"{where} has {signal.shape[0]} channels, the tower {self.config.channels} "
+                "(channels)",
             )
         if rate is not None and self.config.sample_rate is not None:
             signal = np.ascontiguousarray(resample(signal.T, int(rate), self.config.sample_rate).T)
@@ -386,13 +393,14 @@ class TimeSeriesTower(Tower):
         signal = self._channels(raw)
         where = f"{self.field}: time series sample"
         if np.isinf(signal).any():
-            raise ValueError(f"{where} has infinite values")
+            raise SampleError("nonfinite", f"{where} has infinite values")
         missing = np.isnan(signal)
         partial = missing.any(1) & ~missing.all(1)
         if partial.any():
-            raise ValueError(
+            raise SampleError(
+                "nonfinite",
                 f"{where} has NaN samples in channels {np.flatnonzero(partial).tolist()} "
-                "(a missing channel is all NaN)"
+                "(a missing channel is all NaN)",
             )
         if missing.all():
             raise ValueError(f"{where} has no observed channel (every value is NaN)")

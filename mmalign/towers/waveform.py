@@ -17,6 +17,8 @@ import numpy as np
 import soundfile
 import torch
 
+from mmalign.errors import SampleError
+
 _MAX_CHANNELS = 16
 MAX_RESAMPLING_FACTOR = 2**18
 """Largest up or down factor of the reduced rate ratio :func:`resample` accepts: the
@@ -35,10 +37,11 @@ def _validate(waveform: np.ndarray, sample_rate: Any, source: str) -> tuple[np.n
         raise ValueError(f"audio {source}: sample rate must be positive, got {sample_rate}")
     if waveform.ndim == 2:
         if waveform.shape[0] > _MAX_CHANNELS:
-            raise ValueError(
+            raise SampleError(
+                "bad_channels",
                 f"audio {source}: waveform of shape {waveform.shape} has more than "
                 f"{_MAX_CHANNELS} channels; expected [channels, samples] (transpose a "
-                "soundfile [samples, channels] array)"
+                "soundfile [samples, channels] array)",
             )
         waveform = waveform.mean(axis=0)
     if waveform.ndim != 1:
@@ -51,9 +54,10 @@ def _validate(waveform: np.ndarray, sample_rate: Any, source: str) -> tuple[np.n
     finite = np.isfinite(waveform)
     if not finite.all():
         first = int(np.argmin(finite))
-        raise ValueError(
+        raise SampleError(
+            "nonfinite",
             f"audio {source}: waveform contains NaN or Inf ({int((~finite).sum())} samples, "
-            f"first at index {first}); clean or drop this clip"
+            f"first at index {first}); clean or drop this clip",
         )
     return waveform, int(sample_rate)
 

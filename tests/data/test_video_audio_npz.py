@@ -121,6 +121,8 @@ def test_a_timeseries_tower_reads_an_npz_and_a_graph_tower_still_reads_a_graph(
         ("named", npz(ecg=signal, labels=np.arange(3))),
         ("too-long", npz(signal=np.zeros((2, 10**6), np.float32))),
         ("text", npz(signal=np.array(["a", "b"]))),
+        ("nan", npz(signal=np.where(np.arange(20) == 3, np.nan, signal))),
+        ("three-channels", npz(signal=np.zeros((3, 20), np.float32))),
     ]
     shard = write(tmp_path / "s.tar", [{"__key__": k, "npz": v} for k, v in records])
     limits = RecordLimits(**{**DEFAULT_LIMITS.__dict__, "max_signal_samples": 1000})
@@ -130,11 +132,13 @@ def test_a_timeseries_tower_reads_an_npz_and_a_graph_tower_still_reads_a_graph(
     assert batch.keys == ["single"]  # two arrays without npz_key: which one is not guessed
     torch.testing.assert_close(batch.inputs["ts"][0], towers["ts"].preprocess(signal))
     assert loader.counters == {
-        "seen": 4,
+        "seen": 6,
         "used": 1,
-        "skipped/preprocess": 1,
+        "skipped/preprocess": 1,  # two arrays, no npz_key
         "skipped/too_long": 1,
         "skipped/bad_array": 1,
+        "skipped/nonfinite": 1,
+        "skipped/bad_channels": 1,
     }
     named = {"ts": build_tower({**SIGNAL, "npz_key": "ecg"})}
     loader = make_loader(shard, named, {"ts": "npz"}, 4, limits=limits)

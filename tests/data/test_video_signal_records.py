@@ -153,7 +153,8 @@ def test_bad_signals_are_skipped_before_loading(
         "skipped/bad_array": 2,
         "skipped/too_long": 1,
         "skipped/too_large": 2,
-        "skipped/preprocess": 3,
+        "skipped/nonfinite": 2,  # a NaN inside an observed channel, an Inf
+        "skipped/bad_channels": 1,  # 3 channels for a 2-channel tower
     }
     assert all(np.prod(shape) <= 60 for shape in loaded)  # no array over a limit was loaded
 
@@ -183,5 +184,5 @@ def test_csv_signals_check_rows_and_columns_before_parsing(tmp_path: Path) -> No
         "skipped/bad_csv": 1,
         "skipped/too_long": 1,
         "skipped/too_large": 1,
-        "skipped/preprocess": 1,
+        "skipped/nonfinite": 1,  # the empty cell: NaN inside an observed column
     }

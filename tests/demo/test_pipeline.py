@@ -1,4 +1,4 @@
-"""The demo pipeline at a tiny scale: data, three trainings, evaluation, search, REPORT.md."""
+"""The demo pipeline at a tiny scale: data, four trainings, evaluation, search, REPORT.md."""
 
 import re
 from pathlib import Path
@@ -45,6 +45,10 @@ def test_report_is_written_in_out_dir(demo: tuple[Path, Path, str]) -> None:
         assert (root / "out" / run / "model" / "model.safetensors").is_file()
     assert (root / "out" / "digits" / PRETRAINED_TOWERS / "open_clip_config.json").is_file()
     assert "start their image and text towers from the digits model" in demo[2]
+    motion = AlignmentModel.from_pretrained(root / "out" / "digits-motion" / "model")
+    six = ["image", "text", "audio", "graph", "video", "trajectory"]
+    assert motion.modalities == six  # one model of every modality of the digits records
+    assert f"## digits-motion: {', '.join(six)} (" in demo[2]
 
 
 @pytest.mark.launches  # the demo's data loaders start worker processes
@@ -71,9 +75,10 @@ def test_tables_hold_numbers(demo: tuple[Path, Path, str]) -> None:
     assert [row[3] for row in training] == [str(QUICK_OVERRIDES["train.steps"])] * 4
     assert [row[0] for row in zeroshot] == ["en", "fr", "de", "es"]
     assert [row[0] for row in retrieval][:2] == ["audio->image", "graph->text"]
-    assert [row[0] for row in motion_zeroshot] == ["video", "trajectory"]
+    assert [row[0] for row in motion_zeroshot] == ["image", "graph", "video", "trajectory"]
     assert [row[0] for row in motion_retrieval] == [
-        *("audio->video", "video->text", "trajectory->text")
+        *("audio->video", "audio->image", "video->image"),
+        *("graph->text", "video->text", "trajectory->text"),
     ]
     assert [row[0] for row in digits_sum] == ["symile", "clip"]
     assert digits_sum[0][1].startswith("MIP") and digits_sum[1][1].startswith("sum")

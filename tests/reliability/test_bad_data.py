@@ -85,6 +85,7 @@ def image_audio_records() -> list[dict[str, Any]]:
         {"__key__": "cut-wav-header", "png": good["png"], "wav": wav(tone(8000), 8000)[:24]},
         {"__key__": "rate-100hz", "png": good["png"], "wav": wav(tone(100, 2.0), 100)},
         {"__key__": "empty-image", "png": b"", "wav": good["wav"]},
+        {"__key__": "17-channels", "png": good["png"], "wav": wav(np.zeros((800, 17)), 16000)},
         {"__key__": "wrong-extensions", "jpeg": good["png"], "mp3": good["wav"]},
     ]
 
@@ -100,9 +101,10 @@ def test_bad_images_and_audio_are_counted(tmp_path: Path, monkeypatch: pytest.Mo
     keys = [key for batch in loader for key in batch.keys]
     assert keys == ["good0", "good1", "resampled44k"]
     counters = loader.counters
-    assert counters["seen"] == 12 and counters["used"] == 3
+    assert counters["seen"] == 13 and counters["used"] == 3
     assert counters["skipped/bad_image"] == 4  # 0x0, bomb header, over the pixel limit, junk
-    assert counters["skipped/preprocess"] == 1  # NaN waveform
+    assert counters["skipped/nonfinite"] == 1  # NaN waveform
+    assert counters["skipped/bad_channels"] == 1  # 17 channels: a transposed waveform
     assert counters["skipped/bad_sample_rate"] == 1  # 100 Hz: under data.audio_sample_rates
     assert counters["skipped/bad_audio"] == 1  # a wav cut inside its header
     assert counters["skipped/empty_file"] == 1
@@ -131,7 +133,8 @@ PER_EPOCH = {
     "skipped/empty_file": 1,
     "skipped/bad_graph": 2,  # an edge index out of range, JSON that is not an object
     "skipped/bad_json": 1,
-    "skipped/preprocess": 2,  # the tabular tower rejects Inf and a vector of the wrong length
+    "skipped/nonfinite": 1,  # the tabular tower rejects Inf
+    "skipped/preprocess": 1,  # and a vector of the wrong length
     "skipped/truncated_tar": 1,
     "dropped/no_modality": 1,
 }
