@@ -104,8 +104,29 @@ def test_cli_names_the_duplicate_key_in_one_line(
         ("model: {}\ndata: {batch_size: -1}\n", "data.batch_size: "),
         ("model: {}\ntrian: {steps: 3}\n", "trian: unknown section"),
         ("model: {}\ntrain: {steps: 1}\ntrain: {steps: 2}\n", "key 'train' appears twice"),
+        (
+            "model: {towers: {img: {type: image, model: RN50, imagesize: 32}}}\n",
+            "model.towers.img.imagesize: unknown key",
+        ),
+        ("model: {towers: {labs: {type: tabular, in_features: six}}}\n", "labs.in_features: "),
+        (
+            "model: {towers: {ts: {type: timeseries, window: 64, patch: 5, encoder: patch}}}\n",
+            "model.towers.ts: patch 5 must divide window 64",
+        ),
+        ("model: {towers: {g: {type: grpah, in_features: 2}}}\n", "unknown tower type 'grpah'"),
+        ("model: {dimm: 8, towers: {}}\n", "model.dimm: unknown key"),
     ],
-    ids=["train key", "data value", "section", "duplicate"],
+    ids=[
+        "train key",
+        "data value",
+        "section",
+        "duplicate",
+        "tower key",
+        "tower value",
+        "tower check",
+        "tower type",
+        "model key",
+    ],
 )
 def test_a_typo_is_reported_before_torch_loads(tmp_path: Path, text: str, named: str) -> None:
     config = tmp_path / "run.yaml"
