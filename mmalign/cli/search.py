@@ -190,7 +190,7 @@ def weights_of(model: AlignmentModel, items: Sequence[str] | None) -> dict[str, 
             weights[resolve_query_modality(model, name, "--weights")] = float(value)
         except ValueError:
             raise UserError(
-                f"--weights entry {item!r} must look like MODALITY=NUMBER (text=0.5)"
+                f"entry {item!r} is not MODALITY=NUMBER (--weights); write e.g. text=0.5"
             ) from None
     return weights
 

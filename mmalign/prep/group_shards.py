@@ -49,8 +49,7 @@ def cluster_order(
     rows, dim = vectors.shape
     if not 1 <= clusters <= rows:
         raise UserError(
-            f"--clusters {clusters} must be between 1 and the {rows} rows to cluster; "
-            "pick fewer clusters"
+            f"{clusters} clusters for {rows} rows (--clusters); pick between 1 and {rows}"
         )
     kmeans = faiss.Kmeans(
         dim,

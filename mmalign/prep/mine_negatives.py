@@ -105,7 +105,10 @@ def mine_negatives(
 ) -> dict[str, Any]:
     """Write the shards with mined negatives and ``OUT/summary.json``; returns the summary."""
     if k < 1 or not 0 < max_ratio <= 1:
-        raise UserError(f"--k must be >= 1 and --max-ratio in (0, 1], got {k} and {max_ratio}")
+        raise UserError(
+            f"k {k} or max_ratio {max_ratio} out of range (--k, --max-ratio); pass k >= 1 and "
+            "max_ratio in (0, 1]"
+        )
     check_maxcount(maxcount)
     query_rows = ExportRows.load(export_dir, query)
     candidate_rows = ExportRows.load(export_dir, candidates)

@@ -4,14 +4,19 @@ no traceback): a query the model's tower refuses, a model that did not make the 
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import os
+import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import tiny_config, write_shards
 
-from mmalign.cli.main import main
+from mmalign.cli.main import build_parser, main
 from mmalign.config import ConfigError
 from mmalign.training import train
 
@@ -239,3 +244,84 @@ def test_a_probe_modality_the_model_lacks_names_probe_modality(
     assert main([*arguments, "--linear-probe", "--probe-train", shards]) == 2
     error = one_line_error(capsys)
     assert "unknown modality 'image' (--probe-modality)" in error
+
+
+USAGE_FORM = re.compile(r"mmalign: error: [^\n]*[^ ] \((?P<where>[^()]+)\); [^\n]*[^ ]\n")
+"""The rule's one line: ``mmalign: error: <what> (<where>); <what to do>``."""
+BAD_VALUES = ("zzz", "0", "-1", ".", "nan", "inf", "1e999", "=x", "a=", "2.5")
+"""Values tried on every flag that takes one (``--flag=VALUE``, so ``-1`` is a value)."""
+
+
+def _leaf_parsers(
+    parser: argparse.ArgumentParser, words: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    """Every (sub)command's words and parser, ``prep``'s tools included."""
+    found = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not found:
+        yield words, parser
+        return
+    for name, child in found[0].choices.items():
+        yield from _leaf_parsers(child, (*words, name))
+
+
+def _usage_error(argv: list[str]) -> str | None:
+    """What parsing ``argv`` prints on stderr when it exits, ``None`` when it parses."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            build_parser().parse_args(argv)
+        except SystemExit:
+            return err.getvalue()
+    return None
+
+
+def _assert_form(error: str, where: str) -> None:
+    found = USAGE_FORM.fullmatch(error)
+    assert found and where in found["where"], error
+
+
+def test_every_flag_given_a_bad_value_gets_the_one_line_form() -> None:
+    """Each subcommand's flags with each bad value: a refusal is one line naming the flag in
+    parentheses, then what to do; a flag given no value, an unknown flag and missing required
+    arguments too. The refusals are counted, so a flag that stops checking shows."""
+    refused = 0
+    for words, parser in _leaf_parsers(build_parser()):
+        for action in parser._actions:
+            if not action.option_strings or action.nargs == 0 or action.help == argparse.SUPPRESS:
+                continue
+            flag = action.option_strings[-1]
+            for value in BAD_VALUES:
+                error = _usage_error([*words, f"{flag}={value}"])
+                if error and "required" not in error:
+                    _assert_form(error, flag)
+                    refused += 1
+            _assert_form(_usage_error([*words, flag]) or "", flag)
+        _assert_form(_usage_error([*words, "--nope=1"]) or "", "")
+        if words != ("demo",):
+            _assert_form(_usage_error(list(words)) or "", "")
+    assert refused >= 540, refused
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["serve", "e", "--port", "70000"], "'70000' is not a whole number in [0, 65535] (--port)"),
+        (["serve", "e", "--max-wait-ms=-1"], "'-1' is not a number >= 0 (--max-wait-ms)"),
+        (["export", "m", "--workers=-1"], "'-1' is not a whole number >= 0 (--workers)"),
+        (["prep", "from-manifest", "m", "--maxsize", "nan"], "'nan' is not a number > 0"),
+        (["prep", "curate", "m", "--dedup-threshold", "2"], "'2' is not a number in [-1, 1]"),
+        (["prep", "mine-negatives", "--max-ratio", "0"], "'0' is not a number in (0, 1]"),
+        (["prep", "group-shards", "--seed=-1"], "'-1' is not a whole number >= 0 (--seed)"),
+        (["prep", "train-tokenizer", "--character-coverage", "1.5"], "(--character-coverage)"),
+        (["eval", "m", "--few-shot", "1,x"], "'x' is not a whole number >= 1 (--few-shot)"),
+        (["convert", "m", "--to", "tflite"], "invalid choice 'tflite' (--to); choose from"),
+        (["export", "m", "--out", "."], "working directory or above it (--out); name a new"),
+        (["trian"], "invalid choice 'trian' (COMMAND); choose from 'train'"),
+    ],
+)
+def test_values_in_range_are_checked_when_parsed(argv: list[str], named: str) -> None:
+    """Numbers out of their range were taken before (a negative port, NaN shard size, a
+    negative worker count or seed) and failed later, some with a traceback."""
+    error = _usage_error(argv)
+    assert error is not None and named in error, error
+    _assert_form(error, "-" if argv[0] != "trian" else "COMMAND")
