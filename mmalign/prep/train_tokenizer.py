@@ -24,6 +24,7 @@ import sentencepiece
 
 from mmalign.data.records import iterate_records
 from mmalign.prep.from_manifest import read_manifest
+from mmalign.progress import progress_bar
 
 
 def texts_from_shards(shards: Sequence[str], extension: str) -> Iterator[str]:
@@ -50,17 +51,24 @@ def train_tokenizer(
     model_type: str = "unigram",
     character_coverage: float = 1.0,
 ) -> int:
-    """Train and write a SentencePiece model; returns the number of training sentences."""
+    """Train and write a SentencePiece model; returns the number of training sentences.
+
+    On a terminal a progress bar on stderr counts the sentences read (with their rate), then
+    says that SentencePiece trains on them (one native call, which reports no progress).
+    """
     count = 0
+    bar = progress_bar(desc=f"read texts for {out.name}", unit="sentence")
 
     def counted() -> Iterator[str]:
         nonlocal count
         for text in texts:
             count += 1
+            bar.update()
             yield text.replace("\n", " ")
+        bar.set_description(f"train SentencePiece on the {count} sentences", refresh=True)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("wb") as model_file:
+    with bar, out.open("wb") as model_file:
         sentencepiece.SentencePieceTrainer.train(
             sentence_iterator=counted(),
             model_writer=model_file,
