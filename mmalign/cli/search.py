@@ -55,7 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--weights",
         type=csv_list,
         metavar="MODALITY=W,...",
-        help="per query modality weights of a pairwise model's summed similarities",
+        help="per query modality weights of a pairwise model's summed similarities; a "
+        "negative weight ranks away from that query (text=-0.5: unlike the text)",
     )
     parser.add_argument("--k", type=positive_int, default=10, help="results to return (>= 1)")
     parser.add_argument("--target", help="indexed modality to search (default: the only one)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import os
 import re
 import shutil
@@ -14,10 +15,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import tiny_config, write_shards
+from conftest import graph_of, tabular_vector, tiny_config, write_shards
 
 from mmalign.cli.main import build_parser, main
 from mmalign.config import ConfigError
+from mmalign.export import search as search_index
 from mmalign.training import train
 
 
@@ -325,3 +327,34 @@ def test_values_in_range_are_checked_when_parsed(argv: list[str], named: str) ->
     error = _usage_error(argv)
     assert error is not None and named in error, error
     _assert_form(error, "-" if argv[0] != "trian" else "COMMAND")
+
+
+def test_negative_weights_are_query_arithmetic(
+    workspace: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--weights labs=-1`` is legitimate (exit 0): a composed query of a pairwise model
+    scores ``sum_m w_m <e_m, c>``, so every candidate's score is the weighted sum of its
+    one-modality scores, and a lone negative weight reverses the ranking. All weights 0 would
+    score every candidate 0: refused in one line naming ``--weights``."""
+    queries = {"labs": tabular_vector(3).tolist(), "graph": graph_of(5)}
+    rows = 48  # every indexed row, so each search scores all of them
+
+    def scores(query: dict[str, object], weights: dict[str, float] | None) -> dict[str, float]:
+        found = search_index(workspace["emb"], None, query, k=rows, target="labs", weights=weights)
+        assert len(found) == rows
+        return {row["key"]: row["score"] for row in found}
+
+    labs = scores({"labs": queries["labs"]}, None)
+    graph = scores({"graph": queries["graph"]}, None)
+    mixed = scores(queries, {"labs": -1.0, "graph": 0.5})
+    for key, score in mixed.items():
+        assert score == pytest.approx(-labs[key] + 0.5 * graph[key], abs=1e-5)
+    arguments = ["--query", "labs=" + json.dumps(queries["labs"]), "--k", str(rows)]
+    assert main([*search(workspace, *arguments), "--weights", "labs=-1", "--json"]) == 0
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [row["key"] for row in printed] == sorted(labs, key=lambda key: labs[key])
+    assert [row["score"] for row in printed] == pytest.approx(
+        sorted(-s for s in labs.values())[::-1], abs=1e-5
+    )
+    assert main([*search(workspace, *arguments), "--weights", "labs=0"]) == 2
+    assert "every query weight is 0" in one_line_error(capsys)
