@@ -6,17 +6,16 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
 from mmalign.config.sections import Config, DataConfig, EvalConfig, ModelConfig, TrainConfig
-from mmalign.config.strict_yaml import read_yaml
+from mmalign.config.strict_yaml import parse_yaml, read_yaml
 from mmalign.config.tower import tower_config
 from mmalign.errors import ConfigError, config_error
 
 
-def _parse_value(text: str) -> Any:
-    return yaml.safe_load(text) if text != "" else ""
+def _parse_value(text: str, key: str) -> Any:
+    return parse_yaml(text, f"override --set {key}") if text != "" else ""
 
 
 SCHEDULE_KEYS = ("train.steps", "train.epochs")
@@ -52,12 +51,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if not isinstance(child, dict):
                 raise ConfigError(f"override '{override}': '{part}' is not a section")
             node = child
-        try:
-            node[parts[-1]] = _parse_value(value)
-        except yaml.YAMLError as error:  # also !!python/... tags, which safe_load refuses
-            raise ConfigError(
-                f"override '{override}': the value is not plain YAML: {error}"
-            ) from None
+        node[parts[-1]] = _parse_value(value, key.strip())  # !!python/... tags: refused
     return data
 
 
@@ -108,6 +102,10 @@ def precheck_config(path: str | Path, overrides: list[str] | None = None) -> Non
 def _precheck_model(model: Any, path: str, overrides: list[str] | None) -> None:
     """The ``model`` keys :func:`precheck_config` checks: the names of its own keys (its
     objective needs the objective classes, so torch) and every tower's options."""
+    if model is None:
+        raise ConfigError(
+            f"invalid config ({path}): model: Field required; add a model section with its towers"
+        )
     if not isinstance(model, dict):
         return
     unknown = sorted(set(model) - set(ModelConfig.model_fields))

@@ -115,6 +115,7 @@ def test_cli_names_the_duplicate_key_in_one_line(
         ),
         ("model: {towers: {g: {type: grpah, in_features: 2}}}\n", "unknown tower type 'grpah'"),
         ("model: {dimm: 8, towers: {}}\n", "model.dimm: unknown key"),
+        ("", "model: Field required"),
     ],
     ids=[
         "train key",
@@ -126,6 +127,7 @@ def test_cli_names_the_duplicate_key_in_one_line(
         "tower check",
         "tower type",
         "model key",
+        "empty file",
     ],
 )
 def test_a_typo_is_reported_before_torch_loads(tmp_path: Path, text: str, named: str) -> None:
@@ -144,3 +146,26 @@ def test_a_typo_is_reported_before_torch_loads(tmp_path: Path, text: str, named:
     )
     assert done.stdout.split() == ["2", "False"], done.stdout + done.stderr
     assert named in done.stderr and done.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("value", "named"),
+    [
+        ("[" * 30000 + "]" * 30000, "override --set train.lr is nested too deeply to read"),
+        ("{lr: 1, lr: 2}", "override --set train.lr: key 'lr' appears twice"),
+        ("!!python/name:os.system", "override --set train.lr is not valid YAML"),
+    ],
+    ids=["deep", "duplicate", "python tag"],
+)
+def test_a_set_override_is_read_as_strictly_as_the_file(
+    tmp_path: Path, value: str, named: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--set`` values went through ``yaml.safe_load``: 30,000 brackets ended in a
+    RecursionError traceback and a repeated key was kept silently."""
+    config = write_config(tmp_path / "run.yaml", tiny_config(tmp_path / "run", "s.tar"))
+    with pytest.raises(ConfigError, match=named):
+        load_config(config, [f"train.lr={value}"])
+    assert main(["train", str(config), "--set", f"train.lr={value}"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and named in error
+    assert not (tmp_path / "run").exists()
