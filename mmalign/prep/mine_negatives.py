@@ -35,6 +35,7 @@ from mmalign.prep.reshard import (
     find_payload,
     record_extensions,
     source_records,
+    source_shards,
     write_shards,
     write_summary,
 )
@@ -140,7 +141,8 @@ def mine_negatives(
         return record
 
     order = [row for row, key in enumerate(keys) if key in records]
-    shards = write_shards((with_negatives(row) for row in order), out, name, maxcount, len(order))
+    written = (with_negatives(row) for row in order)
+    shards = write_shards(written, out, name, maxcount, len(order), source_shards(export_dir))
     counts = [len(mined[row]) for row in order if both[row]]
     summary = {
         "export": str(export_dir),

@@ -29,6 +29,7 @@ from mmalign.data.records import log_skip, read_shards
 from mmalign.data.shards import expand_shards
 from mmalign.data.views import group_id
 from mmalign.errors import UserError
+from mmalign.files import clear_old_shards
 from mmalign.progress import progress_bar
 
 
@@ -93,11 +94,10 @@ def source_records(export_dir: str | Path, keys: Sequence[str]) -> dict[str, dic
     an exported key no longer in the shards, is an :class:`ExportError`."""
     manifest = read_manifest(export_dir)
     check_sources(export_dir, manifest)
-    shards = manifest["settings"]["shards"]
     wanted = set(keys)
     records = {}
     refused = set()
-    urls = expand_shards(shards, "settings.shards")
+    urls = source_shards(export_dir)
     raws = read_shards({"url": url} for url in urls)
     for raw in progress_bar(raws, desc=f"read {len(urls)} source shards", unit="record"):
         key = raw["__key__"]
@@ -117,6 +117,11 @@ def source_records(export_dir: str | Path, keys: Sequence[str]) -> dict[str, dic
             "changed since the export: export them again (mmalign export)"
         )
     return records
+
+
+def source_shards(export_dir: str | Path) -> list[str]:
+    """The shards the export at ``export_dir`` was made from (its ``settings.shards``)."""
+    return expand_shards(read_manifest(export_dir)["settings"]["shards"], "settings.shards")
 
 
 def record_extensions(export_dir: str | Path, modality: str) -> str:
@@ -155,14 +160,16 @@ def write_shards(
     name: str,
     maxcount: int = 10000,
     total: int | None = None,
+    sources: Sequence[str] = (),
 ) -> list[str]:
     """Write ``records`` (``total`` of them, for the progress bar's ETA) in the given order
-    to ``out/NAME-000000.tar`` ...; returns the names."""
+    to ``out/NAME-000000.tar`` ...; returns the names. The shards of an earlier prep output
+    there are replaced; other shards of that name, or the ``sources`` being read, are refused
+    (:func:`~mmalign.files.clear_old_shards`)."""
     check_maxcount(maxcount)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(f"{name}-*.tar"):
-        stale.unlink()
+    clear_old_shards(out, name, out / "summary.json", sources)
     with wds.ShardWriter(str(out / f"{name}-%06d.tar"), maxcount=maxcount, verbose=0) as writer:
         for record in progress_bar(records, total=total, desc=f"write {out}", unit="record"):
             writer.write(record)

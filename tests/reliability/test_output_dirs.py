@@ -73,3 +73,29 @@ def test_convert_writes_new_or_empty_folders_and_replaces_its_own_output(
     error = capsys.readouterr().err.strip()
     assert status == 2 and "it holds a --to onnx output" in error
     assert (empty / "labs.onnx").is_file()
+
+
+def test_train_tokenizer_replaces_only_an_earlier_tokenizer(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``prep train-tokenizer --out RUN/config.yaml`` replaced the run's config with a
+    SentencePiece model (exit 0), and a failed training left an empty file. A file that is not
+    a tokenizer, or a folder, is refused and left as it was; a failure keeps the old model."""
+    manifest = tmp_path / "texts.jsonl"
+    manifest.write_text("".join(f'{{"t": "a digit {i} seven three"}}\n' for i in range(200)))
+    arguments = ["prep", "train-tokenizer", "--manifest", str(manifest), "--field", "t"]
+    before = tree(run)
+    for out in (run / "config.yaml", run):
+        assert main([*arguments, "--out", str(out)]) == 2
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1 and "is not a SentencePiece model (--out)" in error
+    assert tree(run) == before
+    model = tmp_path / "spm.model"
+    assert main([*arguments, "--out", str(model), "--vocab-size", "40"]) == 0
+    first = model.read_bytes()
+    assert main([*arguments, "--out", str(model), "--vocab-size", "30"]) == 0  # replaced
+    second = model.read_bytes()
+    assert second != first
+    manifest.write_text('{"t": ""}\n')  # no sentence: SentencePiece fails
+    assert main([*arguments, "--out", str(model)]) == 1
+    assert model.read_bytes() == second and sorted(tmp_path.iterdir()) == [model, manifest]
