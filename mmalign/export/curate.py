@@ -49,7 +49,7 @@ import torch.distributed as dist
 import webdataset as wds
 
 from mmalign.config import ConfigError
-from mmalign.data.records import read_shards
+from mmalign.data.records import log_skip, read_shards, unsafe_key
 from mmalign.data.sources import resolve_sources
 from mmalign.dist import barrier, join_launched_group
 from mmalign.eval.loading import CollectedEmbeddings, collect_embeddings, load_model
@@ -238,6 +238,9 @@ def _write(
             reason, score = verdicts.get(raw["__key__"], ("unreadable", float("nan")))
             if "__error__" in raw:
                 reason = "unreadable"
+            elif unsafe_key(raw["__key__"]) is not None:  # it would name a member outside
+                reason = "unsafe_key"
+                log_skip(raw["__url__"], raw["__key__"], reason, str(unsafe_key(raw["__key__"])))
             counts[reason or "kept"] += 1
             if reason:
                 shown = examples.setdefault(reason, [])

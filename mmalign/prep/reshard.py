@@ -25,7 +25,7 @@ import pyarrow as pa
 import webdataset as wds
 
 from mmalign.data.exports import ExportError, check_sources, load_embeddings, read_manifest
-from mmalign.data.records import log_skip, read_shards
+from mmalign.data.records import log_skip, read_shards, unsafe_key
 from mmalign.data.shards import expand_shards
 from mmalign.data.views import group_id
 from mmalign.errors import UserError
@@ -67,24 +67,6 @@ class ExportRows:
             )
         values = self.table.column(field).to_pylist()
         return np.array([group_id(value) for value in values], dtype=np.int64)
-
-
-def unsafe_key(key: str) -> str | None:
-    """Why a record key cannot name tar members of a new shard (it would write outside the
-    folder a user extracts it into): absolute, a ``..`` part, a backslash or NUL, empty;
-    ``None`` for a key that can (``a/b/sample-1`` can: webdataset keys hold folders).
-
-    Example:
-        >>> unsafe_key("train/sample-000001"), unsafe_key("../../etc/x")
-        (None, "key '../../etc/x' climbs out of the shard (a '..' part)")
-    """
-    if not key or "\0" in key or "\\" in key:
-        return f"key {key!r} is empty or holds a NUL or a backslash"
-    if key.startswith("/"):
-        return f"key {key!r} is an absolute path"
-    if ".." in key.split("/"):
-        return f"key {key!r} climbs out of the shard (a '..' part)"
-    return None
 
 
 def source_records(export_dir: str | Path, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
