@@ -1,6 +1,6 @@
 """Record keys that are paths out of a folder (``../../x``, ``/abs/x``) are never written back
-as tar member names by ``prep group-shards``, ``prep mine-negatives`` or ``prep curate``: such a record is
-skipped and logged with its shard, key and reason; the others are written."""
+as tar member names by ``prep group-shards``, ``prep mine-negatives`` or ``prep curate``: such
+a record is skipped and logged with its shard, key and reason; the others are written."""
 
 from __future__ import annotations
 
