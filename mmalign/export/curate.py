@@ -54,7 +54,7 @@ from mmalign.data.sources import resolve_sources
 from mmalign.dist import barrier, join_launched_group
 from mmalign.eval.loading import CollectedEmbeddings, collect_embeddings, load_model
 from mmalign.eval.plots import save_figure
-from mmalign.files import clear_old_shards, read_json
+from mmalign.files import clear_old_shards, read_json, refuse_links
 from mmalign.objectives import Objective
 
 if TYPE_CHECKING:
@@ -231,6 +231,7 @@ def _write(
     """Copy the kept records to ``out``; the counts by reason and examples of dropped ones."""
     counts: Counter[str] = Counter()
     examples: dict[str, list[dict[str, Any]]] = {}
+    refuse_links(out, "output directory", "--out")  # no shard, report or plot through a link
     clear_old_shards(out, "curated", out / "curate.json", urls)
     pattern = str(out / "curated-%06d.tar")
     with wds.ShardWriter(pattern, maxcount=maxcount, verbose=0) as writer:

@@ -29,7 +29,7 @@ from mmalign.data.records import log_skip, read_shards, unsafe_key
 from mmalign.data.shards import expand_shards
 from mmalign.data.views import group_id
 from mmalign.errors import UserError
-from mmalign.files import clear_old_shards
+from mmalign.files import clear_old_shards, refuse_links
 from mmalign.progress import progress_bar
 
 
@@ -151,6 +151,7 @@ def write_shards(
     check_maxcount(maxcount)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    refuse_links(out, "output directory", "--out")  # no shard or summary through a link
     clear_old_shards(out, name, out / "summary.json", sources)
     with wds.ShardWriter(str(out / f"{name}-%06d.tar"), maxcount=maxcount, verbose=0) as writer:
         for record in progress_bar(records, total=total, desc=f"write {out}", unit="record"):
