@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mmalign.cli.common import check_path, csv_list, key_value, positive_int
@@ -108,9 +107,9 @@ def check_readable(path: str, kind: str, flag: str) -> None:
 
 
 def parse_raw(model: AlignmentModel, modality: str, raw: str) -> Any:
-    """The raw sample a command-line value stands for: a JSON list for tabular towers, the
-    content of a ``.json`` file for graph towers, else the string (text, or a path the tower
-    reads).
+    """The raw sample a command-line value stands for: a JSON list for tabular towers, else
+    the string (text, or a path: an image, audio or graph ``.json`` file, which search decodes
+    within the limits of records).
 
     Example:
         >>> from types import SimpleNamespace
@@ -131,14 +130,8 @@ def parse_raw(model: AlignmentModel, modality: str, raw: str) -> Any:
                 f"the query of tabular modality {modality!r} is not a JSON list of numbers: "
                 f"{raw!r} ({error}) (--query {modality}=...); pass e.g. [0.1, 2.5]"
             ) from None
-    if kind == "graph" and raw.endswith(".json"):
-        try:
-            return json.loads(Path(check_path(raw, f"--query {modality}=...")).read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise UserError(
-                f"the graph query is not valid JSON: {error} ({raw}); pass a graph .json file "
-                'such as {"nodes": [[0.0]], "edges": []}'
-            ) from None
+    if kind == "graph" and raw.endswith(".json"):  # read as a record's graph.json is
+        check_path(raw, f"--query {modality}=...")
     return raw
 
 

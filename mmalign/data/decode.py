@@ -294,13 +294,13 @@ def decode_value(
         raise RecordError(reason, f".{extension}: {type(error).__name__}: {error}") from None
 
 
-FILE_KINDS = {"image": "png", "audio": "wav"}
+FILE_KINDS = {"image": "png", "audio": "wav", "graph": "graph.json"}
 """Tower types whose samples can be files, and an extension that picks their decoder
-(Pillow and soundfile read the real format from the content)."""
+(Pillow and soundfile read the real format from the content; a graph file is JSON)."""
 
 
 def decode_file(path: str | Path, kind: str, limits: RecordLimits = DEFAULT_LIMITS) -> Any:
-    """A file given as one sample of an ``image`` or ``audio`` tower (a search query),
+    """A file given as one sample of an ``image``, ``audio`` or ``graph`` tower (a query),
     decoded exactly as a record's file is: its size against ``max_member_bytes``, then its
     header against the other limits, before decoding; a :class:`RecordError` otherwise.
 

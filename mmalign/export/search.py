@@ -142,7 +142,8 @@ def read_query_files(
             except RecordError as error:
                 raise QueryError(
                     f"the {name!r} query {raw} is refused ({error.reason}): {error.detail}; "
-                    "pass a smaller file (the limits of records apply to queries)"
+                    "pass a file a record could hold (the checks and limits of records apply "
+                    "to queries)"
                 ) from None
     return decoded
 

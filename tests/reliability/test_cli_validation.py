@@ -74,7 +74,27 @@ def test_a_graph_query_the_tower_refuses(
     graph = tmp_path / "graph.json"
     graph.write_text('{"x": [[1, 2]], "edge_index": [[0], [5]]}')
     assert main(search(workspace, "--query", f"graph={graph}")) == 2
-    assert "refers to node 5" in one_line_error(capsys)
+    error = one_line_error(capsys)
+    assert f"the 'graph' query {graph} is refused (bad_graph)" in error
+    assert "'edge_index' refers to nodes outside 0..0" in error
+
+
+def test_a_graph_query_file_goes_through_the_record_limits(
+    workspace: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A graph ``.json`` query was read and parsed whole, whatever its size (a 2 GB file: as
+    much memory and more); it is decoded as a record's ``graph.json``: its size against
+    ``data.max_member_bytes`` first, then the record checks."""
+    huge = tmp_path / "huge.json"
+    with huge.open("wb") as handle:  # sparse: 100 MiB claimed, nothing to read
+        handle.truncate(100 * 2**20)
+    assert main(search(workspace, "--query", f"graph={huge}")) == 2
+    error = one_line_error(capsys)
+    assert "is refused (member_too_large)" in error and "over data.max_member_bytes" in error
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    assert main(search(workspace, "--query", f"graph={broken}")) == 2
+    assert "is refused (bad_json)" in one_line_error(capsys)
 
 
 def test_search_refuses_a_model_that_did_not_make_the_export(
