@@ -378,3 +378,15 @@ def test_negative_weights_are_query_arithmetic(
     )
     assert main([*search(workspace, *arguments), "--weights", "labs=0"]) == 2
     assert "every query weight is 0" in one_line_error(capsys)
+
+
+def test_serve_refuses_a_model_that_did_not_make_the_export(workspace: dict[str, str]) -> None:
+    """``mmalign serve EXPORT --model OTHER`` started and answered every query with another
+    model's vectors against the export's rows; it is refused before the server starts, as
+    ``search --model`` is, and the exporting model is served."""
+    from mmalign.export.search import QueryError
+    from mmalign.serve.catalog import load_catalog
+
+    with pytest.raises(QueryError, match=r"not the one that made the export .*\(--model\)"):
+        load_catalog([workspace["emb"]], workspace["other"])
+    assert list(load_catalog([workspace["emb"]], workspace["run"]).exports) == ["emb"]
