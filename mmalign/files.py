@@ -6,6 +6,9 @@
 - :class:`DirectoryLock`: an exclusive lock file holding the PID and host of the job that
   uses a directory (a training run, an export); a lock left by a dead process on the same
   host is taken over.
+- :func:`clear_old_shards`: the shards of an earlier output of the same tool are removed
+  before new ones are written; shards the tool did not write, or that it is reading, are
+  refused, never deleted.
 - :func:`refuse_links` / :func:`open_append`: no file of a run or export directory is written
   through a symbolic link. A link inside one is refused with a :class:`LinkError` naming it
   when the job takes the directory; appended files are opened with ``O_NOFOLLOW`` and
@@ -28,7 +31,7 @@ import json
 import os
 import shutil
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -71,9 +74,9 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], object], tag: str = ""
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
-    except OSError as error:
+    except BaseException as error:  # the old file stays; no temporary is left
         temporary.unlink(missing_ok=True)
-        if error.filename is not None:
+        if not isinstance(error, OSError) or error.filename is not None:
             raise
         raise OSError(error.errno, error.strerror, str(path)) from error
     os.replace(temporary, path)
@@ -107,6 +110,41 @@ def replace_directory(temporary: Path, final: Path) -> Path:
     shutil.rmtree(previous, ignore_errors=True)
     fsync_path(final.parent)
     return final
+
+
+def clear_old_shards(
+    directory: Path, name: str, marker: Path, sources: Iterable[str | Path] = ()
+) -> None:
+    """Remove the ``NAME-*.tar`` shards in ``directory`` left by an earlier run of the tool
+    that writes there (its report ``marker`` exists), before the new ones are written. A
+    :class:`~mmalign.errors.UserError` naming ``--out`` instead when one of them is among the
+    ``sources`` being read, or when ``marker`` is absent (shards the tool did not write).
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     (Path(tmp) / "data-000000.tar").write_bytes(b"mine")
+        ...     clear_old_shards(Path(tmp), "data", Path(tmp) / "summary.json")
+        Traceback (most recent call last):
+        ...
+        mmalign.errors.UserError: ... holds 1 shard(s) named data-*.tar that this tool did not \
+write (--out); pick a new or empty folder, or another shard name
+    """
+    old = sorted(directory.glob(f"{name}-*.tar"))
+    read = {Path(source).resolve() for source in sources}
+    being_read = [path for path in old if path.resolve() in read]
+    if being_read:
+        raise UserError(
+            f"{being_read[0]} is a source shard of this command, which the new shards would "
+            "replace (--out); write them to another folder or under another name"
+        )
+    if old and not marker.is_file():
+        raise UserError(
+            f"{directory} holds {len(old)} shard(s) named {name}-*.tar that this tool did not "
+            "write (--out); pick a new or empty folder, or another shard name"
+        )
+    for path in old:
+        path.unlink()
 
 
 class LinkError(UserError, OSError):

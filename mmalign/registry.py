@@ -94,8 +94,15 @@ class Registry(Generic[T]):
         return len(self.names())
 
 
-TOWERS: Registry = Registry("tower type", "model.towers.<modality>.type", "mmalign.towers")
+TOWERS: Registry = Registry("tower type", "model.towers.<modality>.type", "mmalign.towers.builtins")
 """Tower classes by ``type:`` (see :mod:`mmalign.towers`)."""
+
+TOWER_OPTIONS: Registry = Registry(
+    "tower type", "model.towers.<modality>.type", "mmalign.towers.options"
+)
+"""Each tower type's options (its ``TowerConfig`` subclass) by ``type:``, in modules that
+import no torch (:mod:`mmalign.towers.options`), so a config is checked before the towers load;
+:func:`~mmalign.towers.register_tower` registers a tower's options with the tower."""
 
 OBJECTIVES: Registry = Registry("objective", "model.objective.name", "mmalign.objectives")
 """Objective classes by ``name:`` (see :mod:`mmalign.objectives`)."""

@@ -17,7 +17,8 @@ Example:
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 
@@ -34,20 +35,74 @@ def csv_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
-def positive_int(text: str) -> int:
-    """An integer >= 1 (an argparse ``type``: anything else is a usage error).
+def bounded(
+    kind: Callable[[str], float],
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    open_low: bool = False,
+    open_high: bool = False,
+) -> Callable[[str], float]:
+    """An argparse ``type``: a finite ``kind`` (``int`` or ``float``) between ``low`` and
+    ``high`` (``None``: unbounded; ``open_*``: the bound itself excluded); anything else is a
+    usage error saying the range.
 
     Example:
-        >>> positive_int("3")
-        3
+        >>> fraction = bounded(float, 0, 1, open_low=True)
+        >>> fraction("0.5")
+        0.5
+        >>> fraction("0")
+        Traceback (most recent call last):
+        ...
+        argparse.ArgumentTypeError: '0' is not a number in (0, 1]
     """
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
-    return value
+    what = _range_text("whole number" if kind is int else "number", low, high, open_low, open_high)
+
+    def convert(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        below = low is not None and (value <= low if open_low else value < low)
+        above = high is not None and (value >= high if open_high else value > high)
+        if below or above or not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+
+    convert.__name__ = what
+    return convert
+
+
+def _range_text(
+    noun: str, low: float | None, high: float | None, open_low: bool, open_high: bool
+) -> str:
+    if low is not None and high is not None:
+        return f"a {noun} in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+    if low is not None:
+        return f"a {noun} {'>' if open_low else '>='} {low}"
+    if high is not None:
+        return f"a {noun} {'<' if open_high else '<='} {high}"
+    return f"a finite {noun}"
+
+
+positive_int = bounded(int, 1)
+"""A whole number >= 1 (an argparse ``type``): sizes and counts."""
+
+
+def positive_ints(text: str) -> list[int]:
+    """Comma-separated whole numbers >= 1 (an argparse ``type``).
+
+    Example:
+        >>> positive_ints("1, 5,10")
+        [1, 5, 10]
+    """
+    return [int(positive_int(item)) for item in csv_list(text)]
+
+
+count = bounded(int, 0)
+"""A whole number >= 0 (an argparse ``type``): worker processes, seeds."""
+fraction = bounded(float, 0, 1, open_low=True)
+"""A number in ``(0, 1]`` (an argparse ``type``)."""
 
 
 def output_directory(text: str) -> Path:
@@ -170,7 +225,7 @@ def add_data_arguments(parser: argparse.ArgumentParser, batch_size: int) -> None
         help="record extension of a modality (default: the run's data.fields, else by type)",
     )
     parser.add_argument("--batch-size", type=positive_int, default=batch_size)
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    parser.add_argument("--workers", type=count, default=0, help="DataLoader worker processes")
 
 
 def add_classes_arguments(parser: argparse.ArgumentParser) -> None:

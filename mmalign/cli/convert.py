@@ -65,8 +65,7 @@ def run(args: argparse.Namespace) -> int:
         for option in set(others.values()) - own:
             if getattr(args, option):
                 raise UserError(
-                    f"--{option} applies to --to {target} only (--{option}); "
-                    f"drop it for --to {args.to}"
+                    f"an option of --to {target} only (--{option}); drop it for --to {args.to}"
                 )
     check_output(args.out, args.to)  # before the model loads: refuse foreign folders at once
     module, name = function.split(":")

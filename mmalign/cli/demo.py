@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 
+from mmalign.cli.common import positive_int
+
 HELP = "build the digit data, train, evaluate, index and write REPORT.md"
 
 
@@ -30,7 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--reuse", action="store_true", help="keep finished runs in --out instead of retraining"
     )
     parser.add_argument(
-        "--threads", type=int, default=None, help="torch threads (default: cores - data workers)"
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="torch threads (default: cores - data workers)",
     )
 
 

@@ -21,6 +21,7 @@ from mmalign.cli.common import (
     csv_list,
     output_directory,
     positive_int,
+    positive_ints,
     present_fields,
 )
 
@@ -45,7 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="use the first DIM coordinates, renormalized (a Matryoshka prefix; default: all)",
     )
     parser.add_argument("--linear-probe", action="store_true", help="logistic-regression probe")
-    parser.add_argument("--few-shot", type=csv_list, default=[], help="shots per class: 1,5,10")
+    parser.add_argument(
+        "--few-shot", type=positive_ints, default=[], help="shots per class: 1,5,10"
+    )
     parser.add_argument("--probe-train", help="labelled train shards the probes are fitted on")
     parser.add_argument("--probe-modality", default="image", help="embeddings probed")
 
@@ -93,16 +96,12 @@ def print_probes(args: argparse.Namespace, out: Any) -> None:
 
     if not args.probe_train:
         raise UserError("a probe needs labelled train shards (--probe-train); give them")
-    try:
-        shots = [int(k) for k in args.few_shot]
-    except ValueError:
-        raise UserError(f"--few-shot takes integers (1,5,10), got {args.few_shot}") from None
     results = run_probe(
         args.model,
         args.probe_train,
         args.data,
         args.probe_modality,
-        shots,
+        args.few_shot,
         linear=args.linear_probe,
         fields=present_fields(args),
         label_field=args.label_field,

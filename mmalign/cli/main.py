@@ -72,10 +72,49 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         """Print ``message`` as one line and exit with status 2."""
-        found = re.fullmatch(r"argument ([^:]+): (.*)", message, flags=re.DOTALL)
-        what, where = (found.group(2), found.group(1)) if found else (message, None)
-        where = f" ({where})" if where else ""
-        self.exit(2, f"mmalign: error: {one_line(what)}{where}; see {self.prog} --help\n")
+        what, where, todo = usage_problem(one_line(message))
+        todo = todo or f"see {self.prog} --help"
+        self.exit(
+            2,
+            f"mmalign: error: {what} ({where}); {todo}\n"
+            if where
+            else f"mmalign: error: {what}; {todo}\n",
+        )
+
+
+USAGE_FORMS = (
+    (
+        r"argument ([^:]+): invalid choice: (.*) \(choose from (.*)\)",
+        "invalid choice {1}",
+        "choose from {2}",
+    ),
+    (r"argument ([^:]+): (.*)", "{1}", ""),
+    (r"the following arguments are required: (.*)", "missing required argument(s)", ""),
+    (r"unrecognized arguments: (.*)", "unrecognized argument(s)", ""),
+    (r"one of the arguments (.*) is required", "one of these arguments is required", ""),
+)
+"""argparse's usage messages as ``(pattern, what, what to do)``: group 1 is where (the
+flags), the other groups fill the templates."""
+
+
+def usage_problem(message: str) -> tuple[str, str | None, str]:
+    """An argparse usage message split into what is wrong, the flags it concerns and what to
+    do (from the message's ``; ...`` tail, or ``""``): the parts of the one-line form.
+
+    Example:
+        >>> usage_problem("argument --out: '.' is the working directory; name a new one")
+        ("'.' is the working directory", '--out', 'name a new one')
+        >>> usage_problem("argument --to: invalid choice: 'x' (choose from 'hf', 'onnx')")
+        ("invalid choice 'x'", '--to', "choose from 'hf', 'onnx'")
+    """
+    for pattern, what, todo in USAGE_FORMS:
+        found = re.fullmatch(pattern, message)
+        if found:
+            groups = found.groups()
+            problem, _, tail = what.format(*groups).partition("; ")
+            return problem, found.group(1), todo.format(*groups) or tail
+    problem, _, tail = message.partition("; ")
+    return problem, None, tail
 
 
 FILE_SYSTEM_PROBLEMS: dict[int, str] = {

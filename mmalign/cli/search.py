@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mmalign.cli.common import check_path, csv_list, key_value, positive_int
@@ -58,7 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--weights",
         type=csv_list,
         metavar="MODALITY=W,...",
-        help="per query modality weights of a pairwise model's summed similarities",
+        help="per query modality weights of a pairwise model's summed similarities; a "
+        "negative weight ranks away from that query (text=-0.5: unlike the text)",
     )
     parser.add_argument("--k", type=positive_int, default=10, help="results to return (>= 1)")
     parser.add_argument("--target", help="indexed modality to search (default: the only one)")
@@ -115,10 +115,10 @@ def check_readable(path: str, kind: str, flag: str) -> None:
 
 
 def parse_raw(model: AlignmentModel, modality: str, raw: str) -> Any:
-    """The raw sample a command-line value stands for: a JSON list for tabular towers, the
-    content of a ``.json`` file for graph towers, else the string (text, or a path the search
-    decodes as the tower's records: an image, an audio clip or a video's audio track, a
-    video, a time series).
+    """The raw sample a command-line value stands for: a JSON list for tabular towers, else
+    the string (text, or a path the search decodes as the tower's records, within their
+    limits: an image, an audio clip or a video's audio track, a video, a time series, a
+    graph ``.json`` file).
 
     Example:
         >>> from types import SimpleNamespace
@@ -141,14 +141,8 @@ def parse_raw(model: AlignmentModel, modality: str, raw: str) -> Any:
                 f"the query of tabular modality {modality!r} is not a JSON list of numbers: "
                 f"{raw!r} ({error}) (--query {modality}=...); pass e.g. [0.1, 2.5]"
             ) from None
-    if kind == "graph" and raw.endswith(".json"):
-        try:
-            return json.loads(Path(check_path(raw, f"--query {modality}=...")).read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise UserError(
-                f"the graph query is not valid JSON: {error} ({raw}); pass a graph .json file "
-                'such as {"nodes": [[0.0]], "edges": []}'
-            ) from None
+    if kind == "graph" and raw.endswith(".json"):  # read as a record's graph.json is
+        check_path(raw, f"--query {modality}=...")
     return raw
 
 
@@ -201,7 +195,7 @@ def weights_of(model: AlignmentModel, items: Sequence[str] | None) -> dict[str, 
             weights[resolve_query_modality(model, name, "--weights")] = float(value)
         except ValueError:
             raise UserError(
-                f"--weights entry {item!r} must look like MODALITY=NUMBER (text=0.5)"
+                f"entry {item!r} is not MODALITY=NUMBER (--weights); write e.g. text=0.5"
             ) from None
     return weights
 

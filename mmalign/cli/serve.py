@@ -17,7 +17,7 @@ import os
 import signal
 import socket
 
-from mmalign.cli.common import check_path, positive_int
+from mmalign.cli.common import bounded, check_path, positive_int
 
 HELP = "serve exported indexes over HTTP, with a search page"
 TOKEN_VARIABLE = "MMALIGN_SERVE_TOKEN"
@@ -29,7 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("exports", nargs="+", metavar="EXPORT", help="export dir, or NAME=DIR")
     parser.add_argument("--model", help="model or run directory (default: the exported one)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
-    parser.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
+    parser.add_argument(
+        "--port", type=bounded(int, 0, 65535), default=8000, help="port (0: any free port)"
+    )
     parser.add_argument(
         "--token", help=f"require Authorization: Bearer TOKEN (default: ${TOKEN_VARIABLE})"
     )
@@ -37,7 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-batch", type=positive_int, default=32, help="samples per forward pass (1: none)"
     )
     parser.add_argument(
-        "--max-wait-ms", type=float, default=2.0, help="wait for more samples after the first"
+        "--max-wait-ms",
+        type=bounded(float, 0),
+        default=2.0,
+        help="wait for more samples after the first",
     )
     parser.add_argument(
         "--threads",

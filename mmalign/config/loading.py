@@ -6,16 +6,16 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
-from mmalign.config.sections import Config, DataConfig, EvalConfig, TrainConfig
-from mmalign.config.strict_yaml import read_yaml
+from mmalign.config.sections import Config, DataConfig, EvalConfig, ModelConfig, TrainConfig
+from mmalign.config.strict_yaml import parse_yaml, read_yaml
+from mmalign.config.tower import tower_config
 from mmalign.errors import ConfigError, config_error
 
 
-def _parse_value(text: str) -> Any:
-    return yaml.safe_load(text) if text != "" else ""
+def _parse_value(text: str, key: str) -> Any:
+    return parse_yaml(text, f"override --set {key}") if text != "" else ""
 
 
 SCHEDULE_KEYS = ("train.steps", "train.epochs")
@@ -51,12 +51,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if not isinstance(child, dict):
                 raise ConfigError(f"override '{override}': '{part}' is not a section")
             node = child
-        try:
-            node[parts[-1]] = _parse_value(value)
-        except yaml.YAMLError as error:  # also !!python/... tags, which safe_load refuses
-            raise ConfigError(
-                f"override '{override}': the value is not plain YAML: {error}"
-            ) from None
+        node[parts[-1]] = _parse_value(value, key.strip())  # !!python/... tags: refused
     return data
 
 
@@ -69,10 +64,12 @@ LIGHT_SECTIONS: dict[str, type[BaseModel]] = {
 
 
 def precheck_config(path: str | Path, overrides: list[str] | None = None) -> None:
-    """The checks of :func:`load_config` that need no tower or objective class, so none of
-    torch: the file (missing, a directory, not UTF-8, not YAML, a key given twice), the
-    top-level sections and the keys of ``data``, ``train`` and ``eval``. The command line runs
-    them before importing torch, so a typo is reported in a fraction of a second.
+    """The checks of :func:`load_config` that need no objective class, so none of torch:
+    the file (missing, a directory, not UTF-8, not YAML, a key given twice), the top-level
+    sections, the keys of ``data``, ``train`` and ``eval``, the key names of ``model`` and each
+    tower's options (``model.towers.<modality>``, validated by the tower's options class,
+    :mod:`mmalign.towers.options`). The command line runs them before importing torch, so a
+    typo is reported in a fraction of a second.
 
     Example:
         >>> import tempfile
@@ -99,6 +96,33 @@ def precheck_config(path: str | Path, overrides: list[str] | None = None) -> Non
         except ValidationError as error:
             where = _source(error, str(path), overrides, prefix=f"{name}.")
             raise config_error(error, name, f"config ({where})") from None
+    _precheck_model(data.get("model"), str(path), overrides)
+
+
+def _precheck_model(model: Any, path: str, overrides: list[str] | None) -> None:
+    """The ``model`` keys :func:`precheck_config` checks: the names of its own keys (its
+    objective needs the objective classes, so torch) and every tower's options."""
+    if model is None:
+        raise ConfigError(
+            f"invalid config ({path}): model: Field required; add a model section with its towers"
+        )
+    if not isinstance(model, dict):
+        return
+    unknown = sorted(set(model) - set(ModelConfig.model_fields))
+    if unknown:
+        keys = [f"model.{key}" for key in unknown]
+        where = ", ".join(f"--set {item}" for item in overrides or [] if item.split("=")[0] in keys)
+        raise ConfigError(
+            f"invalid config ({where or path}): {keys[0]}: unknown key; check the spelling "
+            "against the documented fields"
+        )
+    towers = model.get("towers")
+    for name, value in towers.items() if isinstance(towers, dict) else ():
+        try:
+            tower_config(value)
+        except ValidationError as error:
+            where = _source(error, path, overrides, prefix=f"model.towers.{name}.")
+            raise config_error(error, f"model.towers.{name}", f"config ({where})") from None
 
 
 def _read_file(path: Path) -> dict[str, Any]:

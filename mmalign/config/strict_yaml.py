@@ -68,13 +68,30 @@ def read_yaml(path: Path, what: str = "config file") -> Any:
         raise ConfigError(
             f"{what} {path} is not UTF-8 text (byte {error.start}); pass the YAML file"
         ) from None
+    return parse_yaml(text, f"{what} {path}")
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """``text`` read with :class:`StrictLoader`; a repeated key, nesting too deep to read or
+    anything that is not plain YAML is a :class:`ConfigError` naming ``source`` (a file, a
+    ``--set`` override).
+
+    Example:
+        >>> parse_yaml("[1, 2]", "override --set data.fields")
+        [1, 2]
+        >>> parse_yaml("[" * 100000, "override --set train.lr")
+        Traceback (most recent call last):
+        ...
+        mmalign.errors.ConfigError: override --set train.lr is nested too deeply to read; \
+a config needs a few levels
+    """
     try:
         return yaml.load(text, Loader=StrictLoader)
     except DuplicateKeyError as error:
-        raise ConfigError(f"{what} {path}: {error}; keep one of them") from None
+        raise ConfigError(f"{source}: {error}; keep one of them") from None
     except RecursionError:
         raise ConfigError(
-            f"{what} {path} is nested too deeply to read; a config needs a few levels"
+            f"{source} is nested too deeply to read; a config needs a few levels"
         ) from None
     except yaml.YAMLError as error:
-        raise ConfigError(f"{what} {path} is not valid YAML: {error}") from None
+        raise ConfigError(f"{source} is not valid YAML: {error}") from None

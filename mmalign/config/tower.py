@@ -1,6 +1,6 @@
 """The base of every tower's config (``model.towers.<modality>``) and its validation through
 the tower registry: ``type`` picks the tower, whose ``config_class`` (a :class:`TowerConfig`
-subclass, in the tower's own file) validates the rest.
+subclass, in the tower's options module :mod:`mmalign.towers.options`) validates the rest.
 
 The keys every tower takes choose what of it trains: ``trainable: {last_blocks: N}``
 (:class:`TrainableConfig`) or ``lora: {...}`` (:class:`LoraSettings`, applied by
@@ -30,7 +30,7 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from mmalign.registry import TOWERS
+from mmalign.registry import TOWER_OPTIONS
 
 
 class TrainableConfig(BaseModel):
@@ -94,23 +94,24 @@ class TowerConfig(BaseModel):
 
 
 def tower_config(value: Any) -> TowerConfig:
-    """Validate one tower's config with the config class of the tower type it names (a
-    ``ValidationError`` whose fields are the tower's keys; pydantic puts them under
-    ``model.towers.<modality>``). A :class:`TowerConfig` is taken as it is."""
+    """Validate one tower's config with the options class of the tower type it names
+    (:data:`~mmalign.registry.TOWER_OPTIONS`: no torch is imported; a ``ValidationError``
+    whose fields are the tower's keys; pydantic puts them under ``model.towers.<modality>``).
+    A :class:`TowerConfig` is taken as it is."""
     if isinstance(value, TowerConfig):
         return value
     if not isinstance(value, dict):
         raise _type_error("a tower config is a mapping with a 'type:' and the tower's keys", value)
     if not isinstance(value.get("type"), str):
         raise _type_error("needs a 'type:'", value.get("type"))
-    if value["type"] not in TOWERS:
+    if value["type"] not in TOWER_OPTIONS:
         raise _type_error(f"unknown tower type {value['type']!r}", value["type"])
-    config_class: type[TowerConfig] = TOWERS.get(value["type"]).config_class
+    config_class: type[TowerConfig] = TOWER_OPTIONS.get(value["type"])
     return config_class.model_validate(value)
 
 
 def _type_error(problem: str, value: Any) -> ValidationError:
-    message = f"{problem}; known: {', '.join(TOWERS.names())}"
+    message = f"{problem}; known: {', '.join(TOWER_OPTIONS.names())}"
     error = PydanticCustomError("invalid_value", message)
     return ValidationError.from_exception_data(
         "tower config", [InitErrorDetails(type=error, loc=("type",), input=value)]

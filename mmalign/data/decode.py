@@ -301,10 +301,11 @@ FILE_KINDS: dict[str, tuple[str, ...]] = {
     "audio": (*AUDIO_EXTENSIONS, *VIDEO_EXTENSIONS),
     "video": VIDEO_EXTENSIONS,
     "timeseries": SIGNAL_EXTENSIONS,
+    "graph": ("graph.json",),
 }
 """Tower types whose samples can be files -> the extensions they read, in a record or as a
 query file. A file named otherwise is read as the first: Pillow, soundfile and PyAV find the
-real format from the content."""
+real format from the content; a graph file is JSON."""
 
 
 def file_extension(path: str | Path, kind: str) -> str:

@@ -311,3 +311,21 @@ def iterate_records(
             continue
         if values:
             yield {"__key__": key, "__url__": url, **values}
+
+
+def unsafe_key(key: str) -> str | None:
+    """Why a record key cannot name tar members of a new shard (it would write outside the
+    folder a user extracts it into): absolute, a ``..`` part, a backslash or NUL, empty;
+    ``None`` for a key that can (``a/b/sample-1`` can: webdataset keys hold folders).
+
+    Example:
+        >>> unsafe_key("train/sample-000001"), unsafe_key("../../etc/x")
+        (None, "key '../../etc/x' climbs out of the shard (a '..' part)")
+    """
+    if not key or "\0" in key or "\\" in key:
+        return f"key {key!r} is empty or holds a NUL or a backslash"
+    if key.startswith("/"):
+        return f"key {key!r} is an absolute path"
+    if ".." in key.split("/"):
+        return f"key {key!r} climbs out of the shard (a '..' part)"
+    return None

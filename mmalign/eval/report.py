@@ -53,6 +53,7 @@ from mmalign.eval.zeroshot import (
     evaluate_zeroshot,
     load_classes,
 )
+from mmalign.files import refuse_links
 
 if TYPE_CHECKING:
     from mmalign.model import AlignmentModel
@@ -383,6 +384,7 @@ def run_eval(
             metrics.update({f"zeroshot/{name}/{k}": v for k, v in result["metrics"].items()})
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    refuse_links(out_dir, "report directory", "--out")  # no report written through a link
     report = {
         "model": str(model_source) if model_source is not None else "<in-memory model>",
         "shards": shards if isinstance(shards, str) else list(shards),

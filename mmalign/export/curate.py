@@ -49,12 +49,12 @@ import torch.distributed as dist
 import webdataset as wds
 
 from mmalign.config import ConfigError
-from mmalign.data.records import read_shards
+from mmalign.data.records import log_skip, read_shards, unsafe_key
 from mmalign.data.sources import resolve_sources
 from mmalign.dist import barrier, join_launched_group
 from mmalign.eval.loading import CollectedEmbeddings, collect_embeddings, load_model
 from mmalign.eval.plots import save_figure
-from mmalign.files import read_json
+from mmalign.files import clear_old_shards, read_json, refuse_links
 from mmalign.objectives import Objective
 
 if TYPE_CHECKING:
@@ -231,14 +231,17 @@ def _write(
     """Copy the kept records to ``out``; the counts by reason and examples of dropped ones."""
     counts: Counter[str] = Counter()
     examples: dict[str, list[dict[str, Any]]] = {}
-    for stale in out.glob("curated-*.tar"):
-        stale.unlink()
+    refuse_links(out, "output directory", "--out")  # no shard, report or plot through a link
+    clear_old_shards(out, "curated", out / "curate.json", urls)
     pattern = str(out / "curated-%06d.tar")
     with wds.ShardWriter(pattern, maxcount=maxcount, verbose=0) as writer:
         for raw in read_shards({"url": url} for url in urls):
             reason, score = verdicts.get(raw["__key__"], ("unreadable", float("nan")))
             if "__error__" in raw:
                 reason = "unreadable"
+            elif unsafe_key(raw["__key__"]) is not None:  # it would name a member outside
+                reason = "unsafe_key"
+                log_skip(raw["__url__"], raw["__key__"], reason, str(unsafe_key(raw["__key__"])))
             counts[reason or "kept"] += 1
             if reason:
                 shown = examples.setdefault(reason, [])

@@ -63,7 +63,8 @@ def check_query(
 ) -> dict[str, float]:
     """The per-modality weights of a query this model can score (default 1 each), or a
     :class:`QueryError`: no query, a modality the model lacks, weights for a Symile model or
-    for a modality that is not queried.
+    for a modality that is not queried, a weight that is not finite, every weight 0.
+    Negative weights are allowed (query arithmetic, :func:`query_vector`).
 
     Example:
         >>> check_query(model, {"text": "three"}, None)  # doctest: +SKIP
@@ -91,7 +92,13 @@ def check_query(
     extra = sorted(set(weights) - set(queries))
     if extra:
         raise QueryError(f"weights name {extra}, which are not query modalities {list(queries)}")
-    return {name: float(weights.get(name, 1.0)) for name in queries}
+    checked = {name: float(weights.get(name, 1.0)) for name in queries}
+    if not any(checked.values()):
+        raise QueryError(
+            f"every query weight is 0, got {checked} (--weights): every candidate would score "
+            "0; give one modality a non-zero weight"
+        )
+    return checked
 
 
 def combine_query(
@@ -126,7 +133,7 @@ def _query_file_advice(reason: str, kind: str) -> str:
 def read_query_files(
     model: AlignmentModel, queries: Mapping[str, Any], limits: RecordLimits = DEFAULT_LIMITS
 ) -> dict[str, Any]:
-    """``queries`` with each path given to an image, audio, video or time-series tower
+    """``queries`` with each path given to an image, audio, video, time-series or graph tower
     decoded as a record's file of that tower is (:func:`~mmalign.data.decode.decode_file`:
     the tower type's decoder for the file's extension, the per-record ``limits`` checked
     from its size and header before decoding); a file over a limit or that does not decode
@@ -165,8 +172,11 @@ def query_vector(
 
     A Symile model gives the elementwise product of the query embeddings (the multilinear
     inner product with the candidate); a pairwise model their sum, each scaled by
-    ``weights`` (default 1). Weights are refused for a Symile model: a product has no
-    per-modality weight (scaling it changes no rank). Query files are read as records are,
+    ``weights`` (default 1), so a candidate scores ``sum_m weights[m] * <e_m, c>``. A
+    negative weight is query arithmetic: ``{"image": 1, "text": -0.5}`` ranks by "like the
+    image, unlike the text" (a single negative weight reverses the ranking). Weights must be
+    finite, not all 0, and are refused for a Symile model: a product has no per-modality
+    weight (scaling it changes no rank). Query files are read as records are,
     within the per-record ``limits`` (:func:`read_query_files`).
 
     Example:

@@ -35,6 +35,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,8 +58,8 @@ from mmalign.eval.loading import (
     model_directory,
     resolve_fields,
 )
-from mmalign.export.index import build_index, check_index_options, index_recipe
-from mmalign.export.items import MAX_ITEM_BYTES, keep_items
+from mmalign.export.index import INDEX_DIR, build_index, check_index_options, index_recipe
+from mmalign.export.items import ITEMS_DIR, MAX_ITEM_BYTES, keep_items
 from mmalign.files import (
     LOCK_NAME,
     DirectoryLock,
@@ -177,6 +178,44 @@ def _write_chunk(
     atomic_write(out_dir / relative, lambda handle: pq.write_table(table, handle), tag)
     files["meta"] = relative
     return {"name": name, "rows": len(chunk), "files": files}
+
+
+def _refuse_foreign(out_dir: Path, modalities: Sequence[str]) -> None:
+    """Refuse an ``out_dir`` holding what no export writes (a run, a folder of the user's
+    files): the export would add its files among them and replace any of the same name."""
+    own = {*modalities, META_DIR, INDEX_DIR, ITEMS_DIR}
+    foreign = sorted(
+        path.name
+        for path in out_dir.iterdir()
+        if not (
+            path.name.startswith(".")  # locks, temporary files
+            or path.name in own
+            or re.fullmatch(r"manifest(-r\d+)?\.json", path.name)
+        )
+    )
+    if foreign:
+        raise ExportError(
+            f"{out_dir} holds files an export did not write ({', '.join(foreign[:3])}) "
+            "(--out); export into a new or empty directory"
+        )
+
+
+def _read_progress(path: Path) -> dict[str, Any] | None:
+    """The export's progress (its manifest so far), ``None`` before the first chunk; a file
+    that is not an export manifest is an :class:`ExportError` naming it."""
+    try:
+        state = read_json(path)
+    except (ValueError, UnicodeDecodeError):
+        state = False
+    if state is None:
+        return None
+    settings = state.get("settings") if isinstance(state, dict) else None
+    if not isinstance(settings, dict) or settings.get("format") != FORMAT:
+        raise ExportError(
+            f"{path} is not the manifest of an mmalign export (--out); export into a new or "
+            "empty directory"
+        )
+    return dict(state)
 
 
 def _check_settings(path: Path, found: Mapping[str, Any], wanted: Mapping[str, Any]) -> None:
@@ -307,6 +346,7 @@ def export_embeddings(
     settings = _settings(model, model_path, shards, modalities, options, dim)
     with share.lock():
         refuse_links(share.out_dir, "export directory", "--out")
+        _refuse_foreign(share.out_dir, modalities)
         fresh: dict[str, Any] = {
             "settings": settings,
             "complete": False,
@@ -314,7 +354,7 @@ def export_embeddings(
             "rows": 0,
             "counters": {},
         }
-        state = read_json(share.progress_file) or fresh
+        state = _read_progress(share.progress_file) or fresh
         _check_settings(share.progress_file, state["settings"], settings)
         if not state["complete"]:
             try:

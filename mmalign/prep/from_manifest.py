@@ -46,6 +46,7 @@ from webdataset.writer import default_handlers, encode_based_on_extension1
 from mmalign.data.decode import AUDIO_EXTENSIONS, RecordError, decode_value
 from mmalign.data.video import VIDEO_EXTENSIONS
 from mmalign.errors import ConfigError
+from mmalign.files import clear_old_shards, refuse_links
 from mmalign.prep.columns import infer_fields, pack_vector
 from mmalign.progress import progress_bar
 
@@ -239,8 +240,8 @@ def convert(
     directories = {"train": out / "train", "val": out / "val"} if val_fraction > 0 else {"": out}
     for directory in directories.values():
         directory.mkdir(parents=True, exist_ok=True)
-        for stale in directory.glob(f"{name}-*.tar"):
-            stale.unlink()
+        refuse_links(out, "output directory", "--out")  # no shard or summary through a link
+        clear_old_shards(directory, name, out / "summary.json")
     per_modality: Counter[str] = Counter()
     per_split: Counter[str] = Counter()
     reasons: Counter[str] = Counter()

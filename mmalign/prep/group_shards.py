@@ -25,6 +25,7 @@ from mmalign.prep.reshard import (
     ExportRows,
     check_maxcount,
     source_records,
+    source_shards,
     write_shards,
     write_summary,
 )
@@ -49,8 +50,7 @@ def cluster_order(
     rows, dim = vectors.shape
     if not 1 <= clusters <= rows:
         raise UserError(
-            f"--clusters {clusters} must be between 1 and the {rows} rows to cluster; "
-            "pick fewer clusters"
+            f"{clusters} clusters for {rows} rows (--clusters); pick between 1 and {rows}"
         )
     kmeans = faiss.Kmeans(
         dim,
@@ -89,7 +89,8 @@ def group_shards(
     ordered += [key for key, has in zip(rows.keys, rows.present) if not has]
     records = source_records(export_dir, ordered)
     kept = [key for key in ordered if key in records]
-    shards = write_shards((records[key] for key in kept), out, name, maxcount, len(kept))
+    sources = source_shards(export_dir)
+    shards = write_shards((records[key] for key in kept), out, name, maxcount, len(kept), sources)
     sizes = np.bincount(assignment, minlength=clusters)
     summary = {
         "export": str(export_dir),

@@ -35,6 +35,7 @@ from mmalign.prep.reshard import (
     find_payload,
     record_extensions,
     source_records,
+    source_shards,
     write_shards,
     write_summary,
 )
@@ -105,7 +106,10 @@ def mine_negatives(
 ) -> dict[str, Any]:
     """Write the shards with mined negatives and ``OUT/summary.json``; returns the summary."""
     if k < 1 or not 0 < max_ratio <= 1:
-        raise UserError(f"--k must be >= 1 and --max-ratio in (0, 1], got {k} and {max_ratio}")
+        raise UserError(
+            f"k {k} or max_ratio {max_ratio} out of range (--k, --max-ratio); pass k >= 1 and "
+            "max_ratio in (0, 1]"
+        )
     check_maxcount(maxcount)
     query_rows = ExportRows.load(export_dir, query)
     candidate_rows = ExportRows.load(export_dir, candidates)
@@ -137,7 +141,8 @@ def mine_negatives(
         return record
 
     order = [row for row, key in enumerate(keys) if key in records]
-    shards = write_shards((with_negatives(row) for row in order), out, name, maxcount, len(order))
+    written = (with_negatives(row) for row in order)
+    shards = write_shards(written, out, name, maxcount, len(order), source_shards(export_dir))
     counts = [len(mined[row]) for row in order if both[row]]
     summary = {
         "export": str(export_dir),

@@ -25,10 +25,11 @@ import pyarrow as pa
 import webdataset as wds
 
 from mmalign.data.exports import ExportError, check_sources, load_embeddings, read_manifest
-from mmalign.data.records import log_skip, read_shards
+from mmalign.data.records import log_skip, read_shards, unsafe_key
 from mmalign.data.shards import expand_shards
 from mmalign.data.views import group_id
 from mmalign.errors import UserError
+from mmalign.files import clear_old_shards, refuse_links
 from mmalign.progress import progress_bar
 
 
@@ -68,24 +69,6 @@ class ExportRows:
         return np.array([group_id(value) for value in values], dtype=np.int64)
 
 
-def unsafe_key(key: str) -> str | None:
-    """Why a record key cannot name tar members of a new shard (it would write outside the
-    folder a user extracts it into): absolute, a ``..`` part, a backslash or NUL, empty;
-    ``None`` for a key that can (``a/b/sample-1`` can: webdataset keys hold folders).
-
-    Example:
-        >>> unsafe_key("train/sample-000001"), unsafe_key("../../etc/x")
-        (None, "key '../../etc/x' climbs out of the shard (a '..' part)")
-    """
-    if not key or "\0" in key or "\\" in key:
-        return f"key {key!r} is empty or holds a NUL or a backslash"
-    if key.startswith("/"):
-        return f"key {key!r} is an absolute path"
-    if ".." in key.split("/"):
-        return f"key {key!r} climbs out of the shard (a '..' part)"
-    return None
-
-
 def source_records(export_dir: str | Path, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
     """The raw records (payload bytes by extension) of ``keys`` from the export's source
     shards; an unreadable record, or one whose key cannot name a tar member
@@ -93,11 +76,10 @@ def source_records(export_dir: str | Path, keys: Sequence[str]) -> dict[str, dic
     an exported key no longer in the shards, is an :class:`ExportError`."""
     manifest = read_manifest(export_dir)
     check_sources(export_dir, manifest)
-    shards = manifest["settings"]["shards"]
     wanted = set(keys)
     records = {}
     refused = set()
-    urls = expand_shards(shards, "settings.shards")
+    urls = source_shards(export_dir)
     raws = read_shards({"url": url} for url in urls)
     for raw in progress_bar(raws, desc=f"read {len(urls)} source shards", unit="record"):
         key = raw["__key__"]
@@ -117,6 +99,11 @@ def source_records(export_dir: str | Path, keys: Sequence[str]) -> dict[str, dic
             "changed since the export: export them again (mmalign export)"
         )
     return records
+
+
+def source_shards(export_dir: str | Path) -> list[str]:
+    """The shards the export at ``export_dir`` was made from (its ``settings.shards``)."""
+    return expand_shards(read_manifest(export_dir)["settings"]["shards"], "settings.shards")
 
 
 def record_extensions(export_dir: str | Path, modality: str) -> str:
@@ -155,14 +142,17 @@ def write_shards(
     name: str,
     maxcount: int = 10000,
     total: int | None = None,
+    sources: Sequence[str] = (),
 ) -> list[str]:
     """Write ``records`` (``total`` of them, for the progress bar's ETA) in the given order
-    to ``out/NAME-000000.tar`` ...; returns the names."""
+    to ``out/NAME-000000.tar`` ...; returns the names. The shards of an earlier prep output
+    there are replaced; other shards of that name, or the ``sources`` being read, are refused
+    (:func:`~mmalign.files.clear_old_shards`)."""
     check_maxcount(maxcount)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(f"{name}-*.tar"):
-        stale.unlink()
+    refuse_links(out, "output directory", "--out")  # no shard or summary through a link
+    clear_old_shards(out, name, out / "summary.json", sources)
     with wds.ShardWriter(str(out / f"{name}-%06d.tar"), maxcount=maxcount, verbose=0) as writer:
         for record in progress_bar(records, total=total, desc=f"write {out}", unit="record"):
             writer.write(record)

@@ -19,11 +19,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import IO
 
 import sentencepiece
 
 from mmalign.data.records import iterate_records
+from mmalign.errors import UserError
+from mmalign.files import atomic_write
 from mmalign.prep.from_manifest import read_manifest
+from mmalign.progress import progress_bar
 
 
 def texts_from_shards(shards: Sequence[str], extension: str) -> Iterator[str]:
@@ -50,17 +54,26 @@ def train_tokenizer(
     model_type: str = "unigram",
     character_coverage: float = 1.0,
 ) -> int:
-    """Train and write a SentencePiece model; returns the number of training sentences."""
+    """Train and write a SentencePiece model; returns the number of training sentences.
+
+    ``out`` is written whole or not at all (:func:`~mmalign.files.atomic_write`) and replaces
+    only an earlier tokenizer (:func:`check_tokenizer_output`). On a terminal a progress bar
+    on stderr counts the sentences read (with their rate), then says that SentencePiece
+    trains on them (one native call, which reports no progress).
+    """
+    check_tokenizer_output(out)
     count = 0
+    bar = progress_bar(desc=f"read texts for {out.name}", unit="sentence")
 
     def counted() -> Iterator[str]:
         nonlocal count
         for text in texts:
             count += 1
+            bar.update()
             yield text.replace("\n", " ")
+        bar.set_description(f"train SentencePiece on the {count} sentences", refresh=True)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("wb") as model_file:
+    def train(model_file: IO[bytes]) -> None:
         sentencepiece.SentencePieceTrainer.train(
             sentence_iterator=counted(),
             model_writer=model_file,
@@ -74,4 +87,32 @@ def train_tokenizer(
             eos_id=3,
             minloglevel=2,
         )
+
+    with bar:
+        atomic_write(out, train)
     return count
+
+
+def check_tokenizer_output(out: Path) -> None:
+    """Refuse an ``out`` that exists and is not a SentencePiece model (a run's file, a
+    folder, a link): training would replace it. An earlier tokenizer may be replaced.
+
+    Example:
+        >>> check_tokenizer_output(Path("/"))
+        Traceback (most recent call last):
+        ...
+        mmalign.errors.UserError: / exists and is not a SentencePiece model (--out); ...
+    """
+    if out.is_symlink() or out.is_dir() or (out.exists() and not _is_tokenizer(out)):
+        raise UserError(
+            f"{out} exists and is not a SentencePiece model (--out); training would replace "
+            "it: name a new .model file"
+        )
+
+
+def _is_tokenizer(path: Path) -> bool:
+    try:
+        sentencepiece.SentencePieceProcessor(model_file=str(path))
+    except (OSError, RuntimeError):
+        return False
+    return True

@@ -26,6 +26,7 @@ from mmalign.data.exports import ExportError, load_metadata, read_manifest
 from mmalign.eval.loading import load_model
 from mmalign.export.index import EmbeddingIndex, indexed_modalities, load_index, prefix_index
 from mmalign.export.items import kept_modalities, load_items
+from mmalign.export.search import check_export_model
 from mmalign.serve.problems import RequestError
 
 if TYPE_CHECKING:
@@ -155,7 +156,8 @@ def load_export(name: str, directory: Path, model: AlignmentModel) -> ServedExpo
 
 def load_catalog(exports: Sequence[str], model: AlignmentModel | str | Path | None) -> Catalog:
     """Load ``model`` (``None``: the one the first export recorded) and every export
-    (``DIR`` or ``NAME=DIR``); two exports of one name are refused.
+    (``DIR`` or ``NAME=DIR``); two exports of one name, or an export that ``model`` did not
+    make (its recorded weights fingerprint), are refused.
 
     Example:
         >>> list(load_catalog(["full=emb", "small=emb16"], None).exports)  # doctest: +SKIP
@@ -171,4 +173,6 @@ def load_catalog(exports: Sequence[str], model: AlignmentModel | str | Path | No
         if model is None:
             raise ExportError(f"{named[0][1]} was exported from an in-memory model; pass --model")
     loaded = load_model(model)
+    for _, path in named:  # another model's queries would not compare with the export's rows
+        check_export_model(path, loaded)
     return Catalog(loaded, {name: load_export(name, path, loaded) for name, path in named})

@@ -2,7 +2,9 @@
 
 Built-in types: ``image`` (open_clip vision encoders), ``text`` (Hugging Face or open_clip
 text transformers), ``audio``, ``graph`` (torch_geometric), ``tabular``, ``timeseries`` and
-``video``.
+``video``. Importing this package loads nothing heavy: the towers (torch, open_clip) load on
+the first use of a name below or of :data:`TOWERS` (:mod:`mmalign.towers.builtins`), and
+their options (:mod:`mmalign.towers.options`) validate a config without them.
 
 Example:
     >>> from mmalign.towers import TOWERS
@@ -10,10 +12,20 @@ Example:
     ['audio', 'graph', 'image', 'tabular', 'text']
 """
 
-from mmalign.registry import TOWERS
-from mmalign.towers import audio, image, tabular, text, timeseries, video  # noqa: F401  (fill TOWERS)
-from mmalign.towers.base import HFParts, Tower, build_tower, register_tower
+from __future__ import annotations
 
-TOWERS.register_deferred("graph", "mmalign.towers.graph")  # torch_geometric: imported on use
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from mmalign.registry import TOWERS
+
+if TYPE_CHECKING:
+    from mmalign.towers.base import HFParts, Tower, build_tower, register_tower
 
 __all__ = ["TOWERS", "HFParts", "Tower", "build_tower", "register_tower"]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in __all__:
+        raise AttributeError(f"module 'mmalign.towers' has no attribute {name!r}")
+    return getattr(importlib.import_module("mmalign.towers.base"), name)

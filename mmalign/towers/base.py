@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 from mmalign.config.tower import TowerConfig, tower_config
 from mmalign.errors import ConfigError, UserError, config_error
-from mmalign.registry import TOWERS
+from mmalign.registry import TOWER_OPTIONS, TOWERS
 from mmalign.towers.grad_checkpointing import checkpoint_blocks
 from mmalign.towers.layout import Block, stack_blocks, train_last_blocks
 from mmalign.towers.lora import inject_lora
@@ -231,13 +231,19 @@ def running_batch_norm(module: nn.Module, when: bool) -> Iterator[None]:
 
 
 def register_tower(name: str) -> Callable[[type[Tower]], type[Tower]]:
-    """Class decorator: make a tower available as ``type: name`` in configs.
+    """Class decorator: make a tower available as ``type: name`` in configs, with its
+    ``config_class`` as the options of ``type: name`` (:data:`~mmalign.registry.TOWER_OPTIONS`).
 
     Example:
         >>> @register_tower("constant_demo")  # doctest: +SKIP
         ... class ConstantTower(Tower): ...
     """
-    return TOWERS.register(name)
+
+    def register(cls: type[Tower]) -> type[Tower]:
+        TOWER_OPTIONS.register(name)(cls.config_class)
+        return TOWERS.register(name)(cls)
+
+    return register
 
 
 def build_tower(

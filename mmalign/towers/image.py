@@ -39,7 +39,7 @@ import dataclasses
 import io
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,34 +52,18 @@ from open_clip.transform import (
     merge_preprocess_dict,
 )
 from PIL import Image, UnidentifiedImageError
-from pydantic import Field
 
 from mmalign.config import ConfigError
-from mmalign.config.tower import TowerConfig
 from mmalign.towers.base import Tower, register_tower, running_batch_norm
 from mmalign.towers.grad_checkpointing import library_checkpointing
 from mmalign.towers.layout import Block
+from mmalign.towers.options.image import ImageTowerConfig
 from mmalign.towers.pretrained import (
     PretrainedSource,
     checkpoint_logit_scale,
     compact_config,
     named_or_pretrained_config,
 )
-
-
-class ImageTowerConfig(TowerConfig):
-    """Config of :class:`ImageTower` (see the module docstring)."""
-
-    type: Literal["image"] = "image"
-    model: str | None = None
-    vision_cfg: dict[str, Any] = Field(default_factory=dict)
-    image_size: int | None = None
-    embed_dim: int | None = None
-    quick_gelu: bool | None = None
-    checkpoint: str | None = None
-    pretrained: str | None = None
-    preprocess: dict[str, Any] = Field(default_factory=dict)
-    augmentation: dict[str, Any] = Field(default_factory=dict)
 
 
 def dataclass_from_dict(cls: type, values: dict[str, Any], where: str) -> Any:

@@ -36,74 +36,25 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import sentencepiece
 import torch
 import transformers
 from open_clip.model import CLIPTextCfg, _build_text_tower
 from open_clip.tokenizer import SimpleTokenizer
-from pydantic import Field, model_validator
 from torch import nn
 
 from mmalign.config import ConfigError
-from mmalign.config.tower import TowerConfig
 from mmalign.towers.base import HFParts, Tower, register_tower
 from mmalign.towers.grad_checkpointing import library_checkpointing
 from mmalign.towers.image import dataclass_from_dict
+from mmalign.towers.options.text import TextTowerConfig
 from mmalign.towers.pretrained import (
     checkpoint_logit_scale,
     compact_config,
     named_or_pretrained_config,
 )
-
-HF_ONLY = ("path", "pooling")
-OPEN_CLIP_ONLY = (
-    "model",
-    "text_cfg",
-    "tokenizer",
-    "width",
-    "heads",
-    "layers",
-    "embed_dim",
-    "quick_gelu",
-)
-
-
-class TextTowerConfig(TowerConfig):
-    """Config of :class:`TextTower` (see the module docstring)."""
-
-    type: Literal["text"] = "text"
-    backend: Literal["open_clip", "hf"] = "open_clip"
-    context_length: int | None = None
-    checkpoint: str | None = None
-    path: str | None = None
-    pretrained: bool | str = True
-    """backend hf: load the folder's weights (false: random init); backend open_clip:
-    ``local-dir:DIR`` or ``hf-hub:ORG/NAME``."""
-    pooling: Literal["cls", "mean", "eos"] = "cls"
-    model: str | None = None
-    text_cfg: dict[str, Any] = Field(default_factory=dict)
-    tokenizer: str | None = None
-    width: int | None = None
-    heads: int | None = None
-    layers: int | None = None
-    embed_dim: int | None = None
-    quick_gelu: bool | None = None
-
-    @model_validator(mode="after")
-    def _keys_match_backend(self) -> TextTowerConfig:
-        other = OPEN_CLIP_ONLY if self.backend == "hf" else HF_ONLY
-        wrong = sorted(key for key in other if key in self.model_fields_set)
-        if wrong:
-            raise ValueError(f"key(s) {', '.join(wrong)} do not apply to backend {self.backend}")
-        if self.backend == "hf" and isinstance(self.pretrained, str):
-            raise ValueError("backend hf: `pretrained` is true or false; `path:` names the folder")
-        if self.backend == "open_clip" and self.pretrained is False:
-            raise ValueError("backend open_clip: `pretrained` is local-dir:DIR or hf-hub:ORG/NAME")
-        if self.backend == "hf" and not self.path:
-            raise ValueError("backend hf needs `path:` (a local Hugging Face model directory)")
-        return self
 
 
 @register_tower("text")

@@ -178,6 +178,8 @@ def test_search_query_strings_are_parsed_by_the_cli(tmp_path: Path) -> None:
     assert parse_raw(model, "caption", "[not json]") == "[not json]"
     graph = tmp_path / "g.json"
     graph.write_text('{"nodes": [[0.0]], "edges": []}')
-    assert parse_raw(model, "g", str(graph)) == {"nodes": [[0.0]], "edges": []}
+    assert parse_raw(model, "g", str(graph)) == str(graph)  # decoded as a record's, in search
+    with pytest.raises(UserError, match=r"does not exist \(--query g=\.\.\.\)"):
+        parse_raw(model, "g", str(tmp_path / "missing.json"))
     with pytest.raises(SystemExit):  # a --query without '=' is a usage error
         main(["search", "emb", "--query", "nope"])

@@ -56,18 +56,18 @@ def test_each_tool_help_shows_its_own_options(tool: str, options: list[str]) -> 
     [
         (
             ["prep", "from-manifest", "m.csv", "--out", "o", "--fields", "image"],
-            "mmalign: error: --fields entry 'image' must look like column=extension (--fields); "
+            "mmalign: error: entry 'image' must look like column=extension (--fields); "
             "see mmalign prep from-manifest --help",
         ),
         (
             ["prep", "from-manifest", "m.csv", "--out", "o", "--val-fraction", "1.5"],
-            "mmalign: error: the validation fraction 1.5 is outside [0, 1) (--val-fraction); "
-            "pass e.g. 0.1",
+            "mmalign: error: '1.5' is not a number in [0, 1) (--val-fraction); "
+            "see mmalign prep from-manifest --help",
         ),
         (
             ["prep", "make-demo", "--out", "o", "--limit", "3"],
-            "mmalign: error: --limit 3 is below 10 (--limit); pass at least 10, one source "
-            "image per class",
+            "mmalign: error: '3' is not a whole number >= 10 (--limit); "
+            "see mmalign prep make-demo --help",
         ),
         (
             ["prep", "make-demo", "--out", "o", "--variants", "0"],
@@ -76,7 +76,7 @@ def test_each_tool_help_shows_its_own_options(tool: str, options: list[str]) -> 
         ),
         (
             ["prep", "group-shards", "--modality", "x", "--clusters", "2", "--out", "o"],
-            "mmalign: error: the following arguments are required: --embeddings; "
+            "mmalign: error: missing required argument(s) (--embeddings); "
             "see mmalign prep group-shards --help",
         ),
     ],
@@ -93,5 +93,6 @@ def test_tool_errors_are_one_line(
 
 
 def test_debug_after_a_tool_s_arguments_raises(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="--limit 3 is below 10"):
-        main(["prep", "make-demo", "--out", str(tmp_path), "--limit", "3", "--debug"])
+    arguments = ["--embeddings", str(tmp_path), "--out", str(tmp_path / "o"), "--modality", "x"]
+    with pytest.raises(UserError, match="holds no finished export"):
+        main(["prep", "group-shards", *arguments, "--clusters", "2", "--debug"])

@@ -183,5 +183,5 @@ def test_refusals_name_the_field_and_what_to_do(
         capsys,
         ["convert", str(mlp), "--to", "hf", "--out", str(tmp_path / "o"), "--image", "image"],
     )
-    assert "--image applies to --to open_clip only (--image)" in err
+    assert "an option of --to open_clip only (--image); drop it for --to hf" in err
     assert not (tmp_path / "o").exists()

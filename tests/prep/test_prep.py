@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -384,3 +386,37 @@ def test_manifest_errors_name_the_problem(tmp_path: Path) -> None:
         from_manifest.convert(manifest, tmp_path / "o", {"image": "png", "text": "txt"})
     with pytest.raises(argparse.ArgumentTypeError, match="column=extension"):
         field_map("image")
+
+
+class Terminal(io.StringIO):
+    """A stderr that says it is a terminal, so the progress bar draws into it."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_train_tokenizer_shows_progress_on_a_terminal_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The sentences read (count and rate), then the training phase, on stderr; a few
+    redraws (tqdm's interval), not one line per sentence; nothing when stderr is a file."""
+    rows = 5000
+    manifest = tmp_path / "pairs.jsonl"
+    words = ["seven", "three", "a", "digit", "handwritten", "blue", "eight", "small"]
+    lines = [
+        json.dumps({"caption": " ".join(words[(i + j) % 8] for j in range(1 + i % 6))})
+        for i in range(rows)
+    ]
+    manifest.write_text("\n".join(lines) + "\n")
+    arguments = ["--manifest", str(manifest), "--field", "caption", "--vocab-size", "40"]
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert main(["prep", "train-tokenizer", *arguments, "--out", str(tmp_path / "a.model")]) == 0
+    shown = terminal.getvalue()
+    assert f"{rows}sentence" in shown.replace(" ", "") and "sentence/s" in shown, shown
+    assert f"train SentencePiece on the {rows} sentences" in shown, shown
+    assert shown.count("\r") < 60 and len(shown) < 8000, len(shown)
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert main(["prep", "train-tokenizer", *arguments, "--out", str(tmp_path / "b.model")]) == 0
+    assert sys.stderr.getvalue() == ""
+    assert f"({rows} sentences)" in capsys.readouterr().out

@@ -4,15 +4,22 @@ no traceback): a query the model's tower refuses, a model that did not make the 
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
+import json
 import os
+import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import tiny_config, write_shards
+from conftest import graph_of, tabular_vector, tiny_config, write_shards
 
-from mmalign.cli.main import main
+from mmalign.cli.main import build_parser, main
 from mmalign.config import ConfigError
+from mmalign.export import search as search_index
 from mmalign.training import train
 
 
@@ -67,7 +74,27 @@ def test_a_graph_query_the_tower_refuses(
     graph = tmp_path / "graph.json"
     graph.write_text('{"x": [[1, 2]], "edge_index": [[0], [5]]}')
     assert main(search(workspace, "--query", f"graph={graph}")) == 2
-    assert "refers to node 5" in one_line_error(capsys)
+    error = one_line_error(capsys)
+    assert f"the 'graph' query {graph} is refused (bad_graph)" in error
+    assert "'edge_index' refers to nodes outside 0..0" in error
+
+
+def test_a_graph_query_file_goes_through_the_record_limits(
+    workspace: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A graph ``.json`` query was read and parsed whole, whatever its size (a 2 GB file: as
+    much memory and more); it is decoded as a record's ``graph.json``: its size against
+    ``data.max_member_bytes`` first, then the record checks."""
+    huge = tmp_path / "huge.json"
+    with huge.open("wb") as handle:  # sparse: 100 MiB claimed, nothing to read
+        handle.truncate(100 * 2**20)
+    assert main(search(workspace, "--query", f"graph={huge}")) == 2
+    error = one_line_error(capsys)
+    assert "is refused (member_too_large)" in error and "over data.max_member_bytes" in error
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    assert main(search(workspace, "--query", f"graph={broken}")) == 2
+    assert "is refused (bad_json)" in one_line_error(capsys)
 
 
 def test_search_refuses_a_model_that_did_not_make_the_export(
@@ -239,3 +266,127 @@ def test_a_probe_modality_the_model_lacks_names_probe_modality(
     assert main([*arguments, "--linear-probe", "--probe-train", shards]) == 2
     error = one_line_error(capsys)
     assert "unknown modality 'image' (--probe-modality)" in error
+
+
+USAGE_FORM = re.compile(r"mmalign: error: [^\n]*[^ ] \((?P<where>[^()]+)\); [^\n]*[^ ]\n")
+"""The rule's one line: ``mmalign: error: <what> (<where>); <what to do>``."""
+BAD_VALUES = ("zzz", "0", "-1", ".", "nan", "inf", "1e999", "=x", "a=", "2.5")
+"""Values tried on every flag that takes one (``--flag=VALUE``, so ``-1`` is a value)."""
+
+
+def _leaf_parsers(
+    parser: argparse.ArgumentParser, words: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    """Every (sub)command's words and parser, ``prep``'s tools included."""
+    found = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not found:
+        yield words, parser
+        return
+    for name, child in found[0].choices.items():
+        yield from _leaf_parsers(child, (*words, name))
+
+
+def _usage_error(argv: list[str]) -> str | None:
+    """What parsing ``argv`` prints on stderr when it exits, ``None`` when it parses."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            build_parser().parse_args(argv)
+        except SystemExit:
+            return err.getvalue()
+    return None
+
+
+def _assert_form(error: str, where: str) -> None:
+    found = USAGE_FORM.fullmatch(error)
+    assert found and where in found["where"], error
+
+
+def test_every_flag_given_a_bad_value_gets_the_one_line_form() -> None:
+    """Each subcommand's flags with each bad value: a refusal is one line naming the flag in
+    parentheses, then what to do; a flag given no value, an unknown flag and missing required
+    arguments too. The refusals are counted, so a flag that stops checking shows."""
+    refused = 0
+    for words, parser in _leaf_parsers(build_parser()):
+        for action in parser._actions:
+            if not action.option_strings or action.nargs == 0 or action.help == argparse.SUPPRESS:
+                continue
+            flag = action.option_strings[-1]
+            for value in BAD_VALUES:
+                error = _usage_error([*words, f"{flag}={value}"])
+                if error and "required" not in error:
+                    _assert_form(error, flag)
+                    refused += 1
+            _assert_form(_usage_error([*words, flag]) or "", flag)
+        _assert_form(_usage_error([*words, "--nope=1"]) or "", "")
+        if words != ("demo",):
+            _assert_form(_usage_error(list(words)) or "", "")
+    assert refused >= 540, refused
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["serve", "e", "--port", "70000"], "'70000' is not a whole number in [0, 65535] (--port)"),
+        (["serve", "e", "--max-wait-ms=-1"], "'-1' is not a number >= 0 (--max-wait-ms)"),
+        (["export", "m", "--workers=-1"], "'-1' is not a whole number >= 0 (--workers)"),
+        (["prep", "from-manifest", "m", "--maxsize", "nan"], "'nan' is not a number > 0"),
+        (["prep", "curate", "m", "--dedup-threshold", "2"], "'2' is not a number in [-1, 1]"),
+        (["prep", "mine-negatives", "--max-ratio", "0"], "'0' is not a number in (0, 1]"),
+        (["prep", "group-shards", "--seed=-1"], "'-1' is not a whole number >= 0 (--seed)"),
+        (["prep", "train-tokenizer", "--character-coverage", "1.5"], "(--character-coverage)"),
+        (["eval", "m", "--few-shot", "1,x"], "'x' is not a whole number >= 1 (--few-shot)"),
+        (["convert", "m", "--to", "tflite"], "invalid choice 'tflite' (--to); choose from"),
+        (["export", "m", "--out", "."], "working directory or above it (--out); name a new"),
+        (["trian"], "invalid choice 'trian' (COMMAND); choose from 'train'"),
+    ],
+)
+def test_values_in_range_are_checked_when_parsed(argv: list[str], named: str) -> None:
+    """Numbers out of their range were taken before (a negative port, NaN shard size, a
+    negative worker count or seed) and failed later, some with a traceback."""
+    error = _usage_error(argv)
+    assert error is not None and named in error, error
+    _assert_form(error, "-" if argv[0] != "trian" else "COMMAND")
+
+
+def test_negative_weights_are_query_arithmetic(
+    workspace: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--weights labs=-1`` is legitimate (exit 0): a composed query of a pairwise model
+    scores ``sum_m w_m <e_m, c>``, so every candidate's score is the weighted sum of its
+    one-modality scores, and a lone negative weight reverses the ranking. All weights 0 would
+    score every candidate 0: refused in one line naming ``--weights``."""
+    queries = {"labs": tabular_vector(3).tolist(), "graph": graph_of(5)}
+    rows = 48  # every indexed row, so each search scores all of them
+
+    def scores(query: dict[str, object], weights: dict[str, float] | None) -> dict[str, float]:
+        found = search_index(workspace["emb"], None, query, k=rows, target="labs", weights=weights)
+        assert len(found) == rows
+        return {row["key"]: row["score"] for row in found}
+
+    labs = scores({"labs": queries["labs"]}, None)
+    graph = scores({"graph": queries["graph"]}, None)
+    mixed = scores(queries, {"labs": -1.0, "graph": 0.5})
+    for key, score in mixed.items():
+        assert score == pytest.approx(-labs[key] + 0.5 * graph[key], abs=1e-5)
+    arguments = ["--query", "labs=" + json.dumps(queries["labs"]), "--k", str(rows)]
+    assert main([*search(workspace, *arguments), "--weights", "labs=-1", "--json"]) == 0
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [row["key"] for row in printed] == sorted(labs, key=lambda key: labs[key])
+    assert [row["score"] for row in printed] == pytest.approx(
+        sorted(-s for s in labs.values())[::-1], abs=1e-5
+    )
+    assert main([*search(workspace, *arguments), "--weights", "labs=0"]) == 2
+    assert "every query weight is 0" in one_line_error(capsys)
+
+
+def test_serve_refuses_a_model_that_did_not_make_the_export(workspace: dict[str, str]) -> None:
+    """``mmalign serve EXPORT --model OTHER`` started and answered every query with another
+    model's vectors against the export's rows; it is refused before the server starts, as
+    ``search --model`` is, and the exporting model is served."""
+    from mmalign.export.search import QueryError
+    from mmalign.serve.catalog import load_catalog
+
+    with pytest.raises(QueryError, match=r"not the one that made the export .*\(--model\)"):
+        load_catalog([workspace["emb"]], workspace["other"])
+    assert list(load_catalog([workspace["emb"]], workspace["run"]).exports) == ["emb"]

@@ -104,8 +104,31 @@ def test_cli_names_the_duplicate_key_in_one_line(
         ("model: {}\ndata: {batch_size: -1}\n", "data.batch_size: "),
         ("model: {}\ntrian: {steps: 3}\n", "trian: unknown section"),
         ("model: {}\ntrain: {steps: 1}\ntrain: {steps: 2}\n", "key 'train' appears twice"),
+        (
+            "model: {towers: {img: {type: image, model: RN50, imagesize: 32}}}\n",
+            "model.towers.img.imagesize: unknown key",
+        ),
+        ("model: {towers: {labs: {type: tabular, in_features: six}}}\n", "labs.in_features: "),
+        (
+            "model: {towers: {ts: {type: timeseries, window: 64, patch: 5, encoder: patch}}}\n",
+            "model.towers.ts: patch 5 must divide window 64",
+        ),
+        ("model: {towers: {g: {type: grpah, in_features: 2}}}\n", "unknown tower type 'grpah'"),
+        ("model: {dimm: 8, towers: {}}\n", "model.dimm: unknown key"),
+        ("", "model: Field required"),
     ],
-    ids=["train key", "data value", "section", "duplicate"],
+    ids=[
+        "train key",
+        "data value",
+        "section",
+        "duplicate",
+        "tower key",
+        "tower value",
+        "tower check",
+        "tower type",
+        "model key",
+        "empty file",
+    ],
 )
 def test_a_typo_is_reported_before_torch_loads(tmp_path: Path, text: str, named: str) -> None:
     config = tmp_path / "run.yaml"
@@ -123,3 +146,26 @@ def test_a_typo_is_reported_before_torch_loads(tmp_path: Path, text: str, named:
     )
     assert done.stdout.split() == ["2", "False"], done.stdout + done.stderr
     assert named in done.stderr and done.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("value", "named"),
+    [
+        ("[" * 30000 + "]" * 30000, "override --set train.lr is nested too deeply to read"),
+        ("{lr: 1, lr: 2}", "override --set train.lr: key 'lr' appears twice"),
+        ("!!python/name:os.system", "override --set train.lr is not valid YAML"),
+    ],
+    ids=["deep", "duplicate", "python tag"],
+)
+def test_a_set_override_is_read_as_strictly_as_the_file(
+    tmp_path: Path, value: str, named: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--set`` values went through ``yaml.safe_load``: 30,000 brackets ended in a
+    RecursionError traceback and a repeated key was kept silently."""
+    config = write_config(tmp_path / "run.yaml", tiny_config(tmp_path / "run", "s.tar"))
+    with pytest.raises(ConfigError, match=named):
+        load_config(config, [f"train.lr={value}"])
+    assert main(["train", str(config), "--set", f"train.lr={value}"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and named in error
+    assert not (tmp_path / "run").exists()

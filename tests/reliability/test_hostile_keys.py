@@ -1,6 +1,6 @@
 """Record keys that are paths out of a folder (``../../x``, ``/abs/x``) are never written back
-as tar member names by ``prep group-shards`` or ``prep mine-negatives``: such a record is
-skipped and logged with its shard, key and reason; the others are written."""
+as tar member names by ``prep group-shards``, ``prep mine-negatives`` or ``prep curate``: such
+a record is skipped and logged with its shard, key and reason; the others are written."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 from conftest import good_record, tiny_config, write_shard
 
 from mmalign.export import export_embeddings
+from mmalign.export.curate import curate
 from mmalign.prep.group_shards import group_shards
 from mmalign.prep.mine_negatives import mine_negatives
 from mmalign.training import train
@@ -71,3 +72,13 @@ def test_mine_negatives_skips_hostile_keys(export_dir: Path, tmp_path: Path) -> 
     check_written(tmp_path / "mined")
     assert summary["records"] == 16 - len(HOSTILE)
     assert not [name for name in member_names(tmp_path / "mined") if "escaped" in name]
+
+
+def test_curate_skips_hostile_keys(export_dir: Path, tmp_path: Path) -> None:
+    """``prep curate`` copied ``../../escaped`` and ``/tmp/absolute`` into its shards as
+    member names; they are counted as ``unsafe_key`` and left out."""
+    shard = str(export_dir.parent / "shards" / "train-000000.tar")
+    report = curate(export_dir.parent / "run", shard, tmp_path / "curated", dedup=None)
+    check_written(tmp_path / "curated")
+    assert report["dropped"]["unsafe_key"] == len(HOSTILE)
+    assert report["kept"] == 16 - len(HOSTILE)

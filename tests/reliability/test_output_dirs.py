@@ -13,8 +13,13 @@ from mmalign.cli.main import main
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return trained_run(tmp_path_factory.mktemp("convert"))[0]
+def run_and_shards(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    return trained_run(tmp_path_factory.mktemp("convert"))
+
+
+@pytest.fixture(scope="module")
+def run(run_and_shards: tuple[Path, str]) -> Path:
+    return run_and_shards[0]
 
 
 def tree(directory: Path) -> dict[str, bytes]:
@@ -73,3 +78,64 @@ def test_convert_writes_new_or_empty_folders_and_replaces_its_own_output(
     error = capsys.readouterr().err.strip()
     assert status == 2 and "it holds a --to onnx output" in error
     assert (empty / "labs.onnx").is_file()
+
+
+def test_train_tokenizer_replaces_only_an_earlier_tokenizer(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``prep train-tokenizer --out RUN/config.yaml`` replaced the run's config with a
+    SentencePiece model (exit 0), and a failed training left an empty file. A file that is not
+    a tokenizer, or a folder, is refused and left as it was; a failure keeps the old model."""
+    manifest = tmp_path / "texts.jsonl"
+    manifest.write_text("".join(f'{{"t": "a digit {i} seven three"}}\n' for i in range(200)))
+    arguments = ["prep", "train-tokenizer", "--manifest", str(manifest), "--field", "t"]
+    before = tree(run)
+    for out in (run / "config.yaml", run):
+        assert main([*arguments, "--out", str(out)]) == 2
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1 and "is not a SentencePiece model (--out)" in error
+    assert tree(run) == before
+    model = tmp_path / "spm.model"
+    assert main([*arguments, "--out", str(model), "--vocab-size", "40"]) == 0
+    first = model.read_bytes()
+    assert main([*arguments, "--out", str(model), "--vocab-size", "30"]) == 0  # replaced
+    second = model.read_bytes()
+    assert second != first
+    manifest.write_text('{"t": ""}\n')  # no sentence: SentencePiece fails
+    assert main([*arguments, "--out", str(model)]) == 1
+    assert model.read_bytes() == second and sorted(tmp_path.iterdir()) == [model, manifest]
+
+
+@pytest.mark.parametrize(
+    ("content", "named"),
+    [
+        (
+            {"manifest.json": '{"mine": 1}'},
+            "manifest.json is not the manifest of an mmalign export",
+        ),
+        ({"manifest.json": "[1, 2]"}, "manifest.json is not the manifest of an mmalign export"),
+        ({"notes.txt": "mine"}, "holds files an export did not write (notes.txt) (--out)"),
+        ({}, "holds files an export did not write (checkpoints, config.yaml"),  # the run
+    ],
+    ids=["foreign manifest", "manifest list", "user folder", "run directory"],
+)
+def test_export_refuses_a_folder_it_did_not_write(
+    run_and_shards: tuple[Path, str],
+    tmp_path: Path,
+    content: dict[str, str],
+    named: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``export --out`` at a folder with someone else's ``manifest.json`` ended in a
+    KeyError/TypeError traceback; at a folder of the user's files or at the run itself it
+    wrote the export among them (replacing any file of the same name)."""
+    run, shards = run_and_shards
+    out = tmp_path / "out" if content else run
+    for name, text in content.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text)
+    before = tree(out)
+    assert main(["export", str(run), "--data", shards, "--out", str(out), "--no-progress"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and named in error and "(--out)" in error, error
+    assert tree(out) == before

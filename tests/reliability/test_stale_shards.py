@@ -79,3 +79,45 @@ def test_changed_source_shard_is_refused_naming_it(
     finally:
         shard.write_bytes(original)
         os.utime(shard, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+
+
+def group(export_dir: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "prep", "group-shards", "--embeddings", str(export_dir), "--modality", "labs",
+        "--clusters", "2", "--out", str(out), *extra,
+    ]  # fmt: skip
+
+
+def test_prep_never_replaces_its_source_shards_or_shards_it_did_not_write(
+    tmp_path: Path, export: tuple[Path, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--out`` at the source shards' folder with ``--name train`` removed two of the three
+    source shards and overwrote the third (exit 0); a folder holding a user's
+    ``data-000000.tar`` lost it. Both are refused; an earlier output of a prep tool is
+    replaced."""
+    export_dir, pattern = export
+    source = Path(pattern.split("{")[0] + "000000.tar").parent
+    before = {path.name: path.read_bytes() for path in source.glob("*.tar")}
+    for command in (
+        group(export_dir, source, "--name", "train"),
+        [*mine(export_dir, source), "--name", "train"],
+    ):
+        assert main(command) == 2
+        error = capsys.readouterr().err
+        assert "is a source shard of this command" in error and "(--out)" in error
+        assert error.count("\n") == 1
+    assert {path.name: path.read_bytes() for path in source.glob("*.tar")} == before
+    mine_dir = tmp_path / "mine"
+    mine_dir.mkdir()
+    (mine_dir / "data-000000.tar").write_bytes(b"my own shard")
+    assert main(group(export_dir, mine_dir)) == 2
+    assert "that this tool did not write (--out)" in capsys.readouterr().err
+    assert (mine_dir / "data-000000.tar").read_bytes() == b"my own shard"
+    out = tmp_path / "grouped"
+    assert main(group(export_dir, out, "--maxcount", "5")) == 0
+    assert len(list(out.glob("data-*.tar"))) == 10
+    assert main(group(export_dir, out, "--maxcount", "24")) == 0  # its own output: replaced
+    assert sorted(path.name for path in out.glob("data-*.tar")) == [
+        "data-000000.tar",
+        "data-000001.tar",
+    ]

@@ -90,3 +90,51 @@ def test_files_are_never_opened_through_a_link(tmp_path: Path) -> None:
     (tmp_path / ".model.json.tmp").symlink_to(target)  # a link under a temporary name
     atomic_write(tmp_path / "model.json", lambda handle: handle.write(b"{}"))
     assert target.read_text() == "untouched" and (tmp_path / "model.json").read_bytes() == b"{}"
+
+
+@pytest.mark.parametrize(
+    ("command", "planted"),
+    [
+        (["eval", "RUN", "--data", "SHARDS", "--out", "OUT", "--no-plots"], "eval.json"),
+        (
+            [
+                "prep",
+                "group-shards",
+                "--embeddings",
+                "EMB",
+                "--modality",
+                "labs",
+                "--clusters",
+                "2",
+                "--out",
+                "OUT",
+            ],
+            "summary.json",
+        ),
+        (
+            ["prep", "curate", "RUN", "--data", "SHARDS", "--no-dedup", "--out", "OUT"],
+            "curate.json",
+        ),
+    ],
+    ids=["eval report", "group-shards summary", "curate report"],
+)
+def test_links_in_report_and_prep_outputs_are_refused(
+    tmp_path: Path,
+    made: tuple[Path, str, Path],
+    command: list[str],
+    planted: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A report or summary linked to a file outside was overwritten through the link (exit
+    0) by ``eval --out``, ``prep group-shards`` and ``prep curate``."""
+    run, shards, emb = made
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not yours")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / planted).symlink_to(outside)
+    names = {"RUN": str(run), "SHARDS": shards, "EMB": str(emb), "OUT": str(out)}
+    assert main([names.get(word, word) for word in command]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and f"{out / planted} is a symbolic link" in error
+    assert outside.read_text() == "not yours" and sorted(os.listdir(out)) == [planted]

@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import argparse
 
-from mmalign.cli.common import add_data_arguments, csv_list, fields, positive_int
+from mmalign.cli.common import (
+    add_data_arguments,
+    bounded,
+    csv_list,
+    fields,
+    fraction,
+    positive_int,
+)
 
 HELP = "shards scored by a trained model: keep the aligned records, drop near-duplicates"
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,8 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="directory of the new shards and report")
     parser.add_argument("--modalities", type=csv_list, help="comma-separated (default: all)")
     cut = parser.add_mutually_exclusive_group()
-    cut.add_argument("--threshold", type=float, help="keep records scoring at least this")
-    cut.add_argument("--keep-fraction", type=_fraction, help="keep this best fraction")
+    cut.add_argument("--threshold", type=bounded(float), help="keep records scoring at least this")
+    cut.add_argument("--keep-fraction", type=fraction, help="keep this best fraction")
     parser.add_argument(
         "--missing",
         choices=["keep", "drop"],
@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-dedup", action="store_true", help="no near-duplicate search")
     parser.add_argument(
         "--dedup-threshold",
-        type=float,
+        type=bounded(float, -1, 1),
         default=0.995,
         help="cosine at or above which two records are near-duplicates",
     )

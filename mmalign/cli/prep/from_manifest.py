@@ -16,8 +16,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from mmalign.cli.common import output_directory, positive_int
-from mmalign.errors import UserError
+from mmalign.cli.common import bounded, output_directory, positive_int
 
 HELP = "shards from a CSV/TSV/JSONL manifest of files and inline values"
 
@@ -34,9 +33,7 @@ def field_map(text: str) -> dict[str, str]:
     for item in text.split(","):
         column, sep, extension = item.partition("=")
         if not sep or not column.strip() or not extension.strip():
-            raise argparse.ArgumentTypeError(
-                f"--fields entry {item!r} must look like column=extension"
-            )
+            raise argparse.ArgumentTypeError(f"entry {item!r} must look like column=extension")
         fields[column.strip()] = extension.strip().lstrip(".").lower()
     return fields
 
@@ -54,8 +51,8 @@ def vector_columns(text: str) -> tuple[str, list[str]]:
     extension = extension.strip().lstrip(".").lower()
     if not sep or not names or not extension.endswith("npy"):
         raise argparse.ArgumentTypeError(
-            f"--vector {text!r} must look like EXT=column,column,... with EXT ending in npy "
-            "(e.g. labs.npy=age,glucose)"
+            f"{text!r} must look like EXT=column,column,... with EXT ending in npy; write e.g. "
+            "labs.npy=age,glucose"
         )
     return extension, names
 
@@ -73,7 +70,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--maxcount", type=positive_int, default=10000, help="records per shard at most"
     )
-    parser.add_argument("--maxsize", type=float, default=1e9, help="bytes per shard at most")
+    parser.add_argument(
+        "--maxsize",
+        type=bounded(float, 0, open_low=True),
+        default=1e9,
+        help="bytes per shard at most",
+    )
     parser.add_argument("--key-column", default="key", help="column with record keys")
     parser.add_argument("--name", default="data", help="shard names: NAME-000000.tar, ...")
     parser.add_argument(
@@ -86,7 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--val-fraction",
-        type=float,
+        type=bounded(float, 0, 1, open_high=True),
         default=0.0,
         help="hold out about this fraction of rows in OUT/val/ (the rest: OUT/train/)",
     )
@@ -115,11 +117,6 @@ def report(summary: dict[str, Any], out: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     """Write the shards and ``summary.json``, print the report; status 1 when no row became
     a record."""
-    if not 0.0 <= args.val_fraction < 1.0:
-        raise UserError(
-            f"the validation fraction {args.val_fraction} is outside [0, 1) (--val-fraction); "
-            "pass e.g. 0.1"
-        )
     from mmalign.prep.from_manifest import convert
 
     summary = convert(

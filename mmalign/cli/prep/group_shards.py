@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from mmalign.cli.common import add_reshard_arguments
+from mmalign.cli.common import add_reshard_arguments, count, positive_int
 
 HELP = "an export's source records ordered by k-means cluster (neighbour batches)"
 
@@ -22,8 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The export, the modality to cluster, the cluster count and the output shards."""
     add_reshard_arguments(parser)
     parser.add_argument("--modality", required=True, help="the exported modality to cluster")
-    parser.add_argument("--clusters", type=int, required=True, help="k-means clusters")
-    parser.add_argument("--seed", type=int, default=0, help="k-means and cluster order seed")
+    parser.add_argument("--clusters", type=positive_int, required=True, help="k-means clusters")
+    parser.add_argument("--seed", type=count, default=0, help="k-means and cluster order seed")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from mmalign.cli.common import output_directory, positive_int
-from mmalign.errors import UserError
+from mmalign.cli.common import bounded, count, output_directory, positive_int
 
 HELP = "the digit demo's shards (digits, digits-sum) from scikit-learn's bundled digits"
 MIN_LIMIT = 10
@@ -22,7 +21,7 @@ MIN_LIMIT = 10
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``--out``, ``--seed``, ``--variants``, ``--limit`` and ``--force``."""
     parser.add_argument("--out", type=output_directory, required=True, help="output directory")
-    parser.add_argument("--seed", type=int, default=0, help="split and variation seed")
+    parser.add_argument("--seed", type=count, default=0, help="split and variation seed")
     parser.add_argument(
         "--variants",
         type=positive_int,
@@ -30,18 +29,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="records per source image (4: ~5k train records)",
     )
     parser.add_argument(
-        "--limit", type=int, default=None, help="at most N source images per split (quick runs)"
+        "--limit",
+        type=bounded(int, MIN_LIMIT),
+        default=None,
+        help=f"at most N (>= {MIN_LIMIT}: one per class) source images per split (quick runs)",
     )
     parser.add_argument("--force", action="store_true", help="rewrite complete output")
 
 
 def run(args: argparse.Namespace) -> int:
     """Write the demo datasets (a complete one with the same settings is left as it is)."""
-    if args.limit is not None and args.limit < MIN_LIMIT:
-        raise UserError(
-            f"--limit {args.limit} is below {MIN_LIMIT} (--limit); pass at least {MIN_LIMIT}, "
-            "one source image per class"
-        )
     from mmalign.demo.data import make_demo
 
     make_demo(args.out, seed=args.seed, variants=args.variants, limit=args.limit, force=args.force)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from mmalign.cli.common import add_reshard_arguments
+from mmalign.cli.common import add_reshard_arguments, fraction, positive_int
 
 HELP = "an export's source records with hard negatives copied in"
 
@@ -24,8 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_reshard_arguments(parser)
     parser.add_argument("--query", required=True, help="query modality (M1)")
     parser.add_argument("--candidates", required=True, help="negatives' modality (M2)")
-    parser.add_argument("--k", type=int, default=4, help="negatives per record at most")
-    parser.add_argument("--max-ratio", type=float, default=0.95, help="NV-Retriever's cap")
+    parser.add_argument("--k", type=positive_int, default=4, help="negatives per record at most")
+    parser.add_argument("--max-ratio", type=fraction, default=0.95, help="NV-Retriever's cap")
     parser.add_argument("--group-field", default=None, help="export metadata column: groups")
 
 

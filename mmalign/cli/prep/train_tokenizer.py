@@ -15,6 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from mmalign.cli.common import fraction, positive_int
+
 HELP = "a SentencePiece tokenizer from the text of shards or of a manifest"
 
 
@@ -26,9 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--manifest", type=Path, help="a .csv, .tsv or .jsonl manifest")
     parser.add_argument("--field", default="txt", help="text extension (shards) or column")
     parser.add_argument("--out", type=Path, required=True, help="the .model file to write")
-    parser.add_argument("--vocab-size", type=int, default=1000, help="largest vocabulary")
+    parser.add_argument("--vocab-size", type=positive_int, default=1000, help="largest vocabulary")
     parser.add_argument("--model-type", default="unigram", choices=["unigram", "bpe", "char"])
-    parser.add_argument("--character-coverage", type=float, default=1.0)
+    parser.add_argument("--character-coverage", type=fraction, default=1.0)
 
 
 def run(args: argparse.Namespace) -> int:
