@@ -94,4 +94,14 @@ a config needs a few levels
             f"{source} is nested too deeply to read; a config needs a few levels"
         ) from None
     except yaml.YAMLError as error:
-        raise ConfigError(f"{source} is not valid YAML: {error}") from None
+        raise ConfigError(
+            f"{source} is not valid YAML: {_yaml_problem(error)}; write plain YAML (mappings, "
+            "lists, strings, numbers; no tags such as !!python)"
+        ) from None
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's several-line message as one line: the problem and where it is."""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    mark = getattr(error, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem

@@ -14,7 +14,6 @@ Example:
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
 
 from mmalign.registry import TOWERS
@@ -28,4 +27,6 @@ __all__ = ["TOWERS", "HFParts", "Tower", "build_tower", "register_tower"]
 def __getattr__(name: str) -> Any:
     if name not in __all__:
         raise AttributeError(f"module 'mmalign.towers' has no attribute {name!r}")
-    return getattr(importlib.import_module("mmalign.towers.base"), name)
+    from mmalign.towers import base
+
+    return getattr(base, name)

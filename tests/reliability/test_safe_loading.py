@@ -128,10 +128,12 @@ def test_yaml_python_tags_are_refused(tmp_path: Path) -> None:
     marker = tmp_path / "marker"
     path = tmp_path / "evil.yaml"
     path.write_text(EVIL_YAML.format(marker=marker))
-    with pytest.raises(ConfigError, match="is not valid YAML"):
+    with pytest.raises(ConfigError, match="is not valid YAML") as refused:
         load_config(path)
+    assert "\n" not in str(refused.value)  # one line, naming the line of the tag
+    assert "could not determine a constructor" in str(refused.value)
     good = {"model": {"towers": {"labs": {"type": "tabular", "in_features": 2}}}}
-    with pytest.raises(ConfigError, match=r"override 'train\.lr=!!python"):
+    with pytest.raises(ConfigError, match=r"override --set train\.lr is not valid YAML: could"):
         load_config(good, [f"train.lr=!!python/object/apply:builtins.open [{marker}, w]"])
     assert not marker.exists()
 
