@@ -6,6 +6,7 @@ import argparse
 import csv
 import io
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -420,3 +421,23 @@ def test_train_tokenizer_shows_progress_on_a_terminal_only(
     assert main(["prep", "train-tokenizer", *arguments, "--out", str(tmp_path / "b.model")]) == 0
     assert sys.stderr.getvalue() == ""
     assert f"({rows} sentences)" in capsys.readouterr().out
+
+
+def test_a_failed_tokenizer_training_is_one_line_naming_the_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Texts SentencePiece cannot train on (all empty) end in the one-line error form, exit 2,
+    and leave no model behind."""
+    manifest = tmp_path / "texts.jsonl"
+    manifest.write_text('{"caption": ""}\n{"caption": ""}\n')
+    model = tmp_path / "spm.model"
+    arguments = ["--manifest", str(manifest), "--field", "caption", "--out", str(model)]
+    assert main(["prep", "train-tokenizer", *arguments]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1
+    assert re.fullmatch(
+        r"mmalign: error: SentencePiece could not train on the 'caption' texts: .+ \(--field\); "
+        r"check that --field names non-empty texts, or pass a smaller --vocab-size\n",
+        error,
+    )
+    assert not model.exists()

@@ -12,10 +12,10 @@ Example:
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from mmalign.cli.common import fraction, positive_int
+from mmalign.errors import UserError
 
 HELP = "a SentencePiece tokenizer from the text of shards or of a manifest"
 
@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Train and write the model; status 1 when SentencePiece fails on the texts."""
+    """Train and write the model; a one-line error when SentencePiece fails on the texts."""
     from mmalign.prep.train_tokenizer import (
         texts_from_manifest,
         texts_from_shards,
@@ -50,7 +50,10 @@ def run(args: argparse.Namespace) -> int:
             texts, args.out, args.vocab_size, args.model_type, args.character_coverage
         )
     except RuntimeError as error:
-        print(f"training the tokenizer failed ({args.field!r} texts): {error}", file=sys.stderr)
-        return 1
+        reason = str(error).strip().splitlines()[-1] if str(error).strip() else "no reason given"
+        raise UserError(
+            f"SentencePiece could not train on the {args.field!r} texts: {reason} (--field); "
+            "check that --field names non-empty texts, or pass a smaller --vocab-size"
+        ) from None
     print(f"wrote {args.out} ({count} sentences)")
     return 0
