@@ -53,7 +53,8 @@ def read_manifest(out_dir: str | Path) -> dict[str, Any]:
     manifest = read_json(Path(out_dir) / MANIFEST)
     if manifest is None or not manifest.get("complete"):
         raise ExportError(
-            f"{out_dir} holds no finished export ({MANIFEST} missing or incomplete); run "
+            f"{out_dir} holds no finished export: its manifest is missing or incomplete "
+            f"({Path(out_dir) / MANIFEST}); run "
             "export_embeddings (mmalign export) there first, or again to finish it"
         )
     return manifest

@@ -102,7 +102,7 @@ def test_train_tokenizer_replaces_only_an_earlier_tokenizer(
     second = model.read_bytes()
     assert second != first
     manifest.write_text('{"t": ""}\n')  # no sentence: SentencePiece fails
-    assert main([*arguments, "--out", str(model)]) == 1
+    assert main([*arguments, "--out", str(model)]) == 2  # the one-line error (--field)
     assert model.read_bytes() == second and sorted(tmp_path.iterdir()) == [model, manifest]
 
 
