@@ -206,8 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     Status 2 and one line ``mmalign: error: MESSAGE`` on stderr for a usage error, a
     :class:`~mmalign.errors.UserError` or a path that cannot be opened; status 1 for a
     stopped training run; with ``--debug`` those errors propagate with their traceback.
+    Warnings are one line each (:func:`one_line_warning`) unless ``--debug``.
     """
     args = build_parser().parse_args(argv)
+    shown = warnings.formatwarning
+    if not args.debug:
+        warnings.formatwarning = one_line_warning
     try:
         return SUBCOMMANDS[args.command].run(args)
     except UserError as error:
@@ -226,3 +230,23 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"mmalign {args.command}: {one_line(str(error))}", file=sys.stderr)
         return 1
+    finally:
+        warnings.formatwarning = shown
+
+
+def one_line_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    line: str | None = None,
+) -> str:
+    """A warning as the CLI shows it: one line ``mmalign: warning: <category>: <message>``
+    (Python's default adds the file, line number and source line; ``--debug`` keeps them).
+
+    Example:
+        >>> warning = UserWarning("dim 4 is not a trained prefix")
+        >>> print(one_line_warning(warning, UserWarning, "x.py", 3), end="")
+        mmalign: warning: UserWarning: dim 4 is not a trained prefix
+    """
+    return f"mmalign: warning: {category.__name__}: {one_line(str(message))}\n"

@@ -183,3 +183,39 @@ def test_search_query_strings_are_parsed_by_the_cli(tmp_path: Path) -> None:
         parse_raw(model, "g", str(tmp_path / "missing.json"))
     with pytest.raises(SystemExit):  # a --query without '=' is a usage error
         main(["search", "emb", "--query", "nope"])
+
+
+WARNING_SCRIPT = """
+import sys, warnings
+from mmalign.cli import demo
+from mmalign.cli.main import main
+
+def run(args):
+    warnings.warn("dim 4 is not a trained prefix; figures may be low")
+    return 0
+
+demo.run = run
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.launches
+@pytest.mark.parametrize("debug", [False, True])
+def test_warnings_are_one_line_unless_debug(debug: bool) -> None:
+    """A warning raised under a subcommand prints as one ``mmalign: warning:`` line; with
+    ``--debug`` Python's own form (file, line number, source) is kept."""
+    arguments = ["--debug", "demo"] if debug else ["demo"]
+    done = subprocess.run(
+        [sys.executable, "-c", WARNING_SCRIPT, *arguments],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    if debug:
+        assert "<string>:7: UserWarning: dim 4 is not a trained prefix" in done.stderr
+    else:
+        assert done.stderr == (
+            "mmalign: warning: UserWarning: dim 4 is not a trained prefix; figures may be low\n"
+        )
