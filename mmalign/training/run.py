@@ -11,7 +11,7 @@ Layout of ``train.output``::
     *.png              plots of loss, temperature, validation metrics
     checkpoints/       step-XXXXXXXX/ (last K) and best/
     model/             the final model (``AlignmentModel.from_pretrained``)
-    sample_keys/       rank-<r>.jsonl: the keys each process trained on (``train.log_sample_keys``)
+    sample_keys/       rank-00000.jsonl ...: the keys each process trained on (``log_sample_keys``)
 
 A run never silently overwrites another: the directory is locked
 (:class:`mmalign.files.DirectoryLock`), a directory holding a run is only continued with
