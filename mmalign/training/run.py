@@ -169,13 +169,15 @@ def _prepare_directory(
             if lock is not None:
                 lock.release()
             error = caught
-    shared = [None if error is None else str(error), owner]
+    # a user error stays one (one line from every rank, no traceback); the class goes by name
+    kind: type[Exception] = type(error) if isinstance(error, UserError) else RuntimeError
+    shared: list[Any] = [None if error is None else str(error), owner, kind]
     if accelerator.num_processes > 1:
         broadcast_object_list(shared, from_process=0)
     if error is not None:
         raise error
     if shared[0] is not None:
-        raise RuntimeError(shared[0])
+        raise shared[2](shared[0])
     try:
         require_shared_output(accelerator, output, str(shared[1]))  # rank 0's lock line
     except UserError:
