@@ -473,7 +473,8 @@ class TrainConfig(_Section):
     """DDP: allow towers without gradient in a step (a modality absent from a batch)."""
     log_sample_keys: bool = False
     """Write the record keys of every micro-batch each process trains on to
-    ``output/sample_keys/rank-<r>.jsonl`` (:mod:`mmalign.training.sample_keys`)."""
+    ``output/sample_keys/rank-00000.jsonl``, the rank in five digits
+    (:mod:`mmalign.training.sample_keys`)."""
     strategy: Literal["ddp", "fsdp"] = "ddp"
     """How several processes share the model: ``ddp`` (each holds all of it, Accelerate's
     DistributedDataParallel) or ``fsdp`` (FSDP2: parameters, gradients and optimizer state

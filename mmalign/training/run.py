@@ -11,7 +11,7 @@ Layout of ``train.output``::
     *.png              plots of loss, temperature, validation metrics
     checkpoints/       step-XXXXXXXX/ (last K) and best/
     model/             the final model (``AlignmentModel.from_pretrained``)
-    sample_keys/       rank-<r>.jsonl: the keys each process trained on (``train.log_sample_keys``)
+    sample_keys/       rank-00000.jsonl ...: the keys each process trained on (``log_sample_keys``)
 
 A run never silently overwrites another: the directory is locked
 (:class:`mmalign.files.DirectoryLock`), a directory holding a run is only continued with
@@ -169,13 +169,15 @@ def _prepare_directory(
             if lock is not None:
                 lock.release()
             error = caught
-    shared = [None if error is None else str(error), owner]
+    # a user error stays one (one line from every rank, no traceback); the class goes by name
+    kind: type[Exception] = type(error) if isinstance(error, UserError) else RuntimeError
+    shared: list[Any] = [None if error is None else str(error), owner, kind]
     if accelerator.num_processes > 1:
         broadcast_object_list(shared, from_process=0)
     if error is not None:
         raise error
     if shared[0] is not None:
-        raise RuntimeError(shared[0])
+        raise shared[2](shared[0])
     try:
         require_shared_output(accelerator, output, str(shared[1]))  # rank 0's lock line
     except UserError:

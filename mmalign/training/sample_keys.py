@@ -1,12 +1,13 @@
 """``train.log_sample_keys``: the record keys each process trained on, in order.
 
 Each process appends one JSON line per micro-batch to
-``train.output/sample_keys/rank-<rank>.jsonl``: ``{"epoch": 0, "batch": 3, "keys": [...]}``,
-where ``epoch`` is that process's data epoch and ``batch`` counts its micro-batches in that
-epoch from 1 (the keys are the batch's rows: mined negatives appear as ``key/name``). It
-shows which records a run saw and in what order, e.g. that the processes of one epoch read
-every record once (``tests/training/test_multinode.py``). A resumed run first drops the lines
-after the checkpoint's data position, since it reads those batches again.
+``train.output/sample_keys/rank-00000.jsonl`` (the rank in five digits):
+``{"epoch": 0, "batch": 3, "keys": [...]}``, where ``epoch`` is that process's data epoch and
+``batch`` counts its micro-batches in that epoch from 1 (the keys are the batch's rows: mined
+negatives appear as ``key/name``). It shows which records a run saw and in what order, e.g.
+that the processes of one epoch read every record once (``tests/training/test_multinode.py``).
+A resumed run first drops the lines after the checkpoint's data position, since it reads those
+batches again.
 
 Example:
     >>> import tempfile

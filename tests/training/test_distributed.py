@@ -17,7 +17,14 @@ from accelerate.utils import set_seed
 
 from mmalign.model import AlignmentModel
 from mmalign.training import train
-from tests.train_support import free_port, model_weights, tiny_config, write_shards
+from tests.train_support import (
+    finish,
+    free_port,
+    model_weights,
+    start_launch,
+    tiny_config,
+    write_shards,
+)
 
 pytestmark = pytest.mark.launches
 
@@ -64,3 +71,24 @@ def test_two_processes_equal_one_process_with_doubled_batch(tmp_path: Path) -> N
     initial = AlignmentModel.from_config(one["model"]).state_dict()
     moved = max(float((expected[name] - value).abs().max()) for name, value in initial.items())
     assert moved > 1e-2  # the runs trained; equal parameters are not the initial ones
+
+
+def test_a_refused_resume_is_one_line_from_every_rank(tmp_path: Path) -> None:
+    # rank 0 refuses the resume (a changed data field); rank 1 hears of it by broadcast and
+    # must stop with the same one-line user error, not a traceback
+    pattern = write_shards(tmp_path / "data", "train", shards=2, per_shard=8)
+    config = tiny_config(tmp_path / "run", pattern, train={"steps": 1}, data={"batch_size": 4})
+    train(config)
+    config["data"]["resampled"] = not config["data"].get("resampled", False)
+    config_file = tmp_path / "changed.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    log = tmp_path / "launch.log"
+
+    status, output = finish(
+        start_launch(["-m", "mmalign", "train", str(config_file), "--resume"], log), log
+    )
+
+    assert status != 0
+    refusal = "mmalign: error: data.resampled: a resumed run cannot change it"
+    assert output.count(refusal) == 2, output
+    assert "[rank1]: Traceback" not in output and "[rank0]: Traceback" not in output, output
