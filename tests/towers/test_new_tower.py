@@ -217,6 +217,7 @@ def _shard(rank: int, port: int, output: str) -> None:
         embedding = model({"x": collated(model, paired(4))["x"]})["x"]
     report = {"units": units, "sharded": sharded, "embedding": embedding.tolist()}
     Path(output, f"rank{rank}.json").write_text(json.dumps(report))
+    dist.barrier()  # neither rank tears gloo down while the other still has a collective open
     dist.destroy_process_group()
 
 
