@@ -22,7 +22,10 @@ recompute, two gradient matmuls) plus two exponential passes (one each way); sha
 mmalign time (wall clock; then the floor, mmalign and the share in CPU seconds of this
 process, steadier on a loaded machine with one thread, and the ``symile`` package's CPU
 seconds, so that ``--only-symile --cases 3x512 --threads 1`` prints every figure of the
-target in one table). ``--errors`` prints instead the error of
+target in one table). mmalign runs its CPU matmuls in tiles smaller than a block
+(:data:`mmalign.objectives.symile_n2_blocks.TILE_FLOATS`), which can be faster than the
+block-sized matmuls of the floor, so the last share is against a floor of tile-sized
+matmul passes (same work, mmalign's tile width) as well. ``--errors`` prints instead the error of
 bf16 blocks against fp32 ones; ``--digits-sum`` trains the demo's digits-sum Symile config
 with ``n2`` negatives in each block precision and prints the final loss and the zero-shot
 accuracy of ``mmalign demo``. Every table is preceded and followed by ``os.getloadavg()``.
@@ -113,9 +116,12 @@ def _loss_function(case: dict, scale_value: float = 10.0):
 
 
 def _roofline_passes(case: dict):
-    """(matmul pass, exponential pass): each times the whole ``B^M`` work in blocks of the
-    size mmalign uses, in the case's block precision."""
+    """(matmul pass, tile matmul pass, exponential pass): each times the whole ``B^M`` work,
+    the matmuls in blocks of the size mmalign uses and in mmalign's CPU tiles, in the case's
+    block precision."""
     import torch
+
+    from mmalign.objectives.symile_n2_blocks import TILE_FLOATS
 
     rows, dim = case["batch"], case["dim"]
     prefixes_per_block = max(1, BLOCK_SIZE // rows)
@@ -127,16 +133,24 @@ def _roofline_passes(case: dict):
     logits = torch.empty(rows, candidates, dtype=dtype)
     source = torch.rand(rows, candidates).neg_()
     exps = torch.empty_like(source)
+    width = min(candidates, max(1, TILE_FLOATS // rows))
+    tile = torch.empty(rows, width, dtype=dtype)
+    tiles = products.split(width)
 
     def matmul_pass() -> None:
         for _ in range(blocks):
             torch.mm(anchor, products.T, out=logits)
 
+    def tile_matmul_pass() -> None:
+        for _ in range(blocks):
+            for part in tiles:
+                torch.mm(anchor, part.T, out=tile[:, : part.shape[0]])
+
     def exp_pass() -> None:
         for _ in range(blocks):
             torch.exp(source, out=exps)
 
-    return matmul_pass, exp_pass
+    return matmul_pass, tile_matmul_pass, exp_pass
 
 
 def _timed(function) -> tuple[float, float]:
@@ -178,10 +192,15 @@ def run_case(case: dict) -> dict:
     }
     if case["objective"] == "symile" and case["impl"] == "mmalign":
         # after the peak RSS is taken: the passes' buffers would count in it
-        matmul_pass, exp_pass = _roofline_passes(case)
+        matmul_pass, tile_matmul_pass, exp_pass = _roofline_passes(case)
         matmul_pass()
         repeats = max(3, case["repeats"])
-        for name, function in (("matmul_pass", matmul_pass), ("exp_pass", exp_pass)):
+        passes = (
+            ("matmul_pass", matmul_pass),
+            ("tile_matmul_pass", tile_matmul_pass),
+            ("exp_pass", exp_pass),
+        )
+        for name, function in passes:
             walls, cpus = zip(*(_timed(function) for _ in range(repeats)))
             result[name], result[f"{name}_cpu"] = statistics.median(walls), statistics.median(cpus)
     return result
@@ -238,6 +257,7 @@ def _roofline_line(label: str, case: dict, ours: dict, reference: dict | None) -
     ``symile`` package's CPU seconds beside them (so one command prints every figure)."""
     floor = 4 * ours["matmul_pass"] + 2 * ours["exp_pass"]
     cpu_floor = 4 * ours["matmul_pass_cpu"] + 2 * ours["exp_pass_cpu"]
+    tile_floor = 4 * ours["tile_matmul_pass_cpu"] + 2 * ours["exp_pass_cpu"]
     package = "-"
     if reference is not None:
         speed_up = reference["cpu_seconds"] / ours["cpu_seconds"]
@@ -246,7 +266,8 @@ def _roofline_line(label: str, case: dict, ours: dict, reference: dict | None) -
         f"| {label} | {case['precision']} | {ours['matmul_pass']:.3f} | {ours['exp_pass']:.3f} "
         f"| {floor:.3f} | {ours['seconds']:.3f} | {ours['seconds'] / ours['matmul_pass']:.2f} "
         f"| **{floor / ours['seconds']:.0%}** | {cpu_floor:.3f} | {ours['cpu_seconds']:.3f} "
-        f"| **{cpu_floor / ours['cpu_seconds']:.0%}** | {package} |"
+        f"| **{cpu_floor / ours['cpu_seconds']:.0%}** | {ours['tile_matmul_pass_cpu']:.3f} "
+        f"| {tile_floor / ours['cpu_seconds']:.0%} | {package} |"
     )
 
 
@@ -289,9 +310,10 @@ def compare(args: argparse.Namespace) -> None:
         "| configuration | block precision | matmul pass s | exp pass s | "
         "floor s (4 matmul + 2 exp passes) | mmalign s | mmalign in matmul passes | "
         "share of floor | floor CPU s | mmalign CPU s | share of floor in CPU s | "
+        "tile matmul pass CPU s | share of the tile-matmul floor in CPU s | "
         "symile package CPU s (mmalign's speed-up) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(roofline))
     print()
     print(_load(), flush=True)

@@ -14,19 +14,24 @@ gather) and the logits ``L = E_0 @ P^T`` (one BLAS matmul, ``[B, q * B]``) and f
 * the prefix anchors: the column log-sum-exps reduced over ``k`` and scattered (log-sum-exp)
   into the bins ``i_m`` of the block's prefixes.
 
-The backward pass recomputes each block and forms ``dT = g_0[i] softmax_0 + sum_m g_m[i_m]
+Each block is walked in tiles (:data:`~mmalign.objectives.symile_n2_blocks.TILE_FLOATS`
+logits, every anchor row times a run of the block's columns): a tile's matmul, shift,
+exponential and sums (and in the backward pass its gradient factor, both gradient matmuls
+and the fold of ``dP`` into the last modality and the prefixes) run while it is in cache, so
+no ``B x block`` matrix is written to or read back from memory.
+
+The backward pass recomputes each tile and forms ``dT = g_0[i] softmax_0 + sum_m g_m[i_m]
 softmax_m`` with one exponential per entry, ``exp(L - r[c])`` with ``r[c] = min_m lse_m[i_m]``
-(known from the forward pass, at least the column's largest logit, and carried into the
-recomputing matmul as an extra inner dimension, so no max or subtraction pass), times a
-rank-one-plus-row factor (see ``_logit_gradient``) that neither overflows nor underflows.
+(known from the forward pass, at least the column's largest logit), times a
+rank-one-plus-row factor (see ``_block_gradients``) that neither overflows nor underflows.
 Then ``dE_0 = dT @ P`` and ``dP = dT^T @ E_0``, scattered into the other modalities.
-Memory is ``O(B * d + B * block_size)`` (block buffers are reused, not reallocated); time is
-four ``B^M * d`` matmul-equivalents plus two exponentials per entry and a few memory passes
-over each block (the two sums as matrix-vector products, the backward's factor and product).
-The forward pass shifts each column by a bound on its ``|logit|`` known before the matmul
-(:meth:`~mmalign.objectives.symile_n2_blocks.Workspace.column_bound`), carried into it like
-the backward's shift; only where that bound is too loose (wide logit ranges) does it take
-the column maximum and subtract it (two more passes).
+Memory is ``O(B * d + block_size * d)`` (the tile and block buffers are reused, not
+reallocated); time is four ``B^M * d`` matmul-equivalents plus two exponentials per entry
+and a few passes over each tile in cache (the shift, the two sums as matrix-vector products,
+the backward's factor and product). The forward pass shifts each column by a bound on its
+``|logit|`` known before the matmul
+(:meth:`~mmalign.objectives.symile_n2_blocks.Workspace.column_bound`); only where that bound
+is too loose (wide logit ranges) does each tile take its column maxima instead.
 
 ``block_precision="bf16"`` runs the block matmuls (forward, recompute, both gradient
 matmuls) in bfloat16: the backends accumulate in float32 and round each result entry to
@@ -63,7 +68,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from mmalign.objectives.distributed import all_reduce_logsumexp, all_reduce_sum
-from mmalign.objectives.symile_n2_blocks import Block, Workspace, prefix_products
+from mmalign.objectives.symile_n2_blocks import Block, Tile, Workspace, prefix_products
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 """``block_precision`` -> dtype of the block matmuls (``None``: the inputs' own dtype)."""
@@ -77,24 +82,50 @@ def _scatter_logsumexp(values: Tensor, index: Tensor, bins: int) -> Tensor:
     return top + sums.log()
 
 
-def _block_logsumexps(workspace: Workspace, block: Block, ones: Tensor) -> tuple[Tensor, Tensor]:
-    """Row and column log-sum-exps of the block's logits with one exponential per entry.
+def _finite(column_max: Tensor) -> Tensor:
+    """A fully masked column's maximum (``-inf``) becomes the dtype's lowest finite value, so
+    that ``logits - column_max`` stays ``-inf`` there (not NaN)."""
+    return column_max.clamp_(min=torch.finfo(column_max.dtype).min)
 
-    ``E = exp(L - colmax)`` gives the columns directly; rows are ``log(E @ exp(colmax - top))
-    + top``. Both sums are matrix-vector products (faster than a reduction over rows). A row
+
+def _block_logsumexps(workspace: Workspace, block: Block, ones: Tensor) -> tuple[Tensor, Tensor]:
+    """Row and column log-sum-exps of the block's logits with one exponential per entry, a
+    tile at a time (:meth:`~mmalign.objectives.symile_n2_blocks.Workspace.tiles`).
+
+    ``E = exp(L - shift)`` gives the columns directly; rows are ``log(E @ exp(shift - top)) +
+    top``. Both sums are matrix-vector products on the tile in cache. The shift is the
+    columns' bound where it is tight (``top`` known before any tile), else each tile's column
+    maxima, with ``top`` a running maximum that rescales the row sums when it grows. A row
     whose sum falls under ``sqrt(tiny)`` (its logits lie far below the block's largest) lost
     precision to underflow and is recomputed exactly.
     """
-    scaled, column_max = workspace.column_shifted_logits(block)
-    top = column_max.max()
-    scaled.exp_()
-    columns = torch.mv(scaled.T, ones).log_().add_(column_max)
-    row_sums = torch.mv(scaled, (column_max - top).exp())
+    bound = workspace.column_bound(block)
+    shift = workspace.anchor.new_empty(block.candidates) if bound is None else bound
+    top = float("-inf") if bound is None else float(bound.max())
+    weights = None if bound is None else (bound - top).exp()
+    column_sums = torch.empty_like(shift)
+    row_sums = ones.new_zeros(workspace.rows)
+    tiles = workspace.tiles(block)
+    pieces = zip(workspace.split(shift, block), workspace.split(column_sums, block))
+    tile_weights = workspace.split(weights, block) if weights is not None else [None] * len(tiles)
+    for tile, (tile_shift, tile_sums), tile_weight in zip(tiles, pieces, tile_weights):
+        logits = workspace.tile_logits(block, tile)
+        if tile_weight is None:
+            tile_shift.copy_(_finite(logits.amax(dim=0).to(shift.dtype)))
+            tile_top = float(tile_shift.max())
+            if tile_top > top:
+                row_sums.mul_(math.exp(top - tile_top))
+                top = tile_top
+            tile_weight = (tile_shift - top).exp()
+        exps = workspace.exp_tile(tile, tile_shift)
+        torch.mv(exps.T, ones, out=tile_sums)
+        row_sums.addmv_(exps, tile_weight)
+    columns_lse = column_sums.log_().add_(shift)
     inexact = row_sums < torch.finfo(row_sums.dtype).tiny ** 0.5
-    rows = row_sums.log_().add_(top)
+    rows_lse = row_sums.log_().add_(top)
     if inexact.any():
-        rows[inexact] = workspace.row_logits(inexact, block).logsumexp(dim=1)
-    return rows, columns
+        rows_lse[inexact] = workspace.row_logits(inexact, block).logsumexp(dim=1)
+    return rows_lse, columns_lse
 
 
 def _forward_pass(workspace: Workspace) -> Tensor:
@@ -127,49 +158,83 @@ def _column_shift(block: Block, lse: Tensor, rows: int) -> Tensor:
     return shift.reshape(-1).nan_to_num(posinf=0.0)
 
 
-def _logit_gradient(workspace: Workspace, block: Block, lse: Tensor, grad_lse: Tensor) -> Tensor:
-    """``d loss / d logits`` of one block, written over the logits buffer.
+def _block_gradients(
+    workspace: Workspace, block: Block, lse: Tensor, grad_lse: Tensor, grads: list[Tensor]
+) -> Tensor:
+    """Add the block's gradients to ``grads[0]`` (the anchor) and ``grads[-1]`` (the last
+    modality); return the gradient of the block's prefix products (``[q, d]``). Each tile
+    recomputes its logits, forms
 
     ``dL = g_0[i] exp(L - lse_0[i]) + sum_m g_m[i_m] exp(L - lse_m[i_m])
     = exp(L - r[c]) * (a[i] w[c] + h[c])`` with the column shift ``r`` of
     :func:`_column_shift` (so ``exp(L - r) <= 1``), ``w = exp(r - top)``,
-    ``a = g_0 exp(top - lse_0)`` and ``h = sum_m g_m exp(r - lse_m) <= |g|``: one exponential
-    per entry, and ``r`` rides in the matmul. Rows whose ``a`` would overflow are added exactly.
+    ``a = g_0 exp(top - lse_0)`` and ``h = sum_m g_m exp(r - lse_m) <= |g|`` (one exponential
+    per entry; rows whose ``a`` would overflow are added exactly), runs both gradient
+    matmuls on it while it is in cache and folds ``dP = dT^T @ E_0`` into the last modality and
+    the prefixes while that is in cache too (:func:`_fold_product_gradient`).
     """
     rows = workspace.rows
     shift = _column_shift(block, lse, rows)
-    logits = workspace.shifted_logits(block, shift)
     top = shift.max()
     grid = shift.view(-1, rows)
     column_factor = grad_lse[-1] * (grid - lse[-1]).exp()
     for m, index in enumerate(block.indices, start=1):
         column_factor += grad_lse[m][index, None] * (grid - lse[m][index, None]).exp()
+    column_factor = column_factor.view(-1)
+    safe_gap = _safe_gap(workspace.anchor.dtype)
     gap = top - lse[0]
-    exact = gap > _safe_gap(logits.dtype)
-    row_factor = torch.where(exact, 0.0, grad_lse[0] * gap.clamp(max=_safe_gap(logits.dtype)).exp())
-    factor = workspace.factor[:, : logits.shape[1]]
-    torch.addr(column_factor.view(1, -1), row_factor, (shift - top).exp(), out=factor)
-    grad = logits.exp_().mul_(factor)
-    if exact.any():
-        exact_logits = workspace.row_logits(exact, block)
-        grad[exact] += grad_lse[0][exact, None] * (exact_logits - lse[0][exact, None]).exp()
-    return grad
+    exact = gap > safe_gap
+    row_factor = torch.where(exact, 0.0, grad_lse[0] * gap.clamp(max=safe_gap).exp())[:, None]
+    column_weight = (shift - top).exp()
+    any_exact = bool(exact.any())
+    pieces = zip(
+        workspace.tiles(block),
+        workspace.split(shift, block),
+        workspace.split(column_factor, block),
+        workspace.split(column_weight, block),
+    )
+    grad_prefix = torch.zeros_like(block.prefix)
+    for tile, tile_shift, tile_factor, tile_weight in pieces:
+        workspace.tile_logits(block, tile)
+        grad = workspace.exp_tile(tile, tile_shift)
+        grad.mul_(torch.addcmul(tile_factor, row_factor, tile_weight, out=tile.factor))
+        if any_exact:
+            exact_logits = workspace.row_logits(exact, block, tile)
+            grad[exact] += grad_lse[0][exact, None] * (exact_logits - lse[0][exact, None]).exp()
+        grad_products = workspace.gradient_matmuls(tile, grads[0])
+        _fold_product_gradient(grad_products, tile, block, workspace.others[-1], grads, grad_prefix)
+    return grad_prefix
+
+
+def _fold_product_gradient(
+    grad_products: Tensor,
+    tile: Tile,
+    block: Block,
+    last: Tensor,
+    grads: list[Tensor],
+    grad_prefix: Tensor,
+) -> None:
+    """``P[p, k] = prefix[p] * last[k]``: add ``sum_p dP[p, k] * prefix[p]`` to ``grad_last``
+    (``grads[-1]``) and ``sum_k dP[p, k] * last[k]`` to ``grad_prefix`` for the tile's
+    candidates (``dP`` is consumed)."""
+    rows = tile.high - tile.low
+    last_rows, grad_rows = last[tile.low : tile.high], grads[-1][tile.low : tile.high]
+    for offset, prefix in enumerate(range(tile.first, tile.last)):
+        grad = grad_products[offset * rows : (offset + 1) * rows]
+        grad_rows.addcmul_(grad, block.prefix[prefix])
+        grad_prefix[prefix] += grad.mul_(last_rows).sum(dim=0)
 
 
 def _backward_pass(workspace: Workspace, lse: Tensor, grad_lse: Tensor) -> list[Tensor]:
     """The forward pass's ``lse = -inf`` (every entry of that row masked, so none needs a
     gradient) becomes ``+inf`` here: its ``exp(L - lse)`` terms are then 0, it never sets a
     column shift, and a column left without shift (all masked) is shifted by 0."""
-    anchor, others, rows = workspace.anchor, workspace.others, workspace.rows
+    anchor, others = workspace.anchor, workspace.others
     lse = lse.masked_fill(lse == float("-inf"), float("inf"))
     grads = [torch.zeros_like(anchor), *(torch.zeros_like(other) for other in others)]
     for block in workspace.blocks():
         prefixes = block.prefix.shape[0]
-        grad_logits = _logit_gradient(workspace, block, lse, grad_lse)
-        grid = workspace.gradient_matmuls(grad_logits, block, grads[0]).view(prefixes, rows, -1)
-        for prefix, grid_rows in zip(block.prefix, grid):  # one read of grid, no temporary
-            grads[-1].addcmul_(grid_rows, prefix)
-        grad_prefix = grid.mul_(others[-1]).sum(dim=1)
+        grad_prefix = _block_gradients(workspace, block, lse, grad_lse, grads)
         for m, index in enumerate(block.indices):
             rest = prefix_products(others[:-1], block.indices, prefixes, anchor, skip=m)
             grads[m + 1].index_add_(0, index, grad_prefix * rest)

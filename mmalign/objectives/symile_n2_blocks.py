@@ -1,5 +1,6 @@
-"""The blocks of the exact Symile ``n2`` pass (:mod:`mmalign.objectives.symile_n2`): buffers
-reused by every block, each block's candidate products and logits, and the same-group mask.
+"""The blocks and tiles of the exact Symile ``n2`` pass (:mod:`mmalign.objectives.symile_n2`):
+buffers reused by every tile, each tile's candidate products and logits, and the same-group
+mask.
 
 A block holds the candidates ``c = p * B + k`` of ``q`` consecutive prefixes ``p = (i_1, ...,
 i_{M-2})`` times every last-axis row ``k``. With ``groups`` (one id per row of the global
@@ -11,7 +12,7 @@ group ``g`` is a range ``[s_g, e_g)`` of rows: the masked entries of a run of co
 prefixes whose rows all lie in ``g`` form one strided box, anchor rows ``[s_g, e_g)`` x those
 prefixes x last-axis rows ``[s_g, e_g)``, written ``-inf`` in one slice assignment. The work is
 proportional to the masked entries (``sum_g n_g^M`` over the whole pass for groups of sizes
-``n_g``, a fraction ``(n_g / B)^(M-1)`` of all entries), memory stays ``O(B * block)`` and a
+``n_g``, a fraction ``(n_g / B)^(M-1)`` of all entries), memory stays ``O(block * d)`` and a
 block without such prefix costs nothing extra. A masked entry is ``-inf`` in the forward pass
 and gets no gradient.
 """
@@ -27,6 +28,14 @@ from torch import Tensor
 
 from mmalign.dist import rank, world_size
 
+TILE_FLOATS = 1 << 18
+"""Logits per tile on CPU (1 MiB in float32, half a core's L2 cache). A tile is every anchor
+row times a run of a block's candidate columns: its products, matmul, shift, exponential, sums,
+gradient factor and both gradient matmuls run while it is in cache, so no ``B x block`` matrix
+is ever written to or read back from memory (and a tile's gradient matmuls run faster than one
+over the whole block's transposed logits). On other devices a tile is the whole block: there
+each kernel launch costs more than the memory passes that small tiles save."""
+
 
 @dataclass
 class Block:
@@ -36,24 +45,55 @@ class Block:
     """Row index of each prefix modality for the block's prefixes."""
     prefix: Tensor
     """``[q, d]`` products of the prefix modalities (ones when M = 2)."""
-    products: Tensor
-    """``[q * B, d]`` candidate products, candidate ``p * B + k``, in the matmul dtype."""
-    shift_column: Tensor
-    """The spare column beside ``products`` that carries ``-shift`` into the matmul."""
+    candidates: int
+    """``q * B``: candidate ``p * B + k`` has the product ``prefix[p] * E_{M-1}[k]``."""
     masked: list[tuple[int, int, int, int]] = field(default_factory=list)
     """With groups: boxes ``(s_g, e_g, first, stop)`` to mask, rows and last-axis rows
     ``[s_g, e_g)`` of the block's prefixes ``[first, stop)`` (block-local)."""
 
 
-class Workspace:
-    """Buffers reused by every block (no per-block allocations of ``B x block`` tensors).
+@dataclass
+class Tile:
+    """Candidate columns ``start .. stop - 1`` of a block: prefixes ``[first, last)`` (local to
+    the block) times last-axis rows ``[low, high)``; several whole prefixes, or one prefix's
+    run of last-axis rows. It carries its views of the workspace's buffers, made once."""
 
-    ``products`` lives in a ``[block, d + 1]`` buffer (in the matmul dtype) whose last column
-    and the anchor's extra column of ones let one full-precision matmul return ``logits -
-    shift`` (no separate subtraction pass). bf16 (``low``): the products and the anchor are
-    bf16, the matmul writes a bf16 buffer (the backend accumulates in float32, the last column
-    stays zero) and one conversion pass copies it into the full-precision logits that
-    everything after it reads.
+    start: int
+    stop: int
+    first: int
+    last: int
+    low: int
+    high: int
+    products: Tensor
+    """``[T, d]`` the tile's candidate products, in the matmul dtype (formed by
+    :meth:`Workspace.form_products` in a buffer every tile reuses)."""
+    full_products: Tensor
+    """``[T, d]`` the same in full precision (bf16 blocks round these; otherwise the same
+    tensor as ``products``)."""
+    logits: Tensor
+    """``[B, T]`` the matmul's output: the full-precision tile, or the bf16 one."""
+    full: Tensor
+    """``[B, T]`` the full-precision tile."""
+    factor: Tensor | None
+    """``[B, T]`` the backward's gradient factor."""
+    grad_products: Tensor | None
+    """``[T, d]`` ``d loss / d products`` of the tile's candidates (full precision; one
+    buffer reused by every tile)."""
+    low_grad_products: Tensor | None
+    """``[T, d]`` bf16 blocks: the bf16 result of the products' gradient matmul."""
+
+    @property
+    def columns(self) -> slice:
+        return slice(self.start, self.stop)
+
+
+class Workspace:
+    """Buffers reused by every block and tile (no per-block or per-tile allocations).
+
+    The candidate products and the logits exist one tile at a time (:data:`TILE_FLOATS`), so
+    the memory is ``O(B * d + tile)`` whatever the block size. bf16 (``low``): the products
+    and the anchor are bf16, each tile's matmul writes a bf16 tile (the backend accumulates in
+    float32) that is converted into the full-precision tile everything after it reads.
     """
 
     def __init__(
@@ -78,37 +118,77 @@ class Workspace:
         self.anchor_norm = anchor.norm(dim=1).max()
         self.last_norms = last.norm(dim=1), last.abs().amax(dim=1)
         candidates = prefixes_per_block * rows
-        dtype = anchor.dtype if low is None else low
-        self.logits = anchor.new_empty(rows, candidates)
-        self.matmul_anchor = torch.cat([anchor, anchor.new_ones(rows, 1)], dim=1).to(dtype)
-        self.augmented = anchor.new_empty(candidates, dim + 1, dtype=dtype)
-        self.augmented[:, -1] = 0.0  # bf16 blocks keep the shift out of the matmul
-        self.products = self.augmented[:, :dim]
+        on_cpu = anchor.device.type == "cpu"
+        self.tile_width = min(candidates, max(1, TILE_FLOATS // rows)) if on_cpu else candidates
+        self.matmul_anchor = anchor if low is None else anchor.to(low)
+        self.full_products = anchor.new_empty(self.tile_width, dim)
+        self.low_products = None if low is None else self.full_products.to(low)
+        tile_size = rows * self.tile_width
+        self.tile = anchor.new_empty(tile_size)
+        self.low_tile = None if low is None else anchor.new_empty(tile_size, dtype=low)
+        self.backward = backward
         if backward:
-            self.factor = torch.empty_like(self.logits)
-            self.grad_products = anchor.new_empty(candidates, dim)
-        if low is not None:
-            self.low_anchor = anchor.to(low)
-            self.low_logits = anchor.new_empty(rows, candidates, dtype=low)
-            if backward:
-                self.low_products = anchor.new_empty(candidates, dim, dtype=low)
+            self.factor = anchor.new_empty(tile_size)
+            self.grad_products = anchor.new_empty(self.tile_width, dim)
+            if low is not None:
+                self.low_grad_products = anchor.new_empty(self.tile_width, dim, dtype=low)
+        self._tiles: dict[int, list[Tile]] = {}
 
     def blocks(self) -> Iterator[Block]:
-        """This rank's blocks, each with its products filled in."""
+        """This rank's blocks."""
         start, stop = rank_range(self.rows ** (len(self.others) - 1))
         for begin in range(start, stop, self.prefixes_per_block):
             end = min(begin + self.prefixes_per_block, stop)
             indices = prefix_indices(begin, end, self.rows, len(self.others) - 1, self.anchor)
             prefix = prefix_products(self.others[:-1], indices, end - begin, self.anchor)
             candidates = (end - begin) * self.rows
-            products = self.products[:candidates]
-            torch.mul(
-                prefix[:, None, :],
-                self.others[-1][None, :, :],
-                out=products.view(end - begin, self.rows, -1),
-            )
-            shift = self.augmented[:candidates, -1]
-            yield Block(indices, prefix, products, shift, self._masked_entries(indices))
+            yield Block(indices, prefix, candidates, self._masked_entries(indices))
+
+    def tiles(self, block: Block) -> list[Tile]:
+        """The block's tiles, in column order: whole prefixes where a tile holds ``B``
+        columns or more, else runs of one prefix's last-axis rows."""
+        prefixes = block.prefix.shape[0]
+        if prefixes not in self._tiles:
+            rows, width = self.rows, self.tile_width
+            if width >= rows:
+                step = width // rows
+                shapes = [(p, min(p + step, prefixes), 0, rows) for p in range(0, prefixes, step)]
+            else:
+                shapes = [
+                    (p, p + 1, k, min(k + width, rows))
+                    for p in range(prefixes)
+                    for k in range(0, rows, width)
+                ]
+            self._tiles[prefixes] = [self._tile(*shape) for shape in shapes]
+        return self._tiles[prefixes]
+
+    def _tile(self, first: int, last: int, low: int, high: int) -> Tile:
+        start, stop = first * self.rows + low, (last - 1) * self.rows + high
+        width = stop - start
+        shape = (self.rows, width)
+        full_products = self.full_products[:width]
+        full = self.tile[: shape[0] * shape[1]].view(shape)
+        logits = full if self.low_tile is None else self.low_tile[: full.numel()].view(shape)
+        backward, bf16 = self.backward, self.low_tile is not None
+        return Tile(
+            start,
+            stop,
+            first,
+            last,
+            low,
+            high,
+            products=full_products if self.low_products is None else self.low_products[:width],
+            full_products=full_products,
+            logits=logits,
+            full=full,
+            factor=self.factor[: full.numel()].view(shape) if backward else None,
+            grad_products=self.grad_products[: stop - start] if backward else None,
+            low_grad_products=self.low_grad_products[: stop - start] if backward and bf16 else None,
+        )
+
+    def split(self, vector: Tensor, block: Block) -> tuple[Tensor, ...]:
+        """A ``[q * B]`` per-candidate vector of the block cut into its tiles' pieces."""
+        return vector.split([tile.stop - tile.start for tile in self.tiles(block)])
 
     def _masked_entries(self, indices: list[Tensor]) -> list[tuple[int, int, int, int]]:
         """The block's boxes: one per run of consecutive prefixes whose rows lie in one group
@@ -129,17 +209,29 @@ class Workspace:
             first += count
         return boxes
 
-    def mask_same_group(self, logits: Tensor, block: Block, rows: Tensor | None = None) -> None:
+    def mask_same_group(
+        self, logits: Tensor, block: Block, tile: Tile | None, rows: Tensor | None = None
+    ) -> None:
         """Set to ``-inf`` (in place) the entries of ``logits`` (the anchor rows selected by the
-        mask ``rows``, default all, times the block's columns) whose tuple rows all lie in the
-        anchor row's group."""
+        mask ``rows``, default all, times the tile's columns, or the whole block's with
+        ``tile=None``) whose tuple rows all lie in the anchor row's group."""
         if not block.masked:
             return
-        grid = logits.view(logits.shape[0], -1, self.rows)
+        first, last, low, high = (
+            (0, block.prefix.shape[0], 0, self.rows)
+            if tile is None
+            else (tile.first, tile.last, tile.low, tile.high)
+        )
+        grid = logits.view(logits.shape[0], last - first, high - low)
         before = None if rows is None else [0, *rows.cumsum(0).tolist()]  # selected rows < r
-        for start, stop, first, last in block.masked:
-            low, high = (start, stop) if before is None else (before[start], before[stop])
-            grid[low:high, first:last, start:stop] = float("-inf")
+        for start, stop, box_first, box_last in block.masked:
+            prefixes = slice(max(box_first, first) - first, min(box_last, last) - first)
+            columns = slice(max(start, low) - low, min(stop, high) - low)
+            if prefixes.start >= prefixes.stop or columns.start >= columns.stop:
+                continue
+            if before is not None:
+                start, stop = before[start], before[stop]
+            grid[start:stop, prefixes, columns] = float("-inf")
 
     def column_bound(self, block: Block) -> Tensor | None:
         """An upper bound on each column's ``|logit|`` (Cauchy-Schwarz and Hoelder:
@@ -155,59 +247,58 @@ class Workspace:
             return None
         return bound.view(-1)
 
-    def column_shifted_logits(self, block: Block) -> tuple[Tensor, Tensor]:
-        """``logits - shift`` in the full-precision logits buffer, and the column ``shift``: the
-        column's bound (:meth:`column_bound`, carried into the matmul, no pass over the block)
-        where it is tight enough, else the column's maximum."""
-        bound = self.column_bound(block)
-        if bound is not None:
-            return self.shifted_logits(block, bound), bound
-        logits = self.shifted_logits(block, self.anchor.new_zeros(block.products.shape[0]))
-        column_max = _finite(logits.amax(dim=0))
-        return logits.sub_(column_max), column_max
+    def form_products(self, block: Block, tile: Tile) -> Tensor:
+        """The tile's candidate products ``prefix[p] * E_{M-1}[k]`` (a broadcast), in the
+        matmul dtype, in the reused buffer."""
+        torch.mul(
+            block.prefix[tile.first : tile.last, None, :],
+            self.others[-1][None, tile.low : tile.high, :],
+            out=tile.full_products.view(tile.last - tile.first, tile.high - tile.low, -1),
+        )
+        if tile.products is not tile.full_products:
+            tile.products.copy_(tile.full_products)
+        return tile.products
 
-    def shifted_logits(self, block: Block, shift: Tensor) -> Tensor:
-        """``logits - shift[c]`` for a shift known before the matmul, in the logits buffer: in
-        full precision the shift rides in the matmul; bf16 blocks subtract it in full precision
-        after the conversion (a bf16 matmul would round ``logits - shift``, coarser than the
-        logits where the shift is far from them), with no temporary."""
-        candidates = block.products.shape[0]
-        logits = self.logits[:, :candidates]
-        augmented = self.augmented[:candidates].T
-        if self.low is None:
-            block.shift_column.copy_(shift).neg_()
-            torch.mm(self.matmul_anchor, augmented, out=logits)
-        else:
-            low = torch.mm(self.matmul_anchor, augmented, out=self.low_logits[:, :candidates])
-            logits.copy_(low).sub_(shift)
-        self.mask_same_group(logits, block)
+    def tile_logits(self, block: Block, tile: Tile) -> Tensor:
+        """``anchor @ products[tile].T`` with the same-group entries at ``-inf``, ``[B, T]`` in
+        the matmul dtype, in the reused tile buffer (the tile's products formed first)."""
+        self.form_products(block, tile)
+        torch.mm(self.matmul_anchor, tile.products.T, out=tile.logits)
+        self.mask_same_group(tile.logits, block, tile)
+        return tile.logits
+
+    def exp_tile(self, tile: Tile, shift: Tensor) -> Tensor:
+        """``exp(logits - shift[c])`` in full precision, over the tile buffer (in cache)."""
+        if self.low_tile is not None:
+            tile.full.copy_(tile.logits)
+        return tile.full.sub_(shift).exp_()
+
+    def row_logits(self, rows: Tensor, block: Block, tile: Tile | None = None) -> Tensor:
+        """Full-precision logits of the selected anchor ``rows`` over the tile's columns
+        (default: the whole block, tile by tile, forming each tile's products), for the exact
+        fallbacks."""
+        if tile is None:
+            parts = []
+            for part in self.tiles(block):
+                self.form_products(block, part)
+                parts.append(self.row_logits(rows, block, part))
+            return torch.cat(parts, dim=1)
+        logits = (self.matmul_anchor[rows] @ tile.products.T).to(self.anchor.dtype)
+        self.mask_same_group(logits, block, tile, rows)
         return logits
 
-    def row_logits(self, rows: Tensor, block: Block) -> Tensor:
-        """Full-precision logits of the selected anchor ``rows`` (the exact fallbacks)."""
-        anchor = self.matmul_anchor[:, : self.anchor.shape[1]]
-        logits = (anchor[rows] @ block.products.T).to(self.anchor.dtype)
-        self.mask_same_group(logits, block, rows)
-        return logits
-
-    def gradient_matmuls(self, grad_logits: Tensor, block: Block, grad_anchor: Tensor) -> Tensor:
-        """Add ``grad_logits @ products`` to ``grad_anchor``; return ``grad_logits.T @ anchor``
-        (``[q * B, d]``, full precision, in a reused buffer)."""
-        candidates = grad_logits.shape[1]
-        grad_products = self.grad_products[:candidates]
-        if self.low is None:
-            grad_anchor.addmm_(grad_logits, block.products)
-            return torch.mm(grad_logits.T, self.anchor, out=grad_products)
-        low = self.low_logits[:, :candidates].copy_(grad_logits)
-        grad_anchor += low @ block.products
-        low_products = torch.mm(low.T, self.low_anchor, out=self.low_products[:candidates])
-        return grad_products.copy_(low_products)
-
-
-def _finite(column_max: Tensor) -> Tensor:
-    """A fully masked column's maximum (``-inf``) becomes the dtype's lowest finite value, so
-    that ``logits - column_max`` stays ``-inf`` there (not NaN)."""
-    return column_max.clamp_(min=torch.finfo(column_max.dtype).min)
+    def gradient_matmuls(self, tile: Tile, grad_anchor: Tensor) -> Tensor:
+        """With ``d loss / d logits`` in ``tile.full`` (and the tile's products still formed):
+        add ``grad @ products[tile]`` to ``grad_anchor``; return ``grad.T @ anchor`` (``[T,
+        d]``, in ``tile.grad_products``)."""
+        assert tile.grad_products is not None
+        if tile.low_grad_products is None:
+            grad_anchor.addmm_(tile.full, tile.products)
+            return torch.mm(tile.full.T, self.anchor, out=tile.grad_products)
+        low = tile.logits.copy_(tile.full)
+        grad_anchor += low @ tile.products
+        low_grad_products = torch.mm(low.T, self.matmul_anchor, out=tile.low_grad_products)
+        return tile.grad_products.copy_(low_grad_products)
 
 
 def prefix_indices(start: int, stop: int, rows: int, count: int, like: Tensor) -> list[Tensor]:

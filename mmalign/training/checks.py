@@ -122,7 +122,8 @@ def memory_bytes() -> int:
 
 def _memory_problems(config: Config) -> list[str]:
     """The blockwise objective's reused buffers (``n2`` Symile: products ``[block, dim]`` and
-    logits ``[rows, block]`` twice) must fit in memory."""
+    logits ``[rows, block]`` twice, the most a tile holds: on CPU tiles are far smaller) must
+    fit in memory."""
     objective = config.model.objective
     block_size = getattr(objective, "block_size", None)
     if block_size is None or getattr(objective, "negatives", "n2") != "n2":
