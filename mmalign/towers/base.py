@@ -156,7 +156,11 @@ class Tower(nn.Module):
         file = self.resolve_path(path)
         where = f"{self.field}.{key}"
         if not file.is_file():
-            raise ConfigError(f"{where}: checkpoint file {file} does not exist")
+            raise ConfigError(
+                f"{where}: checkpoint file {file} does not exist; give the path of a local "
+                "checkpoint file (mmalign never downloads weights), or leave out checkpoint "
+                "for a random initialization"
+            )
         state: Any
         try:
             if file.suffix == ".safetensors":

@@ -306,10 +306,15 @@ class OpenCLIPText(nn.Module):
     def _without_trailing_padding(self, inputs: torch.Tensor) -> torch.Tensor:
         """``inputs[:, :L]``, L = one past the batch's last pooled position (the longest
         caption's end-of-text token): the same pooled outputs and gradients, without the
-        cost of the padding. Tracing and ONNX export keep the full context (``L`` depends
-        on the data)."""
-        exporting = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-        if exporting or not inputs.shape[0] or not self._trims_padding():
+        cost of the padding. Tracing, ONNX export and ``torch.compile`` keep the full
+        context (``L`` depends on the data: a compiled forward would break its graph there
+        and recompile for every new length)."""
+        whole = (
+            torch.jit.is_tracing()
+            or torch.onnx.is_in_onnx_export()
+            or torch.compiler.is_compiling()
+        )
+        if whole or not inputs.shape[0] or not self._trims_padding():
             return inputs
         if self.module.pool_type == "argmax":
             pooled_at = inputs.argmax(dim=-1)

@@ -79,3 +79,21 @@ def test_tracing_keeps_the_full_context() -> None:
     traced = torch.jit.trace(tower, (inputs[:1],), check_trace=False)
     assert lengths == [24]  # traced with the whole context, not the example's length
     torch.testing.assert_close(traced(inputs), tower(inputs), rtol=0, atol=1e-6)
+
+
+def test_compiling_keeps_the_full_context_in_one_graph() -> None:
+    """Under ``torch.compile`` (``train.compile``) the cut length would be a data-dependent
+    ``.item()``: a graph break (with dynamo's warning) and a recompilation per new length.
+    The compiled forward keeps the whole context instead, in one graph, with the same
+    outputs."""
+    tower = tiny_text().eval()
+    inputs = batch(tower)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(tower)(inputs)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    lengths = seen_lengths(tower)
+    compiled = torch.compile(tower, backend="eager")
+    out = compiled(inputs)
+    assert lengths == [24]  # not cut to the longest caption
+    torch.testing.assert_close(out, tower.encoder.module(inputs), rtol=0, atol=1e-6)
+    torch._dynamo.reset()
