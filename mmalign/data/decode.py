@@ -42,6 +42,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import stat
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -338,15 +339,17 @@ def decode_file(path: str | Path, kind: str, limits: RecordLimits = DEFAULT_LIMI
         ...
         mmalign.data.decode.RecordError: too_large: the image would decode to 412.0 MiB, ...
     """
-    size = os.stat(path).st_size
-    if size > limits.max_member_bytes:
+    if not stat.S_ISREG(os.stat(path).st_mode):  # /dev/zero, a FIFO: st_size says nothing
+        raise RecordError("not_a_file", f"{path} is not a regular file")
+    with open(path, "rb") as handle:
+        data = handle.read(limits.max_member_bytes + 1)  # bounded, whatever the file became
+    if len(data) > limits.max_member_bytes:
         raise RecordError(
             "member_too_large",
-            f"{path} is {size / 2**20:.1f} MiB, over data.max_member_bytes "
-            f"({limits.max_member_bytes / 2**20:.1f} MiB)",
+            f"{path} is over data.max_member_bytes ({limits.max_member_bytes / 2**20:.1f} MiB)",
         )
     extension = file_extension(path, kind)
-    return decode_value(extension, Path(path).read_bytes(), limits, kind)
+    return decode_value(extension, data, limits, kind)
 
 
 def parse_alternatives(spec: str) -> tuple[str, ...]:

@@ -141,3 +141,25 @@ def test_mined_negatives_are_decoded_by_the_kind_given() -> None:
         np.testing.assert_array_equal(value["x"], expected)
     with pytest.raises(RecordError, match=r"^bad_graph: "):  # no kind: an npz is a graph
         negative_items(raw, ("npz",))
+
+
+@pytest.mark.parametrize("kind", ["timeseries", "graph", "image"])
+def test_a_query_that_is_not_a_regular_file_is_refused_unread(kind: str) -> None:
+    """``/dev/zero`` has size 0 to ``stat`` and no end: it is refused before any read (it
+    was read until the memory ran out)."""
+    with pytest.raises(RecordError) as caught:
+        decode_file("/dev/zero", kind)
+    assert caught.value.reason == "not_a_file"
+
+
+def test_a_query_file_is_read_no_further_than_the_member_limit(tmp_path: Path) -> None:
+    import dataclasses
+
+    from mmalign.data.limits import DEFAULT_LIMITS
+
+    path = tmp_path / "big.npy"
+    path.write_bytes(b"\0" * 2048)
+    limits = dataclasses.replace(DEFAULT_LIMITS, max_member_bytes=1024)
+    with pytest.raises(RecordError) as caught:
+        decode_file(path, "timeseries", limits)
+    assert caught.value.reason == "member_too_large"
