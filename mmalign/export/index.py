@@ -215,6 +215,17 @@ def _add(index: Any, vectors: np.ndarray, desc: str) -> None:
 LOWEST = {"nlist": 1, "nprobe": 1, "m": 2, "ef_search": 1, "ef_construction": 1, "pq_m": 1}
 """The smallest value of each index parameter (``None`` means the default where allowed);
 ``pq_bits`` is 1 to 16. FAISS aborts the process on some values below these (``m`` 0)."""
+HIGHEST = {
+    "nlist": 1 << 24,
+    "nprobe": 1 << 24,
+    "m": 256,
+    "ef_search": 1 << 16,
+    "ef_construction": 1 << 16,
+    "pq_m": 4096,
+}
+"""The largest value of each index parameter: far beyond any useful setting, and below what
+makes FAISS fail (``m`` 2^31 - 1 is a C++ length error, a huge ``ef_search`` is stored and
+then overflows at every search)."""
 
 
 def check_index_options(options: Mapping[str, Any], where: str = "") -> None:
@@ -225,12 +236,12 @@ def check_index_options(options: Mapping[str, Any], where: str = "") -> None:
         >>> check_index_options({"m": 0})
         Traceback (most recent call last):
         ...
-        mmalign.errors.ConfigError: index parameter m must be an integer >= 2, got 0 (--m); ...
+        mmalign.errors.ConfigError: index parameter m must be an integer between 2 and 256, ...
     """
     for name, value in options.items():
         if value is None and name in ("nlist", "pq_m", "pq_bits"):
             continue
-        low, high = (1, 16) if name == "pq_bits" else (LOWEST[name], None)
+        low, high = (1, 16) if name == "pq_bits" else (LOWEST[name], HIGHEST[name])
         if (
             isinstance(value, bool)
             or not isinstance(value, int)

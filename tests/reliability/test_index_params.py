@@ -38,8 +38,8 @@ def test_hnsw_m_0_is_one_line_not_an_abort(
     assert fork_mmalign([*command, "--index", "hnsw", "--m", "0"]) == 2
     error = capfd.readouterr().err.strip().splitlines()
     assert error == [
-        "mmalign: error: index parameter m must be an integer >= 2, got 0 (--m); pass a value "
-        "in range"
+        "mmalign: error: index parameter m must be an integer between 2 and 256, got 0 (--m); "
+        "pass a value in range"
     ]
     assert not out.exists()  # refused before the export
     for flag in ("--nprobe", "--ef-search", "--nlist", "--pq-m"):
@@ -56,6 +56,8 @@ def test_bad_parameters_are_refused_at_build_and_at_load(export: tuple[Path, Pat
         ({"nprobe": -1}, "nprobe"),
         ({"ef_search": 0}, "ef_search"),
         ({"m": 1}, "m"),
+        ({"m": 2**31 - 1}, "m"),  # a C++ length error in FAISS
+        ({"ef_search": 99999999999}, "ef_search"),  # stored, then overflowing every search
         ({"nlist": 0}, "nlist"),
         ({"pq_bits": 17}, "pq_bits"),
     ):
