@@ -23,7 +23,7 @@ import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from mmalign.cli.common import check_path, csv_list, key_value, positive_int
+from mmalign.cli.common import bounded, check_path, csv_list, key_value
 from mmalign.errors import UserError
 
 if TYPE_CHECKING:
@@ -37,6 +37,9 @@ FILE_QUERIES = ("image", "audio")
 PATH_QUERIES = ("video", "timeseries")
 """Tower types whose query value is a file path the search decodes as the tower's records
 (:func:`mmalign.data.decode.decode_file`); here only checked to exist."""
+MAX_K = 1 << 24
+"""The most results ``--k`` asks for (as many as ``--nlist``'s bound): far beyond a
+useful listing; an index with fewer rows returns them all."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,7 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="per query modality weights of a pairwise model's summed similarities; a "
         "negative weight ranks away from that query (text=-0.5: unlike the text)",
     )
-    parser.add_argument("--k", type=positive_int, default=10, help="results to return (>= 1)")
+    parser.add_argument(
+        "--k", type=bounded(int, 1, MAX_K), default=10, help=f"results to return (1 to {MAX_K})"
+    )
     parser.add_argument("--target", help="indexed modality to search (default: the only one)")
     parser.add_argument("--model", help="model or run directory (default: the exported one)")
     parser.add_argument("--json", action="store_true", help="print JSON lines")
