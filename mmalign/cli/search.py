@@ -95,28 +95,13 @@ def resolve_query_modality(model: AlignmentModel, name: str, flag: str = "--quer
 
 def check_readable(path: str, kind: str, flag: str) -> None:
     """A :class:`~mmalign.errors.UserError` naming ``flag`` unless ``path`` is a file that
-    opens as an ``image`` (Pillow) or ``audio`` (soundfile); a video container given to an
-    audio tower (its audio track, read by the search) is only checked to exist."""
-    from mmalign.data.decode import AUDIO_EXTENSIONS, file_extension
+    decodes as an ``image`` or ``audio`` query within the per-record limits
+    (:func:`mmalign.export.search.read_query_file`, as the search reads it), before the model
+    is loaded."""
+    from mmalign.export.search import read_query_file
 
     check_path(path, flag)
-    if kind == "audio" and file_extension(path, kind) not in AUDIO_EXTENSIONS:
-        return
-    try:
-        if kind == "image":
-            from PIL import Image
-
-            with Image.open(path) as image:
-                image.verify()
-        else:
-            import soundfile
-
-            soundfile.info(path)
-    except (OSError, ValueError, RuntimeError, SyntaxError) as error:  # Pillow, soundfile
-        raise UserError(
-            f"{path} cannot be read as {kind}: {error} ({flag}); pass a "
-            f"{'PNG/JPEG/WebP image' if kind == 'image' else 'WAV/FLAC file'}"
-        ) from None
+    read_query_file(kind, path, kind, flag=flag)
 
 
 def parse_raw(model: AlignmentModel, modality: str, raw: str) -> Any:
