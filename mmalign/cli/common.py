@@ -174,8 +174,28 @@ def key_value(text: str, what: str = "MODALITY=VALUE") -> tuple[str, str]:
 
 
 def modality_extension(text: str) -> tuple[str, str]:
-    """``--field`` values: ``"image=png;jpg"`` -> ``("image", "png;jpg")``."""
-    return key_value(text, "MODALITY=EXT")
+    """``--field`` values: ``"image=png;jpg"`` -> ``("image", "png;jpg")``; the extension
+    list is read as ``data.fields`` is (:func:`mmalign.config.extensions.parse_alternatives`:
+    no empty entry), so a bad one is a usage error before any work.
+
+    Example:
+        >>> modality_extension("image=png;jpg")
+        ('image', 'png;jpg')
+        >>> modality_extension("image=;")
+        Traceback (most recent call last):
+        ...
+        argparse.ArgumentTypeError: 'image=;' has an empty extension; write e.g. image=jpg;png
+    """
+    from mmalign.config.extensions import parse_alternatives
+
+    name, extensions = key_value(text, "MODALITY=EXT")
+    try:
+        parse_alternatives(extensions)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} has an empty extension; write e.g. {name}=jpg;png"
+        ) from None
+    return name, extensions
 
 
 def fields(pairs: Sequence[tuple[str, str]] | None) -> dict[str, str] | None:

@@ -54,6 +54,7 @@ import soundfile
 from PIL import Image
 from webdataset.autodecode import IMAGE_EXTENSIONS
 
+from mmalign.config.extensions import parse_alternatives
 from mmalign.data.audio_header import check_audio_header
 from mmalign.data.limits import DEFAULT_LIMITS, RecordLimits
 from mmalign.data.record_error import RecordError, check_decoded_size
@@ -369,19 +370,6 @@ def decode_file(path: str | Path, kind: str, limits: RecordLimits = DEFAULT_LIMI
         )
     extension = file_extension(path, kind)
     return decode_value(extension, data, limits, kind)
-
-
-def parse_alternatives(spec: str) -> tuple[str, ...]:
-    """``"jpg;png"`` -> ``("jpg", "png")`` (lower case, a leading dot removed).
-
-    Example:
-        >>> parse_alternatives("JPG; .png")
-        ('jpg', 'png')
-    """
-    alternatives = tuple(part.strip().lstrip(".").lower() for part in spec.split(";"))
-    if not all(alternatives):
-        raise ValueError(f"extension list {spec!r} has an empty entry; write e.g. 'jpg;png'")
-    return alternatives
 
 
 def find_file(sample: Mapping[str, Any], alternatives: tuple[str, ...]) -> str | None:
