@@ -266,6 +266,35 @@ def test_a_probe_modality_the_model_lacks_names_probe_modality(
     assert main([*arguments, "--linear-probe", "--probe-train", shards]) == 2
     error = one_line_error(capsys)
     assert "unknown modality 'image' (--probe-modality)" in error
+    assert main([*arguments, "--few-shot", "1"]) == 2
+    assert "a probe needs labelled train shards (--probe-train)" in one_line_error(capsys)
+    assert not os.path.exists(out)  # refused before the evaluation, not after it
+
+
+@pytest.mark.parametrize(
+    ("command", "flag", "value", "named"),
+    [
+        ("export", "--keep-items", "nope", "unknown modality 'nope' (--keep-items)"),
+        ("export", "--modalities", "labs,graph,labs", "'labs' is named twice (--modalities)"),
+        ("eval", "--modalities", "labs,labs", "'labs' is named twice (--modalities)"),
+    ],
+)
+def test_modality_lists_are_checked_before_any_work(
+    workspace: dict[str, str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    command: str,
+    flag: str,
+    value: str,
+    named: str,
+) -> None:
+    """Before: ``export --keep-items nope`` exported everything, then a ValueError traceback;
+    ``eval --modalities labs,labs`` a RuntimeError traceback from the retrieval."""
+    out = str(tmp_path / "out")
+    arguments = [command, workspace["run"], "--data", workspace["shards"], "--out", out]
+    assert main([*arguments, flag, value]) == 2
+    assert named in one_line_error(capsys)
+    assert not os.path.exists(out)
 
 
 USAGE_FORM = re.compile(r"mmalign: error: [^\n]*[^ ] \((?P<where>[^()]+)\); [^\n]*[^ ]\n")
