@@ -103,9 +103,8 @@ def check_probe_arguments(args: argparse.Namespace) -> None:
 
 def print_probes(args: argparse.Namespace, out: Any) -> None:
     """Fit the ``--linear-probe`` / ``--few-shot`` probes, write ``probe.json``, print them."""
-    import json
-
     from mmalign.eval.probe import run_probe
+    from mmalign.files import write_json
 
     results = run_probe(
         args.model,
@@ -119,7 +118,7 @@ def print_probes(args: argparse.Namespace, out: Any) -> None:
         batch_size=args.batch_size,
         workers=args.workers,
     )
-    (out / "probe.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_json(out / "probe.json", results, sort_keys=False)
     print(f"| {args.probe_modality} probe | test top-1 | C | fitted on |")
     print("|---|---|---|---|")
     for name, result in results.items():

@@ -46,7 +46,7 @@ from webdataset.writer import default_handlers, encode_based_on_extension1
 from mmalign.data.decode import AUDIO_EXTENSIONS, RecordError, decode_value
 from mmalign.data.video import VIDEO_EXTENSIONS
 from mmalign.errors import ConfigError
-from mmalign.files import clear_old_shards, refuse_links
+from mmalign.files import clear_old_shards, refuse_links, write_json
 from mmalign.prep.columns import infer_fields, pack_vector
 from mmalign.progress import progress_bar
 
@@ -292,5 +292,5 @@ def convert(
         "per_modality": {column: per_modality[column] for column in [*fields, *vectors]},
         "skipped": {"rows": sum(reasons.values()), "reasons": dict(reasons), "examples": examples},
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_json(out / "summary.json", summary, indent=1, sort_keys=False)
     return summary
