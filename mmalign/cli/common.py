@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -231,6 +232,17 @@ def _check_present(data: str, extensions: dict[str, str], flag: str) -> None:
     except ValueError:  # the command itself words a bad --data
         return
     check_fields_present(urls, extensions, flag)
+
+
+def first_process() -> bool:
+    """Whether this process prints a command's summary: a plain process, or rank 0 of a
+    ``torchrun`` / ``accelerate launch`` (which set ``RANK``), so a launch prints it once.
+
+    Example:
+        >>> first_process()
+        True
+    """
+    return os.environ.get("RANK", "0") == "0"
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, batch_size: int) -> None:
