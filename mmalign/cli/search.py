@@ -33,10 +33,7 @@ HELP = "query an exported index"
 QUERY_KINDS = ("text", "image", "audio")
 """The shorthand query options; each names a modality or a tower type."""
 FILE_QUERIES = ("image", "audio")
-"""Tower types whose query value is a file path, opened here to check it."""
-PATH_QUERIES = ("video", "timeseries")
-"""Tower types whose query value is a file path the search decodes as the tower's records
-(:func:`mmalign.data.decode.decode_file`); here only checked to exist."""
+"""The shorthand options whose value is a file, read before the model is loaded."""
 MAX_K = 1 << 24
 """The most results ``--k`` asks for (as many as ``--nlist``'s bound): far beyond a
 useful listing; an index with fewer rows returns them all."""
@@ -105,10 +102,11 @@ def check_readable(path: str, kind: str, flag: str) -> None:
 
 
 def parse_raw(model: AlignmentModel, modality: str, raw: str) -> Any:
-    """The raw sample a command-line value stands for: a JSON list for tabular towers, else
-    the string (text, or a path the search decodes as the tower's records, within their
-    limits: an image, an audio clip or a video's audio track, a video, a time series, a
-    graph ``.json`` file).
+    """The sample a command-line value stands for: a JSON list for tabular towers; for a
+    tower that reads files (an image, an audio clip or a video's audio track, a video, a
+    time series, a graph ``.json``) the file decoded as the search would, within the
+    per-record limits (:func:`mmalign.export.search.read_query_file`, its errors naming
+    ``--query MODALITY=...``); else the string (text).
 
     Example:
         >>> from types import SimpleNamespace
@@ -118,21 +116,21 @@ def parse_raw(model: AlignmentModel, modality: str, raw: str) -> Any:
         >>> parse_raw(model, "x", "[0.5, 1]")
         [0.5, 1]
     """
-    kind = model.config.towers[modality].type
-    if kind in FILE_QUERIES:
-        check_readable(raw, kind, f"--query {modality}=...")
-    elif kind in PATH_QUERIES:
-        check_path(raw, f"--query {modality}=...")
+    from mmalign.data.decode import FILE_KINDS
+    from mmalign.export.search import read_query_file
+
+    kind, flag = model.config.towers[modality].type, f"--query {modality}=..."
+    if kind in FILE_KINDS:
+        check_path(raw, flag)
+        return read_query_file(modality, raw, kind, flag=flag)
     if kind == "tabular":
         try:
             return json.loads(raw)
         except json.JSONDecodeError as error:
             raise UserError(
                 f"the query of tabular modality {modality!r} is not a JSON list of numbers: "
-                f"{raw!r} ({error}) (--query {modality}=...); pass e.g. [0.1, 2.5]"
+                f"{raw!r} ({error}) ({flag}); pass e.g. [0.1, 2.5]"
             ) from None
-    if kind == "graph" and raw.endswith(".json"):  # read as a record's graph.json is
-        check_path(raw, f"--query {modality}=...")
     return raw
 
 

@@ -127,7 +127,8 @@ LIMIT_REASONS = ("member_too_large", "too_large", "too_long", "bad_sample_rate")
 def _query_file_advice(reason: str, kind: str) -> str:
     if reason in LIMIT_REASONS:
         return "pass a smaller file (the limits of records apply to queries)"
-    return f"pass a file a {kind} tower reads (.{', .'.join(FILE_KINDS[kind][:3])} ...)"
+    article = "an" if kind[0] in "aeiou" else "a"
+    return f"pass a file {article} {kind} tower reads (.{', .'.join(FILE_KINDS[kind][:3])} ...)"
 
 
 def read_query_file(

@@ -18,7 +18,9 @@ import soundfile
 from PIL import Image
 
 from mmalign.cli.main import main
+from mmalign.cli.search import parse_raw
 from mmalign.data.limits import DEFAULT_LIMITS, RecordLimits
+from mmalign.errors import UserError
 from mmalign.export.search import QueryError, query_vector
 from mmalign.model import AlignmentModel
 
@@ -86,6 +88,25 @@ def test_a_decompression_bomb_query_is_one_line(
     with pytest.raises(QueryError, match=r"is refused \(too_large\).*MAX_IMAGE_PIXELS"):
         query_vector(model, {"photo": str(path)})
     assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+def test_every_refused_query_file_names_its_flag(tmp_path: Path) -> None:
+    """A graph (or video, time-series) query file was only checked to exist on the command
+    line, and refused later by the search without naming ``--query``: now every file query
+    is decoded once, within the limits, by the command line, and a refusal names it."""
+    graph = {"type": "graph", "in_features": 2, "hidden": 8, "layers": 1}
+    model = AlignmentModel.from_config({"dim": 4, "towers": {"graph": graph}}).eval()
+    deep = tmp_path / "deep.graph.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(UserError) as refused:
+        parse_raw(model, "graph", str(deep))
+    assert str(refused.value).startswith(f"the 'graph' query {deep} is refused (bad_graph)")
+    assert str(refused.value).endswith(
+        "(--query graph=...); pass a file a graph tower reads (.graph.json ...)"
+    )
+    good = tmp_path / "ring.graph.json"
+    good.write_text('{"x": [[0, 1], [1, 0]], "edge_index": [[0, 1], [1, 0]]}')
+    assert parse_raw(model, "graph", str(good))["x"].tolist() == [[0, 1], [1, 0]]
 
 
 def silent_flac(seconds: int, rate: int = 16000) -> bytes:
