@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import shutil
 import socket
@@ -83,9 +84,39 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], object], tag: str = ""
     fsync_path(path.parent)
 
 
-def write_json(path: Path, data: Mapping[str, Any] | list[Any], tag: str = "") -> None:
-    """Atomically write ``data`` as indented JSON (keys sorted)."""
-    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+def json_text(data: Any, indent: int | None = 2, sort_keys: bool = True) -> str:
+    """``data`` as strict JSON (RFC 8259 has no NaN or Infinity, which Python's ``json``
+    writes by default and other readers refuse): a non-finite float is written as ``null``.
+
+    Example:
+        >>> json_text({"cut": float("-inf"), "acc": [0.5, float("nan")]}, indent=None)
+        '{"acc": [0.5, null], "cut": null}'
+    """
+    return json.dumps(_finite(data), indent=indent, sort_keys=sort_keys, allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with each non-finite float in it (in mappings, lists, tuples) ``None``."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
+
+
+def write_json(
+    path: Path,
+    data: Mapping[str, Any] | list[Any],
+    tag: str = "",
+    *,
+    indent: int | None = 2,
+    sort_keys: bool = True,
+) -> None:
+    """Atomically write ``data`` as strict, indented JSON (:func:`json_text`; keys sorted
+    unless ``sort_keys`` is false)."""
+    text = json_text(data, indent, sort_keys) + "\n"
     atomic_write(path, lambda handle: handle.write(text.encode()), tag)
 
 

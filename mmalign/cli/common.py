@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -174,8 +175,28 @@ def key_value(text: str, what: str = "MODALITY=VALUE") -> tuple[str, str]:
 
 
 def modality_extension(text: str) -> tuple[str, str]:
-    """``--field`` values: ``"image=png;jpg"`` -> ``("image", "png;jpg")``."""
-    return key_value(text, "MODALITY=EXT")
+    """``--field`` values: ``"image=png;jpg"`` -> ``("image", "png;jpg")``; the extension
+    list is read as ``data.fields`` is (:func:`mmalign.config.extensions.parse_alternatives`:
+    no empty entry), so a bad one is a usage error before any work.
+
+    Example:
+        >>> modality_extension("image=png;jpg")
+        ('image', 'png;jpg')
+        >>> modality_extension("image=;")
+        Traceback (most recent call last):
+        ...
+        argparse.ArgumentTypeError: 'image=;' has an empty extension; write e.g. image=jpg;png
+    """
+    from mmalign.config.extensions import parse_alternatives
+
+    name, extensions = key_value(text, "MODALITY=EXT")
+    try:
+        parse_alternatives(extensions)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} has an empty extension; write e.g. {name}=jpg;png"
+        ) from None
+    return name, extensions
 
 
 def fields(pairs: Sequence[tuple[str, str]] | None) -> dict[str, str] | None:
@@ -211,6 +232,17 @@ def _check_present(data: str, extensions: dict[str, str], flag: str) -> None:
     except ValueError:  # the command itself words a bad --data
         return
     check_fields_present(urls, extensions, flag)
+
+
+def first_process() -> bool:
+    """Whether this process prints a command's summary: a plain process, or rank 0 of a
+    ``torchrun`` / ``accelerate launch`` (which set ``RANK``), so a launch prints it once.
+
+    Example:
+        >>> first_process()
+        True
+    """
+    return os.environ.get("RANK", "0") == "0"
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, batch_size: int) -> None:

@@ -63,6 +63,9 @@ def run(args: argparse.Namespace) -> int:
     if args.classes is not None:
         check_path(args.classes, "--classes")
     out = Path(args.out) if args.out else Path(args.model) / "eval"
+    probing = args.linear_probe or bool(args.few_shot)
+    if probing:
+        check_probe_arguments(args)  # before the evaluation, not after it
     report = run_eval(
         args.model,
         args.data,
@@ -81,21 +84,28 @@ def run(args: argparse.Namespace) -> int:
         plots=not args.no_plots,
     )
     print((out / "eval.md").read_text())
-    if args.linear_probe or args.few_shot:
+    if probing:
         print_probes(args, out)
     print(f"wrote {out / 'eval.json'}, {out / 'eval.md'} and {len(report['figures'])} figures")
     return 0
 
 
-def print_probes(args: argparse.Namespace, out: Any) -> None:
-    """Fit the ``--linear-probe`` / ``--few-shot`` probes, write ``probe.json``, print them."""
-    import json
-
+def check_probe_arguments(args: argparse.Namespace) -> None:
+    """A :class:`~mmalign.errors.UserError` when the probes asked for cannot run: no
+    ``--probe-train`` shards, or a ``--probe-modality`` the model lacks."""
     from mmalign.errors import UserError
-    from mmalign.eval.probe import run_probe
+    from mmalign.eval.loading import check_modalities, load_model
 
     if not args.probe_train:
         raise UserError("a probe needs labelled train shards (--probe-train); give them")
+    check_modalities(load_model(args.model), [args.probe_modality], "--probe-modality")
+
+
+def print_probes(args: argparse.Namespace, out: Any) -> None:
+    """Fit the ``--linear-probe`` / ``--few-shot`` probes, write ``probe.json``, print them."""
+    from mmalign.eval.probe import run_probe
+    from mmalign.files import write_json
+
     results = run_probe(
         args.model,
         args.probe_train,
@@ -108,7 +118,7 @@ def print_probes(args: argparse.Namespace, out: Any) -> None:
         batch_size=args.batch_size,
         workers=args.workers,
     )
-    (out / "probe.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_json(out / "probe.json", results, sort_keys=False)
     print(f"| {args.probe_modality} probe | test top-1 | C | fitted on |")
     print("|---|---|---|---|")
     for name, result in results.items():

@@ -19,6 +19,7 @@ from mmalign.cli.common import (
     add_data_arguments,
     check_path,
     csv_list,
+    first_process,
     output_directory,
     positive_int,
     present_fields,
@@ -109,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         progress=not args.no_progress,
     )
+    if not first_process():  # one summary from a multi-process launch
+        return 0
     print(
         f"exported {manifest['rows']} samples in {len(manifest['chunks'])} chunks to {args.out}"
         f" (records: {manifest['counters']})"

@@ -23,7 +23,7 @@ import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from mmalign.cli.common import check_path, csv_list, key_value, positive_int
+from mmalign.cli.common import bounded, check_path, csv_list, key_value
 from mmalign.errors import UserError
 
 if TYPE_CHECKING:
@@ -33,10 +33,10 @@ HELP = "query an exported index"
 QUERY_KINDS = ("text", "image", "audio")
 """The shorthand query options; each names a modality or a tower type."""
 FILE_QUERIES = ("image", "audio")
-"""Tower types whose query value is a file path, opened here to check it."""
-PATH_QUERIES = ("video", "timeseries")
-"""Tower types whose query value is a file path the search decodes as the tower's records
-(:func:`mmalign.data.decode.decode_file`); here only checked to exist."""
+"""The shorthand options whose value is a file, read before the model is loaded."""
+MAX_K = 1 << 24
+"""The most results ``--k`` asks for (as many as ``--nlist``'s bound): far beyond a
+useful listing; an index with fewer rows returns them all."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,7 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="per query modality weights of a pairwise model's summed similarities; a "
         "negative weight ranks away from that query (text=-0.5: unlike the text)",
     )
-    parser.add_argument("--k", type=positive_int, default=10, help="results to return (>= 1)")
+    parser.add_argument(
+        "--k", type=bounded(int, 1, MAX_K), default=10, help=f"results to return (1 to {MAX_K})"
+    )
     parser.add_argument("--target", help="indexed modality to search (default: the only one)")
     parser.add_argument("--model", help="model or run directory (default: the exported one)")
     parser.add_argument("--json", action="store_true", help="print JSON lines")
@@ -90,35 +92,21 @@ def resolve_query_modality(model: AlignmentModel, name: str, flag: str = "--quer
 
 def check_readable(path: str, kind: str, flag: str) -> None:
     """A :class:`~mmalign.errors.UserError` naming ``flag`` unless ``path`` is a file that
-    opens as an ``image`` (Pillow) or ``audio`` (soundfile); a video container given to an
-    audio tower (its audio track, read by the search) is only checked to exist."""
-    from mmalign.data.decode import AUDIO_EXTENSIONS, file_extension
+    decodes as an ``image`` or ``audio`` query within the per-record limits
+    (:func:`mmalign.export.search.read_query_file`, as the search reads it), before the model
+    is loaded."""
+    from mmalign.export.search import read_query_file
 
     check_path(path, flag)
-    if kind == "audio" and file_extension(path, kind) not in AUDIO_EXTENSIONS:
-        return
-    try:
-        if kind == "image":
-            from PIL import Image
-
-            with Image.open(path) as image:
-                image.verify()
-        else:
-            import soundfile
-
-            soundfile.info(path)
-    except (OSError, ValueError, RuntimeError, SyntaxError) as error:  # Pillow, soundfile
-        raise UserError(
-            f"{path} cannot be read as {kind}: {error} ({flag}); pass a "
-            f"{'PNG/JPEG/WebP image' if kind == 'image' else 'WAV/FLAC file'}"
-        ) from None
+    read_query_file(kind, path, kind, flag=flag)
 
 
 def parse_raw(model: AlignmentModel, modality: str, raw: str) -> Any:
-    """The raw sample a command-line value stands for: a JSON list for tabular towers, else
-    the string (text, or a path the search decodes as the tower's records, within their
-    limits: an image, an audio clip or a video's audio track, a video, a time series, a
-    graph ``.json`` file).
+    """The sample a command-line value stands for: a JSON list for tabular towers; for a
+    tower that reads files (an image, an audio clip or a video's audio track, a video, a
+    time series, a graph ``.json``) the file decoded as the search would, within the
+    per-record limits (:func:`mmalign.export.search.read_query_file`, its errors naming
+    ``--query MODALITY=...``); else the string (text).
 
     Example:
         >>> from types import SimpleNamespace
@@ -128,21 +116,21 @@ def parse_raw(model: AlignmentModel, modality: str, raw: str) -> Any:
         >>> parse_raw(model, "x", "[0.5, 1]")
         [0.5, 1]
     """
-    kind = model.config.towers[modality].type
-    if kind in FILE_QUERIES:
-        check_readable(raw, kind, f"--query {modality}=...")
-    elif kind in PATH_QUERIES:
-        check_path(raw, f"--query {modality}=...")
+    from mmalign.data.decode import FILE_KINDS
+    from mmalign.export.search import read_query_file
+
+    kind, flag = model.config.towers[modality].type, f"--query {modality}=..."
+    if kind in FILE_KINDS:
+        check_path(raw, flag)
+        return read_query_file(modality, raw, kind, flag=flag)
     if kind == "tabular":
         try:
             return json.loads(raw)
         except json.JSONDecodeError as error:
             raise UserError(
                 f"the query of tabular modality {modality!r} is not a JSON list of numbers: "
-                f"{raw!r} ({error}) (--query {modality}=...); pass e.g. [0.1, 2.5]"
+                f"{raw!r} ({error}) ({flag}); pass e.g. [0.1, 2.5]"
             ) from None
-    if kind == "graph" and raw.endswith(".json"):  # read as a record's graph.json is
-        check_path(raw, f"--query {modality}=...")
     return raw
 
 

@@ -13,8 +13,9 @@ Example:
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+
+from mmalign.cli.common import first_process
 
 HELP = "train a model from a config"
 
@@ -52,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     except TrainingInterrupted as interrupted:
         print(f"mmalign train: {interrupted}", file=sys.stderr)
         return interrupted.exit_status
-    if os.environ.get("RANK", "0") != "0":  # one summary from a multi-process launch
+    if not first_process():  # one summary from a multi-process launch
         return 0
     if result.already_finished:
         print(

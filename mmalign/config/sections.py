@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -23,6 +24,7 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from mmalign.config.extensions import check_alternatives
 from mmalign.config.terms import TermConfig
 from mmalign.config.tower import TowerConfig, tower_config
 from mmalign.registry import OBJECTIVES
@@ -299,9 +301,9 @@ class DataConfig(_Section):
     weighted sources ``{shards, weight, name}`` mixed by weight (``docs/data_sources.md``)."""
     val: str | list[str] | None = None
     test: str | list[str] | None = None
-    fields: dict[str, str] = {}
+    fields: dict[str, Annotated[str, AfterValidator(check_alternatives)]] = {}
     """Modality name -> file extension(s) in the record, e.g. ``{image: png, text: txt}``;
-    alternatives separated by ``;`` (``jpg;png``)."""
+    alternatives separated by ``;`` (``jpg;png``), none empty."""
     label_field: str | None = "cls"
     """Extension of an integer class label kept in the batch (for zero-shot validation)."""
     classes: str | None = None

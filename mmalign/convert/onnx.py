@@ -23,7 +23,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from torch import nn
 from mmalign.convert.common import output_directory
 from mmalign.errors import UserError
 from mmalign.extras import missing_extra
+from mmalign.files import write_json
 from mmalign.model import AlignmentModel
 
 OPSET = 17
@@ -83,7 +83,7 @@ def to_onnx(
             for name in names:
                 manifest[name] = _export(model, name, raws[name], staging / f"{name}.onnx")
                 onnx.checker.check_model(str(staging / f"{name}.onnx"))
-            (staging / "onnx.json").write_text(json.dumps(manifest, indent=2) + "\n")
+            write_json(staging / "onnx.json", manifest, sort_keys=False)
     finally:
         model.train(was_training)
     return Path(directory)

@@ -22,11 +22,12 @@ cls                         ``int``                                             
 anything else               the raw ``bytes``
 ==========================  ==================================================  ============
 
-A zero-byte file fails as ``empty_file`` whatever its extension. Images larger than
-``PIL.Image.MAX_IMAGE_PIXELS`` (decompression bombs; raise that limit to accept bigger ones)
-or with a zero side fail as ``bad_image``. Audio, images, videos, npy, npz and csv files
-are first checked against the per-record limits (:mod:`mmalign.data.limits`) from their
-headers, before decoding: ``bad_sample_rate``, ``too_long``, ``too_large``.
+A zero-byte file fails as ``empty_file`` whatever its extension. An image with a zero side
+fails as ``bad_image``; one larger than ``PIL.Image.MAX_IMAGE_PIXELS`` (decompression bombs;
+raise that limit to accept bigger ones) as ``too_large``, from its header. Audio, images,
+videos, npy, npz and csv files are first checked against the per-record limits
+(:mod:`mmalign.data.limits`) from their headers, before decoding: ``bad_sample_rate``,
+``too_long``, ``too_large``.
 
 Example:
     >>> decode_value("cls", b"7")
@@ -53,6 +54,7 @@ import soundfile
 from PIL import Image
 from webdataset.autodecode import IMAGE_EXTENSIONS
 
+from mmalign.config.extensions import parse_alternatives
 from mmalign.data.audio_header import check_audio_header
 from mmalign.data.limits import DEFAULT_LIMITS, RecordLimits
 from mmalign.data.record_error import RecordError, check_decoded_size
@@ -64,16 +66,34 @@ JSON_EXTENSIONS = ("json", "jsn")
 LABEL_EXTENSIONS = ("cls",)
 
 
+def _check_image_header(image: Image.Image, limits: RecordLimits) -> None:
+    """The size an opened (not yet decoded) image's header claims: no zero side, at most
+    ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (``too_large``), within ``max_decoded_bytes``."""
+    if min(image.size) < 1:
+        raise ValueError(f"the image is {image.width}x{image.height} pixels")
+    pixels, most = image.width * image.height, Image.MAX_IMAGE_PIXELS
+    if most is not None and pixels > most:
+        raise RecordError(
+            "too_large",
+            f"the image is {image.width}x{image.height} ({pixels:,} pixels), over "
+            f"PIL.Image.MAX_IMAGE_PIXELS ({most:,}, a decompression bomb)",
+        )
+    bands = max(len(image.getbands()), 3)  # converted to RGB
+    check_decoded_size(pixels * bands, "the image", limits)
+
+
 def _image(data: bytes, limits: RecordLimits) -> Image.Image:
-    with warnings.catch_warnings():  # PIL only warns between 1x and 2x the pixel limit
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(io.BytesIO(data)) as image:  # reads the header only
-            if min(image.size) < 1:
-                raise ValueError(f"the image is {image.width}x{image.height} pixels")
-            bands = max(len(image.getbands()), 3)  # converted to RGB
-            check_decoded_size(image.width * image.height * bands, "the image", limits)
-            image.load()
-            return image.convert("RGB")
+    try:
+        with warnings.catch_warnings():  # PIL warns from 1x its pixel limit: checked here
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:  # reads the header only
+                _check_image_header(image, limits)
+                image.load()
+                return image.convert("RGB")
+    except Image.DecompressionBombError as error:  # from 2x the limit PIL refuses to open it
+        raise RecordError(
+            "too_large", f"the image is over twice PIL.Image.MAX_IMAGE_PIXELS: {error}"
+        ) from None
 
 
 def _audio(data: bytes, limits: RecordLimits) -> tuple[np.ndarray, int]:
@@ -350,19 +370,6 @@ def decode_file(path: str | Path, kind: str, limits: RecordLimits = DEFAULT_LIMI
         )
     extension = file_extension(path, kind)
     return decode_value(extension, data, limits, kind)
-
-
-def parse_alternatives(spec: str) -> tuple[str, ...]:
-    """``"jpg;png"`` -> ``("jpg", "png")`` (lower case, a leading dot removed).
-
-    Example:
-        >>> parse_alternatives("JPG; .png")
-        ('jpg', 'png')
-    """
-    alternatives = tuple(part.strip().lstrip(".").lower() for part in spec.split(";"))
-    if not all(alternatives):
-        raise ValueError(f"extension list {spec!r} has an empty entry; write e.g. 'jpg;png'")
-    return alternatives
 
 
 def find_file(sample: Mapping[str, Any], alternatives: tuple[str, ...]) -> str | None:

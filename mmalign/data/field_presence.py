@@ -24,7 +24,7 @@ import tarfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from mmalign.data.decode import parse_alternatives
+from mmalign.config.extensions import parse_alternatives
 from mmalign.data.shards import is_url
 from mmalign.errors import UserError
 

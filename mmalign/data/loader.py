@@ -38,8 +38,8 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from mmalign.batch import Batch, base_modality, second_view
 from mmalign.config import ConfigError, DataConfig, DataSource
+from mmalign.config.extensions import parse_alternatives
 from mmalign.data.batching import batches, take_samples, to_sample
-from mmalign.data.decode import parse_alternatives
 from mmalign.data.limits import DEFAULT_LIMITS, RecordLimits
 from mmalign.data.records import log_skip, raw_records, read_shard
 from mmalign.data.remote import Fault, take_faults

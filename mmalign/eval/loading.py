@@ -53,7 +53,8 @@ def check_modalities(
     model: AlignmentModel, names: Sequence[str], where: str = "--modalities"
 ) -> None:
     """Raise a :class:`~mmalign.errors.ConfigError` naming ``where`` (the flag or argument
-    that gave ``names``) and listing the model's modalities when one of ``names`` is not one.
+    that gave ``names``) and listing the model's modalities when one of ``names`` is not one,
+    or when one is named twice.
 
     Example:
         >>> from types import SimpleNamespace
@@ -61,6 +62,10 @@ def check_modalities(
         Traceback (most recent call last):
         ...
         mmalign.errors.ConfigError: unknown modality 'imgae' (--query); use one of ...
+        >>> check_modalities(SimpleNamespace(modalities=["image"]), ["image", "image"])
+        Traceback (most recent call last):
+        ...
+        mmalign.errors.ConfigError: modality 'image' is named twice (--modalities); name each once
     """
     unknown = [name for name in names if name not in model.modalities]
     if unknown:
@@ -69,6 +74,9 @@ def check_modalities(
             f"unknown modality {listed} ({where}); use one of the model's modalities: "
             f"{', '.join(model.modalities)}"
         )
+    repeated = next((name for index, name in enumerate(names) if name in names[:index]), None)
+    if repeated is not None:
+        raise ConfigError(f"modality {repeated!r} is named twice ({where}); name each once")
 
 
 def load_model(model_or_dir: AlignmentModel | str | Path) -> AlignmentModel:

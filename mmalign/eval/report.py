@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,7 +52,7 @@ from mmalign.eval.zeroshot import (
     evaluate_zeroshot,
     load_classes,
 )
-from mmalign.files import refuse_links
+from mmalign.files import refuse_links, write_json
 
 if TYPE_CHECKING:
     from mmalign.model import AlignmentModel
@@ -398,6 +397,6 @@ def run_eval(
             else []
         ),
     }
-    (out_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(out_dir / "eval.json", report, sort_keys=False)  # a NaN metric: null
     (out_dir / "eval.md").write_text(markdown_report(report, ks))
     return report

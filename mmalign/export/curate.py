@@ -36,7 +36,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -54,7 +53,7 @@ from mmalign.data.sources import resolve_sources
 from mmalign.dist import barrier, join_launched_group
 from mmalign.eval.loading import CollectedEmbeddings, collect_embeddings, load_model
 from mmalign.eval.plots import save_figure
-from mmalign.files import clear_old_shards, read_json, refuse_links
+from mmalign.files import clear_old_shards, read_json, refuse_links, write_json
 from mmalign.objectives import Objective
 
 if TYPE_CHECKING:
@@ -338,6 +337,6 @@ def curate(
         "examples": examples,
         "written": sorted(path.name for path in out.glob("curated-*.tar")),
     }
-    (out / "curate.json").write_text(json.dumps(report, indent=1) + "\n")
+    write_json(out / "curate.json", report, indent=1, sort_keys=False)  # no cut: null
     barrier()
     return report

@@ -380,8 +380,9 @@ class EmbeddingIndex:
             )
         if k < 1:
             raise ConfigError(f"k must be >= 1, got {k} (--k); ask for one result or more")
+        k = min(k, self.info["rows"])  # no more rows exist (and HNSW's beam is a C int)
         index_recipe(self.info["kind"]).tune(self.index, {**self.info, "k": k})
-        scores, rows = self.index.search(queries, min(k, self.info["rows"]))
+        scores, rows = self.index.search(queries, k)
         results = []
         for query_scores, query_rows in zip(scores, rows):
             found = [(float(s), int(r)) for s, r in zip(query_scores, query_rows) if r >= 0]

@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mmalign.data.decode import find_file, parse_alternatives
+from mmalign.config.extensions import parse_alternatives
+from mmalign.data.decode import find_file
 from mmalign.data.exports import load_metadata, read_manifest
 from mmalign.data.records import read_shards
 from mmalign.data.shards import expand_shards

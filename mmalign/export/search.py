@@ -127,17 +127,44 @@ LIMIT_REASONS = ("member_too_large", "too_large", "too_long", "bad_sample_rate")
 def _query_file_advice(reason: str, kind: str) -> str:
     if reason in LIMIT_REASONS:
         return "pass a smaller file (the limits of records apply to queries)"
-    return f"pass a file a {kind} tower reads (.{', .'.join(FILE_KINDS[kind][:3])} ...)"
+    article = "an" if kind[0] in "aeiou" else "a"
+    return f"pass a file {article} {kind} tower reads (.{', .'.join(FILE_KINDS[kind][:3])} ...)"
+
+
+def read_query_file(
+    name: str,
+    path: str | Path,
+    kind: str,
+    limits: RecordLimits = DEFAULT_LIMITS,
+    flag: str | None = None,
+) -> Any:
+    """The query file ``path`` of modality ``name`` decoded as a record's file of a ``kind``
+    tower is (:func:`~mmalign.data.decode.decode_file`: the tower type's decoder for the
+    file's extension, the per-record ``limits`` checked from its size and header before
+    decoding); a file over a limit or that does not decode is a :class:`QueryError` (naming
+    ``flag`` when given).
+
+    Example:
+        >>> read_query_file("photo", "big.png", "image", flag="--image")  # doctest: +SKIP
+        Traceback (most recent call last):
+        ...
+        mmalign.export.search.QueryError: the 'photo' query big.png is refused (too_large): ...
+    """
+    try:
+        return decode_file(path, kind, limits)
+    except RecordError as error:
+        where = f" ({flag})" if flag else ""
+        raise QueryError(
+            f"the {name!r} query {path} is refused ({error.reason}): {error.detail}{where}; "
+            + _query_file_advice(error.reason, kind)
+        ) from None
 
 
 def read_query_files(
     model: AlignmentModel, queries: Mapping[str, Any], limits: RecordLimits = DEFAULT_LIMITS
 ) -> dict[str, Any]:
     """``queries`` with each path given to an image, audio, video, time-series or graph tower
-    decoded as a record's file of that tower is (:func:`~mmalign.data.decode.decode_file`:
-    the tower type's decoder for the file's extension, the per-record ``limits`` checked
-    from its size and header before decoding); a file over a limit or that does not decode
-    is a :class:`QueryError`.
+    decoded by :func:`read_query_file`.
 
     Example:
         >>> read_query_files(model, {"audio": "hour.flac"})  # doctest: +SKIP
@@ -149,13 +176,7 @@ def read_query_files(
     for name, raw in queries.items():
         kind = model.config.towers[name].type
         if kind in FILE_KINDS and isinstance(raw, str | Path):
-            try:
-                decoded[name] = decode_file(raw, kind, limits)
-            except RecordError as error:
-                raise QueryError(
-                    f"the {name!r} query {raw} is refused ({error.reason}): {error.detail}; "
-                    + _query_file_advice(error.reason, kind)
-                ) from None
+            decoded[name] = read_query_file(name, raw, kind, limits)
     return decoded
 
 

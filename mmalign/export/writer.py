@@ -458,7 +458,8 @@ def run_export(
     kept too (at most ``max_item_bytes`` each; :func:`~mmalign.export.items.keep_items`), so
     that ``mmalign serve`` can show a result. Returns the manifest with ``"indexes"`` (the
     ``.faiss`` paths) and ``"items"`` (counts per kept modality) added. An unknown ``index``
-    kind is refused before exporting.
+    kind, bad index options or an ``items`` modality the model lacks are refused before
+    exporting.
 
     In a multi-process launch only rank 0 builds the indexes.
 
@@ -471,8 +472,10 @@ def run_export(
         index_recipe(index)
     check_index_options(index_options or {})  # before the export, not after it
     model = model if isinstance(model, torch.nn.Module) else str(model_directory(model))
-    if modalities is None:
-        modalities = load_model(model).modalities
+    if modalities is None or items:
+        known = load_model(model)
+        check_modalities(known, items, "--keep-items")  # before the export, not after it
+        modalities = known.modalities if modalities is None else modalities
     manifest = export_embeddings(model, shards, modalities, out_dir, **export_options)
     rank, _ = resolve_world(export_options.get("rank"), export_options.get("world_size"))
     indexes, kept = [], {}

@@ -15,7 +15,8 @@ CSV) for ``json``/``graph.json``, a list of numbers for ``npy``. Images, audio a
 (and every cell of an inferred file column) must be files. ``--vector EXT=col,col,...`` packs
 numeric columns into one float vector (an empty cell is NaN, a missing value). An empty cell
 leaves that modality out of the record. Rows with missing or unreadable files, bad inline
-values or duplicate keys are reported and left out.
+values, duplicate keys or keys no tool may write (:func:`~mmalign.data.records.unsafe_key`:
+absolute, a ``..`` part, a backslash or NUL; or a ``.`` or ``/``) are reported and left out.
 
 Shards are ``DIR/NAME-000000.tar``, ...; with ``--val-fraction F`` about a fraction F of the
 rows (chosen by a hash of the key, so a row keeps its split when rows are added) go to
@@ -44,9 +45,10 @@ from webdataset.autodecode import IMAGE_EXTENSIONS
 from webdataset.writer import default_handlers, encode_based_on_extension1
 
 from mmalign.data.decode import AUDIO_EXTENSIONS, RecordError, decode_value
+from mmalign.data.records import unsafe_key
 from mmalign.data.video import VIDEO_EXTENSIONS
 from mmalign.errors import ConfigError
-from mmalign.files import clear_old_shards, refuse_links
+from mmalign.files import clear_old_shards, refuse_links, write_json
 from mmalign.prep.columns import infer_fields, pack_vector
 from mmalign.progress import progress_bar
 
@@ -169,8 +171,11 @@ def row_to_record(
 ) -> dict[str, Any]:
     """A manifest row as a record ``{"__key__": key, extension: bytes, ...}``; ``vectors``
     maps an extension to the numeric columns packed into it."""
-    if "." in key or "/" in key or not key:
-        raise RowError("bad_key", f"key {key!r} must be non-empty without '.' or '/'")
+    problem = unsafe_key(key)  # the rule of every tool that writes record keys
+    if problem is not None:
+        raise RowError("bad_key", problem)
+    if "." in key or "/" in key:
+        raise RowError("bad_key", f"key {key!r} holds a '.' or a '/' (a key names one record)")
     record: dict[str, Any] = {"__key__": key}
     for column, extension in fields.items():
         content = encode_cell(row.get(column), extension, base_dir, column in file_columns)
@@ -292,5 +297,5 @@ def convert(
         "per_modality": {column: per_modality[column] for column in [*fields, *vectors]},
         "skipped": {"rows": sum(reasons.values()), "reasons": dict(reasons), "examples": examples},
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_json(out / "summary.json", summary, indent=1, sort_keys=False)
     return summary

@@ -14,7 +14,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from mmalign.data.records import log_skip, read_shards, unsafe_key
 from mmalign.data.shards import expand_shards
 from mmalign.data.views import group_id
 from mmalign.errors import UserError
-from mmalign.files import clear_old_shards, refuse_links
+from mmalign.files import clear_old_shards, refuse_links, write_json
 from mmalign.progress import progress_bar
 
 
@@ -161,5 +160,5 @@ def write_shards(
 
 def write_summary(out: str | Path, summary: dict[str, Any]) -> dict[str, Any]:
     """Write ``summary`` as ``OUT/summary.json`` beside the new shards; returns it."""
-    (Path(out) / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_json(Path(out) / "summary.json", summary, indent=1, sort_keys=False)
     return summary

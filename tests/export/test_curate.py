@@ -210,6 +210,7 @@ def test_two_processes_curate_like_one(tmp_path: Path, trained: Path) -> None:
     status, output = finish(process, log)
     assert status == 0, output
     assert "rank 0 of 2: status 0" in output and "rank 1 of 2: status 0" in output
+    assert output.count("records (dropped: ") == 1  # one summary line, not one per process
 
     def result(out: Path) -> tuple[dict, list[str]]:
         report = json.loads((out / "curate.json").read_text())

@@ -78,8 +78,12 @@ def test_the_command_line_passes_an_mp4_to_an_audio_modality(
     model: AlignmentModel, files: dict[str, Path], tmp_path: Path
 ) -> None:
     check_readable(str(files["mp4"]), "audio", "--audio")  # read by the search: no error
-    with pytest.raises(UserError, match=r"tone\.npy cannot be read as audio.*\(--audio\)"):
+    with pytest.raises(UserError, match=r"tone\.npy is refused \(bad_audio\).*\(--audio\)"):
         check_readable(str(tmp_path / "tone.npy"), "audio", "--audio")
-    assert parse_raw(model, "ecg", str(files["npy"])) == str(files["npy"])
+    np.testing.assert_array_equal(parse_raw(model, "ecg", str(files["npy"])), np.load(files["npy"]))
+    torch.testing.assert_close(  # decoded once, as the search decodes a path
+        query_vector(model, {"sound": parse_raw(model, "sound", str(files["mp4"]))}),
+        query_vector(model, {"sound": str(files["mp4"])}),
+    )
     with pytest.raises(UserError, match=r"--query clip=\.\.\."):
         parse_raw(model, "clip", str(tmp_path / "missing.mp4"))

@@ -102,7 +102,8 @@ def test_bad_images_and_audio_are_counted(tmp_path: Path, monkeypatch: pytest.Mo
     assert keys == ["good0", "good1", "resampled44k"]
     counters = loader.counters
     assert counters["seen"] == 13 and counters["used"] == 3
-    assert counters["skipped/bad_image"] == 4  # 0x0, bomb header, over the pixel limit, junk
+    assert counters["skipped/bad_image"] == 2  # 0x0, junk
+    assert counters["skipped/too_large"] == 2  # bomb header, over the pixel limit
     assert counters["skipped/nonfinite"] == 1  # NaN waveform
     assert counters["skipped/bad_channels"] == 1  # 17 channels: a transposed waveform
     assert counters["skipped/bad_sample_rate"] == 1  # 100 Hz: under data.audio_sample_rates

@@ -18,7 +18,7 @@ import pytest
 from conftest import graph_of, tabular_vector, tiny_config, write_shards
 
 from mmalign.cli.main import build_parser, main
-from mmalign.config import ConfigError
+from mmalign.config import ConfigError, load_config
 from mmalign.export import search as search_index
 from mmalign.training import train
 
@@ -266,6 +266,35 @@ def test_a_probe_modality_the_model_lacks_names_probe_modality(
     assert main([*arguments, "--linear-probe", "--probe-train", shards]) == 2
     error = one_line_error(capsys)
     assert "unknown modality 'image' (--probe-modality)" in error
+    assert main([*arguments, "--few-shot", "1"]) == 2
+    assert "a probe needs labelled train shards (--probe-train)" in one_line_error(capsys)
+    assert not os.path.exists(out)  # refused before the evaluation, not after it
+
+
+@pytest.mark.parametrize(
+    ("command", "flag", "value", "named"),
+    [
+        ("export", "--keep-items", "nope", "unknown modality 'nope' (--keep-items)"),
+        ("export", "--modalities", "labs,graph,labs", "'labs' is named twice (--modalities)"),
+        ("eval", "--modalities", "labs,labs", "'labs' is named twice (--modalities)"),
+    ],
+)
+def test_modality_lists_are_checked_before_any_work(
+    workspace: dict[str, str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    command: str,
+    flag: str,
+    value: str,
+    named: str,
+) -> None:
+    """Before: ``export --keep-items nope`` exported everything, then a ValueError traceback;
+    ``eval --modalities labs,labs`` a RuntimeError traceback from the retrieval."""
+    out = str(tmp_path / "out")
+    arguments = [command, workspace["run"], "--data", workspace["shards"], "--out", out]
+    assert main([*arguments, flag, value]) == 2
+    assert named in one_line_error(capsys)
+    assert not os.path.exists(out)
 
 
 USAGE_FORM = re.compile(r"mmalign: error: [^\n]*[^ ] \((?P<where>[^()]+)\); [^\n]*[^ ]\n")
@@ -339,6 +368,10 @@ def test_every_flag_given_a_bad_value_gets_the_one_line_form() -> None:
         (["convert", "m", "--to", "tflite"], "invalid choice 'tflite' (--to); choose from"),
         (["export", "m", "--out", "."], "working directory or above it (--out); name a new"),
         (["trian"], "invalid choice 'trian' (COMMAND); choose from 'train'"),
+        (["export", "m", "--field", "labs="], "'labs=' has an empty extension (--field)"),
+        (["eval", "m", "--field", "labs=;;"], "'labs=;;' has an empty extension (--field)"),
+        (["prep", "curate", "m", "--field", "labs="], "'labs=' has an empty extension"),
+        (["zeroshot", "m", "--field", "labs=npy;"], "'labs=npy;' has an empty extension"),
     ],
 )
 def test_values_in_range_are_checked_when_parsed(argv: list[str], named: str) -> None:
@@ -347,6 +380,15 @@ def test_values_in_range_are_checked_when_parsed(argv: list[str], named: str) ->
     error = _usage_error(argv)
     assert error is not None and named in error, error
     _assert_form(error, "-" if argv[0] != "trian" else "COMMAND")
+
+
+@pytest.mark.parametrize("extensions", ["", ";;", "npy;"])
+def test_a_config_field_with_an_empty_extension_names_the_field(extensions: str) -> None:
+    """``data.fields.labs: ''`` passed the config and was a ValueError traceback once the
+    loader read it: the config, ``--field`` and the loader share one rule."""
+    config = tiny_config(Path("run"), "shards", data={"fields": {"labs": extensions}})
+    with pytest.raises(ConfigError, match=r"data\.fields\.labs: extension list .* empty entry"):
+        load_config(config)
 
 
 def test_negative_weights_are_query_arithmetic(

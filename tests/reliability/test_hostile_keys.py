@@ -1,6 +1,7 @@
 """Record keys that are paths out of a folder (``../../x``, ``/abs/x``) are never written back
 as tar member names by ``prep group-shards``, ``prep mine-negatives`` or ``prep curate``: such
-a record is skipped and logged with its shard, key and reason; the others are written."""
+a record is skipped and logged with its shard, key and reason; the others are written.
+``prep from-manifest`` applies the same rule (``unsafe_key``) to the keys it writes."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from conftest import good_record, tiny_config, write_shard
 
 from mmalign.export import export_embeddings
 from mmalign.export.curate import curate
+from mmalign.prep.from_manifest import convert
 from mmalign.prep.group_shards import group_shards
 from mmalign.prep.mine_negatives import mine_negatives
 from mmalign.training import train
@@ -82,3 +84,16 @@ def test_curate_skips_hostile_keys(export_dir: Path, tmp_path: Path) -> None:
     check_written(tmp_path / "curated")
     assert report["dropped"]["unsafe_key"] == len(HOSTILE)
     assert report["kept"] == 16 - len(HOSTILE)
+
+
+def test_from_manifest_refuses_the_keys_the_other_tools_refuse(tmp_path: Path) -> None:
+    """``prep from-manifest`` wrote a key with a backslash, which ``prep group-shards`` then
+    refused as ``unsafe_key``: every writer of record keys now shares one rule."""
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("key,value\nok1,1\nba\\ck,2\n../../x,3\n/etc/passwd,4\nok2,5\n")
+    summary = convert(manifest, tmp_path / "out", vectors={"npy": ["value"]})
+    assert summary["records"] == 2 and summary["skipped"]["reasons"] == {"bad_key": 3}
+    errors = [example["error"] for example in summary["skipped"]["examples"]]
+    assert errors[0] == "key 'ba\\\\ck' is empty or holds a NUL or a backslash"
+    names = member_names(tmp_path / "out")
+    assert sorted(names) == ["ok1.npy", "ok2.npy"]

@@ -80,6 +80,28 @@ def test_a_narrow_beam_still_returns_k_rows(export: tuple[Path, Path, str]) -> N
     assert index.index.hnsw.efSearch >= 5
 
 
+def test_a_k_beyond_the_rows_returns_every_row_and_a_huge_k_is_refused(
+    export: tuple[Path, Path, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--k 10000000000`` on an HNSW index was a beam wider than a C int (an OverflowError
+    traceback): ``k`` is cut to the rows, and the command line bounds ``--k``."""
+    _, out, _ = export
+    build_index(out, "labs", "hnsw")
+    index = load_index(out, "labs")
+    rows = index.search(np.ones((1, index.info["dim"]), dtype=np.float32), k=10**10)
+    assert [len(found) for found in rows] == [index.info["rows"]]
+    assert index.index.hnsw.efSearch == max(index.info["ef_search"], index.info["rows"])
+    query = f"labs={json.dumps(tabular_vector(1).tolist())}"
+    for k in ("10000000000", str(2**24 + 1)):
+        with pytest.raises(SystemExit) as exited:
+            main(["search", str(out), "--target", "labs", "--query", query, "--k", k])
+        assert exited.value.code == 2
+        assert capsys.readouterr().err.splitlines() == [
+            f"mmalign: error: {k!r} is not a whole number in [1, 16777216] (--k); see mmalign "
+            "search --help"
+        ]
+
+
 def test_nan_weight_and_zero_maxcount_are_refused(
     tmp_path: Path, export: tuple[Path, Path, str]
 ) -> None:

@@ -1,6 +1,8 @@
 """Query files of ``search`` pass the per-record limits, from their size and header, before
 anything is decoded: an hour of FLAC (180 KB) and a PNG whose header claims 144 megapixels
-are refused with one line naming the query, and a small query file still searches."""
+are refused with one line naming the query, as are JPEG, GIF and BMP headers over twice
+Pillow's pixel limit (where Pillow itself refuses to open them), and a small query file still
+searches."""
 
 from __future__ import annotations
 
@@ -15,7 +17,10 @@ import pytest
 import soundfile
 from PIL import Image
 
+from mmalign.cli.main import main
+from mmalign.cli.search import parse_raw
 from mmalign.data.limits import DEFAULT_LIMITS, RecordLimits
+from mmalign.errors import UserError
 from mmalign.export.search import QueryError, query_vector
 from mmalign.model import AlignmentModel
 
@@ -40,6 +45,70 @@ def png_claiming(width: int, height: int) -> bytes:
     return bytes(data)
 
 
+def patched(image_format: str, offset: int, layout: str, width: int, height: int) -> bytes:
+    """An 8x8 image of ``image_format`` whose header claims ``width`` x ``height`` (packed as
+    ``layout`` at ``offset``)."""
+    buffer = io.BytesIO()
+    Image.new("P" if image_format == "GIF" else "RGB", (8, 8)).save(buffer, format=image_format)
+    data = bytearray(buffer.getvalue())
+    if image_format == "JPEG":
+        offset += data.find(b"\xff\xc0")  # the SOF0 segment
+    data[offset : offset + struct.calcsize(layout)] = struct.pack(layout, width, height)
+    return bytes(data)
+
+
+BOMBS = {
+    "big.png": lambda: png_claiming(12_000, 12_000),  # 1x to 2x the limit: Pillow only warns
+    "big.jpg": lambda: patched("JPEG", 5, ">HH", 60_000, 60_000),
+    "big.gif": lambda: patched("GIF", 6, "<HH", 65_535, 65_535),
+    "big.bmp": lambda: patched("BMP", 18, "<ii", 30_000, 30_000),
+}
+"""Image files whose header claims more pixels than ``PIL.Image.MAX_IMAGE_PIXELS``."""
+
+
+@pytest.mark.parametrize("name", list(BOMBS))
+def test_a_decompression_bomb_query_is_one_line(
+    name: str,
+    tmp_path: Path,
+    model: AlignmentModel,
+    capsys: pytest.CaptureFixture[str],
+    recwarn: pytest.WarningsRecorder,
+) -> None:
+    """Over twice the limit Pillow raised its own error (a traceback of ``search``); between
+    1x and 2x it warned (a warning line before the error): now one line, ``too_large``."""
+    path = tmp_path / name
+    path.write_bytes(BOMBS[name]())
+    assert main(["search", str(tmp_path), "--image", str(path)]) == 2  # before the index
+    error = capsys.readouterr().err.splitlines()
+    assert len(error) == 1, error
+    assert error[0].startswith(f"mmalign: error: the 'image' query {path} is refused (too_large)")
+    assert error[0].endswith(
+        "(--image); pass a smaller file (the limits of records apply to queries)"
+    )
+    with pytest.raises(QueryError, match=r"is refused \(too_large\).*MAX_IMAGE_PIXELS"):
+        query_vector(model, {"photo": str(path)})
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+def test_every_refused_query_file_names_its_flag(tmp_path: Path) -> None:
+    """A graph (or video, time-series) query file was only checked to exist on the command
+    line, and refused later by the search without naming ``--query``: now every file query
+    is decoded once, within the limits, by the command line, and a refusal names it."""
+    graph = {"type": "graph", "in_features": 2, "hidden": 8, "layers": 1}
+    model = AlignmentModel.from_config({"dim": 4, "towers": {"graph": graph}}).eval()
+    deep = tmp_path / "deep.graph.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(UserError) as refused:
+        parse_raw(model, "graph", str(deep))
+    assert str(refused.value).startswith(f"the 'graph' query {deep} is refused (bad_graph)")
+    assert str(refused.value).endswith(
+        "(--query graph=...); pass a file a graph tower reads (.graph.json ...)"
+    )
+    good = tmp_path / "ring.graph.json"
+    good.write_text('{"x": [[0, 1], [1, 0]], "edge_index": [[0, 1], [1, 0]]}')
+    assert parse_raw(model, "graph", str(good))["x"].tolist() == [[0, 1], [1, 0]]
+
+
 def silent_flac(seconds: int, rate: int = 16000) -> bytes:
     buffer = io.BytesIO()
     with soundfile.SoundFile(buffer, "w", rate, 1, format="FLAC") as flac:
@@ -61,7 +130,7 @@ def test_oversized_query_files_are_refused_before_decoding(
     assert hour.stat().st_size < 250_000
     with pytest.raises(QueryError, match=r"the 'sound' query .*hour\.flac is refused \(too_long\)"):
         query_vector(model, {"sound": str(hour)})
-    with pytest.raises(QueryError, match=r"the .photo. query .*big\.png is refused \(bad_image\)"):
+    with pytest.raises(QueryError, match=r"the .photo. query .*big\.png is refused \(too_large\)"):
         query_vector(model, {"photo": big})
     with pytest.raises(QueryError, match=r"the .photo. query .*wide\.png is refused \(too_large\)"):
         query_vector(model, {"photo": str(wide)})

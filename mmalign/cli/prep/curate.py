@@ -19,6 +19,7 @@ from mmalign.cli.common import (
     bounded,
     csv_list,
     fields,
+    first_process,
     fraction,
     positive_int,
 )
@@ -73,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         maxcount=args.maxcount,
     )
+    if not first_process():  # one summary from a multi-process launch
+        return 0
     dropped = ", ".join(f"{reason} {count}" for reason, count in report["dropped"].items())
     total = report["kept"] + sum(report["dropped"].values())
     print(
