@@ -14,6 +14,9 @@ Example:
 
 from __future__ import annotations
 
+import os
+import stat
+from pathlib import Path
 from typing import Any
 
 
@@ -40,6 +43,29 @@ class SampleError(ValueError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+def file_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot be read as an input file (``"does not exist"``, ``"is a directory,
+    not a file"``, ``"is not a regular file (a device, FIFO or socket)"``), or ``None`` for a
+    regular file. Only ``stat`` is asked: a FIFO or a device is never opened.
+
+    Example:
+        >>> file_problem("/dev/null"), file_problem("/"), file_problem("/no/such/file")
+        ('is not a regular file (a device, FIFO or socket)', 'is a directory, not a file', \
+'does not exist')
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "does not exist"
+    except OSError as error:  # a name too long, a loop of links, a part that is a file
+        return f"cannot be used: {error.strerror}"
+    if stat.S_ISDIR(mode):
+        return "is a directory, not a file"
+    if not stat.S_ISREG(mode):
+        return "is not a regular file (a device, FIFO or socket)"
+    return None
 
 
 def validation_problems(error: Any, prefix: str = "") -> list[str]:
@@ -70,13 +96,44 @@ def validation_problems(error: Any, prefix: str = "") -> list[str]:
     return lines
 
 
-def config_error(error: Any, prefix: str, what: str) -> ConfigError:
-    """A :class:`ConfigError` listing every problem of a pydantic ``ValidationError``.
+SHOWN_PROBLEMS = 3
+"""How many problems of one invalid config an error lists (then: ``and N more``)."""
 
-    One problem stays on one line (``invalid <what>: field: message``); several are listed
-    one per line under ``invalid <what>:``.
+
+def _todo(item: dict[str, Any], field: str) -> str:
+    """What to do about one pydantic problem without a ``; what to do`` of its own."""
+    if item["type"] == "missing":
+        return f"add {field}"
+    return f"give {field} a valid value (see its description in the docs)"
+
+
+def config_error(error: Any, prefix: str, what: str, where: str | None = None) -> ConfigError:
+    """A one-line :class:`ConfigError` for a pydantic ``ValidationError``:
+    ``invalid <what>: <field>: <problem> (<where>); <what to do>``, where is the file or
+    ``--set`` override that set the field (default: the field itself). The first
+    :data:`SHOWN_PROBLEMS` problems are listed, the rest counted; what to do is the first
+    problem's own advice or a generic one. pydantic's links and echoed inputs are left out.
+
+    Example:
+        >>> from pydantic import BaseModel, ConfigDict, ValidationError
+        >>> class Section(BaseModel):
+        ...     model_config = ConfigDict(extra="forbid")
+        ...     steps: int = 1
+        >>> try:
+        ...     Section.model_validate({"steps": "x"})
+        ... except ValidationError as error:
+        ...     print(config_error(error, "train", "config", "run.yaml"))
+        invalid config: train.steps: Input should be a valid integer, unable to parse string \
+as an integer (run.yaml); give train.steps a valid value (see its description in the docs)
     """
-    problems = validation_problems(error, prefix)
-    if len(problems) == 1:
-        return ConfigError(f"invalid {what}: {problems[0]}")
-    return ConfigError("\n  ".join([f"invalid {what}:", *problems]))
+    problems, todos = [], []
+    for item, line in zip(error.errors(), validation_problems(error, prefix), strict=True):
+        field, _, message = line.partition(": ")
+        problem, _, todo = message.partition("; ")
+        problems.append(f"{field}: {problem}")
+        todos.append(todo or _todo(item, field))
+    shown = ", ".join(problems[:SHOWN_PROBLEMS])
+    if len(problems) > SHOWN_PROBLEMS:
+        shown += f", and {len(problems) - SHOWN_PROBLEMS} more"
+    place = where or problems[0].partition(": ")[0]
+    return ConfigError(f"invalid {what}: {shown} ({place}); {todos[0]}")

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ValidationError
 from mmalign.config.sections import Config, DataConfig, EvalConfig, ModelConfig, TrainConfig
 from mmalign.config.strict_yaml import parse_yaml, read_yaml
 from mmalign.config.tower import tower_config
-from mmalign.errors import ConfigError, config_error
+from mmalign.errors import ConfigError, config_error, file_problem
 
 
 def _parse_value(text: str, key: str) -> Any:
@@ -78,8 +78,8 @@ def precheck_config(path: str | Path, overrides: list[str] | None = None) -> Non
         >>> try:
         ...     precheck_config(file.name)
         ... except ConfigError as error:
-        ...     print(str(error).split("): ", 1)[1])
-        train.stepz: unknown key; check the spelling against the documented fields
+        ...     print(error)  # doctest: +ELLIPSIS
+        invalid config: train.stepz: unknown key (/...yaml); check the spelling against the ...
     """
     data = _read_file(Path(path))
     _override_schedule(data, overrides or [])
@@ -87,7 +87,7 @@ def precheck_config(path: str | Path, overrides: list[str] | None = None) -> Non
     unknown = sorted(set(data) - {"model", *LIGHT_SECTIONS})
     if unknown:
         raise ConfigError(
-            f"invalid config ({path}): {unknown[0]}: unknown section; the sections are model, "
+            f"invalid config: {unknown[0]}: unknown section ({path}); the sections are model, "
             "data, train and eval"
         )
     for name, section in LIGHT_SECTIONS.items():
@@ -95,7 +95,7 @@ def precheck_config(path: str | Path, overrides: list[str] | None = None) -> Non
             section.model_validate(data.get(name) or {})
         except ValidationError as error:
             where = _source(error, str(path), overrides, prefix=f"{name}.")
-            raise config_error(error, name, f"config ({where})") from None
+            raise config_error(error, name, "config", where) from None
     _precheck_model(data.get("model"), str(path), overrides)
 
 
@@ -104,7 +104,7 @@ def _precheck_model(model: Any, path: str, overrides: list[str] | None) -> None:
     objective needs the objective classes, so torch) and every tower's options."""
     if model is None:
         raise ConfigError(
-            f"invalid config ({path}): model: Field required; add a model section with its towers"
+            f"invalid config: model: Field required ({path}); add a model section with its towers"
         )
     if not isinstance(model, dict):
         return
@@ -113,7 +113,7 @@ def _precheck_model(model: Any, path: str, overrides: list[str] | None) -> None:
         keys = [f"model.{key}" for key in unknown]
         where = ", ".join(f"--set {item}" for item in overrides or [] if item.split("=")[0] in keys)
         raise ConfigError(
-            f"invalid config ({where or path}): {keys[0]}: unknown key; check the spelling "
+            f"invalid config: {keys[0]}: unknown key ({where or path}); check the spelling "
             "against the documented fields"
         )
     towers = model.get("towers")
@@ -122,15 +122,14 @@ def _precheck_model(model: Any, path: str, overrides: list[str] | None) -> None:
             tower_config(value)
         except ValidationError as error:
             where = _source(error, path, overrides, prefix=f"model.towers.{name}.")
-            raise config_error(error, f"model.towers.{name}", f"config ({where})") from None
+            raise config_error(error, f"model.towers.{name}", "config", where) from None
 
 
 def _read_file(path: Path) -> dict[str, Any]:
     """The mapping of a YAML config file; a :class:`ConfigError` naming it otherwise."""
-    if path.is_dir():
-        raise ConfigError(f"the config is a directory ({path}); pass the YAML file itself")
-    if not path.is_file():
-        raise ConfigError(f"the config file does not exist ({path}); check the path")
+    problem = file_problem(path)
+    if problem is not None:
+        raise ConfigError(f"the config {problem} ({path}); pass the path of the YAML file")
     data = read_yaml(path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config {path} must be a mapping with model/data/train/eval sections")
@@ -161,7 +160,7 @@ def load_config(
     try:
         config = Config.model_validate(data)
     except ValidationError as error:
-        raise config_error(error, "", f"config ({_source(error, name, overrides)})") from None
+        raise config_error(error, "", "config", _source(error, name, overrides)) from None
     return config
 
 
