@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -167,11 +168,13 @@ class Tower(nn.Module):
             if file.suffix == ".safetensors":
                 state = safetensors.torch.load_file(str(file))
             else:
-                state = torch.load(file, map_location="cpu", weights_only=True)
+                with warnings.catch_warnings():  # torch's note on the pickle protocol
+                    warnings.simplefilter("ignore", UserWarning)
+                    state = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as error:  # any reader failure: corrupt file, pickle with code, ...
             raise ConfigError(
-                f"cannot read the checkpoint {file}: {error} ({where}); pass a .safetensors "
-                "file or a torch file of tensors only (a state dict)"
+                f"cannot read the checkpoint {file}: {_reader_problem(error)} ({where}); pass a "
+                ".safetensors file or a torch file of tensors only (a state dict)"
             ) from error
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
@@ -212,6 +215,16 @@ class Tower(nn.Module):
                 "trained with."
             )
         module.load_state_dict(state, strict=True)
+
+
+def _reader_problem(error: Exception) -> str:
+    """What a checkpoint reader's error says, in one line: of torch's paragraph on
+    ``weights_only`` (a pickle holding more than tensors), only the refused part."""
+    _, found, detail = str(error).partition("WeightsUnpickler error:")
+    if found:
+        refused = " ".join(detail.split()).partition(". ")[0].removesuffix(".")
+        return f"torch refuses to unpickle it with weights_only=True ({refused})"
+    return " ".join(str(error).split())
 
 
 @contextmanager
