@@ -192,6 +192,8 @@ LONGEST_WORD = 200
 """How many characters of one word (a run without spaces: an echoed value, a path) an error
 shows; a longer one is cut with ``...``."""
 
+LONG_WORD = re.compile(rf"\S{{{LONGEST_WORD + 1},}}")
+
 LONGEST_PARTS = (400, 200, 300)
 """How many characters of what is wrong, where and what to do an error shows (a library's
 paragraph quoted in what is wrong is cut with ``...``)."""
@@ -213,7 +215,7 @@ def readable(message: str) -> str:
         >>> len(line), line[-54:]
         (248, '999... is not a number (--set train.lr); give a number')
     """
-    words = re.sub(r"\S{%d,}" % (LONGEST_WORD + 1), lambda w: _cut(w[0], LONGEST_WORD), message)
+    words = LONG_WORD.sub(lambda word: _cut(word[0], LONGEST_WORD), message)
     line = one_line(words)
     parts = ERROR_PARTS.fullmatch(line)
     if parts is None:
