@@ -108,11 +108,8 @@ def _todo(item: dict[str, Any], field: str) -> str:
 
 
 def config_error(error: Any, prefix: str, what: str, where: str | None = None) -> ConfigError:
-    """A one-line :class:`ConfigError` for a pydantic ``ValidationError``:
-    ``invalid <what>: <field>: <problem> (<where>); <what to do>``, where is the file or
-    ``--set`` override that set the field (default: the field itself). The first
-    :data:`SHOWN_PROBLEMS` problems are listed, the rest counted; what to do is the first
-    problem's own advice or a generic one. pydantic's links and echoed inputs are left out.
+    """A one-line :class:`ConfigError` for a pydantic ``ValidationError`` (see
+    :func:`problems_error`); pydantic's links and echoed inputs are left out.
 
     Example:
         >>> from pydantic import BaseModel, ConfigDict, ValidationError
@@ -126,14 +123,33 @@ def config_error(error: Any, prefix: str, what: str, where: str | None = None) -
         invalid config: train.steps: Input should be a valid integer, unable to parse string \
 as an integer (run.yaml); give train.steps a valid value (see its description in the docs)
     """
-    problems, todos = [], []
-    for item, line in zip(error.errors(), validation_problems(error, prefix), strict=True):
+    lines = validation_problems(error, prefix)
+    fields = [line.partition(": ")[0] for line in lines]
+    todos = [_todo(item, field) for item, field in zip(error.errors(), fields, strict=True)]
+    return problems_error(what, lines, where, todos)
+
+
+def problems_error(
+    what: str, problems: list[str], where: str | None = None, todos: list[str] | None = None
+) -> ConfigError:
+    """One line for ``problems`` (``field: problem[; what to do]`` each):
+    ``invalid <what>: <field>: <problem> (<where>); <what to do>``, where is the file or
+    ``--set`` override that set the field (default: the fields listed). The first
+    :data:`SHOWN_PROBLEMS` problems are listed, the rest counted; what to do is the first
+    problem's own advice, else ``todos[0]`` (default: fix the field).
+
+    Example:
+        >>> print(problems_error("training config", ["train.steps: set it; e.g. 100", "a: b"]))
+        invalid training config: train.steps: set it, a: b (train.steps, a); e.g. 100
+    """
+    shown, advice = [], []
+    for index, line in enumerate(problems):
         field, _, message = line.partition(": ")
         problem, _, todo = message.partition("; ")
-        problems.append(f"{field}: {problem}")
-        todos.append(todo or _todo(item, field))
-    shown = ", ".join(problems[:SHOWN_PROBLEMS])
-    if len(problems) > SHOWN_PROBLEMS:
-        shown += f", and {len(problems) - SHOWN_PROBLEMS} more"
-    place = where or problems[0].partition(": ")[0]
-    return ConfigError(f"invalid {what}: {shown} ({place}); {todos[0]}")
+        shown.append(f"{field}: {problem}" if message else field)
+        advice.append(todo or (todos[index] if todos else f"fix {field}"))
+    listed = ", ".join(shown[:SHOWN_PROBLEMS])
+    if len(shown) > SHOWN_PROBLEMS:
+        listed += f", and {len(shown) - SHOWN_PROBLEMS} more"
+    place = where or ", ".join(line.partition(": ")[0] for line in shown[:SHOWN_PROBLEMS])
+    return ConfigError(f"invalid {what}: {listed} ({place}); {advice[0]}")

@@ -12,10 +12,11 @@ from mmalign.config.sections import Config, DataConfig, EvalConfig, ModelConfig,
 from mmalign.config.strict_yaml import parse_yaml, read_yaml
 from mmalign.config.tower import tower_config
 from mmalign.errors import ConfigError, config_error, file_problem
+from mmalign.registry import OBJECTIVES
 
 
 def _parse_value(text: str, key: str) -> Any:
-    return parse_yaml(text, f"override --set {key}") if text != "" else ""
+    return parse_yaml(text, "the value", f"--set {key}") if text != "" else ""
 
 
 SCHEDULE_KEYS = ("train.steps", "train.epochs")
@@ -110,12 +111,12 @@ def _precheck_model(model: Any, path: str, overrides: list[str] | None) -> None:
         return
     unknown = sorted(set(model) - set(ModelConfig.model_fields))
     if unknown:
-        keys = [f"model.{key}" for key in unknown]
-        where = ", ".join(f"--set {item}" for item in overrides or [] if item.split("=")[0] in keys)
+        key = f"model.{unknown[0]}"
         raise ConfigError(
-            f"invalid config: {keys[0]}: unknown key ({where or path}); check the spelling "
-            "against the documented fields"
+            f"invalid config: {key}: unknown key ({_set_by(key, path, overrides)}); check the "
+            "spelling against the documented fields"
         )
+    _precheck_objective(model.get("objective"), path, overrides)
     towers = model.get("towers")
     for name, value in towers.items() if isinstance(towers, dict) else ():
         try:
@@ -125,6 +126,28 @@ def _precheck_model(model: Any, path: str, overrides: list[str] | None) -> None:
             raise config_error(error, f"model.towers.{name}", "config", where) from None
 
 
+def _set_by(key: str, path: str, overrides: list[str] | None) -> str:
+    """The ``--set`` overrides that set ``key`` (or a section above it), else the file."""
+    setting = [
+        f"--set {item}"
+        for item in overrides or []
+        if f"{key}.".startswith(item.split("=", 1)[0].strip() + ".")
+    ]
+    return ", ".join(setting) or path
+
+
+def _precheck_objective(objective: Any, path: str, overrides: list[str] | None) -> None:
+    """``model.objective.name`` is a known objective (registered or built in; its other keys
+    need the objective's config class, so torch, and are checked by :func:`load_config`)."""
+    name = objective.get("name", "clip") if isinstance(objective, dict) else "clip"
+    if not isinstance(name, str) or not OBJECTIVES.known(name):
+        raise ConfigError(
+            f"invalid config: model.objective.name: unknown objective {name!r} "
+            f"({_set_by('model.objective.name', path, overrides)}); registered: "
+            f"{', '.join(OBJECTIVES.known_names())}"
+        )
+
+
 def _read_file(path: Path) -> dict[str, Any]:
     """The mapping of a YAML config file; a :class:`ConfigError` naming it otherwise."""
     problem = file_problem(path)
@@ -132,7 +155,10 @@ def _read_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"the config {problem} ({path}); pass the path of the YAML file")
     data = read_yaml(path) or {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config {path} must be a mapping with model/data/train/eval sections")
+        raise ConfigError(
+            f"the config is no mapping ({path}); write a mapping with model, data, train and "
+            "eval sections"
+        )
     return data
 
 
@@ -154,7 +180,10 @@ def load_config(
         data = json.loads(json.dumps(source))
         name = "dict"
     if not isinstance(data, dict):
-        raise ConfigError(f"config {name} must be a mapping with model/data/train/eval sections")
+        raise ConfigError(
+            f"the config is no mapping ({name}); pass a mapping with model, data, train and "
+            "eval sections"
+        )
     _override_schedule(data, overrides or [])
     apply_overrides(data, overrides or [])
     try:

@@ -106,7 +106,7 @@ def run_fields(source: str | Path | None) -> dict[str, str]:
             data = read_yaml(candidate, "the run's config") or {}
             if not isinstance(data, dict):
                 raise ConfigError(
-                    f"{candidate} does not hold a run config (a mapping); restore the run's "
+                    f"the run's config is no mapping ({candidate}); restore the run's "
                     "config.yaml or pass the fields with --field MODALITY=EXT"
                 )
             return dict((data.get("data") or {}).get("fields") or {})

@@ -4,6 +4,7 @@ the parser's recursion, and Matryoshka weights that are not finite."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +31,10 @@ train:
 def test_a_section_given_twice_names_the_key_and_both_lines(tmp_path: Path) -> None:
     config = tmp_path / "run.yaml"
     config.write_text(DOUBLE_TRAIN)
-    with pytest.raises(ConfigError, match=r"run.yaml: key 'train' appears twice \(lines 4 and 8\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"key 'train' appears twice \(lines 4 and 8\) in the config file \(.*run.yaml\)",
+    ):
         load_config(config)
 
 
@@ -57,7 +61,7 @@ def test_merge_keys_still_override(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", r"is not UTF-8 text \(byte 0\)"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", r"is not UTF-8 text at byte 0 \("),
         (b"a: " + b"[" * 20000 + b"]" * 20000, "is nested too deeply to read"),
         (b"a: " + b"{b: " * 20000 + b"}" * 20000, "is nested too deeply to read"),
     ],
@@ -72,7 +76,8 @@ def test_binary_or_deeply_nested_config_is_one_line(
         load_config(config)
     assert main(["train", str(config)]) == 2
     error = capsys.readouterr().err
-    assert error.count("\n") == 1 and error.startswith(f"mmalign: error: config file {config}")
+    assert error.count("\n") == 1 and error.startswith("mmalign: error: the config file is ")
+    assert f" ({config}); " in error
 
 
 @pytest.mark.parametrize("weight", [".nan", ".inf", "-.inf"])
@@ -151,9 +156,9 @@ def test_a_typo_is_reported_before_torch_loads(tmp_path: Path, text: str, named:
 @pytest.mark.parametrize(
     ("value", "named"),
     [
-        ("[" * 30000 + "]" * 30000, "override --set train.lr is nested too deeply to read"),
-        ("{lr: 1, lr: 2}", "override --set train.lr: key 'lr' appears twice"),
-        ("!!python/name:os.system", "override --set train.lr is not valid YAML"),
+        ("[" * 30000 + "]" * 30000, "the value is nested too deeply to read (--set train.lr)"),
+        ("{lr: 1, lr: 2}", "key 'lr' appears twice (lines 1 and 1) in the value (--set train.lr)"),
+        ("!!python/name:os.system", "the value is not valid YAML: "),
     ],
     ids=["deep", "duplicate", "python tag"],
 )
@@ -163,7 +168,7 @@ def test_a_set_override_is_read_as_strictly_as_the_file(
     """``--set`` values went through ``yaml.safe_load``: 30,000 brackets ended in a
     RecursionError traceback and a repeated key was kept silently."""
     config = write_config(tmp_path / "run.yaml", tiny_config(tmp_path / "run", "s.tar"))
-    with pytest.raises(ConfigError, match=named):
+    with pytest.raises(ConfigError, match=re.escape(named)):
         load_config(config, [f"train.lr={value}"])
     assert main(["train", str(config), "--set", f"train.lr={value}"]) == 2
     error = capsys.readouterr().err
