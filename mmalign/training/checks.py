@@ -1,7 +1,7 @@
 """Checks of a run config that need more than types: files exist, sections agree.
 
 Example:
-    >>> from mmalign.config import load_config
+    >>> from mmalign.config import ConfigError, load_config
     >>> config = load_config({"model": {"towers": {"labs": {"type": "tabular",
     ...     "in_features": 2}}}})
     >>> try:
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from mmalign.config import Config, ConfigError
-from mmalign.errors import problems_error
+from mmalign.config import Config
 from mmalign.data.sources import resolve_sources
+from mmalign.errors import problems_error
 from mmalign.training.parallel import strategy_problems
 
 
