@@ -215,16 +215,20 @@ def readable(message: str) -> str:
         >>> len(line), line[-54:]
         (248, '999... is not a number (--set train.lr); give a number')
     """
-    words = LONG_WORD.sub(lambda word: _cut(word[0], LONGEST_WORD), message)
-    line = one_line(words)
+    line = one_line(message)
     parts = ERROR_PARTS.fullmatch(line)
     if parts is None:
-        return _cut(line, sum(LONGEST_PARTS))
+        return _shorten(line, sum(LONGEST_PARTS))
     what, where, todo = (
-        _cut(part, limit)
+        _shorten(part, limit)
         for part, limit in zip(parts.group("what", "where", "todo"), LONGEST_PARTS, strict=True)
     )
     return f"{what} ({where}); {todo}"
+
+
+def _shorten(text: str, limit: int) -> str:
+    """``text`` with each word cut to :data:`LONGEST_WORD` characters, then to ``limit``."""
+    return _cut(LONG_WORD.sub(lambda word: _cut(word[0], LONGEST_WORD), text), limit)
 
 
 def _training_stopped(error: BaseException) -> bool:

@@ -104,3 +104,14 @@ def test_objective_config_errors_name_the_field(
     config["model"]["objective"] = objective
     with pytest.raises(ConfigError, match=field):
         load_config(config)
+
+
+def test_the_builtin_names_known_before_torch_are_the_registered_ones() -> None:
+    """``mmalign train`` checks ``model.objective.name`` against them before importing torch."""
+    builtin = {
+        name
+        for name in OBJECTIVES.names()
+        if OBJECTIVES.get(name).__module__.startswith("mmalign.")
+    }
+    assert set(OBJECTIVES.builtin_names) == builtin
+    assert OBJECTIVES.known("test_scaled_clip") and not OBJECTIVES.known("clpi")

@@ -4,16 +4,20 @@ the parser's recursion, and Matryoshka weights that are not finite."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import subprocess_env, tiny_config, write_config
 
 from mmalign.cli.main import main
 from mmalign.config import ConfigError, load_config
+from mmalign.model import AlignmentModel
 
 DOUBLE_TRAIN = """\
 model:
@@ -121,6 +125,7 @@ def test_cli_names_the_duplicate_key_in_one_line(
         ("model: {towers: {g: {type: grpah, in_features: 2}}}\n", "unknown tower type 'grpah'"),
         ("model: {dimm: 8, towers: {}}\n", "model.dimm: unknown key"),
         ("", "model: Field required"),
+        ("model: {objective: {name: clpi}}\n", "model.objective.name: unknown objective 'clpi'"),
     ],
     ids=[
         "train key",
@@ -133,6 +138,7 @@ def test_cli_names_the_duplicate_key_in_one_line(
         "tower type",
         "model key",
         "empty file",
+        "objective name",
     ],
 )
 def test_a_typo_is_reported_before_torch_loads(tmp_path: Path, text: str, named: str) -> None:
@@ -174,3 +180,84 @@ def test_a_set_override_is_read_as_strictly_as_the_file(
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and named in error
     assert not (tmp_path / "run").exists()
+
+
+ONE_LINE = re.compile(r"mmalign: error: [^\n]*[^ ] \((?P<where>[^()]+)\); [^\n]*[^ ]\n")
+"""The one-line form: ``mmalign: error: <what> (<where>); <what to do>``."""
+
+
+@pytest.mark.timeout(60)  # a FIFO that were opened would block until then
+@pytest.mark.parametrize("kind", ["device", "FIFO", "directory"])
+def test_a_config_that_is_no_regular_file_is_named_so_and_never_read(
+    tmp_path: Path, kind: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``/dev/zero`` and a FIFO were reported as missing files."""
+    path = {"device": Path("/dev/zero"), "FIFO": tmp_path / "run.yaml", "directory": tmp_path}
+    if kind == "FIFO":
+        os.mkfifo(path[kind])
+    problem = "is a directory, not a file" if kind == "directory" else "is not a regular file"
+    assert main(["train", str(path[kind])]) == 2
+    error = capsys.readouterr().err
+    found = ONE_LINE.fullmatch(error)
+    assert found is not None and found["where"] == str(path[kind]), error
+    assert error.startswith(f"mmalign: error: the config {problem}"), error
+
+
+def saved_model(directory: Path) -> Path:
+    model = AlignmentModel.from_config(
+        {"dim": 4, "towers": {"labs": {"type": "tabular", "in_features": 3, "hidden": 8}}}
+    )
+    return model.save_pretrained(directory)
+
+
+@pytest.mark.parametrize(
+    ("damage", "problem"),
+    [
+        (lambda text: "[" * 100_000 + "]" * 100_000, "the model config is nested too deeply"),
+        (lambda text: text.replace('"dim": 4', '"dim": Infinity'), "dim: Input should be a finite"),
+        (lambda text: text[: len(text) // 2], "the model config is not valid JSON: "),
+        (
+            lambda text: json.dumps({**json.loads(text), "towers": {}}),
+            "towers: needs at least one modality",
+        ),
+    ],
+    ids=["deep", "infinite dim", "cut", "no towers"],
+)
+def test_a_damaged_saved_model_config_is_one_line_naming_the_file(
+    tmp_path: Path, damage: Any, problem: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A RecursionError traceback, and pydantic's text with its URL, before."""
+    config = saved_model(tmp_path / "model") / "config.json"
+    config.write_text(damage(config.read_text()))
+    with pytest.raises(ConfigError, match=re.escape(problem)):
+        AlignmentModel.from_pretrained(config.parent)
+    out = str(tmp_path / "onnx")
+    assert main(["convert", str(config.parent), "--to", "onnx", "--out", out]) == 2
+    error = capsys.readouterr().err
+    found = ONE_LINE.fullmatch(error)
+    assert found is not None and found["where"] == str(config), error
+    assert "https://" not in error and "input_value" not in error
+
+
+def test_a_folder_without_a_model_names_the_argument(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = str(tmp_path / "onnx")
+    assert main(["convert", str(tmp_path), "--to", "onnx", "--out", out]) == 2
+    error = capsys.readouterr().err
+    found = ONE_LINE.fullmatch(error)
+    assert found is not None and found["where"] == "MODEL", error
+    assert "neither model.safetensors nor model/model.safetensors" in error
+
+
+def test_a_huge_value_is_cut_in_the_error_keeping_where_and_what_to_do(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path / "run.yaml", tiny_config(tmp_path / "run", "s.tar"))
+    huge = "x" * 5000
+    assert main(["train", str(config), "--set", f"train.lr={huge}"]) == 2
+    error = capsys.readouterr().err
+    found = ONE_LINE.fullmatch(error)
+    assert found is not None and len(error) < 700, error
+    assert found["where"].startswith("--set train.lr=xxx") and found["where"].endswith("...")
+    assert error.endswith("; give train.lr a valid value (see its description in the docs)\n")
