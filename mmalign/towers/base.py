@@ -222,6 +222,7 @@ def _reader_problem(error: Exception) -> str:
     ``weights_only`` (a pickle holding more than tensors), only the refused part."""
     _, found, detail = str(error).partition("WeightsUnpickler error:")
     if found:
+        detail = detail.partition("Check the documentation")[0]
         refused = " ".join(detail.split()).partition(". ")[0].removesuffix(".")
         return f"torch refuses to unpickle it with weights_only=True ({refused})"
     return " ".join(str(error).split())

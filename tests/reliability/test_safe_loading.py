@@ -108,6 +108,15 @@ def test_tower_checkpoints_are_read_with_weights_only(tmp_path: Path) -> None:
         "torch file of tensors only (a state dict)"
     )
     assert "\n" not in message and len(message) < len(str(evil)) + 300
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError) as refused:
+        AlignmentModel.from_config(
+            {"dim": 4, "towers": {"image": {**tower, "checkpoint": str(garbage)}}}
+        )
+    assert f"{garbage}: torch refuses to unpickle it with weights_only=True (Unsupported " in str(
+        refused.value
+    ) and "https://" not in str(refused.value)
 
 
 @pytest.mark.timeout(60)  # a FIFO that were opened would block until then
