@@ -402,8 +402,7 @@ class AlignmentModel(nn.Module):
             if not needed.is_file():
                 raise FileNotFoundError(
                     f"{directory} is not a saved mmalign model: {needed.name} is missing "
-                    "(AlignmentModel.save_pretrained writes config.json + model.safetensors)"
-                    + _pickle_note(directory)
+                    f"({directory}); {_model_todo(directory)}" + _pickle_note(directory)
                 )
         config = _saved_config(config_file)
         model = cls(config, base_dirs={name: directory / name for name in config.towers})
@@ -490,6 +489,16 @@ def _saved_config(config_file: Path) -> ModelConfig:
     except ValueError as error:  # not JSON, not UTF-8
         problem = f"is not valid JSON: {error}"
     raise ConfigError(f"the model config {problem} ({config_file}); {todo}") from None
+
+
+def _model_todo(directory: Path) -> str:
+    """What to pass instead of ``directory``, which holds no saved model."""
+    if (directory / "trainer.json").is_file():  # a training checkpoint (run/checkpoints/...)
+        return (
+            f"a training checkpoint is not a saved model: pass the run directory "
+            f"{directory.parent.parent} (its model/), or resume the run to save one"
+        )
+    return "pass the output of AlignmentModel.save_pretrained (config.json + model.safetensors)"
 
 
 def _pickle_note(directory: Path) -> str:

@@ -261,3 +261,18 @@ def test_a_huge_value_is_cut_in_the_error_keeping_where_and_what_to_do(
     assert found is not None and len(error) < 700, error
     assert found["where"].startswith("--set train.lr=xxx") and found["where"].endswith("...")
     assert error.endswith("; give train.lr a valid value (see its description in the docs)\n")
+
+
+def test_a_training_checkpoint_passed_as_the_model_points_at_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-00000002"
+    saved_model(checkpoint)
+    (checkpoint / "config.json").unlink()  # what a checkpoint holds: weights, no config
+    (checkpoint / "trainer.json").write_text('{"step": 2}')
+    out = str(tmp_path / "onnx")
+    assert main(["convert", str(checkpoint), "--to", "onnx", "--out", out]) == 2
+    error = capsys.readouterr().err
+    found = ONE_LINE.fullmatch(error)
+    assert found is not None and found["where"] == str(checkpoint), error
+    assert f"pass the run directory {tmp_path / 'run'} (its model/)" in error
