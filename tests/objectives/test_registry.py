@@ -90,7 +90,10 @@ def test_an_objective_fault_fails_at_load_and_writes_nothing(tmp_path: Path) -> 
 @pytest.mark.parametrize(
     ("objective", "field"),
     [
-        ({"name": "nope"}, r"model\.objective\.name: unknown objective 'nope' \(dict\); registered: .*clip"),
+        (
+            {"name": "nope"},
+            r"model\.objective\.name: unknown objective 'nope' \(dict\); registered: .*clip",
+        ),
         ({"name": "clip", "pairs": [["x", "z"]]}, r"model\.objective\.pairs: \['x', 'z'\]"),
         ({"name": "clip", "weights": {"x-z": 1.0}}, r"model\.objective\.weights: keys \['x-z'\]"),
         ({"name": "symile", "negatives": "n3"}, r"model\.objective\.negatives: Input should be"),
