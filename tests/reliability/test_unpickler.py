@@ -113,10 +113,11 @@ def test_metadata_written_by_dcp_loads(tmp_path: Path) -> None:
 def test_storage_meta_of_another_type_is_refused(tmp_path: Path, storage_meta: Any) -> None:
     planted = real_metadata()
     planted.storage_meta = storage_meta
+    payload = pickle.dumps(planted, protocol=4)  # first: pickling caches __slotnames__
     owners = (pathlib.PosixPath, pathlib.Path, Metadata, StorageMeta)
     before = {owner: dict(vars(owner)) for owner in owners}
     with pytest.raises(UserError) as caught:
-        read(tmp_path, pickle.dumps(planted, protocol=4))
+        read(tmp_path, payload)
     message = str(caught.value)
     assert "storage_meta, where torch writes a StorageMeta or None" in message
     assert f"({tmp_path / '.metadata'})" in message and "\n" not in message
