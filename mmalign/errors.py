@@ -14,6 +14,9 @@ Example:
 
 from __future__ import annotations
 
+import os
+import stat
+from pathlib import Path
 from typing import Any
 
 
@@ -40,6 +43,29 @@ class SampleError(ValueError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+def file_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot be read as an input file (``"does not exist"``, ``"is a directory,
+    not a file"``, ``"is not a regular file (a device, FIFO or socket)"``), or ``None`` for a
+    regular file. Only ``stat`` is asked: a FIFO or a device is never opened.
+
+    Example:
+        >>> file_problem("/dev/null"), file_problem("/"), file_problem("/no/such/file")
+        ('is not a regular file (a device, FIFO or socket)', 'is a directory, not a file', \
+'does not exist')
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "does not exist"
+    except OSError as error:  # a name too long, a loop of links, a part that is a file
+        return f"cannot be used: {error.strerror}"
+    if stat.S_ISDIR(mode):
+        return "is a directory, not a file"
+    if not stat.S_ISREG(mode):
+        return "is not a regular file (a device, FIFO or socket)"
+    return None
 
 
 def validation_problems(error: Any, prefix: str = "") -> list[str]:
@@ -70,13 +96,60 @@ def validation_problems(error: Any, prefix: str = "") -> list[str]:
     return lines
 
 
-def config_error(error: Any, prefix: str, what: str) -> ConfigError:
-    """A :class:`ConfigError` listing every problem of a pydantic ``ValidationError``.
+SHOWN_PROBLEMS = 3
+"""How many problems of one invalid config an error lists (then: ``and N more``)."""
 
-    One problem stays on one line (``invalid <what>: field: message``); several are listed
-    one per line under ``invalid <what>:``.
+
+def _todo(item: dict[str, Any], field: str) -> str:
+    """What to do about one pydantic problem without a ``; what to do`` of its own."""
+    if item["type"] == "missing":
+        return f"add {field}"
+    return f"give {field} a valid value (see its description in the docs)"
+
+
+def config_error(error: Any, prefix: str, what: str, where: str | None = None) -> ConfigError:
+    """A one-line :class:`ConfigError` for a pydantic ``ValidationError`` (see
+    :func:`problems_error`); pydantic's links and echoed inputs are left out.
+
+    Example:
+        >>> from pydantic import BaseModel, ConfigDict, ValidationError
+        >>> class Section(BaseModel):
+        ...     model_config = ConfigDict(extra="forbid")
+        ...     steps: int = 1
+        >>> try:
+        ...     Section.model_validate({"steps": "x"})
+        ... except ValidationError as error:
+        ...     print(config_error(error, "train", "config", "run.yaml"))
+        invalid config: train.steps: Input should be a valid integer, unable to parse string \
+as an integer (run.yaml); give train.steps a valid value (see its description in the docs)
     """
-    problems = validation_problems(error, prefix)
-    if len(problems) == 1:
-        return ConfigError(f"invalid {what}: {problems[0]}")
-    return ConfigError("\n  ".join([f"invalid {what}:", *problems]))
+    lines = validation_problems(error, prefix)
+    fields = [line.partition(": ")[0] for line in lines]
+    todos = [_todo(item, field) for item, field in zip(error.errors(), fields, strict=True)]
+    return problems_error(what, lines, where, todos)
+
+
+def problems_error(
+    what: str, problems: list[str], where: str | None = None, todos: list[str] | None = None
+) -> ConfigError:
+    """One line for ``problems`` (``field: problem[; what to do]`` each):
+    ``invalid <what>: <field>: <problem> (<where>); <what to do>``, where is the file or
+    ``--set`` override that set the field (default: the fields listed). The first
+    :data:`SHOWN_PROBLEMS` problems are listed, the rest counted; what to do is the first
+    problem's own advice, else ``todos[0]`` (default: fix the field).
+
+    Example:
+        >>> print(problems_error("training config", ["train.steps: set it; e.g. 100", "a: b"]))
+        invalid training config: train.steps: set it, a: b (train.steps, a); e.g. 100
+    """
+    shown, advice = [], []
+    for index, line in enumerate(problems):
+        field, _, message = line.partition(": ")
+        problem, _, todo = message.partition("; ")
+        shown.append(f"{field}: {problem}" if message else field)
+        advice.append(todo or (todos[index] if todos else f"fix {field}"))
+    listed = ", ".join(shown[:SHOWN_PROBLEMS])
+    if len(shown) > SHOWN_PROBLEMS:
+        listed += f", and {len(shown) - SHOWN_PROBLEMS} more"
+    place = where or ", ".join(line.partition(": ")[0] for line in shown[:SHOWN_PROBLEMS])
+    return ConfigError(f"invalid {what}: {listed} ({place}); {advice[0]}")

@@ -402,13 +402,9 @@ class AlignmentModel(nn.Module):
             if not needed.is_file():
                 raise FileNotFoundError(
                     f"{directory} is not a saved mmalign model: {needed.name} is missing "
-                    "(AlignmentModel.save_pretrained writes config.json + model.safetensors)"
-                    + _pickle_note(directory)
+                    f"({directory}); {_model_todo(directory)}" + _pickle_note(directory)
                 )
-        try:
-            config = ModelConfig.model_validate(json.loads(config_file.read_text()))
-        except (ValueError, ValidationError) as error:
-            raise ConfigError(f"{config_file}: not a valid model config: {error}") from None
+        config = _saved_config(config_file)
         model = cls(config, base_dirs={name: directory / name for name in config.towers})
         try:
             missing, unexpected = load_model(model, weights, strict=False)
@@ -477,6 +473,32 @@ def _as_sample_list(modality: str, raws: Iterable[Any]) -> list[Any]:
     if not samples:
         raise ValueError(f"encode({modality!r}, raws): raws is empty; pass at least one sample")
     return samples
+
+
+def _saved_config(config_file: Path) -> ModelConfig:
+    """The validated ``config.json`` of a saved model; a one-line :class:`ConfigError` naming
+    the file when it is no JSON, nested too deep to read, or no valid model config."""
+    todo = "save the model again (AlignmentModel.save_pretrained), or pass another model"
+    try:
+        data = json.loads(config_file.read_text())
+        return ModelConfig.model_validate(data)
+    except ValidationError as error:
+        raise config_error(error, "", "model config", str(config_file)) from None
+    except RecursionError:
+        problem = "is nested too deeply to read"
+    except ValueError as error:  # not JSON, not UTF-8
+        problem = f"is not valid JSON: {error}"
+    raise ConfigError(f"the model config {problem} ({config_file}); {todo}") from None
+
+
+def _model_todo(directory: Path) -> str:
+    """What to pass instead of ``directory``, which holds no saved model."""
+    if (directory / "trainer.json").is_file():  # a training checkpoint (run/checkpoints/...)
+        return (
+            f"a training checkpoint is not a saved model: pass the run directory "
+            f"{directory.parent.parent} (its model/), or resume the run to save one"
+        )
+    return "pass the output of AlignmentModel.save_pretrained (config.json + model.safetensors)"
 
 
 def _pickle_note(directory: Path) -> str:

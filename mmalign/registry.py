@@ -36,10 +36,17 @@ class Registry(Generic[T]):
     the first time a name is looked up or listed.
     """
 
-    def __init__(self, kind: str, field: str, builtins: str | None = None) -> None:
+    def __init__(
+        self,
+        kind: str,
+        field: str,
+        builtins: str | None = None,
+        builtin_names: tuple[str, ...] = (),
+    ) -> None:
         self.kind = kind
         self.field = field
         self.builtins = builtins
+        self.builtin_names = builtin_names
         self._entries: dict[str, T] = {}
         self._deferred: dict[str, str] = {}
 
@@ -79,6 +86,21 @@ class Registry(Generic[T]):
             )
         return self._entries[name]
 
+    def known(self, name: str) -> bool:
+        """Whether ``name`` is registered, deferred or one of ``builtin_names`` (the names the
+        ``builtins`` module registers), without importing anything: a config check that runs
+        before torch loads.
+
+        Example:
+            >>> OBJECTIVES.known("clip"), OBJECTIVES.known("clpi")
+            (True, False)
+        """
+        return name in self._entries or name in self._deferred or name in self.builtin_names
+
+    def known_names(self) -> list[str]:
+        """The names :meth:`known` admits, sorted (nothing is imported)."""
+        return sorted({*self._entries, *self._deferred, *self.builtin_names})
+
     def names(self) -> list[str]:
         """Every registered name, sorted."""
         self._load_builtins()
@@ -104,5 +126,11 @@ TOWER_OPTIONS: Registry = Registry(
 import no torch (:mod:`mmalign.towers.options`), so a config is checked before the towers load;
 :func:`~mmalign.towers.register_tower` registers a tower's options with the tower."""
 
-OBJECTIVES: Registry = Registry("objective", "model.objective.name", "mmalign.objectives")
-"""Objective classes by ``name:`` (see :mod:`mmalign.objectives`)."""
+OBJECTIVES: Registry = Registry(
+    "objective",
+    "model.objective.name",
+    "mmalign.objectives",
+    builtin_names=("anchored", "clip", "sigmoid", "symile"),
+)
+"""Objective classes by ``name:`` (see :mod:`mmalign.objectives`); the built-in names are
+known before torch loads (``mmalign train`` checks ``model.objective.name`` first)."""

@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 
-from mmalign.errors import UserError
+from mmalign.errors import UserError, file_problem
 
 
 def csv_list(text: str) -> list[str]:
@@ -153,11 +153,26 @@ def check_path(path: str | Path, flag: str, kind: str = "file") -> Path:
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path} does not exist ({flag}); check the path")
-    if kind == "file" and path.is_dir():
-        raise UserError(f"{path} is a directory, not a file ({flag}); pass the file itself")
+    problem = file_problem(path) if kind == "file" else None
+    if problem is not None:
+        raise UserError(f"{path} {problem} ({flag}); pass the file itself")
     if kind == "directory" and not path.is_dir():
         raise UserError(f"{path} is a file, not a directory ({flag}); pass its directory")
     return path
+
+
+def check_model(path: str | Path, flag: str) -> Path:
+    """``path`` when it is a model directory or a run directory holding one (``model/``);
+    else a one-line error naming ``flag`` (imports the evaluation package, so torch).
+
+    Example:
+        >>> check_model("runs/digits", "MODEL")  # doctest: +SKIP
+        PosixPath('runs/digits')
+    """
+    from mmalign.eval.loading import model_directory
+
+    model_directory(check_path(path, flag, kind="directory"), flag)
+    return Path(path)
 
 
 def key_value(text: str, what: str = "MODALITY=VALUE") -> tuple[str, str]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-from mmalign.cli.common import output_directory
+from mmalign.cli.common import check_model, output_directory
 from mmalign.errors import UserError
 
 HELP = "write a model for open_clip, Hugging Face transformers or ONNX"
@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
                 raise UserError(
                     f"an option of --to {target} only (--{option}); drop it for --to {args.to}"
                 )
+    check_model(args.model, "MODEL")
     check_output(args.out, args.to)  # before the model loads: refuse foreign folders at once
     module, name = function.split(":")
     convert = getattr(importlib.import_module(module), name)

@@ -17,6 +17,7 @@ from typing import Any
 from mmalign.cli.common import (
     add_classes_arguments,
     add_data_arguments,
+    check_model,
     check_path,
     csv_list,
     output_directory,
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
 
     from mmalign.eval.report import run_eval
 
-    check_path(args.model, "MODEL", kind="directory")
+    check_model(args.model, "MODEL")
     if args.classes is not None:
         check_path(args.classes, "--classes")
     out = Path(args.out) if args.out else Path(args.model) / "eval"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from mmalign.cli.common import (
     add_data_arguments,
-    check_path,
+    check_model,
     csv_list,
     first_process,
     output_directory,
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     """Export (or resume), index, and print the rows, chunks, record counters and indexes."""
     from mmalign.export import run_export
 
-    check_path(args.model, "MODEL", kind="directory")
+    check_model(args.model, "MODEL")
     manifest = run_export(
         args.model,
         args.data,

@@ -74,12 +74,8 @@ class OneLineParser(argparse.ArgumentParser):
         """Print ``message`` as one line and exit with status 2."""
         what, where, todo = usage_problem(one_line(message))
         todo = todo or f"see {self.prog} --help"
-        self.exit(
-            2,
-            f"mmalign: error: {what} ({where}); {todo}\n"
-            if where
-            else f"mmalign: error: {what}; {todo}\n",
-        )
+        line = f"{what} ({where}); {todo}" if where else f"{what}; {todo}"
+        self.exit(2, f"mmalign: error: {readable(line)}\n")
 
 
 USAGE_FORMS = (
@@ -192,6 +188,49 @@ def one_line(message: str) -> str:
     return text
 
 
+LONGEST_WORD = 200
+"""How many characters of one word (a run without spaces: an echoed value, a path) an error
+shows; a longer one is cut with ``...``."""
+
+LONG_WORD = re.compile(rf"\S{{{LONGEST_WORD + 1},}}")
+
+LONGEST_PARTS = (400, 200, 300)
+"""How many characters of what is wrong, where and what to do an error shows (a library's
+paragraph quoted in what is wrong is cut with ``...``)."""
+
+ERROR_PARTS = re.compile(r"(?P<what>.*) \((?P<where>[^()]*)\); (?P<todo>.*)")
+"""``<what> (<where>); <what to do>``: the last parenthesis followed by ``; `` ends what."""
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
+
+
+def readable(message: str) -> str:
+    """``message`` on one line, each word cut to :data:`LONGEST_WORD` characters and each
+    part to :data:`LONGEST_PARTS`, keeping the ``(<where>); <what to do>`` form whole.
+
+    Example:
+        >>> line = readable("'" + "9" * 5000 + "' is not a number (--set train.lr); give a number")
+        >>> len(line), line[-54:]
+        (248, '999... is not a number (--set train.lr); give a number')
+    """
+    line = one_line(message)
+    parts = ERROR_PARTS.fullmatch(line)
+    if parts is None:
+        return _shorten(line, sum(LONGEST_PARTS))
+    what, where, todo = (
+        _shorten(part, limit)
+        for part, limit in zip(parts.group("what", "where", "todo"), LONGEST_PARTS, strict=True)
+    )
+    return f"{what} ({where}); {todo}"
+
+
+def _shorten(text: str, limit: int) -> str:
+    """``text`` with each word cut to :data:`LONGEST_WORD` characters, then to ``limit``."""
+    return _cut(LONG_WORD.sub(lambda word: _cut(word[0], LONGEST_WORD), text), limit)
+
+
 def _training_stopped(error: BaseException) -> bool:
     """Whether ``error`` is :class:`mmalign.training.TrainingStopped` (only a loaded training
     package can have raised one, so nothing is imported here)."""
@@ -217,13 +256,13 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         if args.debug:
             raise
-        print(f"mmalign: error: {one_line(str(error))}", file=sys.stderr)
+        print(f"mmalign: error: {readable(str(error))}", file=sys.stderr)
         return 2
     except OSError as error:
         problem = path_problem(error)
         if args.debug or problem is None:
             raise
-        print(f"mmalign: error: {problem}", file=sys.stderr)
+        print(f"mmalign: error: {readable(problem)}", file=sys.stderr)
         return 2
     except Exception as error:
         if args.debug or not _training_stopped(error):

@@ -23,7 +23,7 @@ import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from mmalign.cli.common import bounded, check_path, csv_list, key_value
+from mmalign.cli.common import bounded, check_model, check_path, csv_list, key_value
 from mmalign.errors import UserError
 
 if TYPE_CHECKING:
@@ -208,6 +208,8 @@ def run(args: argparse.Namespace) -> int:
             f"{asked}{args.index} has {what} (--target); pass --target with an indexed "
             "modality, or build an index with mmalign export --index flat"
         )
+    if args.model is not None:
+        check_model(args.model, "--model")
     model_path = args.model or manifest["settings"].get("model_path")
     if model_path is None:
         raise UserError(f"{args.index} was exported from an in-memory model; pass --model DIR")

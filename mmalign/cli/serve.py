@@ -17,7 +17,7 @@ import os
 import signal
 import socket
 
-from mmalign.cli.common import bounded, check_path, positive_int
+from mmalign.cli.common import bounded, check_model, check_path, positive_int
 
 HELP = "serve exported indexes over HTTP, with a search page"
 TOKEN_VARIABLE = "MMALIGN_SERVE_TOKEN"
@@ -85,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
         raise missing_extra("serve", "mmalign serve") from None
     for spec in args.exports:
         check_path(spec.partition("=")[2] or spec, "EXPORT", kind="directory")
+    if args.model is not None:
+        check_model(args.model, "--model")
     if args.threads:
         import torch
 

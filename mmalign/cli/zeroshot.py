@@ -16,6 +16,7 @@ from typing import Any
 from mmalign.cli.common import (
     add_classes_arguments,
     add_data_arguments,
+    check_model,
     check_path,
     fields,
     positive_int,
@@ -83,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
 
     from mmalign.eval.zeroshot import run_zeroshot
 
-    check_path(args.model, "MODEL", kind="directory")
+    check_model(args.model, "MODEL")
     check_path(args.classes, "--classes")
     result = run_zeroshot(
         args.model,

@@ -11,11 +11,12 @@ from pydantic import BaseModel, ValidationError
 from mmalign.config.sections import Config, DataConfig, EvalConfig, ModelConfig, TrainConfig
 from mmalign.config.strict_yaml import parse_yaml, read_yaml
 from mmalign.config.tower import tower_config
-from mmalign.errors import ConfigError, config_error
+from mmalign.errors import ConfigError, config_error, file_problem
+from mmalign.registry import OBJECTIVES
 
 
 def _parse_value(text: str, key: str) -> Any:
-    return parse_yaml(text, f"override --set {key}") if text != "" else ""
+    return parse_yaml(text, "the value", f"--set {key}") if text != "" else ""
 
 
 SCHEDULE_KEYS = ("train.steps", "train.epochs")
@@ -78,8 +79,8 @@ def precheck_config(path: str | Path, overrides: list[str] | None = None) -> Non
         >>> try:
         ...     precheck_config(file.name)
         ... except ConfigError as error:
-        ...     print(str(error).split("): ", 1)[1])
-        train.stepz: unknown key; check the spelling against the documented fields
+        ...     print(error)  # doctest: +ELLIPSIS
+        invalid config: train.stepz: unknown key (/...yaml); check the spelling against the ...
     """
     data = _read_file(Path(path))
     _override_schedule(data, overrides or [])
@@ -87,7 +88,7 @@ def precheck_config(path: str | Path, overrides: list[str] | None = None) -> Non
     unknown = sorted(set(data) - {"model", *LIGHT_SECTIONS})
     if unknown:
         raise ConfigError(
-            f"invalid config ({path}): {unknown[0]}: unknown section; the sections are model, "
+            f"invalid config: {unknown[0]}: unknown section ({path}); the sections are model, "
             "data, train and eval"
         )
     for name, section in LIGHT_SECTIONS.items():
@@ -95,7 +96,7 @@ def precheck_config(path: str | Path, overrides: list[str] | None = None) -> Non
             section.model_validate(data.get(name) or {})
         except ValidationError as error:
             where = _source(error, str(path), overrides, prefix=f"{name}.")
-            raise config_error(error, name, f"config ({where})") from None
+            raise config_error(error, name, "config", where) from None
     _precheck_model(data.get("model"), str(path), overrides)
 
 
@@ -104,36 +105,60 @@ def _precheck_model(model: Any, path: str, overrides: list[str] | None) -> None:
     objective needs the objective classes, so torch) and every tower's options."""
     if model is None:
         raise ConfigError(
-            f"invalid config ({path}): model: Field required; add a model section with its towers"
+            f"invalid config: model: Field required ({path}); add a model section with its towers"
         )
     if not isinstance(model, dict):
         return
     unknown = sorted(set(model) - set(ModelConfig.model_fields))
     if unknown:
-        keys = [f"model.{key}" for key in unknown]
-        where = ", ".join(f"--set {item}" for item in overrides or [] if item.split("=")[0] in keys)
+        key = f"model.{unknown[0]}"
         raise ConfigError(
-            f"invalid config ({where or path}): {keys[0]}: unknown key; check the spelling "
-            "against the documented fields"
+            f"invalid config: {key}: unknown key ({_set_by(key, path, overrides)}); check the "
+            "spelling against the documented fields"
         )
+    _precheck_objective(model.get("objective"), path, overrides)
     towers = model.get("towers")
     for name, value in towers.items() if isinstance(towers, dict) else ():
         try:
             tower_config(value)
         except ValidationError as error:
             where = _source(error, path, overrides, prefix=f"model.towers.{name}.")
-            raise config_error(error, f"model.towers.{name}", f"config ({where})") from None
+            raise config_error(error, f"model.towers.{name}", "config", where) from None
+
+
+def _set_by(key: str, path: str, overrides: list[str] | None) -> str:
+    """The ``--set`` overrides that set ``key`` (or a section above it), else the file."""
+    setting = [
+        f"--set {item}"
+        for item in overrides or []
+        if f"{key}.".startswith(item.split("=", 1)[0].strip() + ".")
+    ]
+    return ", ".join(setting) or path
+
+
+def _precheck_objective(objective: Any, path: str, overrides: list[str] | None) -> None:
+    """``model.objective.name`` is a known objective (registered or built in; its other keys
+    need the objective's config class, so torch, and are checked by :func:`load_config`)."""
+    name = objective.get("name", "clip") if isinstance(objective, dict) else "clip"
+    if not isinstance(name, str) or not OBJECTIVES.known(name):
+        raise ConfigError(
+            f"invalid config: model.objective.name: unknown objective {name!r} "
+            f"({_set_by('model.objective.name', path, overrides)}); registered: "
+            f"{', '.join(OBJECTIVES.known_names())}"
+        )
 
 
 def _read_file(path: Path) -> dict[str, Any]:
     """The mapping of a YAML config file; a :class:`ConfigError` naming it otherwise."""
-    if path.is_dir():
-        raise ConfigError(f"the config is a directory ({path}); pass the YAML file itself")
-    if not path.is_file():
-        raise ConfigError(f"the config file does not exist ({path}); check the path")
+    problem = file_problem(path)
+    if problem is not None:
+        raise ConfigError(f"the config {problem} ({path}); pass the path of the YAML file")
     data = read_yaml(path) or {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config {path} must be a mapping with model/data/train/eval sections")
+        raise ConfigError(
+            f"the config is no mapping ({path}); write a mapping with model, data, train and "
+            "eval sections"
+        )
     return data
 
 
@@ -155,13 +180,16 @@ def load_config(
         data = json.loads(json.dumps(source))
         name = "dict"
     if not isinstance(data, dict):
-        raise ConfigError(f"config {name} must be a mapping with model/data/train/eval sections")
+        raise ConfigError(
+            f"the config is no mapping ({name}); pass a mapping with model, data, train and "
+            "eval sections"
+        )
     _override_schedule(data, overrides or [])
     apply_overrides(data, overrides or [])
     try:
         config = Config.model_validate(data)
     except ValidationError as error:
-        raise config_error(error, "", f"config ({_source(error, name, overrides)})") from None
+        raise config_error(error, "", "config", _source(error, name, overrides)) from None
     return config
 
 

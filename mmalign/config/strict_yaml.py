@@ -48,7 +48,7 @@ class StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def read_yaml(path: Path, what: str = "config file") -> Any:
+def read_yaml(path: Path, what: str = "the config file") -> Any:
     """The YAML document in ``path`` read with :class:`StrictLoader`; any reason it cannot be
     read as plain YAML text is a :class:`ConfigError` naming ``path``.
 
@@ -59,44 +59,44 @@ def read_yaml(path: Path, what: str = "config file") -> Any:
         >>> try:
         ...     read_yaml(Path(file.name))
         ... except ConfigError as error:
-        ...     print(str(error).split(": ", 1)[1])
-        key 'steps' appears twice (lines 2 and 3); keep one of them
+        ...     print(str(error).replace(file.name, "run.yaml"))
+        key 'steps' appears twice (lines 2 and 3) in the config file (run.yaml); keep one of them
     """
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
         raise ConfigError(
-            f"{what} {path} is not UTF-8 text (byte {error.start}); pass the YAML file"
+            f"{what} is not UTF-8 text at byte {error.start} ({path}); pass the YAML file"
         ) from None
-    return parse_yaml(text, f"{what} {path}")
+    return parse_yaml(text, what, str(path))
 
 
-def parse_yaml(text: str, source: str) -> Any:
+def parse_yaml(text: str, what: str, where: str) -> Any:
     """``text`` read with :class:`StrictLoader`; a repeated key, nesting too deep to read or
-    anything that is not plain YAML is a :class:`ConfigError` naming ``source`` (a file, a
-    ``--set`` override).
+    anything that is not plain YAML is a :class:`ConfigError` about ``what`` (``the config
+    file``, ``the value``) naming ``where`` (its path, a ``--set`` override).
 
     Example:
-        >>> parse_yaml("[1, 2]", "override --set data.fields")
+        >>> parse_yaml("[1, 2]", "the value", "--set data.fields")
         [1, 2]
-        >>> parse_yaml("[" * 100000, "override --set train.lr")
+        >>> parse_yaml("[" * 100000, "the value", "--set train.lr")
         Traceback (most recent call last):
         ...
-        mmalign.errors.ConfigError: override --set train.lr is nested too deeply to read; \
+        mmalign.errors.ConfigError: the value is nested too deeply to read (--set train.lr); \
 a config needs a few levels
     """
     try:
         return yaml.load(text, Loader=StrictLoader)
     except DuplicateKeyError as error:
-        raise ConfigError(f"{source}: {error}; keep one of them") from None
+        raise ConfigError(f"{error} in {what} ({where}); keep one of them") from None
     except RecursionError:
         raise ConfigError(
-            f"{source} is nested too deeply to read; a config needs a few levels"
+            f"{what} is nested too deeply to read ({where}); a config needs a few levels"
         ) from None
     except yaml.YAMLError as error:
         raise ConfigError(
-            f"{source} is not valid YAML: {_yaml_problem(error)}; write plain YAML (mappings, "
-            "lists, strings, numbers; no tags such as !!python)"
+            f"{what} is not valid YAML: {_yaml_problem(error)} ({where}); write plain YAML "
+            "(mappings, lists, strings, numbers; no tags such as !!python)"
         ) from None
 
 

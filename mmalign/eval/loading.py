@@ -37,15 +37,27 @@ DEFAULT_EXTENSIONS = {
 """Record extensions per tower type when neither the caller nor a run config names them."""
 
 
-def model_directory(path: str | Path) -> Path:
-    """The directory holding ``model.safetensors``: ``path`` itself or ``path/model``."""
+def model_directory(path: str | Path, where: str | None = None) -> Path:
+    """The directory holding ``model.safetensors``: ``path`` itself or ``path/model``; a
+    ``FileNotFoundError`` naming ``where`` (the flag that gave ``path``; default: ``path``)
+    otherwise.
+
+    Example:
+        >>> model_directory("/", "--model")
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: / holds neither model.safetensors nor model/model.safetensors: it is \
+no model directory and no run directory (--model); pass the output of save_pretrained or of \
+mmalign train
+    """
     path = Path(path)
     for candidate in (path, path / "model"):
         if (candidate / "model.safetensors").is_file():
             return candidate
     raise FileNotFoundError(
-        f"{path} is neither a model directory (with model.safetensors) nor a run directory "
-        "(with model/model.safetensors); pass the output of save_pretrained or of mmalign train"
+        f"{path} holds neither model.safetensors nor model/model.safetensors: it is no model "
+        f"directory and no run directory ({where or path}); pass the output of save_pretrained "
+        "or of mmalign train"
     )
 
 
@@ -102,7 +114,7 @@ def run_fields(source: str | Path | None) -> dict[str, str]:
             data = read_yaml(candidate, "the run's config") or {}
             if not isinstance(data, dict):
                 raise ConfigError(
-                    f"{candidate} does not hold a run config (a mapping); restore the run's "
+                    f"the run's config is no mapping ({candidate}); restore the run's "
                     "config.yaml or pass the fields with --field MODALITY=EXT"
                 )
             return dict((data.get("data") or {}).get("fields") or {})

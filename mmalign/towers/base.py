@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 from mmalign.config.tower import TowerConfig, tower_config
-from mmalign.errors import ConfigError, UserError, config_error
+from mmalign.errors import ConfigError, UserError, config_error, file_problem
 from mmalign.registry import TOWER_OPTIONS, TOWERS
 from mmalign.towers.grad_checkpointing import checkpoint_blocks
 from mmalign.towers.layout import Block, stack_blocks, train_last_blocks
@@ -155,9 +156,10 @@ class Tower(nn.Module):
         prefix are unwrapped). ``key`` is the config field that named the file."""
         file = self.resolve_path(path)
         where = f"{self.field}.{key}"
-        if not file.is_file():
+        problem = file_problem(file)
+        if problem is not None:
             raise ConfigError(
-                f"{where}: checkpoint file {file} does not exist; give the path of a local "
+                f"the checkpoint {file} {problem} ({where}); give the path of a local "
                 "checkpoint file (mmalign never downloads weights), or leave out checkpoint "
                 "for a random initialization"
             )
@@ -166,13 +168,21 @@ class Tower(nn.Module):
             if file.suffix == ".safetensors":
                 state = safetensors.torch.load_file(str(file))
             else:
-                state = torch.load(file, map_location="cpu", weights_only=True)
+                with warnings.catch_warnings():  # torch's note on the pickle protocol
+                    warnings.simplefilter("ignore", UserWarning)
+                    state = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as error:  # any reader failure: corrupt file, pickle with code, ...
-            raise ConfigError(f"{where}: cannot read checkpoint {file}: {error}") from error
+            raise ConfigError(
+                f"cannot read the checkpoint {file}: {_reader_problem(error)} ({where}); pass a "
+                ".safetensors file or a torch file of tensors only (a state dict)"
+            ) from error
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
         if not isinstance(state, dict) or not state:
-            raise ConfigError(f"{where}: {file} does not hold a state dict of tensors")
+            raise ConfigError(
+                f"the checkpoint {file} holds no state dict of tensors ({where}); pass the "
+                "weights of this tower (a .safetensors file or a torch state dict)"
+            )
         return {name.removeprefix("module."): value for name, value in state.items()}
 
     def load_weights(
@@ -205,6 +215,17 @@ class Tower(nn.Module):
                 "trained with."
             )
         module.load_state_dict(state, strict=True)
+
+
+def _reader_problem(error: Exception) -> str:
+    """What a checkpoint reader's error says, in one line: of torch's paragraph on
+    ``weights_only`` (a pickle holding more than tensors), only the refused part."""
+    _, found, detail = str(error).partition("WeightsUnpickler error:")
+    if found:
+        detail = detail.partition("Check the documentation")[0]
+        refused = " ".join(detail.split()).partition(". ")[0].removesuffix(".")
+        return f"torch refuses to unpickle it with weights_only=True ({refused})"
+    return " ".join(str(error).split())
 
 
 @contextmanager

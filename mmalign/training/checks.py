@@ -1,14 +1,15 @@
 """Checks of a run config that need more than types: files exist, sections agree.
 
 Example:
-    >>> from mmalign.config import load_config
+    >>> from mmalign.config import ConfigError, load_config
     >>> config = load_config({"model": {"towers": {"labs": {"type": "tabular",
     ...     "in_features": 2}}}})
     >>> try:
     ...     check_run_config(config)
     ... except ConfigError as error:
-    ...     print(str(error).splitlines()[1])
-      data.train: no training shards; set it to a shard pattern, directory or list
+    ...     print(error)  # doctest: +ELLIPSIS
+    invalid training config: data.train: no training shards, ... (data.train, data.fields, \
+model.objective.name); set it to a shard pattern, directory or list
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from mmalign.config import Config, ConfigError
+from mmalign.config import Config
 from mmalign.data.sources import resolve_sources
+from mmalign.errors import problems_error
 from mmalign.training.parallel import strategy_problems
 
 
@@ -153,7 +155,7 @@ def check_run_config(config: Config) -> None:
     )
     if problems:
         unique = list(dict.fromkeys(problems))
-        raise ConfigError("invalid training config:\n" + "\n".join(f"  {p}" for p in unique))
+        raise problems_error("training config", unique)
 
 
 def total_steps(config: Config) -> int:

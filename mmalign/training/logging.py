@@ -52,22 +52,49 @@ _VALIDATION_SUMMARY = (
 
 
 class MetricsError(UserError, ValueError):
-    """A ``metrics.jsonl`` line other than the last is not JSON (the file was edited)."""
+    """A ``metrics.jsonl`` line other than the last is no metrics record (the file was
+    edited)."""
+
+
+def metrics_record(line: str) -> dict[str, Any]:
+    """One ``metrics.jsonl`` line as the record :meth:`RunLogger.log` writes: a JSON object
+    with a whole-number ``step`` and numbers; a ``ValueError`` saying what is wrong otherwise.
+
+    Example:
+        >>> metrics_record('{"step": 2, "train/loss": 0.5}')
+        {'step': 2, 'train/loss': 0.5}
+        >>> metrics_record('{"train/loss": 0.5}')
+        Traceback (most recent call last):
+        ...
+        ValueError: no whole-number "step"
+    """
+    record = json.loads(line)
+    if not isinstance(record, dict):
+        raise ValueError(f"a JSON {type(record).__name__}, not an object")
+    step = record.get("step")
+    if type(step) is not int or step < 0:
+        raise ValueError('no whole-number "step"')
+    for key, value in record.items():
+        if type(value) not in (int, float):
+            raise ValueError(f"{key!r} is not a number")
+    return record
 
 
 def _parse_metrics(path: Path) -> tuple[list[dict[str, Any]], str | None]:
     """The records of ``path`` and a note when its last line is torn (dropped)."""
     if not path.is_file():
         return [], None
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text(errors="replace")  # a byte that is no UTF-8: that line is refused
+    lines = [line for line in text.splitlines() if line.strip()]
     records, torn = [], None
     for number, line in enumerate(lines, start=1):
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as error:
+            records.append(metrics_record(line))
+        except (ValueError, RecursionError) as error:  # json's errors are ValueErrors
             if number < len(lines):
                 raise MetricsError(
-                    f"{path}:{number} is not a JSON record ({error}); fix or delete that line"
+                    f"line {number} is not a metrics record: {error} ({path}:{number}); fix or "
+                    "delete that line"
                 ) from None
             torn = (
                 f"{path}: the last line ({number}) was cut off (the run was killed while "

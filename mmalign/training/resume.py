@@ -98,7 +98,7 @@ def read_run_config(path: Path) -> dict[str, Any]:
     the file."""
     data = read_yaml(path, "the run's config")
     if not isinstance(data, dict):
-        raise ConfigError(f"{path} does not hold a run config (a mapping); restore it")
+        raise ConfigError(f"the run's config is no mapping ({path}); restore it")
     return data
 
 

@@ -90,7 +90,10 @@ def test_an_objective_fault_fails_at_load_and_writes_nothing(tmp_path: Path) -> 
 @pytest.mark.parametrize(
     ("objective", "field"),
     [
-        ({"name": "nope"}, r"model\.objective\.name: unknown objective 'nope'; registered: .*clip"),
+        (
+            {"name": "nope"},
+            r"model\.objective\.name: unknown objective 'nope' \(dict\); registered: .*clip",
+        ),
         ({"name": "clip", "pairs": [["x", "z"]]}, r"model\.objective\.pairs: \['x', 'z'\]"),
         ({"name": "clip", "weights": {"x-z": 1.0}}, r"model\.objective\.weights: keys \['x-z'\]"),
         ({"name": "symile", "negatives": "n3"}, r"model\.objective\.negatives: Input should be"),
@@ -104,3 +107,14 @@ def test_objective_config_errors_name_the_field(
     config["model"]["objective"] = objective
     with pytest.raises(ConfigError, match=field):
         load_config(config)
+
+
+def test_the_builtin_names_known_before_torch_are_the_registered_ones() -> None:
+    """``mmalign train`` checks ``model.objective.name`` against them before importing torch."""
+    builtin = {
+        name
+        for name in OBJECTIVES.names()
+        if OBJECTIVES.get(name).__module__.startswith("mmalign.")
+    }
+    assert set(OBJECTIVES.builtin_names) == builtin
+    assert OBJECTIVES.known("test_scaled_clip") and not OBJECTIVES.known("clpi")

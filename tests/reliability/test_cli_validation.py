@@ -215,7 +215,8 @@ def test_a_damaged_run_config_names_the_file(
     (run / "config.yaml").write_bytes(damage)
     assert main(["eval", str(run), "--data", workspace["shards"]]) == 2
     error = one_line_error(capsys)
-    assert f"the run's config {run / 'config.yaml'}" in error and named in error
+    assert "the run's config " in error and f"({run / 'config.yaml'}); " in error
+    assert named in error
     with pytest.raises(ConfigError, match=named):
         read_run_config(run / "config.yaml")
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import fork_mmalign, tiny_config, write_config
 
+from mmalign.cli.main import main
 from mmalign.config import ConfigError
 from mmalign.training import train
 
@@ -49,15 +50,26 @@ CONFIG_FAULTS: dict[str, tuple[list[str], str]] = {
 }
 
 
+ERROR_FORM = re.compile(r"mmalign: error: [^\n]*[^ ] \((?P<where>[^()]+)\); [^\n]*[^ ]\n")
+"""The one-line form: ``mmalign: error: <what> (<where>); <what to do>``."""
+
+
 @pytest.mark.parametrize("fault", sorted(CONFIG_FAULTS))
 def test_config_fault_refused_at_load_naming_the_field(
-    tmp_path: Path, shards: str, fault: str
+    tmp_path: Path, shards: str, fault: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     overrides, field = CONFIG_FAULTS[fault]
     run = tmp_path / "run"
+    config = tiny_config(run, shards, train={"steps": 2})
     with pytest.raises(ConfigError, match=r"(^|\s)" + re.escape(field) + ": "):
-        train(tiny_config(run, shards, train={"steps": 2}), overrides)
+        train(config, overrides)
     assert not run.exists(), "the run directory was touched"
+    arguments = [f"--set={override}" for override in overrides]
+    assert main(["train", str(write_config(tmp_path / "run.yaml", config)), *arguments]) == 2
+    error = capsys.readouterr().err
+    found = ERROR_FORM.fullmatch(error)  # pydantic's own advice had no "; what to do" part
+    assert found is not None and "https://" not in error, error
+    assert found["where"].startswith("--set ") or field in found["where"], error
 
 
 @pytest.mark.launches

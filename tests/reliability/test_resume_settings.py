@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import fork_mmalign, tiny_config, write_config
 
+from mmalign.cli.main import main
 from mmalign.config import ConfigError
 from mmalign.eval.loading import run_fields
 from mmalign.training import train
@@ -82,8 +83,51 @@ def test_torn_last_metrics_line_is_dropped_and_reported(tmp_path: Path, shards: 
     assert f"{metrics}: the last line (5) was cut off" in (run / "train.log").read_text()
 
     metrics.write_text("\n".join(["{broken", *lines[1:]]) + "\n")
-    with pytest.raises(MetricsError, match=f"{metrics}:1 is not a JSON record"):
+    with pytest.raises(MetricsError, match=f"line 1 is not a metrics record: .*\\({metrics}:1\\)"):
         read_metrics(metrics)
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        ('{"train/loss": 1.5}', 'no whole-number "step"'),  # a traceback (KeyError) before
+        ('{"step": "2", "train/loss": 1.5}', 'no whole-number "step"'),
+        ('{"step": 2, "train/loss": "x"}', "'train/loss' is not a number"),
+        ("[1, 2]", "a JSON list, not an object"),
+        ("\udcff", "Expecting value: line 1 column 1 (char 0)"),
+    ],
+    ids=["no step", "text step", "text value", "list", "not UTF-8"],
+)
+def test_an_invalid_metrics_line_is_refused_or_dropped_when_last(
+    tmp_path: Path, line: str, problem: str
+) -> None:
+    metrics, good = tmp_path / "metrics.jsonl", ['{"step": 1, "a": 1.0}', '{"step": 2}']
+    metrics.write_bytes("\n".join([good[0], line, good[1]]).encode(errors="surrogateescape"))
+    expected = f"line 2 is not a metrics record: {problem} ({metrics}:2); fix or delete that line"
+    with pytest.raises(MetricsError) as caught:
+        read_metrics(metrics)
+    assert str(caught.value) == expected
+    metrics.write_bytes("\n".join([*good, line]).encode(errors="surrogateescape"))
+    with pytest.warns(UserWarning, match=r"the last line \(3\) was cut off"):
+        assert [r["step"] for r in read_metrics(metrics)] == [1, 2]
+
+
+def test_resume_over_a_metrics_line_without_step_is_one_line(
+    tmp_path: Path, shards: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    config = write_config(
+        tmp_path / "run.yaml", tiny_config(run, shards, train={"steps": 2, "save_every": 2})
+    )
+    train(config)
+    metrics = run / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join([lines[0], '{"train/loss": 1.5}', *lines[1:]]) + "\n")
+    assert main(["train", str(config), "--resume", "--set", "train.steps=3"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f'mmalign: error: line 2 is not a metrics record: no whole-number "step" ({metrics}:2); '
+        "fix or delete that line"
+    )
 
 
 @pytest.mark.launches
@@ -112,7 +156,7 @@ def test_a_yaml_tag_in_a_runs_config_is_an_error_naming_the_file(
     marker = tmp_path / "executed"
     saved = run / "config.yaml"
     saved.write_text(f"model: !!python/object/apply:os.system ['touch {marker}']\n")
-    refused = rf"^the run's config {re.escape(str(saved))} is not valid YAML"
+    refused = rf"^the run's config is not valid YAML: .* \({re.escape(str(saved))}\); "
     with pytest.raises(ConfigError, match=refused):
         train(config, ["train.steps=5"], resume=True)
     with pytest.raises(ConfigError, match=refused):

@@ -5,6 +5,7 @@ checkpoints are read with ``weights_only=True``, and configs cannot name Python 
 from __future__ import annotations
 
 import ast
+import os
 import pickle
 import shutil
 from pathlib import Path
@@ -95,11 +96,51 @@ def test_tower_checkpoints_are_read_with_weights_only(tmp_path: Path) -> None:
     for name, value in source.towers["image"].state_dict().items():
         assert torch.equal(loaded.towers["image"].state_dict()[name], value), name
     evil = plant_pickle(tmp_path / "evil.pt", marker)
-    with pytest.raises(ConfigError, match=r"model.towers.image.checkpoint: cannot read"):
+    with pytest.raises(ConfigError) as refused:
         AlignmentModel.from_config(
             {"dim": 4, "towers": {"image": {**tower, "checkpoint": str(evil)}}}
         )
     assert not marker.exists()
+    message = str(refused.value)  # torch's 600-character paragraph: only what it refused
+    assert message.startswith(f"cannot read the checkpoint {evil}: torch refuses to unpickle")
+    assert message.endswith(
+        "(model.towers.image.checkpoint); pass a .safetensors file or a "
+        "torch file of tensors only (a state dict)"
+    )
+    assert "\n" not in message and len(message) < len(str(evil)) + 300
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError) as refused:
+        AlignmentModel.from_config(
+            {"dim": 4, "towers": {"image": {**tower, "checkpoint": str(garbage)}}}
+        )
+    assert f"{garbage}: torch refuses to unpickle it with weights_only=True (Unsupported " in str(
+        refused.value
+    ) and "https://" not in str(refused.value)
+
+
+@pytest.mark.timeout(60)  # a FIFO that were opened would block until then
+@pytest.mark.parametrize("kind", ["directory", "FIFO", "device"])
+def test_a_tower_checkpoint_that_is_no_file_is_named_so(
+    tmp_path: Path, kind: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A directory was reported as a missing file."""
+    path, problem = {
+        "directory": (tmp_path / "ckdir", "is a directory, not a file"),
+        "FIFO": (tmp_path / "fifo.pt", "is not a regular file (a device, FIFO or socket)"),
+        "device": (Path("/dev/zero"), "is not a regular file (a device, FIFO or socket)"),
+    }[kind]
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "FIFO":
+        os.mkfifo(path)
+    tower = {"type": "image", "embed_dim": 8, "vision_cfg": VISION, "checkpoint": str(path)}
+    with pytest.raises(ConfigError) as refused:
+        AlignmentModel.from_config({"dim": 4, "towers": {"image": tower}})
+    assert str(refused.value).startswith(
+        f"the checkpoint {path} {problem} (model.towers.image.checkpoint); give the path of a "
+        "local checkpoint file"
+    )
 
 
 def test_hf_text_tower_never_unpickles(tmp_path: Path) -> None:
@@ -133,7 +174,9 @@ def test_yaml_python_tags_are_refused(tmp_path: Path) -> None:
     assert "\n" not in str(refused.value)  # one line, naming the line of the tag
     assert "could not determine a constructor" in str(refused.value)
     good = {"model": {"towers": {"labs": {"type": "tabular", "in_features": 2}}}}
-    with pytest.raises(ConfigError, match=r"override --set train\.lr is not valid YAML: could"):
+    with pytest.raises(
+        ConfigError, match=r"the value is not valid YAML: could .* \(--set train\.lr\)"
+    ):
         load_config(good, [f"train.lr=!!python/object/apply:builtins.open [{marker}, w]"])
     assert not marker.exists()
 
@@ -158,7 +201,7 @@ def test_config_cannot_name_python_objects(section: dict, message: str) -> None:
 
 
 UNSAFE_MODULES = {"pickle", "dill", "cloudpickle", "marshal", "shelve"}
-METADATA_UNPICKLER = "mmalign/training/parallel/sharded_checkpoint.py"
+METADATA_UNPICKLER = "mmalign/training/parallel/checkpoint_metadata.py"
 """The one module that may import pickle: its Unpickler subclass admits only torch's
 checkpoint-metadata classes (tests/training/test_fsdp.py plants a code-executing pickle)."""
 

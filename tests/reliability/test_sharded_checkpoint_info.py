@@ -60,5 +60,6 @@ def test_damaged_metadata_names_the_file(tmp_path: Path, payload: bytes) -> None
     metadata.write_bytes(payload)
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.AdamW(model.parameters())
-    with pytest.raises(UserError, match=f"{metadata} cannot be read .*remove {tmp_path} "):
+    named = f"the checkpoint metadata cannot be read: .* \\({metadata}\\); .*remove {tmp_path} "
+    with pytest.raises(UserError, match=named):
         load(tmp_path, model, optimizer, world_size=1)

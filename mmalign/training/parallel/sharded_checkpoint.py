@@ -12,11 +12,11 @@ written in ``.tmp-step-*``, renamed, last K kept, ``best/``), the model and opti
 Each process writes and reads only its own shards
 (:func:`torch.distributed.checkpoint.state_dict.get_state_dict` /
 :func:`~torch.distributed.checkpoint.state_dict.set_state_dict`). Resuming needs the same
-world size. ``.metadata`` is a pickle written by torch; it is read with an unpickler that
-admits only torch's checkpoint-metadata classes, so no code from a file ever runs (tensor
-data is read by torch with ``weights_only=True``), and that sets state (pickle's ``BUILD``)
-only on instances of those dataclasses it has just made: never on a class, a torch
-constant or an enum member, so a planted file cannot change anything in the reading process.
+world size. ``.metadata`` is a pickle written by torch; it is read by
+:mod:`~mmalign.training.parallel.checkpoint_metadata` (admitted names only, no import, state set
+only on fresh metadata instances, every field checked), so a planted file neither runs code nor
+changes anything in the reading process (tensor data is read by torch with
+``weights_only=True``).
 
 Example:
     >>> save(directory, model, optimizer, world_size=2)  # doctest: +SKIP
@@ -27,112 +27,49 @@ Example:
 from __future__ import annotations
 
 import json
-import pickle
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from mmalign.errors import UserError
 from mmalign.files import write_json
+from mmalign.training.parallel.checkpoint_metadata import MetadataError, read_metadata
 
 SHARDS = "sharded"
 INFO = "sharded.json"
 _MODEL, _OPTIMIZER = "model/", "optimizer/"
-_METADATA_CLASSES = {
-    "torch.distributed.checkpoint.metadata": {
-        "ChunkStorageMetadata",
-        "Metadata",
-        "MetadataIndex",
-        "StorageMeta",
-        "TensorProperties",
-        "TensorStorageMetadata",
-        "BytesStorageMetadata",
-        "_MEM_FORMAT_ENCODING",
-    },
-    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
-    "torch.serialization": {"_get_layout"},
-    "torch": {"Size"},
-    "pathlib": {"Path", "PosixPath", "WindowsPath"},
-    "collections": {"OrderedDict"},
-}
-"""What DCP's ``.metadata`` pickle may name (exact module and attribute), beside torch's
-dtypes and memory formats."""
-_TORCH_CONSTANTS = (torch.dtype, torch.memory_format)
-
-
-_BUILDABLE = (
-    "torch.distributed.checkpoint.metadata:ChunkStorageMetadata",
-    "torch.distributed.checkpoint.metadata:Metadata",
-    "torch.distributed.checkpoint.metadata:MetadataIndex",
-    "torch.distributed.checkpoint.metadata:StorageMeta",
-    "torch.distributed.checkpoint.metadata:TensorProperties",
-    "torch.distributed.checkpoint.metadata:TensorStorageMetadata",
-    "torch.distributed.checkpoint.metadata:BytesStorageMetadata",
-    "torch.distributed.checkpoint.filesystem:_StorageInfo",
-)
-"""The dataclasses whose fresh instances a ``BUILD`` may fill (``module:name``)."""
-
-
-_BUILD = pickle._Unpickler.dispatch[pickle.BUILD[0]]
-
-
-def _checked_build(unpickler: Any) -> None:
-    """pickle's ``BUILD`` opcode, only on a fresh instance of a metadata dataclass."""
-    stack = unpickler.stack
-    target = stack[-2] if len(stack) >= 2 else None
-    kind = type(target)
-    if f"{kind.__module__}:{kind.__qualname__}" not in _BUILDABLE:
-        raise pickle.UnpicklingError(
-            f"the metadata sets state on {target!r}, which is not a checkpoint-metadata instance"
-        )
-    _BUILD(unpickler)
-
-
-class _MetadataUnpickler(pickle._Unpickler):
-    """Unpickles DCP's ``.metadata``: its own dataclasses and torch constants, nothing else;
-    state is set only on instances of the dataclasses (pickle's pure-Python unpickler, whose
-    opcode table can be narrowed: the C one hands ``BUILD`` any object, a class included)."""
-
-    dispatch: ClassVar = {**pickle._Unpickler.dispatch, pickle.BUILD[0]: _checked_build}
-
-    def find_class(self, module: str, name: str) -> Any:
-        if name in _METADATA_CLASSES.get(module, ()):
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), _TORCH_CONSTANTS):
-            return getattr(torch, name)
-        raise pickle.UnpicklingError(f"{module}.{name} is not checkpoint metadata")
 
 
 def _damaged(path: Path, what: str) -> UserError:
     """The error for a damaged file of the checkpoint two levels above ``path``."""
     checkpoint = path.parent.parent
     return UserError(
-        f"{path} {what}; the checkpoint is damaged: remove {checkpoint} to resume from the "
-        "one before it"
+        f"the checkpoint metadata {what} ({path}); the checkpoint is damaged: remove "
+        f"{checkpoint} to resume from the one before it"
     )
 
 
 class SafeReader(dcp.FileSystemReader):
-    """A :class:`~torch.distributed.checkpoint.FileSystemReader` whose metadata is read with
-    :class:`_MetadataUnpickler`."""
+    """A :class:`~torch.distributed.checkpoint.FileSystemReader` whose metadata is read and
+    checked by :func:`~mmalign.training.parallel.checkpoint_metadata.read_metadata`."""
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         path = Path(self.path) / ".metadata"
         try:
             with open(path, "rb") as handle:
-                metadata = _MetadataUnpickler(handle).load()
-        except Exception as error:  # any damage: a truncated, foreign or unreadable pickle
-            raise _damaged(path, f"cannot be read ({error!r})") from None
-        if not isinstance(metadata, Metadata):
-            raise _damaged(path, "holds no checkpoint metadata")
-        storage_meta = getattr(metadata, "storage_meta", None)
-        if storage_meta is not None:
-            storage_meta.load_id = self.load_id
+                metadata = read_metadata(handle)
+        except OSError as error:
+            raise _damaged(path, f"cannot be read ({error.strerror})") from None
+        except MetadataError as error:
+            raise _damaged(path, str(error)) from None
+        if metadata.storage_meta is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id  # checked: a fresh StorageMeta
         return metadata
 
 
