@@ -24,6 +24,7 @@ import importlib
 
 from mmalign.cli.common import output_directory
 from mmalign.errors import UserError
+from mmalign.output_owner import Output, check_output
 
 HELP = "write a model for open_clip, Hugging Face transformers or ONNX"
 CONVERTERS: dict[str, tuple[str, dict[str, str]]] = {
@@ -56,9 +57,6 @@ def run(args: argparse.Namespace) -> int:
     """Convert and print the output folder and the files written."""
     from pathlib import Path
 
-    from mmalign.convert.common import check_output
-    from mmalign.eval.loading import load_model
-
     function, options = CONVERTERS[args.to]
     own = set(options.values())
     for target, (_, others) in CONVERTERS.items():
@@ -67,7 +65,11 @@ def run(args: argparse.Namespace) -> int:
                 raise UserError(
                     f"an option of --to {target} only (--{option}); drop it for --to {args.to}"
                 )
-    check_output(args.out, args.to)  # before the model loads: refuse foreign folders at once
+    # before torch and the model load: refuse foreign folders and the source at once (the
+    # owner is mmalign.convert.common.converter_output, whose module imports torch)
+    check_output(args.out, Output(f"convert --to {args.to}", "--out"), [args.model])
+    from mmalign.eval.loading import load_model
+
     module, name = function.split(":")
     convert = getattr(importlib.import_module(module), name)
     model = load_model(args.model)

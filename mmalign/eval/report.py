@@ -54,6 +54,7 @@ from mmalign.eval.zeroshot import (
     load_classes,
 )
 from mmalign.files import refuse_links
+from mmalign.output_owner import Output, check_output, record_output
 
 if TYPE_CHECKING:
     from mmalign.model import AlignmentModel
@@ -62,6 +63,8 @@ LEVELS = ("instance", "class")
 """Retrieval levels: a hit is the paired item (instance) or any item of the class (class)."""
 CURVE_MAX_K = 50
 SIMILARITY_ROWS = 32
+REPORT = Output("eval", "--out", ("eval.json", "eval.md", "probe.json", "*.png"), nested=True)
+"""A report folder: what ``eval`` rewrites there, beside the model it evaluates (MODEL/eval)."""
 
 
 def _both_present(collected: CollectedEmbeddings, names: Sequence[str]) -> Tensor:
@@ -342,6 +345,7 @@ def run_eval(
         180
     """
     model_source = None if isinstance(model_or_run_dir, torch.nn.Module) else model_or_run_dir
+    out_dir = check_output(out_dir, REPORT, [] if model_source is None else [model_source])
     model = load_model(model_or_run_dir)
     modalities = list(modalities or model.modalities)
     check_modalities(model, modalities, "--modalities")
@@ -400,4 +404,5 @@ def run_eval(
     }
     (out_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
     (out_dir / "eval.md").write_text(markdown_report(report, ks))
+    record_output(out_dir, REPORT)
     return report

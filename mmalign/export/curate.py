@@ -56,12 +56,15 @@ from mmalign.eval.loading import CollectedEmbeddings, collect_embeddings, load_m
 from mmalign.eval.plots import save_figure
 from mmalign.files import clear_old_shards, read_json, refuse_links
 from mmalign.objectives import Objective
+from mmalign.output_owner import Output, check_output, claim_output, record_output
 
 if TYPE_CHECKING:
     from mmalign.model import AlignmentModel
 
 EXAMPLES = 5
 """Dropped records shown per reason in the report."""
+CURATED = Output("prep curate", "--out", ("curated-*.tar", "curate.json", "scores.png"))
+"""The owner of a curated folder (:mod:`mmalign.output_owner`): what a re-run rewrites."""
 
 
 def pair_scores(
@@ -231,8 +234,9 @@ def _write(
     """Copy the kept records to ``out``; the counts by reason and examples of dropped ones."""
     counts: Counter[str] = Counter()
     examples: dict[str, list[dict[str, Any]]] = {}
+    claim_output(out, CURATED, urls)
     refuse_links(out, "output directory", "--out")  # no shard, report or plot through a link
-    clear_old_shards(out, "curated", out / "curate.json", urls)
+    clear_old_shards(out, "curated")
     pattern = str(out / "curated-%06d.tar")
     with wds.ShardWriter(pattern, maxcount=maxcount, verbose=0) as writer:
         for raw in read_shards({"url": url} for url in urls):
@@ -303,9 +307,10 @@ def curate(
     """Score, cut, de-duplicate and write the records of ``shards`` (module docstring);
     returns the report written to ``out/curate.json``. ``dedup``: the modality of the
     near-duplicate search (``""``: the first of ``modalities``; None: no search)."""
+    urls = [url for source in resolve_sources(shards, "--data") for url in source.urls]
+    check_output(out, CURATED, urls)  # before the model loads and the records are scored
     trained = load_model(model)
     names = list(modalities or trained.modalities)
-    urls = [url for source in resolve_sources(shards, "--data") for url in source.urls]
     dedup = names[0] if dedup == "" else dedup
     if dedup is not None and dedup not in names:
         raise ConfigError(
@@ -339,5 +344,6 @@ def curate(
         "written": sorted(path.name for path in out.glob("curated-*.tar")),
     }
     (out / "curate.json").write_text(json.dumps(report, indent=1) + "\n")
+    record_output(out, CURATED)
     barrier()
     return report
