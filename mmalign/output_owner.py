@@ -13,7 +13,7 @@ it or (unless :attr:`Output.nested`) inside it is refused, paths compared resolv
 
 Example:
     >>> import tempfile
-    >>> owner = Output("prep group-shards", "--out", ("summary.json", "data-*.tar"))
+    >>> owner = Output("prep group-shards", "--out", ("data-*.tar",))
     >>> with tempfile.TemporaryDirectory() as tmp:
     ...     out = check_output(Path(tmp) / "out", owner)
     ...     out.mkdir()
@@ -54,13 +54,16 @@ class Output:
     of the folder (``"--out"``, ``"train.output"``); ``patterns`` name the files it rewrites
     after recording them (``fnmatch`` patterns of relative paths, ``*`` within one folder;
     ``"checkpoints/"``: every file under that folder); ``nested``
-    lets the folder lie inside a source (an eval report in ``MODEL/eval``).
+    lets the folder lie inside a source (an eval report in ``MODEL/eval``); ``replaced``: the
+    command replaces the folder whole (a converter), so a link there is refused rather than
+    replaced (the others write into the folder a link points to).
     """
 
     tool: str
     flag: str
     patterns: tuple[str, ...] = ()
     nested: bool = False
+    replaced: bool = False
 
 
 def _files(directory: Path) -> Iterator[str]:
@@ -100,7 +103,7 @@ def _refuse_foreign(directory: Path, owner: Output, record: Any) -> None:
     """A :class:`UserError` naming the first file of ``directory`` that ``record`` (the
     folder's record) does not describe as ``owner``'s."""
     if not isinstance(record, dict) or not isinstance(record.get("files"), dict):
-        names = sorted(p.name for p in directory.iterdir() if not p.name.startswith(LEFTOVERS))
+        names = sorted({name.split("/")[0] for name in _files(directory)})
         raise UserError(
             f"{directory} holds files that {owner.tool} did not write ({', '.join(names[:3])}) "
             f"({owner.flag}); pick a new or empty folder"
@@ -115,10 +118,14 @@ def _refuse_foreign(directory: Path, owner: Output, record: Any) -> None:
             continue
         size = record["files"].get(name)
         if size is None or size != (directory / name).lstat().st_size:
-            what = "did not write" if size is None else "wrote otherwise"
+            what = (
+                f"which {owner.tool} did not write"
+                if size is None
+                else f"changed since {owner.tool} wrote it"
+            )
             raise UserError(
-                f"{directory} holds {name}, which {owner.tool} {what} ({owner.flag}); move "
-                "it out of the folder, or pick a new or empty folder"
+                f"{directory} holds {name}, {what} ({owner.flag}); move it out of the "
+                "folder, or pick a new or empty folder"
             )
 
 
@@ -126,7 +133,9 @@ def check_output(directory: str | Path, owner: Output, sources: Iterable[str | P
     """``directory`` as a :class:`Path` when ``owner`` may write there (the module docstring);
     else a :class:`~mmalign.errors.UserError` naming ``owner.flag``. Only reads."""
     directory = Path(directory)
-    if directory.is_symlink() or (directory.exists() and not directory.is_dir()):
+    if (owner.replaced and directory.is_symlink()) or (
+        directory.exists() and not directory.is_dir()
+    ):
         raise UserError(
             f"{directory} exists and is not a folder ({owner.flag}); {owner.tool} writes a "
             "folder: pick a path that does not exist"

@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
                 )
     # before torch and the model load: refuse foreign folders and the source at once (the
     # owner is mmalign.convert.common.converter_output, whose module imports torch)
-    check_output(args.out, Output(f"convert --to {args.to}", "--out"), [args.model])
+    check_output(args.out, Output(f"convert --to {args.to}", "--out", replaced=True), [args.model])
     from mmalign.eval.loading import load_model
 
     module, name = function.split(":")

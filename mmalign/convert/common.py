@@ -78,7 +78,7 @@ def projection_matrix(projection: nn.Module, field: str) -> torch.Tensor | None:
 
 def converter_output(target: str) -> Output:
     """The owner of a ``target`` converter's output folder (:mod:`mmalign.output_owner`)."""
-    return Output(f"convert --to {target}", "--out")
+    return Output(f"convert --to {target}", "--out", replaced=True)
 
 
 @contextmanager

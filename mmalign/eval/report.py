@@ -63,8 +63,10 @@ LEVELS = ("instance", "class")
 """Retrieval levels: a hit is the paired item (instance) or any item of the class (class)."""
 CURVE_MAX_K = 50
 SIMILARITY_ROWS = 32
-REPORT = Output("eval", "--out", ("eval.json", "eval.md", "probe.json", "*.png"), nested=True)
-"""A report folder: what ``eval`` rewrites there, beside the model it evaluates (MODEL/eval)."""
+REPORT = Output("eval", "--out", ("probe.json", "*.png"), nested=True)
+"""The owner of a report folder (:mod:`mmalign.output_owner`), which may lie in the model it
+evaluates (MODEL/eval); ``probe.json`` is written after the record (``eval --linear-probe``),
+the figures before ``eval.json``."""
 
 
 def _both_present(collected: CollectedEmbeddings, names: Sequence[str]) -> Tensor:

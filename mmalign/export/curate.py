@@ -63,8 +63,9 @@ if TYPE_CHECKING:
 
 EXAMPLES = 5
 """Dropped records shown per reason in the report."""
-CURATED = Output("prep curate", "--out", ("curated-*.tar", "curate.json", "scores.png"))
-"""The owner of a curated folder (:mod:`mmalign.output_owner`): what a re-run rewrites."""
+CURATED = Output("prep curate", "--out", ("curated-*.tar",))
+"""The owner of a curated folder (:mod:`mmalign.output_owner`): its shards may differ from its
+record after a failed run."""
 
 
 def pair_scores(

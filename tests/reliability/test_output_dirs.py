@@ -4,12 +4,17 @@ converted, a file, another converter's output) is refused with one line and left
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from conftest import subprocess_env
 from tiny_run import trained_run
 
 from mmalign.cli.main import main
+from mmalign.output_owner import RECORD
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +56,11 @@ def test_convert_refuses_what_it_did_not_write(
     a_file.write_text("keep me")
     before = {path: tree(path) for path in (users, run)}
     for out, says in (
-        (users, "is a folder that convert did not write (--out); it holds other files"),
-        (run, "is a folder that convert did not write (--out)"),  # the source itself
-        (run / "model", "is a folder that convert did not write (--out)"),
+        (users, "holds files that convert --to onnx did not write (thesis.tex) (--out)"),
+        (run, f"{run} is the input {run} of convert --to onnx (--out)"),  # the source itself
+        (run / "model", "lies inside the input"),
+        (run / "onnx", "lies inside the input"),
+        (run.parent, "holds the input"),
         (a_file, "is a file, not a directory"),
     ):
         status, error = convert(run, out, capsys)
@@ -71,13 +78,74 @@ def test_convert_writes_new_or_empty_folders_and_replaces_its_own_output(
     empty.mkdir()
     assert convert(run, empty, capsys)[0] == 0
     assert (empty / "labs.onnx").is_file()
-    (empty / "labs.onnx").write_bytes(b"stale")
+    first = (empty / "labs.onnx").stat().st_ino
     assert convert(run, empty, capsys)[0] == 0  # a previous onnx output: replaced
-    assert (empty / "labs.onnx").read_bytes() != b"stale"
+    assert (empty / "labs.onnx").stat().st_ino != first
+    written = (empty / "labs.onnx").read_bytes()
+    (empty / "labs.onnx").write_bytes(b"edited")  # changed since: the user's now
+    status, error = convert(run, empty, capsys)
+    assert status == 2 and "holds labs.onnx, changed since convert --to onnx wrote it" in error
+    (empty / "labs.onnx").write_bytes(written)
     status = main(["convert", str(run), "--to", "hf", "--out", str(empty)])
     error = capsys.readouterr().err.strip()
-    assert status == 2 and "it holds a --to onnx output" in error
+    assert status == 2 and "holds the output of convert --to onnx, not of convert --to hf" in error
     assert (empty / "labs.onnx").is_file()
+    (empty / "notes.txt").write_text("mine")  # a file the user added to the output
+    before = tree(empty)
+    status, error = convert(run, empty, capsys)
+    assert status == 2 and error.endswith(
+        f"{empty} holds notes.txt, which convert --to onnx did not write (--out); move it out "
+        "of the folder, or pick a new or empty folder"
+    )
+    assert tree(empty) == before  # nothing deleted
+    (empty / "notes.txt").unlink()
+    assert convert(run, empty, capsys)[0] == 0
+
+
+def test_a_copied_record_is_no_provenance(
+    tmp_path: Path, run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The outside re-run copied convert's marker into the run (then ``convert run --out run``
+    deleted the run, exit 0) and into a folder of the user's files (replaced, exit 0). A
+    record describes the files it lists: any other file there, or one of another size, is
+    refused; the source is refused whatever it holds."""
+    out = tmp_path / "onnx"
+    assert convert(run, out, capsys)[0] == 0
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    users = tmp_path / "papers"
+    users.mkdir()
+    (users / "onnx.json").write_text("my own notes, named as convert names its file")
+    for folder in (copy, users):
+        shutil.copy(out / RECORD, folder / RECORD)
+    shutil.copy(out / RECORD, copy / ".mmalign-convert.json")  # the old marker's name too
+    before = {path: tree(path) for path in (copy, users)}
+    status, error = convert(copy, copy, capsys)
+    assert status == 2 and f"{copy} is the input {copy} of convert" in error, error
+    status, error = convert(run, copy, capsys)
+    assert status == 2 and ", which convert --to onnx did not write (--out)" in error, error
+    status, error = convert(run, users, capsys)
+    assert status == 2 and f"{users} holds onnx.json, changed since convert" in error, error
+    assert {path: tree(path) for path in (copy, users)} == before
+
+
+@pytest.mark.launches
+def test_convert_refuses_out_before_it_loads_torch(run: Path, tmp_path: Path) -> None:
+    """A bad ``--out`` was refused after about 5 s (torch and the model loaded first)."""
+    users = tmp_path / "papers"
+    users.mkdir()
+    (users / "thesis.tex").write_text("years of work")
+    code = (
+        "import sys\n"
+        "from mmalign.cli.main import main\n"
+        f"status = main(['convert', {str(run)!r}, '--to', 'onnx', '--out', {str(users)!r}])\n"
+        "print(status, 'torch' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True
+    )
+    assert done.stdout.split() == ["2", "False"], done.stderr
+    assert "did not write (thesis.tex) (--out)" in done.stderr
 
 
 def test_train_tokenizer_replaces_only_an_earlier_tokenizer(
