@@ -1,6 +1,8 @@
-"""``mmalign convert --out``: a new or empty folder, or a previous output of the same
-converter, is written; anything else there (a folder of the user's files, the run being
-converted, a file, another converter's output) is refused with one line and left as it was."""
+"""Output folders (``convert``, ``eval``, the ``prep`` tools, ``export``, ``train.output``): a
+new or empty folder, or a previous output of the same command holding nothing else, is
+written; anything else there (a folder of the user's files, a copied record, the source being
+read, a file, another command's output) is refused with one line and left as it was
+(:mod:`mmalign.output_owner`)."""
 
 from __future__ import annotations
 
@@ -10,11 +12,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import subprocess_env
-from tiny_run import trained_run
+from conftest import subprocess_env, tiny_config
+from tiny_run import exported, trained_run
 
 from mmalign.cli.main import main
+from mmalign.errors import UserError
 from mmalign.output_owner import RECORD
+from mmalign.training import train
 
 
 @pytest.fixture(scope="module")
@@ -207,3 +211,129 @@ def test_export_refuses_a_folder_it_did_not_write(
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and named in error and "(--out)" in error, error
     assert tree(out) == before
+
+
+def test_eval_refuses_report_folders_it_did_not_write(
+    tmp_path: Path, run_and_shards: tuple[Path, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``eval --out`` over a user's ``eval.md``, the run, the shards' folder or the model wrote
+    its report among them (exit 0). Refused and left as they were; its own report folder
+    (``RUN/eval`` by default) is rewritten, and the run stays a run (it resumes)."""
+    run, shards = run_and_shards
+    users = tmp_path / "notes"
+    users.mkdir()
+    (users / "eval.md").write_text("my evaluation")
+    shard_folder = Path(shards.split("{")[0]).parent
+    folders = (users, run, run / "model", shard_folder)
+    before = {path: tree(path) for path in folders}
+    for out, says in (
+        (users, f"{users} holds files that eval did not write (eval.md) (--out)"),
+        (run, f"{run} is the input {run} of eval (--out)"),
+        (run / "model", "holds files that eval did not write (config.json, model.safetensors"),
+        (shard_folder, "holds files that eval did not write (train-000000.tar"),
+    ):
+        assert main(["eval", str(run), "--data", shards, "--out", str(out), "--no-plots"]) == 2
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1 and says in error, error
+    assert {path: tree(path) for path in folders} == before
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    for _ in range(2):  # the default report folder, then the same again
+        assert main(["eval", str(copy), "--data", shards, "--no-plots"]) == 0
+    assert sorted(tree(copy / "eval")) == [RECORD, "eval.json", "eval.md"]
+    capsys.readouterr()
+    resumed = train(copy / "config.yaml", [f"train.output={copy}"], resume=True)
+    assert resumed.already_finished and resumed.steps == 2
+
+
+def test_prep_refuses_foreign_summaries_and_the_working_directory(
+    tmp_path: Path,
+    run_and_shards: tuple[Path, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``group-shards`` overwrote a folder holding a user's ``summary.json`` and
+    ``mine-negatives`` replaced a ``from-manifest`` output (both exit 0); ``prep curate --out
+    .`` wrote among the files of the working directory. All refused, nothing changed; a
+    prep tool replaces only its own output."""
+    run, shards = run_and_shards
+    export = exported(run, shards, tmp_path / "emb")
+    grouped = tmp_path / "grouped"
+    group = ["prep", "group-shards", "--embeddings", str(export), "--modality", "labs"]
+    group += ["--clusters", "2", "--out"]
+    mine = ["prep", "mine-negatives", "--embeddings", str(export), "--query", "labs"]
+    mine += ["--candidates", "graph", "--k", "2", "--out"]
+    assert main([*group, str(grouped)]) == 0
+    assert main([*group, str(grouped)]) == 0  # its own output: replaced
+    users = tmp_path / "notes"
+    users.mkdir()
+    (users / "summary.json").write_text('{"mine": true}')
+    (users / RECORD).write_bytes((grouped / RECORD).read_bytes())  # a copied record
+    before = {path: tree(path) for path in (users, grouped)}
+    for command, says in (
+        ([*group, str(users)], f"{users} holds summary.json, changed since prep group-shards"),
+        ([*mine, str(grouped)], "holds the output of prep group-shards, not of prep mine-"),
+    ):
+        assert main(command) == 2
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1 and says in error and "(--out)" in error, error
+    monkeypatch.chdir(users)
+    curate = ["prep", "curate", str(run), "--data", shards, "--keep-fraction", "0.5"]
+    with pytest.raises(SystemExit) as exit:
+        main([*curate, "--out", "."])
+    assert exit.value.code == 2 and "'.' is the working directory" in capsys.readouterr().err
+    assert {path: tree(path) for path in (users, grouped)} == before
+
+
+def train_refusal(config: dict, resume: bool = False) -> str:
+    with pytest.raises(UserError) as refused:
+        train(config, resume=resume)
+    return str(refused.value)
+
+
+def test_train_output_must_be_new_empty_or_a_run(
+    tmp_path: Path, run_and_shards: tuple[Path, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``train.output`` at a folder of the user's files, the shards' folder, an export or
+    ``.`` trained there (exit 0); with ``--resume`` a folder shaped like a run (the user's
+    ``model/``, ``checkpoints/``, a ``config.yaml`` of another run) lost its config.yaml, then
+    the run died of ``KeyError: 'step'``. Refused before anything is written."""
+    run, shards = run_and_shards
+    users = tmp_path / "users"
+    shutil.copytree(run, users, ignore=shutil.ignore_patterns(RECORD))  # a run's shape
+    (users / "model" / "my.txt").write_text("mine")
+    (users / "metrics.jsonl").write_text('{"note": "mine"}\n')
+    export = exported(run, shards, tmp_path / "emb")
+    shard_folder = Path(shards.split("{")[0]).parent
+    folders = (users, export, shard_folder)
+    before = {path: tree(path) for path in folders}
+    for output, resume in ((users, True), (users, False), (export, False), (shard_folder, False)):
+        error = train_refusal(tiny_config(output, shards, train={"steps": 1}), resume)
+        assert error.startswith(f"{output} holds files that train did not write ("), error
+        assert error.endswith("(train.output); pick a new or empty folder"), error
+    monkeypatch.chdir(users)
+    error = train_refusal(tiny_config(Path("."), shards, train={"steps": 1}))
+    assert error.startswith(". holds files that train did not write"), error
+    assert {path: tree(path) for path in folders} == before
+
+
+def test_a_run_that_fails_before_training_leaves_no_folder(
+    tmp_path: Path, run_and_shards: tuple[Path, str]
+) -> None:
+    """A tower checkpoint that does not exist ended the run before training, and left an
+    empty ``train.output`` behind."""
+    config = tiny_config(tmp_path / "new", run_and_shards[1], train={"steps": 1})
+    config["model"]["towers"]["labs"] = {
+        "type": "image",
+        "embed_dim": 8,
+        "vision_cfg": {
+            "image_size": 16,
+            "layers": 1,
+            "width": 32,
+            "patch_size": 8,
+            "head_width": 16,
+        },
+        "checkpoint": str(tmp_path / "nope.pt"),
+    }
+    assert "model.towers.labs.checkpoint" in train_refusal(config)
+    assert not (tmp_path / "new").exists()
