@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from mmalign.errors import UserError
-from mmalign.files import read_json, write_json
+from mmalign.files import read_json, refuse_links, write_json
 
 RECORD = ".mmalign-output.json"
 """The record of the command that wrote a folder: ``{"tool": ..., "files": {name: size}}``."""
@@ -53,10 +53,11 @@ class Output:
     ``tool`` names the command (``"convert --to onnx"``), ``flag`` the option or config field
     of the folder (``"--out"``, ``"train.output"``); ``patterns`` name the files it rewrites
     after recording them (``fnmatch`` patterns of relative paths, ``*`` within one folder;
-    ``"checkpoints/"``: every file under that folder); ``nested``
-    lets the folder lie inside a source (an eval report in ``MODEL/eval``); ``replaced``: the
-    command replaces the folder whole (a converter), so a link there is refused rather than
-    replaced (the others write into the folder a link points to).
+    ``"checkpoints/"``: every file under that folder); ``nested`` lets the folder lie inside a
+    source (an eval report in ``MODEL/eval``); ``replaced``: the command replaces the folder
+    whole (a converter), so a link there is refused rather than replaced (the others write
+    into the folder a link points to); ``folder`` names the folder in the message about a
+    link inside it (:func:`~mmalign.files.refuse_links`, checked first).
     """
 
     tool: str
@@ -64,6 +65,7 @@ class Output:
     patterns: tuple[str, ...] = ()
     nested: bool = False
     replaced: bool = False
+    folder: str = "output directory"
 
 
 def _files(directory: Path) -> Iterator[str]:
@@ -141,6 +143,8 @@ def check_output(directory: str | Path, owner: Output, sources: Iterable[str | P
             "folder: pick a path that does not exist"
         )
     _refuse_sources(directory, owner, sources)
+    if directory.exists():
+        refuse_links(directory, owner.folder, owner.flag)
     if directory.exists() and any(_files(directory)):
         try:
             record = read_json(directory / RECORD)

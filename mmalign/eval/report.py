@@ -63,7 +63,7 @@ LEVELS = ("instance", "class")
 """Retrieval levels: a hit is the paired item (instance) or any item of the class (class)."""
 CURVE_MAX_K = 50
 SIMILARITY_ROWS = 32
-REPORT = Output("eval", "--out", ("probe.json", "*.png"), nested=True)
+REPORT = Output("eval", "--out", ("probe.json", "*.png"), nested=True, folder="report directory")
 """The owner of a report folder (:mod:`mmalign.output_owner`), which may lie in the model it
 evaluates (MODEL/eval); ``probe.json`` is written after the record (``eval --linear-probe``),
 the figures before ``eval.json``."""

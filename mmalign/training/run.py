@@ -90,6 +90,7 @@ RUN_OUTPUT = Output(
         *(CONFIG_FILE, RUN_INFO, METRICS_FILE, LOG_FILE, "events.out.tfevents.*", "*.png"),
         *(f"{CHECKPOINTS}/", f"{MODEL_DIR}/", f"{SAMPLE_KEYS}/", "eval/"),
     ),
+    folder="run directory",
 )
 """The owner of a run directory (:mod:`mmalign.output_owner`): the files a run rewrites."""
 
