@@ -252,10 +252,11 @@ def test_prep_refuses_foreign_summaries_and_the_working_directory(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """``group-shards`` overwrote a folder holding a user's ``summary.json`` and
-    ``mine-negatives`` replaced a ``from-manifest`` output (both exit 0); ``prep curate --out
-    .`` wrote among the files of the working directory. All refused, nothing changed; a
-    prep tool replaces only its own output."""
+    """``group-shards`` overwrote a folder holding a user's ``summary.json`` (and a copied
+    record) and ``mine-negatives`` replaced a ``from-manifest`` output (both exit 0); ``prep
+    curate --out .`` wrote among the files of the working directory. All refused, nothing
+    changed, as is ``from-manifest --out`` at its manifest's folder; a prep tool replaces only
+    its own output."""
     run, shards = run_and_shards
     export = exported(run, shards, tmp_path / "emb")
     grouped = tmp_path / "grouped"
@@ -269,10 +270,17 @@ def test_prep_refuses_foreign_summaries_and_the_working_directory(
     users.mkdir()
     (users / "summary.json").write_text('{"mine": true}')
     (users / RECORD).write_bytes((grouped / RECORD).read_bytes())  # a copied record
-    before = {path: tree(path) for path in (users, grouped)}
+    manifest = users / "texts.jsonl"
+    manifest.write_text("".join(f'{{"t": "text {i}"}}\n' for i in range(4)))
+    texts = tmp_path / "texts"
+    assert main(["prep", "from-manifest", str(manifest), "--out", str(texts)]) == 0
+    capsys.readouterr()
+    before = {path: tree(path) for path in (users, grouped, texts)}
     for command, says in (
         ([*group, str(users)], f"{users} holds summary.json, changed since prep group-shards"),
         ([*mine, str(grouped)], "holds the output of prep group-shards, not of prep mine-"),
+        ([*mine, str(texts)], "holds the output of prep from-manifest, not of prep mine-"),
+        (["prep", "from-manifest", str(manifest), "--out", str(users)], "holds the input"),
     ):
         assert main(command) == 2
         error = capsys.readouterr().err
@@ -282,7 +290,7 @@ def test_prep_refuses_foreign_summaries_and_the_working_directory(
     with pytest.raises(SystemExit) as exit:
         main([*curate, "--out", "."])
     assert exit.value.code == 2 and "'.' is the working directory" in capsys.readouterr().err
-    assert {path: tree(path) for path in (users, grouped)} == before
+    assert {path: tree(path) for path in (users, grouped, texts)} == before
 
 
 def train_refusal(config: dict, resume: bool = False) -> str:
