@@ -105,7 +105,7 @@ def _refuse_foreign(directory: Path, owner: Output, record: Any) -> None:
     """A :class:`UserError` naming the first file of ``directory`` that ``record`` (the
     folder's record) does not describe as ``owner``'s."""
     if not isinstance(record, dict) or not isinstance(record.get("files"), dict):
-        names = sorted({name.split("/")[0] for name in _files(directory)})
+        names = sorted(p.name for p in directory.iterdir() if not p.name.startswith(LEFTOVERS))
         raise UserError(
             f"{directory} holds files that {owner.tool} did not write ({', '.join(names[:3])}) "
             f"({owner.flag}); pick a new or empty folder"
@@ -143,9 +143,12 @@ def check_output(directory: str | Path, owner: Output, sources: Iterable[str | P
             "folder: pick a path that does not exist"
         )
     _refuse_sources(directory, owner, sources)
-    if directory.exists():
-        refuse_links(directory, owner.folder, owner.flag)
-    if directory.exists() and any(_files(directory)):
+    if not directory.exists():
+        return directory
+    refuse_links(directory, owner.folder, owner.flag)
+    entries = [path for path in directory.iterdir() if not path.name.startswith(LEFTOVERS)]
+    # a replaced folder must hold no file and no folder (even empty) that is not the command's
+    if any(_files(directory)) or (owner.replaced and entries):
         try:
             record = read_json(directory / RECORD)
         except (OSError, ValueError):

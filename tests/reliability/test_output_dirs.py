@@ -58,9 +58,11 @@ def test_convert_refuses_what_it_did_not_write(
     (users / "thesis.tex").write_text("years of work")
     a_file = tmp_path / "notes.txt"
     a_file.write_text("keep me")
+    (tmp_path / "folders" / "x").mkdir(parents=True)  # an empty folder of the user's
     before = {path: tree(path) for path in (users, run)}
     for out, says in (
         (users, "holds files that convert --to onnx did not write (thesis.tex) (--out)"),
+        (tmp_path / "folders", "holds files that convert --to onnx did not write (x) (--out)"),
         (run, f"{run} is the input {run} of convert --to onnx (--out)"),  # the source itself
         (run / "model", "lies inside the input"),
         (run / "onnx", "lies inside the input"),
@@ -73,6 +75,7 @@ def test_convert_refuses_what_it_did_not_write(
         assert len(error.splitlines()) == 1
     assert {path: tree(path) for path in (users, run)} == before
     assert a_file.read_text() == "keep me" and not list(tmp_path.glob(".old-*"))
+    assert (tmp_path / "folders" / "x").is_dir()
 
 
 def test_convert_writes_new_or_empty_folders_and_replaces_its_own_output(
