@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from mmalign.errors import UserError
-from mmalign.files import read_json, refuse_links, write_json
+from mmalign.files import LinkError, read_json, refuse_links, write_json
 
 RECORD = ".mmalign-output.json"
 """The record of the command that wrote a folder: ``{"tool": ..., "files": {name: size}}``."""
@@ -88,8 +88,10 @@ def _matches(name: str, pattern: str) -> bool:
 
 
 def _refuse_sources(directory: Path, owner: Output, sources: Iterable[str | Path]) -> None:
-    """A :class:`UserError` when ``directory`` is, holds or lies inside a source."""
-    out = directory.resolve()
+    """A :class:`UserError` when ``directory`` is, holds or lies inside a source; a
+    :class:`~mmalign.files.LinkError` when it is a link placed inside one (``MODEL/eval``
+    linked to a folder elsewhere: no file is written through a link inside the input)."""
+    out, place = directory.resolve(), directory.parent.resolve() / directory.name
     for source in sources:
         read = Path(source).resolve()
         inside = not owner.nested and read in out.parents
@@ -98,6 +100,12 @@ def _refuse_sources(directory: Path, owner: Output, sources: Iterable[str | Path
             raise UserError(
                 f"{directory} {where} the input {source} of {owner.tool} ({owner.flag}); "
                 "write the output to a folder of its own"
+            )
+        if directory.is_symlink() and read in place.parents:
+            raise LinkError(
+                f"{directory} is a symbolic link (to {os.readlink(directory)}) inside the "
+                f"input {source} ({owner.flag}); mmalign writes no file through a link there: "
+                "name the folder it points to, or remove the link"
             )
 
 

@@ -220,8 +220,9 @@ def test_eval_refuses_report_folders_it_did_not_write(
     tmp_path: Path, run_and_shards: tuple[Path, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """``eval --out`` over a user's ``eval.md``, the run, the shards' folder or the model wrote
-    its report among them (exit 0). Refused and left as they were; its own report folder
-    (``RUN/eval`` by default) is rewritten, and the run stays a run (it resumes)."""
+    its report among them (exit 0), and through a ``RUN/eval`` linked out of the run. Refused
+    and left as they were; its own report folder (``RUN/eval`` by default) is rewritten, and
+    the run stays a run (it resumes)."""
     run, shards = run_and_shards
     users = tmp_path / "notes"
     users.mkdir()
@@ -241,6 +242,12 @@ def test_eval_refuses_report_folders_it_did_not_write(
     assert {path: tree(path) for path in folders} == before
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
+    (copy / "eval").symlink_to(users)  # the default report folder, linked out of the run
+    assert main(["eval", str(copy), "--data", shards, "--no-plots"]) == 2
+    error = capsys.readouterr().err
+    assert f"{copy / 'eval'} is a symbolic link (to {users}) inside the input" in error, error
+    assert tree(users) == before[users]
+    (copy / "eval").unlink()
     for _ in range(2):  # the default report folder, then the same again
         assert main(["eval", str(copy), "--data", shards, "--no-plots"]) == 0
     assert sorted(tree(copy / "eval")) == [RECORD, "eval.json", "eval.md"]
