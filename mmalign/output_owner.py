@@ -8,8 +8,11 @@ rewriting (:attr:`Output.patterns`: the shards it writes, the logs a run appends
 Anything else is refused with one :class:`~mmalign.errors.UserError` naming the flag and the
 first foreign file, and left as it was: a folder of the user's files, one holding a copied
 record or ``summary.json``, a file the user added to an earlier output, another command's
-output. The folder may never be a source of the command: ``--out`` equal to a source, holding
-it or (unless :attr:`Output.nested`) inside it is refused, paths compared resolved.
+output. A folder inside that holds a record of its own (an eval report in a run, a
+conversion kept beside it) is that command's and is passed over, except by a command that
+replaces the whole folder (:attr:`Output.replaced`). The folder may never be a source of the
+command: ``--out`` equal to a source, holding it or (unless :attr:`Output.nested`) inside it
+is refused, paths compared resolved.
 
 Example:
     >>> import tempfile
@@ -68,11 +71,16 @@ class Output:
     folder: str = "output directory"
 
 
-def _files(directory: Path) -> Iterator[str]:
+def _files(directory: Path, nested: bool = True) -> Iterator[str]:
     """The relative names of the files under ``directory`` (no link followed), but the record
-    and the writers' leftovers."""
+    and the writers' leftovers; without ``nested``, none inside a folder that holds a record of
+    its own (another command's output kept there: ``RUN/eval``, a conversion in a run)."""
     for root, folders, files in os.walk(directory):
-        folders.sort()
+        folders[:] = sorted(
+            folder
+            for folder in folders
+            if nested or not os.path.isfile(os.path.join(root, folder, RECORD))
+        )
         for name in sorted(files):
             relative = os.path.relpath(os.path.join(root, name), directory)
             if relative != RECORD and not relative.startswith(LEFTOVERS):
@@ -123,7 +131,7 @@ def _refuse_foreign(directory: Path, owner: Output, record: Any) -> None:
             f"{directory} holds the output of {record.get('tool')}, not of {owner.tool} "
             f"({owner.flag}); pick a new or empty folder"
         )
-    for name in _files(directory):
+    for name in _files(directory, nested=owner.replaced):  # what the command would delete
         if any(_matches(name, pattern) for pattern in owner.patterns):
             continue
         size = record["files"].get(name)
@@ -176,7 +184,7 @@ def claim_output(directory: str | Path, owner: Output, sources: Iterable[str | P
 
 def record_output(directory: Path, owner: Output) -> None:
     """Write the record of ``owner`` in ``directory``, listing every file there now."""
-    files = {name: (directory / name).lstat().st_size for name in _files(directory)}
+    files = {name: (directory / name).lstat().st_size for name in _files(directory, False)}
     write_json(directory / RECORD, {"tool": owner.tool, "files": files})
 
 

@@ -251,6 +251,8 @@ def test_eval_refuses_report_folders_it_did_not_write(
     for _ in range(2):  # the default report folder, then the same again
         assert main(["eval", str(copy), "--data", shards, "--no-plots"]) == 0
     assert sorted(tree(copy / "eval")) == [RECORD, "eval.json", "eval.md"]
+    other = ["eval", str(copy), "--data", shards, "--no-plots", "--out", str(copy / "again")]
+    assert main(other) == 0  # a report of its own kept in the run (as the demo's conversion)
     capsys.readouterr()
     resumed = train(copy / "config.yaml", [f"train.output={copy}"], resume=True)
     assert resumed.already_finished and resumed.steps == 2
