@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -45,8 +46,9 @@ from mmalign.files import LinkError, read_json, refuse_links, write_json
 
 RECORD = ".mmalign-output.json"
 """The record of the command that wrote a folder: ``{"tool": ..., "files": {name: size}}``."""
-LEFTOVERS = (".tmp-", ".old-", ".lock", ".pruned-")
-"""Hidden names of the writers' own locks and interrupted writes (removed by the next one)."""
+LEFTOVER = re.compile(r"\.(tmp-|old-|lock).*|\..*\.tmp.*")
+"""Hidden names of the writers' own locks and interrupted writes (``.tmp-model``,
+``.old-model``, ``.lock``, :func:`~mmalign.files.atomic_write`'s ``.config.yaml.tmp``)."""
 
 
 @dataclass(frozen=True)
@@ -79,11 +81,12 @@ def _files(directory: Path, nested: bool = True) -> Iterator[str]:
         folders[:] = sorted(
             folder
             for folder in folders
-            if nested or not os.path.isfile(os.path.join(root, folder, RECORD))
+            if not LEFTOVER.fullmatch(folder)
+            and (nested or not os.path.isfile(os.path.join(root, folder, RECORD)))
         )
         for name in sorted(files):
             relative = os.path.relpath(os.path.join(root, name), directory)
-            if relative != RECORD and not relative.startswith(LEFTOVERS):
+            if relative != RECORD and not LEFTOVER.fullmatch(name):
                 yield relative
 
 
@@ -121,7 +124,7 @@ def _refuse_foreign(directory: Path, owner: Output, record: Any) -> None:
     """A :class:`UserError` naming the first file of ``directory`` that ``record`` (the
     folder's record) does not describe as ``owner``'s."""
     if not isinstance(record, dict) or not isinstance(record.get("files"), dict):
-        names = sorted(p.name for p in directory.iterdir() if not p.name.startswith(LEFTOVERS))
+        names = sorted(p.name for p in directory.iterdir() if not LEFTOVER.fullmatch(p.name))
         raise UserError(
             f"{directory} holds files that {owner.tool} did not write ({', '.join(names[:3])}) "
             f"({owner.flag}); pick a new or empty folder"
@@ -162,7 +165,7 @@ def check_output(directory: str | Path, owner: Output, sources: Iterable[str | P
     if not directory.exists():
         return directory
     refuse_links(directory, owner.folder, owner.flag)
-    entries = [path for path in directory.iterdir() if not path.name.startswith(LEFTOVERS)]
+    entries = [path for path in directory.iterdir() if not LEFTOVER.fullmatch(path.name)]
     # a replaced folder must hold no file and no folder (even empty) that is not the command's
     if any(_files(directory)) or (owner.replaced and entries):
         try:

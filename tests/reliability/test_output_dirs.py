@@ -254,6 +254,9 @@ def test_eval_refuses_report_folders_it_did_not_write(
     other = ["eval", str(copy), "--data", shards, "--no-plots", "--out", str(copy / "again")]
     assert main(other) == 0  # a report of its own kept in the run (as the demo's conversion)
     capsys.readouterr()
+    (copy / ".config.yaml.tmp").write_text("torn")  # what a killed write leaves
+    (copy / ".tmp-model").mkdir()
+    (copy / ".tmp-model" / "model.safetensors").write_bytes(b"torn")
     resumed = train(copy / "config.yaml", [f"train.output={copy}"], resume=True)
     assert resumed.already_finished and resumed.steps == 2
 
