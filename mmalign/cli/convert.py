@@ -24,7 +24,6 @@ import importlib
 
 from mmalign.cli.common import output_directory
 from mmalign.errors import UserError
-from mmalign.output_owner import Output, check_output
 
 HELP = "write a model for open_clip, Hugging Face transformers or ONNX"
 CONVERTERS: dict[str, tuple[str, dict[str, str]]] = {
@@ -56,6 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Convert and print the output folder and the files written."""
     from pathlib import Path
+
+    from mmalign.output_owner import Output, check_output
 
     function, options = CONVERTERS[args.to]
     own = set(options.values())
