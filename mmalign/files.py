@@ -7,8 +7,8 @@
   uses a directory (a training run, an export); a lock left by a dead process on the same
   host is taken over.
 - :func:`clear_old_shards`: the shards of an earlier output of the same tool are removed
-  before new ones are written; shards the tool did not write, or that it is reading, are
-  refused, never deleted.
+  before new ones are written (the folder checked as the tool's by
+  :mod:`mmalign.output_owner` first).
 - :func:`refuse_links` / :func:`open_append`: no file of a run or export directory is written
   through a symbolic link. A link inside one is refused with a :class:`LinkError` naming it
   when the job takes the directory; appended files are opened with ``O_NOFOLLOW`` and
@@ -32,7 +32,7 @@ import math
 import os
 import shutil
 import socket
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -143,38 +143,20 @@ def replace_directory(temporary: Path, final: Path) -> Path:
     return final
 
 
-def clear_old_shards(
-    directory: Path, name: str, marker: Path, sources: Iterable[str | Path] = ()
-) -> None:
-    """Remove the ``NAME-*.tar`` shards in ``directory`` left by an earlier run of the tool
-    that writes there (its report ``marker`` exists), before the new ones are written. A
-    :class:`~mmalign.errors.UserError` naming ``--out`` instead when one of them is among the
-    ``sources`` being read, or when ``marker`` is absent (shards the tool did not write).
+def clear_old_shards(directory: Path, name: str) -> None:
+    """Remove the ``NAME-*.tar`` shards in ``directory`` before new ones are written there:
+    the folder must be the tool's own output (:func:`mmalign.output_owner.check_output`), so
+    that no shard the tool did not write is deleted.
 
     Example:
         >>> import tempfile
         >>> with tempfile.TemporaryDirectory() as tmp:
-        ...     (Path(tmp) / "data-000000.tar").write_bytes(b"mine")
-        ...     clear_old_shards(Path(tmp), "data", Path(tmp) / "summary.json")
-        Traceback (most recent call last):
-        ...
-        mmalign.errors.UserError: ... holds 1 shard(s) named data-*.tar that this tool did not \
-write (--out); pick a new or empty folder, or another shard name
+        ...     _ = (Path(tmp) / "data-000000.tar").write_bytes(b"old")
+        ...     clear_old_shards(Path(tmp), "data")
+        ...     sorted(Path(tmp).iterdir())
+        []
     """
-    old = sorted(directory.glob(f"{name}-*.tar"))
-    read = {Path(source).resolve() for source in sources}
-    being_read = [path for path in old if path.resolve() in read]
-    if being_read:
-        raise UserError(
-            f"{being_read[0]} is a source shard of this command, which the new shards would "
-            "replace (--out); write them to another folder or under another name"
-        )
-    if old and not marker.is_file():
-        raise UserError(
-            f"{directory} holds {len(old)} shard(s) named {name}-*.tar that this tool did not "
-            "write (--out); pick a new or empty folder, or another shard name"
-        )
-    for path in old:
+    for path in sorted(directory.glob(f"{name}-*.tar")):
         path.unlink()
 
 

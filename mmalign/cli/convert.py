@@ -56,8 +56,7 @@ def run(args: argparse.Namespace) -> int:
     """Convert and print the output folder and the files written."""
     from pathlib import Path
 
-    from mmalign.convert.common import check_output
-    from mmalign.eval.loading import load_model
+    from mmalign.output_owner import Output, check_output
 
     function, options = CONVERTERS[args.to]
     own = set(options.values())
@@ -68,7 +67,11 @@ def run(args: argparse.Namespace) -> int:
                     f"an option of --to {target} only (--{option}); drop it for --to {args.to}"
                 )
     check_model(args.model, "MODEL")
-    check_output(args.out, args.to)  # before the model loads: refuse foreign folders at once
+    # before torch and the model load: refuse foreign folders and the source at once (the
+    # owner is mmalign.convert.common.converter_output, whose module imports torch)
+    check_output(args.out, Output(f"convert --to {args.to}", "--out", replaced=True), [args.model])
+    from mmalign.eval.loading import load_model
+
     module, name = function.split(":")
     convert = getattr(importlib.import_module(module), name)
     model = load_model(args.model)

@@ -1,10 +1,11 @@
 """What every converter needs: picking a tower by type, a projection as a matrix, and writing
 the output folder whole or not at all.
 
-An output folder is marked as the converter's (``.mmalign-convert.json``, naming the format):
-``--out`` may be a new path, an empty folder, or a previous output of the same converter,
-which is replaced; anything else there (a file, a folder of other files, a run or model
-directory, the model being converted) is refused, never renamed or deleted.
+An output folder records the converter that wrote it and its files
+(:mod:`mmalign.output_owner`): ``--out`` may be a new path, an empty folder, or a previous
+output of the same converter holding nothing else, which is replaced; anything else there (a
+file, a folder of other files, a file added to an earlier output, a run or model directory,
+the model being converted) is refused, never renamed or deleted.
 
 Example:
     >>> import torch
@@ -24,8 +25,9 @@ import torch
 from torch import nn
 
 from mmalign.errors import UserError
-from mmalign.files import read_json, replace_directory, write_json
+from mmalign.files import replace_directory
 from mmalign.model import AlignmentModel
+from mmalign.output_owner import Output, check_output, record_output
 
 
 def pick_tower(
@@ -74,54 +76,25 @@ def projection_matrix(projection: nn.Module, field: str) -> torch.Tensor | None:
     )
 
 
-MARKER = ".mmalign-convert.json"
-"""The file that marks a folder as a converter's output (``{"format": "open_clip"}``)."""
-
-
-def check_output(directory: str | Path, target: str) -> Path:
-    """``directory`` as a :class:`Path` when a ``target`` converter may write there: nothing
-    there yet, an empty folder, or a previous ``target`` output (its :data:`MARKER` says so);
-    else a :class:`~mmalign.errors.UserError` naming ``--out``.
-
-    Example:
-        >>> check_output("/", "onnx")
-        Traceback (most recent call last):
-        ...
-        mmalign.errors.UserError: / is a folder that convert did not write (--out); ...
-    """
-    final = Path(directory)
-    if final.is_symlink() or (final.exists() and not final.is_dir()):
-        raise UserError(
-            f"{final} exists and is not a folder (--out); convert writes a new folder: "
-            "pick a path that does not exist"
-        )
-    if not final.exists() or not any(final.iterdir()):
-        return final
-    try:
-        marker = read_json(final / MARKER)
-    except (OSError, ValueError):
-        marker = None
-    if not isinstance(marker, dict) or marker.get("format") != target:
-        found = f"a --to {marker['format']} output" if isinstance(marker, dict) else "other files"
-        raise UserError(
-            f"{final} is a folder that convert did not write (--out); it holds {found}, which "
-            f"convert --to {target} would replace: pick a new or empty folder"
-        )
-    return final
+def converter_output(target: str) -> Output:
+    """The owner of a ``target`` converter's output folder (:mod:`mmalign.output_owner`)."""
+    return Output(f"convert --to {target}", "--out", replaced=True)
 
 
 @contextmanager
 def output_directory(directory: str | Path, target: str) -> Iterator[Path]:
     """A temporary folder beside ``directory`` that replaces it when the block succeeds;
-    ``directory`` must pass :func:`check_output` for the converter ``target``."""
-    final = check_output(directory, target)
+    ``directory`` must be new, empty or a previous output of the converter ``target``
+    (:func:`~mmalign.output_owner.check_output`), checked again before the replacement."""
+    owner = converter_output(target)
+    final = check_output(directory, owner)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
     staging.mkdir()  # not mkdtemp (mode 0700): the umask's mode, as a run's directories
     try:
         yield staging
-        write_json(staging / MARKER, {"format": target})
-        check_output(final, target)  # nothing appeared there while converting
+        record_output(staging, owner)
+        check_output(final, owner)  # nothing appeared there while converting
         replace_directory(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -53,6 +53,7 @@ from mmalign.eval.zeroshot import (
     load_classes,
 )
 from mmalign.files import refuse_links, write_json
+from mmalign.output_owner import Output, check_output, record_output
 
 if TYPE_CHECKING:
     from mmalign.model import AlignmentModel
@@ -61,6 +62,10 @@ LEVELS = ("instance", "class")
 """Retrieval levels: a hit is the paired item (instance) or any item of the class (class)."""
 CURVE_MAX_K = 50
 SIMILARITY_ROWS = 32
+REPORT = Output("eval", "--out", ("probe.json", "*.png"), nested=True, folder="report directory")
+"""The owner of a report folder (:mod:`mmalign.output_owner`), which may lie in the model it
+evaluates (MODEL/eval); ``probe.json`` is written after the record (``eval --linear-probe``),
+the figures before ``eval.json``."""
 
 
 def _both_present(collected: CollectedEmbeddings, names: Sequence[str]) -> Tensor:
@@ -341,6 +346,7 @@ def run_eval(
         180
     """
     model_source = None if isinstance(model_or_run_dir, torch.nn.Module) else model_or_run_dir
+    out_dir = check_output(out_dir, REPORT, [] if model_source is None else [model_source])
     model = load_model(model_or_run_dir)
     modalities = list(modalities or model.modalities)
     check_modalities(model, modalities, "--modalities")
@@ -399,4 +405,5 @@ def run_eval(
     }
     write_json(out_dir / "eval.json", report, sort_keys=False)  # a NaN metric: null
     (out_dir / "eval.md").write_text(markdown_report(report, ks))
+    record_output(out_dir, REPORT)
     return report

@@ -55,12 +55,16 @@ from mmalign.eval.loading import CollectedEmbeddings, collect_embeddings, load_m
 from mmalign.eval.plots import save_figure
 from mmalign.files import clear_old_shards, read_json, refuse_links, write_json
 from mmalign.objectives import Objective
+from mmalign.output_owner import Output, check_output, claim_output, record_output
 
 if TYPE_CHECKING:
     from mmalign.model import AlignmentModel
 
 EXAMPLES = 5
 """Dropped records shown per reason in the report."""
+CURATED = Output("prep curate", "--out", ("curated-*.tar",))
+"""The owner of a curated folder (:mod:`mmalign.output_owner`): its shards may differ from its
+record after a failed run."""
 
 
 def pair_scores(
@@ -230,8 +234,9 @@ def _write(
     """Copy the kept records to ``out``; the counts by reason and examples of dropped ones."""
     counts: Counter[str] = Counter()
     examples: dict[str, list[dict[str, Any]]] = {}
+    claim_output(out, CURATED, urls)
     refuse_links(out, "output directory", "--out")  # no shard, report or plot through a link
-    clear_old_shards(out, "curated", out / "curate.json", urls)
+    clear_old_shards(out, "curated")
     pattern = str(out / "curated-%06d.tar")
     with wds.ShardWriter(pattern, maxcount=maxcount, verbose=0) as writer:
         for raw in read_shards({"url": url} for url in urls):
@@ -302,9 +307,10 @@ def curate(
     """Score, cut, de-duplicate and write the records of ``shards`` (module docstring);
     returns the report written to ``out/curate.json``. ``dedup``: the modality of the
     near-duplicate search (``""``: the first of ``modalities``; None: no search)."""
+    urls = [url for source in resolve_sources(shards, "--data") for url in source.urls]
+    check_output(out, CURATED, urls)  # before the model loads and the records are scored
     trained = load_model(model)
     names = list(modalities or trained.modalities)
-    urls = [url for source in resolve_sources(shards, "--data") for url in source.urls]
     dedup = names[0] if dedup == "" else dedup
     if dedup is not None and dedup not in names:
         raise ConfigError(
@@ -338,5 +344,6 @@ def curate(
         "written": sorted(path.name for path in out.glob("curated-*.tar")),
     }
     write_json(out / "curate.json", report, indent=1, sort_keys=False)  # no cut: null
+    record_output(out, CURATED)
     barrier()
     return report

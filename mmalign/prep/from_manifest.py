@@ -48,8 +48,10 @@ from mmalign.data.decode import AUDIO_EXTENSIONS, RecordError, decode_value
 from mmalign.data.records import unsafe_key
 from mmalign.data.video import VIDEO_EXTENSIONS
 from mmalign.errors import ConfigError
-from mmalign.files import clear_old_shards, refuse_links, write_json
+from mmalign.files import clear_old_shards, refuse_links
+from mmalign.output_owner import claim_output
 from mmalign.prep.columns import infer_fields, pack_vector
+from mmalign.prep.reshard import prep_output, write_summary
 from mmalign.progress import progress_bar
 
 FILE_ONLY = {*IMAGE_EXTENSIONS, *AUDIO_EXTENSIONS, *VIDEO_EXTENSIONS, "npz", "csv"}
@@ -242,11 +244,13 @@ def convert(
     if fields is None:
         fields, file_columns = infer_fields(rows, key_column, skip=packed)
     _check_columns(rows, fields, manifest, "--fields")
+    owner = prep_output("from-manifest", name)
+    claim_output(out, owner, [manifest])
+    refuse_links(out, "output directory", "--out")  # no shard or summary through a link
     directories = {"train": out / "train", "val": out / "val"} if val_fraction > 0 else {"": out}
     for directory in directories.values():
         directory.mkdir(parents=True, exist_ok=True)
-        refuse_links(out, "output directory", "--out")  # no shard or summary through a link
-        clear_old_shards(directory, name, out / "summary.json")
+        clear_old_shards(directory, name)
     per_modality: Counter[str] = Counter()
     per_split: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
@@ -297,5 +301,4 @@ def convert(
         "per_modality": {column: per_modality[column] for column in [*fields, *vectors]},
         "skipped": {"rows": sum(reasons.values()), "reasons": dict(reasons), "examples": examples},
     }
-    write_json(out / "summary.json", summary, indent=1, sort_keys=False)
-    return summary
+    return write_summary(out, summary, owner)

@@ -24,6 +24,7 @@ from mmalign.extras import missing_extra
 from mmalign.prep.reshard import (
     ExportRows,
     check_maxcount,
+    prep_output,
     source_records,
     source_shards,
     write_shards,
@@ -90,7 +91,10 @@ def group_shards(
     records = source_records(export_dir, ordered)
     kept = [key for key in ordered if key in records]
     sources = source_shards(export_dir)
-    shards = write_shards((records[key] for key in kept), out, name, maxcount, len(kept), sources)
+    owner = prep_output("group-shards", name)
+    shards = write_shards(
+        (records[key] for key in kept), out, owner, name, maxcount, len(kept), sources
+    )
     sizes = np.bincount(assignment, minlength=clusters)
     summary = {
         "export": str(export_dir),
@@ -105,4 +109,4 @@ def group_shards(
         },
         "shards": shards,
     }
-    return write_summary(out, summary)
+    return write_summary(out, summary, owner)

@@ -33,6 +33,7 @@ from mmalign.prep.reshard import (
     ExportRows,
     check_maxcount,
     find_payload,
+    prep_output,
     record_extensions,
     source_records,
     source_shards,
@@ -142,7 +143,9 @@ def mine_negatives(
 
     order = [row for row, key in enumerate(keys) if key in records]
     written = (with_negatives(row) for row in order)
-    shards = write_shards(written, out, name, maxcount, len(order), source_shards(export_dir))
+    owner = prep_output("mine-negatives", name)
+    sources = source_shards(export_dir)
+    shards = write_shards(written, out, owner, name, maxcount, len(order), sources)
     counts = [len(mined[row]) for row in order if both[row]]
     summary = {
         "export": str(export_dir),
@@ -156,4 +159,4 @@ def mine_negatives(
         "queries_with_fewer_than_k": int(sum(count < k for count in counts)),
         "shards": shards,
     }
-    return write_summary(out, summary)
+    return write_summary(out, summary, owner)

@@ -29,6 +29,7 @@ from mmalign.data.shards import expand_shards
 from mmalign.data.views import group_id
 from mmalign.errors import UserError
 from mmalign.files import clear_old_shards, refuse_links, write_json
+from mmalign.output_owner import Output, claim_output, record_output
 from mmalign.progress import progress_bar
 
 
@@ -135,30 +136,40 @@ def check_maxcount(maxcount: int) -> None:
         )
 
 
+def prep_output(command: str, name: str) -> Output:
+    """The owner of the output folder of ``prep COMMAND`` (:mod:`mmalign.output_owner`): the
+    ``NAME-*.tar`` shards it writes (also in ``train/`` and ``val/``) may differ from its
+    record after a failed run; its ``summary.json`` is checked against the record."""
+    patterns = (f"{name}-*.tar", f"train/{name}-*.tar", f"val/{name}-*.tar")
+    return Output(f"prep {command}", "--out", patterns)
+
+
 def write_shards(
     records: Iterable[dict[str, Any]],
     out: str | Path,
+    owner: Output,
     name: str,
     maxcount: int = 10000,
     total: int | None = None,
     sources: Sequence[str] = (),
 ) -> list[str]:
-    """Write ``records`` (``total`` of them, for the progress bar's ETA) in the given order
-    to ``out/NAME-000000.tar`` ...; returns the names. The shards of an earlier prep output
-    there are replaced; other shards of that name, or the ``sources`` being read, are refused
-    (:func:`~mmalign.files.clear_old_shards`)."""
+    """Write records (``total`` of them, for the progress bar's ETA) in the given order to
+    ``out/NAME-000000.tar`` ...; returns the names. ``out`` must be new, empty or an earlier
+    output of ``owner`` (whose shards are replaced) and hold none of the ``sources`` being
+    read (:func:`~mmalign.output_owner.claim_output`)."""
     check_maxcount(maxcount)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_output(out, owner, sources)
     refuse_links(out, "output directory", "--out")  # no shard or summary through a link
-    clear_old_shards(out, name, out / "summary.json", sources)
+    clear_old_shards(out, name)
     with wds.ShardWriter(str(out / f"{name}-%06d.tar"), maxcount=maxcount, verbose=0) as writer:
         for record in progress_bar(records, total=total, desc=f"write {out}", unit="record"):
             writer.write(record)
     return sorted(path.name for path in out.glob(f"{name}-*.tar"))
 
 
-def write_summary(out: str | Path, summary: dict[str, Any]) -> dict[str, Any]:
-    """Write ``summary`` as ``OUT/summary.json`` beside the new shards; returns it."""
+def write_summary(out: str | Path, summary: dict[str, Any], owner: Output) -> dict[str, Any]:
+    """Write ``summary`` as ``OUT/summary.json`` beside the new shards and record ``owner``'s
+    files; returns it."""
     write_json(Path(out) / "summary.json", summary, indent=1, sort_keys=False)
+    record_output(Path(out), owner)
     return summary

@@ -12,9 +12,14 @@ Layout of ``train.output``::
     checkpoints/       step-XXXXXXXX/ (last K) and best/
     model/             the final model (``AlignmentModel.from_pretrained``)
     sample_keys/       rank-00000.jsonl ...: the keys each process trained on (``log_sample_keys``)
+    eval/              ``mmalign eval RUN``'s report
+    .mmalign-output.json   the record that mmalign train made the directory
+                       (:mod:`mmalign.output_owner`)
 
-A run never silently overwrites another: the directory is locked
-(:class:`mmalign.files.DirectoryLock`), a directory holding a run is only continued with
+A run never silently overwrites another, nor writes among other files: a non-empty
+``train.output`` must be a run directory (its record, and nothing but the files above), the
+directory is locked (:class:`mmalign.files.DirectoryLock`), a directory holding a run is only
+continued with
 ``resume``, and only with changes :mod:`mmalign.training.resume` allows (checked against the
 run's ``config.yaml`` when a checkpoint exists). Resuming a finished run returns its result
 without training. SIGTERM/SIGINT save the current step and raise
@@ -58,15 +63,17 @@ from mmalign.files import (
     write_json,
 )
 from mmalign.model import AlignmentModel
+from mmalign.output_owner import Output, check_output, record_output, remove_unused
 from mmalign.training import checkpoint
 from mmalign.training.checks import check_run_config, total_steps
 from mmalign.training.host_memory import host_memory, host_memory_policy
-from mmalign.training.logging import METRICS_FILE, read_metrics
+from mmalign.training.logging import LOG_FILE, METRICS_FILE, read_metrics
 from mmalign.training.normalization import fit_normalizers
 from mmalign.training.parallel import check_launch
 from mmalign.training.parallel.base import describe_run
 from mmalign.training.plan import check_precision, describe_plan
 from mmalign.training.resume import check_resume_changes
+from mmalign.training.sample_keys import DIRECTORY as SAMPLE_KEYS
 from mmalign.training.shared_output import require_shared_output
 from mmalign.training.signals import StopSignals
 from mmalign.training.trainer import Trainer
@@ -76,6 +83,16 @@ CONFIG_FILE = "config.yaml"
 RUN_INFO = "run.json"
 MODEL_DIR = "model"
 CHECKPOINTS = "checkpoints"
+RUN_OUTPUT = Output(
+    "train",
+    "train.output",
+    (
+        *(CONFIG_FILE, RUN_INFO, METRICS_FILE, LOG_FILE, "events.out.tfevents.*", "*.png"),
+        *(f"{CHECKPOINTS}/", f"{MODEL_DIR}/", f"{SAMPLE_KEYS}/", "eval/"),
+    ),
+    folder="run directory",
+)
+"""The owner of a run directory (:mod:`mmalign.output_owner`): the files a run rewrites."""
 
 
 @dataclass
@@ -158,11 +175,13 @@ def _prepare_directory(
     lock, error, owner = None, None, ""
     if accelerator.is_main_process:
         try:
+            check_output(output, RUN_OUTPUT)  # a folder of other files: before any is written
             _check_fresh_or_resume(output, resume)
             lock = DirectoryLock(output)
             lock.acquire()
             owner = lock.path.read_text()
             refuse_links(output, "run directory", "train.output")
+            record_output(output, RUN_OUTPUT)
             checkpoint.recover(output / CHECKPOINTS)
             _check_resumable(output, config)
         except Exception as caught:  # every rank must hear of it, whatever it is
@@ -332,19 +351,22 @@ def train(
     check_launch(config)
     _check_extras(config)
     accelerator = _accelerator(config)
-    lock = None
+    lock, created, succeeded = None, not Path(config.train.output).exists(), False
     try:
         with StopSignals() as signals:
             lock = _prepare_directory(config, accelerator, resume)
             finished = _finished_result(config, accelerator) if resume else None
             if finished is not None:
+                succeeded = True
                 return finished
             if accelerator.is_main_process:
                 print(
                     describe_plan(config, accelerator.num_processes, accelerator.device),
                     flush=True,
                 )
-            return _train(config, accelerator, resume, signals)
+            result = _train(config, accelerator, resume, signals)
+            succeeded = True
+            return result
     except OSError as error:
         if error.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
@@ -352,4 +374,6 @@ def train(
     finally:
         if lock is not None:
             lock.release()
+            if created and not succeeded:  # failed before writing a file: leave no folder
+                remove_unused(Path(config.train.output))
         accelerator.end_training()

@@ -56,7 +56,7 @@ def test_hf_folders_load_with_automodel_and_the_projection_gives_the_embedding(
     out = tmp_path / "hf"
     assert main(["convert", str(hf_model), "--to", "hf", "--out", str(out)]) == 0
     assert sorted(path.name for path in out.iterdir()) == [
-        ".mmalign-convert.json",
+        ".mmalign-output.json",
         "README.md",
         "audio",
         "text",
@@ -189,7 +189,7 @@ def test_onnx_graphs_equal_torch_for_image_text_audio_tabular(
     assert not (tmp_path / "g_onnx").exists()
     assert main([*argv, "--out", str(tmp_path / "g_onnx"), "--modality", "labs"]) == 0
     assert sorted(p.name for p in (tmp_path / "g_onnx").iterdir()) == [
-        ".mmalign-convert.json",
+        ".mmalign-output.json",
         "labs.onnx",
         "onnx.json",
     ]

@@ -1,15 +1,24 @@
-"""``mmalign convert --out``: a new or empty folder, or a previous output of the same
-converter, is written; anything else there (a folder of the user's files, the run being
-converted, a file, another converter's output) is refused with one line and left as it was."""
+"""Output folders (``convert``, ``eval``, the ``prep`` tools, ``export``, ``train.output``): a
+new or empty folder, or a previous output of the same command holding nothing else, is
+written; anything else there (a folder of the user's files, a copied record, the source being
+read, a file, another command's output) is refused with one line and left as it was
+(:mod:`mmalign.output_owner`)."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from tiny_run import trained_run
+from conftest import subprocess_env, tiny_config
+from tiny_run import exported, trained_run
 
 from mmalign.cli.main import main
+from mmalign.errors import UserError
+from mmalign.output_owner import RECORD
+from mmalign.training import train
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +58,15 @@ def test_convert_refuses_what_it_did_not_write(
     (users / "thesis.tex").write_text("years of work")
     a_file = tmp_path / "notes.txt"
     a_file.write_text("keep me")
+    (tmp_path / "folders" / "x").mkdir(parents=True)  # an empty folder of the user's
     before = {path: tree(path) for path in (users, run)}
     for out, says in (
-        (users, "is a folder that convert did not write (--out); it holds other files"),
-        (run, "is a folder that convert did not write (--out)"),  # the source itself
-        (run / "model", "is a folder that convert did not write (--out)"),
+        (users, "holds files that convert --to onnx did not write (thesis.tex) (--out)"),
+        (tmp_path / "folders", "holds files that convert --to onnx did not write (x) (--out)"),
+        (run, f"{run} is the input {run} of convert --to onnx (--out)"),  # the source itself
+        (run / "model", "lies inside the input"),
+        (run / "onnx", "lies inside the input"),
+        (run.parent, "holds the input"),
         (a_file, "is a file, not a directory"),
     ):
         status, error = convert(run, out, capsys)
@@ -62,6 +75,7 @@ def test_convert_refuses_what_it_did_not_write(
         assert len(error.splitlines()) == 1
     assert {path: tree(path) for path in (users, run)} == before
     assert a_file.read_text() == "keep me" and not list(tmp_path.glob(".old-*"))
+    assert (tmp_path / "folders" / "x").is_dir()
 
 
 def test_convert_writes_new_or_empty_folders_and_replaces_its_own_output(
@@ -71,13 +85,74 @@ def test_convert_writes_new_or_empty_folders_and_replaces_its_own_output(
     empty.mkdir()
     assert convert(run, empty, capsys)[0] == 0
     assert (empty / "labs.onnx").is_file()
-    (empty / "labs.onnx").write_bytes(b"stale")
+    first = (empty / "labs.onnx").stat().st_ino
     assert convert(run, empty, capsys)[0] == 0  # a previous onnx output: replaced
-    assert (empty / "labs.onnx").read_bytes() != b"stale"
+    assert (empty / "labs.onnx").stat().st_ino != first
+    written = (empty / "labs.onnx").read_bytes()
+    (empty / "labs.onnx").write_bytes(b"edited")  # changed since: the user's now
+    status, error = convert(run, empty, capsys)
+    assert status == 2 and "holds labs.onnx, changed since convert --to onnx wrote it" in error
+    (empty / "labs.onnx").write_bytes(written)
     status = main(["convert", str(run), "--to", "hf", "--out", str(empty)])
     error = capsys.readouterr().err.strip()
-    assert status == 2 and "it holds a --to onnx output" in error
+    assert status == 2 and "holds the output of convert --to onnx, not of convert --to hf" in error
     assert (empty / "labs.onnx").is_file()
+    (empty / "notes.txt").write_text("mine")  # a file the user added to the output
+    before = tree(empty)
+    status, error = convert(run, empty, capsys)
+    assert status == 2 and error.endswith(
+        f"{empty} holds notes.txt, which convert --to onnx did not write (--out); move it out "
+        "of the folder, or pick a new or empty folder"
+    )
+    assert tree(empty) == before  # nothing deleted
+    (empty / "notes.txt").unlink()
+    assert convert(run, empty, capsys)[0] == 0
+
+
+def test_a_copied_record_is_no_provenance(
+    tmp_path: Path, run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The outside re-run copied convert's marker into the run (then ``convert run --out run``
+    deleted the run, exit 0) and into a folder of the user's files (replaced, exit 0). A
+    record describes the files it lists: any other file there, or one of another size, is
+    refused; the source is refused whatever it holds."""
+    out = tmp_path / "onnx"
+    assert convert(run, out, capsys)[0] == 0
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    users = tmp_path / "papers"
+    users.mkdir()
+    (users / "onnx.json").write_text("my own notes, named as convert names its file")
+    for folder in (copy, users):
+        shutil.copy(out / RECORD, folder / RECORD)
+    shutil.copy(out / RECORD, copy / ".mmalign-convert.json")  # the old marker's name too
+    before = {path: tree(path) for path in (copy, users)}
+    status, error = convert(copy, copy, capsys)
+    assert status == 2 and f"{copy} is the input {copy} of convert" in error, error
+    status, error = convert(run, copy, capsys)
+    assert status == 2 and ", which convert --to onnx did not write (--out)" in error, error
+    status, error = convert(run, users, capsys)
+    assert status == 2 and f"{users} holds onnx.json, changed since convert" in error, error
+    assert {path: tree(path) for path in (copy, users)} == before
+
+
+@pytest.mark.launches
+def test_convert_refuses_out_before_it_loads_torch(run: Path, tmp_path: Path) -> None:
+    """A bad ``--out`` was refused after about 5 s (torch and the model loaded first)."""
+    users = tmp_path / "papers"
+    users.mkdir()
+    (users / "thesis.tex").write_text("years of work")
+    code = (
+        "import sys\n"
+        "from mmalign.cli.main import main\n"
+        f"status = main(['convert', {str(run)!r}, '--to', 'onnx', '--out', {str(users)!r}])\n"
+        "print(status, 'torch' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True
+    )
+    assert done.stdout.split() == ["2", "False"], done.stderr
+    assert "did not write (thesis.tex) (--out)" in done.stderr
 
 
 def test_train_tokenizer_replaces_only_an_earlier_tokenizer(
@@ -139,3 +214,149 @@ def test_export_refuses_a_folder_it_did_not_write(
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and named in error and "(--out)" in error, error
     assert tree(out) == before
+
+
+def test_eval_refuses_report_folders_it_did_not_write(
+    tmp_path: Path, run_and_shards: tuple[Path, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``eval --out`` over a user's ``eval.md``, the run, the shards' folder or the model wrote
+    its report among them (exit 0), and through a ``RUN/eval`` linked out of the run. Refused
+    and left as they were; its own report folder (``RUN/eval`` by default) is rewritten, and
+    the run stays a run (it resumes)."""
+    run, shards = run_and_shards
+    users = tmp_path / "notes"
+    users.mkdir()
+    (users / "eval.md").write_text("my evaluation")
+    shard_folder = Path(shards.split("{")[0]).parent
+    folders = (users, run, run / "model", shard_folder)
+    before = {path: tree(path) for path in folders}
+    for out, says in (
+        (users, f"{users} holds files that eval did not write (eval.md) (--out)"),
+        (run, f"{run} is the input {run} of eval (--out)"),
+        (run / "model", "holds files that eval did not write (config.json, model.safetensors"),
+        (shard_folder, "holds files that eval did not write (train-000000.tar"),
+    ):
+        assert main(["eval", str(run), "--data", shards, "--out", str(out), "--no-plots"]) == 2
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1 and says in error, error
+    assert {path: tree(path) for path in folders} == before
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "eval").symlink_to(users)  # the default report folder, linked out of the run
+    assert main(["eval", str(copy), "--data", shards, "--no-plots"]) == 2
+    error = capsys.readouterr().err
+    assert f"{copy / 'eval'} is a symbolic link (to {users}) inside the input" in error, error
+    assert tree(users) == before[users]
+    (copy / "eval").unlink()
+    for _ in range(2):  # the default report folder, then the same again
+        assert main(["eval", str(copy), "--data", shards, "--no-plots"]) == 0
+    assert sorted(tree(copy / "eval")) == [RECORD, "eval.json", "eval.md"]
+    other = ["eval", str(copy), "--data", shards, "--no-plots", "--out", str(copy / "again")]
+    assert main(other) == 0  # a report of its own kept in the run (as the demo's conversion)
+    capsys.readouterr()
+    (copy / ".config.yaml.tmp").write_text("torn")  # what a killed write leaves
+    (copy / ".tmp-model").mkdir()
+    (copy / ".tmp-model" / "model.safetensors").write_bytes(b"torn")
+    resumed = train(copy / "config.yaml", [f"train.output={copy}"], resume=True)
+    assert resumed.already_finished and resumed.steps == 2
+
+
+def test_prep_refuses_foreign_summaries_and_the_working_directory(
+    tmp_path: Path,
+    run_and_shards: tuple[Path, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``group-shards`` overwrote a folder holding a user's ``summary.json`` (and a copied
+    record) and ``mine-negatives`` replaced a ``from-manifest`` output (both exit 0); ``prep
+    curate --out .`` wrote among the files of the working directory. All refused, nothing
+    changed, as is ``from-manifest --out`` at its manifest's folder; a prep tool replaces only
+    its own output."""
+    run, shards = run_and_shards
+    export = exported(run, shards, tmp_path / "emb")
+    grouped = tmp_path / "grouped"
+    group = ["prep", "group-shards", "--embeddings", str(export), "--modality", "labs"]
+    group += ["--clusters", "2", "--out"]
+    mine = ["prep", "mine-negatives", "--embeddings", str(export), "--query", "labs"]
+    mine += ["--candidates", "graph", "--k", "2", "--out"]
+    assert main([*group, str(grouped)]) == 0
+    assert main([*group, str(grouped)]) == 0  # its own output: replaced
+    users = tmp_path / "notes"
+    users.mkdir()
+    (users / "summary.json").write_text('{"mine": true}')
+    (users / RECORD).write_bytes((grouped / RECORD).read_bytes())  # a copied record
+    manifest = users / "texts.jsonl"
+    manifest.write_text("".join(f'{{"t": "text {i}"}}\n' for i in range(4)))
+    texts = tmp_path / "texts"
+    assert main(["prep", "from-manifest", str(manifest), "--out", str(texts)]) == 0
+    capsys.readouterr()
+    before = {path: tree(path) for path in (users, grouped, texts)}
+    for command, says in (
+        ([*group, str(users)], f"{users} holds summary.json, changed since prep group-shards"),
+        ([*mine, str(grouped)], "holds the output of prep group-shards, not of prep mine-"),
+        ([*mine, str(texts)], "holds the output of prep from-manifest, not of prep mine-"),
+        (["prep", "from-manifest", str(manifest), "--out", str(users)], "holds the input"),
+    ):
+        assert main(command) == 2
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1 and says in error and "(--out)" in error, error
+    monkeypatch.chdir(users)
+    curate = ["prep", "curate", str(run), "--data", shards, "--keep-fraction", "0.5"]
+    with pytest.raises(SystemExit) as exit:
+        main([*curate, "--out", "."])
+    assert exit.value.code == 2 and "'.' is the working directory" in capsys.readouterr().err
+    assert {path: tree(path) for path in (users, grouped, texts)} == before
+
+
+def train_refusal(config: dict, resume: bool = False) -> str:
+    with pytest.raises(UserError) as refused:
+        train(config, resume=resume)
+    return str(refused.value)
+
+
+def test_train_output_must_be_new_empty_or_a_run(
+    tmp_path: Path, run_and_shards: tuple[Path, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``train.output`` at a folder of the user's files, the shards' folder, an export or
+    ``.`` trained there (exit 0); with ``--resume`` a folder shaped like a run (the user's
+    ``model/``, ``checkpoints/``, a ``config.yaml`` of another run) lost its config.yaml, then
+    the run died of ``KeyError: 'step'``. Refused before anything is written."""
+    run, shards = run_and_shards
+    users = tmp_path / "users"
+    shutil.copytree(run, users, ignore=shutil.ignore_patterns(RECORD))  # a run's shape
+    (users / "model" / "my.txt").write_text("mine")
+    (users / "metrics.jsonl").write_text('{"note": "mine"}\n')
+    export = exported(run, shards, tmp_path / "emb")
+    shard_folder = Path(shards.split("{")[0]).parent
+    folders = (users, export, shard_folder)
+    before = {path: tree(path) for path in folders}
+    for output, resume in ((users, True), (users, False), (export, False), (shard_folder, False)):
+        error = train_refusal(tiny_config(output, shards, train={"steps": 1}), resume)
+        assert error.startswith(f"{output} holds files that train did not write ("), error
+        assert error.endswith("(train.output); pick a new or empty folder"), error
+    monkeypatch.chdir(users)
+    error = train_refusal(tiny_config(Path("."), shards, train={"steps": 1}))
+    assert error.startswith(". holds files that train did not write"), error
+    assert {path: tree(path) for path in folders} == before
+
+
+def test_a_run_that_fails_before_training_leaves_no_folder(
+    tmp_path: Path, run_and_shards: tuple[Path, str]
+) -> None:
+    """A tower checkpoint that does not exist ended the run before training, and left an
+    empty ``train.output`` behind."""
+    config = tiny_config(tmp_path / "new", run_and_shards[1], train={"steps": 1})
+    config["model"]["towers"]["labs"] = {
+        "type": "image",
+        "embed_dim": 8,
+        "vision_cfg": {
+            "image_size": 16,
+            "layers": 1,
+            "width": 32,
+            "patch_size": 8,
+            "head_width": 16,
+        },
+        "checkpoint": str(tmp_path / "nope.pt"),
+    }
+    assert "model.towers.labs.checkpoint" in train_refusal(config)
+    assert not (tmp_path / "new").exists()

@@ -104,14 +104,15 @@ def test_prep_never_replaces_its_source_shards_or_shards_it_did_not_write(
     ):
         assert main(command) == 2
         error = capsys.readouterr().err
-        assert "is a source shard of this command" in error and "(--out)" in error
+        assert "holds the input" in error and "train-000000.tar of prep" in error, error
         assert error.count("\n") == 1
     assert {path.name: path.read_bytes() for path in source.glob("*.tar")} == before
     mine_dir = tmp_path / "mine"
     mine_dir.mkdir()
     (mine_dir / "data-000000.tar").write_bytes(b"my own shard")
     assert main(group(export_dir, mine_dir)) == 2
-    assert "that this tool did not write (--out)" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "holds files that prep group-shards did not write (data-000000.tar) (--out)" in error
     assert (mine_dir / "data-000000.tar").read_bytes() == b"my own shard"
     out = tmp_path / "grouped"
     assert main(group(export_dir, out, "--maxcount", "5")) == 0

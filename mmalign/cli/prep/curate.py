@@ -21,6 +21,7 @@ from mmalign.cli.common import (
     fields,
     first_process,
     fraction,
+    output_directory,
     positive_int,
 )
 
@@ -30,7 +31,12 @@ HELP = "shards scored by a trained model: keep the aligned records, drop near-du
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The model and shards, the cut, the near-duplicate search, the output."""
     add_data_arguments(parser, batch_size=256)
-    parser.add_argument("--out", required=True, help="directory of the new shards and report")
+    parser.add_argument(
+        "--out",
+        type=output_directory,
+        required=True,
+        help="directory of the new shards and report",
+    )
     parser.add_argument("--modalities", type=csv_list, help="comma-separated (default: all)")
     cut = parser.add_mutually_exclusive_group()
     cut.add_argument("--threshold", type=bounded(float), help="keep records scoring at least this")
