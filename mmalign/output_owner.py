@@ -191,6 +191,18 @@ def record_output(directory: Path, owner: Output) -> None:
     write_json(directory / RECORD, {"tool": owner.tool, "files": files})
 
 
+def adopt_output(directory: Path, owner: Output) -> bool:
+    """Record ``owner`` in ``directory`` when it has no record yet and every file there is one
+    that ``owner`` names by its patterns (a folder an mmalign older than the records wrote;
+    the caller checks the rest of the evidence); returns whether it did."""
+    if (directory / RECORD).exists() or not directory.is_dir():
+        return False
+    if not all(any(_matches(name, p) for p in owner.patterns) for name in _files(directory)):
+        return False
+    record_output(directory, owner)
+    return True
+
+
 def remove_unused(directory: Path) -> None:
     """Remove ``directory`` when it holds no file but a record and leftovers: made for a
     command that failed before it wrote anything."""

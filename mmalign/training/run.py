@@ -40,6 +40,7 @@ import errno
 import importlib.util
 import platform
 import shutil
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -63,7 +64,13 @@ from mmalign.files import (
     write_json,
 )
 from mmalign.model import AlignmentModel
-from mmalign.output_owner import Output, check_output, record_output, remove_unused
+from mmalign.output_owner import (
+    Output,
+    adopt_output,
+    check_output,
+    record_output,
+    remove_unused,
+)
 from mmalign.training import checkpoint
 from mmalign.training.checks import check_run_config, total_steps
 from mmalign.training.host_memory import host_memory, host_memory_policy
@@ -157,6 +164,17 @@ def _check_fresh_or_resume(directory: Path, resume: bool) -> None:
         )
 
 
+def _adopt_earlier_run(output: Path) -> None:
+    """A run directory written before runs carried a record (:mod:`mmalign.output_owner`)
+    becomes this run's own once, so it resumes as before: it must hold the run's
+    ``run.json`` and ``config.yaml``, a complete checkpoint, and no file a run does not write.
+    Anything less stays refused as a foreign folder."""
+    evidence = (output / RUN_INFO).is_file() and (output / CONFIG_FILE).is_file()
+    complete = evidence and checkpoint.latest_checkpoint(output / CHECKPOINTS) is not None
+    if complete and adopt_output(output, RUN_OUTPUT):
+        warnings.warn(f"{output}: a run of an earlier mmalign, now recorded", stacklevel=2)
+
+
 def _check_resumable(output: Path, config: Config) -> None:
     """With a checkpoint to resume from, ``config`` may change only what
     :mod:`mmalign.training.resume` allows; without one the run starts afresh."""
@@ -175,6 +193,7 @@ def _prepare_directory(
     lock, error, owner = None, None, ""
     if accelerator.is_main_process:
         try:
+            _adopt_earlier_run(output)
             check_output(output, RUN_OUTPUT)  # a folder of other files: before any is written
             _check_fresh_or_resume(output, resume)
             lock = DirectoryLock(output)

@@ -323,7 +323,7 @@ def test_train_output_must_be_new_empty_or_a_run(
     the run died of ``KeyError: 'step'``. Refused before anything is written."""
     run, shards = run_and_shards
     users = tmp_path / "users"
-    shutil.copytree(run, users, ignore=shutil.ignore_patterns(RECORD))  # a run's shape
+    shutil.copytree(run, users, ignore=shutil.ignore_patterns(RECORD, "run.json"))  # its shape
     (users / "model" / "my.txt").write_text("mine")
     (users / "metrics.jsonl").write_text('{"note": "mine"}\n')
     export = exported(run, shards, tmp_path / "emb")
@@ -338,6 +338,27 @@ def test_train_output_must_be_new_empty_or_a_run(
     error = train_refusal(tiny_config(Path("."), shards, train={"steps": 1}))
     assert error.startswith(". holds files that train did not write"), error
     assert {path: tree(path) for path in folders} == before
+
+
+def test_a_run_of_an_earlier_mmalign_resumes_once_recorded(
+    tmp_path: Path, run_and_shards: tuple[Path, str]
+) -> None:
+    """A run written before runs carried a record (its ``run.json``, ``config.yaml`` and a
+    complete checkpoint, nothing a run does not write) resumes as it did, and is recorded;
+    with one file of the user's beside it, it is refused and left as it was."""
+    run, shards = run_and_shards
+    earlier = tmp_path / "earlier"
+    shutil.copytree(run, earlier, ignore=shutil.ignore_patterns(RECORD))
+    config = tiny_config(earlier, shards, train={"steps": 3, "save_every": 2})
+    (earlier / "notes.txt").write_text("mine")
+    before = tree(earlier)
+    error = train_refusal(config, resume=True)
+    assert error.startswith(f"{earlier} holds files that train did not write ("), error
+    assert tree(earlier) == before and not (earlier / RECORD).exists()
+    (earlier / "notes.txt").unlink()
+    with pytest.warns(UserWarning, match="a run of an earlier mmalign, now recorded"):
+        result = train(config, resume=True)
+    assert result.steps == 3 and (earlier / RECORD).is_file()
 
 
 def test_a_run_that_fails_before_training_leaves_no_folder(
