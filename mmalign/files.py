@@ -1,5 +1,7 @@
 """Files that are either whole or absent, and one job per directory.
 
+- :func:`naming_errors`: a write that fails (a full disk, a file beyond the size limit)
+  raises an ``OSError`` naming the file written, not none.
 - :func:`atomic_write` / :func:`write_json`: a temporary file, flushed, fsynced, renamed
   over the target, then the folder fsynced: a crash leaves the old file or the new one.
 - :func:`replace_directory`: the same for a whole directory (checkpoints, saved models).
@@ -26,12 +28,13 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import shutil
 import socket
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -58,6 +61,29 @@ def fsync_tree(directory: Path) -> None:
     fsync_path(directory)
 
 
+@contextlib.contextmanager
+def naming_errors(path: str | Path | Callable[[], str | Path | None]) -> Iterator[None]:
+    """An ``OSError`` with an errno but no file name (what ``write()``, ``flush()`` and
+    ``close()`` raise: a full disk, a file beyond the size limit) raised in the block is
+    raised again naming ``path`` (or what the callable ``path`` returns then: the file a
+    writer has open), so that the one-line error says which file.
+
+    Example:
+        >>> with naming_errors("out/data-000000.tar"):
+        ...     raise OSError(errno.EFBIG, "File too large")
+        Traceback (most recent call last):
+        ...
+        OSError: [Errno 27] File too large: 'out/data-000000.tar'
+    """
+    try:
+        yield
+    except OSError as error:
+        named = path() if callable(path) else path
+        if error.filename is not None or error.errno is None or named is None:
+            raise
+        raise OSError(error.errno, error.strerror, str(named)) from error
+
+
 def atomic_write(path: Path, write: Callable[[IO[bytes]], object], tag: str = "") -> None:
     """Write ``path`` through a temporary file: write, flush, fsync, rename, fsync the folder.
 
@@ -70,23 +96,25 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], object], tag: str = ""
     temporary.unlink(missing_ok=True)  # a leftover, or a link planted under its name
     try:
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        with os.fdopen(descriptor, "wb") as handle:
+        with naming_errors(path), os.fdopen(descriptor, "wb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
-    except BaseException as error:  # the old file stays; no temporary is left
+    except BaseException:  # the old file stays; no temporary is left
         temporary.unlink(missing_ok=True)
-        if not isinstance(error, OSError) or error.filename is not None:
-            raise
-        raise OSError(error.errno, error.strerror, str(path)) from error
+        raise
     os.replace(temporary, path)
     fsync_path(path.parent)
 
 
+def write_text(path: Path, text: str, tag: str = "") -> None:
+    """Atomically write ``text`` (UTF-8) to ``path``."""
+    atomic_write(path, lambda handle: handle.write(text.encode()), tag)
+
+
 def write_json(path: Path, data: Mapping[str, Any] | list[Any], tag: str = "") -> None:
     """Atomically write ``data`` as indented JSON (keys sorted)."""
-    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
-    atomic_write(path, lambda handle: handle.write(text.encode()), tag)
+    write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n", tag)
 
 
 def read_json(path: Path) -> Any:

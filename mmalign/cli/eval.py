@@ -93,6 +93,7 @@ def print_probes(args: argparse.Namespace, out: Any) -> None:
 
     from mmalign.errors import UserError
     from mmalign.eval.probe import run_probe
+    from mmalign.files import write_text
 
     if not args.probe_train:
         raise UserError("a probe needs labelled train shards (--probe-train); give them")
@@ -108,7 +109,7 @@ def print_probes(args: argparse.Namespace, out: Any) -> None:
         batch_size=args.batch_size,
         workers=args.workers,
     )
-    (out / "probe.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_text(out / "probe.json", json.dumps(results, indent=2) + "\n")
     print(f"| {args.probe_modality} probe | test top-1 | C | fitted on |")
     print("|---|---|---|---|")
     for name, result in results.items():

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import webdataset as wds
 
+from mmalign.data.shard_writer import ShardWriter
 from mmalign.data.video import encode_video
 from mmalign.demo.digits import (
     SPLITS,
@@ -42,6 +42,7 @@ from mmalign.demo.digits import (
     seven_segment_graph,
     split_sources,
 )
+from mmalign.files import write_text
 
 FORMAT_VERSION = 2
 SHARDS_PER_SPLIT = {"train": 8, "val": 1, "test": 1}
@@ -124,7 +125,7 @@ def write_split(records: Iterator[dict[str, Any]], total: int, directory: Path, 
     """Write ``total`` records into ``SHARDS_PER_SPLIT[split]`` shards; returns shard names."""
     maxcount = max(1, math.ceil(total / SHARDS_PER_SPLIT[split]))
     pattern = str(directory / f"{split}-%06d.tar")
-    with wds.ShardWriter(pattern, maxcount=maxcount, verbose=0, mtime=0) as writer:
+    with ShardWriter(pattern, maxcount=maxcount, verbose=0, mtime=0) as writer:
         for record in records:
             writer.write(record)
     return sorted(path.name for path in directory.glob(f"{split}-*.tar"))
@@ -226,9 +227,9 @@ def build_dataset(name: str, directory: Path, params: dict[str, Any]) -> dict[st
         splits[split] = {"records": total, "sources": len(sources), "shards": shards}
     summary = {"dataset": name, "params": params, "splits": splits}
     classes = json.dumps(classes_json(), ensure_ascii=False, indent=1)
-    (directory / "classes.json").write_text(classes, encoding="utf-8")
-    (directory / "README.md").write_text(dataset_card(name, summary), encoding="utf-8")
-    (directory / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_text(directory / "classes.json", classes)
+    write_text(directory / "README.md", dataset_card(name, summary))
+    write_text(directory / "summary.json", json.dumps(summary, indent=1))
     return summary
 
 

@@ -53,7 +53,7 @@ from mmalign.eval.zeroshot import (
     evaluate_zeroshot,
     load_classes,
 )
-from mmalign.files import refuse_links
+from mmalign.files import refuse_links, write_text
 
 if TYPE_CHECKING:
     from mmalign.model import AlignmentModel
@@ -398,6 +398,6 @@ def run_eval(
             else []
         ),
     }
-    (out_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out_dir / "eval.md").write_text(markdown_report(report, ks))
+    write_text(out_dir / "eval.json", json.dumps(report, indent=2) + "\n")
+    write_text(out_dir / "eval.md", markdown_report(report, ks))
     return report

@@ -22,14 +22,14 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import webdataset as wds
 
 from mmalign.data.exports import ExportError, check_sources, load_embeddings, read_manifest
 from mmalign.data.records import log_skip, read_shards, unsafe_key
+from mmalign.data.shard_writer import ShardWriter
 from mmalign.data.shards import expand_shards
 from mmalign.data.views import group_id
 from mmalign.errors import UserError
-from mmalign.files import clear_old_shards, refuse_links
+from mmalign.files import clear_old_shards, refuse_links, write_text
 from mmalign.progress import progress_bar
 
 
@@ -153,7 +153,7 @@ def write_shards(
     out.mkdir(parents=True, exist_ok=True)
     refuse_links(out, "output directory", "--out")  # no shard or summary through a link
     clear_old_shards(out, name, out / "summary.json", sources)
-    with wds.ShardWriter(str(out / f"{name}-%06d.tar"), maxcount=maxcount, verbose=0) as writer:
+    with ShardWriter(str(out / f"{name}-%06d.tar"), maxcount=maxcount, verbose=0) as writer:
         for record in progress_bar(records, total=total, desc=f"write {out}", unit="record"):
             writer.write(record)
     return sorted(path.name for path in out.glob(f"{name}-*.tar"))
@@ -161,5 +161,5 @@ def write_shards(
 
 def write_summary(out: str | Path, summary: dict[str, Any]) -> dict[str, Any]:
     """Write ``summary`` as ``OUT/summary.json`` beside the new shards; returns it."""
-    (Path(out) / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_text(Path(out) / "summary.json", json.dumps(summary, indent=1) + "\n")
     return summary
