@@ -73,7 +73,9 @@ def test_prep_forwards_arguments_to_the_tool(
     calls = []
     monkeypatch.setattr(mmalign.demo.data, "make_demo", lambda out, **kw: calls.append((out, kw)))
     assert main(["prep", "make-demo", "--out", str(tmp_path), "--limit", "10"]) == 0
-    assert calls == [(tmp_path, {"seed": 0, "variants": 4, "limit": 10, "force": False})]
+    assert calls == [
+        (tmp_path, {"seed": 0, "variants": 4, "limit": 10, "force": False, "progress": True})
+    ]
     with pytest.raises(SystemExit) as exited:
         main(["prep", "no-such-tool"])
     assert exited.value.code == 2
