@@ -88,8 +88,9 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], object], tag: str = ""
     """Write ``path`` through a temporary file: write, flush, fsync, rename, fsync the folder.
 
     ``tag`` makes the temporary name unique per writer (processes writing the same file). A
-    failed write (a full disk, a file beyond the size limit) removes the temporary file and
-    raises an ``OSError`` that names ``path`` (``write()`` errors name no file).
+    failed write (a full disk, a file beyond the size limit) or rename (a folder where
+    ``path`` belongs) removes the temporary file and raises an ``OSError`` that names ``path``
+    (``write()`` errors name no file, the rename's name the temporary one).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp{tag}")
@@ -100,10 +101,12 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], object], tag: str = ""
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
-    except BaseException:  # the old file stays; no temporary is left
+        os.replace(temporary, path)
+    except BaseException as error:  # the old file stays; no temporary is left
         temporary.unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.filename == str(temporary):
+            raise OSError(error.errno, error.strerror, str(path)) from error
         raise
-    os.replace(temporary, path)
     fsync_path(path.parent)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 FILE_SYSTEM_PROBLEMS: dict[int, tuple[str, str]] = {
@@ -63,6 +64,11 @@ def _advice(number: int, todo: str, path: str, options: Mapping[str, Any]) -> st
     return advice
 
 
+def _inside(path: str, out: object) -> bool:
+    """Whether ``path`` is in the output folder ``out`` (a file the command writes)."""
+    return out is not None and Path(str(out)).resolve() in Path(path).resolve().parents
+
+
 def path_problem(error: OSError, options: Mapping[str, Any] | None = None) -> str | None:
     """The one-line message of a file-system error: what is wrong with which path and what
     to do; ``None`` for an error that is no file-system problem (a bug: its traceback shows).
@@ -72,6 +78,8 @@ def path_problem(error: OSError, options: Mapping[str, Any] | None = None) -> st
     Example:
         >>> path_problem(IsADirectoryError(21, "Is a directory", "data/classes"))
         'data/classes is a directory, not a file (data/classes); pass the file itself'
+        >>> print(path_problem(IsADirectoryError(21, "Is a directory", "ev/a.json"), {"out": "ev"}))
+        ev/a.json is a directory, not a file (ev/a.json); remove it or write to another --out
         >>> path_problem(OSError(30, "Read-only file system", "/ro/run"))
         '/ro/run is on a read-only file system (/ro/run); write to a writable directory'
         >>> path_problem(OSError(28, "No space left on device"), {"out": "shards"})
@@ -85,7 +93,10 @@ on the disk holding shards (another --out), and run the same command again'
     path = str(error.filename or out or "")
     shown = str(error.filename) if error.filename else f"a file in {out}" if out else "a file"
     if isinstance(error, IsADirectoryError):
-        return f"{shown} is a directory, not a file ({path}); pass the file itself"
+        todo = (
+            "remove it or write to another --out" if _inside(path, out) else "pass the file itself"
+        )
+        return f"{shown} is a directory, not a file ({path}); {todo}"
     if isinstance(error, NotADirectoryError):
         return f"a part of {shown} is a file, not a directory ({path}); check the path"
     if isinstance(error, FileNotFoundError):

@@ -208,3 +208,20 @@ def test_write_error_naming_no_file_is_put_on_out(
         "command again\n"
     )
     assert not out.exists() and not list(tmp_path.glob(".tmp-*")), "a staging folder was left"
+
+
+def test_folder_where_a_report_file_belongs_is_named_and_no_temporary_is_left(
+    run_and_shards: tuple[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A folder ``eval.json`` in ``eval --out``: the error named the hidden temporary file
+    (``.eval.json.tmp``) and left it there. It names ``eval.json`` and removes the temporary."""
+    run, shards = run_and_shards
+    out = tmp_path / "report"
+    (out / "eval.json").mkdir(parents=True)
+    assert main(["eval", run, "--data", shards, "--out", str(out), "--no-plots"]) == 2
+    report = out / "eval.json"
+    assert capsys.readouterr().err == (
+        f"mmalign: error: {report} is a directory, not a file ({report}); remove it or write "
+        "to another --out\n"
+    )
+    assert sorted(path.name for path in out.iterdir()) == ["eval.json"]
