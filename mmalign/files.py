@@ -1,5 +1,7 @@
 """Files that are either whole or absent, and one job per directory.
 
+- :func:`naming_errors`: a write that fails (a full disk, a file beyond the size limit)
+  raises an ``OSError`` naming the file written, not none.
 - :func:`atomic_write` / :func:`write_json`: a temporary file, flushed, fsynced, renamed
   over the target, then the folder fsynced: a crash leaves the old file or the new one.
 - :func:`replace_directory`: the same for a whole directory (checkpoints, saved models).
@@ -26,13 +28,14 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
 import os
 import shutil
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -59,28 +62,52 @@ def fsync_tree(directory: Path) -> None:
     fsync_path(directory)
 
 
+@contextlib.contextmanager
+def naming_errors(path: str | Path | Callable[[], str | Path | None]) -> Iterator[None]:
+    """An ``OSError`` with an errno but no file name (what ``write()``, ``flush()`` and
+    ``close()`` raise: a full disk, a file beyond the size limit) raised in the block is
+    raised again naming ``path`` (or what the callable ``path`` returns then: the file a
+    writer has open), so that the one-line error says which file.
+
+    Example:
+        >>> with naming_errors("out/data-000000.tar"):
+        ...     raise OSError(errno.EFBIG, "File too large")
+        Traceback (most recent call last):
+        ...
+        OSError: [Errno 27] File too large: 'out/data-000000.tar'
+    """
+    try:
+        yield
+    except OSError as error:
+        named = path() if callable(path) else path
+        if error.filename is not None or error.errno is None or named is None:
+            raise
+        raise OSError(error.errno, error.strerror, str(named)) from error
+
+
 def atomic_write(path: Path, write: Callable[[IO[bytes]], object], tag: str = "") -> None:
     """Write ``path`` through a temporary file: write, flush, fsync, rename, fsync the folder.
 
     ``tag`` makes the temporary name unique per writer (processes writing the same file). A
-    failed write (a full disk, a file beyond the size limit) removes the temporary file and
-    raises an ``OSError`` that names ``path`` (``write()`` errors name no file).
+    failed write (a full disk, a file beyond the size limit) or rename (a folder where
+    ``path`` belongs) removes the temporary file and raises an ``OSError`` that names ``path``
+    (``write()`` errors name no file, the rename's name the temporary one).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp{tag}")
     temporary.unlink(missing_ok=True)  # a leftover, or a link planted under its name
     try:
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        with os.fdopen(descriptor, "wb") as handle:
+        with naming_errors(path), os.fdopen(descriptor, "wb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        os.replace(temporary, path)
     except BaseException as error:  # the old file stays; no temporary is left
         temporary.unlink(missing_ok=True)
-        if not isinstance(error, OSError) or error.filename is not None:
-            raise
-        raise OSError(error.errno, error.strerror, str(path)) from error
-    os.replace(temporary, path)
+        if isinstance(error, OSError) and error.filename == str(temporary):
+            raise OSError(error.errno, error.strerror, str(path)) from error
+        raise
     fsync_path(path.parent)
 
 
@@ -116,7 +143,11 @@ def write_json(
 ) -> None:
     """Atomically write ``data`` as strict, indented JSON (:func:`json_text`; keys sorted
     unless ``sort_keys`` is false)."""
-    text = json_text(data, indent, sort_keys) + "\n"
+    write_text(path, json_text(data, indent, sort_keys) + "\n", tag)
+
+
+def write_text(path: Path, text: str, tag: str = "") -> None:
+    """Atomically write ``text`` (UTF-8) to ``path``."""
     atomic_write(path, lambda handle: handle.write(text.encode()), tag)
 
 

@@ -6,10 +6,10 @@ Subcommands (one module each in :mod:`mmalign.cli`): ``train``, ``eval``, ``zero
 torch. Errors the user can fix end in one line on stderr and status 2:
 ``mmalign: error: <what> (<flag, config field or file:key>); <what to do>``. That holds for
 usage errors (argparse's, see :class:`OneLineParser`), a :class:`~mmalign.errors.UserError`
-and a file-system error naming its path (:func:`path_problem`: missing, a directory where a
-file belongs or the other way round, unreadable, read-only, full, a name too long...). A
-training run stopped by non-finite losses ends with status
-1; ``mmalign --debug ...`` shows the traceback instead. Several processes:
+and a file-system error naming its path (:mod:`mmalign.cli.file_system_errors`: missing, a
+directory where a file belongs or the other way round, unreadable, read-only, full, a name too
+long...), with advice that fits the command. A training run stopped by non-finite losses ends
+with status 1; ``mmalign --debug ...`` shows the traceback instead. Several processes:
 ``accelerate launch -m mmalign train CONFIG``.
 
 Example:
@@ -20,7 +20,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import errno
 import re
 import sys
 import warnings
@@ -30,6 +29,7 @@ from typing import NoReturn
 from mmalign.cli import convert, demo, export, prep, search, serve, train, zeroshot
 from mmalign.cli import eval as eval_
 from mmalign.cli.common import add_subcommands
+from mmalign.cli.file_system_errors import path_problem
 from mmalign.errors import UserError
 
 # A deprecation users cannot act on: Accelerate still passes DDP's `broadcast_buffers`.
@@ -111,50 +111,6 @@ def usage_problem(message: str) -> tuple[str, str | None, str]:
             return problem, found.group(1), todo.format(*groups) or tail
     problem, _, tail = message.partition("; ")
     return problem, None, tail
-
-
-FILE_SYSTEM_PROBLEMS: dict[int, str] = {
-    errno.EROFS: "is on a read-only file system; write to a writable directory",
-    errno.EFBIG: "would grow beyond the largest file its file system allows; write to "
-    "another file system (or split the output, e.g. a smaller --chunk-size)",
-    errno.ENOSPC: "cannot be written: no space left on its device; free space and run the "
-    "same command again",
-    errno.EDQUOT: "cannot be written: the disk quota is used up; free space and run the same "
-    "command again",
-    errno.ENAMETOOLONG: "has a name too long for its file system; use a shorter name",
-    errno.EEXIST: "exists already as a file; remove it or name another path",
-    errno.ELOOP: "is a symbolic link (or a loop of them); pass the real path",
-    errno.EACCES: "cannot be opened: permission denied; check its permissions",
-    errno.EPERM: "cannot be changed: operation not permitted; check its permissions",
-}
-"""What a file-system error (by errno) means for the path it names, and what to do."""
-
-
-def path_problem(error: OSError) -> str | None:
-    """The one-line message of a file-system error: what is wrong with which path and what
-    to do; ``None`` for an error that is no file-system problem (a bug: its traceback shows).
-
-    Example:
-        >>> path_problem(IsADirectoryError(21, "Is a directory", "data/classes"))
-        'data/classes is a directory, not a file (data/classes); pass the file itself'
-        >>> path_problem(OSError(30, "Read-only file system", "/ro/run"))
-        '/ro/run is on a read-only file system (/ro/run); write to a writable directory'
-    """
-    if error.filename is None and error.errno is None:  # raised with a message of its own
-        return one_line(str(error))
-    path = error.filename or "a file"
-    if isinstance(error, IsADirectoryError):
-        return f"{path} is a directory, not a file ({path}); pass the file itself"
-    if isinstance(error, NotADirectoryError):
-        return f"a part of {path} is a file, not a directory ({path}); check the path"
-    if isinstance(error, FileNotFoundError):
-        return f"{path} does not exist ({path}); check the path"
-    problem = FILE_SYSTEM_PROBLEMS.get(error.errno or 0)
-    if problem is None:
-        return None
-    what, _, todo = problem.partition("; ")
-    where = f" ({path})" if error.filename else ""
-    return f"{path} {what}{where}; {todo}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -259,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mmalign: error: {readable(str(error))}", file=sys.stderr)
         return 2
     except OSError as error:
-        problem = path_problem(error)
+        problem = path_problem(error, vars(args))
         if args.debug or problem is None:
             raise
         print(f"mmalign: error: {readable(problem)}", file=sys.stderr)

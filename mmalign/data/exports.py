@@ -14,9 +14,11 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -125,9 +127,30 @@ def _concatenate(tables: list[pa.Table]) -> pa.Table:
     return pa.concat_tables([as_text(t) for t in tables], promote_options="permissive")
 
 
-def shard_stamps(shards: str | Sequence[str]) -> dict[str, list[int]]:
-    """``{path: [size, mtime_ns]}`` of every local shard of ``shards`` (URLs are left out):
-    what an export records of its sources (``settings.source_shards``).
+def shard_digest(path: str | Path) -> str:
+    """``blake2b:<hex>``: a 128-bit BLAKE2b digest of the file's bytes (read in blocks).
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     _ = (Path(tmp) / "a.tar").write_bytes(b"12")
+        ...     shard_digest(Path(tmp) / "a.tar")
+        'blake2b:68f978fe50aca8ee91e0e1f94618c62f'
+    """
+    with open(path, "rb") as handle:
+        digest = hashlib.file_digest(handle, lambda: hashlib.blake2b(digest_size=16))
+    return f"blake2b:{digest.hexdigest()}"
+
+
+def shard_stamp(path: str | Path) -> list[int | str]:
+    """``[size, mtime_ns, digest]`` of a local shard (``digest``: :func:`shard_digest`)."""
+    status = os.stat(path)
+    return [status.st_size, status.st_mtime_ns, shard_digest(path)]
+
+
+def shard_stamps(shards: str | Sequence[str]) -> dict[str, list[int | str]]:
+    """``{path: stamp}`` (:func:`shard_stamp`) of every local shard of ``shards`` (URLs are
+    left out): what an export records of its sources (``settings.source_shards``).
 
     Example:
         >>> import tempfile
@@ -136,29 +159,58 @@ def shard_stamps(shards: str | Sequence[str]) -> dict[str, list[int]]:
         ...     [stamp[0] for stamp in shard_stamps(f"{tmp}/a.tar").values()]
         [2]
     """
-    stamps = {}
-    for url in expand_shards(shards, "shards"):
-        if not is_url(url):
-            status = os.stat(url)
-            stamps[str(Path(url).resolve())] = [status.st_size, status.st_mtime_ns]
-    return stamps
+    return {
+        str(Path(url).resolve()): shard_stamp(url)
+        for url in expand_shards(shards, "shards")
+        if not is_url(url)
+    }
+
+
+def same_stamp(recorded: Sequence[int | str], current: Sequence[int | str] | None) -> bool:
+    """Whether a shard's ``current`` stamp (``None``: it is gone) shows the shard that
+    ``recorded`` describes: the same size and content digest; for a stamp without a digest
+    (an export made before digests were recorded) the same size and modification time.
+
+    Example:
+        >>> same_stamp([2, 10, "blake2b:ab"], [2, 99, "blake2b:ab"])  # only touched
+        True
+        >>> same_stamp([2, 10], [2, 10, "blake2b:cd"]), same_stamp([2, 10, "blake2b:ab"], None)
+        (True, False)
+    """
+    if current is None:
+        return False
+    if len(recorded) < 3:
+        return list(current[:2]) == list(recorded)
+    return current[0] == recorded[0] and current[2] == recorded[2]
+
+
+def same_sources(recorded: Mapping[str, Sequence[int | str]], current: Mapping[str, Any]) -> bool:
+    """Whether two ``settings.source_shards`` name the same shards with :func:`same_stamp`."""
+    return recorded.keys() == current.keys() and all(
+        same_stamp(stamp, current[path]) for path, stamp in recorded.items()
+    )
 
 
 def check_sources(export_dir: str | Path, manifest: dict[str, Any]) -> None:
     """Raise an :class:`ExportError` naming the first source shard of the export that is gone
-    or changed (size or modification time) since it was exported: its rows would no longer
-    match the records read from it. Exports written before shards were recorded pass."""
+    or changed (its size or content: :func:`same_stamp`) since it was exported: its rows would
+    no longer match the records read from it. Exports written before shards were recorded
+    pass; those written before digests were recorded are compared by size and modification
+    time, with a warning saying so."""
     recorded = manifest["settings"].get("source_shards") or {}
     for path, stamp in recorded.items():
-        try:
-            status = os.stat(path)
-            found = [status.st_size, status.st_mtime_ns]
-        except OSError:
-            found = None
-        if found != stamp:
-            what = "is gone" if found is None else "changed (size or modification time)"
+        if not same_stamp(stamp, shard_stamp(path) if os.path.isfile(path) else None):
+            what = "is gone" if not os.path.exists(path) else "changed (size or content)"
             raise ExportError(
                 f"the source shard {path} {what} since the export ({export_dir}/{MANIFEST}: "
                 "settings.source_shards); export the shards again (mmalign export), or restore "
                 "the shard"
             )
+    if any(len(stamp) < 3 for stamp in recorded.values()):
+        warnings.warn(
+            f"the export {export_dir} records no content digest of its source shards (made by "
+            "an older mmalign), so they were compared by size and modification time only: a "
+            "shard rewritten with the same size and time goes unnoticed; export again to "
+            "record digests",
+            stacklevel=2,
+        )

@@ -16,18 +16,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import webdataset as wds
 
+from mmalign.data.shard_writer import ShardWriter
 from mmalign.data.video import encode_video
+from mmalign.demo.building import build_datasets, count_written, staging_folder
 from mmalign.demo.digits import (
     SPLITS,
     VIDEO_FPS,
@@ -42,6 +41,7 @@ from mmalign.demo.digits import (
     seven_segment_graph,
     split_sources,
 )
+from mmalign.files import write_text
 
 FORMAT_VERSION = 2
 SHARDS_PER_SPLIT = {"train": 8, "val": 1, "test": 1}
@@ -124,8 +124,8 @@ def write_split(records: Iterator[dict[str, Any]], total: int, directory: Path, 
     """Write ``total`` records into ``SHARDS_PER_SPLIT[split]`` shards; returns shard names."""
     maxcount = max(1, math.ceil(total / SHARDS_PER_SPLIT[split]))
     pattern = str(directory / f"{split}-%06d.tar")
-    with wds.ShardWriter(pattern, maxcount=maxcount, verbose=0, mtime=0) as writer:
-        for record in records:
+    with ShardWriter(pattern, maxcount=maxcount, verbose=0, mtime=0) as writer:
+        for record in count_written(records):
             writer.write(record)
     return sorted(path.name for path in directory.glob(f"{split}-*.tar"))
 
@@ -220,16 +220,30 @@ def build_dataset(name: str, directory: Path, params: dict[str, Any]) -> dict[st
     splits = {}
     for split, sources in split_sources(labels, params["seed"]).items():
         sources = limit_sources(sources, labels, params["limit"])
-        total = len(sources) * params["variants"]
+        total = len(sources) * params["variants"]  # as planned_records counts them
         records = DATASETS[name](split, sources, images, labels, params["variants"], params["seed"])
         shards = write_split(records, total, directory, split)
         splits[split] = {"records": total, "sources": len(sources), "shards": shards}
     summary = {"dataset": name, "params": params, "splits": splits}
     classes = json.dumps(classes_json(), ensure_ascii=False, indent=1)
-    (directory / "classes.json").write_text(classes, encoding="utf-8")
-    (directory / "README.md").write_text(dataset_card(name, summary), encoding="utf-8")
-    (directory / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_text(directory / "classes.json", classes)
+    write_text(directory / "README.md", dataset_card(name, summary))
+    write_text(directory / "summary.json", json.dumps(summary, indent=1))
     return summary
+
+
+def planned_records(params: dict[str, Any]) -> int:
+    """The records one dataset built with ``params`` holds (all splits together).
+
+    Example:
+        >>> planned_records({"seed": 0, "variants": 2, "limit": 10})
+        60
+    """
+    labels = load_sources()[1]
+    splits = split_sources(labels, params["seed"]).values()
+    return sum(len(limit_sources(sources, labels, params["limit"])) for sources in splits) * int(
+        params["variants"]
+    )
 
 
 def is_complete(directory: Path, params: dict[str, Any]) -> bool:
@@ -249,7 +263,7 @@ def is_complete(directory: Path, params: dict[str, Any]) -> bool:
 def build_in_place(name: str, out: Path, params: dict[str, Any]) -> str:
     """Build ``out/name`` through a staging directory renamed when complete; returns a line."""
     directory = out / name
-    staging = out / f".{name}.partial"
+    staging = staging_folder(out, name)
     shutil.rmtree(staging, ignore_errors=True)
     started = time.perf_counter()
     summary = build_dataset(name, staging, params)
@@ -260,9 +274,16 @@ def build_in_place(name: str, out: Path, params: dict[str, Any]) -> str:
 
 
 def make_demo(
-    out: Path, seed: int = 0, variants: int = 4, limit: int | None = None, force: bool = False
+    out: Path,
+    seed: int = 0,
+    variants: int = 4,
+    limit: int | None = None,
+    force: bool = False,
+    progress: bool = True,
 ) -> dict[str, Path]:
-    """Write both demo datasets under ``out`` (in parallel processes); returns name -> dir."""
+    """Write both demo datasets under ``out`` (in parallel processes, with a progress bar
+    unless ``progress`` is false; :func:`~mmalign.demo.building.build_datasets`: a failure or
+    a stop removes what is unfinished); returns name -> dir."""
     params = {"seed": seed, "variants": variants, "limit": limit, "version": FORMAT_VERSION}
     todo = []
     for name in DATASETS:
@@ -271,8 +292,7 @@ def make_demo(
         else:
             todo.append(name)
     if todo:
-        out.mkdir(parents=True, exist_ok=True)
-        with ProcessPoolExecutor(max_workers=min(len(todo), os.cpu_count() or 1)) as pool:
-            for line in pool.map(build_in_place, todo, [out] * len(todo), [params] * len(todo)):
-                print(line)
+        total = len(todo) * planned_records(params)
+        for line in build_datasets(build_in_place, out, todo, params, total=total, show=progress):
+            print(line)
     return {name: out / name for name in DATASETS}

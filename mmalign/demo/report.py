@@ -19,6 +19,7 @@ from mmalign.demo.results import REFERENCES_PER_CLASS
 from mmalign.demo.runs import Run
 from mmalign.demo.timings import Timings
 from mmalign.eval.report import markdown_table
+from mmalign.files import write_text
 
 TARGETS = {
     "zero-shot image accuracy, English prompts (digits)": ("zeroshot_en", ">=", 0.90),
@@ -334,5 +335,5 @@ def write_report(
         *_timings_section(timings, context),
     ]
     path = out_dir / "REPORT.md"
-    path.write_text("\n".join(lines).rstrip() + "\n")
+    write_text(path, "\n".join(lines).rstrip() + "\n")
     return path

@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mmalign.files import write_text
+
 
 def _cpu_seconds() -> float:
     """CPU time of this process and of its finished children (data workers, builders)."""
@@ -51,7 +53,7 @@ class Timings:
 
     def save(self, path: Path) -> None:
         """Write the steps as JSON (``{name: [wall, cpu]}``)."""
-        path.write_text(json.dumps(self.steps, indent=1) + "\n")
+        write_text(path, json.dumps(self.steps, indent=1) + "\n")
 
     @classmethod
     def read(cls, path: Path) -> Timings:

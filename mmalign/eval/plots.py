@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from mmalign.extras import missing_extra
+from mmalign.files import atomic_write
 
 try:
     from matplotlib.figure import Figure
@@ -70,7 +71,7 @@ def save_figure(figure: Figure, path: Path) -> Path:
     """Lay out ``figure`` and write it as a PNG at ``path`` (parents created)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    atomic_write(path, lambda handle: figure.savefig(handle, format="png", dpi=120))
     return path
 
 

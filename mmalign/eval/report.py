@@ -52,7 +52,7 @@ from mmalign.eval.zeroshot import (
     evaluate_zeroshot,
     load_classes,
 )
-from mmalign.files import refuse_links, write_json
+from mmalign.files import refuse_links, write_json, write_text
 from mmalign.output_owner import Output, check_output, record_output
 
 if TYPE_CHECKING:
@@ -404,6 +404,6 @@ def run_eval(
         ),
     }
     write_json(out_dir / "eval.json", report, sort_keys=False)  # a NaN metric: null
-    (out_dir / "eval.md").write_text(markdown_report(report, ks))
+    write_text(out_dir / "eval.md", markdown_report(report, ks))
     record_output(out_dir, REPORT)
     return report

@@ -45,10 +45,10 @@ import faiss
 import numpy as np
 import torch
 import torch.distributed as dist
-import webdataset as wds
 
 from mmalign.config import ConfigError
 from mmalign.data.records import log_skip, read_shards, unsafe_key
+from mmalign.data.shard_writer import ShardWriter
 from mmalign.data.sources import resolve_sources
 from mmalign.dist import barrier, join_launched_group
 from mmalign.eval.loading import CollectedEmbeddings, collect_embeddings, load_model
@@ -238,7 +238,7 @@ def _write(
     refuse_links(out, "output directory", "--out")  # no shard, report or plot through a link
     clear_old_shards(out, "curated")
     pattern = str(out / "curated-%06d.tar")
-    with wds.ShardWriter(pattern, maxcount=maxcount, verbose=0) as writer:
+    with ShardWriter(pattern, maxcount=maxcount, verbose=0) as writer:
         for raw in read_shards({"url": url} for url in urls):
             reason, score = verdicts.get(raw["__key__"], ("unreadable", float("nan")))
             if "__error__" in raw:

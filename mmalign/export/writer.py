@@ -46,7 +46,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from mmalign.data.exports import MANIFEST, META_DIR, ExportError, shard_stamps
+from mmalign.data.exports import MANIFEST, META_DIR, ExportError, same_sources, shard_stamps
 from mmalign.data.shards import normalize_shards
 from mmalign.dist import barrier, join_launched_group, resolve_world
 from mmalign.embeddings import check_prefix, truncate
@@ -218,13 +218,19 @@ def _read_progress(path: Path) -> dict[str, Any] | None:
     return dict(state)
 
 
+def _same_setting(name: str, found: Any, wanted: Any) -> bool:
+    if name == "source_shards":  # the same content, perhaps touched since
+        return isinstance(found, dict) and same_sources(found, wanted)
+    return bool(found == wanted)
+
+
 def _check_settings(path: Path, found: Mapping[str, Any], wanted: Mapping[str, Any]) -> None:
     changed = [
         f"{name}: changed"
         if name == "source_shards"
         else f"{name}: {found.get(name)!r} there, {wanted[name]!r} now"
         for name in wanted
-        if name != "model_path" and found.get(name) != wanted[name]
+        if name != "model_path" and not _same_setting(name, found.get(name), wanted[name])
     ]
     if changed:
         raise ExportError(
@@ -241,9 +247,10 @@ def _settings(
     options: Mapping[str, Any],
     dim: int | None = None,
 ) -> dict[str, Any]:
-    """What an export records: its options, the model, the shards and their sizes and
-    modification times (``source_shards``, checked by the tools that read the source records
-    again), and the record extension of each modality (``extensions``: ``fields`` resolved)."""
+    """What an export records: its options, the model, the shards and their sizes,
+    modification times and content digests (``source_shards``, checked by the tools that read
+    the source records again), and the record extension of each modality (``extensions``:
+    ``fields`` resolved)."""
     return {
         "format": FORMAT,
         "modalities": list(modalities),

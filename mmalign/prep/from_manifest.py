@@ -31,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import zlib
@@ -40,12 +41,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import webdataset as wds
 from webdataset.autodecode import IMAGE_EXTENSIONS
 from webdataset.writer import default_handlers, encode_based_on_extension1
 
 from mmalign.data.decode import AUDIO_EXTENSIONS, RecordError, decode_value
 from mmalign.data.records import unsafe_key
+from mmalign.data.shard_writer import ShardWriter
 from mmalign.data.video import VIDEO_EXTENSIONS
 from mmalign.errors import ConfigError
 from mmalign.files import clear_old_shards, refuse_links
@@ -256,13 +257,18 @@ def convert(
     reasons: Counter[str] = Counter()
     examples: list[dict[str, Any]] = []
     seen_keys: set[str] = set()
-    writers = {
-        split: wds.ShardWriter(
-            str(directory / f"{name}-%06d.tar"), maxcount=maxcount, maxsize=maxsize, verbose=0
-        )
-        for split, directory in directories.items()
-    }
-    try:
+    with contextlib.ExitStack() as stack:  # a failure removes the shards written
+        writers = {
+            split: stack.enter_context(
+                ShardWriter(
+                    str(directory / f"{name}-%06d.tar"),
+                    maxcount=maxcount,
+                    maxsize=maxsize,
+                    verbose=0,
+                )
+            )
+            for split, directory in directories.items()
+        }
         bar = progress_bar(rows, desc=f"{manifest.name} -> {out}", unit="row")
         for index, row in enumerate(bar):
             key = str(row.get(key_column) or f"{index:09d}")
@@ -282,9 +288,6 @@ def convert(
             per_split[split] += 1
             per_modality.update(column for column, ext in fields.items() if ext in record)
             per_modality.update(ext for ext in vectors if ext in record)
-    finally:
-        for writer in writers.values():
-            writer.close()
     summary = {
         "manifest": str(manifest),
         "fields": dict(fields),

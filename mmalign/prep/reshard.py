@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import webdataset as wds
 
 from mmalign.data.exports import ExportError, check_sources, load_embeddings, read_manifest
 from mmalign.data.records import log_skip, read_shards, unsafe_key
+from mmalign.data.shard_writer import ShardWriter
 from mmalign.data.shards import expand_shards
 from mmalign.data.views import group_id
 from mmalign.errors import UserError
@@ -161,7 +161,7 @@ def write_shards(
     out = claim_output(out, owner, sources)
     refuse_links(out, "output directory", "--out")  # no shard or summary through a link
     clear_old_shards(out, name)
-    with wds.ShardWriter(str(out / f"{name}-%06d.tar"), maxcount=maxcount, verbose=0) as writer:
+    with ShardWriter(str(out / f"{name}-%06d.tar"), maxcount=maxcount, verbose=0) as writer:
         for record in progress_bar(records, total=total, desc=f"write {out}", unit="record"):
             writer.write(record)
     return sorted(path.name for path in out.glob(f"{name}-*.tar"))

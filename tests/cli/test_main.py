@@ -73,7 +73,9 @@ def test_prep_forwards_arguments_to_the_tool(
     calls = []
     monkeypatch.setattr(mmalign.demo.data, "make_demo", lambda out, **kw: calls.append((out, kw)))
     assert main(["prep", "make-demo", "--out", str(tmp_path), "--limit", "10"]) == 0
-    assert calls == [(tmp_path, {"seed": 0, "variants": 4, "limit": 10, "force": False})]
+    assert calls == [
+        (tmp_path, {"seed": 0, "variants": 4, "limit": 10, "force": False, "progress": True})
+    ]
     with pytest.raises(SystemExit) as exited:
         main(["prep", "no-such-tool"])
     assert exited.value.code == 2
@@ -103,6 +105,7 @@ print(json.dumps(sorted(sys.modules)))
     modules = json.loads(done.stdout)
     assert [m for m in modules if m.split(".")[0] in HEAVY] == []
     allowed = {"mmalign.errors", "mmalign.cli", "mmalign.cli.main", "mmalign.cli.common"}
+    allowed.add("mmalign.cli.file_system_errors")
     allowed |= {f"mmalign.cli.{name}" for name in SUBCOMMANDS}
     allowed |= {f"mmalign.cli.prep.{tool.replace('-', '_')}" for tool in TOOLS}
     assert {m for m in modules if m.startswith("mmalign.")} <= allowed

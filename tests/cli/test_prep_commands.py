@@ -37,7 +37,7 @@ def test_prep_help_lists_every_tool() -> None:
 @pytest.mark.parametrize(
     ("tool", "options"),
     [
-        ("make-demo", ["--out", "--seed", "--variants", "--limit", "--force"]),
+        ("make-demo", ["--out", "--seed", "--variants", "--limit", "--force", "--no-progress"]),
         ("from-manifest", ["manifest", "--fields", "--vector", "--val-fraction", "--key-column"]),
         ("train-tokenizer", ["--shards", "--manifest", "--vocab-size", "--model-type"]),
         ("group-shards", ["--embeddings", "--modality", "--clusters", "--maxcount", "--seed"]),
@@ -71,7 +71,12 @@ def test_each_tool_help_shows_its_own_options(tool: str, options: list[str]) -> 
         ),
         (
             ["prep", "make-demo", "--out", "o", "--variants", "0"],
-            "mmalign: error: '0' is not a whole number >= 1 (--variants); "
+            "mmalign: error: '0' is not a whole number in [1, 100] (--variants); "
+            "see mmalign prep make-demo --help",
+        ),
+        (
+            ["prep", "make-demo", "--out", "o", "--variants", "999999999"],
+            "mmalign: error: '999999999' is not a whole number in [1, 100] (--variants); "
             "see mmalign prep make-demo --help",
         ),
         (

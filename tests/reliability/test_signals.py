@@ -5,12 +5,17 @@ was on is finished and checkpointed, the lock released, the exit status is 143 /
 The child is ``mmalign train`` forked from this process and held by ``inject.py``'s ``pause``
 point at the start of step 5 (as a scheduler's signal finds a job in the middle of a step);
 the signal arrives while it is held, then the step is released.
+
+``mmalign prep make-demo`` (a real ``python -m mmalign`` process, as ``timeout`` or Ctrl-C
+finds it) stops its worker processes and removes its unfinished datasets.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -19,6 +24,7 @@ from conftest import (
     assert_same_tensors,
     final_weights,
     start_forked,
+    subprocess_env,
     tiny_config,
     wait_for_file,
     wait_forked,
@@ -78,3 +84,41 @@ def test_second_signal_exits_at_once(tmp_path: Path, shards: str) -> None:
     assert wait_forked(pid, timeout=30) == -signal.SIGTERM
     newest = checkpoint.latest_checkpoint(run / "checkpoints")
     assert newest is None or newest.name != checkpoint.checkpoint_name(PAUSED_STEP)
+
+
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_stopped_make_demo_leaves_nothing_and_no_worker(
+    tmp_path: Path, signum: int, status: int
+) -> None:
+    """``make-demo --variants 100`` stopped while writing (SIGTERM to it as ``timeout`` sends,
+    SIGINT to its process group as Ctrl-C does) left hidden ``.NAME.partial`` folders, and
+    its workers wrote on: it exits 143 / 130 and nothing of it stays or grows."""
+    out = tmp_path / "demo"
+    command = [sys.executable, "-m", "mmalign", "prep", "make-demo", "--out", str(out)]
+    child = subprocess.Popen(
+        [*command, "--variants", "100", "--no-progress"],
+        env=subprocess_env(),
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not list(out.glob(".*.partial/train-000000.tar")):
+            assert child.poll() is None and time.monotonic() < deadline, "no shard begun"
+            time.sleep(0.05)
+        if signum == signal.SIGINT:
+            os.killpg(child.pid, signum)
+        else:
+            child.send_signal(signum)
+        assert child.wait(timeout=60) == status
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+    assert child.stderr is not None
+    assert (
+        child.stderr.read() == f"make-demo stopped; its unfinished datasets in {out} were removed\n"
+    )
+    time.sleep(0.5)  # a worker left running would write on
+    assert not out.exists()

@@ -122,3 +122,57 @@ def test_prep_never_replaces_its_source_shards_or_shards_it_did_not_write(
         "data-000000.tar",
         "data-000001.tar",
     ]
+
+
+def test_same_size_rewrite_with_the_old_time_is_refused(
+    tmp_path: Path, export: tuple[Path, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A shard rewritten with the same size and its modification time put back (``touch
+    -r``) passed the size and time check; the export's content digest finds it. An export
+    made before digests were recorded is still checked by size and time, with a warning."""
+    export_dir, pattern = export
+    shard = Path(pattern.split("{")[0] + "000002.tar")
+    original, stamp = shard.read_bytes(), os.stat(shard)
+    with tarfile.open(shard) as tar:
+        offset = tar.getmembers()[0].offset_data
+    changed = bytearray(original)
+    changed[offset] ^= 1  # one payload byte: the tar stays valid, same size
+    manifest_path = export_dir / "manifest.json"
+    saved = manifest_path.read_text()
+    try:
+        shard.write_bytes(bytes(changed))
+        os.utime(shard, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+        assert (os.stat(shard).st_size, os.stat(shard).st_mtime_ns) == (
+            stamp.st_size,
+            stamp.st_mtime_ns,
+        )
+        for command in (group(export_dir, tmp_path / "g"), mine(export_dir, tmp_path / "m")):
+            assert main(command) == 2
+            error = capsys.readouterr().err
+            assert error.startswith(f"mmalign: error: the source shard {shard} changed"), error
+            assert error.count("\n") == 1
+        manifest = json.loads(saved)  # as an export made before digests records its shards
+        for path, recorded in manifest["settings"]["source_shards"].items():
+            manifest["settings"]["source_shards"][path] = recorded[:2]
+        manifest_path.write_text(json.dumps(manifest))
+        with pytest.warns(UserWarning, match="records no content digest of its source shards"):
+            assert main(group(export_dir, tmp_path / "g")) == 0
+    finally:
+        manifest_path.write_text(saved)
+        shard.write_bytes(original)
+        os.utime(shard, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+
+
+def test_touched_shard_with_the_same_content_is_read(
+    tmp_path: Path, export: tuple[Path, str]
+) -> None:
+    """Only a shard's time changed (copied without ``-p``): its content digest is the one
+    recorded, so the prep tools read it."""
+    export_dir, pattern = export
+    shard = Path(pattern.split("{")[0] + "000000.tar")
+    stamp = os.stat(shard)
+    try:
+        os.utime(shard, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 10**9))
+        assert main(group(export_dir, tmp_path / "g")) == 0
+    finally:
+        os.utime(shard, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
