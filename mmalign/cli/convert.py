@@ -66,10 +66,10 @@ def run(args: argparse.Namespace) -> int:
                 raise UserError(
                     f"an option of --to {target} only (--{option}); drop it for --to {args.to}"
                 )
-    check_model(args.model, "MODEL")
     # before torch and the model load: refuse foreign folders and the source at once (the
     # owner is mmalign.convert.common.converter_output, whose module imports torch)
     check_output(args.out, Output(f"convert --to {args.to}", "--out", replaced=True), [args.model])
+    check_model(args.model, "MODEL")
     from mmalign.eval.loading import load_model
 
     module, name = function.split(":")

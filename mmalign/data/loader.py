@@ -374,7 +374,8 @@ class Loader:
             f"; first skipped: {first.key!r} in {first.url} ({first.message})" if first else ""
         )
         what = f"cannot train on {self.field}: {verdict}" if verdict else "no batch"
-        return NoUsableData(f"{what} ({_listed(stream.urls)}; records {shown}){example}; {hint}")
+        # the counts first: a long list of shards is what a cut line loses
+        return NoUsableData(f"{what} (records {shown}; {_listed(stream.urls)}){example}; {hint}")
 
 
 class _Progress:
