@@ -180,8 +180,13 @@ def test_search_query_strings_are_parsed_by_the_cli(tmp_path: Path) -> None:
         parse_raw(model, "x", "1,2")
     assert parse_raw(model, "caption", "[not json]") == "[not json]"
     graph = tmp_path / "g.json"
+    graph.write_text('{"x": [[0.0, 1.0], [2.0, 3.0]], "edge_index": [[0, 1], [1, 0]]}')
+    decoded = parse_raw(model, "g", str(graph))  # decoded as a record's, within the limits
+    assert decoded["x"].tolist() == [[0.0, 1.0], [2.0, 3.0]]
+    assert decoded["edge_index"].tolist() == [[0, 1], [1, 0]]
     graph.write_text('{"nodes": [[0.0]], "edges": []}')
-    assert parse_raw(model, "g", str(graph)) == str(graph)  # decoded as a record's, in search
+    with pytest.raises(UserError, match=r"refused \(bad_graph\).*\(--query g=\.\.\.\)"):
+        parse_raw(model, "g", str(graph))
     with pytest.raises(UserError, match=r"does not exist \(--query g=\.\.\.\)"):
         parse_raw(model, "g", str(tmp_path / "missing.json"))
     with pytest.raises(SystemExit):  # a --query without '=' is a usage error

@@ -242,8 +242,9 @@ def test_a_damaged_saved_model_config_is_one_line_naming_the_file(
 def test_a_folder_without_a_model_names_the_argument(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    out = str(tmp_path / "onnx")
-    assert main(["convert", str(tmp_path), "--to", "onnx", "--out", out]) == 2
+    empty, out = tmp_path / "empty", str(tmp_path / "onnx")
+    empty.mkdir()
+    assert main(["convert", str(empty), "--to", "onnx", "--out", out]) == 2
     error = capsys.readouterr().err
     found = ONE_LINE.fullmatch(error)
     assert found is not None and found["where"] == "MODEL", error
