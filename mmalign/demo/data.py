@@ -42,6 +42,7 @@ from mmalign.demo.digits import (
     split_sources,
 )
 from mmalign.files import write_text
+from mmalign.output_owner import Output, check_output, record_output
 
 FORMAT_VERSION = 2
 SHARDS_PER_SPLIT = {"train": 8, "val": 1, "test": 1}
@@ -246,18 +247,32 @@ def planned_records(params: dict[str, Any]) -> int:
     )
 
 
-def is_complete(directory: Path, params: dict[str, Any]) -> bool:
-    """Whether ``directory`` holds a finished dataset made with ``params``."""
+def _dataset_summary(directory: Path) -> tuple[dict[str, Any], list[str]] | None:
+    """The ``params`` and shard names of the demo dataset in ``directory`` (``None`` when
+    its ``summary.json`` is missing or unreadable)."""
     summary_path = directory / "summary.json"
     if not summary_path.is_file():
-        return False
+        return None
     try:
         summary = json.loads(summary_path.read_text())
         shards = [shard for info in summary["splits"].values() for shard in info["shards"]]
-        same = summary["params"] == params
-    except (ValueError, KeyError, AttributeError):  # an unreadable summary: rebuild
-        return False
-    return same and all((directory / shard).is_file() for shard in shards)
+        return dict(summary["params"]), shards
+    except (ValueError, KeyError, AttributeError, TypeError):  # an unreadable summary
+        return None
+
+
+def is_complete(directory: Path, params: dict[str, Any]) -> bool:
+    """Whether ``directory`` holds a finished dataset made with ``params``."""
+    found = _dataset_summary(directory)
+    return (
+        found is not None
+        and found[0] == params
+        and all((directory / shard).is_file() for shard in found[1])
+    )
+
+
+DATASET_OUTPUT = Output("prep make-demo", "--out", replaced=True, folder="dataset folder")
+"""The owner of a demo dataset folder (``OUT/digits``, ``OUT/digits-sum``), replaced whole."""
 
 
 def build_in_place(name: str, out: Path, params: dict[str, Any]) -> str:
@@ -269,6 +284,7 @@ def build_in_place(name: str, out: Path, params: dict[str, Any]) -> str:
     summary = build_dataset(name, staging, params)
     shutil.rmtree(directory, ignore_errors=True)
     staging.rename(directory)
+    record_output(directory, DATASET_OUTPUT)
     counts = ", ".join(f"{split} {info['records']}" for split, info in summary["splits"].items())
     return f"{directory}: {counts} records in {time.perf_counter() - started:.1f} s"
 
@@ -291,6 +307,9 @@ def make_demo(
             print(f"{out / name}: complete, skipped (use --force to rewrite)")
         else:
             todo.append(name)
+    for name in todo:  # a folder of that name that is not a demo dataset is never deleted
+        if _dataset_summary(out / name) is None:  # (one from before the records is one)
+            check_output(out / name, DATASET_OUTPUT)
     if todo:
         total = len(todo) * planned_records(params)
         for line in build_datasets(build_in_place, out, todo, params, total=total, show=progress):

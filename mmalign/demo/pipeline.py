@@ -63,6 +63,7 @@ from mmalign.demo.results import (
 from mmalign.demo.runs import Run
 from mmalign.demo.timings import Timings
 from mmalign.model import AlignmentModel
+from mmalign.output_owner import check_output
 
 CONFIGS = {
     "digits": "demo_digits.yaml",
@@ -177,10 +178,13 @@ def train_run(
     """
     from mmalign.training import train
     from mmalign.training.logging import METRICS_FILE, read_metrics
+    from mmalign.training.run import RUN_INFO, RUN_OUTPUT
 
     config = run_config(name, configs_dir, dataset_dir, out_dir, quick)
     directory = out_dir / name
     if not reuse and directory.exists():
+        if not (directory / RUN_INFO).is_file():  # never delete a folder that is not a run
+            check_output(directory, RUN_OUTPUT)
         shutil.rmtree(directory)
     result = train(config, resume=reuse)
     gc.collect()  # reaps the run's data-loader workers, so their CPU time is counted

@@ -277,7 +277,8 @@ def index_and_search(run: Run, out_dir: Path, digit: int = 7) -> dict[str, Any]:
         [7, 7, 7, 7, 7]
     """
     export_dir = out_dir / "embeddings"
-    shutil.rmtree(export_dir, ignore_errors=True)
+    if (export_dir / "manifest.json").is_file():  # an earlier demo's export; anything else
+        shutil.rmtree(export_dir)  # there is refused by the export itself
     data = run.config.data
     manifest = export_embeddings(
         run.model,

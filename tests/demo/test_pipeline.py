@@ -8,8 +8,16 @@ import torch
 import torch.nn.functional as F
 
 from mmalign.data.records import iterate_records
-from mmalign.demo.pipeline import PRETRAINED_TOWERS, QUICK_OVERRIDES, run_demo
+from mmalign.demo.data import make_demo
+from mmalign.demo.pipeline import (
+    PRETRAINED_TOWERS,
+    QUICK_OVERRIDES,
+    default_configs_dir,
+    run_demo,
+    train_run,
+)
 from mmalign.demo.results import reference_images, similarity_rows
+from mmalign.errors import UserError
 from mmalign.eval.zeroshot import load_classes
 from mmalign.model import AlignmentModel
 
@@ -133,3 +141,29 @@ def test_matryoshka_line_is_the_16_dim_prefix(demo: tuple[Path, Path, str]) -> N
     predicted = (images @ F.normalize(classes, dim=-1).T).argmax(dim=1)
     labels = torch.tensor([int(record["cls"]) for record in records])
     assert reported == pytest.approx(100 * (predicted == labels).double().mean().item(), abs=0.05)
+
+
+@pytest.mark.launches  # the demo's data loaders start worker processes
+def test_the_demo_never_deletes_a_folder_it_did_not_write(
+    demo: tuple[Path, Path, str], tmp_path: Path
+) -> None:
+    """``prep make-demo --out`` and ``mmalign demo --out`` replace their own dataset and run
+    folders by name (``OUT/digits``): a folder of the user's of that name was deleted."""
+    root = demo[0]
+    for folder in (tmp_path / "data" / "digits", tmp_path / "out" / "digits"):
+        folder.mkdir(parents=True)
+        (folder / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match=r"digits holds files that prep make-demo did not write"):
+        make_demo(tmp_path / "data", variants=1, limit=2, progress=False)
+    with pytest.raises(UserError, match=r"digits holds files that train did not write"):
+        train_run(
+            "digits",
+            default_configs_dir(),
+            root / "data" / "digits",
+            tmp_path / "out",
+            quick=True,
+            reuse=False,
+        )
+    for folder in (tmp_path / "data" / "digits", tmp_path / "out" / "digits"):
+        assert [path.name for path in folder.iterdir()] == ["notes.txt"]
+    assert not (tmp_path / "data" / "digits-sum").exists()  # refused before any building
