@@ -33,12 +33,15 @@ import errno
 import json
 import math
 import os
+import re
 import shutil
 import socket
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
+
+from safetensors import SafetensorError
 
 from mmalign.errors import UserError
 
@@ -62,6 +65,10 @@ def fsync_tree(directory: Path) -> None:
     fsync_path(directory)
 
 
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+"""How safetensors' ``SafetensorError`` quotes the ``OSError`` of a failed write."""
+
+
 @contextlib.contextmanager
 def naming_errors(path: str | Path | Callable[[], str | Path | None]) -> Iterator[None]:
     """An ``OSError`` with an errno but no file name (what ``write()``, ``flush()`` and
@@ -83,6 +90,13 @@ def naming_errors(path: str | Path | Callable[[], str | Path | None]) -> Iterato
         if error.filename is not None or error.errno is None or named is None:
             raise
         raise OSError(error.errno, error.strerror, str(named)) from error
+    except SafetensorError as error:  # its I/O errors carry the errno only in their text
+        found = _OS_ERROR.search(str(error))
+        if found is None:
+            raise
+        named = path() if callable(path) else path
+        number = int(found[1])
+        raise OSError(number, os.strerror(number), None if named is None else str(named)) from None
 
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], object], tag: str = "") -> None:

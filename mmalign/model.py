@@ -30,6 +30,7 @@ from mmalign.batch import Batch, base_modality, move_to
 from mmalign.config import Config, ConfigError, ModelConfig, TowerConfig, load_config
 from mmalign.embeddings import check_prefix, truncate
 from mmalign.errors import config_error
+from mmalign.files import naming_errors
 from mmalign.objectives import LossOutput, build_objective
 from mmalign.objectives.matryoshka import with_matryoshka
 from mmalign.objectives.terms import with_terms
@@ -360,7 +361,8 @@ class AlignmentModel(nn.Module):
         towers = {name: self._save_tower_files(name, directory) for name in self.modalities}
         config = self.config.model_copy(update={"towers": towers})
         (directory / CONFIG_FILE).write_text(config.model_dump_json(indent=2) + "\n")
-        save_model(self, str(directory / WEIGHTS_FILE))
+        with naming_errors(directory / WEIGHTS_FILE):
+            save_model(self, str(directory / WEIGHTS_FILE))
         return directory
 
     def _save_tower_files(self, name: str, directory: Path) -> TowerConfig:

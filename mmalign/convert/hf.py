@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 
 from mmalign.convert.common import output_directory, projection_matrix
 from mmalign.errors import UserError
+from mmalign.files import naming_errors
 from mmalign.model import AlignmentModel
 from mmalign.towers import HFParts
 
@@ -85,13 +86,15 @@ def to_hf(model: AlignmentModel, directory: str | Path) -> Path:
                     key: value.detach().float().contiguous().cpu()
                     for key, value in part.inputs.items()
                 }
-                save_file(inputs, folder / INPUTS, {"modality": name})
+                with naming_errors(folder / INPUTS):
+                    save_file(inputs, folder / INPUTS, {"modality": name})
             weight = projection_matrix(model.projections[name], "model.projection")
             if weight is None:
                 weight = torch.eye(model.tower(name).width)
             metadata = {"pooling": pooling, "normalize": "l2", "modality": name}
             tensors = {"weight": weight.detach().float().contiguous().cpu()}
-            save_file(tensors, folder / PROJECTION, metadata)
+            with naming_errors(folder / PROJECTION):
+                save_file(tensors, folder / PROJECTION, metadata)
             preprocessing = PREPROCESSING.get(pooling, f"`{type(processor).__name__}`")
             rows.append((name, type(module).__name__, preprocessing, pooling, weight))
         (staging / "README.md").write_text(_readme(rows))

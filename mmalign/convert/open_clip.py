@@ -36,7 +36,7 @@ from torch import nn
 
 from mmalign.convert.common import output_directory, pick_tower, projection_matrix
 from mmalign.errors import UserError
-from mmalign.files import write_json
+from mmalign.files import naming_errors, write_json
 from mmalign.model import AlignmentModel
 from mmalign.towers.image import ImageTower
 from mmalign.towers.pretrained import OPEN_CLIP_CONFIG, compact_config
@@ -97,7 +97,8 @@ def to_open_clip(
     }
     with output_directory(directory, "open_clip") as staging:
         write_json(staging / OPEN_CLIP_CONFIG, config)
-        save_file(state, str(staging / WEIGHTS))
+        with naming_errors(staging / WEIGHTS):
+            save_file(state, str(staging / WEIGHTS))
     return Path(directory)
 
 

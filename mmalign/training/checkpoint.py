@@ -44,7 +44,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from mmalign.errors import UserError
-from mmalign.files import read_json, replace_directory, write_json
+from mmalign.files import naming_errors, read_json, replace_directory, write_json
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -156,9 +156,11 @@ def write_weights(
     """The whole-tensor weights of a checkpoint: ``model.safetensors``,
     ``optimizer.safetensors`` and ``optimizer.json``, written by the main process."""
     if accelerator.is_main_process:
-        save_model(model, str(directory / "model.safetensors"))
+        with naming_errors(directory / "model.safetensors"):
+            save_model(model, str(directory / "model.safetensors"))
         optimizer_tensors, optimizer_meta = flatten_optimizer_state(optimizer.state_dict())
-        save_file(optimizer_tensors, directory / "optimizer.safetensors")
+        with naming_errors(directory / "optimizer.safetensors"):
+            save_file(optimizer_tensors, directory / "optimizer.safetensors")
         write_json(directory / "optimizer.json", optimizer_meta)
 
 
@@ -208,12 +210,14 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     rank = accelerator.process_index
     rng_tensors, rng_meta = capture_rng_state()
-    save_file(rng_tensors, temporary / f"rng-rank{rank}.safetensors")
+    with naming_errors(temporary / f"rng-rank{rank}.safetensors"):
+        save_file(rng_tensors, temporary / f"rng-rank{rank}.safetensors")
     write_json(temporary / f"rng-rank{rank}.json", rng_meta)
     weights(temporary, accelerator, model, optimizer)
     if accelerator.is_main_process:
         if ema is not None:
-            save_model(ema, str(temporary / "ema.safetensors"))
+            with naming_errors(temporary / "ema.safetensors"):
+                save_model(ema, str(temporary / "ema.safetensors"))
         write_json(temporary / "trainer.json", trainer_state)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

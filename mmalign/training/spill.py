@@ -40,6 +40,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from mmalign.batch import Batch
+from mmalign.files import naming_errors
 
 
 class _Graph:
@@ -164,7 +165,8 @@ class InputSpill:
         leaves: list[Tensor] = []
         skeleton = _strip(batch.inputs, leaves)
         device = leaves[0].device if leaves else torch.device("cpu")
-        save_file(_unshared(leaves), str(self._path(index)))
+        with naming_errors(self._path(index)):
+            save_file(_unshared(leaves), str(self._path(index)))
         self._parked[index] = (replace(batch, inputs=skeleton), device)
 
     def take(self, index: int) -> Batch:

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import webdataset as wds
+import yaml
 from conftest import tiny_config, wait_forked, write_shards
 from tiny_run import exported
 
@@ -225,3 +226,26 @@ def test_folder_where_a_report_file_belongs_is_named_and_no_temporary_is_left(
         "to another --out\n"
     )
     assert sorted(path.name for path in out.iterdir()) == ["eval.json"]
+
+
+LIMIT = 6000
+"""Bytes a file may hold in the child: the run's config, logs and metrics fit, the tiny
+model's checkpoint weights do not."""
+
+
+@pytest.mark.launches
+def test_a_checkpoint_beyond_the_file_size_limit_is_one_line(
+    run_and_shards: tuple[str, str], tmp_path: Path
+) -> None:
+    """A checkpoint's safetensors write under ``RLIMIT_FSIZE`` raised safetensors' own
+    ``SafetensorError`` (``I/O error: File too large (os error 27)``): a traceback, status 1.
+    It is the file-system error it quotes, naming the file."""
+    _, shards = run_and_shards
+    config = tmp_path / "config.yaml"
+    settings = tiny_config(tmp_path / "run", shards, train={"steps": 2, "save_every": 1})
+    config.write_text(yaml.safe_dump(settings))
+    status, output = under_file_size_limit(["train", str(config)], limit=LIMIT)
+    assert status == 2 and "Traceback" not in output, output
+    error = output.splitlines()[-1]  # after the run's progress lines
+    assert ".safetensors would grow beyond the largest file its file system allows" in error
+    assert error.startswith(f"mmalign: error: {tmp_path / 'run' / 'checkpoints'}/"), error
