@@ -81,17 +81,20 @@ def metrics_record(line: str) -> dict[str, Any]:
 
 
 def _parse_metrics(path: Path) -> tuple[list[dict[str, Any]], str | None]:
-    """The records of ``path`` and a note when its last line is torn (dropped)."""
+    """The records of ``path`` and a note when its last line is torn (dropped): a last line
+    with no line end (a write the kill cut) that is no record; any other line that is no
+    record (the file was edited) is a :class:`MetricsError`."""
     if not path.is_file():
         return [], None
     text = path.read_text(errors="replace")  # a byte that is no UTF-8: that line is refused
     lines = [line for line in text.splitlines() if line.strip()]
+    whole = len(lines) if text.endswith("\n") else len(lines) - 1  # lines written to the end
     records, torn = [], None
     for number, line in enumerate(lines, start=1):
         try:
             records.append(metrics_record(line))
         except (ValueError, RecursionError) as error:  # json's errors are ValueErrors
-            if number < len(lines):
+            if number <= whole:
                 raise MetricsError(
                     f"line {number} is not a metrics record: {error} ({path}:{number}); fix or "
                     "delete that line"

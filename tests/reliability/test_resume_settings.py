@@ -110,6 +110,9 @@ def test_an_invalid_metrics_line_is_refused_or_dropped_when_last(
     metrics.write_bytes("\n".join([*good, line]).encode(errors="surrogateescape"))
     with pytest.warns(UserWarning, match=r"the last line \(3\) was cut off"):
         assert [r["step"] for r in read_metrics(metrics)] == [1, 2]
+    metrics.write_bytes("\n".join([*good, line, ""]).encode(errors="surrogateescape"))
+    with pytest.raises(MetricsError, match=r"line 3 is not a metrics record"):  # a whole line:
+        read_metrics(metrics)  # written to its end, so not cut by a kill (was "cut off")
 
 
 def test_resume_over_a_metrics_line_without_step_is_one_line(
