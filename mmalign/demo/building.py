@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import multiprocessing
 import os
 import queue
@@ -47,10 +48,26 @@ def staging_folder(out: Path, name: str) -> Path:
     return out / f".{name}.partial"
 
 
-def _start_worker(written: Queue[int]) -> None:
+PR_SET_PDEATHSIG = 1
+"""Linux ``prctl`` option: the signal a process gets when its parent dies."""
+
+
+def _end_with_parent(parent: int) -> None:
+    """Have Linux send this worker SIGTERM when its parent dies (a SIGKILLed ``make-demo``
+    left its workers writing for minutes); a parent already gone ends it now."""
+    if sys.platform != "linux":
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # died before the request took effect
+        os._exit(1)
+
+
+def _start_worker(written: Queue[int], parent: int) -> None:
     global _written
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent's handler, forked: not ours
+    _end_with_parent(parent)
     _written = written
 
 
@@ -91,7 +108,8 @@ def _run_workers(
 ) -> list[str]:
     written: Queue[int] = multiprocessing.Queue()
     workers = min(len(names), os.cpu_count() or 1)
-    with multiprocessing.Pool(workers, _start_worker, (written,)) as pool:  # exit: terminate
+    initargs = (written, os.getpid())
+    with multiprocessing.Pool(workers, _start_worker, initargs) as pool:  # exit: terminate
         result = pool.starmap_async(build, [(name, out, params) for name in names])
         while not result.ready():
             result.wait(POLL_SECONDS)

@@ -12,6 +12,7 @@ finds it) stops its worker processes and removes its unfinished datasets.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -122,3 +123,35 @@ def test_stopped_make_demo_leaves_nothing_and_no_worker(
     )
     time.sleep(0.5)  # a worker left running would write on
     assert not out.exists()
+
+
+def _written_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
+def test_make_demo_workers_end_with_a_killed_parent(tmp_path: Path) -> None:
+    """``make-demo`` SIGKILLed (no handler runs) left its two workers writing for minutes,
+    reparented, 400 MB each: they now get SIGTERM from Linux when their parent dies, so
+    nothing grows after the kill (the ``.partial`` folders stay until the next run)."""
+    out = tmp_path / "demo"
+    command = [sys.executable, "-m", "mmalign", "prep", "make-demo", "--out", str(out)]
+    child = subprocess.Popen(
+        [*command, "--variants", "100", "--no-progress"],
+        env=subprocess_env(),
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not list(out.glob(".*.partial/train-000000.tar")):
+            assert child.poll() is None and time.monotonic() < deadline, "no shard begun"
+            time.sleep(0.05)
+        child.kill()
+        child.wait()
+        time.sleep(1.0)  # the workers' SIGTERM arrives at once; give them time to end
+        before = _written_bytes(out)
+        time.sleep(2.0)
+        assert _written_bytes(out) == before, "a worker wrote on after its parent was killed"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)  # what is left of the group
