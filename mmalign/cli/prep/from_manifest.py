@@ -96,7 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def report(summary: dict[str, Any], out: Path) -> None:
     """Print the inferred fields, the records per split and the rows left out."""
-    if summary["fields_inferred"]:
+    if summary["fields_inferred"] and summary["fields"]:  # none with only --vector columns
         shown = ", ".join(
             f"{column}={extension}" + (" (files)" if column in summary["file_columns"] else "")
             for column, extension in summary["fields"].items()
