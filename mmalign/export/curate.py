@@ -191,6 +191,7 @@ def decide(
 ) -> list[str]:
     """Per record: ``""`` (kept) or why it is dropped (``missing_modality``, ``low_score``,
     ``duplicate``)."""
+    scores = np.asarray(scores, dtype=np.float64)  # a cut beyond float32 (1e308) compares
     unscored = np.isnan(scores)
     reasons = np.full(len(scores), "", dtype=object)
     if missing == "drop":

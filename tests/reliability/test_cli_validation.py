@@ -433,3 +433,17 @@ def test_serve_refuses_a_model_that_did_not_make_the_export(workspace: dict[str,
     with pytest.raises(QueryError, match=r"not the one that made the export .*\(--model\)"):
         load_catalog([workspace["emb"]], workspace["other"])
     assert list(load_catalog([workspace["emb"]], workspace["run"]).exports) == ["emb"]
+
+
+@pytest.mark.parametrize("value", ["1e308", "1.5", "-2"])
+def test_a_curate_threshold_outside_the_cosines_is_refused(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``prep curate --threshold 1e308`` kept nothing and printed numpy's overflow and
+    matplotlib's layout warnings: a score is a cosine, so the cut is one too."""
+    with pytest.raises(SystemExit) as exited:
+        main(["prep", "curate", "run", "--data", "x.tar", "--out", "o", "--threshold", value])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"mmalign: error: '{value}' is not a number in [-1"), error
+    assert error.count("\n") == 0 and "(--threshold)" in error

@@ -39,7 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--modalities", type=csv_list, help="comma-separated (default: all)")
     cut = parser.add_mutually_exclusive_group()
-    cut.add_argument("--threshold", type=bounded(float), help="keep records scoring at least this")
+    cut.add_argument(
+        "--threshold",
+        type=bounded(float, -1.0, 1.0),
+        help="keep records scoring at least this (a cosine: -1 to 1)",
+    )
     cut.add_argument("--keep-fraction", type=fraction, help="keep this best fraction")
     parser.add_argument(
         "--missing",
