@@ -36,17 +36,10 @@ class Registry(Generic[T]):
     the first time a name is looked up or listed.
     """
 
-    def __init__(
-        self,
-        kind: str,
-        field: str,
-        builtins: str | None = None,
-        builtin_names: tuple[str, ...] = (),
-    ) -> None:
+    def __init__(self, kind: str, field: str, builtins: str | None = None) -> None:
         self.kind = kind
         self.field = field
         self.builtins = builtins
-        self.builtin_names = builtin_names
         self._entries: dict[str, T] = {}
         self._deferred: dict[str, str] = {}
 
@@ -86,21 +79,6 @@ class Registry(Generic[T]):
             )
         return self._entries[name]
 
-    def known(self, name: str) -> bool:
-        """Whether ``name`` is registered, deferred or one of ``builtin_names`` (the names the
-        ``builtins`` module registers), without importing anything: a config check that runs
-        before torch loads.
-
-        Example:
-            >>> OBJECTIVES.known("clip"), OBJECTIVES.known("clpi")
-            (True, False)
-        """
-        return name in self._entries or name in self._deferred or name in self.builtin_names
-
-    def known_names(self) -> list[str]:
-        """The names :meth:`known` admits, sorted (nothing is imported)."""
-        return sorted({*self._entries, *self._deferred, *self.builtin_names})
-
     def names(self) -> list[str]:
         """Every registered name, sorted."""
         self._load_builtins()
@@ -126,11 +104,13 @@ TOWER_OPTIONS: Registry = Registry(
 import no torch (:mod:`mmalign.towers.options`), so a config is checked before the towers load;
 :func:`~mmalign.towers.register_tower` registers a tower's options with the tower."""
 
-OBJECTIVES: Registry = Registry(
-    "objective",
-    "model.objective.name",
-    "mmalign.objectives",
-    builtin_names=("anchored", "clip", "sigmoid", "symile"),
+OBJECTIVES: Registry = Registry("objective", "model.objective.name", "mmalign.objectives.builtins")
+"""Objective classes by ``name:`` (see :mod:`mmalign.objectives`)."""
+
+OBJECTIVE_OPTIONS: Registry = Registry(
+    "objective", "model.objective.name", "mmalign.objectives.options"
 )
-"""Objective classes by ``name:`` (see :mod:`mmalign.objectives`); the built-in names are
-known before torch loads (``mmalign train`` checks ``model.objective.name`` first)."""
+"""Each objective's options (its ``ObjectiveConfig`` subclass) by ``name:``, in modules that
+import no torch (:mod:`mmalign.objectives.options`), so a config is checked before the
+objectives load; :func:`~mmalign.objectives.register_objective` registers an objective's
+options with the objective."""

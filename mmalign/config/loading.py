@@ -8,11 +8,17 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from mmalign.config.sections import Config, DataConfig, EvalConfig, ModelConfig, TrainConfig
+from mmalign.config.sections import (
+    Config,
+    DataConfig,
+    EvalConfig,
+    ModelConfig,
+    TrainConfig,
+    objective_config,
+)
 from mmalign.config.strict_yaml import parse_yaml, read_yaml
 from mmalign.config.tower import tower_config
 from mmalign.errors import ConfigError, config_error, file_problem
-from mmalign.registry import OBJECTIVES
 
 
 def _parse_value(text: str, key: str) -> Any:
@@ -65,12 +71,13 @@ LIGHT_SECTIONS: dict[str, type[BaseModel]] = {
 
 
 def precheck_config(path: str | Path, overrides: list[str] | None = None) -> None:
-    """The checks of :func:`load_config` that need no objective class, so none of torch:
-    the file (missing, a directory, not UTF-8, not YAML, a key given twice), the top-level
-    sections, the keys of ``data``, ``train`` and ``eval``, the key names of ``model`` and each
-    tower's options (``model.towers.<modality>``, validated by the tower's options class,
-    :mod:`mmalign.towers.options`). The command line runs them before importing torch, so a
-    typo is reported in a fraction of a second.
+    """The checks of :func:`load_config` that need no torch: the file (missing, a directory,
+    not UTF-8, not YAML, a key given twice), the top-level sections, the keys of ``data``,
+    ``train`` and ``eval``, the key names of ``model``, each tower's options
+    (``model.towers.<modality>``, validated by the tower's options class,
+    :mod:`mmalign.towers.options`) and the objective's (``model.objective``, by its options
+    class, :mod:`mmalign.objectives.options`, against the towers' names). The command line
+    runs them before importing torch, so a typo is reported in a fraction of a second.
 
     Example:
         >>> import tempfile
@@ -101,8 +108,8 @@ def precheck_config(path: str | Path, overrides: list[str] | None = None) -> Non
 
 
 def _precheck_model(model: Any, path: str, overrides: list[str] | None) -> None:
-    """The ``model`` keys :func:`precheck_config` checks: the names of its own keys (its
-    objective needs the objective classes, so torch) and every tower's options."""
+    """The ``model`` keys :func:`precheck_config` checks: the names of its own keys, every
+    tower's options and the objective's."""
     if model is None:
         raise ConfigError(
             f"invalid config: model: Field required ({path}); add a model section with its towers"
@@ -116,7 +123,6 @@ def _precheck_model(model: Any, path: str, overrides: list[str] | None) -> None:
             f"invalid config: {key}: unknown key ({_set_by(key, path, overrides)}); check the "
             "spelling against the documented fields"
         )
-    _precheck_objective(model.get("objective"), path, overrides)
     towers = model.get("towers")
     for name, value in towers.items() if isinstance(towers, dict) else ():
         try:
@@ -124,6 +130,9 @@ def _precheck_model(model: Any, path: str, overrides: list[str] | None) -> None:
         except ValidationError as error:
             where = _source(error, path, overrides, prefix=f"model.towers.{name}.")
             raise config_error(error, f"model.towers.{name}", "config", where) from None
+    if "objective" in model:
+        modalities = list(towers) if isinstance(towers, dict) and towers else None
+        _precheck_objective(model["objective"], modalities, path, overrides)
 
 
 def _set_by(key: str, path: str, overrides: list[str] | None) -> str:
@@ -136,16 +145,16 @@ def _set_by(key: str, path: str, overrides: list[str] | None) -> str:
     return ", ".join(setting) or path
 
 
-def _precheck_objective(objective: Any, path: str, overrides: list[str] | None) -> None:
-    """``model.objective.name`` is a known objective (registered or built in; its other keys
-    need the objective's config class, so torch, and are checked by :func:`load_config`)."""
-    name = objective.get("name", "clip") if isinstance(objective, dict) else "clip"
-    if not isinstance(name, str) or not OBJECTIVES.known(name):
-        raise ConfigError(
-            f"invalid config: model.objective.name: unknown objective {name!r} "
-            f"({_set_by('model.objective.name', path, overrides)}); registered: "
-            f"{', '.join(OBJECTIVES.known_names())}"
-        )
+def _precheck_objective(
+    objective: Any, modalities: list[str] | None, path: str, overrides: list[str] | None
+) -> None:
+    """``model.objective`` validated by the options class of the objective it names (no
+    torch), its modality fields against ``modalities`` (the towers' names) when given."""
+    try:
+        objective_config(objective, modalities)
+    except ValidationError as error:
+        where = _source(error, path, overrides, prefix="model.objective.")
+        raise config_error(error, "model.objective", "config", where) from None
 
 
 def _read_file(path: Path) -> dict[str, Any]:

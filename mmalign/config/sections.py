@@ -27,7 +27,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from mmalign.config.extensions import check_alternatives
 from mmalign.config.terms import TermConfig
 from mmalign.config.tower import TowerConfig, tower_config
-from mmalign.registry import OBJECTIVES
+from mmalign.registry import OBJECTIVE_OPTIONS
 
 
 class _Section(BaseModel):
@@ -139,7 +139,9 @@ def check_terms(terms: Sequence[Any], modalities: Sequence[str]) -> None:
 
 
 def objective_config(value: Any, modalities: Sequence[str] | None = None) -> ObjectiveConfig:
-    """Validate an objective section with the config class of the objective it names.
+    """Validate an objective section with the options class of the objective it names
+    (:data:`~mmalign.registry.OBJECTIVE_OPTIONS`: no torch is imported); with ``modalities``
+    the fields that name modalities are checked against them.
 
     Example:
         >>> objective_config({"name": "symile", "negatives": "n2"}).negatives
@@ -150,14 +152,14 @@ def objective_config(value: Any, modalities: Sequence[str] | None = None) -> Obj
     if not isinstance(value, dict):
         raise field_error("objective", "name", "must be a mapping with a 'name:'", value)
     name = value.get("name", "clip")
-    if not isinstance(name, str) or name not in OBJECTIVES:
+    if not isinstance(name, str) or name not in OBJECTIVE_OPTIONS:
         raise field_error(
             "objective",
             "name",
-            f"unknown objective {name!r}; registered: {', '.join(OBJECTIVES.names())}",
+            f"unknown objective {name!r}; registered: {', '.join(OBJECTIVE_OPTIONS.names())}",
             name,
         )
-    config_class = OBJECTIVES.get(name).config_class
+    config_class: type[ObjectiveConfig] = OBJECTIVE_OPTIONS.get(name)
     context = None if modalities is None else {"modalities": list(modalities)}
     return config_class.model_validate({**value, "name": name}, context=context)
 

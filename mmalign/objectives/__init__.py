@@ -7,6 +7,9 @@ trains (zero-shot, validation and search use it). Each objective has its own con
 (``config_class``) and is found by name in the open registry :data:`mmalign.registry.OBJECTIVES`;
 :func:`register_objective` adds one. Averaging, missing modalities and multi-process semantics
 are described in :mod:`mmalign.objectives.base` and :mod:`mmalign.objectives.distributed`.
+Importing this package loads nothing heavy: the objectives (torch) load on the first use of a
+name below or of :data:`~mmalign.registry.OBJECTIVES` (:mod:`mmalign.objectives.builtins`),
+and their options (:mod:`mmalign.objectives.options`) validate a config without them.
 
 Example:
     >>> import torch
@@ -21,17 +24,28 @@ Example:
     (torch.Size([]), 'n2')
 """
 
-from mmalign.objectives import anchored, clip, sigmoid, symile  # noqa: F401  (registration)
-from mmalign.objectives.anchored import AnchoredConfig
-from mmalign.objectives.base import (
-    LossOutput,
-    Objective,
-    PairTermsConfig,
-    PairwiseConfig,
-    build_objective,
-    register_objective,
-)
-from mmalign.objectives.symile import SymileConfig
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mmalign.objectives.base import LossOutput, Objective, build_objective, register_objective
+    from mmalign.objectives.options.anchored import AnchoredConfig
+    from mmalign.objectives.options.pairwise import PairTermsConfig, PairwiseConfig
+    from mmalign.objectives.options.symile import SymileConfig
+
+_MODULES = {
+    "AnchoredConfig": "mmalign.objectives.options.anchored",
+    "LossOutput": "mmalign.objectives.base",
+    "Objective": "mmalign.objectives.base",
+    "PairTermsConfig": "mmalign.objectives.options.pairwise",
+    "PairwiseConfig": "mmalign.objectives.options.pairwise",
+    "SymileConfig": "mmalign.objectives.options.symile",
+    "build_objective": "mmalign.objectives.base",
+    "register_objective": "mmalign.objectives.base",
+}
+"""Where each public name lives: importing this package (or its options) loads no torch."""
 
 __all__ = [
     "AnchoredConfig",
@@ -43,3 +57,9 @@ __all__ = [
     "build_objective",
     "register_objective",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULES:
+        raise AttributeError(f"module 'mmalign.objectives' has no attribute {name!r}")
+    return getattr(importlib.import_module(_MODULES[name]), name)

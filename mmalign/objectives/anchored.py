@@ -13,33 +13,9 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-from mmalign.config import field_error
-from mmalign.objectives.base import PairTermsConfig, register_objective
+from mmalign.objectives.base import register_objective
 from mmalign.objectives.clip import ClipObjective
-
-
-class AnchoredConfig(PairTermsConfig):
-    """``anchored``: every other modality is paired with ``anchor``."""
-
-    anchor: str
-    """The modality every other one is aligned to (ImageBind's image)."""
-
-    def resolve_pairs(self, modalities: Sequence[str]) -> list[tuple[str, str]]:
-        """``(anchor, other)`` for every other modality."""
-        return [(self.anchor, other) for other in modalities if other != self.anchor]
-
-    def check_modalities(self, modalities: Sequence[str]) -> None:
-        if self.anchor not in modalities or len(modalities) < 2:
-            raise field_error(
-                type(self).__name__,
-                "anchor",
-                f"{self.anchor!r} is not one of the modalities {list(modalities)}; the "
-                "'anchored' objective needs one of them (and at least two modalities)",
-                self.anchor,
-            )
-        super().check_modalities(modalities)
+from mmalign.objectives.options.anchored import AnchoredConfig
 
 
 @register_objective("anchored")

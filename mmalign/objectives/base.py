@@ -32,17 +32,19 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
-from pydantic import PositiveInt, ValidationError
+from pydantic import ValidationError
 from torch import Tensor, nn
 
-from mmalign.config import ObjectiveConfig, field_error, objective_config
+from mmalign.config import ObjectiveConfig, objective_config
 from mmalign.errors import config_error
 from mmalign.objectives.distributed import BatchView, all_reduce_mean
-from mmalign.objectives.positives import PositivesConfig, rows_without_negatives
-from mmalign.registry import OBJECTIVES
+from mmalign.objectives.options.pairwise import PairTermsConfig, PairwiseConfig
+from mmalign.objectives.options.positives import PositivesConfig
+from mmalign.objectives.positives import rows_without_negatives
+from mmalign.registry import OBJECTIVE_OPTIONS, OBJECTIVES
 
 CONFIG_FIELD = "model.objective"
 
@@ -220,52 +222,6 @@ def _combine(
     return LossOutput(loss=loss, metrics=metrics)
 
 
-class PairTermsConfig(PositivesConfig):
-    """Config of an objective with one term per pair of modalities; the subclass says which
-    pairs (:class:`PairwiseConfig`: the listed ones or all, ``anchored``: the anchor's)."""
-
-    tile: Literal["auto", "none"] | PositiveInt = "auto"
-    """Exact tiled loss (:mod:`mmalign.objectives.tiled`): ``auto`` tiles from a global batch
-    of 2048 rows on, ``none`` builds the dense ``B x B`` logits, an integer is the tile size
-    (memory ``O(B d + tile^2)`` instead of ``O(B^2)``)."""
-
-    def resolve_pairs(self, modalities: Sequence[str]) -> list[tuple[str, str]]:
-        """The pairs of ``modalities`` that get a term."""
-        raise NotImplementedError
-
-    def term_names(self, modalities: Sequence[str]) -> list[str]:
-        return [pair_name(pair) for pair in self.resolve_pairs(modalities)]
-
-
-class PairwiseConfig(PairTermsConfig):
-    """Config of an objective with one term per pair of modalities."""
-
-    pairs: list[tuple[str, str]] | None = None
-    """Pairs of modalities to train; ``None`` means every pair."""
-
-    def resolve_pairs(self, modalities: Sequence[str]) -> list[tuple[str, str]]:
-        """The configured pairs, or every pair of ``modalities``."""
-        if self.pairs is None:
-            return [
-                (first, second)
-                for index, first in enumerate(modalities)
-                for second in modalities[index + 1 :]
-            ]
-        return list(self.pairs)
-
-    def check_modalities(self, modalities: Sequence[str]) -> None:
-        for pair in self.pairs or []:
-            if pair[0] == pair[1] or any(name not in modalities for name in pair):
-                raise field_error(
-                    type(self).__name__,
-                    "pairs",
-                    f"{list(pair)} needs two different modalities among {list(modalities)}; "
-                    "fix the pair or the model's towers",
-                    self.pairs,
-                )
-        super().check_modalities(modalities)
-
-
 class PairwiseObjective(Objective):
     """An objective with one term per pair of modalities: the configured ``pairs`` or all."""
 
@@ -276,15 +232,11 @@ class PairwiseObjective(Objective):
         return self.config.resolve_pairs(modalities)
 
 
-def pair_name(pair: tuple[str, str]) -> str:
-    """A pair's term name, the key of its weight: ``"image-text"``."""
-    return f"{pair[0]}-{pair[1]}"
-
-
 def register_objective(name: str) -> Callable[[type[Objective]], type[Objective]]:
-    """Class decorator that makes an objective nameable in configs (``name: <name>``).
-
-    The class's ``config_class`` validates its section of the config when the config loads.
+    """Class decorator that makes an objective nameable in configs (``name: <name>``), with its
+    ``config_class`` as the options of ``name: <name>``
+    (:data:`~mmalign.registry.OBJECTIVE_OPTIONS`), which validate its section of the config
+    when the config loads (``mmalign train``: before torch loads).
 
     Example:
         >>> class MarginConfig(ObjectiveConfig):
@@ -295,7 +247,12 @@ def register_objective(name: str) -> Callable[[type[Objective]], type[Objective]
         >>> build_objective({"name": "margin_demo", "margin": 0.5}).config.margin
         0.5
     """
-    return OBJECTIVES.register(name)
+
+    def register(cls: type[Objective]) -> type[Objective]:
+        OBJECTIVE_OPTIONS.register(name)(cls.config_class)
+        return OBJECTIVES.register(name)(cls)
+
+    return register
 
 
 def build_objective(

@@ -24,8 +24,9 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmalign.objectives.base import TermLoss, pair_name
+from mmalign.objectives.base import TermLoss
 from mmalign.objectives.distributed import BatchView
+from mmalign.objectives.options.pairwise import pair_name
 
 TEACHER = "@teacher"
 """Suffix of the teacher's embeddings of a modality (``image@teacher``)."""

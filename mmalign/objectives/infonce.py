@@ -32,10 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmalign.objectives.base import TermLoss, pair_name
+from mmalign.objectives.base import TermLoss
 from mmalign.objectives.distributed import BatchView
+from mmalign.objectives.options.pairwise import pair_name
+from mmalign.objectives.options.positives import PositivesConfig
 from mmalign.objectives.positives import (
-    PositivesConfig,
     debiased_losses,
     group_positive_sums,
     row_losses,

@@ -41,9 +41,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmalign.objectives.base import TermLoss, pair_name
+from mmalign.objectives.base import TermLoss
 from mmalign.objectives.distributed import BatchView
-from mmalign.objectives.positives import PositivesConfig, row_losses
+from mmalign.objectives.options.pairwise import pair_name
+from mmalign.objectives.options.positives import PositivesConfig
+from mmalign.objectives.positives import row_losses
 
 
 class EmbeddingQueue(nn.Module):

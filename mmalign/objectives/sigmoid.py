@@ -30,20 +30,19 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import model_validator
 from torch import Tensor
 
-from mmalign.config import field_error
 from mmalign.objectives.base import (
     CONFIG_FIELD,
-    PairwiseConfig,
     PairwiseObjective,
     TermLoss,
-    pair_name,
     register_objective,
 )
 from mmalign.objectives.distributed import BatchView
-from mmalign.objectives.positives import PositivesMode, group_positive_sums
+from mmalign.objectives.options.pairwise import pair_name
+from mmalign.objectives.options.positives import PositivesMode
+from mmalign.objectives.options.sigmoid import SigmoidConfig
+from mmalign.objectives.positives import group_positive_sums
 from mmalign.objectives.tiled import (
     EntryDrop,
     own_dot_products,
@@ -51,22 +50,6 @@ from mmalign.objectives.tiled import (
     select_rows,
     tile_size,
 )
-
-
-class SigmoidConfig(PairwiseConfig):
-    """``sigmoid``: the pairwise config; ``positives`` is ``instance``, ``multi`` or ``exclude``."""
-
-    @model_validator(mode="after")
-    def _binary_positives(self) -> SigmoidConfig:
-        if self.positives == "debiased":
-            raise field_error(
-                type(self).__name__,
-                "positives",
-                "'debiased' corrects a softmax denominator and 'sigmoid' has none; use "
-                "instance, multi or exclude",
-                self.positives,
-            )
-        return self
 
 
 def _tiled_loss_sum(

@@ -33,8 +33,8 @@ import torch
 from torch import Tensor
 
 from mmalign.objectives.distributed import BatchView, broadcast_from_first
+from mmalign.objectives.options.positives import PositivesConfig
 from mmalign.objectives.positives import (
-    PositivesConfig,
     debiased_losses,
     group_positive_sums,
     row_losses,

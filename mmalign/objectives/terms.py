@@ -55,14 +55,14 @@ from mmalign.errors import ConfigError
 from mmalign.objectives.base import (
     LossOutput,
     Objective,
-    PairTermsConfig,
     TermLoss,
     WrappingObjective,
     _combine,
 )
 from mmalign.objectives.distill import TEACHER, distill_term, teacher_name
 from mmalign.objectives.distributed import BatchView, all_reduce_mean
-from mmalign.objectives.positives import PositivesConfig
+from mmalign.objectives.options.pairwise import PairTermsConfig
+from mmalign.objectives.options.positives import PositivesConfig
 from mmalign.objectives.queue import EmbeddingQueue, present_rows, queue_term
 from mmalign.objectives.two_view import nt_xent_term
 

@@ -19,6 +19,9 @@ from mmalign.cli.main import main
 from mmalign.config import ConfigError, load_config
 from mmalign.model import AlignmentModel
 
+TWO_TOWERS = "model: {towers: {labs: {type: tabular, in_features: 2}, text: {type: text}}"
+"""A ``model`` mapping left open after its towers, for the objective cases."""
+
 DOUBLE_TRAIN = """\
 model:
   dim: 8
@@ -126,6 +129,19 @@ def test_cli_names_the_duplicate_key_in_one_line(
         ("model: {dimm: 8, towers: {}}\n", "model.dimm: unknown key"),
         ("", "model: Field required"),
         ("model: {objective: {name: clpi}}\n", "model.objective.name: unknown objective 'clpi'"),
+        (f"{TWO_TOWERS}, objective: {{nme: clip}}}}\n", "model.objective.nme: unknown key"),
+        (
+            f"{TWO_TOWERS}, objective: {{pairs: [[labs, nope]]}}}}\n",
+            "model.objective.pairs: ['labs', 'nope'] needs two different modalities",
+        ),
+        (
+            f"{TWO_TOWERS}, objective: {{weights: {{labs-text: .nan}}}}}}\n",
+            "model.objective.weights: ['labs-text'] are NaN or infinite",
+        ),
+        (
+            f"{TWO_TOWERS}, objective: {{name: sigmoid, positives: debiased}}}}\n",
+            "model.objective.positives: 'debiased' corrects a softmax denominator",
+        ),
     ],
     ids=[
         "train key",
@@ -139,6 +155,10 @@ def test_cli_names_the_duplicate_key_in_one_line(
         "model key",
         "empty file",
         "objective name",
+        "objective key",
+        "objective pairs",
+        "objective weight",
+        "objective check",
     ],
 )
 def test_a_typo_is_reported_before_torch_loads(tmp_path: Path, text: str, named: str) -> None:
