@@ -87,6 +87,28 @@ def test_second_signal_exits_at_once(tmp_path: Path, shards: str) -> None:
     assert newest is None or newest.name != checkpoint.checkpoint_name(PAUSED_STEP)
 
 
+def _make_demo_writing(out: Path, stderr: int) -> subprocess.Popen[str]:
+    """``prep make-demo --variants 100`` into ``out``, in a session of its own, once its
+    first shard is begun (within 60 s)."""
+    command = [sys.executable, "-m", "mmalign", "prep", "make-demo", "--out", str(out)]
+    child = subprocess.Popen(
+        [*command, "--variants", "100", "--no-progress"],
+        env=subprocess_env(),
+        stderr=stderr,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 60
+    while not list(out.glob(".*.partial/train-000000.tar")):
+        if child.poll() is not None or time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+            raise AssertionError("make-demo began no shard")
+        time.sleep(0.05)
+    return child
+
+
 @pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_stopped_make_demo_leaves_nothing_and_no_worker(
     tmp_path: Path, signum: int, status: int
@@ -95,19 +117,8 @@ def test_stopped_make_demo_leaves_nothing_and_no_worker(
     SIGINT to its process group as Ctrl-C does) left hidden ``.NAME.partial`` folders, and
     its workers wrote on: it exits 143 / 130 and nothing of it stays or grows."""
     out = tmp_path / "demo"
-    command = [sys.executable, "-m", "mmalign", "prep", "make-demo", "--out", str(out)]
-    child = subprocess.Popen(
-        [*command, "--variants", "100", "--no-progress"],
-        env=subprocess_env(),
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    child = _make_demo_writing(out, subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 60
-        while not list(out.glob(".*.partial/train-000000.tar")):
-            assert child.poll() is None and time.monotonic() < deadline, "no shard begun"
-            time.sleep(0.05)
         if signum == signal.SIGINT:
             os.killpg(child.pid, signum)
         else:
@@ -134,18 +145,8 @@ def test_make_demo_workers_end_with_a_killed_parent(tmp_path: Path) -> None:
     reparented, 400 MB each: they now get SIGTERM from Linux when their parent dies, so
     nothing grows after the kill (the ``.partial`` folders stay until the next run)."""
     out = tmp_path / "demo"
-    command = [sys.executable, "-m", "mmalign", "prep", "make-demo", "--out", str(out)]
-    child = subprocess.Popen(
-        [*command, "--variants", "100", "--no-progress"],
-        env=subprocess_env(),
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    child = _make_demo_writing(out, subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 60
-        while not list(out.glob(".*.partial/train-000000.tar")):
-            assert child.poll() is None and time.monotonic() < deadline, "no shard begun"
-            time.sleep(0.05)
         child.kill()
         child.wait()
         time.sleep(1.0)  # the workers' SIGTERM arrives at once; give them time to end
